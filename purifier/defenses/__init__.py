@@ -1,0 +1,45 @@
+"""Defenses: the `Defense` contract and a name -> class registry.
+
+Heavy defenses are imported lazily so that `purifier.defenses` stays cheap to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
+from purifier.errors import ArtifactError, ConfigError
+
+# name -> "module:Class"; a defense is listed here only once it is implemented.
+REGISTRY: dict[str, str] = {
+    "none": "purifier.defenses.base:IdentityDefense",
+}
+
+
+def defense_class(name: str) -> type[Defense]:
+    if name not in REGISTRY:
+        raise ConfigError(f"defense: unknown defense {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def load_defense(directory: str | Path, secret: bytes | None = None,
+                 model_id: str | None = None) -> Defense:
+    """Load a fitted defense from `directory` (checks hashes, class count and model identity).
+
+    Args:
+        secret: the PRF key for defenses that use keyed randomness.
+        model_id: if given, the sha256 of the model the defense must have been fitted for.
+    """
+    manifest = read_defense_manifest(directory)
+    if model_id is not None and manifest["model_id"] and manifest["model_id"] != model_id:
+        raise ArtifactError(
+            f"{directory}: defense was fitted for model {manifest['model_id'][:12]}..., "
+            f"not {model_id[:12]}... (refit it for this model)"
+        )
+    cls = defense_class(manifest["defense"])
+    return cls.from_manifest(Path(directory), manifest, secret)
+
+
+__all__ = ["Defense", "FitData", "IdentityDefense", "REGISTRY", "defense_class", "load_defense"]

@@ -1,0 +1,237 @@
+"""The `Defense` contract, probability checks and the invariants every defense output obeys.
+
+A defense rewrites a batch of confidence vectors (N, C) so that members and non-members of the
+target's training set look alike. Every defense, whatever its algorithm:
+
+* rejects rows that are not probability vectors (`InvalidProbabilities`, naming the row);
+* returns the same dtype as its input (FP16, FP32, FP64), rows non-negative, summing to 1
+  within the dtype's precision, finite;
+* keeps the argmax of every row (first index on ties); a row whose defended version would change
+  it is released clean instead (subclasses that document a label-changing option excepted);
+* is deterministic: the same row gives the same output whatever else is in the batch;
+* saves as arrays + JSON (+ ONNX) with a `defense.json`, never pickle.
+
+Subclasses implement `_transform(p, inputs)` on float64 rows that are already validated and
+normalized; `transform` wraps it with the checks above (`finalize`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Self
+
+import numpy as np
+
+from purifier.artifacts import atomic_directory, library_versions, read_json, require_keys, write_json
+from purifier.errors import ArtifactError, InvalidProbabilities
+
+FORMAT_VERSION = 1
+
+
+def sum_tolerance(dtype: np.dtype, n_classes: int) -> float:
+    """How far a row of this dtype may be from summing to 1 and still count as a probability."""
+    return max(1e-4, 4 * n_classes * float(np.finfo(dtype).eps))
+
+
+def check_probabilities(probs: np.ndarray, n_classes: int | None = None) -> None:
+    """Raise `InvalidProbabilities` unless `probs` is an (N, C) float array of probability rows."""
+    if not isinstance(probs, np.ndarray) or probs.dtype not in (np.float16, np.float32, np.float64):
+        got = getattr(probs, "dtype", type(probs).__name__)
+        raise InvalidProbabilities(f"confidence vectors must be float16/32/64 arrays, got {got}")
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise InvalidProbabilities(f"confidence vectors must have shape (N, C>=2), got {probs.shape}")
+    if n_classes is not None and probs.shape[1] != n_classes:
+        raise InvalidProbabilities(
+            f"confidence vectors have {probs.shape[1]} classes, the defense was fitted for {n_classes}"
+        )
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():
+        raise InvalidProbabilities(f"row {int(np.argmax(bad))} contains NaN or Inf")
+    bad = (probs < 0).any(axis=1)
+    if bad.any():
+        raise InvalidProbabilities(f"row {int(np.argmax(bad))} has negative entries")
+    sums = probs.sum(axis=1, dtype=np.float64)
+    tol = sum_tolerance(probs.dtype, probs.shape[1])
+    bad = np.abs(sums - 1.0) > tol
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise InvalidProbabilities(f"row {i} sums to {sums[i]:.6g}, not 1 (tolerance {tol:.1g})")
+
+
+def finalize(clean: np.ndarray, defended: np.ndarray, keep_label: np.ndarray | None = None) -> np.ndarray:
+    """Enforce the output invariants and cast back to the input dtype.
+
+    Args:
+        clean: (N, C) validated input rows in their original dtype.
+        defended: (N, C) float64 defended rows.
+        keep_label: optional (N,) bool; rows where it is False are allowed a different argmax
+            (a documented label-changing option such as PURIFIER's swapper). Default: all True.
+    Returns:
+        (N, C) array in `clean.dtype`. Rows whose defended version is non-finite or would change
+        the argmax (after the cast) are the clean row, renormalized in float64 then cast.
+    """
+    dtype = clean.dtype
+    c64 = clean.astype(np.float64)
+    c64 /= c64.sum(axis=1, keepdims=True)
+    q = np.where(np.isfinite(defended), defended, -1.0)
+    bad = (q < 0).any(axis=1)
+    q = np.clip(q, 0.0, None)
+    s = q.sum(axis=1, keepdims=True)
+    bad |= s[:, 0] <= 0
+    q = q / np.where(s > 0, s, 1.0)
+    out = q.astype(dtype)
+    keep = np.ones(len(clean), bool) if keep_label is None else keep_label
+    flipped = keep & (out.argmax(axis=1) != clean.argmax(axis=1))
+    bad |= flipped
+    if bad.any():
+        out[bad] = c64[bad].astype(dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class FitData:
+    """What a defense may be fitted on: the target's outputs with known membership.
+
+    Shapes: `member_probs` (M, C), `reference_probs` (R, C) float64; inputs (M, D) / (R, D)
+    float32; labels (M,) / (R,) int64. Members are the target's training records; the reference
+    set holds non-members owned by the defender, disjoint from the audit's evaluation set.
+    """
+
+    member_probs: np.ndarray
+    reference_probs: np.ndarray
+    member_inputs: np.ndarray
+    reference_inputs: np.ndarray
+    member_labels: np.ndarray
+    reference_labels: np.ndarray
+    model_id: str
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.member_probs.shape[1])
+
+    @classmethod
+    def from_target(cls, target) -> FitData:
+        """Query the target's ONNX model on its `train` (members) and `reference` splits."""
+        Xm, ym = target.role("train")
+        Xr, yr = target.role("reference")
+        return cls(target.predict_proba(Xm), target.predict_proba(Xr), Xm, Xr, ym, yr, target.model_id)
+
+
+class Defense(abc.ABC):
+    """Base class: `fit` -> `transform` -> `save` / `load`.
+
+    Attributes:
+        name: registry name written to `defense.json`.
+        needs_inputs: True if `transform` uses the request's input rows (the label swapper);
+            callers may pass `inputs=None` to defenses where it is False.
+        n_classes: class count the defense was fitted for (None: any).
+        model_id: identity of the protected model (the ONNX sha256), or "" if unbound.
+    """
+
+    name: ClassVar[str]
+    needs_inputs: ClassVar[bool] = False
+
+    n_classes: int | None = None
+    model_id: str = ""
+
+    def fit(self, data: FitData) -> Self:
+        self.n_classes = data.n_classes
+        self.model_id = data.model_id
+        return self
+
+    def transform(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
+        """Defend a batch. probs: (N, C) float16/32/64 -> (N, C) same dtype.
+
+        inputs: (N, D) request rows, used only by defenses with `needs_inputs`.
+        Raises InvalidProbabilities for rows that are not probability vectors.
+        """
+        check_probabilities(probs, self.n_classes)
+        if len(probs) == 0:
+            return probs.copy()
+        p = probs.astype(np.float64)
+        p /= p.sum(axis=1, keepdims=True)
+        defended, keep_label = self._transform(p, inputs)
+        return finalize(probs, defended, keep_label)
+
+    @abc.abstractmethod
+    def _transform(self, p: np.ndarray, inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """p: (N, C) float64 normalized rows -> (defended (N, C) float64, keep_label (N,) bool | None)."""
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """JSON-serializable hyper-parameters, written to defense.json."""
+        return {}
+
+    def _save_arrays(self, directory: Path) -> list[str]:
+        """Write the fitted state into `directory`; return the file names written."""
+        return []
+
+    def _load_arrays(self, directory: Path) -> None:
+        """Restore the fitted state from `directory` (files already hash-checked)."""
+
+    @classmethod
+    def _from_config(cls, config: dict, secret: bytes | None) -> Self:
+        """Construct from the saved config; defenses with keyed randomness take the secret."""
+        return cls(**config)
+
+    @classmethod
+    def from_manifest(cls, directory: Path, manifest: dict, secret: bytes | None) -> Self:
+        try:
+            obj = cls._from_config(manifest["config"], secret)
+        except TypeError as e:
+            raise ArtifactError(f"{directory}/defense.json: config does not fit {cls.__name__} ({e})") from None
+        obj.n_classes = manifest["n_classes"]
+        obj.model_id = manifest["model_id"]
+        obj._load_arrays(directory)
+        return obj
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write the defense atomically: state files plus `defense.json` with hashes."""
+        from purifier.artifacts import sha256_file
+
+        with atomic_directory(directory) as tmp:
+            files = self._save_arrays(tmp)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "defense": self.name,
+                "config": self.config(),
+                "n_classes": self.n_classes,
+                "model_id": self.model_id,
+                "files": {f: sha256_file(tmp / f) for f in files},
+                "versions": library_versions(),
+                **(extra or {}),
+            }
+            write_json(tmp / "defense.json", manifest)
+        return Path(directory)
+
+
+def read_defense_manifest(directory: str | Path) -> dict:
+    """Read and check `defense.json` and the hashes of the files it lists."""
+    from purifier.artifacts import check_file_hash
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"defense directory {directory} does not exist")
+    manifest = read_json(directory / "defense.json", "defense.json")
+    require_keys(manifest, ("format_version", "defense", "config", "n_classes", "model_id", "files"),
+                 f"{directory}/defense.json")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{directory}/defense.json: format_version {manifest['format_version']} is not supported "
+            f"(this purifier reads {FORMAT_VERSION})"
+        )
+    for name, digest in manifest["files"].items():
+        check_file_hash(directory / name, digest, f"{directory}/defense.json")
+    return manifest
+
+
+class IdentityDefense(Defense):
+    """No defense: the validated input, renormalized. The baseline every defense is measured against."""
+
+    name = "none"
+
+    def _transform(self, p, inputs):
+        return p, None

@@ -1,0 +1,83 @@
+"""Keyed per-input randomness for defenses.
+
+A served defense must answer the same query with the same vector: if a coin or a noise draw were
+re-sampled per query, an attacker could repeat a query until the clean vector shows, and the
+difference between answers itself leaks membership (REFERENCE.md section 2, Phase II). So every
+random quantity a defense uses is a deterministic function of
+
+    HMAC-SHA256(secret, model_id || purpose || dtype || row bytes)
+
+where `secret` comes from configuration (never logged), `model_id` names the protected model
+(the sha256 of its ONNX file or a configured identity), `purpose` separates independent streams
+(the release coin, latent noise, ...), and the row is the clean confidence vector as float64.
+
+Without the secret the outputs are unpredictable; with it they are reproducible. The per-row HMAC
+is a Python-level loop over rows (about 1 microsecond each), which is the price of a standard,
+auditable PRF; everything after the digests is vectorized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import numpy as np
+
+from purifier.errors import ConfigError
+
+_U53 = float(2**53)
+
+
+class KeyedPRF:
+    """Deterministic pseudo-random numbers keyed by a secret and the input row.
+
+    Args:
+        secret: the PRF key; at least 16 bytes.
+        model_id: identity of the protected model, mixed into every digest so two models
+            behind one sidecar get independent streams.
+    """
+
+    def __init__(self, secret: bytes, model_id: str):
+        if not isinstance(secret, bytes | bytearray) or len(secret) < 16:
+            raise ConfigError("secret: the PRF secret must be at least 16 bytes")
+        self._base = hmac.new(bytes(secret), b"purifier-prf-v1\x00" + model_id.encode() + b"\x00",
+                              hashlib.sha256)
+        self.model_id = model_id
+
+    def digests(self, rows: np.ndarray, purpose: str, blocks: int = 1) -> np.ndarray:
+        """Raw digests: (N, 32 * blocks) uint8, one independent stream per row and purpose."""
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        if rows.ndim != 2:
+            raise ValueError(f"rows must be 2-D (N, C), got shape {rows.shape}")
+        prefix = self._base.copy()
+        prefix.update(purpose.encode() + b"\x00" + str(rows.shape[1]).encode() + b"\x00")
+        n = rows.shape[0]
+        out = bytearray(32 * blocks * n)
+        view = memoryview(rows).cast("B")
+        width = rows.shape[1] * 8
+        pos = 0
+        for i in range(n):
+            h = prefix.copy()
+            h.update(view[i * width:(i + 1) * width])
+            for b in range(blocks):
+                hb = h.copy()
+                hb.update(b.to_bytes(4, "little"))
+                out[pos:pos + 32] = hb.digest()
+                pos += 32
+        return np.frombuffer(bytes(out), dtype=np.uint8).reshape(n, 32 * blocks)
+
+    def uniform(self, rows: np.ndarray, purpose: str, size: int = 1) -> np.ndarray:
+        """Uniform floats in [0, 1): (N, size), 53 random bits each."""
+        blocks = -(-size // 4)  # four 64-bit words per 32-byte digest
+        words = self.digests(rows, purpose, blocks).view("<u8")[:, :size]
+        return (words >> np.uint64(11)).astype(np.float64) / _U53
+
+    def normal(self, rows: np.ndarray, purpose: str, size: int) -> np.ndarray:
+        """Standard normal draws: (N, size), by Box-Muller on keyed uniforms."""
+        half = -(-size // 2)
+        u = self.uniform(rows, purpose, 2 * half)
+        u1 = 1.0 - u[:, :half]  # in (0, 1], so log is finite
+        u2 = u[:, half:]
+        radius = np.sqrt(-2.0 * np.log(u1))
+        z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)], axis=1)
+        return z[:, :size]

@@ -1,0 +1,1 @@
+"""Target classifiers: torch training, ONNX export with model.json, onnxruntime runner."""

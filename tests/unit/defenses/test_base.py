@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from purifier.defenses import IdentityDefense, load_defense
+from purifier.defenses.base import check_probabilities, finalize
+from purifier.defenses.keyed import KeyedPRF
+from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
+
+SECRET = b"0123456789abcdef-test-secret"
+
+
+def dirichlet(n, c, seed=0, dtype=np.float64):
+    return np.random.default_rng(seed).dirichlet(np.ones(c) * 0.3, size=n).astype(dtype)
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (np.array([[0.5, np.nan]]), "row 0 contains NaN"),
+    (np.array([[0.6, 0.4], [1.2, -0.2]]), "row 1 has negative"),
+    (np.array([[0.6, 0.3]]), "row 0 sums to 0.9"),
+    (np.array([[1.0]]), "shape"),
+    (np.array([[1, 0]]), "float16/32/64"),
+])
+def test_check_probabilities_names_row_and_problem(bad, msg):
+    with pytest.raises(InvalidProbabilities, match=msg):
+        check_probabilities(bad)
+
+
+def test_class_count_mismatch():
+    d = IdentityDefense()
+    d.n_classes = 10
+    with pytest.raises(InvalidProbabilities, match="fitted for 10"):
+        d.transform(dirichlet(3, 4))
+
+
+@given(st.integers(2, 200), st.integers(1, 50), st.sampled_from([np.float16, np.float32, np.float64]),
+       st.integers(0, 1000))
+@settings(max_examples=40, deadline=None)
+def test_identity_invariants(c, n, dtype, seed):
+    p = dirichlet(n, c, seed)
+    p = (p / p.sum(1, keepdims=True)).astype(dtype)
+    p = p / p.sum(1, keepdims=True, dtype=np.float64).astype(dtype)
+    out = IdentityDefense().transform(p)
+    assert out.dtype == dtype and out.shape == p.shape
+    assert (out >= 0).all() and np.isfinite(out).all()
+    assert np.array_equal(out.argmax(1), p.argmax(1))
+
+
+def test_finalize_releases_clean_row_when_label_would_flip_or_nan():
+    clean = np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2], [0.4, 0.4, 0.2]], np.float32)
+    defended = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [np.nan, 0.5, 0.5]])
+    out = finalize(clean, defended)
+    np.testing.assert_allclose(out[0], [0.6, 0.3, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(out[1:], clean[1:])  # flipped label / NaN: clean row
+    assert out.dtype == np.float32
+
+
+def test_keyed_prf_deterministic_batch_independent_and_keyed():
+    rows = dirichlet(64, 10)
+    prf = KeyedPRF(SECRET, "model-a")
+    u = prf.uniform(rows, "coin")
+    assert u.shape == (64, 1) and ((0 <= u) & (u < 1)).all()
+    np.testing.assert_array_equal(prf.uniform(rows[[5, 1, 3]], "coin"), u[[5, 1, 3]])
+    assert not np.array_equal(KeyedPRF(SECRET, "model-b").uniform(rows, "coin"), u)
+    assert not np.array_equal(KeyedPRF(SECRET + b"x", "model-a").uniform(rows, "coin"), u)
+    assert not np.array_equal(prf.uniform(rows, "noise"), u)
+    with pytest.raises(ConfigError, match="at least 16 bytes"):
+        KeyedPRF(b"short", "m")
+
+
+def test_keyed_prf_distributions():
+    rows = dirichlet(4000, 10, seed=9)
+    prf = KeyedPRF(SECRET, "m")
+    u = prf.uniform(rows, "u", size=5).ravel()
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+    z = prf.normal(rows, "z", size=7)
+    assert z.shape == (4000, 7) and abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+
+
+def test_identity_save_load_roundtrip_and_tamper(tmp_path):
+    d = IdentityDefense()
+    d.n_classes, d.model_id = 10, "abc"
+    d.save(tmp_path / "def")
+    loaded = load_defense(tmp_path / "def")
+    assert isinstance(loaded, IdentityDefense) and loaded.n_classes == 10
+    with pytest.raises(ArtifactError, match="fitted for model"):
+        load_defense(tmp_path / "def", model_id="other")
+    (tmp_path / "def" / "defense.json").write_text("[]")
+    with pytest.raises(ArtifactError, match="JSON object"):
+        load_defense(tmp_path / "def")
