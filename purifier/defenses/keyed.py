@@ -81,3 +81,37 @@ class KeyedPRF:
         radius = np.sqrt(-2.0 * np.log(u1))
         z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)], axis=1)
         return z[:, :size]
+
+
+SECRET_ENV, SECRET_FILE_ENV = "PURIFIER_SECRET", "PURIFIER_SECRET_FILE"
+
+
+def load_secret(value: str | None = None, file: str | None = None, *, required: bool = True) -> bytes | None:
+    """The PRF secret: `value`, else the file `file`, else $PURIFIER_SECRET, else the file named by
+    $PURIFIER_SECRET_FILE. Never logged. Missing and `required` -> ConfigError naming the options.
+
+    A fixed secret is what makes answers identical across restarts and replicas; without one, a
+    restarted sidecar would answer repeated queries differently and leak through the difference.
+    """
+    import os
+    from pathlib import Path
+
+    value = value or os.environ.get(SECRET_ENV)
+    file = file or (None if value else os.environ.get(SECRET_FILE_ENV))
+    if not value and file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"secret_file: {path} does not exist")
+        raw = path.read_bytes().strip()
+    elif value:
+        raw = value.encode()
+    elif required:
+        raise ConfigError(
+            f"secret: no PRF secret configured; set {SECRET_ENV}, {SECRET_FILE_ENV} or --secret-file "
+            "(e.g. head -c 32 /dev/urandom | base64 > secret.txt)"
+        )
+    else:
+        return None
+    if len(raw) < 16:
+        raise ConfigError("secret: the PRF secret must be at least 16 bytes")
+    return raw
