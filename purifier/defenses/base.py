@@ -136,6 +136,12 @@ class Defense(abc.ABC):
     n_classes: int | None = None
     model_id: str = ""
 
+    def __init__(self, *, secret: bytes | None = None):
+        """Every defense is constructible with keyword hyper-parameters that all have defaults,
+        plus `secret` (the PRF key; required by defenses with keyed randomness before
+        `transform`). The secret is never part of `config()` or of anything saved."""
+        self.secret = secret
+
     def fit(self, data: FitData) -> Self:
         self.n_classes = data.n_classes
         self.model_id = data.model_id
@@ -175,7 +181,7 @@ class Defense(abc.ABC):
     @classmethod
     def _from_config(cls, config: dict, secret: bytes | None) -> Self:
         """Construct from the saved config; defenses with keyed randomness take the secret."""
-        return cls(**config)
+        return cls(**config, secret=secret)
 
     @classmethod
     def from_manifest(cls, directory: Path, manifest: dict, secret: bytes | None) -> Self:
