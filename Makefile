@@ -22,6 +22,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
+	@mkdir -p $(DEMO_OUT)
 	$(BIN)/purifier train-target --dataset digits --out $(DEMO_OUT)/target
 
 lint: $(STAMP)
