@@ -1,0 +1,83 @@
+"""Render benchmarks/results/*.json into the README's Results section.
+
+Each results file may carry `tables`: [{"title", "columns", "rows", "note"?}]; they are written
+between the `<!-- results:start -->` and `<!-- results:end -->` markers of README.md, with the
+machine and date each file was measured on, so the README's numbers are always measured ones.
+
+    python benchmarks/render_results.py            # rewrite README.md in place
+    python benchmarks/render_results.py --check    # exit 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+ORDER = ["defense", "sidecar", "privacy_utility", "load", "demo"]
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def render_table(table: dict) -> str:
+    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
+             "|" + "---|" * len(table["columns"])]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table["rows"]]
+    if table.get("note"):
+        lines += ["", table["note"]]
+    return "\n".join(lines)
+
+
+def render(results_dir: Path) -> str:
+    docs = []
+    for path in sorted(results_dir.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if doc.get("tables"):
+            docs.append((path, doc))
+    docs.sort(key=lambda pd: (ORDER.index(pd[1]["benchmark"]) if pd[1].get("benchmark") in ORDER else len(ORDER),
+                              pd[0].name))
+    parts = []
+    for path, doc in docs:
+        m = doc.get("machine", {})
+        parts.append(f"### {doc.get('benchmark', path.stem)}\n\n"
+                     f"_Measured {doc.get('created', '?')} on {m.get('cpu_model', '?')} "
+                     f"({m.get('affinity') or m.get('cpu_count')} cores), commit {m.get('git_commit', '?')}; "
+                     f"source `benchmarks/results/{path.name}`._\n")
+        parts += [render_table(t) + "\n" for t in doc["tables"]]
+    return "\n".join(parts) if parts else "_No results yet: run `make bench`._\n"
+
+
+def splice(readme: str, body: str) -> str:
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the {START} / {END} markers")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{body}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    readme = Path(args.readme)
+    new = splice(readme.read_text(), render(Path(args.results)))
+    if args.check:
+        if new != readme.read_text():
+            print("README.md Results are out of date: run python benchmarks/render_results.py", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
