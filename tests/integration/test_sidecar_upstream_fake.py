@@ -1,0 +1,118 @@
+"""Deadline and metadata propagation, and health transitions, against an in-process fake upstream."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from purifier_server._proto import grpc_service_pb2 as pb
+from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+from purifier_server.app import BackgroundSidecar
+from purifier_server.settings import Settings
+
+pytestmark = pytest.mark.integration
+PROBS = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32)
+
+
+class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
+    """Answers fixed probabilities after `delay` seconds and records what it was sent."""
+
+    def __init__(self):
+        self.delay = 0.0
+        self.ready = True
+        self.seen_remaining: list[float | None] = []
+        self.seen_metadata: list[dict] = []
+        self.cancelled = threading.Event()
+
+    def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=self.ready)
+
+    def ModelInfer(self, request, context):
+        self.seen_remaining.append(context.time_remaining())
+        self.seen_metadata.append(dict(context.invocation_metadata()))
+        context.add_callback(self.cancelled.set)
+        time.sleep(self.delay)
+        context.set_trailing_metadata((("x-upstream", "yes"),))
+        resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        resp.outputs.add(name="probs", datatype="FP32", shape=PROBS.shape)
+        resp.outputs.add(name="logits", datatype="FP32", shape=PROBS.shape)
+        resp.raw_output_contents.extend([PROBS.tobytes(), np.log(PROBS).tobytes()])
+        return resp
+
+
+@pytest.fixture(scope="module")
+def fake():
+    servicer = SlowUpstream()
+    server = grpc.server(ThreadPoolExecutor(4))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, server, port
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture(scope="module")
+def sidecar(fake, flatten_cls):
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_poll_s": 0.1}, env={})
+    with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
+        yield sc
+
+
+def request():
+    req = pb.ModelInferRequest(model_name="m", id="fake-1")
+    req.inputs.add(name="x", datatype="FP32", shape=[2, 1])
+    req.raw_input_contents.append(np.zeros(2, np.float32).tobytes())
+    return req
+
+
+def test_deadline_and_metadata_reach_the_upstream_and_trailers_come_back(fake, sidecar):
+    servicer = fake[0]
+    servicer.delay = 0.0
+    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        resp, call = stub.ModelInfer.with_call(request(), timeout=5.0, metadata=(("x-tenant", "t1"),))
+        assert dict(call.trailing_metadata()).get("x-upstream") == "yes"
+        assert [o.name for o in resp.outputs] == ["probs"] and resp.id == "fake-1"
+        got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(PROBS.shape)
+        np.testing.assert_allclose(got, type(sidecar.defense)().transform(PROBS), rtol=1e-6)
+        assert 0 < servicer.seen_remaining[-1] <= 5.0
+        assert servicer.seen_metadata[-1]["x-tenant"] == "t1"
+
+        servicer.delay, servicer.cancelled = 1.0, threading.Event()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request(), timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert servicer.seen_remaining[-1] <= 0.3
+        assert servicer.cancelled.wait(2.0)  # the upstream call ended with the client's deadline
+        servicer.delay = 0.0
+
+
+def test_health_follows_the_upstream(fake, sidecar):
+    servicer, server, port = fake
+    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def wait_for(status):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                if health.Check(health_pb2.HealthCheckRequest(service="")).status == status:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        assert wait_for(health_pb2.HealthCheckResponse.SERVING)
+        servicer.ready = False
+        try:
+            assert wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        finally:
+            servicer.ready = True
+        assert wait_for(health_pb2.HealthCheckResponse.SERVING)
