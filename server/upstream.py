@@ -8,7 +8,7 @@ upstream call is awaited inside the handler task, a cancelled client call cancel
 
 `EmbeddedUpstream` runs an ONNX model (a target directory from `purifier train-target`, or a bare
 .onnx) with onnxruntime in a worker thread (ORT releases the GIL, so the event loop keeps serving).
-It answers raw, as Triton does.
+It answers raw to raw requests and typed to typed ones.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from purifier.artifacts import sha256_file
 from purifier.errors import ArtifactError
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.codec import DATATYPE_OF, check_request_layout, decode_inputs
+from purifier_server.codec import DATATYPE_OF, DTYPES, TYPED_FIELD, check_request_layout, decode_inputs
 from purifier_server.errors import BadRequest, UpstreamFailed
 
 INT32_MAX = 2**31 - 1
@@ -174,10 +174,16 @@ class EmbeddedUpstream:
         results = await loop.run_in_executor(self._executor, self.classifier.session.run, wanted,
                                              dict(zip([s.name for s in self.inputs], arrays, strict=True)))
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=self.version, id=request.id)
+        raw = len(request.raw_input_contents) > 0 or any(a.dtype == np.float16 for a in results)
         for name, array in zip(wanted, results, strict=True):
-            array = np.ascontiguousarray(array)
-            response.outputs.add(name=name, datatype=DATATYPE_OF.get(array.dtype, "FP32"), shape=array.shape)
-            response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+            datatype = DATATYPE_OF.get(array.dtype)
+            if datatype is None:
+                raise ArtifactError(f"model output {name!r} has dtype {array.dtype}; expected FP16/32/64")
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            if raw:
+                response.raw_output_contents.append(np.ascontiguousarray(array, DTYPES[datatype]).tobytes())
+            else:  # mirror a typed request, as KServe and MLServer do
+                getattr(tensor.contents, TYPED_FIELD[datatype]).extend(array.ravel())
         return response, ()
 
     async def ready(self, name, version):
