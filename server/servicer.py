@@ -66,7 +66,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics = metrics
         self.needs_inputs = batcher.defense.needs_inputs
         self.upstream_ready = False  # set by the health poller in app.py
-        self.on_upstream_unavailable = None  # callback: mark health NOT_SERVING at once
+        self.on_upstream_unavailable = None  # async callback: mark health NOT_SERVING at once
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
 
     # --- validation -----------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message, bug = status_for(e)
             self._outcome[code].inc()
             if isinstance(e, UpstreamFailed) and code == grpc.StatusCode.UNAVAILABLE and self.on_upstream_unavailable:
-                self.on_upstream_unavailable()
+                await self.on_upstream_unavailable()
             log.log(logging.ERROR if bug else logging.WARNING, "request failed",
                     exc_info=e if bug else None,
                     extra={"request_id": request.id, "model": request.model_name, "code": code.name,
