@@ -221,7 +221,10 @@ def main() -> None:
 
     from purifier.models.target import Target, train_target
 
-    target = Target.load(args.target) if Path(args.target).is_dir() else train_target("digits", args.target)
+    if not Path(args.target).is_dir():
+        Path(args.target).parent.mkdir(parents=True, exist_ok=True)
+        train_target("digits", args.target)
+    target = Target.load(args.target)
     X, _ = target.role("eval_nonmembers")
     x = np.ascontiguousarray(X[:1], np.float32)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}

@@ -51,7 +51,8 @@ def _serve(args: argparse.Namespace) -> int:
 SERVE_FLAGS = ("model", "upstream", "upstream_service", "model_name", "model_version", "model_id", "defense",
                "defense_dir", "secret_file", "confidence_output", "confidence_kind", "host", "port",
                "metrics_host", "metrics_port", "max_request_rows", "max_batch_rows", "max_wait_ms", "device",
-               "reflection", "grace_s", "upstream_timeout_s", "health_poll_s", "log_level")
+               "reflection", "grace_s", "upstream_timeout_s", "health_poll_s", "log_level", "tls_cert_file",
+               "tls_key_file", "tls_client_ca_file", "auth_token_file")
 
 
 def _add_serve(sub) -> None:
@@ -87,6 +88,11 @@ def _add_serve(sub) -> None:
                    help="upstream deadline when the caller sets none (default 30 s)")
     p.add_argument("--health-poll", dest="health_poll_s", type=float, help="upstream readiness poll (default 1 s)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--tls-cert", dest="tls_cert_file", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", dest="tls_key_file", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca", dest="tls_client_ca_file", help="PEM CA: require client certificates (mTLS)")
+    p.add_argument("--auth-token-file", dest="auth_token_file",
+                   help="file with the bearer token clients must send (health checks stay open)")
     p.add_argument("--config", help="TOML settings file (keys as in the [serve] table)")
     p.set_defaults(func=_serve)
 

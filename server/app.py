@@ -5,7 +5,8 @@ grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only 
 defense is loaded and the upstream model answers ModelReady (polled, and dropped at once when a
 request finds the upstream unavailable); reflection is off unless asked for; SIGTERM marks the
 server NOT_SERVING, refuses new calls and lets in-flight ones finish within `grace_s`; Prometheus
-metrics live on their own HTTP port, bound to 127.0.0.1 unless configured otherwise.
+metrics live on their own HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual
+TLS and bearer tokens are in security.py.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.batcher import Batcher
 from purifier_server.metrics import SidecarMetrics
+from purifier_server.security import BearerAuth, read_token, server_credentials
 from purifier_server.servicer import InferenceServicer
 from purifier_server.settings import Settings
 from purifier_server.upstream import INT32_MAX, EmbeddedUpstream, RemoteUpstream
@@ -103,7 +105,10 @@ class Sidecar:
         self.servicer = InferenceServicer(s, name, output, upstream, self.batcher, self.metrics, version)
         self.servicer.on_upstream_unavailable = lambda: self._set_health(False)
 
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        token = read_token(s)
+        credentials = server_credentials(s)
+        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                      interceptors=[BearerAuth(token)] if token is not None else None)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -114,7 +119,11 @@ class Sidecar:
                      reflection.SERVICE_NAME)
             # our stubs live in a private descriptor pool (see proto/generate.py)
             reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
-        self.port = self.server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if not self.port:
             raise ConfigError(f"port: cannot listen on {s.host}:{s.port}")
         await self.server.start()

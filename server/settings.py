@@ -58,6 +58,10 @@ class Settings:
     upstream_timeout_s: float = 30.0      # used when the caller sent no deadline
     health_poll_s: float = 1.0
     log_level: str = "info"
+    tls_cert_file: str | None = None      # PEM certificate chain: serve TLS
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None  # PEM CA: require and verify client certificates (mTLS)
+    auth_token_file: str | None = None    # file holding the bearer token clients must send
 
     def __post_init__(self):
         def fail(field: str, why: str):
@@ -100,6 +104,13 @@ class Settings:
         for name in ("upstream_timeout_s", "health_poll_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            fail("tls_cert_file/tls_key_file", "give both the certificate and the key, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            fail("tls_client_ca_file", "mutual TLS needs tls_cert_file and tls_key_file as well")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
+            if getattr(self, name) and not Path(getattr(self, name)).is_file():
+                fail(name, f"{getattr(self, name)} does not exist")
         if not self.upstream_service or "/" in self.upstream_service:
             fail("upstream_service", f"{self.upstream_service!r} is not a gRPC service name (package.Service)")
 

@@ -25,7 +25,13 @@ import numpy as np
 from purifier.artifacts import sha256_file
 from purifier.errors import ArtifactError
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.codec import DATATYPE_OF, DTYPES, TYPED_FIELD, check_request_layout, decode_inputs
+from purifier_server.codec import (
+    DATATYPE_OF,
+    DTYPES,
+    TYPED_FIELD,
+    check_request_layout,
+    decode_inputs,
+)
 from purifier_server.errors import BadRequest, UpstreamFailed
 
 INT32_MAX = 2**31 - 1

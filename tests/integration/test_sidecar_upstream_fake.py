@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from purifier.defenses import Defense
+from purifier.errors import ConfigError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
@@ -116,3 +118,40 @@ def test_health_follows_the_upstream(fake, sidecar):
         finally:
             servicer.ready = True
         assert wait_for(health_pb2.HealthCheckResponse.SERVING)
+
+
+class RecordsInputs(Defense):
+    """A defense that needs the request rows (as PURIFIER's label swapper does) and records them."""
+
+    name = "test-inputs"
+    needs_inputs = True
+
+    def __init__(self, *, secret=None):
+        super().__init__(secret=secret)
+        self.seen: list[np.ndarray] = []
+
+    def _transform(self, p, inputs):
+        self.seen.append(inputs.copy())
+        return p, None
+
+
+def test_defenses_that_need_inputs_get_the_request_rows(fake):
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+    defense = RecordsInputs()
+    with BackgroundSidecar(settings, defense=defense) as sc, grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+        req = request()
+        x = np.array([[1.5], [-2.0]], np.float32)
+        req.raw_input_contents[0] = x.tobytes()
+        pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=5)
+    assert len(defense.seen) == 1 and np.array_equal(defense.seen[0], x)
+
+
+def test_defense_fitted_for_another_model_is_refused_at_start_up(digits_target):
+    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+                                 "metrics_port": -1}, env={})
+    defense = RecordsInputs()
+    defense.model_id = "0" * 64
+    with pytest.raises(ConfigError, match="fitted for model 000000000000"):
+        with BackgroundSidecar(settings, defense=defense):
+            pass
