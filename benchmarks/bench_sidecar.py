@@ -46,8 +46,9 @@ def free_port() -> int:
 @contextmanager
 def process(cmd: list[str], env: dict | None = None, ready_line: bool = True):
     """Start a server process in its own group; yield (proc, first stdout line); kill the group."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True, env=env)
+    # a pipe nobody reads would fill up with a chatty server's access log and block it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
     try:
         line = proc.stdout.readline() if ready_line else ""
         if ready_line and not line:
