@@ -93,7 +93,7 @@ def test_deadline_and_metadata_reach_the_upstream_and_trailers_come_back(fake, s
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(request(), timeout=0.3)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert servicer.seen_remaining[-1] <= 0.3
+        assert servicer.seen_remaining[-1] <= 0.35  # the client's 0.3 s, not the 30 s default
         assert servicer.cancelled.wait(2.0)  # the upstream call ended with the client's deadline
         servicer.delay = 0.0
 
