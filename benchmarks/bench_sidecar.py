@@ -6,6 +6,7 @@ MLServer (mlserver-sklearn, FP64 predict_proba, as a separate process). Through 
 identity defense and every fitted defense directory given with --defense-dir. Concurrency 1
 (tritonclient sync) and 16 (tritonclient aio, 16 concurrent callers), one row per request,
 p50/p99 latency and throughput. Every server is a separate process; the client is this process.
+Compared cells run side by side and are measured in interleaved windows, pooled per cell.
 
     python benchmarks/bench_sidecar.py [--target DIR] [--defense-dir DIR ...] [--seconds 3]
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -26,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
+@contextlib.contextmanager
 def process(cmd: list[str], env: dict | None = None, ready_line: bool = True):
     """Start a server process in its own group; yield (proc, first stdout line); kill the group."""
     # a pipe nobody reads would fill up with a chatty server's access log and block it
@@ -83,9 +84,13 @@ def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
 
 
 # --- the cells ----------------------------------------------------------------------------------
+# The machine's background load drifts by several x within a minute, so cells that are compared
+# are measured in interleaved windows (direct, sidecar, direct, sidecar, ...) and pooled.
 
 
-def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float) -> dict:
+def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
+             warmup: int) -> tuple[list[float], float]:
+    """(per-call seconds, elapsed) for one client calling back to back."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -93,7 +98,7 @@ def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray,
     inp.set_data_from_numpy(x)
     outs = [grpcclient.InferRequestedOutput(output)]
     try:
-        for _ in range(50):  # warm-up: channel, caches
+        for _ in range(warmup):
             client.infer(model, [inp], outputs=outs)
         times = []
         start = time.perf_counter()
@@ -104,11 +109,12 @@ def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray,
         elapsed = time.perf_counter() - start
     finally:
         client.close()
-    return {**summarize(times), "throughput_rps": len(times) / elapsed}
+    return times, elapsed
 
 
 def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-                   concurrency: int) -> dict:
+                   concurrency: int, warmup_s: float) -> tuple[list[float], float]:
+    """(per-call seconds, elapsed) for `concurrency` aio callers calling back to back."""
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aioclient
 
@@ -127,20 +133,32 @@ def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.nd
                     times.append(time.perf_counter() - t0)
 
         try:
-            await asyncio.gather(*(worker(time.perf_counter() + 0.5, False) for _ in range(concurrency)))
+            await asyncio.gather(*(worker(time.perf_counter() + warmup_s, False) for _ in range(concurrency)))
             start = time.perf_counter()
             await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
             elapsed = time.perf_counter() - start
         finally:
             await client.close()
-        return {**summarize(times), "throughput_rps": len(times) / elapsed}
+        return times, elapsed
 
     return asyncio.run(main())
 
 
-def measure(port, model, input_name, output, x, seconds) -> dict:
-    return {"c1": run_sync(port, model, input_name, output, x, seconds),
-            "c16": run_concurrent(port, model, input_name, output, x, seconds, 16)}
+def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
+    """servers: cell name -> (port, model, input name, output name). Each cell gets `seconds` per
+    concurrency in total, split into `rounds` windows taken in turn with the other cells."""
+    pooled = {name: {"c1": ([], 0.0), "c16": ([], 0.0)} for name in servers}
+    window = seconds / rounds
+    for r in range(rounds):
+        first = r == 0
+        for name, (port, model, inp, out) in servers.items():
+            measured = {"c1": run_sync(port, model, inp, out, x, window, 50 if first else 5),
+                        "c16": run_concurrent(port, model, inp, out, x, window, 16, 0.5 if first else 0.1)}
+            for key, (times, elapsed) in measured.items():
+                acc_t, acc_e = pooled[name][key]
+                pooled[name][key] = (acc_t + times, acc_e + elapsed)
+    return {name: {key: {**summarize(t), "throughput_rps": len(t) / e} for key, (t, e) in cells.items()}
+            for name, cells in pooled.items()}
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -213,6 +231,7 @@ def main() -> None:
     parser.add_argument("--defense-dir", action="append", default=[], help="fitted defense directory (repeatable)")
     parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement seconds per cell")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per cell (default 3)")
     parser.add_argument("--skip-mlserver", action="store_true")
     parser.add_argument("--bare-server", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -236,17 +255,19 @@ def main() -> None:
         if not args.secret_file:
             secret_file.write_text(secrets.token_hex(32))
 
-        # embedded ONNX backend
-        with process([sys.executable, __file__, "--bare-server", str(target.directory)], env) as (_, line):
+        # embedded ONNX backend: the bare server and every sidecar variant run side by side
+        with contextlib.ExitStack() as stack:
+            _, line = stack.enter_context(process([sys.executable, __file__, "--bare-server",
+                                                   str(target.directory)], env))
             info = json.loads(line)
             wait_ready(info["port"], info["model"])
-            cells["embedded/direct"] = measure(info["port"], info["model"], "input", "probabilities", x, args.seconds)
-        for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
-            cmd = sidecar_cmd(["--model", str(target.directory)], d, secret_file)
-            with process(cmd, env) as (_, line):
-                port = sidecar_port(line)
-                cells[f"embedded/sidecar-{name}"] = measure(port, target.directory.name, "input", "probabilities",
-                                                            x, args.seconds)
+            servers = {"embedded/direct": (info["port"], info["model"], "input", "probabilities")}
+            for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
+                cmd = sidecar_cmd(["--model", str(target.directory)], d, secret_file)
+                _, line = stack.enter_context(process(cmd, env))
+                servers[f"embedded/sidecar-{name}"] = (sidecar_port(line), target.directory.name, "input",
+                                                       "probabilities")
+            cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
         if not args.skip_mlserver:
@@ -256,13 +277,13 @@ def main() -> None:
             exe = str(Path(sys.executable).with_name("mlserver"))
             with process([exe, "start", str(repo)], env, ready_line=False):
                 wait_ready(mport, "digits")
-                xd = np.ascontiguousarray(x / 16.0 if x.max() > 1.5 else x, np.float32)
-                cells["mlserver/direct"] = measure(mport, "digits", "input-0", "predict_proba", xd, args.seconds)
                 cmd = sidecar_cmd(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
                                    "--confidence-output", "predict_proba"], None, secret_file)
                 with process(cmd, env) as (_, line):
-                    cells["mlserver/sidecar-identity"] = measure(sidecar_port(line), "digits", "input-0",
-                                                                 "predict_proba", xd, args.seconds)
+                    servers = {"mlserver/direct": (mport, "digits", "input-0", "predict_proba"),
+                               "mlserver/sidecar-identity": (sidecar_port(line), "digits", "input-0",
+                                                             "predict_proba")}
+                    cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
     comparisons = {}
     for key, cell in cells.items():
@@ -276,7 +297,7 @@ def main() -> None:
             "throughput_ratio_c16": cell["c16"]["throughput_rps"] / direct["c16"]["throughput_rps"],
         }
     path = write_result("sidecar", {
-        "config": {"seconds_per_cell": args.seconds, "rows_per_request": 1, "target": str(target.directory),
+        "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
                    "defenses": [d for _, d in defenses], "clients": "tritonclient.grpc sync (c1), .aio (c16)"},
         "cells": cells, "comparisons": comparisons,
         "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8},

@@ -143,7 +143,6 @@ class Sidecar:
         if ready == self._upstream_ready:
             return
         self._upstream_ready = ready
-        self.servicer.upstream_ready = ready
         self.metrics.upstream_up.set(1 if ready else 0)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):

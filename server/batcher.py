@@ -74,8 +74,8 @@ class Batcher:
         if self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
         if self._inline and self.max_wait == 0:
-            # Nothing to amortize: an inline defense costs less than the two event-loop hops
-            # a trip through the queue takes.
+            # The identity costs less than the two event-loop hops a trip through the queue
+            # takes; measured: coalescing it did not raise throughput at concurrency 16.
             return self._defend([probs], [inputs])
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(probs, inputs, future))

@@ -65,7 +65,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.batcher = batcher
         self.metrics = metrics
         self.needs_inputs = batcher.defense.needs_inputs
-        self.upstream_ready = False  # set by the health poller in app.py
         self.on_upstream_unavailable = None  # async callback: mark health NOT_SERVING at once
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
 

@@ -84,7 +84,7 @@ class RemoteUpstream:
             response = await call
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as e:
-            raise UpstreamFailed(f"upstream {self.target}: {e.details()}", e.code()) from None
+            raise UpstreamFailed(f"upstream: {e.details()}", e.code()) from None
         return response, tuple(trailing or ())
 
     async def ready(self, name, version):
@@ -97,7 +97,7 @@ class RemoteUpstream:
         try:
             return await self._metadata(pb.ModelMetadataRequest(name=name, version=version), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            raise UpstreamFailed(f"upstream {self.target}: {e.details()}", e.code()) from None
+            raise UpstreamFailed(f"upstream: {e.details()}", e.code()) from None
 
     async def close(self):
         await self._channel.close()
@@ -144,8 +144,6 @@ class EmbeddedUpstream:
         self.outputs = [TensorSpec(o.name, _ort_datatype(o.type), _shape(o.shape)) for o in session.get_outputs()]
         self.confidence_output = (manifest or {}).get("confidence_output") or self.outputs[0].name
         self.platform = "onnxruntime_onnx"
-        if manifest:
-            self.model_info = {"dataset": manifest.get("dataset"), "n_classes": manifest.get("n_classes")}
         # one thread: ORT's own intra-op pool does the parallel work; this keeps the loop free
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort")
 

@@ -86,7 +86,7 @@ def test_deadline_and_metadata_reach_the_upstream_and_trailers_come_back(fake, s
         assert [o.name for o in resp.outputs] == ["probs"] and resp.id == "fake-1"
         got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(PROBS.shape)
         np.testing.assert_allclose(got, type(sidecar.defense)().transform(PROBS), rtol=1e-6)
-        assert 0 < servicer.seen_remaining[-1] <= 5.0
+        assert 0 < servicer.seen_remaining[-1] <= 5.1  # gRPC rounds the wire timeout up a little
         assert servicer.seen_metadata[-1]["x-tenant"] == "t1"
 
         servicer.delay, servicer.cancelled = 1.0, threading.Event()
