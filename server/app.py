@@ -74,6 +74,7 @@ class Sidecar:
         self._metrics_server = None
         self._poller: asyncio.Task | None = None
         self.server: grpc.aio.Server | None = None
+        self._stopped = False
 
     async def start(self) -> None:
         s = self.settings
@@ -157,6 +158,9 @@ class Sidecar:
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.settings.grace_s if grace is None else grace
         if self._poller is not None:
             self._poller.cancel()

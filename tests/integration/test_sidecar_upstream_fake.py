@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from purifier.defenses import Defense
-from purifier.errors import ConfigError
+from purifier.errors import ConfigError, DefenseError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
@@ -155,3 +156,87 @@ def test_defense_fitted_for_another_model_is_refused_at_start_up(digits_target):
     with pytest.raises(ConfigError, match="fitted for model 000000000000"):
         with BackgroundSidecar(settings, defense=defense):
             pass
+
+
+class Raises(Defense):
+    name = "test-raises"
+
+    def __init__(self, *, error: Exception | None = None, secret=None):
+        super().__init__(secret=secret)
+        self.error = error
+
+    def _transform(self, p, inputs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error,message", [
+    (DefenseError("boom"), "defense failed: boom"),
+    (RuntimeError("bug"), "internal error (RuntimeError)"),
+])
+def test_a_failing_defense_is_internal_and_counted_never_the_clean_vector(fake, error, message):
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+    with BackgroundSidecar(settings, defense=Raises(error=error)) as sc, \
+            grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.INTERNAL and message in info.value.details()
+        assert sc.metrics.registry.get_sample_value("purifier_requests_total",
+                                                    {"model": "m", "outcome": "INTERNAL"}) == 1
+
+
+def test_upstream_service_name_is_configurable_for_torchserve(flatten_cls):
+    """TorchServe serves the same messages under org.pytorch.serve.grpc.openinference."""
+    service = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
+    servicer = SlowUpstream()
+    handlers = {
+        "ModelReady": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelReady, request_deserializer=pb.ModelReadyRequest.FromString,
+            response_serializer=pb.ModelReadyResponse.SerializeToString),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfer, request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelInferResponse.SerializeToString),
+    }
+    server = grpc.server(ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        settings = Settings.resolve({"upstream": f"127.0.0.1:{port}", "upstream_service": service, "model_name": "m",
+                                     "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                     "metrics_port": -1}, env={})
+        with BackgroundSidecar(settings, defense=flatten_cls()) as sc, \
+                grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+            resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request(), timeout=5)
+        got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(PROBS.shape)
+        np.testing.assert_allclose(got, flatten_cls().transform(PROBS), rtol=1e-6)
+    finally:
+        server.stop(0)
+
+
+def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones(fake, flatten_cls):
+    servicer = fake[0]
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+    background = BackgroundSidecar(settings, defense=flatten_cls())
+    sc = background.__enter__()
+    servicer.delay = 0.8
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            seen = len(servicer.seen_remaining)
+            in_flight = stub.ModelInfer.future(request(), timeout=10)
+            deadline = time.monotonic() + 5
+            while len(servicer.seen_remaining) == seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stopping = asyncio.run_coroutine_threadsafe(sc.stop(grace=5.0), background.loop)
+            time.sleep(0.2)
+            with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as other:
+                with pytest.raises(grpc.RpcError) as info:
+                    pb_grpc.GRPCInferenceServiceStub(other).ModelInfer(request(), timeout=2)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert in_flight.result(timeout=10).id == "fake-1"   # the in-flight call completed
+            stopping.result(timeout=10)
+    finally:
+        servicer.delay = 0.0
+        background.__exit__(None, None, None)
