@@ -29,6 +29,7 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self):
         self.delay = 0.0
         self.ready = True
+        self.answer, self.datatype = PROBS, "FP32"
         self.seen_remaining: list[float | None] = []
         self.seen_metadata: list[dict] = []
         self.cancelled = threading.Event()
@@ -43,9 +44,9 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
         time.sleep(self.delay)
         context.set_trailing_metadata((("x-upstream", "yes"),))
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-        resp.outputs.add(name="probs", datatype="FP32", shape=PROBS.shape)
+        resp.outputs.add(name="probs", datatype=self.datatype, shape=self.answer.shape)
         resp.outputs.add(name="logits", datatype="FP32", shape=PROBS.shape)
-        resp.raw_output_contents.extend([PROBS.tobytes(), np.log(PROBS).tobytes()])
+        resp.raw_output_contents.extend([self.answer.tobytes(), np.log(PROBS).tobytes()])
         return resp
 
 
@@ -240,3 +241,27 @@ def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones(fake, flatt
     finally:
         servicer.delay = 0.0
         background.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("answer,datatype,message", [
+    (np.array([[1.2, -0.1, -0.1]], np.float32), "FP32", "row 0 has negative entries"),
+    (np.array([[0.5, 0.2, 0.1]], np.float32), "FP32", "row 0 sums to 0.8"),
+    (np.array([[0.25, 0.25, 0.25, 0.25]], np.float32), "FP32", "4 classes, the defense was fitted for 3"),
+    (np.array([[1, 0, 0]], np.int32), "INT32", "is INT32, expected one of FP16, FP32, FP64"),
+    (np.array([[0.5, 0.5]], np.float64), "FP32", "needs 8 bytes, raw contents has 16"),
+])
+def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, answer, datatype, message):
+    servicer = fake[0]
+    sidecar.defense.n_classes = 3
+    servicer.answer, servicer.datatype = answer, datatype
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(request(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INTERNAL and message in info.value.details()
+            servicer.answer, servicer.datatype = PROBS, "FP32"
+            assert stub.ModelInfer(request(), timeout=5).id == "fake-1"
+    finally:
+        servicer.answer, servicer.datatype = PROBS, "FP32"
+        sidecar.defense.n_classes = None
