@@ -26,7 +26,14 @@ from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.batcher import Batcher
 from purifier_server.codec import check_request_layout, decode_inputs, extract, rewrite, softmax
-from purifier_server.errors import BadRequest, TooLarge, UnknownModel, UpstreamFailed, status_for
+from purifier_server.errors import (
+    BadRequest,
+    BadUpstreamOutput,
+    TooLarge,
+    UnknownModel,
+    UpstreamFailed,
+    status_for,
+)
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.settings import Settings
 
@@ -131,13 +138,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
+        t1 = time.perf_counter()
         response, trailing = await self.upstream.infer(request, context.time_remaining(),
                                                        forwardable(context.invocation_metadata()))
-        t1 = time.perf_counter()
-        self.metrics.upstream_stage.observe(t1 - t0)
+        self.metrics.upstream_stage.observe(time.perf_counter() - t1)
         index, probs = extract(response, self.confidence_output)
         if inputs is not None and len(inputs) != len(probs):
-            raise BadRequest(f"input has {len(inputs)} rows but the output has {len(probs)}")
+            raise BadUpstreamOutput(f"the request has {len(inputs)} rows but the upstream answered {len(probs)}")
         if self.settings.confidence_kind == "logits":
             probs = softmax(probs)
         defended = await self.batcher.submit(probs, inputs)
