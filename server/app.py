@@ -93,11 +93,19 @@ class Sidecar:
         if s.embedded:
             name, version = upstream.name, upstream.version
             output = s.confidence_output or upstream.confidence_output
-            if output not in {o.name for o in upstream.outputs}:
+            specs = {o.name: o for o in upstream.outputs}
+            if output not in specs:
                 raise ConfigError(f"confidence_output: the model has no output {output!r}; "
-                                  f"choose from {', '.join(o.name for o in upstream.outputs)}")
+                                  f"choose from {', '.join(specs)}")
+            classes = specs[output].shape[-1] if specs[output].shape else -1
+            if self._defense.n_classes and classes > 0 and classes != self._defense.n_classes:
+                raise ConfigError(f"defense: fitted for {self._defense.n_classes} classes, the model's "
+                                  f"{output!r} has {classes}")
         else:
             name, version, output = s.model_name, s.model_version, s.confidence_output
+            if s.defense != "none" and not model_id:
+                log.warning("no model_id given: cannot check that the defense was fitted for the upstream's "
+                            "model (set --model-id to the ONNX sha256)", extra={"model": name})
         self.model_name, self.model_version = name, version
         self.defense = self._defense
 
@@ -121,12 +129,15 @@ class Sidecar:
             # our stubs live in a private descriptor pool (see proto/generate.py)
             reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
         address = f"{s.host}:{s.port}"
-        if credentials is None:
-            self.port = self.server.add_insecure_port(address)
-        else:
-            self.port = self.server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:
+            self.port = 0
         if not self.port:
-            raise ConfigError(f"port: cannot listen on {s.host}:{s.port}")
+            raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host)")
         await self.server.start()
         self._upstream_ready = None
         await self._set_health(await upstream.ready(name, version))

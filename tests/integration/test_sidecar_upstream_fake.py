@@ -265,3 +265,19 @@ def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, a
     finally:
         servicer.answer, servicer.datatype = PROBS, "FP32"
         sidecar.defense.n_classes = None
+
+
+def test_start_up_refuses_a_busy_port_and_a_class_count_mismatch(digits_target, fake, flatten_cls):
+    base = {"host": "127.0.0.1", "port": 0, "metrics_port": -1}
+    with BackgroundSidecar(Settings.resolve({"model": str(digits_target.directory), **base}, env={})) as first:
+        busy = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 **base, "port": first.port}, env={})
+        with pytest.raises(ConfigError, match="port: cannot listen on 127.0.0.1"):
+            with BackgroundSidecar(busy, defense=flatten_cls()):
+                pass
+    defense = flatten_cls()
+    defense.n_classes = 3
+    with pytest.raises(ConfigError, match="defense: fitted for 3 classes, the model's 'probabilities' has 10"):
+        with BackgroundSidecar(Settings.resolve({"model": str(digits_target.directory), **base}, env={}),
+                               defense=defense):
+            pass
