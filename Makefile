@@ -33,5 +33,9 @@ constraints: $(STAMP)
 	$(BIN)/pip freeze --exclude-editable | grep -vE '^(pip|setuptools|wheel)==' \
 	  | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' > constraints.txt
 
+# Regenerate the committed OIP v2 stubs (tests/unit/server/test_proto.py fails when they drift).
+proto: $(STAMP)
+	$(BIN)/python proto/generate.py server/_proto
+
 clean:
 	rm -rf $(VENV) build .pytest_cache

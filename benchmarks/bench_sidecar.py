@@ -1,0 +1,317 @@
+"""Sidecar overhead: client -> upstream directly versus client -> sidecar -> upstream.
+
+Two upstreams: the embedded ONNX backend (compared against a bare OIP v2 server running the same
+ONNX model in the same Python gRPC stack, so the difference is the sidecar's own work) and
+MLServer (mlserver-sklearn, FP64 predict_proba, as a separate process). Through the sidecar: the
+identity defense and every fitted defense directory given with --defense-dir. Concurrency 1
+(tritonclient sync) and 16 (tritonclient aio, 16 concurrent callers), one row per request,
+p50/p99 latency and throughput. Every server is a separate process; the client is this process.
+Compared cells run side by side and are measured in interleaved windows, pooled per cell.
+
+    python benchmarks/bench_sidecar.py [--target DIR] [--defense-dir DIR ...] [--seconds 3]
+
+Writes benchmarks/results/sidecar.json. Targets (issue 5): identity adds at most 1.0 ms p50 and
+3 ms p99 at concurrency 1; at concurrency 16 the sidecar keeps >= 80% of direct throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import summarize, write_result  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process(cmd: list[str], env: dict | None = None, ready_line: bool = True):
+    """Start a server process in its own group; yield (proc, first stdout line); kill the group."""
+    # a pipe nobody reads would fill up with a chatty server's access log and block it
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
+    try:
+        line = proc.stdout.readline() if ready_line else ""
+        if ready_line and not line:
+            raise RuntimeError(f"{cmd[:4]} exited before serving (code {proc.wait()})")
+        yield proc, line
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if client.is_model_ready(model):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+    finally:
+        client.close()
+    raise RuntimeError(f"model {model} on port {port} not ready after {timeout} s")
+
+
+# --- the cells ----------------------------------------------------------------------------------
+# The machine's background load drifts by several x within a minute, so cells that are compared
+# are measured in interleaved windows (direct, sidecar, direct, sidecar, ...) and pooled.
+
+
+def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
+             warmup: int) -> tuple[list[float], float]:
+    """(per-call seconds, elapsed) for one client calling back to back."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    outs = [grpcclient.InferRequestedOutput(output)]
+    try:
+        for _ in range(warmup):
+            client.infer(model, [inp], outputs=outs)
+        times = []
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            client.infer(model, [inp], outputs=outs)
+            times.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+    finally:
+        client.close()
+    return times, elapsed
+
+
+def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
+                   concurrency: int, warmup_s: float) -> tuple[list[float], float]:
+    """(per-call seconds, elapsed) for `concurrency` aio callers calling back to back."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aioclient
+
+    async def main():
+        client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        outs = [grpcclient.InferRequestedOutput(output)]
+        times: list[float] = []
+
+        async def worker(stop_at, record):
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                await client.infer(model, [inp], outputs=outs)
+                if record:
+                    times.append(time.perf_counter() - t0)
+
+        try:
+            await asyncio.gather(*(worker(time.perf_counter() + warmup_s, False) for _ in range(concurrency)))
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
+            elapsed = time.perf_counter() - start
+        finally:
+            await client.close()
+        return times, elapsed
+
+    return asyncio.run(main())
+
+
+def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
+    """servers: cell name -> (port, model, input name, output name). Each cell gets `seconds` per
+    concurrency in total, split into `rounds` windows taken in turn with the other cells."""
+    pooled = {name: {"c1": ([], 0.0), "c16": ([], 0.0)} for name in servers}
+    window = seconds / rounds
+    for r in range(rounds):
+        first = r == 0
+        for name, (port, model, inp, out) in servers.items():
+            measured = {"c1": run_sync(port, model, inp, out, x, window, 50 if first else 5),
+                        "c16": run_concurrent(port, model, inp, out, x, window, 16, 0.5 if first else 0.1)}
+            for key, (times, elapsed) in measured.items():
+                acc_t, acc_e = pooled[name][key]
+                pooled[name][key] = (acc_t + times, acc_e + elapsed)
+    return {name: {key: {**summarize(t), "throughput_rps": len(t) / e} for key, (t, e) in cells.items()}
+            for name, cells in pooled.items()}
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def bare_server(model: str) -> None:
+    """A plain OIP v2 server for the ONNX model (same grpc.aio stack, no sidecar work): the baseline."""
+    import grpc
+
+    from purifier_server._proto import grpc_service_pb2 as pb
+    from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+    from purifier_server.upstream import EmbeddedUpstream
+
+    upstream = EmbeddedUpstream(model)
+
+    class Bare(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelReady(self, request, context):
+            return pb.ModelReadyResponse(ready=await upstream.ready(request.name, request.version))
+
+        async def ModelInfer(self, request, context):
+            response, _ = await upstream.infer(request, None, ())
+            return response
+
+    async def main():
+        server = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Bare(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(json.dumps({"port": port, "model": upstream.name}), flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def mlserver_repository(root: Path) -> int:
+    import joblib
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = load_digits(return_X_y=True)
+    clf = LogisticRegression(max_iter=300).fit(X[::2] / 16.0, y[::2])
+    (root / "digits").mkdir(parents=True)
+    joblib.dump(clf, root / "digits" / "model.joblib")
+    (root / "digits" / "model-settings.json").write_text(json.dumps({
+        "name": "digits", "implementation": "mlserver_sklearn.SKLearnModel",
+        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+    port = free_port()
+    (root / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": free_port(), "grpc_port": port, "metrics_port": free_port(),
+        "parallel_workers": 0}))
+    return port
+
+
+def sidecar_cmd(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "purifier.cli", "serve", *backend_args, "--host", "127.0.0.1", "--port", "0",
+           "--metrics-port", "-1", "--log-level", "warning"]
+    if defense is not None:
+        cmd += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
+    return cmd
+
+
+def sidecar_port(line: str) -> int:
+    return json.loads(line)["port"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
+                        help="target directory (trained here if missing)")
+    parser.add_argument("--defense-dir", action="append", default=[], help="fitted defense directory (repeatable)")
+    parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measurement seconds per cell")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per cell (default 3)")
+    parser.add_argument("--skip-mlserver", action="store_true")
+    parser.add_argument("--bare-server", metavar="MODEL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server:
+        bare_server(args.bare_server)
+        return
+
+    from purifier.models.target import Target, train_target
+
+    if not Path(args.target).is_dir():
+        Path(args.target).parent.mkdir(parents=True, exist_ok=True)
+        train_target("digits", args.target)
+    target = Target.load(args.target)
+    X, _ = target.role("eval_nonmembers")
+    x = np.ascontiguousarray(X[:1], np.float32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
+    defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
+    cells: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        secret_file = Path(args.secret_file) if args.secret_file else Path(tmp) / "secret"
+        if not args.secret_file:
+            secret_file.write_text(secrets.token_hex(32))
+
+        # embedded ONNX backend: the bare server and every sidecar variant run side by side
+        with contextlib.ExitStack() as stack:
+            _, line = stack.enter_context(process([sys.executable, __file__, "--bare-server",
+                                                   str(target.directory)], env))
+            info = json.loads(line)
+            wait_ready(info["port"], info["model"])
+            servers = {"embedded/direct": (info["port"], info["model"], "input", "probabilities")}
+            for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
+                cmd = sidecar_cmd(["--model", str(target.directory)], d, secret_file)
+                _, line = stack.enter_context(process(cmd, env))
+                servers[f"embedded/sidecar-{name}"] = (sidecar_port(line), target.directory.name, "input",
+                                                       "probabilities")
+            cells.update(interleaved(servers, x, args.seconds, args.rounds))
+
+        # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
+        if not args.skip_mlserver:
+            repo = Path(tmp) / "mlserver"
+            repo.mkdir()
+            mport = mlserver_repository(repo)
+            exe = str(Path(sys.executable).with_name("mlserver"))
+            with process([exe, "start", str(repo)], env, ready_line=False):
+                wait_ready(mport, "digits")
+                cmd = sidecar_cmd(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
+                                   "--confidence-output", "predict_proba"], None, secret_file)
+                with process(cmd, env) as (_, line):
+                    servers = {"mlserver/direct": (mport, "digits", "input-0", "predict_proba"),
+                               "mlserver/sidecar-identity": (sidecar_port(line), "digits", "input-0",
+                                                             "predict_proba")}
+                    cells.update(interleaved(servers, x, args.seconds, args.rounds))
+
+    comparisons = {}
+    for key, cell in cells.items():
+        backend, mode = key.split("/")
+        if mode == "direct":
+            continue
+        direct = cells[f"{backend}/direct"]
+        comparisons[key] = {
+            "added_p50_ms_c1": cell["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
+            "added_p99_ms_c1": cell["c1"]["p99_ms"] - direct["c1"]["p99_ms"],
+            "throughput_ratio_c16": cell["c16"]["throughput_rps"] / direct["c16"]["throughput_rps"],
+        }
+    path = write_result("sidecar", {
+        "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
+                   "defenses": [d for _, d in defenses], "clients": "tritonclient.grpc sync (c1), .aio (c16)"},
+        "cells": cells, "comparisons": comparisons,
+        "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8},
+    })
+    print(f"{'cell':34s} {'c1 p50':>8s} {'c1 p99':>8s} {'c1 rps':>8s} {'c16 p50':>8s} {'c16 p99':>8s} {'c16 rps':>8s}")
+    for key, cell in cells.items():
+        c1, c16 = cell["c1"], cell["c16"]
+        print(f"{key:34s} {c1['p50_ms']:8.3f} {c1['p99_ms']:8.3f} {c1['throughput_rps']:8.0f} "
+              f"{c16['p50_ms']:8.3f} {c16['p99_ms']:8.3f} {c16['throughput_rps']:8.0f}")
+    for key, c in comparisons.items():
+        print(f"{key:34s} added p50 {c['added_p50_ms_c1']:+.3f} ms, p99 {c['added_p99_ms_c1']:+.3f} ms, "
+              f"c16 throughput x{c['throughput_ratio_c16']:.2f}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Sidecar test support: a non-identity test defense, free ports, and MLServer as a subprocess.
+
+MLServer is never imported here: its `inference.*` protobuf messages clash with tritonclient's in
+one process, so it runs as `.venv/bin/mlserver start DIR` in its own process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from purifier.defenses import Defense
+
+
+class Flatten(Defense):
+    """Deterministic, label-keeping, non-identity: p ** (1/T), renormalized (T > 1 flattens)."""
+
+    name = "test-flatten"
+
+    def __init__(self, *, temperature: float = 3.0, secret=None):
+        super().__init__(secret=secret)
+        self.temperature = temperature
+
+    def _transform(self, p, inputs):
+        q = p ** (1.0 / self.temperature)
+        return q / q.sum(axis=1, keepdims=True), None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MLServerProcess:
+    """`mlserver start` serving a scikit-learn digits classifier (predict_proba, FP64)."""
+
+    model_name = "digits"
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.grpc_port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = root / "mlserver.log"
+
+    def write_repository(self) -> None:
+        import joblib
+        from sklearn.datasets import load_digits
+        from sklearn.linear_model import LogisticRegression
+
+        X, y = load_digits(return_X_y=True)
+        clf = LogisticRegression(max_iter=300).fit(X[::2] / 16.0, y[::2])
+        model_dir = self.root / self.model_name
+        model_dir.mkdir(parents=True)
+        joblib.dump(clf, model_dir / "model.joblib")
+        (model_dir / "model-settings.json").write_text(json.dumps({
+            "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+        (self.root / "settings.json").write_text(json.dumps({
+            "host": "127.0.0.1", "http_port": free_port(), "grpc_port": self.grpc_port,
+            "metrics_port": free_port(), "parallel_workers": 0}))
+
+    def start(self, timeout: float = 90.0) -> None:
+        import tritonclient.grpc as grpcclient
+
+        exe = Path(sys.executable).with_name("mlserver")
+        if not exe.exists():
+            pytest.skip("mlserver is not installed in this environment")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([str(exe), "start", str(self.root)], stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=self.root)
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mlserver exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                try:
+                    if client.is_model_ready(self.model_name):
+                        return
+                except Exception:
+                    pass
+                time.sleep(0.25)
+        finally:
+            client.close()
+        raise RuntimeError(f"mlserver not ready after {timeout} s: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def flatten_cls():
+    return Flatten
+
+
+@pytest.fixture(scope="module")
+def mlserver(tmp_path_factory):
+    server = MLServerProcess(tmp_path_factory.mktemp("mlserver"))
+    server.write_repository()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def digits_rows():
+    from sklearn.datasets import load_digits
+
+    X, _ = load_digits(return_X_y=True)
+    return np.ascontiguousarray(X[1::2][:16] / 16.0, dtype=np.float32)
