@@ -1,0 +1,165 @@
+"""Defense throughput and per-call latency on one CPU core: identity vs MemGuard (faithful, fast).
+
+Run: `.venv/bin/python -m benchmarks.bench_defense` -> benchmarks/results/defense.json and a table.
+
+Each entry of `CASES` is one named defense; every case runs at every batch size and class count
+in one process, so the ratios compare like with like. To add a defense, append a `Case` whose
+`build(workload)` returns a fitted `Defense` (e.g. "purifier", "purifier+swap").
+
+Workload: no target with 100 classes trains in seconds here, so both class counts use synthetic
+confidence vectors: softmax of N(0, 1) logits with the true class raised by 7 (members, sharper)
+or 4 (non-members); MemGuard's classifier is trained on them (Adam, 30 epochs; the training
+schedule changes the classifier, not the cost per Phase I step). torch runs at 1 thread and ORT
+sessions are created with 1 intra-op thread: the "one CPU core" figures of the issue.
+The faithful solver at batch 1,024 takes seconds per call: it is timed on `Case.max_rows` rows
+of the batch per call and its vectors/s computed from those rows (flagged in the JSON).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from benchmarks.common import summarize, time_calls, write_result
+from purifier.defenses.base import Defense, FitData, IdentityDefense
+from purifier.defenses.memguard import MemGuard
+
+SECRET = b"benchmark-secret-not-for-production"
+BATCHES = (1, 64, 1024)
+CLASS_COUNTS = (10, 100)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Synthetic target outputs for one class count: fit data and a pool of rows to defend."""
+
+    n_classes: int
+    fit: FitData
+    pool: np.ndarray  # (1024, C) float32, half member-like, half non-member-like
+
+
+def make_workload(n_classes: int, seed: int = 0) -> Workload:
+    rng = np.random.default_rng(seed)
+
+    def outputs(n, boost):
+        z = rng.normal(size=(n, n_classes))
+        y = rng.integers(0, n_classes, n)
+        z[np.arange(n), y] += boost
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return p / p.sum(axis=1, keepdims=True), y
+
+    pm, ym = outputs(2000, 7.0)
+    pr, yr = outputs(2000, 4.0)
+    empty = np.zeros((2000, 1), np.float32)
+    fit = FitData(pm, pr, empty, empty, ym, yr, "synthetic-" + "0" * 54)
+    pool = np.r_[outputs(512, 7.0)[0], outputs(512, 4.0)[0]][rng.permutation(1024)].astype(np.float32)
+    pool /= pool.sum(axis=1, keepdims=True)
+    return Workload(n_classes, fit, pool)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[Workload], Defense]
+    max_rows: int | None = None  # time at most this many rows of a batch per call (bounded work)
+    min_calls: int = 5
+
+
+_fitted: dict[int, MemGuard] = {}
+
+
+def _memguard(mode: str) -> Callable[[Workload], Defense]:
+    def build(w: Workload) -> Defense:
+        if w.n_classes not in _fitted:
+            _fitted[w.n_classes] = MemGuard(epochs=30, optimizer="adam", secret=SECRET).fit(w.fit)
+        base = _fitted[w.n_classes]
+        mg = MemGuard(epsilon=base.epsilon, mode=mode, epochs=30, optimizer="adam", secret=SECRET)
+        mg.classifier, mg.n_classes, mg.model_id = base.classifier, base.n_classes, base.model_id
+        return mg
+    return build
+
+
+def _identity(w: Workload) -> Defense:
+    d = IdentityDefense()
+    d.n_classes = w.n_classes
+    return d
+
+
+CASES: list[Case] = [
+    Case("identity", _identity),
+    Case("memguard-faithful", _memguard("faithful"), max_rows=64, min_calls=3),
+    Case("memguard-fast", _memguard("fast")),
+]
+
+
+def run_case(case: Case, w: Workload, batch: int) -> dict:
+    defense = case.build(w)
+    rows = min(batch, case.max_rows or batch)
+    # cycle through the pool so batch-1 latency is averaged over different rows
+    starts = itertools.cycle(range(0, len(w.pool) - rows + 1, max(rows, 1)))
+
+    def call():
+        start = next(starts)
+        return defense.transform(w.pool[start:start + rows])
+
+    times = time_calls(call, min_seconds=1.0, min_calls=case.min_calls)
+    stats = summarize(times)
+    stats["vectors_per_s"] = rows / (sum(times) / len(times))
+    stats["timed_rows_per_call"] = rows
+    stats["bounded"] = rows < batch
+    return stats
+
+
+def phase1_quality(w: Workload) -> dict:
+    """Faithful vs fast Phase I on the same 256 rows: crossings and mean L1 where both cross."""
+    faithful, fast = _memguard("faithful")(w), _memguard("fast")(w)
+    p = w.pool[:256].astype(np.float64)
+    p /= p.sum(axis=1, keepdims=True)
+    a, a_ok = faithful.phase1(p)
+    b, b_ok = fast.phase1(p)
+    both = a_ok & b_ok
+    la, lb = np.abs(a - p).sum(1), np.abs(b - p).sum(1)
+    return {"rows": len(p), "faithful_crossed": int(a_ok.sum()), "fast_crossed": int(b_ok.sum()),
+            "mean_l1_faithful_both": float(la[both].mean()), "mean_l1_fast_both": float(lb[both].mean()),
+            "l1_ratio_fast_over_faithful": float(lb[both].mean() / la[both].mean())}
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    results, quality = [], {}
+    for c in CLASS_COUNTS:
+        w = make_workload(c)
+        quality[str(c)] = phase1_quality(w)
+        for case, batch in itertools.product(CASES, BATCHES):
+            stats = run_case(case, w, batch)
+            results.append({"case": case.name, "classes": c, "batch": batch, **stats})
+            print(f"{case.name:20s} C={c:4d} batch={batch:5d}  p50 {stats['p50_ms']:9.3f} ms  "
+                  f"mean {stats['mean_ms']:9.3f} ms  {stats['vectors_per_s']:12.1f} vec/s"
+                  f"{'  (bounded: ' + str(stats['timed_rows_per_call']) + ' rows/call)' if stats['bounded'] else ''}",
+                  flush=True)
+    ratios = {}
+    for c, batch in itertools.product(CLASS_COUNTS, BATCHES):
+        pick = {r["case"]: r for r in results if r["classes"] == c and r["batch"] == batch}
+        ratio = pick["memguard-fast"]["vectors_per_s"] / pick["memguard-faithful"]["vectors_per_s"]
+        ratios[f"C{c}_batch{batch}"] = ratio
+        print(f"fast / faithful throughput C={c:4d} batch={batch:5d}: {ratio:8.1f}x")
+    for c, q in quality.items():
+        print(f"Phase I C={c}: crossed faithful {q['faithful_crossed']}/{q['rows']}, fast {q['fast_crossed']}; "
+              f"mean L1 (both crossed) faithful {q['mean_l1_faithful_both']:.4f}, fast {q['mean_l1_fast_both']:.4f} "
+              f"(ratio {q['l1_ratio_fast_over_faithful']:.3f})")
+    path = write_result("defense", {
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1},
+        "workload": "synthetic softmax outputs, members boost 7, non-members boost 4; MemGuard h: Adam 30 epochs",
+        "note": "memguard-faithful at batch 1024 is timed on max_rows rows per call (bounded: true)",
+        "results": results, "fast_over_faithful_throughput": ratios, "phase1_quality": quality,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
