@@ -14,6 +14,7 @@ from purifier.errors import ArtifactError, ConfigError
 # name -> "module:Class"; a defense is listed here only once it is implemented.
 REGISTRY: dict[str, str] = {
     "none": "purifier.defenses.base:IdentityDefense",
+    "purifier": "purifier.defenses.purifier_net:PurifierNet",
 }
 
 
