@@ -159,18 +159,41 @@ class PurifierNet(Defense):
         self._session = OnnxClassifier(self._onnx_bytes, device=self.device)
         self.n_features = int(data.member_inputs.shape[1])
         if self.label_swap:
-            prf = self._prf()
-            m_correct = data.member_probs.argmax(1) == data.member_labels
-            r_correct = data.reference_probs.argmax(1) == data.reference_labels
-            q = label_swap.swap_fraction(m_correct, r_correct) if self.swap_fraction is None else self.swap_fraction
-            self.member_index = label_swap.build_index(prf, data.member_inputs, m_correct, q)
-            self.key_check = label_swap.key_check(prf)
-            self.realized_swap_fraction = len(self.member_index) / max(1, len(data.member_inputs))
+            self.fit_swapper(data)
         self.fit_report = {"train_seconds": round(time.perf_counter() - t0, 2),
                            "reference_train": int(len(train_idx)), "reference_holdout": int(len(hold_idx))}
         if n_hold:
             self.fit_report.update(self.holdout_report(ref[hold_idx]))
         return self
+
+    def fit_swapper(self, data: FitData) -> PurifierNet:
+        """Build the label swapper's keyed member index from `data` (members' inputs, correctness).
+        Swaps `swap_fraction` of the correctly classified members, or q* = 1 - a_n / a_m."""
+        prf = self._prf()
+        m_correct = data.member_probs.argmax(1) == data.member_labels
+        r_correct = data.reference_probs.argmax(1) == data.reference_labels
+        q = label_swap.swap_fraction(m_correct, r_correct) if self.swap_fraction is None else self.swap_fraction
+        self.member_index = label_swap.build_index(prf, data.member_inputs, m_correct, q)
+        self.key_check = label_swap.key_check(prf)
+        self.realized_swap_fraction = len(self.member_index) / max(1, len(data.member_inputs))
+        self.n_features = int(data.member_inputs.shape[1])
+        return self
+
+    def with_options(self, *, noise: str | None = None, budget: float | None = None,
+                     label_swap: bool | None = None, swap_fraction: float | None = None,
+                     secret: bytes | None = None) -> PurifierNet:
+        """A copy sharing this fitted reformer with other serving options (no retraining).
+        Turning the swapper on needs `fit_swapper(data)` on the copy afterwards."""
+        cfg = self.config()
+        for key, value in (("noise", noise), ("budget", budget), ("label_swap", label_swap),
+                           ("swap_fraction", swap_fraction)):
+            if value is not None:
+                cfg[key] = value
+        twin = PurifierNet(**cfg, secret=self.secret if secret is None else secret)
+        for attr in ("n_classes", "model_id", "n_features", "latent_dim", "model", "_session", "_onnx_bytes",
+                     "fit_report", "member_index", "key_check", "realized_swap_fraction"):
+            setattr(twin, attr, getattr(self, attr))
+        return twin
 
     def holdout_report(self, s: np.ndarray) -> dict:
         """Reconstruction error, label agreement and distortion of the raw reformer and of the
