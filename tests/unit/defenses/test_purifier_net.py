@@ -370,3 +370,22 @@ def test_privacy_mnist5k(tmp_path):
     for attack in ("classwise", "nn"):
         assert after[attack] <= before["floor"] + 0.03
     assert abs(swapped["gap"] - 0.5) < abs(before["floor"] - 0.5)
+
+
+def test_fit_cli(digits_target, tmp_path, capsys):
+    from purifier.cli import main
+
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(SECRET)
+    out = tmp_path / "defense"
+    rc = main(["fit-defense", "purifier", "--target", str(digits_target.directory), "--out", str(out),
+               "--label-swap", "--secret-file", str(secret)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    for text in ("reconstruction error", "label agreement", "distortion L1", "members indexed"):
+        assert text in printed.out
+    assert "purifier cvae" in printed.err  # the progress bar
+    loaded = load_defense(out, secret=SECRET, model_id=digits_target.model_id)
+    assert loaded.needs_inputs and len(loaded.member_index) > 0
+    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
