@@ -15,6 +15,7 @@ from purifier.errors import ArtifactError, ConfigError
 REGISTRY: dict[str, str] = {
     "none": "purifier.defenses.base:IdentityDefense",
     "memguard": "purifier.defenses.memguard:MemGuard",
+    "purifier": "purifier.defenses.purifier_net:PurifierNet",
 }
 
 
