@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PRF secret used to report realized distortion (else $PURIFIER_SECRET[_FILE], "
                         "else a throwaway secret)")
     p.set_defaults(func=_fit_defense)
+
+    from purifier.audit.command import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 
