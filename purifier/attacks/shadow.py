@@ -7,8 +7,9 @@ Attacks From First Principles") additionally includes each audited candidate in 
 shadow models (IN) and leaves it out of the other half (OUT); the assignment is random and
 independent of the candidate's true membership, which the attacker does not know.
 
-Each example of (attacker pool + candidates) is IN for exactly floor(K/2) or ceil(K/2) of the K
-shadow models, so every candidate has both IN and OUT models once K >= 2. The target's recipe
+Each example of (attacker pool + candidates) is drawn IN for floor(K/2) or ceil(K/2) of the K
+shadow models; with `train_size` each model then keeps a random subset of that size of its IN
+half (the target's training-set size), the rest counting as OUT. The target's recipe
 (architecture and epochs, `purifier.models.target.RECIPES`) is used by default.
 """
 
@@ -91,12 +92,16 @@ def balanced_in_masks(n_shadows: int, n_examples: int, rng: np.random.Generator)
 
 def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, cand_y: np.ndarray,
                   n_classes: int, arch: str, epochs: int, n_shadows: int = 4, seed: int = 0,
-                  image_shape: tuple[int, int, int] | None = None, progress: bool = True) -> ShadowSet:
+                  image_shape: tuple[int, int, int] | None = None, progress: bool = True,
+                  train_size: int | None = None) -> ShadowSet:
     """Train `n_shadows` models, model k on its IN half of pool + candidates.
 
     Args:
         pool_X, pool_y: (P, D), (P,) the attacker's pool.
         cand_X, cand_y: (N, D), (N,) the audited records (inputs and labels the attacker has).
+        train_size: if given, each shadow trains on a random subset of this size of its IN half
+            (the rest count as OUT), so shadows overfit like a target trained on that many
+            records (Shokri et al. mimic the target's training set size); also cheaper.
     """
     from purifier.models.training import TrainConfig, predict_proba, train_classifier
 
@@ -105,6 +110,11 @@ def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, ca
     rng = np.random.default_rng(seed)
     n_pool = len(pool_y)
     masks = balanced_in_masks(n_shadows, n_pool + len(cand_y), rng)
+    if train_size is not None:
+        for k in range(n_shadows):  # per model, not per row
+            chosen = np.nonzero(masks[k])[0]
+            if len(chosen) > train_size:
+                masks[k, rng.permutation(chosen)[train_size:]] = False
     X_all = np.concatenate([pool_X, cand_X]).astype(np.float32)
     y_all = np.concatenate([pool_y, cand_y]).astype(np.int64)
     config = TrainConfig(arch=arch, epochs=epochs)

@@ -151,7 +151,8 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
     epochs = config.shadow_epochs or epochs
     t0 = time.perf_counter()
     shadows = train_shadows(pool_X, pool_y, X, y, target.n_classes, arch, epochs, config.n_shadows,
-                            config.seed, data.image_shape, progress=config.progress)
+                            config.seed, data.image_shape, progress=config.progress,
+                            train_size=target.splits.size("train"))
     shadow_seconds = time.perf_counter() - t0
     if data.kind == "image":
         lo, hi = np.zeros(data.n_features), np.ones(data.n_features)
@@ -190,7 +191,8 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
         "attacks": attacks,
         "strongest_confidence_attack": strongest,
         "shadows": {"n": config.n_shadows, "architecture": arch, "epochs": epochs,
-                    "pool_size": int(len(pool_y)), "candidates_in_shadow_training": "random half (LiRA)"},
+                    "pool_size": int(len(pool_y)), "train_size": target.splits.size("train"),
+                    "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
         "timing_s": {
             "shadow_training": round(shadow_seconds, 2),
             "audit_without_boundary": round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
