@@ -97,10 +97,13 @@ def plot_roc(audit, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=110)
     grid = np.logspace(np.log10(floor_fpr), 0, 50)
     ax.plot(grid, grid, color="grey", ls=":", lw=1, label="chance")
-    for name, o in audit.outcomes.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (name, o) in enumerate(audit.outcomes.items()):
         fpr, tpr, _ = ev.roc_curve(o.scores, m)
         auc = audit.report["attacks"][name]["auc"]
-        ax.plot(np.maximum(fpr, floor_fpr), np.maximum(tpr, floor_fpr), lw=1.2, label=f"{name} ({auc:.3f})")
+        # more attacks than colours: the second ten are dashed
+        ax.plot(np.maximum(fpr, floor_fpr), np.maximum(tpr, floor_fpr), lw=1.2, color=colors[i % 10],
+                ls="-" if i < 10 else "--", label=f"{name} (AUC {auc:.3f})")
     gap = audit.outcomes.get("gap")
     if gap is not None:
         pred = gap.predicted
