@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_fit_defense)
 
     _add_serve(sub)
+
+    from purifier.audit.command import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
     return parser
 
 

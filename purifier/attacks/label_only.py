@@ -1,0 +1,234 @@
+"""Label-only attacks: they see predicted labels only, so confidence masking cannot stop them.
+
+* Augmentation robustness (Choquette-Choo et al. 2021, "Label-Only Membership Inference
+  Attacks"): query shifted and rotated copies of an image (bounded uniform noise for tabular
+  rows); members stay correctly labelled under more of them. Score = fraction correct.
+* Decision-boundary distance (Choquette-Choo et al. 2021; Li & Zhang 2021, "Membership Leakage
+  in Label-Only Exposures"): the L2 distance from the input to the nearest label change, found
+  by a decision-based search in the style of HopSkipJump (Chen, Jordan, Wainwright 2020):
+  random start, binary search to the boundary, Monte-Carlo sign estimate of the boundary's
+  normal, geometric step, binary search again. The search is batched over records and stops at
+  an explicit per-record query budget. Score = distance (0 if already misclassified).
+
+Thresholds come from the same procedure run against the attacker's shadow models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from purifier.attacks.base import Attack, LabelOnly, fit_threshold
+
+
+def image_augmentations(X: np.ndarray, image_shape: tuple[int, int, int], max_shift: int = 1,
+                        angles: tuple[float, ...] = (-15.0, 15.0)) -> np.ndarray:
+    """X (N, D) flat images -> (A, N, D) shifted (all |dx|, |dy| <= max_shift but (0, 0)) and
+    rotated copies, zero-filled at the borders."""
+    from scipy import ndimage
+
+    imgs = X.reshape(-1, *image_shape)
+    copies = []
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            if dx or dy:
+                copies.append(ndimage.shift(imgs, (0, 0, dy, dx), order=0, cval=0.0))
+    for angle in angles:
+        copies.append(ndimage.rotate(imgs, angle, axes=(2, 3), reshape=False, order=1, cval=0.0))
+    return np.stack(copies).reshape(len(copies), len(X), -1).astype(np.float32)
+
+
+def tabular_augmentations(X: np.ndarray, scale: np.ndarray, n_copies: int = 10, radius: float = 0.1,
+                          seed: int = 0) -> np.ndarray:
+    """X (N, D) -> (n_copies, N, D) copies with uniform noise in [-radius, radius] * scale (D,)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(-radius, radius, size=(n_copies, *X.shape)) * scale
+    return (X[None] + noise).astype(np.float32)
+
+
+class AugmentationAttack(Attack):
+    """Fraction of (original + augmented) copies still labelled correctly."""
+
+    name = "label_augment"
+    family = "label_only"
+
+    def __init__(self, *, max_shift: int = 1, angles: tuple[float, ...] = (-15.0, 15.0),
+                 n_noise: int = 10, radius: float = 0.1, calibration_shadows: int = 2, seed: int = 0):
+        super().__init__(seed=seed)
+        self.max_shift, self.angles, self.n_noise, self.radius = max_shift, angles, n_noise, radius
+        self.calibration_shadows = calibration_shadows
+
+    def augment(self, X: np.ndarray) -> np.ndarray:
+        """(N, D) -> (A + 1, N, D), the original first."""
+        if self.image_shape is not None:
+            aug = image_augmentations(X, self.image_shape, self.max_shift, self.angles)
+        else:
+            aug = tabular_augmentations(X, self.scale, self.n_noise, self.radius, self.seed)
+        return np.concatenate([X[None].astype(np.float32), aug])
+
+    def _score_with(self, labels_fn, X, y) -> np.ndarray:
+        copies = self.augment(X)
+        pred = labels_fn(copies.reshape(-1, X.shape[1])).reshape(len(copies), len(X))
+        return (pred == y[None]).mean(axis=0)
+
+    def fit(self, ctx):
+        sh = ctx.shadows
+        self.image_shape = ctx.image_shape if ctx.kind == "image" else None
+        self.scale = sh.pool_X.std(axis=0) + 1e-6
+        scores, members = [], []
+        for k in range(min(self.calibration_shadows, sh.n_shadows)):
+            scores.append(self._score_with(sh.labels_fn(k), sh.pool_X, sh.pool_y))
+            members.append(sh.pool_in[k])
+        self.threshold = fit_threshold(np.concatenate(scores), np.concatenate(members))
+        return self
+
+    def run(self, target, X, y, outputs):
+        view = LabelOnly(target)
+        before = view.queries
+        scores = self._score_with(view.labels, X, y)
+        self.queries = view.queries - before
+        self.details = {"copies_per_record": int(self.queries // max(len(X), 1))}
+        return scores
+
+
+def boundary_distance(labels_fn, X: np.ndarray, y: np.ndarray, budget: int, lo: np.ndarray,
+                      hi: np.ndarray, seed: int = 0, chunk: int = 128, init_tries: int = 20,
+                      bsearch_steps: int = 12, geo_tries: int = 8, b0: int = 20,
+                      b_max: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """HopSkipJump-style L2 distance to the nearest label change, batched, budgeted.
+
+    Args:
+        labels_fn: X (M, D) -> (M,) labels; every row passed counts as one query.
+        X (N, D), y (N,): records and true labels. lo, hi (D,): valid input bounds.
+        budget: the most queries spent on any one record.
+    Returns:
+        distances (N,) (0 if misclassified; the domain diameter if no label change was found)
+        and queries (N,) int spent per record (each <= budget).
+    """
+    rng = np.random.default_rng(seed)
+    n, d = X.shape
+    diameter = float(np.linalg.norm(hi - lo))
+    dist = np.zeros(n)
+    spent = np.zeros(n, np.int64)
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        dist[sl], spent[sl] = _search_chunk(labels_fn, X[sl].astype(np.float64), y[sl], budget, lo, hi, rng,
+                                            diameter, init_tries, bsearch_steps, geo_tries, b0, b_max)
+    return dist, spent
+
+
+def _search_chunk(labels_fn, x0, y, budget, lo, hi, rng, diameter, init_tries, bsearch_steps,
+                  geo_tries, b0, b_max):
+    n, d = x0.shape
+    q = np.ones(n, np.int64)
+    correct = labels_fn(x0.astype(np.float32)) == y
+    out = np.zeros(n)
+    idx = np.nonzero(correct)[0]
+    if len(idx) == 0 or budget < 1 + init_tries + bsearch_steps:
+        out[idx] = diameter
+        return out, q
+    x, yy = x0[idx], y[idx]
+
+    def ask(rows, who):
+        q[idx[who]] += 1
+        return labels_fn(rows.astype(np.float32)) != yy[who]  # True: label changed
+
+    # random starting points with a different label
+    adv, found = x.copy(), np.zeros(len(idx), bool)
+    for _ in range(init_tries):
+        need = np.nonzero(~found)[0]
+        if len(need) == 0:
+            break
+        cand = rng.uniform(lo, hi, size=(len(need), d))
+        ok = ask(cand, need)
+        adv[need[ok]], found[need[ok]] = cand[ok], True
+    out[idx[~found]] = diameter  # never left the class: as robust as anything we can measure
+    sel = np.nonzero(found)[0]
+    if len(sel) == 0:
+        return out, q
+
+    def bsearch(xa, who):
+        a_lo, a_hi = np.zeros(len(who)), np.ones(len(who))
+        base = x[who]
+        for _ in range(bsearch_steps):
+            mid = 0.5 * (a_lo + a_hi)
+            changed = ask(base + mid[:, None] * (xa - base), who)
+            a_hi, a_lo = np.where(changed, mid, a_hi), np.where(changed, a_lo, mid)
+        return base + a_hi[:, None] * (xa - base)
+
+    xb = bsearch(adv[sel], sel)
+    cur = np.linalg.norm(xb - x[sel], axis=1)
+    best = cur.copy()
+    t = 0
+    while True:
+        n_dir = min(int(b0 * np.sqrt(t + 1)), b_max)
+        active = q[idx[sel]] + n_dir + geo_tries + bsearch_steps <= budget
+        if not active.any():
+            break
+        a = np.nonzero(active)[0]
+        who, xa, da = sel[a], xb[a], cur[a]
+        # Monte-Carlo estimate of the boundary normal from label changes around xb
+        delta = np.maximum(da / d, 1e-6)
+        u = rng.standard_normal((len(a), n_dir, d))
+        u /= np.linalg.norm(u, axis=2, keepdims=True)
+        probe = np.clip(xa[:, None] + delta[:, None, None] * u, lo, hi)
+        q[idx[who]] += n_dir
+        sign = np.where(labels_fn(probe.reshape(-1, d).astype(np.float32)).reshape(len(a), n_dir)
+                        != yy[who][:, None], 1.0, -1.0)
+        mean = sign.mean(axis=1, keepdims=True)
+        sign = np.where(np.abs(mean) < 1.0, sign - mean, sign)  # baseline, unless all agree
+        g = (sign[:, :, None] * u).mean(axis=1)
+        g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+        # geometric step along the estimate, halving until the label stays changed
+        eps = da / np.sqrt(t + 1)
+        new = xa.copy()
+        pending = np.arange(len(a))
+        for _ in range(geo_tries):
+            if len(pending) == 0:
+                break
+            cand = np.clip(xa[pending] + eps[pending, None] * g[pending], lo, hi)
+            ok = ask(cand, who[pending])
+            new[pending[ok]] = cand[ok]
+            eps[pending] /= 2
+            pending = pending[~ok]
+        xb[a] = bsearch(new, who)
+        cur[a] = np.linalg.norm(xb[a] - x[who], axis=1)
+        best[a] = np.minimum(best[a], cur[a])
+        t += 1
+    out[idx[sel]] = best
+    return out, q
+
+
+class BoundaryAttack(Attack):
+    """Decision-boundary distance with a HopSkipJump-style search and a per-record budget."""
+
+    name = "label_boundary"
+    family = "label_only"
+
+    def __init__(self, *, budget: int = 1000, calibration_size: int = 200, seed: int = 0):
+        super().__init__(seed=seed)
+        if not 50 <= budget <= 100_000:
+            from purifier.errors import ConfigError
+
+            raise ConfigError(f"boundary budget: {budget} queries per record; choose 50..100000")
+        self.budget, self.calibration_size = budget, calibration_size
+
+    def fit(self, ctx):
+        sh = ctx.shadows
+        self.lo, self.hi = (np.asarray(v, np.float64) for v in ctx.feature_range)
+        rng = np.random.default_rng(self.seed)
+        m = sh.pool_in[0]
+        half = self.calibration_size // 2
+        pick = np.r_[rng.permutation(np.nonzero(m)[0])[:half], rng.permutation(np.nonzero(~m)[0])[:half]]
+        dist, _ = boundary_distance(sh.labels_fn(0), sh.pool_X[pick], sh.pool_y[pick], self.budget,
+                                    self.lo, self.hi, seed=self.seed + 1)
+        self.threshold = fit_threshold(dist, m[pick])
+        return self
+
+    def run(self, target, X, y, outputs):
+        view = LabelOnly(target)
+        before = view.queries
+        dist, spent = boundary_distance(view.labels, X, y, self.budget, self.lo, self.hi, seed=self.seed + 2)
+        self.queries = view.queries - before
+        self.details = {"budget_per_record": self.budget, "max_queries_per_record": int(spent.max()),
+                        "mean_queries_per_record": float(spent.mean())}
+        return dist

@@ -1,0 +1,212 @@
+"""The audit: run membership inference attacks against a target and measure them honestly.
+
+Records: the target's `eval_members` and `eval_nonmembers` splits (balanced). The attacker's
+shadow models train on its `attacker` pool (plus the candidates, IN/OUT at random, for LiRA);
+every attack is fitted on shadow data only, and its balanced accuracy uses its own shadow-fitted
+threshold (the oracle best threshold is reported beside it, labelled as such). Every number sits
+next to the gap floor (Yeom et al. 2018) and the utility cost. Metrics come from
+`purifier.evaluation` only. Attack catalogue: REFERENCE.md section 4.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from purifier import evaluation as ev
+from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks.shadow import train_shadows
+from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.progress import Progress
+
+FPR_TARGETS = (0.001, 0.01)
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    attacks: tuple[str, ...]
+    n_shadows: int = 4
+    shadow_epochs: int | None = None  # default: the target's recipe
+    boundary_budget: int = 1000
+    n_boot: int = 200
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in self.attacks:
+            attack_class(name)
+        if self.n_shadows < 1:
+            raise ConfigError(f"shadows: need at least 1 shadow model, got {self.n_shadows}")
+
+
+@dataclass
+class AttackOutcome:
+    """One attack's scores on the evaluation records, its shadow-fitted decisions and costs."""
+
+    name: str
+    family: str
+    scores: np.ndarray
+    predicted: np.ndarray
+    threshold: float
+    queries: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class Audit:
+    """The result: `report` is the JSON document; outcomes and membership feed the plots."""
+
+    report: dict
+    membership: np.ndarray
+    outcomes: dict[str, AttackOutcome]
+
+
+def attack_metrics(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: int) -> dict:
+    """The report entry of one attack (all metrics from purifier.evaluation)."""
+    thr = o.threshold
+    tprs = {}
+    for target_fpr in FPR_TARGETS:
+        t = ev.tpr_at_fpr(o.scores, membership, target_fpr)
+        tprs[str(target_fpr)] = {"tpr": t.tpr, "fpr": t.fpr, "negatives": t.negatives, "measurable": t.measurable}
+    own_ba = lambda s, m: ev.balanced_accuracy(s >= thr, m)  # noqa: E731
+    return {
+        "family": o.family,
+        "auc": ev.roc_auc(o.scores, membership),
+        "balanced_accuracy": ev.balanced_accuracy(o.predicted, membership),
+        "oracle_balanced_accuracy": ev.best_balanced_accuracy(o.scores, membership)[0],
+        "tpr_at_fpr": tprs,
+        "ci95": {"auc": list(ev.bootstrap_ci(ev.roc_auc, o.scores, membership, n_boot, seed)),
+                 "balanced_accuracy": list(ev.bootstrap_ci(own_ba, o.scores, membership, n_boot, seed))},
+        "queries": int(o.queries),
+        "seconds": round(o.seconds, 3),
+        "threshold_from": "shadow models",
+        **({"details": o.details} if o.details else {}),
+    }
+
+
+def _check_outputs(outputs: np.ndarray, where: str) -> None:
+    from purifier.defenses.base import check_probabilities
+
+    try:
+        check_probabilities(outputs)
+    except InvalidProbabilities as e:
+        raise ConfigError(f"{where} does not answer probability vectors ({e}); "
+                          "choose the probabilities output with --output-name") from None
+
+
+def utility(outputs: np.ndarray, y: np.ndarray, membership: np.ndarray,
+            baseline: np.ndarray | None) -> dict:
+    """Member / non-member accuracy; argmax agreement and L1 distortion versus the baseline."""
+    correct = outputs.argmax(axis=1) == y
+    out = {"member_accuracy": float(correct[membership].mean()),
+           "nonmember_accuracy": float(correct[~membership].mean()),
+           "argmax_agreement": None, "mean_l1": None, "max_l1": None}
+    if baseline is not None:
+        l1 = ev.l1_distortion(baseline, outputs)
+        out.update(argmax_agreement=float((baseline.argmax(axis=1) == outputs.argmax(axis=1)).mean()),
+                   mean_l1=float(l1.mean()), max_l1=float(l1.max()))
+    return out
+
+
+def run_audit(target, access, config: AuditConfig, defense_name: str | None = None,
+              baseline=None, info: dict | None = None) -> Audit:
+    """Audit `access` (a TargetAccess answering for `target`'s model).
+
+    Args:
+        target: the `Target` whose splits name the evaluation records and attacker pool.
+        access: the endpoint (possibly defended) under audit.
+        defense_name: the defense algorithm the attacker assumes (adaptive attacks).
+        baseline: optional undefended TargetAccess for argmax agreement and L1 distortion.
+        info: extra top-level report fields (endpoint, model name, ...).
+    """
+    from purifier.models.target import RECIPES
+
+    t_start = time.perf_counter()
+    if access.n_classes != target.n_classes:
+        raise ConfigError(f"class-count mismatch: the endpoint answers {access.n_classes} classes, "
+                          f"the target's splits have {target.n_classes}")
+    wanted_adaptive = [a for a in config.attacks if a in ADAPTIVE]
+    if wanted_adaptive and not defense_name:
+        raise ConfigError(f"attacks {', '.join(wanted_adaptive)} need --defense-name (the defense "
+                          "algorithm the attacker assumes)")
+    Xm, ym = target.role("eval_members")
+    Xn, yn = target.role("eval_nonmembers")
+    X, y = np.concatenate([Xm, Xn]), np.concatenate([ym, yn])
+    membership = np.r_[np.ones(len(ym), bool), np.zeros(len(yn), bool)]
+    outputs = access.query(X)
+    _check_outputs(outputs, access.description or "the endpoint")
+    base_out = None
+    if baseline is not None:
+        base_out = baseline.query(X)
+        _check_outputs(base_out, "the baseline endpoint")
+    util = utility(outputs, y, membership, base_out)
+    floor = ev.gap_floor(outputs.argmax(axis=1) == y, membership)
+
+    data = target.dataset
+    pool_X, pool_y = target.role("attacker")
+    arch, epochs = RECIPES.get(data.name, ("mlp", 100))
+    epochs = config.shadow_epochs or epochs
+    t0 = time.perf_counter()
+    shadows = train_shadows(pool_X, pool_y, X, y, target.n_classes, arch, epochs, config.n_shadows,
+                            config.seed, data.image_shape, progress=config.progress,
+                            train_size=target.splits.size("train"))
+    shadow_seconds = time.perf_counter() - t0
+    if data.kind == "image":
+        lo, hi = np.zeros(data.n_features), np.ones(data.n_features)
+    else:
+        lo, hi = pool_X.min(axis=0).astype(np.float64), pool_X.max(axis=0).astype(np.float64)
+    ctx = AttackContext(shadows, target.n_classes, data.kind, data.image_shape, (lo, hi), defense_name,
+                        config.seed)
+    ctx.cache["cand_y"] = y
+
+    outcomes: dict[str, AttackOutcome] = {}
+    with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:
+        for name in config.attacks:
+            cls = attack_class(name)
+            kwargs = {"budget": config.boundary_budget} if name == "label_boundary" else {}
+            attack = cls(seed=config.seed, **kwargs)
+            t0 = time.perf_counter()
+            attack.fit(ctx)
+            scores = np.asarray(attack.run(access, X, y, outputs), np.float64)
+            outcomes[name] = AttackOutcome(name, cls.family, scores, attack.predict(scores), attack.threshold,
+                                           attack.queries, time.perf_counter() - t0, attack.details)
+            bar.update(1, last=name)
+
+    attacks = {name: attack_metrics(o, membership, config.n_boot, config.seed) for name, o in outcomes.items()}
+    confidence = [n for n, o in outcomes.items() if o.family == "confidence" and n != "gap"]
+    strongest = max(confidence, key=lambda n: attacks[n]["auc"]) if confidence else None
+    boundary_s = outcomes["label_boundary"].seconds if "label_boundary" in outcomes else None
+    report = {
+        "defense": defense_name or "unknown",
+        "dataset": data.name,
+        **(info or {}),
+        "model_id": target.model_id,
+        "n_members": int(membership.sum()),
+        "n_nonmembers": int((~membership).sum()),
+        "utility": util,
+        "gap_floor": floor,
+        "attacks": attacks,
+        "strongest_confidence_attack": strongest,
+        "shadows": {"n": config.n_shadows, "architecture": arch, "epochs": epochs,
+                    "pool_size": int(len(pool_y)), "train_size": target.splits.size("train"),
+                    "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
+        "timing_s": {
+            "shadow_training": round(shadow_seconds, 2),
+            "audit_without_boundary": round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
+            "boundary_attack": None if boundary_s is None else round(boundary_s, 2),
+        },
+        "notes": [
+            "balanced_accuracy uses each attack's own threshold fitted on shadow models; "
+            "oracle_balanced_accuracy picks the best threshold on the evaluation membership (an upper bound)",
+            "tpr_at_fpr: 'fpr' is the realized FPR; 'measurable' is false when target FPR < 1/negatives "
+            "(then the value is the TPR at zero false positives)",
+        ],
+    }
+    return Audit(report, membership, outcomes)
+
+
+__all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",
+           "utility"]
