@@ -23,7 +23,7 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	@mkdir -p $(DEMO_OUT)
-	$(BIN)/purifier train-target --dataset digits --out $(DEMO_OUT)/target
+	$(BIN)/purifier demo --out $(DEMO_OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check purifier server tests benchmarks

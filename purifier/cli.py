@@ -97,6 +97,12 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_serve)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from purifier.demo import demo_cli
+
+    return demo_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from purifier import __version__
     from purifier.data.datasets import LOADERS
@@ -138,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     from purifier.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
+
+    p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
+    p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="default digits")
+    p.add_argument("--seed", type=int, default=0, help="target, defense and attacker seed (default 0)")
+    p.add_argument("--shadows", type=int, default=4, help="attacker shadow models (default 4)")
+    p.set_defaults(func=_demo)
     return parser
 
 

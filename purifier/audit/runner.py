@@ -62,6 +62,7 @@ class Audit:
     report: dict
     membership: np.ndarray
     outcomes: dict[str, AttackOutcome]
+    shadows: object = None  # the ShadowSet used, reusable by a later audit of the same target
 
 
 def attack_metrics(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -112,7 +113,7 @@ def utility(outputs: np.ndarray, y: np.ndarray, membership: np.ndarray,
 
 
 def run_audit(target, access, config: AuditConfig, defense_name: str | None = None,
-              baseline=None, info: dict | None = None) -> Audit:
+              baseline=None, info: dict | None = None, shadows=None) -> Audit:
     """Audit `access` (a TargetAccess answering for `target`'s model).
 
     Args:
@@ -121,6 +122,9 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
         defense_name: the defense algorithm the attacker assumes (adaptive attacks).
         baseline: optional undefended TargetAccess for argmax agreement and L1 distortion.
         info: extra top-level report fields (endpoint, model name, ...).
+        shadows: a `ShadowSet` from an earlier audit of the same target (`Audit.shadows`), reused
+            instead of training new shadow models (the attacker's models do not depend on the
+            defense under audit; adaptive attacks apply their defense copy to them).
     """
     from purifier.models.target import RECIPES
 
@@ -150,9 +154,11 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
     arch, epochs = RECIPES.get(data.name, ("mlp", 100))
     epochs = config.shadow_epochs or epochs
     t0 = time.perf_counter()
-    shadows = train_shadows(pool_X, pool_y, X, y, target.n_classes, arch, epochs, config.n_shadows,
-                            config.seed, data.image_shape, progress=config.progress,
-                            train_size=target.splits.size("train"))
+    reused = shadows is not None
+    if not reused:
+        shadows = train_shadows(pool_X, pool_y, X, y, target.n_classes, arch, epochs, config.n_shadows,
+                                config.seed, data.image_shape, progress=config.progress,
+                                train_size=target.splits.size("train"))
     shadow_seconds = time.perf_counter() - t0
     if data.kind == "image":
         lo, hi = np.zeros(data.n_features), np.ones(data.n_features)
@@ -192,6 +198,7 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
         "strongest_confidence_attack": strongest,
         "shadows": {"n": config.n_shadows, "architecture": arch, "epochs": epochs,
                     "pool_size": int(len(pool_y)), "train_size": target.splits.size("train"),
+                    "reused_from_earlier_audit": reused,
                     "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
         "timing_s": {
             "shadow_training": round(shadow_seconds, 2),
@@ -205,7 +212,7 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
             "(then the value is the TPR at zero false positives)",
         ],
     }
-    return Audit(report, membership, outcomes)
+    return Audit(report, membership, outcomes, shadows)
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",

@@ -1,0 +1,60 @@
+"""The Dockerfile and the Kubernetes example cannot run here (no Docker engine, no cluster), so
+they are parsed and checked against the sidecar's real settings instead."""
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from purifier_server.settings import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[3]
+SETTING_ENV = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln else "") for ln in lines]
+
+
+def test_dockerfile_runs_the_sidecar_with_known_settings():
+    ins = dockerfile_instructions()
+    assert ins[0][0] == "FROM" and "python:3.11" in ins[0][1]
+    assert ("ENTRYPOINT", '["purifier", "serve"]') in ins
+    run = " ".join(v for k, v in ins if k == "RUN")
+    assert "-c constraints.txt" in run and "'.[cpu]'" in run
+    copied = " ".join(v for k, v in ins if k == "COPY")
+    for needed in ("pyproject.toml", "constraints.txt", "purifier", "server", "proto"):
+        assert needed in copied
+    env = dict(pair.split("=", 1) for k, v in ins if k == "ENV" for pair in v.split())
+    purifier_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+    assert set(purifier_env) <= SETTING_ENV, set(purifier_env) - SETTING_ENV
+    exposed = {int(p) for k, v in ins if k == "EXPOSE" for p in v.split()}
+    assert {int(purifier_env["PURIFIER_PORT"]), int(purifier_env["PURIFIER_METRICS_PORT"])} == exposed
+    assert any(k == "USER" and not v.startswith("0") for k, v in ins), "the sidecar must not run as root"
+
+
+def test_kubernetes_example_is_a_sidecar_pod_with_grpc_probes_and_scrape(tmp_path):
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/triton-with-purifier.yaml").read_text()) if d]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    pod = deployment["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(containers) == {"triton", "purifier"}
+    sidecar, triton = containers["purifier"], containers["triton"]
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert set(env) <= SETTING_ENV, set(env) - SETTING_ENV
+    # the sidecar's upstream is Triton's gRPC port on loopback, and Triton listens only there
+    assert env["PURIFIER_UPSTREAM"] == "127.0.0.1:8001"
+    assert "--grpc-address=127.0.0.1" in triton["args"] and "--allow-http=false" in triton["args"]
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert sidecar["readinessProbe"]["grpc"]["port"] == ports["grpc"]
+    assert "tcpSocket" in sidecar["livenessProbe"]
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == ports["metrics"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["grpc"]
+    # the real settings parser accepts the manifest's environment (mounted paths made local)
+    env = {**env, "PURIFIER_DEFENSE_DIR": str(tmp_path), "PURIFIER_SECRET_FILE": str(tmp_path / "s")}
+    settings = Settings.resolve(env=env)
+    assert (settings.upstream, settings.defense, settings.grace_s) == ("127.0.0.1:8001", "memguard", 20.0)
