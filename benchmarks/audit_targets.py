@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from purifier.attacks import DEFAULT_ATTACKS  # noqa: E402
-from purifier.attacks.shadow import torch_threads  # noqa: E402
 from purifier.audit.access import InProcessTarget  # noqa: E402
 from purifier.audit.report import text_table, write_report  # noqa: E402
 from purifier.audit.runner import AuditConfig, run_audit  # noqa: E402
 from purifier.models.target import Target, train_target  # noqa: E402
+from purifier.models.training import torch_threads  # noqa: E402
 
 BUILD = Path(__file__).resolve().parents[1] / "build" / "bench"
 

@@ -13,7 +13,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,7 +72,7 @@ def write_result(name: str, payload: dict) -> Path:
     """Write benchmarks/results/<name>.json with machine info and a UTC timestamp."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    doc = {"benchmark": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    doc = {"benchmark": name, "created": datetime.now(UTC).isoformat(timespec="seconds"),
            "machine": machine_info(), **payload}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")

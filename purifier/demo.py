@@ -14,7 +14,6 @@ and a subprocess is what a deployment runs.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket

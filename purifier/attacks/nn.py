@@ -46,7 +46,7 @@ class NNAttack(ConfidenceAttack):
         self.mean, self.std = f.mean(axis=0), f.std(axis=0) + 1e-6
         x = torch.from_numpy(((f - self.mean) / self.std).astype(np.float32))
         t = torch.from_numpy(membership[idx].astype(np.float32))
-        from purifier.attacks.shadow import torch_threads
+        from purifier.models.training import torch_threads
 
         with torch.random.fork_rng(devices=[]), torch_threads(1):
             torch.manual_seed(self.seed)

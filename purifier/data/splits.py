@@ -17,10 +17,9 @@ nothing.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import hashlib
 
 import numpy as np
 

@@ -24,7 +24,13 @@ from typing import ClassVar, Self
 
 import numpy as np
 
-from purifier.artifacts import atomic_directory, library_versions, read_json, require_keys, write_json
+from purifier.artifacts import (
+    atomic_directory,
+    library_versions,
+    read_json,
+    require_keys,
+    write_json,
+)
 from purifier.errors import ArtifactError, InvalidProbabilities
 
 FORMAT_VERSION = 1
@@ -175,7 +181,7 @@ class Defense(abc.ABC):
         """Write the fitted state into `directory`; return the file names written."""
         return []
 
-    def _load_arrays(self, directory: Path) -> None:
+    def _load_arrays(self, directory: Path) -> None:  # noqa: B027 - optional hook
         """Restore the fitted state from `directory` (files already hash-checked)."""
 
     @classmethod

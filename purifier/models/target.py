@@ -15,7 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from purifier.artifacts import atomic_directory, check_file_hash, library_versions, read_json, require_keys, sha256_file, write_json
+from purifier.artifacts import (
+    atomic_directory,
+    check_file_hash,
+    library_versions,
+    read_json,
+    require_keys,
+    sha256_file,
+    write_json,
+)
 from purifier.data import Dataset, Splits, load_dataset, make_splits
 from purifier.errors import ArtifactError
 

@@ -3,7 +3,7 @@ import builtins
 import numpy as np
 import pytest
 
-from purifier.data import load_dataset, make_splits, ROLES, Splits, synthetic_tabular
+from purifier.data import ROLES, Splits, load_dataset, make_splits, synthetic_tabular
 from purifier.errors import ArtifactError, DatasetError
 
 
