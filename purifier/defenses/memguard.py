@@ -55,8 +55,10 @@ class MemGuard(Defense):
         mode: "fast" (default, for serving) or "faithful" (the original Phase I).
         device: "cpu" (default), "cuda" or "auto" for Phase I and training. CUDA is implemented
             but untested here (no GPU on the development machines).
-        epochs, batch_size, lr, optimizer: training of the defender's classifier; the defaults
-            are the original's (400 epochs of SGD, lr 0.001, batch 64).
+        epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
+            schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
+            for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
+            development machine the original schedule did not finish a digits fit in 5 minutes.
         seed: initialisation and shuffling seed of the classifier.
         secret: the PRF key for the release coin (required before `transform`).
     """
@@ -64,7 +66,7 @@ class MemGuard(Defense):
     name = "memguard"
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, mode: str = "fast", device: str = "cpu",
-                 epochs: int = 400, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "sgd",
+                 epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  seed: int = 0, secret: bytes | None = None):
         super().__init__(secret=secret)
         if not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon < 0:

@@ -103,7 +103,7 @@ def reference_faithful_row(h, p):
 
 
 def test_faithful_batched_equals_per_row_loop(memguard, rows):
-    pick = rows[[0, 1, 2, 100, 101, 102]]
+    pick = rows[[0, 1, 100, 101]]
     batched, ok = faithful_phase1(memguard.classifier, pick)
     for i in range(len(pick)):
         ref, ref_ok = reference_faithful_row(memguard.classifier, pick[i])
@@ -155,8 +155,8 @@ def test_expected_l1_within_budget_and_coin_matches_probability(memguard, fit_da
        mode=st.sampled_from(["fast", "faithful"]), seed=st.integers(0, 10_000))
 @settings(max_examples=25, deadline=None)
 def test_invariants_on_random_dirichlet_rows(c, n, dtype, mode, seed):
-    if mode == "faithful" and c > 100:
-        c = 2 + c % 99  # the original solver at 1,000 classes costs seconds; the fast one is covered
+    if mode == "faithful":  # the original solver costs seconds on big inputs; the fast one is covered
+        c, n = 2 + c % 49, min(n, 7)
     mg = bare_memguard(c, mode=mode, seed=seed % 7)
     p = dirichlet(n, c, seed, alpha=float(np.random.default_rng(seed).choice([0.05, 0.3, 1.0]))).astype(dtype)
     p = (p / p.sum(1, keepdims=True, dtype=np.float64)).astype(dtype)
@@ -204,7 +204,7 @@ def test_coin_is_keyed_by_secret_and_model(memguard, rows):
 
 
 def test_large_batch(memguard, fit_data):
-    p = np.tile(fit_data.reference_probs, (34, 1))[:10_000]
+    p = np.tile(fit_data.reference_probs, (10, 1))[:2500]  # crosses Phase I's 1,024-row chunks
     out = memguard.transform(p)
     assert out.shape == p.shape and np.array_equal(out.argmax(1), p.argmax(1))
     np.testing.assert_array_equal(out[:300], memguard.transform(p[:300]))
@@ -272,7 +272,7 @@ def test_fit_cli(digits_target, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "defender classifier accuracy" in text and "noise release rate" in text
     loaded = load_defense(tmp_path / "mg", secret=SECRET, model_id=digits_target.model_id)
-    assert loaded.epsilon == 0.5 and loaded.config()["epochs"] == 400
+    assert loaded.epsilon == 0.5 and loaded.config()["epochs"] == 50
     import json
 
     report = json.loads((tmp_path / "mg" / "defense.json").read_text())
