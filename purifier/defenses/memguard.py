@@ -39,10 +39,11 @@ MODES = ("fast", "faithful")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTS_FILE = "membership_classifier.npz"
-# Default utility budget, chosen by measurement (see the module's tests and the branch report):
-# the smallest value on the grid at which the NN and class-wise metric attacks fall to within
-# 0.02 balanced accuracy of the gap floor on digits and mnist5k.
-DEFAULT_EPSILON = 1.0
+# Default utility budget, chosen by measurement (tests/unit/defenses/test_memguard_privacy.py):
+# with the non-adaptive NN and class-wise metric attacks, digits meets "within 0.02 of the gap
+# floor" from eps 0.02 and mnist5k from 0.05; 0.1 leaves a margin (realized mean L1 0.026 on
+# digits, 0.017 on mnist5k).
+DEFAULT_EPSILON = 0.1
 # Rows per Phase I call: bounds memory at 1,000 classes and 100,000-row batches.
 CHUNK_ELEMENTS, MAX_CHUNK_ROWS = 1 << 21, 1024
 
@@ -55,8 +56,10 @@ class MemGuard(Defense):
         mode: "fast" (default, for serving) or "faithful" (the original Phase I).
         device: "cpu" (default), "cuda" or "auto" for Phase I and training. CUDA is implemented
             but untested here (no GPU on the development machines).
-        epochs, batch_size, lr, optimizer: training of the defender's classifier; the defaults
-            are the original's (400 epochs of SGD, lr 0.001, batch 64).
+        epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
+            schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
+            for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
+            development machine the original schedule did not finish a digits fit in 5 minutes.
         seed: initialisation and shuffling seed of the classifier.
         secret: the PRF key for the release coin (required before `transform`).
     """
@@ -64,7 +67,7 @@ class MemGuard(Defense):
     name = "memguard"
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, mode: str = "fast", device: str = "cpu",
-                 epochs: int = 400, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "sgd",
+                 epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  seed: int = 0, secret: bytes | None = None):
         super().__init__(secret=secret)
         if not isinstance(epsilon, int | float) or not math.isfinite(epsilon) or epsilon < 0:
@@ -188,7 +191,7 @@ def fit_cli(args) -> int:
     defended = defense.transform(ref)
     noised, success = defense.phase1(ref)
     l1 = np.abs(defended - ref).sum(axis=1)
-    released = np.abs(defended - ref).max(axis=1) > 0
+    released = l1 > 1e-9  # clean rows differ only by renormalization rounding
     report = {
         "defender_accuracy": {"train_balanced": float(train_acc), "train_members": float(member_ok.mean()),
                               "train_reference": float(reference_ok.mean()),

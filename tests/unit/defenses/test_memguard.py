@@ -103,7 +103,7 @@ def reference_faithful_row(h, p):
 
 
 def test_faithful_batched_equals_per_row_loop(memguard, rows):
-    pick = rows[[0, 1, 2, 100, 101, 102]]
+    pick = rows[[0, 100, 101]]
     batched, ok = faithful_phase1(memguard.classifier, pick)
     for i in range(len(pick)):
         ref, ref_ok = reference_faithful_row(memguard.classifier, pick[i])
@@ -153,10 +153,10 @@ def test_expected_l1_within_budget_and_coin_matches_probability(memguard, fit_da
 @given(c=st.integers(2, 1000), n=st.sampled_from([1, 2, 7, 64]),
        dtype=st.sampled_from([np.float16, np.float32, np.float64]),
        mode=st.sampled_from(["fast", "faithful"]), seed=st.integers(0, 10_000))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=10, deadline=None)
 def test_invariants_on_random_dirichlet_rows(c, n, dtype, mode, seed):
-    if mode == "faithful" and c > 100:
-        c = 2 + c % 99  # the original solver at 1,000 classes costs seconds; the fast one is covered
+    if mode == "faithful":  # the original solver costs seconds on big inputs; the fast one is covered
+        c, n = 2 + c % 49, min(n, 7)
     mg = bare_memguard(c, mode=mode, seed=seed % 7)
     p = dirichlet(n, c, seed, alpha=float(np.random.default_rng(seed).choice([0.05, 0.3, 1.0]))).astype(dtype)
     p = (p / p.sum(1, keepdims=True, dtype=np.float64)).astype(dtype)
@@ -181,30 +181,33 @@ def test_ties_are_deterministic_and_keep_the_first_index():
 def test_same_row_same_output_whatever_the_batch(memguard, rows, mode):
     mg = MemGuard(epsilon=0.5, mode=mode, secret=SECRET)
     mg.classifier, mg.n_classes, mg.model_id = memguard.classifier, memguard.n_classes, memguard.model_id
-    p = rows[::10].astype(np.float32)
+    p = rows[::10 if mode == "fast" else 40].astype(np.float32)
     p = p / p.sum(1, keepdims=True)
     full = mg.transform(p)
-    assert (np.abs(full - p).sum(1) > 0).any()  # some rows are noised
+    assert (np.abs(full - p).sum(1) > 1e-6).any()  # some rows are noised
     perm = np.random.default_rng(0).permutation(len(p))
     np.testing.assert_array_equal(mg.transform(p[perm]), full[perm])
-    for i in (0, 7, len(p) - 1):
+    for i in (0, len(p) - 1):
         np.testing.assert_array_equal(mg.transform(p[i:i + 1]), full[i:i + 1])
-    bigger = np.r_[p, rows[1::10].astype(np.float32) / rows[1::10].sum(1, keepdims=True).astype(np.float32)]
+    extra = rows[1::10][:len(p)]
+    bigger = np.r_[p, extra.astype(np.float32) / extra.sum(1, keepdims=True).astype(np.float32)]
     np.testing.assert_array_equal(mg.transform(bigger)[:len(p)], full)
 
 
 def test_coin_is_keyed_by_secret_and_model(memguard, rows):
+    noised, ok = memguard.phase1(rows)
+    eps = 0.5 * float(np.median(np.abs(noised - rows).sum(1)[ok]))  # below most rows' noise: coins decide
     outs = []
     for secret, model in ((SECRET, "a" * 64), (SECRET + b"!", "a" * 64), (SECRET, "b" * 64)):
-        mg = MemGuard(epsilon=0.05, secret=secret)
+        mg = MemGuard(epsilon=eps, secret=secret)
         mg.classifier, mg.n_classes, mg.model_id = memguard.classifier, memguard.n_classes, model
-        outs.append(np.abs(mg.transform(rows) - rows).sum(1) > 0)
-    assert outs[0].any()
+        outs.append(np.abs(mg.transform(rows) - rows).sum(1) > 1e-9)
+    assert outs[0].any() and not outs[0].all()
     assert (outs[0] != outs[1]).any() and (outs[0] != outs[2]).any()
 
 
 def test_large_batch(memguard, fit_data):
-    p = np.tile(fit_data.reference_probs, (34, 1))[:10_000]
+    p = np.tile(fit_data.reference_probs, (10, 1))[:2500]  # crosses Phase I's 1,024-row chunks
     out = memguard.transform(p)
     assert out.shape == p.shape and np.array_equal(out.argmax(1), p.argmax(1))
     np.testing.assert_array_equal(out[:300], memguard.transform(p[:300]))
@@ -272,7 +275,7 @@ def test_fit_cli(digits_target, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "defender classifier accuracy" in text and "noise release rate" in text
     loaded = load_defense(tmp_path / "mg", secret=SECRET, model_id=digits_target.model_id)
-    assert loaded.epsilon == 0.5 and loaded.config()["epochs"] == 400
+    assert loaded.epsilon == 0.5 and loaded.config()["epochs"] == 50
     import json
 
     report = json.loads((tmp_path / "mg" / "defense.json").read_text())
