@@ -87,7 +87,9 @@ class MembershipClassifier:
         x = np.sort(np.concatenate([member_probs, reference_probs]), axis=1).astype(np.float32)
         y = np.r_[np.ones(len(member_probs)), np.zeros(len(reference_probs))].astype(np.float32)
         w = np.where(y == 1, 0.5 * len(y) / len(member_probs), 0.5 * len(y) / len(reference_probs))
-        with torch.random.fork_rng(devices=[]):
+        from purifier.models.training import torch_threads
+
+        with torch.random.fork_rng(devices=[]), torch_threads(1):
             torch.manual_seed(seed)
             dims = (x.shape[1], *HIDDEN, 1)
             layers: list[torch.nn.Module] = []
