@@ -33,6 +33,7 @@ SWEEP_ATTACKS = ("gap", "confidence", "mentr", "loss", "nn")
 TABLE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn", "nn_label", "lira_offline", "lira_online",
                  "label_augment", "adaptive_nn", "adaptive_mentr", "repeated_query")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
+CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
 
 
 def _log(msg: str) -> None:
@@ -76,11 +77,11 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
     from purifier.defenses import FitData, defense_class, read_defense_manifest
 
     directory = out / "defenses" / name
+    wanted = json.loads(json.dumps(defense_class(name)(seed=seed).config()))
     with contextlib.suppress(PurifierError):
         manifest = read_defense_manifest(directory)
         if (manifest["defense"] == name and manifest["model_id"] == target.model_id
-                and manifest.get("config", {}).get("seed", seed) == seed
-                and _versions_match(manifest.get("versions", {}))):
+                and manifest["config"] == wanted and _versions_match(manifest.get("versions", {}))):
             _log(f"reusing {name} defense {directory}")
             return directory
     _log(f"fitting {name}")
@@ -288,11 +289,12 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
                                                              secret_file, out / "logs" / f"sidecar-{name}.log"))
                     for name in DEFENSES}
         baseline = stack.enter_context(contextlib.closing(
-            RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes)))
+            RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes,
+                         timeout_s=CLIENT_TIMEOUT_S)))
         for name in DEFENSES:
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
-            with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name,
-                                                 n_classes=target.n_classes)) as access:
+            with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
+                                                 timeout_s=CLIENT_TIMEOUT_S)) as access:
                 audit = run_audit(target, access, AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed),
                                   name, None if name == "none" else baseline,
                                   {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
