@@ -14,6 +14,7 @@ and a subprocess is what a deployment runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -177,34 +178,45 @@ def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 2
     return {"p50_ms": float(np.median(t)), "p99_ms": float(t[int(0.99 * (len(t) - 1))]), "requests": n}
 
 
-def memguard_sweep(target, defense_dir: Path, secret: bytes, shadows, seed: int,
-                   epsilons=EPSILON_GRID) -> list[dict]:
-    """Attack balanced accuracy and distortion of MemGuard over an epsilon grid.
+def defense_sweep(target, variants, shadows, seed: int, defense_name: str) -> list[dict]:
+    """Attack balanced accuracy and distortion for variants of one fitted defense.
 
-    Phase I does not depend on epsilon (only the Phase II release probability does), so one
-    fitted defense serves the whole grid; attacks run in-process on the audit's shadow models.
+    Args:
+        variants: [(setting value, Defense)], e.g. MemGuard at several epsilons (Phase I does not
+            depend on epsilon, only the Phase II release probability does, so one fitted defense
+            serves the whole grid) or PURIFIER at several L1 budgets.
+        shadows: the attacker's shadow models from an earlier audit of `target`.
+    Attacks run in-process (`SWEEP_ATTACKS`), with thresholds fitted on the shadow models.
     """
     from purifier.audit.access import InProcessTarget
     from purifier.audit.runner import AuditConfig, run_audit
-    from purifier.defenses import load_defense
 
     rows = []
     baseline = InProcessTarget(target)
+    for value, defense in variants:
+        audit = run_audit(target, InProcessTarget(target, defense),
+                          AuditConfig(SWEEP_ATTACKS, n_boot=20, seed=seed, progress=False),
+                          defense_name, baseline, shadows=shadows)
+        attacks = audit.report["attacks"]
+        best = max((n for n in attacks if n != "gap"), key=lambda n: attacks[n]["balanced_accuracy"])
+        rows.append({"setting": value, "best_attack": best,
+                     "best_balanced_accuracy": attacks[best]["balanced_accuracy"],
+                     "balanced_accuracy": {n: attacks[n]["balanced_accuracy"] for n in attacks},
+                     "auc": {n: attacks[n]["auc"] for n in attacks},
+                     "gap_floor": audit.report["gap_floor"]["balanced_accuracy"],
+                     "mean_l1": audit.report["utility"]["mean_l1"],
+                     "max_l1": audit.report["utility"]["max_l1"],
+                     "argmax_agreement": audit.report["utility"]["argmax_agreement"]})
+    return rows
+
+
+def memguard_variants(defense_dir: Path, target, secret: bytes, epsilons=EPSILON_GRID):
+    from purifier.defenses import load_defense
+
     for eps in epsilons:
         defense = load_defense(defense_dir, secret=secret, model_id=target.model_id)
         defense.epsilon = float(eps)
-        audit = run_audit(target, InProcessTarget(target, defense), AuditConfig(SWEEP_ATTACKS, n_boot=20, seed=seed,
-                                                                               progress=False),
-                          "memguard", baseline, shadows=shadows)
-        attacks = audit.report["attacks"]
-        best = max((n for n in attacks if n != "gap"), key=lambda n: attacks[n]["balanced_accuracy"])
-        rows.append({"epsilon": float(eps), "best_attack": best,
-                     "best_balanced_accuracy": attacks[best]["balanced_accuracy"],
-                     "balanced_accuracy": {n: attacks[n]["balanced_accuracy"] for n in attacks},
-                     "gap_floor": audit.report["gap_floor"]["balanced_accuracy"],
-                     "mean_l1": audit.report["utility"]["mean_l1"],
-                     "argmax_agreement": audit.report["utility"]["argmax_agreement"]})
-    return rows
+        yield float(eps), defense
 
 
 def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
@@ -213,7 +225,7 @@ def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    eps = [max(r["epsilon"], 1e-3) for r in rows]
+    eps = [max(r["setting"], 1e-3) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in rows[0]["balanced_accuracy"]:
         if name != "gap":
@@ -305,7 +317,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     t_audited = time.perf_counter()
 
     _log("MemGuard privacy-utility sweep over epsilon (in-process, same shadow models)")
-    sweep = memguard_sweep(target, defense_dirs["memguard"], secret, shadow_set, seed)
+    sweep = defense_sweep(target, memguard_variants(defense_dirs["memguard"], target, secret), shadow_set, seed,
+                          "memguard")
     plot_privacy_utility(sweep, out / "privacy_utility.png", f"MemGuard on {dataset}")
     columns, rows = comparison_rows(reports, latency)
     summary = {
@@ -320,7 +333,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
     print(format_table(columns, rows))
     print("\nMemGuard epsilon sweep (best confidence attack bal.acc / mean L1): " + ", ".join(
-        f"{r['epsilon']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
+        f"{r['setting']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
     print(f"\nreports: {out}/reports/<defense>/report.{{json,md}}, roc.png; plot: {out}/privacy_utility.png")
     print(f"time: {summary['timing_s']['total']:.0f}s (prepare {summary['timing_s']['prepare']:.0f}s, "
           f"audits {summary['timing_s']['audits']:.0f}s)")
