@@ -88,6 +88,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
+        if "classification" in request.parameters:
+            raise BadRequest("parameter 'classification' is refused: request the probabilities and take the "
+                             "top-k of the defended vector")
         if not request.inputs:
             raise BadRequest("request has no inputs")
         for t in request.inputs:

@@ -1,0 +1,120 @@
+"""SIGTERM on a real `purifier serve` process with calls in flight: drained within the grace period.
+
+The process fronts `oip_fake.FakeUpstream` made slow, so calls are provably in flight when the
+signal arrives. Within the grace period they complete with their (identity-defended) answer; a
+call started after the signal is refused; past the grace period an in-flight call is cut, never
+answered with something else; the process exits 0 either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from oip_fake import FakeUpstream, infer_request, softmax
+
+from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+X = np.array([[0.5, -1.0, 2.0]], np.float32)
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream().start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+def serve(upstream, grace: float) -> tuple[subprocess.Popen, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
+    proc = subprocess.Popen([sys.executable, "-m", "purifier.cli", "serve", "--upstream", f"127.0.0.1:{upstream.port}",
+                             "--model-name", "m", "--confidence-output", "probs", "--host", "127.0.0.1",
+                             "--port", "0", "--metrics-port", "-1", "--grace", str(grace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    if not line:
+        proc.kill()
+        pytest.fail(f"purifier serve did not start: {proc.stderr.read()[-2000:]}")
+    return proc, json.loads(line)["port"]
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def in_flight(upstream, stub, n: int, timeout: float = 30) -> list:
+    """Start `n` calls and return once the upstream holds all of them."""
+    seen = upstream.infer_count
+    calls = [stub.ModelInfer.future(infer_request(X, request_id=f"f{i}"), timeout=timeout) for i in range(n)]
+    deadline = time.monotonic() + 10
+    while upstream.infer_count < seen + n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert upstream.infer_count == seen + n
+    return calls
+
+
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
+    proc, port = serve(upstream, grace=10.0)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(infer_request(X), timeout=10)  # connected and serving
+            upstream.delay = 2.0
+            calls = in_flight(upstream, stub, 4)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:
+                with pytest.raises(grpc.RpcError) as info:
+                    pb_grpc.GRPCInferenceServiceStub(fresh).ModelInfer(infer_request(X), timeout=3)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not any(c.done() for c in calls)               # the refusal happened while they ran
+            for i, call in enumerate(calls):
+                resp = call.result(timeout=15)
+                assert resp.id == f"f{i}"
+                got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(X.shape)
+                np.testing.assert_allclose(got, softmax(X), rtol=1e-6)  # identity defense
+        assert proc.wait(timeout=15) == 0
+        assert time.monotonic() - signalled < 10.0 + 5.0
+        assert '"msg": "sidecar stopped"' in proc.stderr.read()
+    finally:
+        upstream.delay = 0.0
+        kill(proc)
+
+
+def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream):
+    proc, port = serve(upstream, grace=0.5)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(infer_request(X), timeout=10)
+            upstream.delay = 4.0
+            calls = in_flight(upstream, stub, 2)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            codes = []
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as info:
+                    call.result(timeout=15)
+                codes.append(info.value.code())
+            cut_after = time.monotonic() - signalled
+        assert proc.wait(timeout=15) == 0
+        print(f"\ncut after {cut_after:.2f} s with {[c.name for c in codes]}")
+        assert cut_after < 4.0                                   # before the upstream would have answered
+        assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
+    finally:
+        upstream.delay = 0.0
+        kill(proc)
