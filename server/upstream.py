@@ -42,6 +42,11 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC's default reconnect backoff grows to 120 s: after a long upstream outage the sidecar
+    # would stay NOT_SERVING for up to two minutes once the upstream is back. Cap it at 2 s.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 Metadata = tuple[tuple[str, str | bytes], ...]
 
