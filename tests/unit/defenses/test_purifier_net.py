@@ -78,7 +78,7 @@ def test_onnx_matches_torch(fitted):
 def test_layer_sizes_scale_with_classes():
     from purifier.defenses.cvae import layer_sizes
 
-    assert layer_sizes(10) == (40, 3) and layer_sizes(100) == (400, 12) and layer_sizes(2) == (32, 2)
+    assert layer_sizes(10) == (32, 3) and layer_sizes(100) == (200, 12) and layer_sizes(2) == (32, 2)
     assert small_defense(37).latent_dim == 5
 
 
