@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short timing windows")
     args = parser.parse_args()
     window = 0.2 if args.quick else 1.0
+    load_start = os.getloadavg()[0]
     results = []
     for c in (10, 100):
         data = fit_data(c)
@@ -66,7 +67,8 @@ def main() -> None:
             probs = rng.dirichlet(np.ones(c) * 0.2, size=batch).astype(np.float32)
             probs /= probs.sum(1, keepdims=True)
             # half members (indexed), half unseen rows
-            inputs = np.r_[data.member_inputs[:batch // 2],
+            members = data.member_inputs[np.arange(batch // 2) % len(data.member_inputs)]
+            inputs = np.r_[members,
                            rng.normal(size=(batch - batch // 2, N_FEATURES)).astype(np.float32)]
             row = {"classes": c, "batch": batch}
             for name, d in defenses.items():
@@ -82,6 +84,8 @@ def main() -> None:
                                for n in ("purifier", "purifier_mean", "purifier_swap")))
     path = write_result("defense_purifier", {
         "threads": 1, "window_s": window,
+        # the 2-core machine is shared: record how busy it was, the absolute figures depend on it
+        "loadavg_1m_start_end": [load_start, os.getloadavg()[0]],
         "notes": "p50 per transform call; overhead = p50 minus identity's p50 in the same run; "
                  "purifier = keyed latent noise (HMAC per row), purifier_mean = zero-noise mode, "
                  "purifier_swap = keyed noise + member lookup, half of each batch indexed members",

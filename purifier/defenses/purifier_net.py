@@ -11,11 +11,12 @@ on whole batches. Per row s (C,), k = argmax s:
 2. g = G(s, e);
 3. label repair: if argmax g != k, the least L1 movement that makes k the top class again: clip
    every other entry to a level c and give the excess to k, with g_k = c (1 + 2^-7) so the label
-   survives a cast to FP16 (`repair_top`);
+   survives a cast to FP16 (`purifier.defenses.repair`);
 4. budget (optional, `budget`=eps): out = s + t (g - s) with t = min(1, eps / ||g - s||_1), so
    ||out - s||_1 <= eps exactly; both ends share the top class, so the blend does too;
 5. label swapper (optional): for indexed members, exchange the top two entries
-   (`purifier.defenses.label_swap`); only those rows may change their label;
+   (`purifier.defenses.label_swap`); only those rows may change their label, and they are
+   exempt from the budget (changing the label is the point);
 6. `finalize`: dtype, simplex, and the clean row as a last resort.
 """
 
@@ -29,49 +30,11 @@ import numpy as np
 from purifier.defenses import label_swap
 from purifier.defenses.base import Defense, FitData
 from purifier.defenses.keyed import KeyedPRF
+from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.errors import ArtifactError, ConfigError, DefenseError
 
 ONNX_FILE, INDEX_FILE = "reformer.onnx", "member_index.npy"
 NOISE_MODES = ("keyed", "mean")
-REPAIR_MARGIN = 2.0 ** -7
-
-
-def repair_top(g: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """Minimal repair: (N, C) rows g, (N,) wanted top classes -> rows whose argmax is `top`.
-
-    Rows already correct are returned unchanged. Otherwise find the level c with
-    g_k + sum_{j != k} max(0, g_j - c) = c (1 + margin) (water-filling over the others sorted
-    descending), clip the others at c and put the removed mass on k. Mass is conserved.
-    """
-    n, C = g.shape
-    rows = np.arange(n)
-    out = g.copy()
-    bad = g.argmax(axis=1) != top
-    if not bad.any():
-        return out
-    sub, k = g[bad], top[bad]
-    i = np.arange(len(sub))
-    gk = sub[i, k]
-    others = sub.copy()
-    others[i, k] = -np.inf
-    srt = -np.sort(-others, axis=1)[:, :C - 1]  # (n, C-1) descending, k excluded
-    r = np.arange(1, C)
-    levels = (gk[:, None] + np.cumsum(srt, axis=1)) / (r + 1.0 + REPAIR_MARGIN)  # clip top r
-    # the right r is the largest one whose r-th entry still lies above its level
-    valid = srt > levels
-    r_star = C - 2 - np.argmax(valid[:, ::-1], axis=1)  # last True index (row 0 True: g_j > g_k)
-    c = levels[i, r_star]
-    fixed = np.minimum(sub, c[:, None])
-    fixed[i, k] = c * (1.0 + REPAIR_MARGIN)
-    out[rows[bad]] = fixed
-    return out
-
-
-def blend_to_budget(s: np.ndarray, g: np.ndarray, budget: float) -> np.ndarray:
-    """(N, C) clean s and reformed g -> s + t (g - s), t = min(1, budget / ||g - s||_1) per row."""
-    dist = np.abs(g - s).sum(axis=1, keepdims=True)
-    t = np.minimum(1.0, budget / np.where(dist > 0, dist, 1.0))
-    return s + t * (g - s)
 
 
 class PurifierNet(Defense):
