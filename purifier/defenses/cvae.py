@@ -93,7 +93,9 @@ def train_cvae(probs: np.ndarray, *, epochs: int, lr: float, lam: float, kl_weig
     n_classes = probs.shape[1]
     hidden, latent = layer_sizes(n_classes)
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    with torch.random.fork_rng(devices=[]):
+    from purifier.models.training import torch_threads
+
+    with torch.random.fork_rng(devices=[]), torch_threads(1):
         torch.manual_seed(seed)
         model = CVAE(n_classes, hidden, latent).to(dev)
         disc = _discriminator(n_classes, hidden).to(dev) if beta > 0 else None
