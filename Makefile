@@ -37,5 +37,18 @@ constraints: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py server/_proto
 
+# Every benchmark, each writing JSON with machine info under benchmarks/results/, then the README's
+# Results section is re-rendered from them. Long (~30-60 min on 2 cores); run on a quiet machine.
+BENCH_WORK := build/bench-privacy/digits
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
+	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
+	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
+	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
+	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
+	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
+	$(BIN)/python benchmarks/render_results.py
+
 clean:
 	rm -rf $(VENV) build .pytest_cache
