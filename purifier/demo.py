@@ -248,14 +248,17 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
     """One row per attack and per utility figure, one column per defense."""
     def cell(entry):
         tpr = entry["tpr_at_fpr"]["0.01"]
-        return f"{entry['balanced_accuracy']:.3f} ({tpr['tpr']:.3f})"
+        return f"{entry['auc']:.3f} / {entry['balanced_accuracy']:.3f} / {tpr['tpr']:.3f}"
 
-    columns = ["attack: bal.acc (TPR@1%FPR)", *reports]
+    # AUC is threshold-free; balanced accuracy uses the attacker's shadow-fitted threshold, which a
+    # defense can break without removing the signal: both are shown, next to the floor.
+    columns = ["attack: AUC / bal.acc / TPR@1%FPR", *reports]
     rows = []
     for name in TABLE_ATTACKS:
         if any(name in r["attacks"] for r in reports.values()):
             rows.append([name, *(cell(r["attacks"][name]) if name in r["attacks"] else "-" for r in reports.values())])
-    rows.append(["gap floor (bal.acc)", *(f"{r['gap_floor']['balanced_accuracy']:.3f}" for r in reports.values())])
+    rows.append(["gap floor (label-only)", *(f"{r['gap_floor']['auc']:.3f} / {r['gap_floor']['balanced_accuracy']:.3f}"
+                                             for r in reports.values())])
     rows.append(["argmax agreement", *(f"{r['utility'].get('argmax_agreement') if r['utility'].get('argmax_agreement') is not None else 1.0:.4f}"
                                       for r in reports.values())])
     rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
