@@ -95,7 +95,7 @@ def check_report(report):
     assert max(report[f"{a}/undefended"] for a in attacks) > report["gap_floor"] + 0.02  # leakage to hide
     for a in attacks:
         assert report[f"{a}/defended"] <= report["gap_floor"] + 0.02, a
-    assert report["mean_l1"] <= DEFAULT_EPSILON + 0.05
+    assert report["mean_l1"] <= DEFAULT_EPSILON  # Phase II: E[L1] <= eps by construction
 
 
 @pytest.mark.slow  # trains a shadow model and fits MemGuard: minutes on the shared 2-core machine
