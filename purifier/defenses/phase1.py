@@ -214,9 +214,22 @@ def _mix_search(h, s, gp, top, h0) -> tuple[torch.Tensor, torch.Tensor]:
     return best, torch.isfinite(best_l1)
 
 
-@torch.no_grad()
 def fast_phase1(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boundary search along two short paths. p (N, C) -> (noised (N, C), success (N,))."""
+    """Boundary search along two short paths. p (N, C) -> (noised (N, C), success (N,)).
+
+    On the CPU this runs the numpy implementation (`phase1_cpu`, same algorithm, a fraction of
+    the per-op overhead); on CUDA the torch one (`fast_phase1_torch`).
+    """
+    if h.device.type == "cpu":
+        from purifier.defenses.phase1_cpu import fast_phase1_cpu  # imports this module's constants
+
+        return fast_phase1_cpu(h.numpy_mlp, p)
+    return fast_phase1_torch(h, p)
+
+
+@torch.no_grad()
+def fast_phase1_torch(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fast solver in torch (any device). p (N, C) -> (noised (N, C), success (N,))."""
     order, E0, S, top, h0, early = _clean_start(h, p)
     n = len(p)
     best, success = S.clone(), torch.zeros(n, dtype=torch.bool, device=E0.device)
