@@ -156,7 +156,13 @@ class MembershipClassifier:
 
 
 class NumpyMLP:
-    """h's 256-128-64-1 MLP as contiguous float64 numpy arrays (W transposed for x @ W.T)."""
+    """h's 256-128-64-1 MLP as contiguous float64 numpy arrays, for the CPU fast path.
+
+    Same arithmetic as `MembershipClassifier.logit(_and_grad)` (to rounding: numpy's BLAS, not
+    torch's). The input is padded once to a multiple of ROW_BLOCK rows and the padding carried
+    through the layers; OpenBLAS, like torch's BLAS, rounds a row the same way for every row
+    count that is a multiple of 8 (checked for 1 and 2 threads), so 16 keeps rows independent.
+    """
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.w = [np.ascontiguousarray(arrays[f"w{i}"].T, dtype=np.float64) for i in range(1, 5)]

@@ -19,7 +19,9 @@ forward passes: a search for the first boundary crossing along h's steepest logi
 vector exactly as an attacker who sorts it will), a grid in one forward pass then BRANCHES-ary
 narrowing instead of bisection so the whole batch moves together. Rows that ray cannot carry
 across (saturated or tied rows) try three order-keeping mixtures (towards uniform, one-hot,
-top-two) and keep the smallest L1; rows still left are released clean.
+top-two) and keep the smallest L1; rows still left are released clean. On the CPU it runs in
+numpy (`phase1_cpu`, the same search at a fraction of torch's per-op overhead); the torch
+version (`fast_phase1_torch`) serves CUDA.
 """
 
 from __future__ import annotations

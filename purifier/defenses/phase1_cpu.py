@@ -8,12 +8,18 @@ throughout) with numpy arrays, and avoids work whose result is known in advance:
 
 * the ray's logits are sorted, and softmax is monotone, so its probabilities need no re-sort
   before `h` (the uniform and top-two mixtures likewise keep the sorted order);
-* the MLP is evaluated on the input padded once to a multiple of ROW_BLOCK rows (not once per
-  layer), so a row's output stays independent of the batch around it;
-* probes are evaluated lazily, in order, and only for rows whose first crossing is still
-  unknown. The first crossing among ascending probes is the same whichever later probes are
-  evaluated, and a row's `h` output does not depend on the other rows, so the result equals
-  evaluating every probe for every row (checked against the torch solver in the tests).
+* h0 and h's gradient at the clean vector come from one pass (`logit_and_grad`);
+* every MLP pass is padded to a multiple of ROW_BLOCK rows (`NumpyMLP`), so a row's output is
+  independent of the batch around it -- which makes the next two exact:
+* on small batches, two narrowing passes run as one: the second pass's probes for each of the
+  first pass's BRANCHES outcomes are known before the outcome is (3 + 4 * 3 = 15 probes, one
+  padded block of 16 rows, instead of two blocks). 5 passes cost 3 forward passes;
+* on larger batches probes are evaluated lazily, in order, and only for rows whose first
+  crossing is still unknown. The first crossing among ascending probes does not depend on the
+  probes after it, so the result equals evaluating every probe for every row.
+
+Both are checked against the torch solver (equal crossings, vectors within 1e-12) and for batch
+independence in tests/unit/defenses/test_memguard_cpu.py.
 
 Arrays: p (N, C) float64 rows in class order; sorted logits e (N, C); probes ts (N, K).
 """
@@ -38,6 +44,7 @@ from purifier.defenses.phase1 import (
 # rows x probes at or below which a pass evaluates all its probes at once: one padded block of
 # rows costs about what one row does; above it compute dominates and probes are evaluated lazily
 LAZY_BELOW = 16
+
 
 def softmax(e: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, computed as torch does (shifted by the row maximum)."""
