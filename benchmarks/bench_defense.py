@@ -167,7 +167,10 @@ def tables(results: list[dict], ratio_rows: list[list], quality: dict) -> list[d
 
 
 def main() -> None:
+    import os
+
     torch.set_num_threads(1)
+    load_start = os.getloadavg()  # the machine is shared: timings are only comparable at like loads
     results, quality = [], {}
     for c in CLASS_COUNTS:
         w = make_workload(c)
@@ -197,6 +200,7 @@ def main() -> None:
         "workload": "synthetic softmax outputs, members boost 7, non-members boost 4; MemGuard h: Adam 10 epochs on 1000 + 1000 rows",
         "note": ("memguard-faithful at batch 64 and 1024 is timed on its first 16 rows per call (bounded: "
              "true); its vectors/s there is 16 / time per call"),
+        "load_average_1_5_15min": {"start": list(load_start), "end": list(os.getloadavg())},
         "results": results, "fast_over_faithful_throughput": ratios,
         "fast_numpy_over_torch_throughput": torch_ratios, "phase1_quality": quality,
         "tables": tables(results, ratio_rows, quality),
