@@ -75,6 +75,7 @@ class MembershipClassifier:
         for i in range(1, 5):  # contiguous transposes: the forward pass multiplies by W.T
             self.t[f"w{i}T"] = self.t[f"w{i}"].T.contiguous()
         self.n_classes = int(self.arrays["w1"].shape[1])
+        self.numpy_mlp = NumpyMLP(self.arrays)  # the CPU fast path (phase1_cpu) runs on these
 
     @classmethod
     def train(cls, member_probs: np.ndarray, reference_probs: np.ndarray, settings: TrainSettings,
@@ -152,3 +153,53 @@ class MembershipClassifier:
         x = torch.from_numpy(np.sort(np.asarray(probs, np.float64), axis=1)).to(self.device)
         with torch.no_grad():
             return (self.logit(x) > 0).cpu().numpy()
+
+
+class NumpyMLP:
+    """h's 256-128-64-1 MLP as contiguous float64 numpy arrays, for the CPU fast path.
+
+    Same arithmetic as `MembershipClassifier.logit(_and_grad)` (to rounding: numpy's BLAS, not
+    torch's). The input is padded once to a multiple of ROW_BLOCK rows and the padding carried
+    through the layers; OpenBLAS, like torch's BLAS, rounds a row the same way for every row
+    count that is a multiple of 8 (checked for 1 and 2 threads), so 16 keeps rows independent.
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.w = [np.ascontiguousarray(arrays[f"w{i}"].T, dtype=np.float64) for i in range(1, 5)]
+        self.b = [np.asarray(arrays[f"b{i}"], np.float64) for i in range(1, 5)]
+        self.wf = [np.ascontiguousarray(arrays[f"w{i}"], dtype=np.float64) for i in range(1, 4)]
+        self.w4 = np.asarray(arrays["w4"], np.float64)[0]
+
+    @staticmethod
+    def _pad(x: np.ndarray) -> np.ndarray:
+        pad = (-x.shape[0]) % ROW_BLOCK
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
+        return x
+
+    def logit(self, x: np.ndarray) -> np.ndarray:
+        """x (N, C) sorted probabilities -> (N,) pre-sigmoid output."""
+        n = x.shape[0]
+        a = self._pad(x)
+        for w, b in zip(self.w[:3], self.b[:3], strict=True):
+            a = a @ w
+            a += b
+            np.maximum(a, 0.0, out=a)
+        # the last layer as a row-wise sum, not a (64, 1) matmul: BLAS routes that to gemv, whose
+        # rounding depends on the row count; numpy's row reduction does not
+        return (a[:n] * self.w4).sum(axis=1) + self.b[3]
+
+    def logit_and_grad(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x (N, C) -> (pre-sigmoid output (N,), its gradient with respect to x (N, C)).
+
+        ReLU derivative at 0 is 0, as in `MembershipClassifier.logit_and_grad`.
+        """
+        n = x.shape[0]
+        z1 = self._pad(x) @ self.w[0] + self.b[0]
+        z2 = np.maximum(z1, 0.0) @ self.w[1] + self.b[1]
+        z3 = np.maximum(z2, 0.0) @ self.w[2] + self.b[2]
+        out = (np.maximum(z3[:n], 0.0) * self.w4).sum(axis=1) + self.b[3]
+        g3 = (z3 > 0) * self.w4
+        g2 = (g3 @ self.wf[2]) * (z2 > 0)
+        g1 = (g2 @ self.wf[1]) * (z1 > 0)
+        return out, (g1 @ self.wf[0])[:n]

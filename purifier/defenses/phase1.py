@@ -19,7 +19,9 @@ forward passes: a search for the first boundary crossing along h's steepest logi
 vector exactly as an attacker who sorts it will), a grid in one forward pass then BRANCHES-ary
 narrowing instead of bisection so the whole batch moves together. Rows that ray cannot carry
 across (saturated or tied rows) try three order-keeping mixtures (towards uniform, one-hot,
-top-two) and keep the smallest L1; rows still left are released clean.
+top-two) and keep the smallest L1; rows still left are released clean. On the CPU it runs in
+numpy (`phase1_cpu`, the same search at a fraction of torch's per-op overhead); the torch
+version (`fast_phase1_torch`) serves CUDA.
 """
 
 from __future__ import annotations
@@ -214,9 +216,22 @@ def _mix_search(h, s, gp, top, h0) -> tuple[torch.Tensor, torch.Tensor]:
     return best, torch.isfinite(best_l1)
 
 
-@torch.no_grad()
 def fast_phase1(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boundary search along two short paths. p (N, C) -> (noised (N, C), success (N,))."""
+    """Boundary search along two short paths. p (N, C) -> (noised (N, C), success (N,)).
+
+    On the CPU this runs the numpy implementation (`phase1_cpu`, same algorithm, a fraction of
+    the per-op overhead); on CUDA the torch one (`fast_phase1_torch`).
+    """
+    if h.device.type == "cpu":
+        from purifier.defenses.phase1_cpu import fast_phase1_cpu  # imports this module's constants
+
+        return fast_phase1_cpu(h.numpy_mlp, p)
+    return fast_phase1_torch(h, p)
+
+
+@torch.no_grad()
+def fast_phase1_torch(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fast solver in torch (any device). p (N, C) -> (noised (N, C), success (N,))."""
     order, E0, S, top, h0, early = _clean_start(h, p)
     n = len(p)
     best, success = S.clone(), torch.zeros(n, dtype=torch.bool, device=E0.device)
