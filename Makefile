@@ -48,6 +48,8 @@ bench: $(STAMP)
 	  --secret-file $(BENCH_WORK)/secret.txt
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
+	$(BIN)/python benchmarks/bench_demo.py --dataset digits
+	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
 	$(BIN)/python benchmarks/render_results.py
 
 clean:

@@ -30,8 +30,10 @@ from benchmarks.common import summarize, time_calls, write_result
 from purifier.defenses.base import Defense, FitData, IdentityDefense
 from purifier.defenses.memguard import CHUNK_ELEMENTS, MAX_CHUNK_ROWS, MemGuard
 from purifier.defenses.phase1 import fast_phase1_torch
+from purifier.defenses.purifier_net import PurifierNet
 
 SECRET = b"benchmark-secret-not-for-production"
+N_FEATURES = 16
 BATCHES = (1, 64, 1024)
 CLASS_COUNTS = (10, 100)
 
@@ -42,7 +44,8 @@ class Workload:
 
     n_classes: int
     fit: FitData
-    pool: np.ndarray  # (1024, C) float32, half member-like, half non-member-like
+    pool: np.ndarray  # (1024, C) float32, half training members, half fresh non-member-like rows
+    inputs: np.ndarray  # (1024, N_FEATURES) the request rows behind `pool` (PURIFIER's swapper reads them)
 
 
 def make_workload(n_classes: int, seed: int = 0) -> Workload:
@@ -58,11 +61,13 @@ def make_workload(n_classes: int, seed: int = 0) -> Workload:
 
     pm, ym = outputs(1000, 7.0)
     pr, yr = outputs(1000, 4.0)
-    empty = np.zeros((1000, 1), np.float32)
-    fit = FitData(pm, pr, empty, empty, ym, yr, "synthetic-" + "0" * 54)
-    pool = np.r_[outputs(512, 7.0)[0], outputs(512, 4.0)[0]][rng.permutation(1024)].astype(np.float32)
+    xm, xr = (rng.normal(size=(1000, N_FEATURES)).astype(np.float32) for _ in range(2))
+    fit = FitData(pm, pr, xm, xr, ym, yr, "synthetic-" + "0" * 54)
+    perm = rng.permutation(1024)
+    pool = np.r_[pm[:512], outputs(512, 4.0)[0]][perm].astype(np.float32)
     pool /= pool.sum(axis=1, keepdims=True)
-    return Workload(n_classes, fit, pool)
+    inputs = np.r_[xm[:512], rng.normal(size=(512, N_FEATURES)).astype(np.float32)][perm]
+    return Workload(n_classes, fit, pool, inputs)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,22 @@ def _memguard(mode: str, cls: type[MemGuard] = MemGuard) -> Callable[[Workload],
     return build
 
 
+_purifiers: dict[int, PurifierNet] = {}
+
+
+def _purifier(**options) -> Callable[[Workload], Defense]:
+    """PURIFIER trained once per class count (20 epochs: training length does not change the
+    served graph's cost), served with the given options (noise mode, swapper)."""
+    def build(w: Workload) -> Defense:
+        if w.n_classes not in _purifiers:
+            _purifiers[w.n_classes] = PurifierNet(epochs=20, secret=SECRET).fit(w.fit)
+        d = _purifiers[w.n_classes].with_options(**options)
+        if d.label_swap:  # swap every correctly classified member so the swap path really runs
+            d.fit_swapper(w.fit)
+        return d
+    return build
+
+
 def _identity(w: Workload) -> Defense:
     d = IdentityDefense()
     d.n_classes = w.n_classes
@@ -107,6 +128,9 @@ CASES: list[Case] = [
     Case("memguard-faithful", _memguard("faithful"), max_rows=16, min_calls=2),
     Case("memguard-fast", _memguard("fast")),
     Case("memguard-fast-torch", _memguard("fast", TorchFastMemGuard)),
+    Case("purifier", _purifier()),
+    Case("purifier-zero-noise", _purifier(noise="mean")),
+    Case("purifier+swap", _purifier(label_swap=True, swap_fraction=1.0)),
 ]
 
 
@@ -118,7 +142,8 @@ def run_case(case: Case, w: Workload, batch: int) -> dict:
 
     def call():
         start = next(starts)
-        return defense.transform(w.pool[start:start + rows])
+        inputs = w.inputs[start:start + rows] if defense.needs_inputs else None
+        return defense.transform(w.pool[start:start + rows], inputs)
 
     times = time_calls(call, min_seconds=1.0, min_calls=case.min_calls)
     stats = summarize(times)
@@ -153,9 +178,12 @@ def tables(results: list[dict], ratio_rows: list[list], quality: dict) -> list[d
          "columns": ["case", "classes", "batch", "p50 ms", "mean ms", "vectors/s", "bounded"],
          "rows": cost,
          "note": ("memguard-fast is the numpy solver serving fast mode on the CPU; memguard-fast-torch the "
-                  "same algorithm in torch (the CPU path before it, still the CUDA path). Bounded: faithful "
-                  "timed on 16 rows per call, vectors/s = 16 / time per call. Issue 3 targets for fast mode "
-                  "at 10 classes: batch-1 latency < 2 ms, >= 5,000 vectors/s at batch 1,024.")},
+                  "same algorithm in torch (the CPU path before it, still the CUDA path). purifier: the ONNX "
+                  "reformer with keyed latent noise; purifier-zero-noise: latent mean; purifier+swap: with the "
+                  "label swapper, half of each batch being indexed members. Bounded: faithful timed on 16 rows "
+                  "per call, vectors/s = 16 / time per call. Targets at 10 classes: MemGuard fast batch-1 "
+                  "latency < 2 ms and >= 5,000 vectors/s at batch 1,024; PURIFIER batch-1 overhead over "
+                  "identity < 100 us.")},
         {"title": "MemGuard fast mode: throughput ratios",
          "columns": ["classes", "batch", "fast / faithful", "fast numpy / fast torch"],
          "rows": ratio_rows, "note": "Target: fast >= 50x faithful at batch 1."},
