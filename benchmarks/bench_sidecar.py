@@ -118,28 +118,7 @@ def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.nd
     import tritonclient.grpc as grpcclient
     import tritonclient.grpc.aio as aioclient
 
-    async def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
-    """The README table: every cell with its overhead against the matching direct call."""
-    table_rows = []
-    for key, cell in cells.items():
-        c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})
-        table_rows.append([key, c1["p50_ms"], c1["p99_ms"], c1["throughput_rps"], c16["p50_ms"], c16["p99_ms"],
-                           c16["throughput_rps"], cmp.get("added_p50_ms_c1", "-"), cmp.get("added_p99_ms_c1", "-"),
-                           cmp.get("throughput_ratio_c16", "-")])
-    load_text = "not recorded" if load is None else f"{load:.1f}"
-    return [{
-        "title": "Sidecar overhead: client -> upstream directly vs client -> sidecar -> upstream (1 row per request)",
-        "columns": ["cell", "c1 p50 ms", "c1 p99 ms", "c1 req/s", "c16 p50 ms", "c16 p99 ms", "c16 req/s",
-                    "added p50 ms (c1)", "added p99 ms (c1)", "c16 throughput ratio"],
-        "rows": table_rows,
-        "note": f"Servers as separate processes measured side by side in {rounds} interleaved windows of "
-                f"{seconds:g} s; client, sidecar and upstream share the machine's 2 cores (1-minute load average "
-                f"at the end: {load_text}). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; c16 throughput "
-                "ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity.",
-    }]
-
-
-def main():
+    async def main():
         client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
         inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
@@ -243,6 +222,27 @@ def sidecar_cmd(backend_args: list[str], defense: tuple[str, str] | None, secret
 
 def sidecar_port(line: str) -> int:
     return json.loads(line)["port"]
+
+
+def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
+    """The README table: every cell with its overhead against the matching direct call."""
+    table_rows = []
+    for key, cell in cells.items():
+        c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})
+        table_rows.append([key, c1["p50_ms"], c1["p99_ms"], c1["throughput_rps"], c16["p50_ms"], c16["p99_ms"],
+                           c16["throughput_rps"], cmp.get("added_p50_ms_c1", "-"), cmp.get("added_p99_ms_c1", "-"),
+                           cmp.get("throughput_ratio_c16", "-")])
+    load_text = "not recorded" if load is None else f"{load:.1f}"
+    return [{
+        "title": "Sidecar overhead: client -> upstream directly vs client -> sidecar -> upstream (1 row per request)",
+        "columns": ["cell", "c1 p50 ms", "c1 p99 ms", "c1 req/s", "c16 p50 ms", "c16 p99 ms", "c16 req/s",
+                    "added p50 ms (c1)", "added p99 ms (c1)", "c16 throughput ratio"],
+        "rows": table_rows,
+        "note": f"Servers as separate processes measured side by side in {rounds} interleaved windows of "
+                f"{seconds:g} s; client, sidecar and upstream share the machine's 2 cores (1-minute load average "
+                f"at the end: {load_text}). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; c16 throughput "
+                "ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity.",
+    }]
 
 
 def main() -> None:
