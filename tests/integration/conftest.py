@@ -129,3 +129,15 @@ def digits_rows():
 
     X, _ = load_digits(return_X_y=True)
     return np.ascontiguousarray(X[1::2][:16] / 16.0, dtype=np.float32)
+
+
+@pytest.fixture
+def client(sidecar):
+    """A tritonclient.grpc client for the `sidecar` fixture of the requesting test module."""
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        yield c
+    finally:
+        c.close()

@@ -50,15 +50,6 @@ def stub(sidecar):
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
-@pytest.fixture
-def client(sidecar):
-    c = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
-    try:
-        yield c
-    finally:
-        c.close()
-
-
 def assert_defended(stub, sidecar):
     """A plain request still gets the defended vector, and only that output."""
     resp = stub.ModelInfer(infer_request(X), timeout=5)

@@ -51,15 +51,6 @@ def triton_input(x, datatype="FP32"):
 
 
 @pytest.fixture
-def client(sidecar):
-    c = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
 def stub(sidecar):
     with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
         yield pb_grpc.GRPCInferenceServiceStub(channel)
