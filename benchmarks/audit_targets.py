@@ -25,7 +25,6 @@ from purifier.audit.access import InProcessTarget  # noqa: E402
 from purifier.audit.report import text_table, write_report  # noqa: E402
 from purifier.audit.runner import AuditConfig, run_audit  # noqa: E402
 from purifier.models.target import Target, train_target  # noqa: E402
-from purifier.models.training import torch_threads  # noqa: E402
 
 BUILD = Path(__file__).resolve().parents[1] / "build" / "bench"
 
@@ -69,8 +68,7 @@ def main() -> None:
         if (tdir / "model.json").is_file():
             target = Target.load(tdir)
         else:
-            with torch_threads(1):  # the shared 2-core box: two spinning threads are slower than one
-                target = train_target(name, tdir, seed=0)
+            target = train_target(name, tdir, seed=0)  # trains single-threaded itself
         train_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         audit = run_audit(target, InProcessTarget(target), AuditConfig(DEFAULT_ATTACKS, n_shadows=args.shadows),

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -93,56 +93,48 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
     return directory
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class SidecarProcess:
-    """`purifier serve` as a subprocess on a free loopback port; stopped on exit."""
+    """`purifier serve` as a subprocess on a loopback port it picks itself (`--port 0`); stopped on
+    exit. The port comes from the ready line `purifier serve` prints on stdout once it serves (for
+    the embedded backend that is also when health turns SERVING); logs go to `log_path`."""
 
     def __init__(self, target_dir: Path, defense: str, defense_dir: Path | None, secret_file: Path,
                  log_path: Path, ready_timeout_s: float = 90.0):
-        self.port = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "purifier.cli", "serve", "--model", str(target_dir), "--defense", defense,
-               "--secret-file", str(secret_file), "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", "-1"]
+               "--secret-file", str(secret_file), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
         if defense_dir is not None:
             cmd += ["--defense-dir", str(defense_dir)]
         self.cmd, self.log_path, self.ready_timeout_s = cmd, log_path, ready_timeout_s
         self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self.endpoint: str | None = None
 
     def __enter__(self) -> SidecarProcess:
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     start_new_session=True)
         try:
-            self._wait_serving()
+            self.port = self._read_ready_port()
         except BaseException:
             self.__exit__(None, None, None)
             raise
+        self.endpoint = f"127.0.0.1:{self.port}"
         return self
 
-    def _wait_serving(self) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+    def _read_ready_port(self) -> int:
         deadline = time.monotonic() + self.ready_timeout_s
-        with grpc.insecure_channel(self.endpoint) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
             while time.monotonic() < deadline:
+                if sel.select(timeout=0.2):
+                    line = self.proc.stdout.readline()
+                    if line:
+                        return int(json.loads(line)["port"])
                 if self.proc.poll() is not None:
+                    self._log.flush()
                     tail = Path(self.log_path).read_text()[-800:]
                     raise ConfigError(f"sidecar ({' '.join(self.cmd[3:7])}) exited with {self.proc.returncode}: {tail}")
-                try:
-                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.2)
-        raise ConfigError(f"sidecar on {self.endpoint} was not SERVING within {self.ready_timeout_s:.0f}s "
+        raise ConfigError(f"sidecar ({' '.join(self.cmd[3:7])}) was not serving within {self.ready_timeout_s:.0f}s "
                           f"(log: {self.log_path})")
 
     def __exit__(self, *exc) -> None:
@@ -155,6 +147,8 @@ class SidecarProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=5)
+        if self.proc is not None:
+            self.proc.stdout.close()
         self._log.close()
 
 
@@ -259,8 +253,9 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
             rows.append([name, *(cell(r["attacks"][name]) if name in r["attacks"] else "-" for r in reports.values())])
     rows.append(["gap floor (label-only)", *(f"{r['gap_floor']['auc']:.3f} / {r['gap_floor']['balanced_accuracy']:.3f}"
                                              for r in reports.values())])
-    rows.append(["argmax agreement", *(f"{r['utility'].get('argmax_agreement') if r['utility'].get('argmax_agreement') is not None else 1.0:.4f}"
-                                      for r in reports.values())])
+    # the undefended endpoint is its own baseline (no agreement measured): 1 by definition
+    agreement = [r["utility"].get("argmax_agreement") for r in reports.values()]
+    rows.append(["argmax agreement", *(f"{1.0 if a is None else a:.4f}" for a in agreement)])
     rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
     rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
     base = latency["none"]["p50_ms"]
