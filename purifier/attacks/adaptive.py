@@ -32,8 +32,8 @@ def attacker_secret(seed: int) -> bytes:
 
 def defended_shadow_outputs(ctx) -> np.ndarray:
     """(K, P, C) shadow pool outputs passed through the attacker's copy of the defense; cached."""
-    if "defended_pool" in ctx.cache:
-        return ctx.cache["defended_pool"]
+    if ctx.defended_pool is not None:
+        return ctx.defended_pool
     from purifier.defenses import FitData, defense_class
 
     if not ctx.defense_name:
@@ -50,7 +50,7 @@ def defended_shadow_outputs(ctx) -> np.ndarray:
     inputs = sh.pool_X if defense.needs_inputs else None
     defended = np.stack([defense.transform(sh.pool_probs[k], inputs).astype(np.float64)
                          for k in range(sh.n_shadows)])  # one batched call per shadow model
-    ctx.cache["defended_pool"] = defended
+    ctx.defended_pool = defended
     return defended
 
 

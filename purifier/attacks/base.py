@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from purifier.attacks.shadow import ShadowSet
 
 FAMILIES = ("confidence", "label_only", "adaptive", "repeated_query")
 
@@ -21,19 +24,28 @@ FAMILIES = ("confidence", "label_only", "adaptive", "repeated_query")
 class AttackContext:
     """What the attacker has: shadow models and outputs, the data's shape, the defense's name.
 
-    shadows: a `ShadowSet`; kind: "image" or "tabular"; image_shape: (c, h, w) or None;
-    feature_range: (lo, hi) per-feature bounds (D,) of valid inputs; defense_name: the defense
-    algorithm the attacker assumes (adaptive attacks), or None.
+    Attributes:
+        shadows: the attacker's `ShadowSet` (models and outputs on pool and candidates).
+        n_classes: C.
+        kind: "image" or "tabular"; image_shape: (c, h, w) or None.
+        feature_range: (lo, hi) per-feature bounds (D,) of valid inputs.
+        candidate_labels: (N,) labels of the audited records, in the order `run` sees them
+            (the records the shadow models were built around, for per-record attacks).
+        defense_name: the defense algorithm the attacker assumes (adaptive attacks), or None.
+        seed: the attacker's seed.
+        defended_pool: (K, P, C) shadow pool outputs passed through the attacker's own copy of
+            the defense, computed once per audit by `adaptive.defended_shadow_outputs`.
     """
 
-    shadows: object
+    shadows: ShadowSet
     n_classes: int
     kind: str
     image_shape: tuple[int, int, int] | None
     feature_range: tuple[np.ndarray, np.ndarray]
+    candidate_labels: np.ndarray | None = None
     defense_name: str | None = None
     seed: int = 0
-    cache: dict = field(default_factory=dict)
+    defended_pool: np.ndarray | None = field(default=None, repr=False)
 
 
 class LabelOnly:

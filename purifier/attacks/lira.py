@@ -90,7 +90,7 @@ class LiRA(ConfidenceAttack):
     def fit(self, ctx):
         sh = ctx.shadows
         return self.fit_shadow_outputs(sh.pool_probs, sh.pool_y, sh.pool_in, sh.cand_probs, sh.cand_in,
-                                       ctx.cache.get("cand_y"))
+                                       ctx.candidate_labels)
 
     def fit_shadow_outputs(self, pool_probs, pool_y, pool_in, cand_probs, cand_in, cand_y) -> LiRA:
         """pool_probs (K, P, C), pool_y (P,), pool_in (K, P); cand_probs (K, N, C), cand_in (K, N),

@@ -164,9 +164,8 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
         lo, hi = np.zeros(data.n_features), np.ones(data.n_features)
     else:
         lo, hi = pool_X.min(axis=0).astype(np.float64), pool_X.max(axis=0).astype(np.float64)
-    ctx = AttackContext(shadows, target.n_classes, data.kind, data.image_shape, (lo, hi), defense_name,
-                        config.seed)
-    ctx.cache["cand_y"] = y
+    ctx = AttackContext(shadows, target.n_classes, data.kind, data.image_shape, (lo, hi),
+                        candidate_labels=y, defense_name=defense_name, seed=config.seed)
 
     outcomes: dict[str, AttackOutcome] = {}
     with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:

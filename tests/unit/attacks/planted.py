@@ -48,10 +48,8 @@ def planted_shadows(n_shadows=4, n_pool=600, n_cand=400, n_classes=10, seed=0, d
 
 def context(shadows, n_classes=10, defense_name=None, kind="tabular", cand_y=None):
     d = shadows.pool_X.shape[1]
-    ctx = AttackContext(shadows, n_classes, kind, None, (np.full(d, -10.0), np.full(d, 10.0)), defense_name, 0)
-    if cand_y is not None:
-        ctx.cache["cand_y"] = cand_y
-    return ctx
+    return AttackContext(shadows, n_classes, kind, None, (np.full(d, -10.0), np.full(d, 10.0)),
+                         candidate_labels=cand_y, defense_name=defense_name, seed=0)
 
 
 class LinearLabeler(torch.nn.Module):
