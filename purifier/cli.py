@@ -66,7 +66,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--model-name", help="the model clients ask for (required with --upstream)")
     p.add_argument("--model-version", help="model version accepted besides ''")
     p.add_argument("--model-id", help="with --upstream: ONNX sha256 the defense must have been fitted for")
-    p.add_argument("--defense", choices=["none", "memguard", "purifier"], help="default none")
+    from purifier.defenses import REGISTRY as DEFENSES
+
+    p.add_argument("--defense", choices=list(DEFENSES), help="default none")
     p.add_argument("--defense-dir", help="fitted defense directory (from purifier fit-defense)")
     p.add_argument("--secret-file", help="PRF secret file (else $PURIFIER_SECRET / $PURIFIER_SECRET_FILE)")
     p.add_argument("--confidence-output", help="output holding the confidences (embedded: from model.json)")

@@ -19,9 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from purifier.defenses import REGISTRY as DEFENSE_REGISTRY
 from purifier.errors import ConfigError
 
-DEFENSES = ("none", "memguard", "purifier")
+DEFENSES = tuple(DEFENSE_REGISTRY)
 CONFIDENCE_KINDS = ("probabilities", "logits")
 DEVICES = ("cpu", "cuda", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")

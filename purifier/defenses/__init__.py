@@ -9,6 +9,7 @@ import importlib
 from pathlib import Path
 
 from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
+from purifier.defenses.fingerprint import Fingerprint
 from purifier.errors import ArtifactError, ConfigError
 
 # name -> "module:Class"; a defense is listed here only once it is implemented.
@@ -41,7 +42,10 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
             f"not {model_id[:12]}... (refit it for this model)"
         )
     cls = defense_class(manifest["defense"])
-    return cls.from_manifest(Path(directory), manifest, secret)
+    defense = cls.from_manifest(Path(directory), manifest, secret)
+    if isinstance(manifest.get("fingerprint"), dict):  # defenses fitted before fingerprints have none
+        defense.fingerprint = Fingerprint.load(Path(directory), manifest["fingerprint"])
+    return defense
 
 
-__all__ = ["Defense", "FitData", "IdentityDefense", "REGISTRY", "defense_class", "load_defense"]
+__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense"]

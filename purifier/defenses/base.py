@@ -31,6 +31,7 @@ from purifier.artifacts import (
     require_keys,
     write_json,
 )
+from purifier.defenses.fingerprint import Fingerprint
 from purifier.errors import ArtifactError, InvalidProbabilities
 
 FORMAT_VERSION = 1
@@ -134,6 +135,8 @@ class Defense(abc.ABC):
             callers may pass `inputs=None` to defenses where it is False.
         n_classes: class count the defense was fitted for (None: any).
         model_id: identity of the protected model (the ONNX sha256), or "" if unbound.
+        fingerprint: probe inputs and the fitted model's answers (`purifier.defenses.fingerprint`),
+            set by `fit` from the reference set and saved with the defense; None for unfitted ones.
     """
 
     name: ClassVar[str]
@@ -141,6 +144,7 @@ class Defense(abc.ABC):
 
     n_classes: int | None = None
     model_id: str = ""
+    fingerprint: Fingerprint | None = None
 
     def __init__(self, *, secret: bytes | None = None):
         """Every defense is constructible with keyword hyper-parameters that all have defaults,
@@ -151,6 +155,7 @@ class Defense(abc.ABC):
     def fit(self, data: FitData) -> Self:
         self.n_classes = data.n_classes
         self.model_id = data.model_id
+        self.fingerprint = Fingerprint.from_rows(data.reference_inputs, data.reference_probs)
         return self
 
     def transform(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
@@ -206,6 +211,10 @@ class Defense(abc.ABC):
 
         with atomic_directory(directory) as tmp:
             files = self._save_arrays(tmp)
+            identity = {}
+            if self.fingerprint is not None:
+                written, identity["fingerprint"] = self.fingerprint.save(tmp)
+                files = [*files, *written]
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "defense": self.name,
@@ -214,6 +223,7 @@ class Defense(abc.ABC):
                 "model_id": self.model_id,
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
+                **identity,
                 **(extra or {}),
             }
             write_json(tmp / "defense.json", manifest)

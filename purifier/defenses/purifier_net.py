@@ -153,7 +153,7 @@ class PurifierNet(Defense):
             if value is not None:
                 cfg[key] = value
         twin = PurifierNet(**cfg, secret=self.secret if secret is None else secret)
-        for attr in ("n_classes", "model_id", "n_features", "latent_dim", "model", "_session", "_onnx_bytes",
+        for attr in ("n_classes", "model_id", "fingerprint", "n_features", "latent_dim", "model", "_session", "_onnx_bytes",
                      "fit_report", "member_index", "key_check", "realized_swap_fraction"):
             setattr(twin, attr, getattr(self, attr))
         return twin

@@ -1,0 +1,85 @@
+"""Model identity without hand-copied hashes: a few probe inputs and the model's answers to them.
+
+A defense is fitted for one model: its thresholds, classifier or reformer learned what that
+model's confidence vectors look like on members and non-members. Behind a remote model server the
+sidecar cannot hash the model file, so a fitted defense stores a *fingerprint*: a handful of
+probe inputs (rows of the defender's reference set, never members) and the model's confidence
+vectors on them. Whoever serves the defense asks the model the same questions and compares the
+answers; a different model with the same class count answers differently and is refused.
+
+Arrays: inputs (K, D) float32; probs (K, C) float64 probability rows (after a softmax when the
+model answers logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from purifier.errors import ArtifactError
+
+FILE = "fingerprint.npz"
+DEFAULT_ROWS = 8
+# Largest absolute difference between stored and fresh probabilities that still counts as the same
+# model: FP32 versus FP64 serving of one model differs by ~1e-7; another model with the same
+# classes (even the same recipe retrained with another seed) differs by far more than 1e-3.
+# FP16 serving can need 1e-2.
+DEFAULT_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    inputs: np.ndarray
+    probs: np.ndarray
+    tolerance: float = DEFAULT_TOLERANCE
+
+    def __post_init__(self):
+        if self.inputs.ndim != 2 or self.probs.ndim != 2 or len(self.inputs) != len(self.probs) or not len(self.inputs):
+            raise ArtifactError(f"fingerprint: inputs {self.inputs.shape} and probs {self.probs.shape} "
+                                "must be (K, D) and (K, C) with the same K >= 1")
+
+    @classmethod
+    def from_rows(cls, inputs: np.ndarray, probs: np.ndarray, rows: int = DEFAULT_ROWS,
+                  tolerance: float = DEFAULT_TOLERANCE) -> Fingerprint:
+        """Pick `rows` evenly spaced rows of (R, D) inputs and their (R, C) model outputs."""
+        idx = np.unique(np.linspace(0, len(inputs) - 1, min(rows, len(inputs))).round().astype(np.int64))
+        return cls(np.ascontiguousarray(inputs[idx], np.float32), np.asarray(probs[idx], np.float64), tolerance)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.inputs.shape[1])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs.shape[1])
+
+    def mismatch(self, probs: np.ndarray) -> str | None:
+        """None if `probs` (K, C), the model's answers to `inputs`, match; else why not, in words."""
+        probs = np.asarray(probs, np.float64)
+        if probs.shape != self.probs.shape:
+            return f"the model answered shape {list(probs.shape)} to the probe inputs, expected {list(self.probs.shape)}"
+        if not np.isfinite(probs).all():
+            return "the model answered NaN or Inf to the probe inputs"
+        diff = float(np.abs(probs - self.probs).max())
+        if diff > self.tolerance:
+            return (f"the model's answers to the {len(probs)} probe inputs differ from the fitted model's by up to "
+                    f"{diff:.3g} (tolerance {self.tolerance:g})")
+        return None
+
+    def save(self, directory: Path) -> tuple[list[str], dict]:
+        """Write FILE into `directory`; returns (files written, the manifest entry)."""
+        np.savez(directory / FILE, inputs=self.inputs, probs=self.probs)
+        return [FILE], {"file": FILE, "rows": int(len(self.inputs)), "tolerance": self.tolerance}
+
+    @classmethod
+    def load(cls, directory: Path, entry: dict) -> Fingerprint:
+        """Read the file named by a manifest entry (already hash-checked by the caller)."""
+        path = Path(directory) / entry.get("file", FILE)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["inputs"].astype(np.float32), z["probs"].astype(np.float64),
+                           float(entry.get("tolerance", DEFAULT_TOLERANCE)))
+        except (OSError, KeyError, ValueError) as e:
+            raise ArtifactError(f"{path}: cannot read the model fingerprint ({e})") from None

@@ -1,0 +1,50 @@
+"""The model fingerprint a fitted defense carries: chosen from the reference set, saved, checked."""
+
+import numpy as np
+import pytest
+
+from purifier.defenses import FitData, IdentityDefense, load_defense
+from purifier.defenses.fingerprint import DEFAULT_ROWS, Fingerprint
+from purifier.errors import ArtifactError
+
+
+def _fit_data(rng, n=50, d=5, c=3):
+    probs = rng.dirichlet(np.ones(c), size=n)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = probs.argmax(1)
+    return FitData(probs, probs[::-1].copy(), X, X[::-1].copy(), y, y[::-1].copy(), model_id="m")
+
+
+def test_fit_takes_reference_rows_save_and_load_round_trip(tmp_path):
+    data = _fit_data(np.random.default_rng(0))
+    defense = IdentityDefense().fit(data)
+    fp = defense.fingerprint
+    assert fp.inputs.shape == (DEFAULT_ROWS, 5) and fp.probs.shape == (DEFAULT_ROWS, 3)
+    # every probe row is a reference row with the model's answer to it, never a member's
+    for x, p in zip(fp.inputs, fp.probs, strict=True):
+        i = int(np.nonzero((data.reference_inputs == x).all(axis=1))[0][0])
+        np.testing.assert_array_equal(p, data.reference_probs[i])
+    defense.save(tmp_path / "d")
+    loaded = load_defense(tmp_path / "d")
+    np.testing.assert_array_equal(loaded.fingerprint.inputs, fp.inputs)
+    np.testing.assert_array_equal(loaded.fingerprint.probs, fp.probs)
+    assert loaded.fingerprint.mismatch(fp.probs) is None
+
+
+def test_mismatch_names_the_difference():
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(4), size=6)
+    fp = Fingerprint.from_rows(rng.normal(size=(6, 2)), probs)
+    assert fp.mismatch(probs.astype(np.float32)) is None  # FP32 serving of the same model
+    other = probs.copy()
+    other[0] = other[0][::-1]
+    assert "differ" in fp.mismatch(other)
+    assert "shape" in fp.mismatch(probs[:, :3])
+    assert "NaN" in fp.mismatch(np.full_like(probs, np.nan))
+
+
+def test_tampered_fingerprint_is_refused(tmp_path):
+    IdentityDefense().fit(_fit_data(np.random.default_rng(2))).save(tmp_path / "d")
+    np.savez(tmp_path / "d" / "fingerprint.npz", inputs=np.zeros((1, 5), np.float32), probs=np.ones((1, 3)) / 3)
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_defense(tmp_path / "d")
