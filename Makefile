@@ -10,7 +10,7 @@ DEMO_OUT ?= build/demo
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,ray]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
