@@ -236,6 +236,26 @@ def _bounded_ray_connect() -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+def _init_failure(address: str | None, error: BaseException) -> str:
+    """One line from Ray's failure; its useful part is the innermost error, sometimes only as the
+    text of a traceback inside another exception's message."""
+    chain = [error]
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+        chain.append(nxt)
+    texts = [f"{type(e).__name__}: {e}" for e in chain]
+    where = f"the Ray cluster at {address}" if address else "a local Ray"
+    if any("AuthenticationError" in t or "InvalidAuthToken" in t for t in texts):
+        # Ray 2.60: `ray start --head` enables token auth when ~/.ray/auth_token exists, but a
+        # driver joining with an address does not send it unless RAY_AUTH_MODE=token is set.
+        return (f"executor ray: {where} requires token authentication; export RAY_AUTH_MODE=token with the "
+                "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
+    if not lines:
+        lines = [type(chain[-1]).__name__]
+    text = lines[-1] if any("Traceback" in line for line in lines) else lines[0]
+    return f"executor ray: cannot start or join {where} ({text[:300]})"
+
+
 class RayExecutor:
     """Ray tasks (one CPU each) on the cluster at `address`, or on a local Ray of `num_cpus`.
 
@@ -271,9 +291,7 @@ class RayExecutor:
             except Exception as e:  # Ray raises ConnectionError, RuntimeError (version mismatch), ...
                 with contextlib.suppress(Exception):
                     ray.shutdown()
-                where = f"the cluster at {address}" if address else "a local Ray"
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ConfigError(f"executor ray: cannot start or join {where} ({first})") from None
+                raise ConfigError(_init_failure(address, e)) from None
         self._remote = ray.remote(num_cpus=1)(_ray_call)
         self.workers = int(ray.cluster_resources().get("CPU", 0))
 

@@ -166,3 +166,23 @@ def test_a_silent_listener_is_not_taken_for_a_ray_head():
         for c in conns:
             c.close()
         server.close()
+
+
+def test_ray_failures_become_one_line_with_the_inner_reason():
+    from purifier.executor import _init_failure
+
+    def chained(inner: str) -> Exception:
+        try:
+            try:
+                raise RuntimeError(inner)
+            except RuntimeError as e:
+                raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from e
+        except ConnectionError as e:
+            return e
+
+    auth = chained("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                   "  File x\nray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: missing")
+    assert "RAY_AUTH_MODE=token" in _init_failure("10.0.0.1:6379", auth)
+    other = _init_failure("10.0.0.1:6379", chained("Failed to connect to GCS. Traceback (most recent call "
+                                                    "last):\n  File y\nray.exceptions.RpcError: version mismatch"))
+    assert other.endswith("(ray.exceptions.RpcError: version mismatch)") and "\n" not in other
