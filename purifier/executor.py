@@ -285,7 +285,9 @@ class RayExecutor:
                     with _bounded_ray_connect():
                         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
                 else:
-                    ray.init(num_cpus=num_cpus or available_cores(), include_dashboard=False,
+                    # "local": a new Ray even when `ray start` left one running on this machine
+                    # (plain ray.init() would join it, with its own CPUs and workloads)
+                    ray.init(address="local", num_cpus=num_cpus or available_cores(), include_dashboard=False,
                              log_to_driver=False, logging_level=logging.WARNING,
                              object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES)
             except Exception as e:  # Ray raises ConnectionError, RuntimeError (version mismatch), ...

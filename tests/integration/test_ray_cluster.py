@@ -21,6 +21,11 @@ from purifier.executor import RayExecutor
 with RayExecutor(address=sys.argv[1]) as ex:
     print(ex.describe()["workers"], ex.map(np.add, [(1,), (2,)], (np.arange(3),)))
 """
+LOCAL_DRIVER = """
+from purifier.executor import RayExecutor
+with RayExecutor(num_cpus=1) as ex:
+    print(ex.describe()["workers"])
+"""
 
 
 def _free_port() -> int:
@@ -56,6 +61,10 @@ def test_driver_joins_a_running_head(tmp_path):
         run = subprocess.run([sys.executable, "-c", DRIVER, f"127.0.0.1:{port}"], capture_output=True,
                              text=True, env=env, timeout=400)
         assert run.returncode != 0 and "RAY_AUTH_MODE=token" in run.stderr.splitlines()[-1]
+        # with a head running on this machine, "no address" still means a Ray of our own
+        run = subprocess.run([sys.executable, "-c", LOCAL_DRIVER], capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.strip().splitlines()[-1] == "1"
     finally:
         os.killpg(head.pid, signal.SIGKILL)  # SIGTERM drains for 30 s; nothing here needs draining
         head.wait(30)
