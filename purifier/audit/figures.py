@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 UNDEFENDED, DEFENDED, FLOOR = "#c0392b", "#1f6fb2", "#222222"
-FAMILY_COLORS = ("#1f6fb2", "#e67e22", "#27ae60", "#8e44ad", "#7f8c8d", "#16a085", "#d35400", "#2c3e50")
+# one colour and marker per defense, distinct in colour and in shape (printed in grey, too)
+FAMILY_STYLES = (("#1f77b4", "o"), ("#ff7f0e", "s"), ("#2ca02c", "^"), ("#9467bd", "D"), ("#7f7f7f", "v"),
+                 ("#8c564b", "P"), ("#e377c2", "X"), ("#bcbd22", "*"))
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,8 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefende
     families = list(dict.fromkeys(p.defense for p in points))
     for i, name in enumerate(families):
         pts = sorted((p for p in points if p.defense == name), key=lambda p: p.real_traffic_l1)
-        color = FAMILY_COLORS[i % len(FAMILY_COLORS)]
-        ax.plot([p.real_traffic_l1 for p in pts], [p.best_auc for p in pts], marker="o", ms=5, lw=1.4,
+        color, marker = FAMILY_STYLES[i % len(FAMILY_STYLES)]
+        ax.plot([p.real_traffic_l1 for p in pts], [p.best_auc for p in pts], marker=marker, ms=6, lw=1.4,
                 color=color, label=name)
         for p in pts:
             ax.annotate(p.setting, (p.real_traffic_l1, p.best_auc), textcoords="offset points", xytext=(4, 4),
