@@ -13,11 +13,13 @@ the npz file's sha256 and the parts that made the key. A read checks the hash an
 array shapes; a corrupt entry is reported, deleted and treated as a miss (the caller retrains
 and rewrites it). A failed write is reported and the audit goes on uncached.
 
-What is cached is the shadows' outputs on the rows every attack queries (attacker pool and
-candidates), not the models: a recipe may be any `module:function` returning a callable, which
-has no array form. Attacks that query a shadow on new inputs (label-only augmentation and
-boundary searches) get the model by retraining that one shadow; training is seeded, so it is
-the same model (see `purifier.attacks.shadow`).
+What an entry holds: a shadow's outputs on the rows every attack queries (attacker pool and
+candidates) and, when the recipe's model is arrays (the torch recipes: their weights), the model,
+so the attacks that query a shadow on new inputs (label-only augmentation, boundary search)
+rebuild it exactly. A recipe without an array form (scikit-learn, `module:function`; only pickle
+would store them) has just its outputs cached, and the few shadows those attacks query are
+retrained on demand: seeded training gives the same model. Caching outputs on every query set
+instead would tie entries to each attack's augmentations and seeds.
 """
 
 from __future__ import annotations
