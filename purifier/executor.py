@@ -249,6 +249,11 @@ def _init_failure(address: str | None, error: BaseException) -> str:
         # driver joining with an address does not send it unless RAY_AUTH_MODE=token is set.
         return (f"executor ray: {where} requires token authentication; export RAY_AUTH_MODE=token with the "
                 "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token")
+    if any("timed out during startup" in t for t in texts):
+        # Ray gives its raylet a fixed 30 s to register; on an overloaded machine that is too short
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        return (f"executor ray: a local Ray did not start within Ray's fixed 30 s (load average {load} on "
+                f"{available_cores()} cores); retry when the machine is quieter, or use --executor local")
     lines = [line.strip() for line in str(chain[-1]).splitlines() if line.strip()]
     if not lines:
         lines = [type(chain[-1]).__name__]
@@ -280,22 +285,29 @@ class RayExecutor:
         ray = self._ray
         self._owned = not ray.is_initialized()
         if self._owned:
-            try:
-                if address:
-                    with _bounded_ray_connect():
-                        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-                else:
-                    # "local": a new Ray even when `ray start` left one running on this machine
-                    # (plain ray.init() would join it, with its own CPUs and workloads)
-                    ray.init(address="local", num_cpus=num_cpus or available_cores(), include_dashboard=False,
-                             log_to_driver=False, logging_level=logging.WARNING,
-                             object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES)
-            except Exception as e:  # Ray raises ConnectionError, RuntimeError (version mismatch), ...
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
-                raise ConfigError(_init_failure(address, e)) from None
+            if address:
+                with _bounded_ray_connect():
+                    self._init(lambda: ray.init(address=address, log_to_driver=False,
+                                                logging_level=logging.WARNING), address)
+            else:
+                # "local": a new Ray even when `ray start` left one running on this machine
+                # (plain ray.init() would join it, with its own CPUs and workloads)
+                self._init(lambda: ray.init(address="local", num_cpus=num_cpus or available_cores(),
+                                            include_dashboard=False, log_to_driver=False,
+                                            logging_level=logging.WARNING,
+                                            object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES),
+                           None)
         self._remote = ray.remote(num_cpus=1)(_ray_call)
         self.workers = int(ray.cluster_resources().get("CPU", 0))
+
+    def _init(self, start: Callable[[], object], address: str | None) -> None:
+        """Run `start` (a ray.init); a failure is one line."""
+        try:
+            start()
+        except Exception as e:  # Ray raises ConnectionError, RuntimeError (version mismatch), ...
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()
+            raise ConfigError(_init_failure(address, e)) from None
 
     def describe(self) -> dict:
         return {"executor": self.name, "workers": self.workers,

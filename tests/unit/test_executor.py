@@ -186,3 +186,5 @@ def test_ray_failures_become_one_line_with_the_inner_reason():
     other = _init_failure("10.0.0.1:6379", chained("Failed to connect to GCS. Traceback (most recent call "
                                                     "last):\n  File y\nray.exceptions.RpcError: version mismatch"))
     assert other.endswith("(ray.exceptions.RpcError: version mismatch)") and "\n" not in other
+    busy = _init_failure(None, Exception("The current node timed out during startup. This could happen ..."))
+    assert "load average" in busy and "--executor local" in busy
