@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from purifier.artifacts import atomic_directory, write_json
+from purifier.audit.assumptions import markdown_lines as assumptions_markdown
 
 
 def _fmt(v, digits=3) -> str:
@@ -69,6 +70,7 @@ def text_table(report: dict) -> str:
 def markdown(report: dict) -> str:
     header, rows = table_rows(report)
     md = [f"# Membership inference audit: {report['dataset']}, defense `{report['defense']}`", ""]
+    md += assumptions_markdown(report.get("assumptions"))
     md += [f"- {line}" for line in summary_lines(report)]
     md += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
