@@ -82,13 +82,20 @@ def _image_shape(text: str | None) -> tuple[int, int, int] | None:
     return shape
 
 
-def _load_defense(args, model_id: str | None):
+def _load_defense(args, model):
+    """The --defense-dir defense, checked against the in-process `model` (ONNX hash, fingerprint)."""
     if not args.defense_dir:
         return None
     from purifier.defenses import load_defense, load_secret
 
     secret = load_secret(file=args.secret_file, required=False) or os.urandom(32).hex().encode()
-    return load_defense(args.defense_dir, secret=secret, model_id=model_id)
+    defense = load_defense(args.defense_dir, secret=secret, model_id=model.model_id or None)
+    fp = defense.fingerprint
+    why = fp.mismatch(model.query(fp.inputs)) if fp is not None and model.n_features in (None, fp.n_features) else None
+    if why is not None:
+        raise ConfigError(f"--defense-dir {args.defense_dir} was fitted for another model: {why}; refit it "
+                          "for this model")
+    return defense
 
 
 def _open_access(args, target):
@@ -110,12 +117,12 @@ def _open_access(args, target):
                           "MODEL.onnx (or --target DIR --in-process)")
     if in_process:
         if args.in_process:
-            defense = _load_defense(args, target.model_id)
+            defense = _load_defense(args, InProcessTarget(target))
             access = InProcessTarget(target, defense)
             baseline = InProcessTarget(target) if defense is not None else None
         else:
             plain = OnnxTarget(args.model, args.output_name, args.logits)
-            defense = _load_defense(args, plain.model_id)
+            defense = _load_defense(args, plain)
             access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
             baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
