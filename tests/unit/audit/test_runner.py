@@ -141,3 +141,40 @@ def test_audit_from_record_files_with_a_recipe_and_assumptions(digits_target, tm
     np.testing.assert_array_equal(audit.shadows.labels_fn(0)(roles[2].X), audit.shadows.pool_probs[0].argmax(1))
     md = markdown(r)
     assert md.index("## What the audit assumed") < md.index("| attack |") and "**warning:**" in md
+
+
+@pytest.mark.parametrize("case,message", [
+    ("exists", "--out: .* already exists; choose a new directory or pass --force"),
+    ("pool-overlap", "--attacker-pool .* and --nonmembers .* share 400 record"),
+    ("member-overlap", "--members .* and --nonmembers .* share 400 record"),
+    ("missing", "--members .*nope.npz: file does not exist"),
+    ("recipe", "unknown recipe 'svm'"),
+    ("no-records", "give the records: --members FILE --nonmembers FILE --attacker-pool FILE"),
+])
+def test_cli_bad_record_files_are_one_line(digits_target, tmp_path, capsys, case, message):
+    import re
+
+    from purifier.data.records import save_records
+
+    for role, name in (("eval_members", "m"), ("eval_nonmembers", "n"), ("attacker", "p")):
+        save_records(tmp_path / f"{name}.npz", *digits_target.role(role))
+    files = {"--members": "m", "--nonmembers": "n", "--attacker-pool": "p"}
+    if case == "pool-overlap":
+        files["--attacker-pool"] = "n"
+    elif case == "member-overlap":
+        files["--members"] = "n"
+    elif case == "missing":
+        files["--members"] = "nope"
+    args = ["audit", "--model", str(digits_target.onnx_path), "--out", str(tmp_path / "rep"), "--quiet",
+            *(x for flag, name in files.items() for x in (flag, str(tmp_path / f"{name}.npz")))]
+    if case == "exists":
+        (tmp_path / "rep").mkdir()
+    elif case == "recipe":
+        args += ["--shadow-model", "svm"]
+    elif case == "no-records":
+        args = args[:6]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert (tmp_path / "rep").exists() == (case == "exists")
