@@ -160,8 +160,9 @@ def _audit_data(args, target, access):
         for r in records:
             r.check_model(access.n_features, access.n_classes)
         shape = _image_shape(args.image_shape)
-        data = AuditData(*records, access.n_classes, kind="image" if shape else "tabular", image_shape=shape,
-                         model_id=access.model_id or None)
+        name = args.model_name or Path(args.model).stem  # what the report's title names
+        data = AuditData(*records, access.n_classes, name=name, kind="image" if shape else "tabular",
+                         image_shape=shape, model_id=access.model_id or None)
         data.check_disjoint()
     if args.target_family:
         data = replace(data, model_family=args.target_family)
