@@ -125,6 +125,9 @@ class OnnxTarget(TargetAccess):
         floats = [n for n, o in outputs.items() if o.type in FLOAT_TYPES]
         if output_name is None:
             output_name = "probabilities" if "probabilities" in floats else (floats[0] if len(floats) == 1 else None)
+            zipmaps = [n for n, o in outputs.items() if o.type.startswith("seq(map")]
+            if output_name is None and zipmaps:
+                output_name = zipmaps[0]  # refused below, with the fix
             if output_name is None:
                 raise ConfigError(f"--model {path}: choose the confidence output with --output-name from: "
                                   f"{', '.join(outputs)}")

@@ -175,3 +175,23 @@ def test_c_torch_logits_only(user, tmp_path, serve_process):
     r = _report(tmp_path / "defended")
     assert r["output_name"] == "logits" and r["assumptions"]["recipe_matches_target_family"] is True
     assert r["utility"]["member_accuracy"] == 1.0 > r["utility"]["nonmember_accuracy"]
+
+
+def test_bad_exports_are_named_with_the_fix(user, tmp_path, capsys):
+    from skl2onnx import to_onnx
+
+    d, clf, X, _ = user
+    (tmp_path / "zipmap.onnx").write_bytes(to_onnx(clf, X[:1]).SerializeToString())  # the default export
+    (tmp_path / "plain.onnx").write_bytes(to_onnx(clf, X[:1], options={id(clf): {"zipmap": False}}).SerializeToString())
+    cases = [("zipmap.onnx", [], "is an ONNX ZipMap .*export with skl2onnx options=.*'zipmap': False"),
+             ("zipmap.onnx", ["--output-name", "output_probability"], "is an ONNX ZipMap"),
+             ("plain.onnx", ["--output-name", "label"], "output 'label' is tensor\\(int64\\), not floating-point "
+                                                        "confidences; choose one of: probabilities")]
+    import re
+
+    for model, extra, message in cases:
+        rc = main(["fit-defense", "memguard", "--model", str(tmp_path / model), *extra, *_fit_files(d),
+                   "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
