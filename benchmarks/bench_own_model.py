@@ -146,9 +146,9 @@ def main(argv=None) -> int:
     }
     path = write_result("own_model", payload)
     print(json.dumps(timing, indent=1))
-    from purifier.demo import format_table
+    from purifier.tables import text_table
 
-    print(format_table(columns, rows))
+    print(text_table(columns, rows))
     print(f"wrote {path}")
     return 0
 

@@ -100,3 +100,19 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path
 
     assert re.search(message, err), err
     assert list(tmp_path.glob("out*")) == ([out] if case == "exists" else [])
+
+
+def test_every_registered_defense_fits_through_the_one_command(digits_target, files, tmp_path):
+    """Baselines included: the command knows no defense by name, only the registry."""
+    from purifier.defenses import REGISTRY
+
+    for name in [n for n in REGISTRY if n not in ("none", "memguard", "purifier")]:
+        out = tmp_path / name
+        assert _fit(name, "--model", str(digits_target.onnx_path), "--members", str(files / "members.npz"),
+                    "--reference", str(files / "reference.csv"), "--secret-file", str(files / "secret.txt"),
+                    "--out", str(out)) == 0, name
+        defense = load_defense(out, secret=SECRET, model_id=digits_target.model_id)
+        assert defense.name == name and defense.fingerprint is not None
+    assert _fit("top_k", "--target", str(digits_target.directory), "--param", "k=2", "--out", str(tmp_path / "k2"),
+                "--secret-file", str(files / "secret.txt")) == 0
+    assert load_defense(tmp_path / "k2", secret=SECRET).k == 2
