@@ -26,6 +26,7 @@ import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from purifier.errors import ConfigError, PurifierError
@@ -349,13 +350,45 @@ class RayExecutor:
         self.close()
 
 
-def make_executor(name: str = "local", *, workers: int | None = None,
-                  ray_address: str | None = None) -> LocalExecutor | RayExecutor:
-    """The executor a command line names; `ray_address` only with "ray"."""
-    if name not in EXECUTORS:
-        raise ConfigError(f"--executor: unknown executor {name!r}; choose {' or '.join(EXECUTORS)}")
-    if name == "local":
-        if ray_address:
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Which executor to use, checked when made and opened only when there is work.
+
+    Args:
+        name: "local" or "ray".
+        workers: local processes (default: the cores), or a local Ray's CPUs; with "ray" and an
+            address, the cluster's size rules and `workers` must be None.
+        ray_address: an existing cluster ("ray" only); None starts a local Ray.
+    """
+
+    name: str = "local"
+    workers: int | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self):
+        if self.name not in EXECUTORS:
+            raise ConfigError(f"--executor: unknown executor {self.name!r}; choose {' or '.join(EXECUTORS)}")
+        if self.ray_address and self.name != "ray":
             raise ConfigError("--ray-address only applies with --executor ray")
-        return LocalExecutor(workers)
-    return RayExecutor(ray_address, num_cpus=workers)
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers: need at least 1, got {self.workers}")
+        if self.workers is not None and self.ray_address:
+            raise ConfigError("--workers sizes a local executor; a Ray cluster at --ray-address has its own CPUs")
+
+    def check(self) -> None:
+        """Fail now, in one line, on what would fail when opened: Ray missing, no cluster there."""
+        if self.name == "ray":
+            if self.ray_address:
+                probe_address(self.ray_address, RAY_CONNECT_TIMEOUT_S)
+            import_ray()
+
+    def describe(self) -> dict:
+        if self.name == "local":
+            return {"executor": "local", "workers": self.workers or available_cores()}
+        return {"executor": "ray", "workers": self.workers if not self.ray_address else None,
+                "cluster": self.ray_address or "local (started by the audit)"}
+
+    def open(self) -> LocalExecutor | RayExecutor:
+        if self.name == "local":
+            return LocalExecutor(self.workers)
+        return RayExecutor(self.ray_address, num_cpus=self.workers)

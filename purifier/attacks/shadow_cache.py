@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 CACHE_FORMAT = 1
-Expected = Mapping[str, tuple[tuple[int, ...], str]]  # array name -> (shape, dtype string)
+Expected = Mapping[str, tuple[int, ...]]  # array name -> shape
 
 
 def default_cache_dir() -> Path:
@@ -130,11 +130,10 @@ class ShadowCache:
             raise ValueError("sha256 mismatch")
         with np.load(npz, allow_pickle=False) as f:
             arrays = {name: f[name] for name in f.files}
-        for name, (shape, dtype) in (expected or {}).items():
+        for name, shape in (expected or {}).items():
             a = arrays.get(name)
-            if a is None or a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
-                got = None if a is None else (a.shape, str(a.dtype))
-                raise ValueError(f"array {name!r} is {got}, expected {(tuple(shape), dtype)}")
+            if a is None or a.shape != tuple(shape):
+                raise ValueError(f"array {name!r} has shape {None if a is None else a.shape}, expected {tuple(shape)}")
         return arrays
 
     def put(self, key: str, arrays: Mapping[str, np.ndarray], parts: Mapping | None = None) -> None:
@@ -171,23 +170,28 @@ class ShadowCache:
 
 def cached_map(cache: ShadowCache, executor, fn: Callable, tasks: Sequence[tuple], keys: Sequence[str],
                shared: tuple = (), expected: Expected | None = None, parts: Sequence[Mapping] | None = None,
-               progress=None) -> list[dict[str, np.ndarray]]:
-    """`executor.map(fn, tasks, shared)` for the tasks whose key misses, cache hits for the rest.
+               progress=None) -> tuple[list[dict[str, np.ndarray]], dict]:
+    """`fn(*shared, *task)` for the tasks whose key misses the cache, cache hits for the rest.
 
-    fn(*shared, *task) must return a dict of arrays (the entry). Each result is stored as soon as
-    its task finishes, so an interrupted run keeps what it finished. `progress` (a
-    `purifier.progress.Progress` of len(tasks)) advances on hits and on finished tasks, showing
-    the executor's name and the hits. Returns the entries in task order.
+    Args:
+        executor: a `purifier.executor.ExecutorSpec`, opened (a local Ray started, a cluster
+            joined) only if some task misses, and closed at the end.
+        fn: returns a dict of arrays (the entry), stored as soon as its task finishes, so an
+            interrupted run keeps what it finished.
+        progress: a `purifier.progress.Progress` of len(tasks), advanced on hits and on finished
+            tasks, showing the executor's name and the hits.
+    Returns:
+        (entries in task order, the executor's `describe()`, or the spec's if none was opened).
     """
     if len(keys) != len(tasks):
         raise ValueError("one key per task")
     entries: list = [cache.get(k, expected) for k in keys]
     todo = [i for i, e in enumerate(entries) if e is None]
-    info = {"executor": executor.name}
+    described = {**executor.describe(), "opened": False}
 
     def advance(n: int) -> None:
         if progress is not None and n:
-            progress.update(n, **info, cached=cache.stats.hits)
+            progress.update(n, executor=described["executor"], cached=cache.stats.hits)
 
     advance(len(tasks) - len(todo))
 
@@ -198,5 +202,7 @@ def cached_map(cache: ShadowCache, executor, fn: Callable, tasks: Sequence[tuple
         advance(1)
 
     if todo:
-        executor.map(fn, [tasks[i] for i in todo], shared, on_done=done)
-    return entries
+        with executor.open() as ex:
+            described = {**ex.describe(), "opened": True}
+            ex.map(fn, [tasks[i] for i in todo], shared, on_done=done)
+    return entries, described

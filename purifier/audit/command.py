@@ -17,6 +17,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.attacks.shadow import BUILTIN_RECIPES
     from purifier.audit.model_flags import add_model_flags
     from purifier.data.records import DEFAULT_LABEL_COLUMN
+    from purifier.executor import EXECUTORS
 
     p = sub.add_parser("audit", help="run membership inference attacks against a model or an OIP v2 endpoint; "
                                      "write report.json, report.md, roc.png",
@@ -53,7 +54,21 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
                         "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
                         "target's family if known, else mlp")
-    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4)")
+    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4; LiRA is at its "
+                                                           "strongest with 16 or more)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where shadow models train: local processes, one per core (default), or ray (install "
+                        "the extra: pip install 'purifier[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="--executor ray: join the cluster whose head is here (GCS port, 6379 by default) "
+                        "instead of starting a local Ray")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local processes, or a local Ray's CPUs (default: this machine's cores)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train every shadow model afresh and store none (default: reuse the shadows earlier "
+                        "audits trained on the same records, recipe and seed)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="shadow cache (default: $PURIFIER_CACHE_DIR, else ~/.cache/purifier/shadows)")
     p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
     p.add_argument("--boundary-budget", type=int, default=1000,
                    help="label_boundary: queries per record (default 1000)")
@@ -178,9 +193,14 @@ def run(args: argparse.Namespace) -> int:
     from purifier.attacks import ADAPTIVE, parse_attacks
     from purifier.audit.report import text_table, write_report
     from purifier.audit.runner import AuditConfig, run_audit
+    from purifier.executor import ExecutorSpec
     from purifier.models.target import Target
 
     new_output_dir(args.out, args.force)
+    executor = ExecutorSpec(args.executor, args.workers, args.ray_address)
+    executor.check()  # Ray missing or no cluster at --ray-address: say so before any query
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ConfigError(f"--cache-dir: {args.cache_dir} exists and is not a directory")
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
     files = [f for f, v in (("--members", args.members), ("--nonmembers", args.nonmembers),
@@ -202,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
             info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}
         config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
-                             n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet)
+                             n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet, executor=executor,
+                             cache=not args.no_cache, cache_dir=args.cache_dir)
         data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
         audit = run_audit(data, access, config, defense_name, baseline, info)
     finally:

@@ -41,6 +41,24 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def shadow_origin(shadows: dict) -> str:
+    """Where the shadow models came from: "12 trained on ray (2 workers), 52 from the cache"."""
+    if shadows.get("reused_from_earlier_audit"):
+        return "reused from an earlier audit of the same records"
+    ex = shadows.get("executor")
+    if ex is None:
+        return ""
+    where = f"{ex['executor']} ({ex['workers']} workers)" if ex.get("workers") else ex["executor"]
+    cache = shadows.get("cache", {})
+    parts = [f"{shadows.get('trained', 0)} trained on {where}"]
+    parts.append(f"{shadows.get('from_cache', 0)} from the cache" if cache.get("enabled") else "cache off")
+    if cache.get("corrupt_retrained"):
+        parts.append(f"{len(cache['corrupt_retrained'])} corrupt cache entries retrained")
+    if shadows.get("retrained_for_label_queries"):
+        parts.append(f"{len(shadows['retrained_for_label_queries'])} retrained here for label queries")
+    return ", ".join(parts)
+
+
 def summary_lines(report: dict) -> list[str]:
     u, g = report["utility"], report["gap_floor"]
     lines = [
@@ -51,6 +69,9 @@ def summary_lines(report: dict) -> list[str]:
         f"max L1 {_fmt(u['max_l1'], 4)}",
         f"gap floor (label-only, correctness): balanced accuracy {g['balanced_accuracy']:.4f}  AUC {g['auc']:.4f}",
     ]
+    origin = shadow_origin(report["shadows"])
+    if origin:
+        lines.append(f"shadow models: {origin}")
     t = report["timing_s"]
     lines.append(f"time: audit without boundary attack {t['audit_without_boundary']:.1f}s "
                  f"(shadow training {t['shadow_training']:.1f}s)"

@@ -19,9 +19,11 @@ import numpy as np
 from purifier import evaluation as ev
 from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
 from purifier.attacks.shadow import train_shadows
+from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
 from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.executor import ExecutorSpec
 from purifier.progress import Progress
 
 FPR_TARGETS = (0.001, 0.01)
@@ -37,6 +39,9 @@ class AuditConfig:
     n_boot: int = 200
     seed: int = 0
     progress: bool = True
+    executor: ExecutorSpec = ExecutorSpec()  # where shadows train: local processes (default) or Ray
+    cache: bool = True  # reuse shadows an earlier audit trained (purifier.attacks.shadow_cache)
+    cache_dir: str | None = None  # default: $PURIFIER_CACHE_DIR or ~/.cache/purifier/shadows
 
     def __post_init__(self):
         for name in self.attacks:
@@ -157,8 +162,11 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     t0 = time.perf_counter()
     reused = shadows is not None
     if not reused:
+        cache = ShadowCache(config.cache_dir, enabled=config.cache)
         shadows = train_shadows(pool.X, pool.y, X, y, data.n_classes, recipe, config.n_shadows, config.seed,
-                                progress=config.progress, train_size=data.train_size)
+                                progress=config.progress, train_size=data.train_size, executor=config.executor,
+                                cache=cache)
+        shadows.provenance["cache"] = cache.stats.report()
     shadow_seconds = time.perf_counter() - t0
     ctx = AttackContext(shadows, data.n_classes, data.kind, data.image_shape, data.feature_range,
                         candidate_labels=y, defense_name=defense_name, seed=config.seed)
@@ -194,7 +202,8 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         "shadows": {"n": config.n_shadows, **recipe.describe(), "target_family": data.model_family,
                     "pool_size": len(pool), "train_size": data.train_size,
                     "reused_from_earlier_audit": reused,
-                    "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
+                    "candidates_in_shadow_training": "random, independent of membership (LiRA)",
+                    **shadow_provenance(shadows)},
         "timing_s": {
             "shadow_training": round(shadow_seconds, 2),
             "audit_without_boundary": round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
@@ -209,6 +218,14 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     }
     report["assumptions"] = assumptions(report, data, defense_name)
     return Audit(report, membership, outcomes, shadows)
+
+
+def shadow_provenance(shadows) -> dict:
+    """How the shadows were made, for the report: executor, cache hits, shadows retrained in this
+    process for label queries (recipes without an array form), and any warning about them."""
+    models = shadows.models
+    return {**shadows.provenance, "retrained_for_label_queries": list(getattr(models, "retrained", [])),
+            "notes": list(getattr(models, "notes", []))}
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",

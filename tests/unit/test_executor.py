@@ -11,18 +11,8 @@ import numpy as np
 import pytest
 
 from purifier.errors import ConfigError
-from purifier.executor import LocalExecutor, RayExecutor, make_executor, probe_address
+from purifier.executor import ExecutorSpec, LocalExecutor, RayExecutor, probe_address
 from purifier.models.training import TrainConfig, train_classifier
-
-
-@pytest.fixture(scope="module")
-def ray_executor():
-    pytest.importorskip("ray", reason="Ray is not installed here (the purifier[ray] extra; make venv installs it)")
-    ex = RayExecutor(num_cpus=2)
-    try:
-        yield ex
-    finally:
-        ex.close()
 
 
 def _training_tasks():
@@ -50,7 +40,6 @@ def in_process_models():
     return LocalExecutor(workers=1).map(train_classifier, tasks, shared)
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_local_processes_equal_in_process_in_task_order(in_process_models):
     shared, tasks = _training_tasks()
     inline = in_process_models
@@ -63,7 +52,6 @@ def test_local_processes_equal_in_process_in_task_order(in_process_models):
     assert not np.array_equal(_weights(inline)[1][0], _weights(inline)[3][0])
 
 
-@pytest.mark.filterwarnings("ignore:The given NumPy array is not writable")
 def test_ray_equals_in_process(ray_executor, in_process_models):
     shared, tasks = _training_tasks()
     seen = []
@@ -100,24 +88,28 @@ def test_shared_arguments_are_read_only(executor):
 
 def test_user_errors_come_back_as_themselves(executor):
     with pytest.raises(ConfigError, match="unknown executor 'dask'"):
-        executor.map(make_executor, [("local",), ("dask",)])
+        executor.map(ExecutorSpec, [("local",), ("dask",)])
 
 
 def test_without_ray_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ConfigError, match=r"pip install 'purifier\[ray\]'") as e:
-        make_executor("ray")
+        ExecutorSpec("ray").check()
     assert "\n" not in str(e.value)
 
 
-def test_make_executor_validates():
+def test_executor_spec_validates():
     with pytest.raises(ConfigError, match="choose local or ray"):
-        make_executor("dask")
+        ExecutorSpec("dask")
     with pytest.raises(ConfigError, match="only applies with --executor ray"):
-        make_executor("local", ray_address="127.0.0.1:6379")
+        ExecutorSpec("local", ray_address="127.0.0.1:6379")
+    with pytest.raises(ConfigError, match="workers"):
+        ExecutorSpec(workers=0)
+    with pytest.raises(ConfigError, match="its own CPUs"):
+        ExecutorSpec("ray", workers=2, ray_address="127.0.0.1:6379")
     with pytest.raises(ConfigError, match="workers"):
         LocalExecutor(workers=0)
-    assert make_executor("local").workers >= 1
+    assert ExecutorSpec().describe() == {"executor": "local", "workers": ExecutorSpec().open().workers}
 
 
 @pytest.mark.parametrize("address", ["localhost", "host:port", "ray://:1", "127.0.0.1:0"])
@@ -132,7 +124,7 @@ def test_nothing_listening_fails_in_one_line():
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     with pytest.raises(ConfigError, match="cannot connect") as e:
-        make_executor("ray", ray_address=f"127.0.0.1:{port}")
+        ExecutorSpec("ray", ray_address=f"127.0.0.1:{port}").check()
     assert "\n" not in str(e.value)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from purifier.attacks.shadow_cache import ShadowCache, array_digest, cached_map, entry_key
-from purifier.executor import LocalExecutor
+from purifier.executor import ExecutorSpec
 from purifier.progress import Progress
 
 
@@ -27,7 +27,7 @@ def test_miss_then_hit_returns_the_stored_arrays(tmp_path):
     key = entry_key({"index": 0})
     assert cache.get(key) is None
     cache.put(key, _entry(0), {"index": 0})
-    got = cache.get(key, expected={"probs": ((7, 5), "float64")})
+    got = cache.get(key, expected={"probs": (7, 5)})
     for name, a in _entry(0).items():
         np.testing.assert_array_equal(got[name], a)
         assert got[name].dtype == np.asarray(a).dtype
@@ -44,7 +44,7 @@ def test_corrupt_entry_is_detected_reported_and_dropped(tmp_path, damage):
     key = entry_key({"index": 1})
     cache.put(key, _entry(1))
     npz, meta = cache.paths(key)
-    expected = {"probs": ((7, 5), "float64")}
+    expected = {"probs": (7, 5)}
     if damage == "flip_byte":
         raw = bytearray(npz.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -54,7 +54,7 @@ def test_corrupt_entry_is_detected_reported_and_dropped(tmp_path, damage):
     elif damage == "remove_npz":
         npz.unlink()
     else:
-        expected = {"probs": ((7, 6), "float64")}  # e.g. written for another class count
+        expected = {"probs": (7, 6)}  # e.g. written for another class count
     assert cache.get(key, expected) is None
     assert len(cache.stats.corrupt) == 1 and cache.stats.corrupt[0]["key"] == key
     assert cache.stats.hits == 0 and cache.stats.misses == 1
@@ -118,20 +118,24 @@ def test_cached_map_recomputes_only_misses_and_corrupt_entries(tmp_path):
 
     tasks = [(seed,) for seed in range(4)]
     keys = [entry_key({"seed": s}) for s in range(4)]
-    executor = LocalExecutor(workers=1)  # in-process: the closure above needs no pickling
+    executor = ExecutorSpec(workers=1)  # in-process: the closure above needs no pickling
     cold_cache = _cache(tmp_path, [])
     with Progress("shadows", 4, enabled=False) as bar:
-        cold = cached_map(cold_cache, executor, compute, tasks, keys, shared=(1.0,), progress=bar)
+        cold, used = cached_map(cold_cache, executor, compute, tasks, keys, shared=(1.0,), progress=bar)
     assert calls == [0, 1, 2, 3] and bar.done == 4 and "executor=local" in bar.info
+    assert used == {"executor": "local", "workers": 1, "opened": True}
     warm_cache = _cache(tmp_path, [])
     npz = warm_cache.paths(keys[2])[0]
     npz.write_bytes(npz.read_bytes()[:-8])
     with Progress("shadows", 4, enabled=False) as bar:
-        warm = cached_map(warm_cache, executor, compute, tasks, keys, shared=(1.0,), progress=bar)
+        warm, _ = cached_map(warm_cache, executor, compute, tasks, keys, shared=(1.0,), progress=bar)
     assert calls[4:] == [2] and bar.done == 4 and "cached=3" in bar.info
     assert warm_cache.stats.hits == 3 and len(warm_cache.stats.corrupt) == 1 and warm_cache.stats.written == 1
     for a, b in zip(cold, warm, strict=True):
         np.testing.assert_array_equal(a["probs"], b["probs"])
+    all_hits = _cache(tmp_path, [])
+    _, used = cached_map(all_hits, executor, compute, tasks, keys, shared=(1.0,))
+    assert len(calls) == 5 and used["opened"] is False  # nothing to train: no executor started
     off = _cache(tmp_path, [], enabled=False)
     cached_map(off, executor, compute, tasks, keys, shared=(1.0,))
     assert calls[5:] == [0, 1, 2, 3]
