@@ -296,21 +296,28 @@ class ShadowSet:
         return lambda X: model(X).argmax(axis=1)
 
 
-def shadow_masks(n_shadows: int, n_examples: int, seed: int, train_size: int | None = None) -> np.ndarray:
-    """(K, n) bool training masks in complementary pairs, each cut to `train_size` rows if given.
-
-    Pair j draws a random half of the examples (exactly half, from its own seed) for shadow 2j
-    and gives the rest to shadow 2j+1: every example is IN for K/2 shadows (even K), and row k
-    is the same whatever K is.
-    """
+def balanced_in_masks(n_shadows: int, n_examples: int, rng: np.random.Generator) -> np.ndarray:
+    """(K, n) bool in complementary pairs: shadow 2j gets a random half (exactly) of the examples,
+    shadow 2j+1 the rest, so each example is IN for K/2 shadows (floor or ceil for odd K). Pairs
+    are drawn in order, so row k does not depend on K."""
     masks = np.zeros((n_shadows, n_examples), bool)
-    for k in range(n_shadows):  # a loop over models, not rows
-        pair, side = divmod(k, 2)
-        half = np.random.default_rng([seed, pair]).permutation(n_examples) < (n_examples + 1) // 2
-        masks[k] = half if side == 0 else ~half
-        chosen = np.nonzero(masks[k])[0]
-        if train_size is not None and len(chosen) > train_size:
-            masks[k, np.random.default_rng([seed, pair, side, 1]).permutation(chosen)[train_size:]] = False
+    for k in range(0, n_shadows, 2):  # a loop over models, not rows
+        half = rng.permutation(n_examples) < (n_examples + 1) // 2
+        masks[k] = half
+        if k + 1 < n_shadows:
+            masks[k + 1] = ~half
+    return masks
+
+
+def shadow_masks(n_shadows: int, n_examples: int, seed: int, train_size: int | None = None) -> np.ndarray:
+    """(K, n) bool training masks: balanced complementary pairs, each cut to `train_size` rows (by
+    the shadow's own seed) if given; row k is the same whatever K is."""
+    masks = balanced_in_masks(n_shadows, n_examples, np.random.default_rng(seed))
+    if train_size is not None:
+        for k in range(n_shadows):  # per model, not per row
+            chosen = np.nonzero(masks[k])[0]
+            if len(chosen) > train_size:
+                masks[k, np.random.default_rng([seed, k]).permutation(chosen)[train_size:]] = False
     return masks
 
 

@@ -6,12 +6,22 @@ import pytest
 from purifier.attacks.shadow import (
     BUILTIN_RECIPES,
     ShadowRecipe,
+    balanced_in_masks,
     shadow_masks,
     train_one_shadow,
     train_shadows,
 )
 from purifier.data import load_dataset
 from purifier.errors import ConfigError
+
+
+def test_balanced_in_masks():
+    rng = np.random.default_rng(0)
+    m = balanced_in_masks(4, 1000, rng)
+    assert m.shape == (4, 1000) and (m.sum(axis=0) == 2).all()
+    m3 = balanced_in_masks(3, 1000, rng)
+    assert set(np.unique(m3.sum(axis=0))) == {1, 2}
+    assert 0.4 < balanced_in_masks(1, 1000, rng).mean() < 0.6
 
 
 def test_shadow_masks_are_balanced_pairs_independent_of_the_shadow_count():
