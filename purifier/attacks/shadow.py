@@ -227,9 +227,14 @@ class ShadowModels:
     checked against the shadow's recorded outputs. Only the few shadows that attacks query on new
     inputs (label-only augmentation and boundary searches) are ever made."""
 
+    CHECK_ROWS = 256  # rows on which a retrained shadow must answer as it did when it was trained
+
     def __init__(self, entries: list[dict], X_all: np.ndarray, y_all: np.ndarray, masks: np.ndarray,
                  n_classes: int, recipe: ShadowRecipe, seed: int):
-        self._entries, self._X, self._y, self._masks = entries, X_all, y_all, masks
+        # keep the weights and a few recorded answers, not every shadow's (Q, C) outputs
+        self._entries = [{k: (v[:self.CHECK_ROWS].copy() if k == "probs" else v) for k, v in e.items()}
+                         for e in entries]
+        self._X, self._y, self._masks = X_all, y_all, masks
         self._n_classes, self._recipe, self._seed = n_classes, recipe, seed
         self._made: dict[int, PredictProba] = {}
         self.retrained: list[int] = []
@@ -248,10 +253,10 @@ class ShadowModels:
         if model is not None:
             return model
         m = self._masks[k]
-        probs, model = train_one_shadow(self._X[m], self._y[m], self._X[:256], self._n_classes, self._recipe,
-                                        self._seed, k)
+        probs, model = train_one_shadow(self._X[m], self._y[m], self._X[:self.CHECK_ROWS], self._n_classes,
+                                        self._recipe, self._seed, k)
         self.retrained.append(k)
-        if not np.allclose(probs, self._entries[k]["probs"][:256], atol=1e-6):
+        if not np.allclose(probs, self._entries[k]["probs"], atol=1e-6):
             self.notes.append(f"shadow {k} retrained for label queries answers differently from its recorded "
                               f"outputs: recipe {self._recipe.name} is not deterministic for a given seed")
         return model
@@ -366,8 +371,11 @@ def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, ca
         entries, used = cached_map(cache, executor, shadow_entry, [(m, k) for k, m in enumerate(masks)], keys,
                                    shared=(X_all, y_all, n_classes, recipe, seed),
                                    expected={"probs": (len(y_all), n_classes)}, parts=parts, progress=bar)
-    probs = np.stack([e["probs"] for e in entries]).astype(np.float64)
+    probs = np.empty((n_shadows, len(y_all), n_classes))  # filled in place: no second (K, Q, C) copy
+    for k, e in enumerate(entries):
+        probs[k] = e["probs"]
     models = ShadowModels(entries, X_all, y_all, masks, n_classes, recipe, seed)
+    del entries
     provenance = {"executor": used, "from_cache": cache.stats.hits - hits_before,
                   "trained": n_shadows - (cache.stats.hits - hits_before)}
     return ShadowSet(models, pool_X.astype(np.float32), pool_y.astype(np.int64), probs[:, :n_pool],
