@@ -12,15 +12,8 @@ from purifier.defenses import load_defense
 from purifier.defenses.base import FitData
 from purifier.defenses.membership_classifier import HIDDEN, LAYER_NAMES, MembershipClassifier
 from purifier.defenses.memguard import MemGuard
-from purifier.defenses.phase1 import (
-    C3_LEVELS,
-    EARLY_EXIT,
-    LOG_FLOOR,
-    MAX_STEPS,
-    STEP,
-    faithful_phase1,
-    fast_phase1,
-)
+from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, fast_phase1
+from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 
 SECRET = b"0123456789abcdef-memguard-test"
@@ -70,6 +63,7 @@ def dirichlet(n, c, seed=0, alpha=0.3):
 def reference_faithful_row(h, p):
     """The original algorithm for one row, written plainly with torch autograd (an independent
     check of the batched solver and of its hand-written gradient)."""
+    h = TorchMLP(h)
     order = np.argsort(p, kind="stable")
     s_sorted = p[order]
     top = int(np.argmax(s_sorted))
