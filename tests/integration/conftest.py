@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from purifier.defenses import Defense
+from purifier.serve_process import free_port
 
 
 class Flatten(Defense):
@@ -33,12 +33,6 @@ class Flatten(Defense):
     def _transform(self, p, inputs):
         q = p ** (1.0 / self.temperature)
         return q / q.sum(axis=1, keepdims=True), None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MLServerProcess:
