@@ -222,7 +222,7 @@ def test_bad_input_names_row_and_problem(memguard, bad, msg):
 
 @pytest.mark.parametrize("kwargs,msg", [
     ({"epsilon": -1.0}, "epsilon"), ({"epsilon": float("nan")}, "epsilon"), ({"mode": "slow"}, "fast, faithful"),
-    ({"device": "tpu"}, "auto, cpu, cuda"), ({"optimizer": "rmsprop"}, "sgd, adam"), ({"epochs": 0}, "epochs"),
+    ({"device": "tpu"}, "cpu, cuda, auto"), ({"optimizer": "rmsprop"}, "sgd, adam"), ({"epochs": 0}, "epochs"),
 ])
 def test_bad_config(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):
