@@ -125,7 +125,7 @@ def train_cvae(probs: np.ndarray, *, epochs: int, lr: float, lam: float, kl_weig
                 opt_d.zero_grad()
                 d_loss.backward()
                 opt_d.step()
-            return {"recon": float(recon), "ce": float(ce), "kl": float(kl)}
+            return {"recon": float(recon.detach()), "ce": float(ce.detach()), "kl": float(kl.detach())}
 
         train_epochs(step, len(S), epochs=epochs, batch_size=batch_size, generator=gen, device=dev,
                      label="purifier cvae", progress=progress)
