@@ -11,7 +11,9 @@ defense (none, MemGuard fast, PURIFIER; embedded ONNX backend, 10-class digits t
   compiled extension modules in /proc/PID/maps after warm-up).
 
 Cells run in interleaved rounds (`--repeats`), medians reported; the site-packages size of both
-installs is measured too. Writes benchmarks/results/startup.json.
+installs is measured too. `--before-source DIR` adds a third install, "before": the full
+interpreter running an older checkout of the sources (PYTHONPATH=DIR), e.g. the commit before the
+serving path dropped torch. Writes benchmarks/results/startup.json.
 
     make slim-venv && python benchmarks/bench_startup.py [--target DIR --defense-dir DIR ...]
 
@@ -52,12 +54,16 @@ def site_packages_bytes(python: Path) -> tuple[str, int]:
     return path, total
 
 
-def measure(python: Path, serve_args: list[str], x: np.ndarray, model: str, warmup: int) -> dict:
+def measure(python: Path, source: str | None, serve_args: list[str], x: np.ndarray, model: str,
+            warmup: int) -> dict:
     import tritonclient.grpc as grpcclient
 
-    from purifier.serve_process import ServeProcess
+    from purifier.serve_process import ServeProcess, clean_env
 
-    with ServeProcess(serve_args, python=python) as sidecar:
+    env = clean_env()
+    if source:
+        env["PYTHONPATH"] = source
+    with ServeProcess(serve_args, python=python, env=env) as sidecar:
         rss_ready = rss_bytes(sidecar.pid)
         client = grpcclient.InferenceServerClient(sidecar.endpoint)
         try:
@@ -83,11 +89,15 @@ def main() -> None:
     parser.add_argument("--full-python", default=sys.executable, help="interpreter of the full install")
     parser.add_argument("--slim-python", default=str(ROOT / ".venv-slim" / "bin" / "python"),
                         help="interpreter of the slim install (make slim-venv)")
+    parser.add_argument("--before-source", help="an older checkout's directory, served by the full interpreter")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per cell (default 3)")
     parser.add_argument("--warmup", type=int, default=200, help="single-row requests before RSS (default 200)")
     args = parser.parse_args()
 
     installs = {"full": Path(args.full_python), "slim": Path(args.slim_python)}
+    sources = {"full": None, "slim": None}
+    if args.before_source:
+        installs["before"], sources["before"] = Path(args.full_python), str(Path(args.before_source).resolve())
     if not installs["slim"].exists():
         raise SystemExit(f"{installs['slim']} does not exist: run `make slim-venv` first")
     from purifier.defenses.keyed import load_secret
@@ -112,7 +122,7 @@ def main() -> None:
                           "--log-level", "warning"]
             if defense != "none":
                 serve_args += ["--defense-dir", str(dirs[defense])]
-            runs.append(measure(installs[inst], serve_args, x, target.directory.name, args.warmup))
+            runs.append(measure(installs[inst], sources[inst], serve_args, x, target.directory.name, args.warmup))
             m = runs[-1]
             print(f"round {r + 1} {inst:4s} {defense:9s} ready {m['ready_s']:.3f} s  RSS after warm-up "
                   f"{m['rss_after_warmup_mb']:.1f} MB  heavy imports {m['heavy_packages_imported']}", flush=True)
@@ -125,12 +135,14 @@ def main() -> None:
             "rss_ready_mb_median": statistics.median(m["rss_ready_mb"] for m in runs),
             "heavy_packages_imported": sorted({p for m in runs for p in m["heavy_packages_imported"]}),
             "runs": runs}
-    sizes = {inst: dict(zip(("path", "bytes"), site_packages_bytes(py), strict=True)) for inst, py in installs.items()}
+    sizes = {inst: dict(zip(("path", "bytes"), site_packages_bytes(installs[inst]), strict=True))
+             for inst in ("full", "slim")}
     rows = [[key, r["ready_s_median"], r["rss_ready_mb_median"], r["rss_after_warmup_mb_median"],
              ", ".join(r["heavy_packages_imported"]) or "none"] for key, r in results.items()]
     path = write_result("startup", {
         "config": {"target": str(target.directory), "repeats": args.repeats, "warmup_requests": args.warmup,
-                   "installs": {k: str(v) for k, v in installs.items()}, "backend": "embedded onnxruntime"},
+                   "installs": {k: str(v) for k, v in installs.items()}, "before_source": args.before_source,
+                   "backend": "embedded onnxruntime"},
         "load_average_1_5_15min": {"start": list(load_start), "end": list(load_end)},
         "site_packages": sizes, "results": results,
         "tables": [

@@ -6,11 +6,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_h import random_weights
 
 from purifier.cli import main as cli_main
 from purifier.defenses import load_defense
 from purifier.defenses.base import FitData
-from purifier.defenses.membership_classifier import HIDDEN, LAYER_NAMES, MembershipClassifier
+from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier
 from purifier.defenses.memguard import MemGuard
 from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, fast_phase1
 from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
@@ -38,13 +39,7 @@ def rows(fit_data):
 
 def random_classifier(n_classes, seed=0):
     """A real (untrained, seeded) 256-128-64-1 classifier for class counts no target has here."""
-    rng = np.random.default_rng(seed)
-    dims = (n_classes, *HIDDEN, 1)
-    weights = {}
-    for i in range(4):
-        weights[f"w{i + 1}"] = rng.normal(0, 1 / np.sqrt(dims[i]), (dims[i + 1], dims[i]))
-        weights[f"b{i + 1}"] = rng.normal(0, 0.1, dims[i + 1])
-    return MembershipClassifier(weights)
+    return MembershipClassifier(random_weights(n_classes, seed))
 
 
 def bare_memguard(n_classes, epsilon=1.0, mode="fast", seed=0):

@@ -5,8 +5,9 @@ numpy MLP against the torch one the faithful reference runs on."""
 import numpy as np
 import pytest
 import torch
+from random_h import random_weights
 
-from purifier.defenses.membership_classifier import HIDDEN, MembershipClassifier
+from purifier.defenses.membership_classifier import MembershipClassifier
 from purifier.defenses.phase1 import LEVELS, _levels_per_pass, fast_phase1, softmax, sort_rows
 from purifier.defenses.phase1_faithful import TorchMLP
 
@@ -14,12 +15,7 @@ from purifier.defenses.phase1_faithful import TorchMLP
 def classifier(n_classes, seed):
     """A real (untrained, seeded) 256-128-64-1 classifier, its output bias set so that its 0.5
     boundary cuts the rows of `rows(..., n_classes, seed)` in half (else nothing can cross)."""
-    rng = np.random.default_rng(seed)
-    dims = (n_classes, *HIDDEN, 1)
-    weights = {}
-    for i in range(4):
-        weights[f"w{i + 1}"] = rng.normal(0, 1 / np.sqrt(dims[i]), (dims[i + 1], dims[i]))
-        weights[f"b{i + 1}"] = rng.normal(0, 0.1, dims[i + 1])
+    weights = random_weights(n_classes, seed)
     out = MembershipClassifier(weights).logit(np.sort(rows(12, n_classes, seed), axis=1))
     weights["b4"] = weights["b4"] - np.median(out)
     return MembershipClassifier(weights)
