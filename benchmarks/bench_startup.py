@@ -61,9 +61,9 @@ def measure(python: Path, source: str | None, serve_args: list[str], x: np.ndarr
     from purifier.serve_process import ServeProcess, clean_env
 
     env = clean_env()
-    if source:
+    if source:  # `python -m` puts the working directory first on sys.path: run from the old checkout
         env["PYTHONPATH"] = source
-    with ServeProcess(serve_args, python=python, env=env) as sidecar:
+    with ServeProcess(serve_args, python=python, env=env, cwd=source) as sidecar:
         rss_ready = rss_bytes(sidecar.pid)
         client = grpcclient.InferenceServerClient(sidecar.endpoint)
         try:

@@ -63,14 +63,16 @@ class ServerProcess:
         log_path: where stderr goes (default: a temporary file, removed on `stop`).
         ready_timeout_s: how long `start` waits for the ready line.
         ready_line: False for servers that print none (the caller polls readiness itself).
+        cwd: its working directory (default this one; note `python -m` puts it first on sys.path).
 
     After `start()`: `pid`, `ready` (the parsed ready line, {} without one), `port`, `endpoint`
     ("127.0.0.1:PORT") and `ready_s` (seconds from process start to the ready line).
     """
 
     def __init__(self, cmd: Sequence[str], *, env: dict[str, str] | None = None, log_path: str | Path | None = None,
-                 ready_timeout_s: float = 90.0, ready_line: bool = True):
+                 ready_timeout_s: float = 90.0, ready_line: bool = True, cwd: str | Path | None = None):
         self.cmd = [str(c) for c in cmd]
+        self.cwd = cwd
         self.env = clean_env() if env is None else env
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path is not None else None
@@ -95,7 +97,8 @@ class ServerProcess:
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE if self.ready_line else subprocess.DEVNULL,
-                                         stderr=log, text=True, env=self.env, start_new_session=True)
+                                         stderr=log, text=True, env=self.env, cwd=self.cwd,
+                                         start_new_session=True)
         if not self.ready_line:
             return self
         try:
