@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p.add_argument("--defense", default="none", choices=list(DEFENSES))
     p.add_argument("--defense-dir")
+    p.add_argument("--secret-file", help="PRF secret of the defense (MemGuard, PURIFIER)")
     p.add_argument("--max-growth", type=float, default=0.10)
     p.add_argument("--out", help="write the JSON here instead of benchmarks/results/load.json")
     args = p.parse_args(argv)
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         serve_args = ["--model", str(model_dir), "--model-name", "digits", "--defense", args.defense]
         if args.defense_dir:
             serve_args += ["--defense-dir", args.defense_dir]
+        if args.secret_file:
+            serve_args += ["--secret-file", args.secret_file]
         sidecar = ServeProcess(serve_args).start()
         load_before = os.getloadavg()[0]
         try:
