@@ -6,14 +6,30 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
 
-.PHONY: venv browser test test-all demo lint proto constraints bench clean
+.PHONY: venv slim-venv slim-size browser test test-all demo lint proto constraints bench clean
 
+# everything: serving, training, fitting, auditing, the demo, the tests
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+# The slim serving install, built as the Dockerfile builds the image (non-editable '.[cpu]': no
+# torch, scikit-learn or matplotlib), so its size and start-up are measurable without Docker
+# (benchmarks/bench_startup.py). Rebuilt when the sources change.
+SLIM       := .venv-slim
+SLIM_STAMP := $(SLIM)/.installed-stamp
+$(SLIM_STAMP): pyproject.toml constraints.txt $(shell git ls-files purifier server 2>/dev/null)
+	@test -x $(SLIM)/bin/python || $(PYTHON) -m venv $(SLIM)
+	$(SLIM)/bin/pip install -q -c constraints.txt '.[cpu]'
+	@touch $(SLIM_STAMP)
+
+slim-venv: $(SLIM_STAMP)
+
+slim-size: $(SLIM_STAMP)
+	@du -sh $(SLIM)/lib/python3*/site-packages
 
 # The report.html test renders the page in headless Chromium (Debian package `chromium`). CI machines
 # start bare, so on CI (CI set, as CI services do) `make test` installs it first when missing; the
@@ -57,10 +73,15 @@ bench: $(STAMP)
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
+	$(MAKE) slim-venv
+	$(BIN)/python benchmarks/bench_startup.py --target $(BENCH_WORK)/target \
+	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
+	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_timing.py --dataset synthetic100
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
 	$(BIN)/python benchmarks/render_results.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(SLIM) build .pytest_cache

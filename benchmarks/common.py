@@ -68,6 +68,22 @@ def summarize(times: list[float]) -> dict:
     }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc/PID/status VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write benchmarks/results/<name>.json with machine info and a UTC timestamp."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ import os
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from purifier.defenses import Defense
+from purifier.serve_process import free_port
 
 TOKEN = "s3cret-token-0123456789"  # the bearer token in the pki fixture
 
@@ -37,12 +37,6 @@ class Flatten(Defense):
     def _transform(self, p, inputs):
         q = p ** (1.0 / self.temperature)
         return q / q.sum(axis=1, keepdims=True), None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MLServerProcess:

@@ -24,6 +24,7 @@ def test_dockerfile_runs_the_sidecar_with_known_settings():
     assert ("ENTRYPOINT", '["purifier", "serve"]') in ins
     run = " ".join(v for k, v in ins if k == "RUN")
     assert "-c constraints.txt" in run and "'.[cpu]'" in run
+    assert "full" not in run and "torch" not in run  # the slim serving image (pyproject's base install)
     copied = " ".join(v for k, v in ins if k == "COPY")
     for needed in ("pyproject.toml", "constraints.txt", "purifier", "server", "proto"):
         assert needed in copied
