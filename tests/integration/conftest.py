@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from certificates import make_pki
+from model_servers import free_port
 
 from purifier.defenses import Defense
 
@@ -33,12 +35,6 @@ class Flatten(Defense):
     def _transform(self, p, inputs):
         q = p ** (1.0 / self.temperature)
         return q / q.sum(axis=1, keepdims=True), None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MLServerProcess:
@@ -141,3 +137,11 @@ def client(sidecar):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> Path:
+    """A CA, server and client certificates for 127.0.0.1 and a token file (certificates.make_pki)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not available to make test certificates")
+    return make_pki(tmp_path_factory.mktemp("pki"))
