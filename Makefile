@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
 
-.PHONY: venv test test-all demo lint proto constraints bench clean
+.PHONY: venv test test-all demo lint proto constraints bench clean venv-triton venv-kserve venv-torchserve \
+	perf-analyzer bench-perf-analyzer
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,10 +16,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# Real model servers for the integration tests (and the README recipes), each in its own venv
+# because their dependencies conflict with the project's: made when missing, reinstalled when
+# their pins (examples/upstreams/requirements-*.txt) change.
+UPSTREAMS := examples/upstreams
+TEST_UPSTREAMS := .venv-triton/.installed-stamp .venv-kserve/.installed-stamp
+.venv-%/.installed-stamp: $(UPSTREAMS)/requirements-%.txt
+	@test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install -q -r $<
+	@touch $@
+
+venv-triton: .venv-triton/.installed-stamp
+venv-kserve: .venv-kserve/.installed-stamp
+venv-torchserve: .venv-torchserve/.installed-stamp
+
+test: $(STAMP) $(TEST_UPSTREAMS)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(TEST_UPSTREAMS)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
@@ -52,5 +67,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
 	$(BIN)/python benchmarks/render_results.py
 
+# perf_analyzer needs glibc 2.38; this runs it through Debian 13's loader and runtime in a private
+# directory (benchmarks/perf_analyzer/install.sh says how), nothing installed system-wide.
+PERF_ANALYZER := build/perf-analyzer/perf_analyzer
+$(PERF_ANALYZER): benchmarks/perf_analyzer/install.sh
+	bash $< $(dir $@)
+
+perf-analyzer: $(PERF_ANALYZER)
+
+# perf_analyzer against real Triton directly and through the sidecar (identity, MemGuard, PURIFIER).
+bench-perf-analyzer: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
+	$(BIN)/python benchmarks/bench_perf_analyzer.py
+
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) .venv-triton .venv-kserve .venv-torchserve build .pytest_cache
