@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import summarize, write_result  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 
 
 def free_port() -> int:
@@ -85,80 +85,26 @@ def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
 
 # --- the cells ----------------------------------------------------------------------------------
 # The machine's background load drifts by several x within a minute, so cells that are compared
-# are measured in interleaved windows (direct, sidecar, direct, sidecar, ...) and pooled.
-
-
-def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-             warmup: int) -> tuple[list[float], float]:
-    """(per-call seconds, elapsed) for one client calling back to back."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    outs = [grpcclient.InferRequestedOutput(output)]
-    try:
-        for _ in range(warmup):
-            client.infer(model, [inp], outputs=outs)
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            client.infer(model, [inp], outputs=outs)
-            times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    finally:
-        client.close()
-    return times, elapsed
-
-
-def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-                   concurrency: int, warmup_s: float) -> tuple[list[float], float]:
-    """(per-call seconds, elapsed) for `concurrency` aio callers calling back to back."""
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-
-    async def main():
-        client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
-        inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        outs = [grpcclient.InferRequestedOutput(output)]
-        times: list[float] = []
-
-        async def worker(stop_at, record):
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await client.infer(model, [inp], outputs=outs)
-                if record:
-                    times.append(time.perf_counter() - t0)
-
-        try:
-            await asyncio.gather(*(worker(time.perf_counter() + warmup_s, False) for _ in range(concurrency)))
-            start = time.perf_counter()
-            await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - start
-        finally:
-            await client.close()
-        return times, elapsed
-
-    return asyncio.run(main())
+# are measured in interleaved windows (direct, sidecar, ..., then the reverse order) and pooled:
+# purifier.bench (the `purifier bench` command's measurement core) does exactly that.
 
 
 def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
-    """servers: cell name -> (port, model, input name, output name). Each cell gets `seconds` per
-    concurrency in total, split into `rounds` windows taken in turn with the other cells."""
-    pooled = {name: {"c1": ([], 0.0), "c16": ([], 0.0)} for name in servers}
-    window = seconds / rounds
-    for r in range(rounds):
-        first = r == 0
-        for name, (port, model, inp, out) in servers.items():
-            measured = {"c1": run_sync(port, model, inp, out, x, window, 50 if first else 5),
-                        "c16": run_concurrent(port, model, inp, out, x, window, 16, 0.5 if first else 0.1)}
-            for key, (times, elapsed) in measured.items():
-                acc_t, acc_e = pooled[name][key]
-                pooled[name][key] = (acc_t + times, acc_e + elapsed)
-    return {name: {key: {**summarize(t), "throughput_rps": len(t) / e} for key, (t, e) in cells.items()}
-            for name, cells in pooled.items()}
+    """servers: cell name -> (port, model, output name). Each cell gets `seconds` per concurrency
+    (1 and 16) in total, split into `rounds` windows taken in turn with the other cells."""
+    from purifier.bench.measure import Endpoint, compare
+
+    outputs = {out for _, _, out in servers.values()}
+    if len(outputs) != 1:
+        raise ValueError(f"cells compared together must share the output, got {sorted(outputs)}")
+    endpoints = [Endpoint(name, f"127.0.0.1:{port}", model) for name, (port, model, _) in servers.items()]
+    result = compare(endpoints, x, concurrency=(1, 16), rows=(1,), seconds=seconds, rounds=rounds,
+                     output=outputs.pop())
+    cells: dict[str, dict] = {}
+    for cell in result["cells"]:
+        cells.setdefault(cell["endpoint"], {})[f"c{cell['concurrency']}"] = {
+            k: cell[k] for k in ("calls", "mean_ms", "p50_ms", "p99_ms", "throughput_rps")}
+    return cells
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -177,6 +123,9 @@ def bare_server(model: str) -> None:
     class Bare(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelReady(self, request, context):
             return pb.ModelReadyResponse(ready=await upstream.ready(request.name, request.version))
+
+        async def ModelMetadata(self, request, context):
+            return await upstream.model_metadata(request.name, request.version)
 
         async def ModelInfer(self, request, context):
             response, _ = await upstream.infer(request, None, ())
@@ -204,7 +153,8 @@ def mlserver_repository(root: Path) -> int:
     joblib.dump(clf, root / "digits" / "model.joblib")
     (root / "digits" / "model-settings.json").write_text(json.dumps({
         "name": "digits", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
     port = free_port()
     (root / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": free_port(), "grpc_port": port, "metrics_port": free_port(),
@@ -267,7 +217,7 @@ def main() -> None:
         train_target("digits", args.target)
     target = Target.load(args.target)
     X, _ = target.role("eval_nonmembers")
-    x = np.ascontiguousarray(X[:1], np.float32)
+    x = np.ascontiguousarray(X[:64], np.float32)  # one row per request, cycled
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
@@ -282,12 +232,11 @@ def main() -> None:
                                                    str(target.directory)], env))
             info = json.loads(line)
             wait_ready(info["port"], info["model"])
-            servers = {"embedded/direct": (info["port"], info["model"], "input", "probabilities")}
+            servers = {"embedded/direct": (info["port"], info["model"], "probabilities")}
             for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
                 cmd = sidecar_cmd(["--model", str(target.directory)], d, secret_file)
                 _, line = stack.enter_context(process(cmd, env))
-                servers[f"embedded/sidecar-{name}"] = (sidecar_port(line), target.directory.name, "input",
-                                                       "probabilities")
+                servers[f"embedded/sidecar-{name}"] = (sidecar_port(line), target.directory.name, "probabilities")
             cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
@@ -301,9 +250,8 @@ def main() -> None:
                 cmd = sidecar_cmd(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
                                    "--confidence-output", "predict_proba"], None, secret_file)
                 with process(cmd, env) as (_, line):
-                    servers = {"mlserver/direct": (mport, "digits", "input-0", "predict_proba"),
-                               "mlserver/sidecar-identity": (sidecar_port(line), "digits", "input-0",
-                                                             "predict_proba")}
+                    servers = {"mlserver/direct": (mport, "digits", "predict_proba"),
+                               "mlserver/sidecar-identity": (sidecar_port(line), "digits", "predict_proba")}
                     cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
     comparisons = {}
@@ -322,7 +270,7 @@ def main() -> None:
     path = write_result("sidecar", {
         "tables": tables, "load_average_1m_end": load,
         "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
-                   "defenses": [d for _, d in defenses], "clients": "tritonclient.grpc sync (c1), .aio (c16)"},
+                   "defenses": [d for _, d in defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
         "cells": cells, "comparisons": comparisons,
         "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8},
     })

@@ -60,7 +60,8 @@ class MLServerProcess:
         joblib.dump(clf, model_dir / "model.joblib")
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
-            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
         (self.root / "settings.json").write_text(json.dumps({
             "host": "127.0.0.1", "http_port": free_port(), "grpc_port": self.grpc_port,
             "metrics_port": free_port(), "parallel_workers": 0}))
