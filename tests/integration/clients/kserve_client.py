@@ -3,7 +3,7 @@
 Runs in .venv-kserve (kserve cannot share the project's environment), so the test starts it as
 a subprocess:
 
-    python kserve_client.py HOST:PORT MODEL INPUT_NAME ROWS.npy OUT.npz [--output NAME]
+    python kserve_client.py HOST:PORT MODEL INPUT_NAME ROWS.npy OUT.npz [--output NAME] [--only raw|typed]
 
 Asks ModelReady, then sends the rows twice as one FP32 request, first as raw bytes and then as
 typed contents, and saves every output of both answers (`raw_<name>`, `typed_<name>`) with the
@@ -27,6 +27,7 @@ async def main() -> int:
     for name in ("address", "model", "input", "rows", "out"):
         p.add_argument(name)
     p.add_argument("--output", default=None)
+    p.add_argument("--only", choices=["raw", "typed"], default=None, help="send one kind of request only")
     args = p.parse_args()
     x = np.load(args.rows).astype(np.float32)
     outputs = [RequestedOutput(args.output)] if args.output else None
@@ -34,7 +35,7 @@ async def main() -> int:
     saved = {}
     try:
         saved["ready"] = np.array(await client.is_model_ready(args.model))
-        for kind in ("raw", "typed"):
+        for kind in [args.only] if args.only else ["raw", "typed"]:
             tensor = InferInput(name=args.input, shape=list(x.shape), datatype="FP32")
             tensor.set_data_from_numpy(x, binary_data=kind == "raw")
             request = InferRequest(model_name=args.model, infer_inputs=[tensor], request_id=f"kserve-{kind}",
