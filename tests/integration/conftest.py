@@ -129,6 +129,13 @@ def digits_rows():
 
 
 @pytest.fixture
+def target_rows(digits_target):
+    """(12, 64) FP32 non-member rows of the session's digits target."""
+    X, _ = digits_target.role("eval_nonmembers")
+    return np.ascontiguousarray(X[:12], np.float32)
+
+
+@pytest.fixture
 def client(sidecar):
     """A tritonclient.grpc client for the `sidecar` fixture of the requesting test module."""
     import tritonclient.grpc as grpcclient

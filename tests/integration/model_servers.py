@@ -22,6 +22,7 @@ import grpc
 import pytest
 
 from purifier_server._proto import grpc_service_pb2 as pb
+from purifier_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "upstreams"
@@ -72,13 +73,21 @@ class ServerProcess:
                                          env=self.env, cwd=self.log.parent)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            if (code := self.proc.poll()) is not None:
+                self.stop()  # its children may live on
+                raise RuntimeError(f"{self.name} exited with {code}: {self.tail()}")
             if model_ready(self.grpc_port, self.model, self.service):
                 return
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"{self.name} not ready after {self.ready_timeout} s: {self.tail()}")
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def tail(self, chars: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
@@ -107,3 +116,10 @@ class ServerProcess:
                 pass
         self.proc.wait(timeout=10)
         self.proc = None
+
+
+def sidecar_settings(server: ServerProcess, **extra) -> Settings:
+    """A loopback sidecar (any free port, no metrics) defending `server`'s `probabilities`."""
+    return Settings.resolve({"upstream": f"127.0.0.1:{server.grpc_port}", "upstream_service": server.service,
+                             "model_name": server.model, "confidence_output": "probabilities", "host": "127.0.0.1",
+                             "port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})

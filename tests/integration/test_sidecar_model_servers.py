@@ -19,10 +19,9 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, venv_python
+from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, sidecar_settings, venv_python
 
 from purifier_server.app import BackgroundSidecar
-from purifier_server.settings import Settings
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -42,27 +41,14 @@ def server_process(kind: str, onnx, root) -> ServerProcess:
 
 @pytest.fixture(scope="module", params=SERVERS)
 def upstream(request, digits_target, tmp_path_factory):
-    server = server_process(request.param, digits_target.onnx_path, tmp_path_factory.mktemp(request.param))
-    try:
-        server.start()
+    with server_process(request.param, digits_target.onnx_path, tmp_path_factory.mktemp(request.param)) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def sidecar(upstream, flatten_cls):
-    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.grpc_port}", "model_name": MODEL,
-                                 "confidence_output": "probabilities", "host": "127.0.0.1", "port": 0,
-                                 "metrics_port": -1, "health_poll_s": 0.2}, env={})
-    with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
+    with BackgroundSidecar(sidecar_settings(upstream), defense=flatten_cls()) as sc:
         yield sc
-
-
-@pytest.fixture
-def rows(digits_target):
-    X, _ = digits_target.role("eval_nonmembers")
-    return np.ascontiguousarray(X[:12], np.float32)
 
 
 def infer(port, x, outputs=None, **kw):
@@ -76,9 +62,9 @@ def infer(port, x, outputs=None, **kw):
         client.close()
 
 
-def test_defended_output_keeps_the_upstream_argmax_and_the_id(upstream, sidecar, rows):
-    direct = infer(upstream.grpc_port, rows, ["probabilities"]).as_numpy("probabilities")
-    result = infer(sidecar.port, rows, request_id=f"{upstream.name}-7")
+def test_defended_output_keeps_the_upstream_argmax_and_the_id(upstream, sidecar, target_rows):
+    direct = infer(upstream.grpc_port, target_rows, ["probabilities"]).as_numpy("probabilities")
+    result = infer(sidecar.port, target_rows, request_id=f"{upstream.name}-7")
     got = result.as_numpy("probabilities")
     assert got.dtype == direct.dtype == np.float32
     np.testing.assert_allclose(got, type(sidecar.defense)().transform(direct), rtol=1e-5, atol=1e-7)
@@ -90,18 +76,18 @@ def test_defended_output_keeps_the_upstream_argmax_and_the_id(upstream, sidecar,
     assert [o.name for o in response.outputs] == ["probabilities"]  # the upstream's logits are dropped
 
 
-def test_identical_queries_get_identical_answers(sidecar, rows):
-    first = infer(sidecar.port, rows).as_numpy("probabilities")
-    again = infer(sidecar.port, rows).as_numpy("probabilities")
-    alone = infer(sidecar.port, rows[3:4]).as_numpy("probabilities")
+def test_identical_queries_get_identical_answers(sidecar, target_rows):
+    first = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    again = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    alone = infer(sidecar.port, target_rows[3:4]).as_numpy("probabilities")
     assert first.tobytes() == again.tobytes()
     np.testing.assert_allclose(alone[0], first[3], rtol=1e-6, atol=1e-7)
 
 
-def test_logits_are_refused_although_the_upstream_serves_them(upstream, sidecar, rows):
-    assert infer(upstream.grpc_port, rows, ["logits"]).as_numpy("logits").shape == (len(rows), 10)
+def test_logits_are_refused_although_the_upstream_serves_them(upstream, sidecar, target_rows):
+    assert infer(upstream.grpc_port, target_rows, ["logits"]).as_numpy("logits").shape == (len(target_rows), 10)
     with pytest.raises(InferenceServerException) as info:
-        infer(sidecar.port, rows, ["logits"])
+        infer(sidecar.port, target_rows, ["logits"])
     assert "INVALID_ARGUMENT" in str(info.value.status())
     assert "logits" in info.value.message()
 
@@ -135,9 +121,9 @@ def kserve_client(port: int, x: np.ndarray, tmp_path) -> dict:
     return dict(np.load(out))
 
 
-def test_kserve_client_gets_the_defended_answer_raw_and_typed(sidecar, rows, tmp_path):
-    expected = infer(sidecar.port, rows).as_numpy("probabilities")
-    answer = kserve_client(sidecar.port, rows, tmp_path)
+def test_kserve_client_gets_the_defended_answer_raw_and_typed(sidecar, target_rows, tmp_path):
+    expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    answer = kserve_client(sidecar.port, target_rows, tmp_path)
     assert bool(answer["ready"])
     assert sorted(answer) == ["raw_id", "raw_model_version", "raw_probabilities", "ready", "typed_id",
                               "typed_model_version", "typed_probabilities"]  # no logits either way
@@ -161,16 +147,16 @@ def _wait_for(predicate, timeout: float = 60.0, step: float = 0.2):
     return predicate()
 
 
-def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, rows):
+def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, target_rows):
     """Stops the module's model server, then starts it again on the same ports."""
-    before = infer(sidecar.port, rows).as_numpy("probabilities")
+    before = infer(sidecar.port, target_rows).as_numpy("probabilities")
     pgid = upstream.proc.pid
     upstream.stop()
     with pytest.raises(ProcessLookupError):  # the whole group is gone (tritonserver outlives its parent)
         os.killpg(pgid, 0)
     try:
         with pytest.raises(InferenceServerException) as info:
-            infer(sidecar.port, rows)
+            infer(sidecar.port, target_rows)
         assert "UNAVAILABLE" in str(info.value.status())
         assert _wait_for(lambda: _health(sidecar.port) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
     finally:
@@ -179,7 +165,7 @@ def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, rows):
 
     def answer():
         try:
-            return [infer(sidecar.port, rows).as_numpy("probabilities")]
+            return [infer(sidecar.port, target_rows).as_numpy("probabilities")]
         except InferenceServerException:
             return None
 

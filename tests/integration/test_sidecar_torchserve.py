@@ -16,11 +16,18 @@ import subprocess
 import grpc
 import numpy as np
 import pytest
-from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, model_ready, venv_python
+from model_servers import (
+    EXAMPLES,
+    ROOT,
+    ServerProcess,
+    free_port,
+    model_ready,
+    sidecar_settings,
+    venv_python,
+)
 
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.app import BackgroundSidecar
-from purifier_server.settings import Settings
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -40,27 +47,14 @@ def torchserve(digits_target, tmp_path_factory):
            "--name", MODEL, "--workdir", str(root), "--grpc-port", str(port), "--management-grpc-port",
            str(free_port()), "--ports", str(free_port()), str(free_port()), str(free_port()),
            "--worker-port", str(free_port())]
-    server = ServerProcess("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE)
-    try:
-        server.start()
+    with ServerProcess("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def sidecar(torchserve, flatten_cls):
-    settings = Settings.resolve({"upstream": f"127.0.0.1:{torchserve.grpc_port}", "upstream_service": SERVICE,
-                                 "model_name": MODEL, "confidence_output": "probabilities", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1, "health_poll_s": 0.2}, env={})
-    with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
+    with BackgroundSidecar(sidecar_settings(torchserve), defense=flatten_cls()) as sc:
         yield sc
-
-
-@pytest.fixture
-def rows(digits_target):
-    X, _ = digits_target.role("eval_nonmembers")
-    return np.ascontiguousarray(X[:6], np.float32)
 
 
 def typed_infer(port: int, x: np.ndarray, service: str, outputs=()) -> pb.ModelInferResponse:
@@ -80,10 +74,10 @@ def typed_output(response, name: str) -> np.ndarray:
     return np.asarray(out.contents.fp32_contents, np.float32).reshape(list(out.shape))
 
 
-def test_typed_requests_get_the_defended_answer(torchserve, sidecar, rows):
-    direct = typed_infer(torchserve.grpc_port, rows, SERVICE)
+def test_typed_requests_get_the_defended_answer(torchserve, sidecar, target_rows):
+    direct = typed_infer(torchserve.grpc_port, target_rows, SERVICE)
     assert {o.name for o in direct.outputs} == {"probabilities", "logits"}
-    answer = typed_infer(sidecar.port, rows, "inference.GRPCInferenceService")
+    answer = typed_infer(sidecar.port, target_rows, "inference.GRPCInferenceService")
     assert [o.name for o in answer.outputs] == ["probabilities"]
     assert answer.id == "ts-1"
     clean, got = typed_output(direct, "probabilities"), typed_output(answer, "probabilities")
@@ -92,37 +86,37 @@ def test_typed_requests_get_the_defended_answer(torchserve, sidecar, rows):
     assert np.abs(got - clean).sum(1).min() > 1e-3
 
 
-def test_readiness_and_logits_refused(torchserve, sidecar, rows):
+def test_readiness_and_logits_refused(torchserve, sidecar, target_rows):
     assert model_ready(sidecar.port, MODEL)
     with pytest.raises(grpc.RpcError) as info:
-        typed_infer(sidecar.port, rows, "inference.GRPCInferenceService", outputs=["logits"])
+        typed_infer(sidecar.port, target_rows, "inference.GRPCInferenceService", outputs=["logits"])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.mark.xfail(strict=True, reason="TorchServe ignores raw_input_contents; needs the sidecar's "
                                        "upstream_contents = typed (issue 15, phase 2)")
-def test_tritonclient_raw_requests_work_in_front_of_torchserve(sidecar, rows):
+def test_tritonclient_raw_requests_work_in_front_of_torchserve(sidecar, target_rows):
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
     try:
-        inp = grpcclient.InferInput("input", list(rows.shape), "FP32")
-        inp.set_data_from_numpy(rows)
+        inp = grpcclient.InferInput("input", list(target_rows.shape), "FP32")
+        inp.set_data_from_numpy(target_rows)
         try:
             got = client.infer(MODEL, [inp]).as_numpy("probabilities")
         except InferenceServerException as e:
             pytest.fail(str(e))
     finally:
         client.close()
-    assert got.shape == (len(rows), 10)
+    assert got.shape == (len(target_rows), 10)
 
 
-def test_kserve_client_typed_through_the_sidecar(sidecar, rows, tmp_path):
+def test_kserve_client_typed_through_the_sidecar(sidecar, target_rows, tmp_path):
     rows_file, out = tmp_path / "rows.npy", tmp_path / "answer.npz"
-    np.save(rows_file, rows)
+    np.save(rows_file, target_rows)
     done = subprocess.run([str(venv_python("kserve")), str(ROOT / "tests" / "integration" / "clients" /
                                                             "kserve_client.py"), f"127.0.0.1:{sidecar.port}",
                            MODEL, "input", str(rows_file), str(out), "--only", "typed"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     answer = dict(np.load(out))
-    expected = typed_output(typed_infer(sidecar.port, rows, "inference.GRPCInferenceService"), "probabilities")
+    expected = typed_output(typed_infer(sidecar.port, target_rows, "inference.GRPCInferenceService"), "probabilities")
     np.testing.assert_allclose(answer["typed_probabilities"].reshape(expected.shape), expected, rtol=1e-6)
