@@ -5,6 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
+PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 
 .PHONY: venv test test-all demo lint proto constraints bench clean venv-triton venv-kserve venv-torchserve \
 	perf-analyzer bench-perf-analyzer
@@ -55,12 +56,13 @@ proto: $(STAMP)
 # Every benchmark, each writing JSON with machine info under benchmarks/results/, then the README's
 # Results section is re-rendered from them. Long (~30-60 min on 2 cores); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
-bench: $(STAMP)
+bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
 	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
@@ -69,15 +71,18 @@ bench: $(STAMP)
 
 # perf_analyzer needs glibc 2.38; this runs it through Debian 13's loader and runtime in a private
 # directory (benchmarks/perf_analyzer/install.sh says how), nothing installed system-wide.
-PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 $(PERF_ANALYZER): benchmarks/perf_analyzer/install.sh
 	bash $< $(dir $@)
 
 perf-analyzer: $(PERF_ANALYZER)
 
 # perf_analyzer against real Triton directly and through the sidecar (identity, MemGuard, PURIFIER).
+# with the privacy benchmark's fitted defenses when they exist, else the identity sidecar alone
+PA_DEFENSES = $(if $(wildcard $(BENCH_WORK)/defenses/purifier),--target $(BENCH_WORK)/target \
+  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
+  --secret-file $(BENCH_WORK)/secret.txt)
 bench-perf-analyzer: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
-	$(BIN)/python benchmarks/bench_perf_analyzer.py
+	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
 
 clean:
 	rm -rf $(VENV) .venv-triton .venv-kserve .venv-torchserve build .pytest_cache
