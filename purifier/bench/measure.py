@@ -118,7 +118,7 @@ class Connection:
                                               request_serializer=pb.ModelMetadataRequest.SerializeToString,
                                               response_deserializer=pb.ModelMetadataResponse.FromString)
 
-    def _failure(self, what: str, e: grpc.RpcError) -> ConfigError:
+    def failure(self, what: str, e: grpc.RpcError) -> ConfigError:
         ep = self.endpoint
         hint = {grpc.StatusCode.UNAVAILABLE: "; is it running, and does it speak plaintext or TLS as given?",
                 grpc.StatusCode.UNAUTHENTICATED: "; pass or check --token-file",
@@ -131,7 +131,7 @@ class Connection:
             meta = self._meta(_messages().ModelMetadataRequest(name=ep.model_name, version=ep.model_version),
                               timeout=self.timeout_s, metadata=self.metadata or None)
         except grpc.RpcError as e:
-            raise self._failure(f"ModelMetadata for {ep.model_name!r}", e) from None
+            raise self.failure(f"ModelMetadata for {ep.model_name!r}", e) from None
         if len(meta.inputs) != 1:
             raise ConfigError(f"{ep.label} {ep.address}: model {ep.model_name!r} declares {len(meta.inputs)} "
                               "inputs; the benchmark builds requests for exactly one (N, D) input")
@@ -226,7 +226,7 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
                 times.append(time.perf_counter() - t0)
         except grpc.RpcError as e:
             errors.append(e)
-            bounds["stop"] = 0.0
+            bounds["warm"] = bounds["stop"] = 0.0  # the other threads stop too
 
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
     for t in threads:
@@ -237,7 +237,7 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
     for t in threads:
         t.join()
     if errors:
-        raise conn._failure("ModelInfer", errors[0])
+        raise conn.failure("ModelInfer", errors[0])
     # throughput over the measured span: from the end of warm-up to the last call's end
     elapsed = max(seconds, time.perf_counter() - bounds["warm"]) if any(per_thread) else 0.0
     return [t for times in per_thread for t in times], elapsed, answer[0]
