@@ -57,6 +57,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved windows per cell (default 5)")
     p.add_argument("--features", type=int, default=None,
                    help="random rows of this width when the model does not declare its input width")
+    p.add_argument("--input-name", default=None,
+                   help="the FP32 input, for models whose metadata declares none (TorchServe)")
     p.add_argument("--typed", action="store_true", help="send typed contents instead of raw bytes")
     p.add_argument("--seed", type=int, default=0, help="seed of the random rows (default 0)")
     p.add_argument("--timeout", type=float, default=30.0, help="deadline per call in seconds (default 30)")
@@ -91,7 +93,7 @@ def bench_cli(args) -> int:
     if width is None:
         conn = Connection(endpoints[0], args.timeout)
         try:
-            width = conn.describe().n_features
+            width = conn.describe(args.input_name).n_features
         finally:
             conn.close()
         if width is None:
@@ -102,7 +104,8 @@ def bench_cli(args) -> int:
           f"{args.concurrency}, rows {args.rows}, {args.seconds:g} s per cell in {args.rounds} windows",
           file=sys.stderr)
     result = compare(endpoints, X, concurrency=args.concurrency, rows=args.rows, seconds=args.seconds,
-                     rounds=args.rounds, output=args.output_name, typed=args.typed, timeout_s=args.timeout)
+                     rounds=args.rounds, output=args.output_name, typed=args.typed, timeout_s=args.timeout,
+                     input_name=args.input_name)
     print(format_table(result))
     load_end = load_average()
     if load_end is not None:

@@ -125,19 +125,23 @@ class Connection:
                 grpc.StatusCode.UNIMPLEMENTED: f"; is {ep.service} the right service (--*-service)?"}.get(e.code(), "")
         return ConfigError(f"{ep.label} {ep.address}: {what} failed: {e.code().name}: {e.details()}{hint}")
 
-    def describe(self) -> InputSpec:
+    def describe(self, input_name: str | None = None) -> InputSpec:
+        """The model's one input from ModelMetadata; `input_name` (FP32) when it declares none (TorchServe)."""
         ep = self.endpoint
         try:
             meta = self._meta(_messages().ModelMetadataRequest(name=ep.model_name, version=ep.model_version),
                               timeout=self.timeout_s, metadata=self.metadata or None)
         except grpc.RpcError as e:
             raise self.failure(f"ModelMetadata for {ep.model_name!r}", e) from None
+        outputs = tuple(o.name for o in meta.outputs)
+        if not meta.inputs and input_name:
+            return InputSpec(input_name, "FP32", None, outputs)
         if len(meta.inputs) != 1:
             raise ConfigError(f"{ep.label} {ep.address}: model {ep.model_name!r} declares {len(meta.inputs)} "
-                              "inputs; the benchmark builds requests for exactly one (N, D) input")
+                              "inputs; the benchmark builds requests for exactly one (N, D) input (none declared: give --input-name)")
         tensor = meta.inputs[0]
         width = int(tensor.shape[-1]) if len(tensor.shape) >= 2 and tensor.shape[-1] > 0 else None
-        return InputSpec(tensor.name, tensor.datatype, width, tuple(o.name for o in meta.outputs))
+        return InputSpec(tensor.name, tensor.datatype, width, outputs)
 
     def infer(self, payload: bytes) -> bytes:
         return self._infer(payload, timeout=self.timeout_s, metadata=self.metadata or None)
@@ -203,17 +207,22 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
     per_thread: list[list[float]] = [[] for _ in range(concurrency)]
     errors: list[grpc.RpcError] = []
     answer: list[bytes] = []
-    barrier = threading.Barrier(concurrency + 1)
+    probed, started = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
     bounds = {}
 
     def worker(k: int) -> None:
         times = per_thread[k]
         i = k
-        barrier.wait()
         try:
-            data = conn.infer(payloads[i % len(payloads)])  # every window's answers are checked once
+            # one untimed call first (connection set-up, lazy model loading), kept for the answer check
+            data = conn.infer(payloads[i % len(payloads)])
             if k == 0:
                 answer.append(data)
+        except grpc.RpcError as e:
+            errors.append(e)
+        probed.wait()
+        started.wait()
+        try:
             while time.perf_counter() < bounds["warm"]:
                 i += 1
                 conn.infer(payloads[i % len(payloads)])
@@ -231,9 +240,10 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
     threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
     for t in threads:
         t.start()
+    probed.wait()
     now = time.perf_counter()
-    bounds["warm"], bounds["stop"] = now + warmup_s, now + warmup_s + seconds
-    barrier.wait()
+    bounds["warm"], bounds["stop"] = (now, now) if errors else (now + warmup_s, now + warmup_s + seconds)
+    started.wait()
     for t in threads:
         t.join()
     if errors:
@@ -245,7 +255,8 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
 
 def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequence[int] = (1, 4, 16),
             rows: Sequence[int] = (1,), seconds: float = 10.0, rounds: int = 5, output: str | None = None,
-            typed: bool = False, warmup_s: float = 1.0, timeout_s: float = 30.0, progress=None) -> dict:
+            typed: bool = False, warmup_s: float = 1.0, timeout_s: float = 30.0, input_name: str | None = None,
+            progress=None) -> dict:
     """Measure every endpoint at every (concurrency, rows) in interleaved windows.
 
     Args:
@@ -253,6 +264,7 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
         X: (M, D) rows the requests are built from (cycled through).
         seconds: measured seconds per cell in total, split into `rounds` windows.
         output: the output to request; default "probabilities" if served, else the only output.
+        input_name: the FP32 input of a model whose metadata declares none (TorchServe).
     Returns:
         {"cells": [...], "comparisons": [...], "output": name, "inputs": {label: spec}} with p50/p99
         in ms, throughput in requests/s, and each non-baseline endpoint's added p50/p99 and
@@ -264,7 +276,7 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
         raise ConfigError("--concurrency and --rows must be >= 1, --seconds > 0, --rounds >= 1")
     conns = [Connection(e, timeout_s) for e in endpoints]
     try:
-        specs = [c.describe() for c in conns]
+        specs = [c.describe(input_name) for c in conns]
         output = output or _default_output(endpoints[0], specs[0].outputs)
         for e, spec in zip(endpoints, specs, strict=True):
             if spec.outputs and output not in spec.outputs:  # MLServer may declare none: the answer is checked
@@ -295,6 +307,10 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
     finally:
         for conn in conns:
             conn.close()
+    for (label, c, r), cell in cells.items():
+        if not cell.times:
+            raise ConfigError(f"{label}: no call at concurrency {c} with {r} row(s) finished inside the measured "
+                              f"windows of {window:g} s; calls take longer: raise --seconds or lower --rounds")
     out_cells = [{"endpoint": label, "concurrency": c, "rows": r, **cell.summary(r)}
                  for (label, c, r), cell in cells.items()]
     base = endpoints[0].label

@@ -120,3 +120,13 @@ def test_kserve_client_typed_through_the_sidecar(sidecar, target_rows, tmp_path)
     answer = dict(np.load(out))
     expected = typed_output(typed_infer(sidecar.port, target_rows, "inference.GRPCInferenceService"), "probabilities")
     np.testing.assert_allclose(answer["typed_probabilities"].reshape(expected.shape), expected, rtol=1e-6)
+
+
+def test_purifier_bench_compares_torchserve_and_the_sidecar_with_typed_requests(torchserve, sidecar, capsys):
+    from purifier.cli import main
+
+    assert main(["bench", "--direct", f"127.0.0.1:{torchserve.grpc_port}", "--direct-service", SERVICE,
+                 "--sidecar", f"127.0.0.1:{sidecar.port}", "--model-name", MODEL, "--input-name", "input",
+                 "--features", "64", "--output-name", "probabilities", "--typed", "--concurrency", "1",
+                 "--seconds", "1", "--rounds", "1"]) == 0
+    assert "added p50" in capsys.readouterr().out
