@@ -7,8 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
 PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 
-.PHONY: venv test test-all demo lint proto constraints bench clean venv-triton venv-kserve venv-torchserve \
-	perf-analyzer bench-perf-analyzer
+.PHONY: venv browser test test-all demo lint proto constraints bench clean venv-triton venv-kserve \
+	venv-torchserve perf-analyzer bench-perf-analyzer
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,20 @@ venv-triton: .venv-triton/.installed-stamp
 venv-kserve: .venv-kserve/.installed-stamp
 venv-torchserve: .venv-torchserve/.installed-stamp
 
-test: $(STAMP) $(TEST_UPSTREAMS)
+# The report.html test renders the page in headless Chromium (Debian package `chromium`). CI machines
+# start bare, so on CI (CI set, as CI services do) `make test` installs it first when missing; the
+# install needs root and apt, and fails loudly rather than letting the browser test skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt) for the report.html browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
+
+test: $(STAMP) $(TEST_UPSTREAMS) $(if $(CI),browser)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) $(TEST_UPSTREAMS)
+test-all: $(STAMP) $(TEST_UPSTREAMS) .venv-torchserve/.installed-stamp $(if $(CI),browser)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)

@@ -263,12 +263,6 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
     return columns, rows
 
 
-def format_table(columns: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4) -> dict:
     from purifier.artifacts import check_output_dir, write_json
     from purifier.attacks import DEFAULT_ATTACKS
@@ -276,6 +270,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     from purifier.audit.report import write_report
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.defenses.keyed import load_secret
+    from purifier.tables import text_table
 
     if dataset not in DEMO_DATASETS:
         raise ConfigError(f"dataset: the demo runs on {' or '.join(DEMO_DATASETS)}, not {dataset!r}")
@@ -329,7 +324,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     }
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
-    print(format_table(columns, rows))
+    print(text_table(columns, rows))
     print("\nMemGuard epsilon sweep (best confidence attack bal.acc / mean L1): " + ", ".join(
         f"{r['setting']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
     print(f"\nreports: {out}/reports/<defense>/report.{{json,md}}, roc.png; plot: {out}/privacy_utility.png")

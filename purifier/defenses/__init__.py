@@ -17,6 +17,10 @@ REGISTRY: dict[str, str] = {
     "none": "purifier.defenses.base:IdentityDefense",
     "memguard": "purifier.defenses.memguard:MemGuard",
     "purifier": "purifier.defenses.purifier_net:PurifierNet",
+    "label_only": "purifier.defenses.baselines:LabelOnly",
+    "top_k": "purifier.defenses.baselines:TopK",
+    "round": "purifier.defenses.baselines:Rounded",
+    "noise": "purifier.defenses.baselines:Noise",
 }
 
 
