@@ -4,9 +4,10 @@
 
 Triton binds gRPC and HTTP to 127.0.0.1 only (--address), so nothing reaches the model server
 except through the sidecar on the same host. The model is a Python function running onnxruntime;
-its input is FP32 (-1, D) and every FP32 output of the graph (e.g. probabilities and logits, (-1, C))
-is served. One
-JSON line on stdout once the model is ready: {"event": "serving", "grpc_port": ..., ...}.
+its input is FP32 (-1, D) and every FP32 output of the graph is served (e.g. probabilities and
+logits, (-1, C)). Triton's statistics, repository, shared-memory, trace and logging APIs need
+pytriton's access token (--access-token; perf_analyzer: -H triton-grpc-protocol-triton-access-
+token:TOKEN). One JSON line on stdout once the model is ready: {"event": "serving", ...}.
 
 Runs in its own virtual environment (`make venv-triton`): nvidia-pytriton's dependencies
 conflict with the project's. With a pyenv interpreter, Triton's Python backend stub links the
