@@ -238,8 +238,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per attack and per utility figure, one column per defense."""
+def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
+    """One row per attack and per utility figure (and latency, if measured), one column per defense."""
     def cell(entry):
         tpr = entry["tpr_at_fpr"]["0.01"]
         return f"{entry['auc']:.3f} / {entry['balanced_accuracy']:.3f} / {tpr['tpr']:.3f}"
@@ -257,9 +257,10 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
     agreement = [r["utility"].get("argmax_agreement") for r in reports.values()]
     rows.append(["argmax agreement", *(f"{1.0 if a is None else a:.4f}" for a in agreement)])
     rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
-    rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
-    base = latency["none"]["p50_ms"]
-    rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
+    if latency is not None:
+        rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
+        base = latency["none"]["p50_ms"]
+        rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
     return columns, rows
 
 

@@ -156,14 +156,17 @@ def _attack_rows(page: ReportPage) -> list[list[str]]:
 
 def _setup_items(r: dict) -> list[str]:
     s, t = r["shadows"], r["timing_s"]
-    items = [f"Dataset {r['dataset']}; model {r['model_id'][:16]}...; {r['n_members']} training members and "
+    model = f"model {r['model_id'][:16]}..." if r.get("model_id") else "model identity unknown (an endpoint)"
+    recipe = s["recipe"] + (f", {s['epochs']} epochs" if s.get("epochs") else "")
+    items = [f"Dataset {r['dataset']}; {model}; {r['n_members']} training members and "
              f"{r['n_nonmembers']} non-members evaluated.",
-             f"Attacker: {s['n']} shadow models ({s['architecture']}, {s['epochs']} epochs) trained on its own "
+             f"Attacker: {s['n']} shadow models ({recipe}) trained on its own "
              f"pool of {s['pool_size']} records; thresholds fitted on shadow models only.",
              f"Time: {t['audit_without_boundary']:.0f} s (shadow training {t['shadow_training']:.0f} s)."]
     if r.get("endpoint"):
         items.insert(1, f"Audited through the endpoint {r['endpoint']} (model {r.get('model_name', '?')}).")
-    return items + list(r.get("notes", []))
+    warnings = [f"Warning: {w}" for w in r.get("assumptions", {}).get("warnings", [])]
+    return items + warnings + list(r.get("notes", []))
 
 
 def _figures(page: ReportPage) -> str:

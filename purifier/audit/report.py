@@ -14,6 +14,7 @@ import numpy as np
 
 from purifier import tables
 from purifier.artifacts import atomic_directory, write_json
+from purifier.audit.assumptions import markdown_lines as assumptions_markdown
 
 
 def _fmt(v, digits=3) -> str:
@@ -66,6 +67,7 @@ def text_table(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     md = [f"# Membership inference audit: {report['dataset']}, defense `{report['defense']}`", ""]
+    md += assumptions_markdown(report.get("assumptions"))
     md += [f"- {line}" for line in summary_lines(report)]
     md += ["", tables.markdown_table(*table_rows(report))]
     md += ["", "TPR cells: `tpr @realized-FPR/negatives`; *(n/m)*: the target FPR is below 1/negatives, so the "

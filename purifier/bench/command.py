@@ -55,6 +55,9 @@ def add_parser(sub) -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1], help="rows per request (default 1)")
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell (default 10)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved windows per cell (default 5)")
+    p.add_argument("--records", default=None, metavar="FILE",
+                   help="real rows to send: a record file (.npz with X, y; .csv with a label column); "
+                        "default: random rows of the model's input width")
     p.add_argument("--features", type=int, default=None,
                    help="random rows of this width when the model does not declare its input width")
     p.add_argument("--input-name", default=None,
@@ -90,7 +93,11 @@ def bench_cli(args) -> int:
     if args.sidecar:
         endpoints.append(Endpoint("sidecar", args.sidecar, args.model_name, args.model_version, **security))
     width = args.features
-    if width is None:
+    if args.records:
+        from purifier.data.records import load_records
+
+        X, data = load_records(args.records, flag="--records").X, f"records from {args.records}"
+    elif width is None:
         conn = Connection(endpoints[0], args.timeout)
         try:
             width = conn.describe(args.input_name).n_features
@@ -98,7 +105,8 @@ def bench_cli(args) -> int:
             conn.close()
         if width is None:
             raise ConfigError(f"model {args.model_name!r} does not declare its input width; pass --features D")
-    X = random_rows(width, seed=args.seed)
+    if not args.records:
+        X, data = random_rows(width, seed=args.seed), f"random uniform [0, 1) rows, seed {args.seed}"
     load_start = load_average()
     print(f"benchmarking {', '.join(f'{e.label} {e.address}' for e in endpoints)}: concurrency "
           f"{args.concurrency}, rows {args.rows}, {args.seconds:g} s per cell in {args.rounds} windows",
@@ -119,7 +127,7 @@ def bench_cli(args) -> int:
                           "model_name": args.model_name, "model_version": args.model_version,
                           "concurrency": args.concurrency, "rows": args.rows, "seconds_per_cell": args.seconds,
                           "rounds": args.rounds, "contents": "typed" if args.typed else "raw",
-                          "data": f"random uniform [0, 1) rows, seed {args.seed}"},
+                          "data": data},
                **result}
         write_json(args.json, doc)
         print(f"wrote {args.json}", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from certificates import TOKEN
 from model_servers import free_port
 
 from purifier.cli import main
@@ -94,4 +93,19 @@ def test_bench_over_mutual_tls_with_a_token(digits_target, pki, capsys):
         assert main(base) == 2
         assert "UNAUTHENTICATED" in capsys.readouterr().err
         assert main([*base, "--token-file", str(pki / "token")]) == 0
-        assert TOKEN not in capsys.readouterr().out
+        assert (pki / "token").read_text().strip() not in capsys.readouterr().out
+
+
+def test_bench_sends_real_records_and_refuses_the_wrong_width(pair, digits_target, tmp_path, capsys):
+    from purifier.data.records import save_records
+
+    a, _ = pair
+    X, y = digits_target.role("eval_nonmembers")
+    good, bad = save_records(tmp_path / "rows.npz", X[:40], y[:40]), save_records(tmp_path / "narrow.csv", X[:5, :10], y[:5])
+    out = tmp_path / "bench.json"
+    base = ["bench", "--sidecar", f"127.0.0.1:{a.port}", "--model-name", a.model_name, "--concurrency", "1",
+            "--seconds", "0.2", "--rounds", "1"]
+    assert main([*base, "--records", str(good), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["config"]["data"] == f"records from {good}"
+    assert main([*base, "--records", str(bad)]) == 2
+    assert "takes 64 features, the rows have 10" in capsys.readouterr().err

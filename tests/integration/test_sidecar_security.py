@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from certificates import TOKEN
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from purifier.errors import ConfigError
@@ -16,6 +15,8 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.integration
+
+
 def settings(target, **extra):
     return Settings.resolve({"model": str(target.directory), "host": "127.0.0.1", "port": 0, "metrics_port": -1,
                              **extra}, env={})
@@ -48,8 +49,9 @@ def test_mutual_tls_requires_a_client_certificate(digits_target, pki):
 
 def test_bearer_token_is_required_except_for_health(digits_target, pki):
     with BackgroundSidecar(settings(digits_target, auth_token_file=str(pki / "token"))) as sc:
-        assert infer(sc.port, sc.model_name, headers={"authorization": f"Bearer {TOKEN}"}).shape == (1, 10)
-        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": TOKEN}):
+        token = (pki / "token").read_text().strip()
+        assert infer(sc.port, sc.model_name, headers={"authorization": f"Bearer {token}"}).shape == (1, 10)
+        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": token}):
             with pytest.raises(InferenceServerException) as info:
                 infer(sc.port, sc.model_name, headers=headers)
             assert "UNAUTHENTICATED" in str(info.value.status())

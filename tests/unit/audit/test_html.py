@@ -38,7 +38,7 @@ def sample_report(membership, shift: float, defense: str, seed: int) -> tuple[di
         "utility": {"member_accuracy": 0.99, "nonmember_accuracy": 0.95, "argmax_agreement": 1.0,
                     "mean_l1": 0.03, "max_l1": 0.4},
         "gap_floor": ev.gap_floor(correct, membership), "attacks": attacks, "strongest_confidence_attack": "mentr",
-        "shadows": {"n": 4, "architecture": "mlp", "epochs": 150, "pool_size": 597, "train_size": 400},
+        "shadows": {"n": 4, "recipe": "mlp", "epochs": 150, "pool_size": 597, "train_size": 400},
         "timing_s": {"shadow_training": 20.0, "audit_without_boundary": 31.0, "boundary_attack": None},
         "notes": ["thresholds are fitted on shadow models"],
     }
