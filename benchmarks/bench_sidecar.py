@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import process_cpu_seconds, summarize, write_result  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
 from purifier.serve_process import ServeProcess, ServerProcess, free_port  # noqa: E402
 
 
@@ -59,90 +59,29 @@ def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
 
 # --- the cells ----------------------------------------------------------------------------------
 # The machine's background load drifts by several x within a minute, so cells that are compared
-# are measured in interleaved windows (direct, sidecar, direct, sidecar, ...) and pooled.
-
-
-def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-             warmup: int) -> tuple[list[float], float, int]:
-    """(per-call seconds, elapsed, calls made including warm-up) for one client calling back to back."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    outs = [grpcclient.InferRequestedOutput(output)]
-    try:
-        for _ in range(warmup):
-            client.infer(model, [inp], outputs=outs)
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            client.infer(model, [inp], outputs=outs)
-            times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    finally:
-        client.close()
-    return times, elapsed, warmup + len(times)
-
-
-def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-                   concurrency: int, warmup_s: float) -> tuple[list[float], float, int]:
-    """(per-call seconds, elapsed, calls made including warm-up) for `concurrency` aio callers."""
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-
-    async def main():
-        client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
-        inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        outs = [grpcclient.InferRequestedOutput(output)]
-        times: list[float] = []
-        calls = 0
-
-        async def worker(stop_at, record):
-            nonlocal calls
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await client.infer(model, [inp], outputs=outs)
-                calls += 1
-                if record:
-                    times.append(time.perf_counter() - t0)
-
-        try:
-            await asyncio.gather(*(worker(time.perf_counter() + warmup_s, False) for _ in range(concurrency)))
-            start = time.perf_counter()
-            await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - start
-        finally:
-            await client.close()
-        return times, elapsed, calls
-
-    return asyncio.run(main())
+# are measured in interleaved windows (direct, sidecar, ..., then the reverse order) and pooled:
+# purifier.bench (the `purifier bench` command's measurement core) does exactly that.
 
 
 def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
-    """servers: cell name -> (port, model, input name, output name, server pid). Each cell gets
-    `seconds` per concurrency in total, split into `rounds` windows taken in turn with the other
-    cells. CPU per request: the server process's CPU time over its windows / the calls made."""
-    pooled = {name: {"c1": ([], 0.0, 0, 0.0), "c16": ([], 0.0, 0, 0.0)} for name in servers}
-    window = seconds / rounds
-    for r in range(rounds):
-        first = r == 0
-        for name, (port, model, inp, out, pid) in servers.items():
-            for key in ("c1", "c16"):
-                cpu0 = process_cpu_seconds(pid)
-                if key == "c1":
-                    times, elapsed, calls = run_sync(port, model, inp, out, x, window, 50 if first else 5)
-                else:
-                    times, elapsed, calls = run_concurrent(port, model, inp, out, x, window, 16,
-                                                           0.5 if first else 0.1)
-                cpu = process_cpu_seconds(pid) - cpu0
-                acc_t, acc_e, acc_n, acc_cpu = pooled[name][key]
-                pooled[name][key] = (acc_t + times, acc_e + elapsed, acc_n + calls, acc_cpu + cpu)
-    return {name: {key: {**summarize(t), "throughput_rps": len(t) / e, "server_cpu_ms_per_request": 1e3 * c / n}
-                   for key, (t, e, n, c) in cells.items()}
-            for name, cells in pooled.items()}
+    """servers: cell name -> (port, model, output name, server pid). Each cell gets `seconds` per
+    concurrency (1 and 16) in total, split into `rounds` windows taken in turn with the other cells.
+    CPU per request: the server process's CPU time over its windows / the calls it answered."""
+    from purifier.bench.measure import Endpoint, compare
+
+    outputs = {out for _, _, out, _ in servers.values()}
+    if len(outputs) != 1:
+        raise ValueError(f"cells compared together must share the output, got {sorted(outputs)}")
+    endpoints = [Endpoint(name, f"127.0.0.1:{port}", model, server_pid=pid)
+                 for name, (port, model, _, pid) in servers.items()]
+    result = compare(endpoints, x, concurrency=(1, 16), rows=(1,), seconds=seconds, rounds=rounds,
+                     output=outputs.pop())
+    cells: dict[str, dict] = {}
+    for cell in result["cells"]:
+        cells.setdefault(cell["endpoint"], {})[f"c{cell['concurrency']}"] = {
+            k: cell[k] for k in ("calls", "mean_ms", "p50_ms", "p99_ms", "throughput_rps",
+                                 "server_cpu_ms_per_request")}
+    return cells
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -161,6 +100,9 @@ def bare_server(model: str) -> None:
     class Bare(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelReady(self, request, context):
             return pb.ModelReadyResponse(ready=await upstream.ready(request.name, request.version))
+
+        async def ModelMetadata(self, request, context):
+            return await upstream.model_metadata(request.name, request.version)
 
         async def ModelInfer(self, request, context):
             response, _ = await upstream.infer(request, None, ())
@@ -188,7 +130,8 @@ def mlserver_repository(root: Path) -> int:
     joblib.dump(clf, root / "digits" / "model.joblib")
     (root / "digits" / "model-settings.json").write_text(json.dumps({
         "name": "digits", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
     port = free_port()
     (root / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": free_port(), "grpc_port": port, "metrics_port": free_port(),
@@ -251,7 +194,7 @@ def main() -> None:
         train_target("digits", args.target)
     target = Target.load(args.target)
     X, _ = target.role("eval_nonmembers")
-    x = np.ascontiguousarray(X[:1], np.float32)
+    x = np.ascontiguousarray(X[:64], np.float32)  # one row per request, cycled
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
@@ -265,11 +208,10 @@ def main() -> None:
             bare = stack.enter_context(ServerProcess([sys.executable, __file__, "--bare-server",
                                                       str(target.directory)], env=env))
             wait_ready(bare.port, bare.ready["model"])
-            servers = {"embedded/direct": (bare.port, bare.ready["model"], "input", "probabilities", bare.pid)}
+            servers = {"embedded/direct": (bare.port, bare.ready["model"], "probabilities", bare.pid)}
             for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
                 sc = stack.enter_context(sidecar(["--model", str(target.directory)], d, secret_file, env))
-                servers[f"embedded/sidecar-{name}"] = (sc.port, target.directory.name, "input", "probabilities",
-                                                       sc.pid)
+                servers[f"embedded/sidecar-{name}"] = (sc.port, target.directory.name, "probabilities", sc.pid)
             cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
@@ -282,8 +224,8 @@ def main() -> None:
                 wait_ready(mport, "digits")
                 with sidecar(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
                               "--confidence-output", "predict_proba"], None, secret_file, env) as sc:
-                    servers = {"mlserver/direct": (mport, "digits", "input-0", "predict_proba", mlserver.pid),
-                               "mlserver/sidecar-identity": (sc.port, "digits", "input-0", "predict_proba", sc.pid)}
+                    servers = {"mlserver/direct": (mport, "digits", "predict_proba", mlserver.pid),
+                               "mlserver/sidecar-identity": (sc.port, "digits", "predict_proba", sc.pid)}
                     cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
     comparisons = {}
@@ -305,7 +247,7 @@ def main() -> None:
     path = write_result("sidecar", {
         "tables": tables, "load_average_1m_end": load,
         "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
-                   "defenses": [d for _, d in defenses], "clients": "tritonclient.grpc sync (c1), .aio (c16)"},
+                   "defenses": [d for _, d in defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
         "cells": cells, "comparisons": comparisons,
         "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8,
                     "memguard_server_cpu_ms_per_request_c1": 1.0, "memguard_throughput_vs_identity_c16": 0.7},

@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
+    from purifier.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="default digits")

@@ -71,7 +71,8 @@ class MLServerProcess:
         joblib.dump(clf, model_dir / "model.joblib")
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
-            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
         self.write_settings()
 
     def start(self, timeout: float = 90.0) -> None:
@@ -207,6 +208,13 @@ def digits_rows():
 
     X, _ = load_digits(return_X_y=True)
     return np.ascontiguousarray(X[1::2][:16] / 16.0, dtype=np.float32)
+
+
+@pytest.fixture
+def target_rows(digits_target):
+    """(12, 64) FP32 non-member rows of the session's digits target."""
+    X, _ = digits_target.role("eval_nonmembers")
+    return np.ascontiguousarray(X[:12], np.float32)
 
 
 @pytest.fixture
