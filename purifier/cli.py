@@ -73,7 +73,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-request-rows", type=int, help="rows per request (default 4096)")
     p.add_argument("--max-batch-rows", type=int, help="rows per defense call (default 256)")
     p.add_argument("--max-wait-ms", type=float, help="wait for more rows before defending (default 0)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="embedded model device (default cpu)")
+    from purifier.devices import DEVICES
+
+    p.add_argument("--device", choices=list(DEVICES), help="embedded model device (default cpu)")
     p.add_argument("--reflection", action="store_true", default=None, help="enable gRPC server reflection")
     p.add_argument("--grace", dest="grace_s", type=float, help="seconds to drain on SIGTERM (default 5)")
     p.add_argument("--upstream-timeout", dest="upstream_timeout_s", type=float,
@@ -125,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
+    from purifier.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="default digits")
@@ -137,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+# what the `full` extra adds to the serving install (pyproject.toml)
+FULL_INSTALL_MODULES = frozenset({"torch", "sklearn", "matplotlib", "mlxtend", "onnx", "tritonclient", "scipy"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -147,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PurifierError as e:
         print(f"purifier: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        print(f"purifier: error: {args.command} needs {e.name}, which the serving install leaves out; "
+              "install everything with pip install 'purifier[cpu,full]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("purifier: interrupted", file=sys.stderr)
