@@ -380,7 +380,8 @@ class ExecutorSpec:
         if self.name == "ray":
             if self.ray_address:
                 probe_address(self.ray_address, RAY_CONNECT_TIMEOUT_S)
-            import_ray()
+            with _bounded_ray_connect() if self.ray_address else contextlib.nullcontext():
+                import_ray()
 
     def describe(self) -> dict:
         if self.name == "local":
