@@ -222,10 +222,15 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
 
 def shadow_provenance(shadows) -> dict:
     """How the shadows were made, for the report: executor, cache hits, shadows retrained in this
-    process for label queries (recipes without an array form), and any warning about them."""
+    process for label queries (recipes without an array form), any warning about them, and how
+    many shadows hold each audited record IN (K/2 before the cut to the target's training-set
+    size; about K * train_size / (pool + records) after it)."""
     models = shadows.models
+    n_in = shadows.cand_in.sum(axis=0)  # per audited record: the shadows that trained on it (LiRA's IN)
     return {**shadows.provenance, "retrained_for_label_queries": list(getattr(models, "retrained", [])),
-            "notes": list(getattr(models, "notes", []))}
+            "notes": list(getattr(models, "notes", [])),
+            "in_shadows_per_record": {"min": int(n_in.min()), "median": float(np.median(n_in)),
+                                      "max": int(n_in.max())}}
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",
