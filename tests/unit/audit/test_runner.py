@@ -55,7 +55,11 @@ def test_report_numbers_follow_from_scores(audits):
         assert a["tpr_at_fpr"]["0.01"] == {"tpr": t.tpr, "fpr": t.fpr, "negatives": 400, "measurable": True}
         assert a["queries"] == 800
     json.dumps(r)  # JSON-able as is
+    sh = r["shadows"]
+    assert sh["trained"] + sh["from_cache"] == 2 and sh["executor"]["executor"] == "local"
+    assert sh["cache"]["enabled"] and 0 <= sh["in_shadows_per_record"]["min"] <= sh["in_shadows_per_record"]["max"] <= 2
     table = text_table(r)
+    assert "shadow models: " in table and "from the cache" in table
     assert "gap floor" in table and "nn_label" in table and "(n/m)" in table
     assert "| lira_online | confidence |" in markdown(r)
 
