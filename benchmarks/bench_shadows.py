@@ -10,12 +10,14 @@ checkout has it, else `synthetic100`):
   online and offline plus the gap attack; both runs' shadow outputs must be identical;
 * LiRA's TPR at 0.1% and 1% FPR with 95% bootstrap CIs, realized FPR and negatives;
 
-then the full default audit at the largest K, cold and rerun warm (every shadow from the
-cache), and Ray's bare start/stop time. The machine is shared: every run records the load
+then the full default audit at the largest K (on local processes, or on Ray when only Ray runs
+it), cold and rerun warm (every shadow from the cache), and Ray's bare start/stop time. Shadow k
+does not depend on K, so cache entries two runs share (e.g. the first 16 shadows of a local run
+with 16 and a Ray run with 64) are compared bit for bit. The machine is shared: every run records the load
 average before and after. Writes benchmarks/results/shadows.json.
 
     python benchmarks/bench_shadows.py [--dataset NAME] [--shadows 4 16 64] [--workers 2]
-        [--executors local ray] [--work build/bench-shadows]
+        [--ray-shadows 4 16] [--work build/bench-shadows]
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--no-full-audit", action="store_true",
-                        help="the largest local run audits LiRA only (default: every default attack, then a warm "
+                        help="the largest run audits LiRA only (default: every default attack, then a warm "
                              "rerun)")
     parser.add_argument("--work", default="build/bench-shadows")
     args = parser.parse_args(argv)
@@ -105,23 +107,30 @@ def main(argv=None) -> int:
     target = Target.load(tdir) if (tdir / "model.json").exists() else train_target(args.dataset, tdir, seed=0)
     target_s = time.perf_counter() - t0
 
-    def fresh(name: str) -> Path:
-        path = work / "cache" / name
-        shutil.rmtree(path, ignore_errors=True)
-        return path
-
+    shutil.rmtree(work / "cache", ignore_errors=True)  # every run of this script starts cold
     runs, power, identical, full = [], [], {}, None
     ray_overhead = ray_start_stop(args.workers) if args.ray_shadows else None
-    largest = max(args.shadows)
+    largest = max(args.shadows + args.ray_shadows)
+    full_on = "local" if largest in args.shadows else "ray"
+
+    def write(done: bool) -> None:
+        payload = {"dataset": args.dataset, "workers": args.workers, "target_training_s": round(target_s, 1),
+                   "target_accuracy": target.manifest.get("accuracy"), "complete": done,
+                   "ray_start_stop": ray_overhead, "runs": runs, "identical_local_vs_ray": identical,
+                   "identical_shared_cache_entries": compare_cache_entries(work / "cache"),
+                   "lira_power": power, "full_audit": full, "projection": projection(runs, args.workers)}
+        payload["tables"] = tables(payload)
+        print(f"wrote {write_result('shadows', payload)}", flush=True)
+
     for k in sorted(set(args.shadows) | set(args.ray_shadows)):
         audits = {}
         for name in ("local", "ray"):
             if k not in (args.shadows if name == "local" else args.ray_shadows):
                 continue
-            full_run = name == "local" and k == largest and not args.no_full_audit
+            full_run = k == largest and name == full_on and not args.no_full_audit
             # the CLI's default audit of an undefended endpoint: adaptive attacks need a defense to adapt to
             attacks = (*(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE), *LIRA) if full_run else LIRA
-            cache = fresh(f"{name}-{k}")
+            cache = work / "cache" / f"{name}-{k}"
             audit, facts = timed_audit(target, attacks, k, ExecutorSpec(name, args.workers), cache, args.bootstrap)
             audits[name] = audit
             runs.append({**facts, "attacks": "default + LiRA" if full_run else "LiRA + gap", "cache": "cold"})
@@ -144,13 +153,25 @@ def main(argv=None) -> int:
                           "details": o.details, **{str(f): tpr_with_ci(o.scores, audit.membership, f, args.bootstrap)
                                                    for f in FPRS}})
 
-    payload = {"dataset": args.dataset, "workers": args.workers, "target_training_s": round(target_s, 1),
-               "target_accuracy": target.manifest.get("accuracy"),
-               "ray_start_stop": ray_overhead, "runs": runs, "identical_local_vs_ray": identical,
-               "lira_power": power, "full_audit": full, "projection": projection(runs, args.workers)}
-    payload["tables"] = tables(payload)
-    print(f"wrote {write_result('shadows', payload)}")
+        write(done=k == largest)  # after each shadow count: a run cut short keeps what it measured
     return 0
+
+
+def compare_cache_entries(root: Path) -> dict:
+    """For each two cache directories of runs on different executors, the entries (shadows) they
+    share by key and whether every shared shadow's outputs are equal to the bit."""
+    dirs = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    entries = {d.name: {f.stem: f for f in d.glob("*/*.npz")} for d in dirs}
+    out = {}
+    for a in entries:
+        for b in entries:
+            if a < b and a.split("-")[0] != b.split("-")[0] and (shared := entries[a].keys() & entries[b].keys()):
+                equal = True
+                for key in sorted(shared):
+                    with np.load(entries[a][key]) as x, np.load(entries[b][key]) as y:
+                        equal &= bool(np.array_equal(x["probs"], y["probs"]))
+                out[f"{a} vs {b}"] = {"shared_shadows": len(shared), "equal": equal}
+    return out
 
 
 def projection(runs: list[dict], workers: int) -> dict | None:
@@ -206,7 +227,7 @@ def tables(p: dict) -> list[dict]:
     if p["full_audit"]:
         f = p["full_audit"]
         out.append({"title": f"Full default audit of {p['dataset']} with {f['cold']['shadows']} shadows "
-                             f"({p['workers']} local workers)",
+                             f"({p['workers']} workers, {f['cold']['executor']['executor']})",
                     "columns": ["run", "wall s", "shadow s", "trained", "from cache", "load avg before -> after"],
                     "rows": [[name, r["wall_s"], r["shadow_training_s"], r["trained"], r["from_cache"],
                               f"{r['load_before']} -> {r['load_after']}"] for name, r in (("cold", f["cold"]),
