@@ -38,6 +38,7 @@ RAY_INSTALL_HINT = "install the extra: pip install 'purifier[ray]' (a checkout's
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LOCAL_RAY_OBJECT_STORE_BYTES = 1 << 30  # Ray's default takes 30% of RAM; spill to disk instead
 RAY_CONNECT_TIMEOUT_S = 10.0
+RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 OnDone = Callable[[int, Any], None]
 
@@ -292,7 +293,9 @@ class RayExecutor:
                                                 logging_level=logging.WARNING), address)
             else:
                 # "local": a new Ray even when `ray start` left one running on this machine
-                # (plain ray.init() would join it, with its own CPUs and workloads)
+                # (plain ray.init() would join it, with its own CPUs and workloads). Ray's notice that
+                # token authentication is on says nothing useful about a cluster private to this run.
+                logging.getLogger(RAY_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
                 self._init(lambda: ray.init(address="local", num_cpus=num_cpus or available_cores(),
                                             include_dashboard=False, log_to_driver=False,
                                             logging_level=logging.WARNING,
