@@ -283,7 +283,8 @@ class Sidecar:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("sidecar stopped")
+        if self.port:
+            log.info("sidecar stopped")
 
 
 class BackgroundSidecar:

@@ -217,6 +217,8 @@ class InferenceServicer:
         except UpstreamFailed as e:
             raise await self._upstream_error(e, request) from None
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)
+        if (refusal := self.readiness.refusal()) is not None:
+            raise refusal  # the answer came over a new connection: perhaps from another model
         names = requested or [self.confidence_output,
                               *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
         others = [n for n in names if n != self.confidence_output]

@@ -265,8 +265,11 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _help(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
-    if "const" in f.metadata or f.default in (None, (), "", False) or "default" in text:
+    # defaults of 0 / off / none are explained by the help text itself
+    if "const" in f.metadata or f.default in (None, (), "", False, 0) or "default" in text:
         return text
+    if text.endswith(")"):
+        return f"{text[:-1]}; default {f.default})"
     return f"{text} (default {f.default})"
 
 
@@ -275,7 +278,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(Settings):
         meta = f.metadata
-        target = groups.setdefault(meta["group"], parser.add_mutually_exclusive_group()) if "group" in meta else parser
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
         kw: dict[str, Any] = {"dest": f.name, "help": _help(f)}
         kind = _kind(f.name)
         if "const" in meta:
@@ -295,8 +302,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default $PURIFIER_CONFIG)")
 
 
-def parse_arguments(argv: list[str], prog: str = "purifier serve") -> Settings:
-    """argv (flags only) -> Settings, merged with the environment and the config file."""
+def parse_arguments(argv: list[str], env: Mapping[str, str] | None = None, prog: str = "purifier serve") -> Settings:
+    """argv (flags only) -> Settings, merged with the environment (default os.environ) and the config file."""
     parser = argparse.ArgumentParser(prog=prog, description="Run the gRPC sidecar (OIP v2) in front of a model "
                                      "server or an ONNX model. Settings: flags > PURIFIER_<SETTING> environment "
                                      "> --config TOML > defaults.")
@@ -304,4 +311,4 @@ def parse_arguments(argv: list[str], prog: str = "purifier serve") -> Settings:
     args = parser.parse_args(argv)
     flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
     flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
-    return Settings.resolve(flags, config=args.config)
+    return Settings.resolve(flags, env, config=args.config)

@@ -54,9 +54,22 @@ def test_serve_embedded_then_sigterm_exits_cleanly(digits_target):
      "defense_dir: required"),
     (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--max-batch-rows", "0"],
      "max_batch_rows: must be >= 1"),
+    (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--allow-output", "p"],
+     "allow_outputs: 'p' is the confidence output"),
+    (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--allow-output", "logits"],
+     "allow_outputs: 'logits' looks like a logits output"),
 ])
 def test_bad_settings_fail_at_start_up_in_one_line(args, message):
     proc = serve(*args)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zipmap_onnx):
+    proc = serve("--model", str(zipmap_onnx), "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert line.startswith("purifier: error: confidence_output: 'label' is INT64") and "'zipmap': False" in line
+    assert "Traceback" not in err
