@@ -1,4 +1,5 @@
-"""`purifier serve` as a process: serves tritonclient, drains on SIGTERM, refuses bad settings in one line."""
+"""`purifier serve` as a process: serves tritonclient, drains on SIGTERM, refuses bad settings in one line,
+and keeps its memory bounded under abuse from callers without the token."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 
@@ -73,3 +76,53 @@ def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zip
     (line,) = err.strip().splitlines()
     assert line.startswith("purifier: error: confidence_output: 'label' is INT64") and "'zipmap': False" in line
     assert "Traceback" not in err
+
+
+def memory_mb(pid: int, key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def send(port: int, payload: bytes, gzip: bool, token: str | None = None) -> grpc.StatusCode:
+    """An arbitrary message as a ModelInfer call, optionally gzip-compressed; returns the status."""
+    options = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options,
+                               compression=grpc.Compression.Gzip if gzip else None) as channel:
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        try:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(payload, timeout=60, metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_target, tmp_path):
+    """Before: the receive limit was 2 GB and a gzip message was inflated before the token check;
+    four 32 MB zero payloads (32 KB each on the wire) held ~+330 MB in the sidecar."""
+    token = "abuse-test-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    proc = serve("--model", str(digits_target.directory), "--host", "127.0.0.1", "--port", "0",
+                 "--metrics-port", "-1", "--auth-token-file", str(tmp_path / "token"))
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        idle = memory_mb(proc.pid, "VmRSS")
+        bombs = [(b"\0" * (32 << 20), True, None)] * 4 + [(os.urandom(8 << 20), False, None)] * 4
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(lambda b: send(port, *b), bombs))
+        peak = memory_mb(proc.pid, "VmHWM")
+        print(f"\nRSS idle {idle:.1f} MB, peak {peak:.1f} MB under unauthenticated abuse")
+        assert peak <= 2 * idle + 2, (idle, peak)                  # 2 MB: above the derived request limit
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        authorized = [send(port, b"\0" * (32 << 20), True, token), send(port, os.urandom(8 << 20), False, token)]
+        assert authorized == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2   # over the derived receive limit
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = grpcclient.InferInput("input", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        assert client.infer("digits", [inp], headers={"authorization": f"bearer {token}"}) is not None  # RFC 7235
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, log = proc.communicate(timeout=30)
+    limit = json.loads(next(line for line in log.splitlines() if "sidecar started" in line))["max_request_bytes"]
+    assert limit == 4096 * 64 * 4 + 64 * 1024   # max_request_rows x 64 FP32 features + headroom
