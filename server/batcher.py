@@ -8,7 +8,9 @@ slice back. Defenses are deterministic per row (the `Defense` contract), so a ba
 answer is identical to an unbatched one.
 
 Admission and fairness: at most `max_queued` rows wait (above: RESOURCE_EXHAUSTED at once, not a
-growing queue and a deadline later). Each defense call is filled smallest request first, and a
+growing queue and a deadline later), and requests larger than one call may fill it only up to
+`max_queued - max_rows`, so there is always room for small ones. Each defense call is filled
+smallest request first, and a
 request larger than what is left of the call contributes a chunk and waits for the next call for
 the rest: a one-row request never waits behind more than one call's worth of rows, however many
 maximum-size requests are queued, and large requests still share the remaining capacity.
@@ -107,7 +109,9 @@ class Batcher:
             # The identity costs less than the two event-loop hops a trip through the queue
             # takes; measured: coalescing it did not raise throughput at concurrency 16.
             return self._defend([probs], [inputs])
-        if self._queued_rows + len(probs) > self.max_queued:
+        # requests larger than one call leave one call's worth of room for small ones
+        room = self.max_queued - (self.max_rows if len(probs) > self.max_rows else 0)
+        if self._queued_rows + len(probs) > room:
             raise TooLarge(f"the defense queue is full ({self._queued_rows} rows waiting, max_queued_rows "
                            f"{self.max_queued}); retry later")
         item = _Item(probs, inputs, asyncio.get_running_loop().create_future())

@@ -146,8 +146,10 @@ class Settings:
         for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_queued_rows < self.max_request_rows:
-            fail("max_queued_rows", f"{self.max_queued_rows} is below max_request_rows ({self.max_request_rows}): "
+        # a request larger than one defense call must leave one call's worth of room (batcher.py)
+        needed = self.max_request_rows + (self.max_batch_rows if self.max_request_rows > self.max_batch_rows else 0)
+        if self.max_queued_rows < needed:
+            fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
         for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
             if getattr(self, name) < 0:

@@ -99,7 +99,8 @@ def test_generated_flags_parse_into_settings():
     ({"allow_outputs": ("predict_proba",)}, "is the confidence output"),
     ({"allow_outputs": ("Logits",)}, "looks like a logits output"),
     ({"defense": "none", "defense_dir": "."}, "'none' contradicts defense_dir"),
-    ({"max_queued_rows": 10, "max_request_rows": 20}, "max_queued_rows: 10 is below max_request_rows"),
+    ({"max_queued_rows": 10, "max_request_rows": 20}, r"max_queued_rows: 10 is below 20 \(max_request_rows"),
+    ({"max_queued_rows": 300, "max_request_rows": 300}, r"max_queued_rows: 300 is below 556 "),
     ({"max_request_bytes": -1}, "max_request_bytes: must be >= 0"),
 ])
 def test_operator_mistakes_that_would_fail_open_are_refused(change, message):
