@@ -388,3 +388,36 @@ def test_an_oversized_answer_does_not_hold_the_defense(stub, hostile, recording)
     start = time.monotonic()
     assert_defended(call(stub, X), recording.defense, softmax(X))
     print(f"\nserved {time.monotonic() - start:.3f} s after four 200,000-row answers")
+
+
+def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refused(hostile, recording):
+    """allow_outputs passes an integer output (a label) through, rebuilt from its values; a
+    floating-point output under that name (a clean copy of the top probability) is an error."""
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
+                                 "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
+                                 "port": 0, "metrics_port": -1}, env={})
+    clean = softmax(X)
+    label = clean.argmax(axis=1).astype(np.int64)
+
+    def with_label(p):
+        resp = answer(p)
+        resp.outputs.add(name="label", datatype="INT64", shape=label.shape).parameters["clean"].string_param = text(p)
+        resp.raw_output_contents.append(label.tobytes())
+        return Reply(resp)
+
+    with BackgroundSidecar(settings, defense=recording.defense) as sc, \
+            grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            hostile.fault = with_label
+            seen = call(stub, X)
+            hostile.fault = lambda p: Reply(answer(p, label=p.max(axis=1, keepdims=True)))
+            refused = call(stub, X)
+        finally:
+            hostile.fault = lambda p: Reply(answer(p))
+    assert_no_clean_value(seen, clean)
+    assert [o.name for o in seen.response.outputs] == ["probs", "label"]
+    assert np.array_equal(np.frombuffer(seen.response.raw_output_contents[1], np.int64), label)
+    assert not seen.response.outputs[1].parameters
+    assert_no_clean_value(refused, clean)
+    assert refused.code == INTERNAL and "allowed output is floating point" in refused.texts[0]

@@ -33,6 +33,8 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.seen_remaining: list[float | None] = []
         self.seen_metadata: list[dict] = []
         self.cancelled = threading.Event()
+        self.trailers = (("x-upstream", "yes"),)
+        self.parameters: dict[str, int] = {}
 
     def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.ready)
@@ -42,8 +44,10 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.seen_metadata.append(dict(context.invocation_metadata()))
         context.add_callback(self.cancelled.set)
         time.sleep(self.delay)
-        context.set_trailing_metadata((("x-upstream", "yes"),))
+        context.set_trailing_metadata(self.trailers)
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        for key, value in self.parameters.items():
+            resp.parameters[key].int64_param = value
         resp.outputs.add(name="probs", datatype=self.datatype, shape=self.answer.shape)
         resp.outputs.add(name="logits", datatype="FP32", shape=PROBS.shape)
         resp.raw_output_contents.extend([self.answer.tobytes(), np.log(PROBS).tobytes()])
@@ -61,6 +65,24 @@ def fake():
         yield servicer, server, port
     finally:
         server.stop(0)
+
+
+def test_only_allow_listed_trailers_and_parameters_come_back(fake, flatten_cls):
+    servicer = fake[0]
+    servicer.parameters = {"sequence_id": 7, "internal": 8}
+    servicer.trailers = (("x-upstream", "yes"), ("x-internal", "no"))
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "allow_parameters": ("sequence_id",), "allow_trailers": ("x-upstream",)}, env={})
+    try:
+        with BackgroundSidecar(settings, defense=flatten_cls()) as sc, \
+                grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+            resp, call = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer.with_call(request(), timeout=5)
+    finally:
+        servicer.parameters, servicer.trailers = {}, (("x-upstream", "yes"),)
+    trailers = dict(call.trailing_metadata())
+    assert trailers.get("x-upstream") == "yes" and "x-internal" not in trailers
+    assert list(resp.parameters) == ["sequence_id"] and resp.parameters["sequence_id"].int64_param == 7
 
 
 @pytest.fixture(scope="module")
