@@ -124,7 +124,7 @@ class Sidecar:
         s = self.settings
         if self._upstream is None:
             if s.embedded:
-                self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device)
+                self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
             else:
                 self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s,
                                                 name=s.model_name, version=s.model_version,

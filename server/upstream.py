@@ -196,12 +196,17 @@ class EmbeddedUpstream:
         model: a target directory (model.onnx + model.json) or an .onnx file.
         name: the model name clients use; default: the directory name or the file stem.
         device: cpu | cuda | auto (onnxruntime providers).
+        large_rows: requests with more rows run in their own lane (see below).
+
+    Two worker threads, one per lane: requests of at most `large_rows` rows and larger ones. A
+    4096-row batch holds a thread for tens of milliseconds; in one first-come-first-served queue a
+    one-row request waited behind every large one queued before it.
     """
 
     version = "1"
     generation = 0
 
-    def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu"):
+    def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu", large_rows: int = 256):
         from purifier.models.onnx_runner import OnnxClassifier
 
         path = Path(model)
@@ -231,8 +236,10 @@ class EmbeddedUpstream:
                         for o in session.get_outputs()]
         self.confidence_output = (manifest or {}).get("confidence_output") or self.outputs[0].name
         self.platform = "onnxruntime_onnx"
-        # one thread: ORT's own intra-op pool does the parallel work; this keeps the loop free
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort")
+        # ORT releases the GIL in run(), so the lanes and the event loop proceed in parallel
+        self.large_rows = large_rows
+        self._small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort")
+        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort-large")
 
     def decode(self, request) -> list[np.ndarray]:
         """Check the request against the graph's inputs and decode them."""
@@ -264,7 +271,9 @@ class EmbeddedUpstream:
         if unknown:
             raise BadRequest(f"unknown output(s) {unknown}; the model has {sorted(tensors)}")
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self.classifier.session.run, wanted,
+        rows = len(arrays[0]) if arrays[0].ndim else 1
+        lane = self._small if rows <= self.large_rows else self._large
+        results = await loop.run_in_executor(lane, self.classifier.session.run, wanted,
                                              dict(zip([s.name for s in self.inputs], arrays, strict=True)))
         response = build_response(request.id, request.model_name, self.version, dict(zip(wanted, results, strict=True)),
                                   raw=True)
@@ -282,7 +291,8 @@ class EmbeddedUpstream:
                                         outputs=[spec(s) for s in self.outputs if s.datatype])
 
     async def close(self):
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in (self._small, self._large):
+            lane.shutdown(wait=False, cancel_futures=True)
 
 
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
