@@ -158,6 +158,29 @@ def digits_rows():
 
 
 @pytest.fixture
+def upstream():
+    """A started `oip_fake.FakeUpstream` (probs = softmax(x)), stopped after the test."""
+    from oip_fake import FakeUpstream
+
+    fake = FakeUpstream(workers=16).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def stub(sidecar):
+    """A raw GRPCInferenceService stub for the `sidecar` fixture of the requesting test module."""
+    import grpc
+
+    from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
 def client(sidecar):
     """A tritonclient.grpc client for the `sidecar` fixture of the requesting test module."""
     import tritonclient.grpc as grpcclient

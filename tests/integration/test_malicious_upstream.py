@@ -278,12 +278,6 @@ def sidecar(hostile, recording):
         yield sc
 
 
-@pytest.fixture(scope="module")
-def stub(sidecar):
-    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-
-
 @dataclass
 class Seen:
     """Everything a client can see of one call."""

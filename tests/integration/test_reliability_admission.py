@@ -19,7 +19,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from oip_fake import FakeUpstream, infer_request, softmax
+from oip_fake import infer_request, softmax
 
 from purifier.defenses import Defense
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -38,15 +38,6 @@ class PerRowCost(Defense):
     def _transform(self, p, inputs):
         time.sleep(SECONDS_PER_ROW * len(p))
         return p, None
-
-
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream(workers=16).start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 def test_a_one_row_client_is_served_while_four_clients_send_maximum_size_requests(upstream):

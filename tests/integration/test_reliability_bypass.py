@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from oip_fake import FakeUpstream, infer_request, softmax
 
-from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
 
@@ -42,12 +41,6 @@ def sidecar(upstream, flatten_cls):
                                  "port": 0, "metrics_port": -1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
-
-
-@pytest.fixture
-def stub(sidecar):
-    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def assert_defended(stub, sidecar):

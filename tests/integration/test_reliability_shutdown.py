@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip_fake import FakeUpstream, infer_request, softmax
+from oip_fake import infer_request, softmax
 
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -29,15 +29,6 @@ pytestmark = pytest.mark.integration
 X = np.array([[0.5, -1.0, 2.0]], np.float32)
 SERVICE = "inference.GRPCInferenceService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 def serve(upstream, grace: float) -> tuple[subprocess.Popen, int]:

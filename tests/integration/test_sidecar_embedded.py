@@ -12,7 +12,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
 
@@ -48,12 +47,6 @@ def triton_input(x, datatype="FP32"):
     inp = grpcclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     return inp
-
-
-@pytest.fixture
-def stub(sidecar):
-    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def assert_serves(client, sidecar, target, x):

@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip_fake import FakeUpstream, infer_request, softmax
+from oip_fake import infer_request, softmax
 
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -30,27 +30,12 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 @pytest.fixture
-def upstream():
-    fake = FakeUpstream().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
-
-
-@pytest.fixture
 def sidecar(upstream, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
                                  "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
                                  "health_poll_s": 0.1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
-
-
-@pytest.fixture
-def stub(sidecar):
-    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def failing_for(upstream, x_first: float, code: grpc.StatusCode, times: int | None = None):
