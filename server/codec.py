@@ -135,11 +135,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z.astype(logits.dtype)
 
 
-def read_answer(response, confidence: str, wanted: list[str], rows: int) -> dict[str, np.ndarray]:
+def read_answer(response, confidence: str | None, wanted: list[str], rows: int) -> dict[str, np.ndarray]:
     """Validate an upstream ModelInferResponse and decode the outputs the client gets.
 
     Args:
-        confidence: the confidence output's name; it must be present.
+        confidence: the confidence output's name; it must be present (None: not asked for).
         wanted: names of the other outputs to return (already allowed by the caller); each must
             be present and not floating point.
         rows: the request's row count; every returned output must have it as first dimension.
@@ -156,10 +156,8 @@ def read_answer(response, confidence: str, wanted: list[str], rows: int) -> dict
     if len(set(names)) != len(names):
         raise BadUpstreamOutput("malformed response", f"duplicate output names {names}")
     index = {name: i for i, name in enumerate(names)}
-    if confidence not in index:
-        raise BadUpstreamOutput("missing output", f"no output {confidence!r} (outputs: {', '.join(names) or 'none'})")
     arrays = {}
-    for name in [confidence, *wanted]:
+    for name in [confidence, *wanted] if confidence is not None else wanted:
         if name not in index:
             raise BadUpstreamOutput("missing output", f"no output {name!r} (outputs: {', '.join(names) or 'none'})")
         tensor = outputs[index[name]]
@@ -177,6 +175,8 @@ def read_answer(response, confidence: str, wanted: list[str], rows: int) -> dict
             raise BadUpstreamOutput("row count differs from the request",
                                     f"output {name!r} has shape {list(array.shape)}, the request has {rows} rows")
         arrays[name] = array
+    if confidence is None:
+        return arrays
     probs = arrays[confidence]
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise BadUpstreamOutput("malformed tensor", f"output {confidence!r} has shape {list(probs.shape)}, "

@@ -221,17 +221,18 @@ class InferenceServicer:
             raise refusal  # the answer came over a new connection: perhaps from another model
         names = requested or [self.confidence_output,
                               *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
-        others = [n for n in names if n != self.confidence_output]
+        confidence = self.confidence_output if self.confidence_output in names else None  # a label alone
+        others = [n for n in names if n != confidence]
         try:
-            arrays = read_answer(upstream_answer, self.confidence_output, others, rows)
-            probs = softmax(arrays[self.confidence_output]) if self.logits else arrays[self.confidence_output]
-            defended = await self.batcher.submit(probs, inputs)
+            arrays = read_answer(upstream_answer, confidence, others, rows)
+            if confidence is not None:
+                probs = softmax(arrays[confidence]) if self.logits else arrays[confidence]
+                arrays[confidence] = await self.batcher.submit(probs, inputs)
         except (BadUpstreamOutput, InvalidProbabilities) as e:
             self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
             if getattr(e, "reason", None) == "non-finite confidences":
                 _check_finite_inputs(request)
             raise
-        arrays[self.confidence_output] = defended
         answer = build_response(request.id, request.model_name, request.model_version or self.model_version,
                                 {n: arrays[n] for n in names}, raw=len(request.raw_input_contents) > 0)
         for key in self.settings.allow_parameters:

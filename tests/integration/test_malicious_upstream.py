@@ -288,9 +288,12 @@ class Seen:
     texts: list[str] = field(default_factory=list)     # details, debug string, text metadata values
 
 
-def call(stub, x: np.ndarray) -> Seen:
+def call(stub, x: np.ndarray, outputs: tuple[str, ...] = ()) -> Seen:
+    request = infer_request(x)
+    for name in outputs:
+        request.outputs.add(name=name)
     try:
-        resp, rpc = stub.ModelInfer.with_call(infer_request(x), timeout=20)
+        resp, rpc = stub.ModelInfer.with_call(request, timeout=20)
         seen = Seen(None, resp, [resp.SerializeToString()])
     except grpc.RpcError as e:
         rpc = e
@@ -405,6 +408,7 @@ def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refus
         try:
             hostile.fault = with_label
             seen = call(stub, X)
+            label_only = call(stub, X, outputs=("label",))
             hostile.fault = lambda p: Reply(answer(p, label=p.max(axis=1, keepdims=True)))
             refused = call(stub, X)
         finally:
@@ -413,5 +417,8 @@ def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refus
     assert [o.name for o in seen.response.outputs] == ["probs", "label"]
     assert np.array_equal(np.frombuffer(seen.response.raw_output_contents[1], np.int64), label)
     assert not seen.response.outputs[1].parameters
+    assert_no_clean_value(label_only, clean)
+    assert [o.name for o in label_only.response.outputs] == ["label"]
+    assert np.array_equal(np.frombuffer(label_only.response.raw_output_contents[0], np.int64), label)
     assert_no_clean_value(refused, clean)
     assert refused.code == INTERNAL and "allowed output is floating point" in refused.texts[0]
