@@ -9,11 +9,11 @@ answer is identical to an unbatched one.
 
 Admission and fairness: at most `max_queued` rows wait (above: RESOURCE_EXHAUSTED at once, not a
 growing queue and a deadline later), and requests larger than one call may fill it only up to
-`max_queued - max_rows`, so there is always room for small ones. Each defense call is filled
-smallest request first, and a
-request larger than what is left of the call contributes a chunk and waits for the next call for
-the rest: a one-row request never waits behind more than one call's worth of rows, however many
-maximum-size requests are queued, and large requests still share the remaining capacity.
+`max_queued - max_rows`, so there is always room for small ones. Requests of at most `max_rows`
+rows ("small") are defended whole, smallest first, in calls of their own; larger ones in chunks of
+`max_rows` rows. While both kinds wait, calls alternate between the two: a one-row request waits
+for at most the chunk being defended and then its own short call, however many maximum-size
+requests are queued, and large requests still get every other call.
 
 With `max_wait = 0` no request ever waits for company: batches form only from requests that
 arrived while the previous defense call was running, so an idle sidecar adds no latency.
@@ -80,6 +80,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
         self._queue: list[_Item] = []
         self._queued_rows = 0
+        self._small_turn = False  # whether the last call defended small requests
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
@@ -154,14 +155,16 @@ class Batcher:
                 await self._wakeup.wait()
 
     def _take(self) -> list[tuple[_Item, int, int]]:
-        """One call's worth of (item, start, stop) row ranges: smallest request first, the last
-        one possibly a chunk of a larger request."""
+        """One call's worth of (item, start, stop) row ranges: small requests whole, smallest
+        first, or chunks of large requests (fewest rows left first); alternating while both wait."""
+        live = sorted((i for i in self._queue if not i.future.done()), key=lambda i: i.left)
+        small = [i for i in live if len(i.probs) <= self.max_rows]
+        large = [i for i in live if len(i.probs) > self.max_rows]
+        self._small_turn = bool(small) and (not large or not self._small_turn)
         chunks, rows = [], 0
-        for item in sorted(self._queue, key=lambda i: i.left):
-            if rows == self.max_rows:
+        for item in small if self._small_turn else large:
+            if rows == self.max_rows or (self._small_turn and rows + item.left > self.max_rows):
                 break
-            if item.future.done():
-                continue
             take = min(item.left, self.max_rows - rows)
             chunks.append((item, item.done, item.done + take))
             rows += take

@@ -67,9 +67,9 @@ def test_submit_after_close_fails_closed(flatten, probs):
     asyncio.run(body())
 
 
-def test_large_requests_are_chunked_smallest_first_and_equal_unbatched(flatten, probs):
+def test_large_requests_are_chunked_after_small_ones_and_equal_unbatched(flatten, probs):
     """One 64-row request and three 1-row requests, 8 rows per call: the first call holds the three
-    small requests and 5 rows of the large one, which is then defended in chunks of 8."""
+    small requests only, then the large one is defended in chunks of 8."""
     large, small = probs, [probs[i:i + 1] for i in range(3)]
     expected = flatten.transform(large)
     flatten.calls.clear()
@@ -78,10 +78,49 @@ def test_large_requests_are_chunked_smallest_first_and_equal_unbatched(flatten, 
         return await asyncio.gather(b.submit(large), *(b.submit(s) for s in small))
 
     got_large, *got_small = asyncio.run(_with_batcher(flatten, max_rows=8, max_wait=0.0, body=body))
-    assert flatten.calls == [8] * 8 + [3]
+    assert flatten.calls == [3] + [8] * 8
     assert np.array_equal(got_large, expected)                     # chunks reassembled in order
     for got, s in zip(got_small, small, strict=True):
         assert np.array_equal(got, flatten.transform(s))
+
+
+def test_small_and_large_calls_alternate_while_both_wait(probs):
+    """Small requests arriving while a large one is chunked get every other call, not the end of the line."""
+    import threading
+
+    from purifier.defenses import IdentityDefense
+
+    calls: list[int] = []
+    gate = threading.Semaphore(0)
+
+    class Stepped(IdentityDefense):
+        name = "test-stepped"
+
+        def _transform(self, p, inputs):
+            calls.append(len(p))
+            gate.acquire(timeout=10)        # one call at a time, released by the test
+            return p, None
+
+    async def body():
+        b = Batcher(Stepped(), 8, 0.0, SidecarMetrics(), max_queued=1000)
+        b.start()
+        try:
+            large = asyncio.ensure_future(b.submit(probs[:32]))           # 4 chunks of 8
+            await asyncio.sleep(0.05)                                      # chunk 1 is running
+            smalls = [asyncio.ensure_future(b.submit(probs[32 + i:33 + i])) for i in range(2)]
+            await asyncio.sleep(0.05)
+            for _ in range(8):
+                gate.release()
+                await asyncio.sleep(0.05)
+            return await asyncio.gather(large, *smalls)
+        finally:
+            for _ in range(8):
+                gate.release()
+            await b.close()
+
+    large, *smalls = asyncio.run(body())
+    assert calls == [8, 2, 8, 8, 8]                                        # the small pair right after chunk 1
+    assert np.array_equal(large, probs[:32]) and [len(s) for s in smalls] == [1, 1]
 
 
 def test_a_full_queue_refuses_at_once_and_keeps_room_for_small_requests(probs):
