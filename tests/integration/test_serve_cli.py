@@ -8,7 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -99,7 +100,8 @@ def send(port: int, payload: bytes, gzip: bool, token: str | None = None) -> grp
 
 def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_target, tmp_path):
     """Before: the receive limit was 2 GB and a gzip message was inflated before the token check;
-    four 32 MB zero payloads (32 KB each on the wire) held ~+330 MB in the sidecar."""
+    four 32 MB zero payloads (32 KB each on the wire) held ~+250 MB in the sidecar. And even
+    unread, 8 MB payloads were buffered by HTTP/2 windows grown by BDP probing (+235 MB)."""
     token = "abuse-test-token-0123456789"
     (tmp_path / "token").write_text(token)
     proc = serve("--model", str(digits_target.directory), "--host", "127.0.0.1", "--port", "0",
@@ -107,12 +109,25 @@ def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_tar
     try:
         port = json.loads(proc.stdout.readline())["port"]
         idle = memory_mb(proc.pid, "VmRSS")
-        bombs = [(b"\0" * (32 << 20), True, None)] * 4 + [(os.urandom(8 << 20), False, None)] * 4
-        with ThreadPoolExecutor(8) as pool:
-            codes = list(pool.map(lambda b: send(port, *b), bombs))
+        bombs = [(b"\0" * (32 << 20), True), (os.urandom(8 << 20), False)]
+        codes, stop = set(), threading.Event()
+
+        def abuse(payload, gzip):
+            while not stop.is_set():
+                codes.add(send(port, payload, gzip))
+
+        abusers = [threading.Thread(target=abuse, args=bombs[i % 2], daemon=True) for i in range(8)]
+        for t in abusers:
+            t.start()
+        time.sleep(4.0)                                           # continuous abuse, not one burst
+        stop.set()
+        for t in abusers:
+            t.join(timeout=60)
         peak = memory_mb(proc.pid, "VmHWM")
         print(f"\nRSS idle {idle:.1f} MB, peak {peak:.1f} MB under unauthenticated abuse")
-        assert peak <= 2 * idle + 2, (idle, peak)                  # 2 MB: above the derived request limit
+        # the issue's target is 2 x idle + the request bound; unread calls should cost nothing, so the
+        # assertion is tighter: 16 MB (15x the request bound, ~8x the growth measured) above idle
+        assert peak <= idle + 16, (idle, peak)
         assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
         authorized = [send(port, b"\0" * (32 << 20), True, token), send(port, os.urandom(8 << 20), False, token)]
         assert authorized == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2   # over the derived receive limit
