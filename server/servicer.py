@@ -327,3 +327,4 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
                                                           response_serializer=resp.SerializeToString)
                 for name, (req, resp) in METHODS.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # gRPC's fast path for known methods
