@@ -27,16 +27,6 @@ def _train_target(args: argparse.Namespace) -> int:
     return 0
 
 
-# defense name -> module providing `fit_cli(args) -> int`
-FIT_MODULES = {"memguard": "purifier.defenses.memguard", "purifier": "purifier.defenses.purifier_net"}
-
-
-def _fit_defense(args: argparse.Namespace) -> int:
-    import importlib
-
-    return importlib.import_module(FIT_MODULES[args.defense]).fit_cli(args)
-
-
 def _serve(args: argparse.Namespace) -> int:
     # the only place the library touches the server package, imported lazily; the flags are
     # generated from the server's Settings fields, so they are parsed there too
@@ -80,22 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the dataset's default epochs")
     p.set_defaults(func=_train_target)
 
-    p = sub.add_parser("fit-defense", help="fit a defense for a target from its member and reference splits")
-    p.add_argument("defense", choices=list(FIT_MODULES), help="which defense to fit")
-    p.add_argument("--target", required=True, help="target directory (from train-target)")
-    p.add_argument("--out", required=True, help="output directory for the fitted defense")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="memguard: expected L1 utility budget per query (Phase II)")
-    p.add_argument("--mode", choices=["fast", "faithful"], default="fast",
-                   help="memguard: Phase I solver (default fast)")
-    p.add_argument("--label-swap", action="store_true",
-                   help="purifier: enable the label swapper (off by default)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch/ORT device")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--secret-file", default=None,
-                   help="PRF secret used to report realized distortion (else $PURIFIER_SECRET[_FILE], "
-                        "else a throwaway secret)")
-    p.set_defaults(func=_fit_defense)
+    from purifier.fitting import add_parser as add_fit_parser
+
+    add_fit_parser(sub)
 
     _add_serve(sub)
 

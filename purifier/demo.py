@@ -238,8 +238,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per attack and per utility figure, one column per defense."""
+def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
+    """One row per attack and per utility figure (and latency, if measured), one column per defense."""
     def cell(entry):
         tpr = entry["tpr_at_fpr"]["0.01"]
         return f"{entry['auc']:.3f} / {entry['balanced_accuracy']:.3f} / {tpr['tpr']:.3f}"
@@ -257,16 +257,11 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
     agreement = [r["utility"].get("argmax_agreement") for r in reports.values()]
     rows.append(["argmax agreement", *(f"{1.0 if a is None else a:.4f}" for a in agreement)])
     rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
-    rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
-    base = latency["none"]["p50_ms"]
-    rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
+    if latency is not None:
+        rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
+        base = latency["none"]["p50_ms"]
+        rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
     return columns, rows
-
-
-def format_table(columns: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4) -> dict:
@@ -276,6 +271,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     from purifier.audit.report import write_report
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.defenses.keyed import load_secret
+    from purifier.tables import text_table
 
     if dataset not in DEMO_DATASETS:
         raise ConfigError(f"dataset: the demo runs on {' or '.join(DEMO_DATASETS)}, not {dataset!r}")
@@ -329,7 +325,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     }
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
-    print(format_table(columns, rows))
+    print(text_table(columns, rows))
     print("\nMemGuard epsilon sweep (best confidence attack bal.acc / mean L1): " + ", ".join(
         f"{r['setting']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
     print(f"\nreports: {out}/reports/<defense>/report.{{json,md}}, roc.png; plot: {out}/privacy_utility.png")

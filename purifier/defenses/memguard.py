@@ -101,6 +101,32 @@ class MemGuard(Defense):
             data.member_probs, data.reference_probs, self.train_settings, self.seed, resolve_device(self.device))
         return self
 
+    def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
+        """The defender classifier's accuracy on its training data and what the defense does to the
+        reference set (Phase I success, distortion, release rate): for defense.json and the CLI."""
+        h = self.classifier
+        member_ok = h.predict_member(data.member_probs)
+        reference_ok = ~h.predict_member(data.reference_probs)
+        train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
+        ref = data.reference_probs
+        defended = self.transform(ref)
+        noised, success = self.phase1(ref)
+        l1 = np.abs(defended - ref).sum(axis=1)
+        released = l1 > 1e-9  # clean rows differ only by renormalization rounding
+        phase1_l1 = float(np.abs(noised - ref).sum(axis=1).mean())
+        report = {
+            "defender_accuracy": {"train_balanced": float(train_acc), "train_members": float(member_ok.mean()),
+                                  "train_reference": float(reference_ok.mean())},
+            "reference_set": {"rows": len(ref), "phase1_success_rate": float(success.mean()),
+                              "phase1_mean_l1": phase1_l1, "realized_mean_l1": float(l1.mean()),
+                              "noise_release_rate": float(released.mean())},
+        }
+        lines = [f"mode {self.mode}, epsilon {self.epsilon:g}",
+                 f"defender classifier accuracy (train, balanced)  {train_acc:.4f}",
+                 f"reference set: Phase I success {success.mean():.4f}, Phase I mean L1 {phase1_l1:.4f}",
+                 f"reference set: realized mean L1 {l1.mean():.4f}, noise release rate {released.mean():.4f}"]
+        return report, lines
+
     # --- transform -------------------------------------------------------------------------
 
     def _coin_prf(self) -> KeyedPRF:
@@ -168,48 +194,4 @@ class MemGuard(Defense):
         self.classifier = MembershipClassifier(weights, resolve_device(self.device))
 
 
-def fit_cli(args) -> int:
-    """`purifier fit-defense memguard ...`: fit on the target's splits, report, save."""
-    import os
-
-    from purifier.artifacts import check_output_dir
-    from purifier.defenses.keyed import load_secret
-    from purifier.models.target import Target
-
-    out = check_output_dir(args.out)
-    target = Target.load(args.target)
-    secret = load_secret(file=args.secret_file, required=False) or os.urandom(32)
-    defense = MemGuard(epsilon=DEFAULT_EPSILON if args.epsilon is None else args.epsilon, mode=args.mode,
-                       device=args.device, seed=args.seed, secret=secret)
-    data = FitData.from_target(target)
-    defense.fit(data)
-    h = defense.classifier
-    member_ok = h.predict_member(data.member_probs)
-    reference_ok = ~h.predict_member(data.reference_probs)
-    train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
-    X_out, _ = target.role("eval_nonmembers")
-    heldout_tnr = float((~h.predict_member(target.predict_proba(X_out))).mean())
-    ref = data.reference_probs
-    defended = defense.transform(ref)
-    noised, success = defense.phase1(ref)
-    l1 = np.abs(defended - ref).sum(axis=1)
-    released = l1 > 1e-9  # clean rows differ only by renormalization rounding
-    report = {
-        "defender_accuracy": {"train_balanced": float(train_acc), "train_members": float(member_ok.mean()),
-                              "train_reference": float(reference_ok.mean()),
-                              "heldout_nonmembers_eval": heldout_tnr},
-        "reference_set": {"rows": len(ref), "phase1_success_rate": float(success.mean()),
-                          "phase1_mean_l1": float(np.abs(noised - ref).sum(axis=1).mean()),
-                          "realized_mean_l1": float(l1.mean()), "noise_release_rate": float(released.mean())},
-    }
-    defense.save(out, extra=report)
-    print(f"memguard ({defense.mode}, eps={defense.epsilon:g}) for {target.manifest['dataset']} -> {out}")
-    print(f"  defender classifier accuracy (train, balanced)       {train_acc:.4f}")
-    print(f"  defender classifier accuracy (held-out non-members)  {heldout_tnr:.4f}")
-    print(f"  reference set: Phase I success {success.mean():.4f}, Phase I mean L1 "
-          f"{report['reference_set']['phase1_mean_l1']:.4f}")
-    print(f"  reference set: realized mean L1 {l1.mean():.4f}, noise release rate {released.mean():.4f}")
-    return 0
-
-
-__all__ = ["DEFAULT_EPSILON", "MODES", "MemGuard", "fit_cli"]
+__all__ = ["DEFAULT_EPSILON", "MODES", "MemGuard"]

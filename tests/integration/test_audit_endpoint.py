@@ -143,7 +143,7 @@ def _free_port():
 @pytest.mark.parametrize("case,message", [
     ("unreachable", "is unreachable"),
     ("model", "model 'nope' is not served at .*served models: digits, three"),
-    ("classes", "class-count mismatch: endpoint output 'probabilities' has 3 classes, the target's splits have 10"),
+    ("classes", "class-count mismatch: endpoint output 'probabilities' has 3 classes, the records have 10"),
     ("attack", "unknown attack 'lira2'; choose from gap, confidence"),
     ("splits", "has no splits.json"),
     ("output", "output 'logits' is not an output of model 'digits'; choose one of: probabilities"),
