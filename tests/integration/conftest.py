@@ -209,27 +209,15 @@ def mlserver(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def zipmap_onnx(tmp_path_factory) -> Path:
-    """What skl2onnx exports for a classifier by default: an int64 `label` output first and the
-    probabilities as a ZipMap (`seq(map(int64, tensor(float)))`), here a 4-feature, 3-class model."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    """skl2onnx's default export of a classifier (4 features, 3 classes): an int64 `output_label`
+    first and the probabilities as a ZipMap (`seq(map(int64, tensor(float)))`)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
 
-    weights = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "W")
-    nodes = [helper.make_node("MatMul", ["X", "W"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-             helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0),
-             helper.make_node("ZipMap", ["probabilities"], ["output_probability"], domain="ai.onnx.ml",
-                              classlabels_int64s=[0, 1, 2])]
-    zipmap = helper.make_sequence_type_proto(helper.make_map_type_proto(
-        TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))
-    graph = helper.make_graph(nodes, "sklearn-default-export",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])],
-                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
-                               helper.make_value_info("output_probability", zipmap)], initializer=[weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("ai.onnx.ml", 1)],
-                              ir_version=8)
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    model = to_onnx(LogisticRegression().fit(X, np.arange(60) % 3), X[:1])
     path = tmp_path_factory.mktemp("zipmap") / "model.onnx"
-    onnx.save(model, path)
+    path.write_bytes(model.SerializeToString())
     return path
 
 

@@ -75,7 +75,7 @@ def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zip
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and out == ""
     (line,) = err.strip().splitlines()
-    assert line.startswith("purifier: error: confidence_output: 'label' is INT64") and "'zipmap': False" in line
+    assert line.startswith("purifier: error: confidence_output: 'output_label' is INT64") and "'zipmap': False" in line
     assert "Traceback" not in err
 
 

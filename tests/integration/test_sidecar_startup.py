@@ -57,7 +57,7 @@ def test_bare_onnx_file_is_served_under_its_stem(digits_target):
 
 
 @pytest.mark.parametrize("output,message", [
-    (None, r"confidence_output: 'label' is INT64, not a floating-point confidence vector; the probabilities are in "
+    (None, r"confidence_output: 'output_label' is INT64, not a floating-point confidence vector; the probabilities are in "
            r"the ZipMap output 'output_probability': re-export it with skl2onnx options=\{id\(model\): "
            r"\{'zipmap': False\}\}"),
     ("output_probability", r"'output_probability' is an ONNX ZipMap \(seq\(map\(int64,tensor\(float\)\)\)\), not a "
