@@ -253,6 +253,23 @@ def stub(sidecar):
 
 
 @pytest.fixture
+def triton_infer():
+    """infer(port, model, x (N, D) FP32 for input "input", output) -> that output, via tritonclient."""
+    import tritonclient.grpc as grpcclient
+
+    def infer(port: int, model: str, x: np.ndarray, output: str = "probabilities") -> np.ndarray:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(output)]).as_numpy(output)
+        finally:
+            client.close()
+
+    return infer
+
+
+@pytest.fixture
 def client(sidecar):
     """A tritonclient.grpc client for the `sidecar` fixture of the requesting test module."""
     import tritonclient.grpc as grpcclient

@@ -42,17 +42,11 @@ def test_defense_dir_needs_a_secret_the_right_kind_and_the_right_model(digits_ta
             pass
 
 
-def test_bare_onnx_file_is_served_under_its_stem(digits_target):
+def test_bare_onnx_file_is_served_under_its_stem(digits_target, triton_infer):
+    x = np.zeros((3, 64), np.float32)
     with BackgroundSidecar(Settings.resolve({"model": str(digits_target.onnx_path), **BASE}, env={})) as sc:
         assert sc.model_name == "model"
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
-        try:
-            x = np.zeros((3, 64), np.float32)
-            inp = grpcclient.InferInput("input", [3, 64], "FP32")
-            inp.set_data_from_numpy(x)
-            probs = client.infer("model", [inp]).as_numpy("probabilities")
-        finally:
-            client.close()
+        probs = triton_infer(sc.port, "model", x)
     np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-6)
 
 
@@ -70,25 +64,19 @@ def test_skl2onnx_default_export_is_refused_naming_the_fix(zipmap_onnx, output, 
             pass
 
 
-def test_a_logits_output_needs_the_logits_flag(digits_target):
+def test_a_logits_output_needs_the_logits_flag(digits_target, triton_infer):
     flags = {"model": str(digits_target.directory), "confidence_output": "logits", **BASE}
     with pytest.raises(ConfigError, match="'logits' does not hold probabilities on the probe rows .* add --logits"):
         with BackgroundSidecar(Settings.resolve(flags, env={})):
             pass
+    x = np.zeros((2, 64), np.float32)
     with BackgroundSidecar(Settings.resolve({**flags, "confidence_kind": "logits"}, env={})) as sc:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
-        try:
-            x = np.zeros((2, 64), np.float32)
-            inp = grpcclient.InferInput("input", [2, 64], "FP32")
-            inp.set_data_from_numpy(x)
-            probs = client.infer(sc.model_name, [inp], outputs=[grpcclient.InferRequestedOutput("logits")])
-        finally:
-            client.close()
-    np.testing.assert_allclose(probs.as_numpy("logits"), digits_target.classifier().run(x)["probabilities"],
-                               rtol=1e-5, atol=1e-7)
+        probs = triton_infer(sc.port, sc.model_name, x, output="logits")
+    np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-5, atol=1e-7)
 
 
-def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(digits_target, tmp_path, caplog):
+def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(digits_target, tmp_path, caplog,
+                                                                            triton_infer):
     """Before, --defense-dir alone served undefended, silently."""
     import logging
 
@@ -106,13 +94,7 @@ def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(di
     x = np.ascontiguousarray(x[:32], np.float32)
     with BackgroundSidecar(Settings.resolve(flags, env={})) as sc:
         assert sc.defense.name == "memguard"
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
-        try:
-            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            got = client.infer(sc.model_name, [inp]).as_numpy("probabilities")
-        finally:
-            client.close()
+        got = triton_infer(sc.port, sc.model_name, x)
     clean = digits_target.classifier().run(x)["probabilities"]
     np.testing.assert_allclose(got, memguard.transform(clean), rtol=1e-6)
     assert np.abs(got - clean).sum(axis=1).max() > 1e-3          # defended, not the clean vector
