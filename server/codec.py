@@ -80,7 +80,7 @@ def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.
     if any(d < 0 for d in shape):
         raise error(f"{what}: shape {list(shape)} has a negative dimension")
     n = math.prod(shape)
-    if n > MAX_ELEMENTS:
+    if n > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):  # [0, 2**40] is empty, yet numpy refuses it
         raise error(f"{what}: shape {list(shape)} has {n} elements (limit {MAX_ELEMENTS})")
     typed = _typed_fields(tensor)
     if raw is not None:

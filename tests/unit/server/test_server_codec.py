@@ -46,6 +46,7 @@ def test_raw_and_typed_inputs_decode_to_the_same_array():
     (lambda x: raw_request(x, datatype="BF16"), "datatype 'BF16' is not supported"),
     (lambda x: raw_request(x, shape=[-1, 4]), "negative dimension"),
     (lambda x: raw_request(x, shape=[1 << 20, 1 << 20]), "elements"),
+    (lambda x: raw_request(x[:0], shape=[0, 1 << 40, 1 << 40]), "elements"),  # empty, but numpy cannot shape it
 ])
 def test_bad_raw_inputs_name_the_problem(make, msg):
     req = make(np.zeros((3, 4), np.float32))
