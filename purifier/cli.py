@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
+    from purifier.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
+
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="default digits")
@@ -89,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
+# what the `full` extra adds to the serving install (pyproject.toml)
+FULL_INSTALL_MODULES = frozenset({"torch", "sklearn", "matplotlib", "mlxtend", "onnx", "tritonclient", "scipy"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PurifierError as e:
         print(f"purifier: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        print(f"purifier: error: {args.command} needs {e.name}, which the serving install leaves out; "
+              "install everything with pip install 'purifier[cpu,full]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("purifier: interrupted", file=sys.stderr)

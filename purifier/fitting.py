@@ -29,6 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.audit.model_flags import add_model_flags
     from purifier.data.records import DEFAULT_LABEL_COLUMN
     from purifier.defenses import REGISTRY
+    from purifier.devices import DEVICES
 
     p = sub.add_parser("fit-defense", help="fit a defense for a model from its members and a reference set",
                        description="Records come from --target DIR (train-target splits) or from files: "
@@ -50,7 +51,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=None, help="memguard: expected L1 utility budget per query")
     p.add_argument("--mode", choices=["fast", "faithful"], default=None, help="memguard: Phase I solver")
     p.add_argument("--label-swap", action="store_true", default=None, help="purifier: enable the label swapper")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch/ORT device")
+    p.add_argument("--device", choices=list(DEVICES), default="cpu", help="torch/ORT device")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--secret-file", default=None,
                    help="PRF secret (else $PURIFIER_SECRET[_FILE], else a throwaway secret: the swapper index "

@@ -11,7 +11,6 @@ import os
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 from purifier.defenses import Defense
+from purifier.serve_process import free_port
 
 TOKEN = "s3cret-token-0123456789"  # the bearer token in the pki fixture
 
@@ -37,12 +37,6 @@ class Flatten(Defense):
     def _transform(self, p, inputs):
         q = p ** (1.0 / self.temperature)
         return q / q.sum(axis=1, keepdims=True), None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MLServerProcess:
@@ -77,7 +71,8 @@ class MLServerProcess:
         joblib.dump(clf, model_dir / "model.joblib")
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
-            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
         self.write_settings()
 
     def start(self, timeout: float = 90.0) -> None:
@@ -267,6 +262,13 @@ def triton_infer():
             client.close()
 
     return infer
+
+
+@pytest.fixture
+def target_rows(digits_target):
+    """(12, 64) FP32 non-member rows of the session's digits target."""
+    X, _ = digits_target.role("eval_nonmembers")
+    return np.ascontiguousarray(X[:12], np.float32)
 
 
 @pytest.fixture

@@ -9,11 +9,7 @@ answered with something else; the process exits 0 either way.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_fake import infer_request, softmax
 
+from purifier.serve_process import ServeProcess
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
@@ -31,24 +28,10 @@ SERVICE = "inference.GRPCInferenceService"
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def serve(upstream, grace: float) -> tuple[subprocess.Popen, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
-    proc = subprocess.Popen([sys.executable, "-m", "purifier.cli", "serve", "--upstream", f"127.0.0.1:{upstream.port}",
-                             "--model-name", "m", "--confidence-output", "probs", "--host", "127.0.0.1",
-                             "--port", "0", "--metrics-port", "-1", "--grace", str(grace)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail(f"purifier serve did not start: {proc.stderr.read()[-2000:]}")
-    return proc, json.loads(line)["port"]
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+def serve(upstream, grace: float, log_path) -> tuple[ServeProcess, int]:
+    sidecar = ServeProcess(["--upstream", f"127.0.0.1:{upstream.port}", "--model-name", "m",
+                            "--confidence-output", "probs", "--grace", str(grace)], log_path=log_path).start()
+    return sidecar, sidecar.port
 
 
 def in_flight(upstream, stub, n: int, timeout: float = 30) -> list:
@@ -62,8 +45,8 @@ def in_flight(upstream, stub, n: int, timeout: float = 30) -> list:
     return calls
 
 
-def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
-    proc, port = serve(upstream, grace=10.0)
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream, tmp_path):
+    proc, port = serve(upstream, grace=10.0, log_path=tmp_path / "serve.log")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -71,7 +54,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
             upstream.delay = 2.0
             calls = in_flight(upstream, stub, 4)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             time.sleep(0.5)
             with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:
                 with pytest.raises(grpc.RpcError) as info:
@@ -83,16 +66,16 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
                 assert resp.id == f"f{i}"
                 got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(X.shape)
                 np.testing.assert_allclose(got, softmax(X), rtol=1e-6)  # identity defense
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(15) == 0
         assert time.monotonic() - signalled < 10.0 + 5.0
-        assert '"msg": "sidecar stopped"' in proc.stderr.read()
+        assert '"msg": "sidecar stopped"' in proc.log_text()
     finally:
         upstream.delay = 0.0
-        kill(proc)
+        proc.stop(timeout_s=5)
 
 
-def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream):
-    proc, port = serve(upstream, grace=0.5)
+def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream, tmp_path):
+    proc, port = serve(upstream, grace=0.5, log_path=tmp_path / "serve.log")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -100,28 +83,28 @@ def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream):
             upstream.delay = 4.0
             calls = in_flight(upstream, stub, 2)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             codes = []
             for call in calls:
                 with pytest.raises(grpc.RpcError) as info:
                     call.result(timeout=15)
                 codes.append(info.value.code())
             cut_after = time.monotonic() - signalled
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(15) == 0
         print(f"\ncut after {cut_after:.2f} s with {[c.name for c in codes]}")
         assert cut_after < 4.0                                   # before the upstream would have answered
         assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
     finally:
         upstream.delay = 0.0
-        kill(proc)
+        proc.stop(timeout_s=5)
 
 
 @pytest.mark.parametrize("in_flight_calls", [0, 2])
-def test_sigterm_with_health_watch_streams_open_exits_within_grace_plus_one_second(upstream, in_flight_calls):
+def test_sigterm_with_health_watch_streams_open_exits_within_grace_plus_one_second(upstream, in_flight_calls, tmp_path):
     """Before: each Watch stream was only cancelled at the end of the grace period, and shutdown took
     about twice the grace period (~10 s at grace 5, 12.7 s under load)."""
     grace = 3.0
-    proc, port = serve(upstream, grace=grace)
+    proc, port = serve(upstream, grace=grace, log_path=tmp_path / "serve.log")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -148,8 +131,8 @@ def test_sigterm_with_health_watch_streams_open_exits_within_grace_plus_one_seco
             while not all(s and s[-1] == SERVING for s in seen) and time.monotonic() < deadline:
                 time.sleep(0.02)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=30) == 0
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
             took = time.monotonic() - signalled
             for call in calls:
                 assert call.result(timeout=5).id.startswith("f")   # drained, answered
@@ -160,4 +143,4 @@ def test_sigterm_with_health_watch_streams_open_exits_within_grace_plus_one_seco
         assert all(s[:2] == [SERVING, NOT_SERVING] and len(s) == 2 for s in seen), seen  # told, then ended (OK)
     finally:
         upstream.delay = 0.0
-        kill(proc)
+        proc.stop(timeout_s=5)

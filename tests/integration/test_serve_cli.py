@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -15,41 +13,29 @@ import grpc
 import numpy as np
 import pytest
 
+from purifier.serve_process import ServeProcess, ServerStartError
+
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
 
 
-def clean_env():
-    return {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
-
-
-def serve(*args):
-    return subprocess.Popen([sys.executable, "-m", "purifier.cli", "serve", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env(), start_new_session=True)
-
-
-def test_serve_embedded_then_sigterm_exits_cleanly(digits_target):
-    proc = serve("--model", str(digits_target.directory), "--host", "127.0.0.1", "--port", "0",
-                 "--metrics-port", "-1", "--model-name", "digits")
+def test_serve_embedded_then_sigterm_exits_cleanly(digits_target, tmp_path):
+    proc = ServeProcess(["--model", str(digits_target.directory), "--model-name", "digits"],
+                        log_path=tmp_path / "serve.log").start()
     try:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        port = json.loads(line)["port"]
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert proc.ready["event"] == "serving" and proc.port > 0
+        client = grpcclient.InferenceServerClient(proc.endpoint)
         x = np.zeros((2, 64), np.float32)
         inp = grpcclient.InferInput("input", [2, 64], "FP32")
         inp.set_data_from_numpy(x)
         probs = client.infer("digits", [inp]).as_numpy("probabilities")
         client.close()
         np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-6)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
-        log = proc.stderr.read()
-        assert '"msg": "sidecar stopped"' in log
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert '"msg": "sidecar stopped"' in proc.log_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        proc.stop(timeout_s=5)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -63,17 +49,19 @@ def test_serve_embedded_then_sigterm_exits_cleanly(digits_target):
     (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--allow-output", "logits"],
      "allow_outputs: 'logits' looks like a logits output"),
 ])
-def test_bad_settings_fail_at_start_up_in_one_line(args, message):
-    proc = serve(*args)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2
+def test_bad_settings_fail_at_start_up_in_one_line(args, message, tmp_path):
+    with pytest.raises(ServerStartError) as info:
+        ServeProcess(args, log_path=tmp_path / "serve.log", ready_timeout_s=60).start()
+    err = info.value.log
+    assert info.value.returncode == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zipmap_onnx):
-    proc = serve("--model", str(zipmap_onnx), "--port", "0", "--metrics-port", "-1", "--host", "127.0.0.1")
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and out == ""
+def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zipmap_onnx, tmp_path):
+    with pytest.raises(ServerStartError) as info:      # exited before any ready line on stdout
+        ServeProcess(["--model", str(zipmap_onnx)], log_path=tmp_path / "serve.log", ready_timeout_s=60).start()
+    err = info.value.log
+    assert info.value.returncode == 2
     (line,) = err.strip().splitlines()
     assert line.startswith("purifier: error: confidence_output: 'output_label' is INT64") and "'zipmap': False" in line
     assert "Traceback" not in err
@@ -104,10 +92,10 @@ def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_tar
     unread, 8 MB payloads were buffered by HTTP/2 windows grown by BDP probing (+235 MB)."""
     token = "abuse-test-token-0123456789"
     (tmp_path / "token").write_text(token)
-    proc = serve("--model", str(digits_target.directory), "--host", "127.0.0.1", "--port", "0",
-                 "--metrics-port", "-1", "--auth-token-file", str(tmp_path / "token"))
+    proc = ServeProcess(["--model", str(digits_target.directory), "--auth-token-file", str(tmp_path / "token")],
+                        log_path=tmp_path / "serve.log").start()
     try:
-        port = json.loads(proc.stdout.readline())["port"]
+        port = proc.port
         idle = memory_mb(proc.pid, "VmRSS")
         bombs = [(b"\0" * (32 << 20), True), (os.urandom(8 << 20), False)]
         codes, stop = set(), threading.Event()
@@ -136,8 +124,10 @@ def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_tar
         inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
         assert client.infer("digits", [inp], headers={"authorization": f"bearer {token}"}) is not None  # RFC 7235
         client.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, log = proc.communicate(timeout=30)
+        proc.stop(timeout_s=5)
+    log = proc.log_text()
     limit = json.loads(next(line for line in log.splitlines() if "sidecar started" in line))["max_request_bytes"]
     assert limit == 4096 * 64 * 4 + 64 * 1024   # max_request_rows x 64 FP32 features + headroom
