@@ -8,6 +8,9 @@ parameters, initial and trailing metadata, status details and debug string) for 
 as little-endian and big-endian FP32/FP64 bytes and as decimal text, and checks the outcome:
 either the defended answer (constructed from scratch, only the defended output) or the expected
 gRPC error with a fixed message. After each fault a plain request is served correctly.
+
+`python tests/integration/test_malicious_upstream.py` writes the table of fault modes and
+outcomes (from FAULTS) to docs/fault-modes.md; a test keeps that file equal to FAULTS.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -203,6 +207,27 @@ FAULTS: dict[str, tuple[Callable[[np.ndarray], Reply], grpc.StatusCode | None]] 
         lambda p: Reply(_with(answer(p), lambda r: r.outputs[0].shape.__setitem__(0, -1))), INTERNAL),
     "confidence output missing, clean under another name": (lambda p: Reply(answer(p, name="scores")), INTERNAL),
 }
+
+
+FAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "fault-modes.md"
+
+
+def fault_table() -> str:
+    """FAULTS as a Markdown table: fault mode -> what the client gets."""
+    lines = ["# Malicious-upstream fault modes and the client's outcome", "",
+             "Generated from `FAULTS` in `tests/integration/test_malicious_upstream.py` (run that file with "
+             "python to regenerate). For every mode the suite checks that no clean value (FP32/FP64 bytes in "
+             "either byte order, decimal text) appears in anything the client receives: the serialized "
+             "response, every tensor field, parameters, initial and trailing metadata, status details.", "",
+             "| # | upstream fault | client outcome |", "|---|---|---|"]
+    for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
+        outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
+        lines.append(f"| {i} | {name} | {outcome} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_documented_fault_table_is_current():
+    assert FAULT_TABLE.read_text() == fault_table(), "regenerate: python tests/integration/test_malicious_upstream.py"
 
 
 class HostileUpstream:
@@ -422,3 +447,9 @@ def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refus
     assert np.array_equal(np.frombuffer(label_only.response.raw_output_contents[0], np.int64), label)
     assert_no_clean_value(refused, clean)
     assert refused.code == INTERNAL and "allowed output is floating point" in refused.texts[0]
+
+
+if __name__ == "__main__":
+    FAULT_TABLE.parent.mkdir(exist_ok=True)
+    FAULT_TABLE.write_text(fault_table())
+    print(f"wrote {FAULT_TABLE} ({len(FAULTS)} fault modes)")
