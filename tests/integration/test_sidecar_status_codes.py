@@ -3,7 +3,8 @@
 Against `oip_fake.FakeUpstream`: an UNAVAILABLE caused by one request (TorchServe reports handler
 errors that way) must not make health flap; an upstream NOT_FOUND while the model reloads is
 UNAVAILABLE (clients treat NOT_FOUND as permanent); a dropped first attempt is retried within the
-caller's deadline; an undecodable message is INVALID_ARGUMENT, counted and logged.
+caller's deadline; a client's NaN/Inf input is INVALID_ARGUMENT even when the upstream is the
+one that chokes on it; an undecodable message is INVALID_ARGUMENT, counted and logged.
 """
 
 from __future__ import annotations
@@ -115,6 +116,22 @@ def test_a_dropped_first_attempt_is_retried_within_the_deadline(stub, upstream, 
     got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(X.shape)
     np.testing.assert_allclose(got, flatten_cls().transform(softmax(X)), rtol=1e-6)
     assert upstream.calls.count("ModelInfer") - before == 2          # the refused attempt and the retry
+
+
+@pytest.mark.parametrize("row", [[0.5, np.nan, 2.0], [0.5, np.inf, 2.0], [-np.inf] * 3])
+def test_a_clients_nan_or_inf_is_invalid_argument_not_an_upstream_fault(sidecar, stub, upstream, row):
+    """The upstream answers NaN confidences for these inputs (softmax). Before: INTERNAL "upstream
+    output is not a probability vector", blaming the model server for the client's mistake."""
+    x = np.array([row], np.float32)
+    before = upstream.infer_count
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(infer_request(x), timeout=5)
+    assert upstream.infer_count == before + 1                          # the upstream did answer
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "input 'x' holds NaN or Inf" in info.value.details()
+    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert health.status == SERVING
 
 
 def test_undecodable_messages_are_invalid_argument_counted_and_logged(sidecar, upstream, caplog):
