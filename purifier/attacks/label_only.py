@@ -48,17 +48,18 @@ def binary_columns(X: np.ndarray) -> np.ndarray:
 
 
 def tabular_augmentations(X: np.ndarray, scale: np.ndarray, n_copies: int = 10, radius: float = 0.1,
-                          seed: int = 0, binary: np.ndarray | None = None,
+                          seed: int | tuple[int, ...] = 0, binary: np.ndarray | None = None,
                           flip_prob: float = 0.03) -> np.ndarray:
-    """X (N, D) -> (n_copies, N, D) copies: the `binary` (D,) columns flipped with probability
-    `flip_prob` each, the others moved by uniform noise in [-radius, radius] * scale (D,)."""
+    """X (N, D) -> (n_copies, N, D) float32 copies: the `binary` (D,) columns flipped with
+    probability `flip_prob` each, the others moved by uniform noise in [-radius, radius] * scale."""
     rng = np.random.default_rng(seed)
-    noise = rng.uniform(-radius, radius, size=(n_copies, *X.shape)) * scale
-    copies = X[None] + noise
+    shape = (n_copies, *X.shape)
+    noise = (2.0 * rng.random(shape, dtype=np.float32) - 1.0) * np.float32(radius) * scale.astype(np.float32)
+    copies = X[None].astype(np.float32) + noise
     if binary is not None and binary.any():
-        flip = rng.random((n_copies, *X.shape)) < flip_prob
-        copies = np.where(binary, np.where(flip, 1.0 - X[None], X[None]), copies)
-    return copies.astype(np.float32)
+        flip = rng.random(shape, dtype=np.float32) < flip_prob
+        copies = np.where(binary, np.where(flip, 1.0 - X[None], X[None]), copies).astype(np.float32)
+    return copies
 
 
 class AugmentationAttack(Attack):
@@ -74,19 +75,27 @@ class AugmentationAttack(Attack):
         self.max_shift, self.angles, self.n_noise, self.radius = max_shift, angles, n_noise, radius
         self.flip_prob, self.calibration_shadows = flip_prob, calibration_shadows
 
-    def augment(self, X: np.ndarray) -> np.ndarray:
-        """(N, D) -> (A + 1, N, D), the original first; the same rows give the same copies."""
+    CHUNK = 1024  # records augmented at a time: (A + 1) x CHUNK x D stays tens of MB
+
+    def augment(self, X: np.ndarray, offset: int = 0) -> np.ndarray:
+        """(N, D) -> (A + 1, N, D), the original first. Tabular noise is seeded by (seed, offset),
+        so the same rows at the same offset give the same copies (target and shadows alike)."""
         if self.image_shape is not None:
             aug = image_augmentations(X, self.image_shape, self.max_shift, self.angles)
         else:
-            aug = tabular_augmentations(X, self.scale, self.n_noise, self.radius, self.seed, self.binary,
-                                        self.flip_prob)
+            aug = tabular_augmentations(X, self.scale, self.n_noise, self.radius, (self.seed, offset),
+                                        self.binary, self.flip_prob)
         return np.concatenate([X[None].astype(np.float32), aug])
 
     def _score_with(self, labels_fn, X, y) -> np.ndarray:
-        copies = self.augment(X)
-        pred = labels_fn(copies.reshape(-1, X.shape[1])).reshape(len(copies), len(X))
-        return (pred == y[None]).mean(axis=0)
+        """(N,) fraction of each record's copies that `labels_fn` labels y, a chunk at a time."""
+        out = np.empty(len(X))
+        for s in range(0, len(X), self.CHUNK):  # a loop over chunks of records, not rows
+            xs = X[s:s + self.CHUNK]
+            copies = self.augment(xs, s)
+            pred = labels_fn(copies.reshape(-1, X.shape[1])).reshape(len(copies), len(xs))
+            out[s:s + len(xs)] = (pred == y[None, s:s + len(xs)]).mean(axis=0)
+        return out
 
     def _fit_augmentation(self, ctx) -> None:
         pool_X = ctx.shadows.pool_X
