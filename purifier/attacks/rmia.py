@@ -135,11 +135,11 @@ class RMIA(Attack):
         elif len(grid) == 1:
             (self.t_used, self.a_used), tuning = grid[0], "given by the caller"
         else:
-            tuned, cache = {}, {}
-            for t, a in grid:
-                if t not in cache:
-                    cache = {t: tempered_true_prob(sh.pool_probs, sh.pool_y, t)}
-                scores, membership = held_out(cache[t], a)
+            tuned, p_t, t_of_p = {}, None, None
+            for t, a in grid:  # t-major: one tempered (K, P) array at a time
+                if t != t_of_p:
+                    p_t, t_of_p = tempered_true_prob(sh.pool_probs, sh.pool_y, t), t
+                scores, membership = held_out(p_t, a)
                 tuned[t, a] = (tpr_at_fpr(scores, membership, TUNE_FPR).tpr if by_tpr else 0.0,
                                roc_auc(scores, membership))
             self.t_used, self.a_used = max(tuned, key=tuned.get)
