@@ -1,11 +1,13 @@
-# The Purifier sidecar image: `purifier serve`, configured through PURIFIER_* environment
+# The slim Purifier sidecar image: `purifier serve`, configured through PURIFIER_* environment
 # variables (see README "Configuration"). Build from the repository root:
 #   docker build -t purifier-sidecar .
-# torch is pinned to 2.13.0 by constraints.txt; on a registry whose default torch wheel carries
-# CUDA, pass a CPU-only wheel index with --build-arg PIP_EXTRA_INDEX_URL=... to keep the image small.
+# It installs the serving dependencies only ('.[cpu]': grpcio, numpy, onnxruntime, prometheus-client,
+# threadpoolctl): no torch, scikit-learn, matplotlib or tritonclient. It serves `none`, MemGuard in
+# fast mode and PURIFIER; fitting, auditing and MemGuard's faithful mode need the full install
+# ('.[cpu,full]'). `make slim-venv` builds the same install into .venv-slim (its size: `make
+# slim-size`; start-up and memory: benchmarks/bench_startup.py).
 FROM python:3.11-slim
 
-ARG PIP_EXTRA_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 
 WORKDIR /opt/purifier

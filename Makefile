@@ -5,20 +5,62 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
+PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 
-.PHONY: venv test test-all demo lint proto constraints bench clean
+.PHONY: venv slim-venv slim-size browser test test-all demo lint proto constraints bench clean venv-triton \
+	venv-kserve venv-torchserve perf-analyzer bench-perf-analyzer
 
+# everything: serving, training, fitting, auditing, the demo, the tests
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The slim serving install, built as the Dockerfile builds the image (non-editable '.[cpu]': no
+# torch, scikit-learn or matplotlib), so its size and start-up are measurable without Docker
+# (benchmarks/bench_startup.py). Rebuilt when the sources change.
+SLIM       := .venv-slim
+SLIM_STAMP := $(SLIM)/.installed-stamp
+$(SLIM_STAMP): pyproject.toml constraints.txt $(shell git ls-files purifier server 2>/dev/null)
+	@test -x $(SLIM)/bin/python || $(PYTHON) -m venv $(SLIM)
+	$(SLIM)/bin/pip install -q -c constraints.txt '.[cpu]'
+	@touch $(SLIM_STAMP)
+
+slim-venv: $(SLIM_STAMP)
+
+slim-size: $(SLIM_STAMP)
+	@du -sh $(SLIM)/lib/python3*/site-packages
+
+# Real model servers for the integration tests (and the README recipes), each in its own venv
+# because their dependencies conflict with the project's: made when missing, reinstalled when
+# their pins (examples/upstreams/requirements-*.txt) change.
+UPSTREAMS := examples/upstreams
+TEST_UPSTREAMS := .venv-triton/.installed-stamp .venv-kserve/.installed-stamp
+.venv-%/.installed-stamp: $(UPSTREAMS)/requirements-%.txt
+	@test -x .venv-$*/bin/python || $(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install -q -r $<
+	@touch $@
+
+venv-triton: .venv-triton/.installed-stamp
+venv-kserve: .venv-kserve/.installed-stamp
+venv-torchserve: .venv-torchserve/.installed-stamp
+
+# The report.html test renders the page in headless Chromium (Debian package `chromium`). CI machines
+# start bare, so on CI (CI set, as CI services do) `make test` installs it first when missing; the
+# install needs root and apt, and fails loudly rather than letting the browser test skip.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium (apt) for the report.html browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }
+
+test: $(STAMP) $(TEST_UPSTREAMS) $(if $(CI),browser)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(TEST_UPSTREAMS) .venv-torchserve/.installed-stamp $(if $(CI),browser)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
@@ -40,17 +82,38 @@ proto: $(STAMP)
 # Every benchmark, each writing JSON with machine info under benchmarks/results/, then the README's
 # Results section is re-rendered from them. Long (~30-60 min on 2 cores); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
-bench: $(STAMP)
+bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
 	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
+	$(MAKE) slim-venv
+	$(BIN)/python benchmarks/bench_startup.py --target $(BENCH_WORK)/target \
+	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
+	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_timing.py --dataset synthetic100
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
 	$(BIN)/python benchmarks/render_results.py
 
+# perf_analyzer needs glibc 2.38; this runs it through Debian 13's loader and runtime in a private
+# directory (benchmarks/perf_analyzer/install.sh says how), nothing installed system-wide.
+$(PERF_ANALYZER): benchmarks/perf_analyzer/install.sh
+	bash $< $(dir $@)
+
+perf-analyzer: $(PERF_ANALYZER)
+
+# perf_analyzer against real Triton directly and through the sidecar (identity, MemGuard, PURIFIER).
+# with the privacy benchmark's fitted defenses when they exist, else the identity sidecar alone
+PA_DEFENSES = $(if $(wildcard $(BENCH_WORK)/defenses/purifier),--target $(BENCH_WORK)/target \
+  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
+  --secret-file $(BENCH_WORK)/secret.txt)
+bench-perf-analyzer: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
+	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
+
 clean:
-	rm -rf $(VENV) build .pytest_cache
+	rm -rf $(VENV) $(SLIM) .venv-triton .venv-kserve .venv-torchserve build .pytest_cache

@@ -10,26 +10,35 @@ Workload: no target with 100 classes trains in seconds here, so both class count
 confidence vectors: softmax of N(0, 1) logits with the true class raised by 7 (members, sharper)
 or 4 (non-members); MemGuard's classifier is trained on 1,000 of each (Adam, 10 epochs; the training
 schedule changes the classifier, not the cost per Phase I step). torch runs at 1 thread and ORT
-sessions are created with 1 intra-op thread: the "one CPU core" figures of the issue.
+sessions are created with 1 intra-op thread, numpy's BLAS is limited to 1 thread
+(threadpoolctl): the "one CPU core" figures of the issue.
 The faithful solver takes seconds per call on big batches: at batch 64 and 1,024 it is timed on
 `Case.max_rows` (16) rows per call and its vectors/s computed from those rows (flagged in the
-JSON as bounded). `memguard-fast-torch` is the fast solver's torch implementation on the CPU
-(what served fast mode before `phase1_cpu`; still the CUDA path), for a same-run comparison.
+JSON as bounded).
+
+`--baseline FILE` adds a table comparing memguard-fast with the memguard-fast rows of an earlier
+run's JSON (the constant-work solver against the early-exit solver it replaced, which no longer
+exists to run side by side: benchmarks/results/defense_before_constant_work.json was recorded on
+the same machine just before the change, with its load averages).
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from benchmarks.common import summarize, time_calls, write_result
 from purifier.defenses.base import Defense, FitData, IdentityDefense
-from purifier.defenses.memguard import CHUNK_ELEMENTS, MAX_CHUNK_ROWS, MemGuard
-from purifier.defenses.phase1 import fast_phase1_torch
+from purifier.defenses.memguard import MemGuard
 from purifier.defenses.purifier_net import PurifierNet
 
 SECRET = b"benchmark-secret-not-for-production"
@@ -81,21 +90,12 @@ class Case:
 _fitted: dict[int, MemGuard] = {}
 
 
-class TorchFastMemGuard(MemGuard):
-    """MemGuard fast mode with the torch solver on the CPU, chunked as MemGuard.phase1 chunks."""
-
-    def phase1(self, p, mode=None):
-        chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (p.shape[1] * 64)))
-        parts = [fast_phase1_torch(self.classifier, p[i:i + chunk]) for i in range(0, len(p), chunk)]
-        return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
-
-
-def _memguard(mode: str, cls: type[MemGuard] = MemGuard) -> Callable[[Workload], Defense]:
+def _memguard(mode: str) -> Callable[[Workload], Defense]:
     def build(w: Workload) -> Defense:
         if w.n_classes not in _fitted:
             _fitted[w.n_classes] = MemGuard(epochs=10, optimizer="adam", secret=SECRET).fit(w.fit)
         base = _fitted[w.n_classes]
-        mg = cls(epsilon=base.epsilon, mode=mode, secret=SECRET)
+        mg = MemGuard(epsilon=base.epsilon, mode=mode, secret=SECRET)
         mg.classifier, mg.n_classes, mg.model_id = base.classifier, base.n_classes, base.model_id
         return mg
     return build
@@ -127,7 +127,6 @@ CASES: list[Case] = [
     Case("identity", _identity),
     Case("memguard-faithful", _memguard("faithful"), max_rows=16, min_calls=2),
     Case("memguard-fast", _memguard("fast")),
-    Case("memguard-fast-torch", _memguard("fast", TorchFastMemGuard)),
     Case("purifier", _purifier()),
     Case("purifier-zero-noise", _purifier(noise="mean")),
     Case("purifier+swap", _purifier(label_swap=True, swap_fraction=1.0)),
@@ -167,42 +166,94 @@ def phase1_quality(w: Workload) -> dict:
             "l1_ratio_fast_over_faithful": float(lb[both].mean() / la[both].mean())}
 
 
-def tables(results: list[dict], ratio_rows: list[list], quality: dict) -> list[dict]:
-    """The README tables: cost per call, speed ratios, Phase I quality."""
+def verdict_latency(w: Workload) -> dict:
+    """Batch-1 Phase I latency on rows h calls members vs rows it calls non-members, interleaved
+    (the in-process view of the timing side channel): equal medians mean no verdict in the timing."""
+    mg = _memguard("fast")(w)
+    p = w.pool.astype(np.float64)
+    p /= p.sum(axis=1, keepdims=True)
+    verdict = mg.classifier.predict_member(p)
+    order = np.random.default_rng(0).permutation(np.r_[np.arange(len(p)), np.arange(len(p))])
+    times = {True: [], False: []}
+    for i in order:
+        t0 = time.perf_counter()
+        mg.transform(p[i:i + 1])
+        times[bool(verdict[i])].append(time.perf_counter() - t0)
+    member, other = summarize(times[True]), summarize(times[False])
+    return {"rows_member_verdict": int(verdict.sum()), "rows_nonmember_verdict": int((~verdict).sum()),
+            "member_verdict": member, "nonmember_verdict": other,
+            "p50_ratio_member_over_nonmember": member["p50_ms"] / other["p50_ms"]}
+
+
+def tables(results: list[dict], ratio_rows: list[list], quality: dict, verdicts: dict,
+           baseline: dict | None) -> list[dict]:
+    """The README tables: cost per call, speed ratios, Phase I quality, verdict timing, before/after."""
     cost = [[r["case"], r["classes"], r["batch"], r["p50_ms"], r["mean_ms"], r["vectors_per_s"],
              "yes" if r["bounded"] else ""] for r in results]
     q = [[int(c), v["rows"], v["faithful_crossed"], v["fast_crossed"], v["mean_l1_faithful_both"],
           v["mean_l1_fast_both"], v["l1_ratio_fast_over_faithful"]] for c, v in quality.items()]
-    return [
+    out = [
         {"title": "Defense cost per call, one CPU core (synthetic confidence vectors)",
          "columns": ["case", "classes", "batch", "p50 ms", "mean ms", "vectors/s", "bounded"],
          "rows": cost,
-         "note": ("memguard-fast is the numpy solver serving fast mode on the CPU; memguard-fast-torch the "
-                  "same algorithm in torch (the CPU path before it, still the CUDA path). purifier: the ONNX "
+         "note": ("memguard-fast is the constant-work numpy solver serving fast mode. purifier: the ONNX "
                   "reformer with keyed latent noise; purifier-zero-noise: latent mean; purifier+swap: with the "
                   "label swapper, half of each batch being indexed members. Bounded: faithful timed on 16 rows "
                   "per call, vectors/s = 16 / time per call. Targets at 10 classes: MemGuard fast batch-1 "
-                  "latency < 2 ms and >= 5,000 vectors/s at batch 1,024; PURIFIER batch-1 overhead over "
+                  "latency <= 2 ms and >= 5,000 vectors/s at batch 1,024; PURIFIER batch-1 overhead over "
                   "identity < 100 us.")},
         {"title": "MemGuard fast mode: throughput ratios",
-         "columns": ["classes", "batch", "fast / faithful", "fast numpy / fast torch"],
+         "columns": ["classes", "batch", "fast / faithful"],
          "rows": ratio_rows, "note": "Target: fast >= 50x faithful at batch 1."},
         {"title": "MemGuard Phase I: fast vs faithful on the same 64 rows",
          "columns": ["classes", "rows", "crossed (faithful)", "crossed (fast)", "mean L1 faithful",
                      "mean L1 fast", "fast / faithful L1"],
          "rows": q, "note": "Mean L1 over rows both modes carried across; target: fast <= 1.05x faithful."},
+        {"title": "MemGuard fast, batch 1: latency by the defender classifier's verdict",
+         "columns": ["classes", "rows h calls member", "p50 ms", "rows h calls non-member", "p50 ms",
+                     "member / non-member p50"],
+         "rows": [[int(c), v["rows_member_verdict"], v["member_verdict"]["p50_ms"], v["rows_nonmember_verdict"],
+                   v["nonmember_verdict"]["p50_ms"], v["p50_ratio_member_over_nonmember"]]
+                  for c, v in verdicts.items()],
+         "note": "Each pool row defended alone twice, in one random interleaved order. Constant work: ratio ~1."},
     ]
+    if baseline is not None:
+        before = {(r["classes"], r["batch"]): r for r in baseline["results"] if r["case"] == "memguard-fast"}
+        rows = []
+        for r in results:
+            b = before.get((r["classes"], r["batch"]))
+            if r["case"] == "memguard-fast" and b is not None:
+                rows.append([r["classes"], r["batch"], b["p50_ms"], r["p50_ms"], b["vectors_per_s"],
+                             r["vectors_per_s"], r["vectors_per_s"] / b["vectors_per_s"]])
+        out.append({"title": "MemGuard fast: constant work (now) vs the early-exit solver (before)",
+                    "columns": ["classes", "batch", "p50 ms before", "p50 ms now", "vectors/s before",
+                                "vectors/s now", "throughput now / before"],
+                    "rows": rows,
+                    "note": f"Before: {baseline.get('created')} at commit {baseline['machine'].get('git_commit')}, "
+                            f"load averages {baseline.get('load_average_1_5_15min')}; same machine, separate runs "
+                            "(at different loads: compare with benchmarks/results/phase1_constant_work_ab.json, both "
+                            "solvers in one process, and its load-independent MLP rows per defended row)."})
+    return out
 
 
 def main() -> None:
     import os
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="an earlier defense.json to compare memguard-fast against")
+    args = parser.parse_args()
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     torch.set_num_threads(1)
+    threadpool_limits(1)  # numpy's BLAS on one thread, like torch and ORT here
     load_start = os.getloadavg()  # the machine is shared: timings are only comparable at like loads
-    results, quality = [], {}
+    results, quality, verdicts = [], {}, {}
     for c in CLASS_COUNTS:
         w = make_workload(c)
         quality[str(c)] = phase1_quality(w)
+        verdicts[str(c)] = verdict_latency(w)
+        v = verdicts[str(c)]
+        print(f"memguard-fast C={c:4d} batch=1 p50 by h's verdict: member {v['member_verdict']['p50_ms']:.3f} ms, "
+              f"non-member {v['nonmember_verdict']['p50_ms']:.3f} ms", flush=True)
         for case, batch in itertools.product(CASES, BATCHES):
             stats = run_case(case, w, batch)
             results.append({"case": case.name, "classes": c, "batch": batch, **stats})
@@ -210,28 +261,29 @@ def main() -> None:
                   f"mean {stats['mean_ms']:9.3f} ms  {stats['vectors_per_s']:12.1f} vec/s"
                   f"{'  (bounded: ' + str(stats['timed_rows_per_call']) + ' rows/call)' if stats['bounded'] else ''}",
                   flush=True)
-    ratios, torch_ratios, ratio_rows = {}, {}, []
+    ratios, ratio_rows = {}, []
     for c, batch in itertools.product(CLASS_COUNTS, BATCHES):
         pick = {r["case"]: r for r in results if r["classes"] == c and r["batch"] == batch}
         ratio = pick["memguard-fast"]["vectors_per_s"] / pick["memguard-faithful"]["vectors_per_s"]
-        vs_torch = pick["memguard-fast"]["vectors_per_s"] / pick["memguard-fast-torch"]["vectors_per_s"]
-        ratios[f"C{c}_batch{batch}"], torch_ratios[f"C{c}_batch{batch}"] = ratio, vs_torch
-        ratio_rows.append([c, batch, ratio, vs_torch])
-        print(f"fast / faithful throughput C={c:4d} batch={batch:5d}: {ratio:8.1f}x   "
-              f"numpy / torch fast solver: {vs_torch:5.2f}x")
+        ratios[f"C{c}_batch{batch}"] = ratio
+        ratio_rows.append([c, batch, ratio])
+        print(f"fast / faithful throughput C={c:4d} batch={batch:5d}: {ratio:8.1f}x")
     for c, q in quality.items():
         print(f"Phase I C={c}: crossed faithful {q['faithful_crossed']}/{q['rows']}, fast {q['fast_crossed']}; "
               f"mean L1 (both crossed) faithful {q['mean_l1_faithful_both']:.4f}, fast {q['mean_l1_fast_both']:.4f} "
               f"(ratio {q['l1_ratio_fast_over_faithful']:.3f})")
     path = write_result("defense", {
-        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1},
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1,
+                    "blas": [p["num_threads"] for p in threadpool_info()]},
         "workload": "synthetic softmax outputs, members boost 7, non-members boost 4; MemGuard h: Adam 10 epochs on 1000 + 1000 rows",
         "note": ("memguard-faithful at batch 64 and 1024 is timed on its first 16 rows per call (bounded: "
              "true); its vectors/s there is 16 / time per call"),
         "load_average_1_5_15min": {"start": list(load_start), "end": list(os.getloadavg())},
-        "results": results, "fast_over_faithful_throughput": ratios,
-        "fast_numpy_over_torch_throughput": torch_ratios, "phase1_quality": quality,
-        "tables": tables(results, ratio_rows, quality),
+        "results": results, "fast_over_faithful_throughput": ratios, "phase1_quality": quality,
+        "latency_by_verdict_batch1": verdicts,
+        "baseline": {"file": args.baseline, "created": baseline.get("created"),
+                     "load_average_1_5_15min": baseline.get("load_average_1_5_15min")} if baseline else None,
+        "tables": tables(results, ratio_rows, quality, verdicts, baseline),
     })
     print(f"wrote {path}")
 

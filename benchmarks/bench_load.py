@@ -22,8 +22,6 @@ import asyncio
 import collections
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,43 +31,10 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import machine_info, summarize, write_result  # noqa: E402
+from benchmarks.common import machine_info, process_cpu_seconds, rss_bytes, summarize, write_result  # noqa: E402
+from purifier.serve_process import ServeProcess  # noqa: E402
 from purifier_server._proto import grpc_service_pb2 as pb  # noqa: E402
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def start_sidecar(model_dir: Path, defense: str, defense_dir: str | None) -> tuple[subprocess.Popen, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
-    args = [sys.executable, "-m", "purifier.cli", "serve", "--model", str(model_dir), "--model-name", "digits",
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--defense", defense]
-    if defense_dir:
-        args += ["--defense-dir", defense_dir]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            start_new_session=True)
-    line = proc.stdout.readline()
-    if not line:
-        proc.wait(timeout=10)
-        raise RuntimeError(f"purifier serve exited with {proc.returncode} before serving")
-    return proc, json.loads(line)["port"]
-
-
-def stop_sidecar(proc: subprocess.Popen) -> int | None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    return proc.returncode
 
 
 async def drive(port: int, pid: int, rows: np.ndarray, clean: np.ndarray, identity: bool, seconds: float,
@@ -141,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=None, help="default: 10%% of --seconds, at least 2 s")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--model", help="target directory (default: train the digits target into a temp dir)")
-    p.add_argument("--defense", default="none", choices=["none", "memguard", "purifier"])
+    from purifier.defenses import REGISTRY as DEFENSES
+
+    p.add_argument("--defense", default="none", choices=list(DEFENSES))
     p.add_argument("--defense-dir")
+    p.add_argument("--secret-file", help="PRF secret of the defense (MemGuard, PURIFIER)")
     p.add_argument("--max-growth", type=float, default=0.10)
     p.add_argument("--out", help="write the JSON here instead of benchmarks/results/load.json")
     args = p.parse_args(argv)
@@ -157,13 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         rows, _ = target.role("eval_nonmembers")
         rows = np.ascontiguousarray(rows, np.float32)
         clean = target.classifier().run(rows)["probabilities"].astype(np.float32)
-        proc, port = start_sidecar(model_dir, args.defense, args.defense_dir)
+        serve_args = ["--model", str(model_dir), "--model-name", "digits", "--defense", args.defense]
+        if args.defense_dir:
+            serve_args += ["--defense-dir", args.defense_dir]
+        if args.secret_file:
+            serve_args += ["--secret-file", args.secret_file]
+        sidecar = ServeProcess(serve_args).start()
         load_before = os.getloadavg()[0]
         try:
-            result = asyncio.run(drive(port, proc.pid, rows, clean, args.defense == "none", args.seconds,
+            cpu0 = process_cpu_seconds(sidecar.pid)
+            result = asyncio.run(drive(sidecar.port, sidecar.pid, rows, clean, args.defense == "none", args.seconds,
                                        warmup, args.concurrency))
+            answered = result["codes"].get("OK", 0) + result["errors"]
+            result["server_cpu_ms_per_request"] = 1e3 * (process_cpu_seconds(sidecar.pid) - cpu0) / max(1, answered)
         finally:
-            exit_code = stop_sidecar(proc)
+            exit_code = sidecar.stop(timeout_s=20)
     result["sidecar_exit_code"] = exit_code
     result["loadavg_1m_start_end"] = [load_before, os.getloadavg()[0]]  # the machine is shared: say how busy
     lat = result["latency"] or {}
@@ -171,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
               "backend": "embedded onnxruntime (digits MLP)", "defense": args.defense, "rows_per_request": 1}
     table = {"title": f"Load: {args.seconds:g} s at concurrency {args.concurrency}, embedded backend, "
                       f"defense {args.defense} (after {warmup:g} s warm-up)",
-             "columns": ["requests", "errors", "wrong answers", "throughput (req/s)", "p50 (ms)", "p99 (ms)",
-                         "RSS after warm-up (MB)", "RSS at end (MB)", "RSS growth"],
+             "columns": ["requests", "errors", "wrong answers", "throughput (req/s)", "server CPU ms/req", "p50 (ms)",
+                         "p99 (ms)", "RSS after warm-up (MB)", "RSS at end (MB)", "RSS growth"],
              "rows": [[result["codes"].get("OK", 0) + result["errors"], result["errors"], result["wrong_answers"],
-                       round(result["throughput_rps"] or 0, 1), round(lat.get("p50_ms", float("nan")), 3),
+                       round(result["throughput_rps"] or 0, 1), round(result["server_cpu_ms_per_request"], 3),
+                       round(lat.get("p50_ms", float("nan")), 3),
                        round(lat.get("p99_ms", float("nan")), 3), round(result["rss_baseline_mb"], 1),
                        round(result["rss_final_mb"], 1), f"{100 * result['rss_growth']:+.2f}%"]]}
     payload = {"config": config, "result": result, "tables": [table]}

@@ -1,9 +1,14 @@
-"""Privacy-utility sweep: attack balanced accuracy vs distortion for MemGuard's epsilon grid
-(0, 0.01, 0.03, 0.1, 0.3, 1.0) and PURIFIER's L1 budgets, on one target, in one run.
+"""Privacy-utility sweep: MemGuard, PURIFIER and the simple baselines on one target, in one run.
 
-Trains (or reuses) the target and both defenses under --work, trains the attacker's shadow models
-once (attacker pool only), then audits every setting in-process with the same shadow models and
-thresholds fitted on them. Writes benchmarks/results/privacy_utility_<dataset>.json.
+MemGuard over its epsilon grid (0, 0.01, 0.03, 0.1, 0.3, 1.0), PURIFIER over its L1 budgets, and
+the baselines a skeptic asks about (`purifier.defenses.baselines`): label only, top-k, rounding,
+and keyed Laplace noise whose scale is chosen so that its mean real-traffic L1 matches the served
+MemGuard and PURIFIER settings (calibrated on the defender's reference split, not on the
+evaluation records). Trains (or reuses) the target and both defenses under --work, trains the
+attacker's shadow models once (attacker pool only), then audits every setting in-process with
+the same shadow models. Utility is `purifier.evaluation.output_utility` on the evaluation
+records: L1 on non-members (real traffic) and on members separately, Brier, ECE, rank agreement,
+distinct answers. Writes benchmarks/results/privacy_utility_<dataset>.json.
 
     python benchmarks/bench_privacy_utility.py --dataset digits
 """
@@ -11,27 +16,48 @@ thresholds fitted on them. Writes benchmarks/results/privacy_utility_<dataset>.j
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
 
 PURIFIER_BUDGETS = (None, 0.5, 0.2, 0.1, 0.05)
+TOP_K = (2, 3)
+DECIMALS = (1, 2, 3)
+
+
+def matched_noise_scale(reference_probs: np.ndarray, target_l1: float, secret: bytes, model_id: str) -> float:
+    """The Laplace scale whose mean L1 on the reference rows is `target_l1` (bisection in log scale;
+    the mean L1 grows with the scale)."""
+    from purifier.defenses.baselines import Noise
+
+    def mean_l1(scale):
+        noise = Noise(kind="laplace", scale=scale, secret=secret)
+        noise.model_id = model_id
+        return float(np.abs(noise.transform(reference_probs) - reference_probs).sum(axis=1).mean())
+
+    lo, hi = 1e-6, 1.0
+    for _ in range(40):
+        mid = float(np.sqrt(lo * hi))
+        lo, hi = (mid, hi) if mean_l1(mid) < target_l1 else (lo, mid)
+    return float(np.sqrt(lo * hi))
 
 
 def main(argv=None) -> int:
+    from purifier import evaluation as ev
     from purifier.audit.access import InProcessTarget
     from purifier.audit.runner import AuditConfig, run_audit
-    from purifier.defenses import load_defense
+    from purifier.defenses import defense_class, load_defense
     from purifier.defenses.keyed import load_secret
     from purifier.demo import (
         EPSILON_GRID,
         SWEEP_ATTACKS,
-        defense_sweep,
-        memguard_variants,
         prepare_defense,
         prepare_secret,
         prepare_target,
@@ -44,59 +70,108 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    t0 = time.perf_counter()
+    t0, load_start = time.perf_counter(), os.getloadavg()
     work = Path(args.work) / args.dataset
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "defenses").mkdir(exist_ok=True)
+    (work / "defenses").mkdir(parents=True, exist_ok=True)
     target = prepare_target(work, args.dataset, args.seed)
     secret = load_secret(file=str(prepare_secret(work)))
     dirs = {name: prepare_defense(name, target, work, secret, args.seed) for name in ("memguard", "purifier")}
-    undefended = run_audit(target, InProcessTarget(target), AuditConfig(SWEEP_ATTACKS, n_shadows=args.shadows,
-                                                                       n_boot=20, seed=args.seed), "none")
+    config = AuditConfig(SWEEP_ATTACKS, n_shadows=args.shadows, n_boot=20, seed=args.seed, progress=False)
+    undefended = run_audit(target, InProcessTarget(target), config, "none")
     shadows = undefended.shadows
+    Xm, ym = target.role("eval_members")
+    Xn, yn = target.role("eval_nonmembers")
+    X, y = np.concatenate([Xm, Xn]), np.concatenate([ym, yn])
+    membership = np.r_[np.ones(len(ym), bool), np.zeros(len(yn), bool)]
+    clean = InProcessTarget(target).query(X)
 
-    def purifier_variants():
-        for budget in PURIFIER_BUDGETS:
-            defense = load_defense(dirs["purifier"], secret=secret, model_id=target.model_id)
-            defense.budget = budget
-            yield budget, defense
+    def point(defense_name: str, setting, defense) -> dict:
+        defended = InProcessTarget(target, defense).query(X)
+        audit = run_audit(target, InProcessTarget(target, defense), config, defense_name, shadows=shadows)
+        attacks = audit.report["attacks"]
+        conf = [n for n in attacks if n != "gap"]
+        best = max(conf, key=lambda n: attacks[n]["auc"])
+        return {"defense": defense_name, "setting": setting, "best_attack": best, "best_auc": attacks[best]["auc"],
+                "best_auc_ci95": attacks[best]["ci95"]["auc"],
+                "best_balanced_accuracy": max(attacks[n]["balanced_accuracy"] for n in conf),
+                "best_tpr_at_1pct_fpr": max(attacks[n]["tpr_at_fpr"]["0.01"]["tpr"] for n in conf),
+                "auc": {n: a["auc"] for n, a in attacks.items()},
+                "balanced_accuracy": {n: a["balanced_accuracy"] for n, a in attacks.items()},
+                "gap_floor": audit.report["gap_floor"],
+                "utility": ev.output_utility(clean, defended, y, membership)}
 
-    memguard = defense_sweep(target, memguard_variants(dirs["memguard"], target, secret, EPSILON_GRID), shadows,
-                             args.seed, "memguard")
-    purifier = defense_sweep(target, purifier_variants(), shadows, args.seed, "purifier")
+    def loaded(name, **overrides):
+        defense = load_defense(dirs[name], secret=secret, model_id=target.model_id)
+        for field, value in overrides.items():
+            setattr(defense, field, value)
+        return defense
+
+    def baseline(name, **config_):
+        defense = defense_class(name)(secret=secret, **config_)
+        defense.model_id = target.model_id  # unfitted baselines still key their noise to the model
+        return defense
+
+    points = [point("memguard", eps, loaded("memguard", epsilon=float(eps))) for eps in EPSILON_GRID]
+    points += [point("purifier", budget, loaded("purifier", budget=budget)) for budget in PURIFIER_BUDGETS]
+    served = {"memguard": next(p for p in points if p["defense"] == "memguard" and p["setting"] == 1.0),
+              "purifier": next(p for p in points if p["defense"] == "purifier" and p["setting"] is None)}
+    points.append(point("label_only", None, baseline("label_only")))
+    points += [point("top_k", k, baseline("top_k", k=k)) for k in TOP_K]
+    points += [point("round", d, baseline("round", decimals=d)) for d in DECIMALS]
+    reference = target.predict_proba(target.role("reference")[0])
+    for name, p in served.items():
+        scale = matched_noise_scale(reference, p["utility"]["l1_nonmembers"]["mean"], secret, target.model_id)
+        row = point("noise", f"laplace {scale:.4g} (L1 of {name})", baseline("noise", kind="laplace", scale=scale))
+        points.append(row)
+
     u = undefended.report
-    best_u = max((n for n in u["attacks"] if n != "gap"), key=lambda n: u["attacks"][n]["balanced_accuracy"])
+    conf_u = [n for n in u["attacks"] if n != "gap"]
+    best_u = max(conf_u, key=lambda n: u["attacks"][n]["auc"])
+    settings_label = {"memguard": "eps", "purifier": "L1 budget", "top_k": "k", "round": "decimals"}
 
-    def table_rows(label, rows):
-        return [[label, "none" if r["setting"] is None else r["setting"], r["best_attack"],
-                 r["best_balanced_accuracy"], max(v for n, v in r["auc"].items() if n != "gap"),
-                 r["balanced_accuracy"]["nn"], r["gap_floor"], r["mean_l1"], r["max_l1"], r["argmax_agreement"]]
-                for r in rows]
+    def row(p):
+        setting = "-" if p["setting"] is None else p["setting"]
+        if p["defense"] in settings_label and p["setting"] is not None:
+            setting = f"{settings_label[p['defense']]} {p['setting']}"
+        if p is served.get(p["defense"]):
+            setting += " (served default)"
+        t = p["utility"]
+        return [p["defense"], setting, t["l1_nonmembers"]["mean"], t["l1_nonmembers"]["p95"], t["l1_members"]["mean"],
+                p["best_auc"], p["best_tpr_at_1pct_fpr"], p["gap_floor"]["auc"], t["brier"]["after"],
+                t["ece"]["after"], t["true_class_rank_agreement"] if t["true_class_rank_agreement"] is not None
+                else "undefined", t["distinct_fraction"]["after"]]
 
-    best_auc_u = max(m["auc"] for n, m in u["attacks"].items() if n != "gap")
-    rows = [["undefended", "-", best_u, u["attacks"][best_u]["balanced_accuracy"], best_auc_u,
-             u["attacks"]["nn"]["balanced_accuracy"], u["gap_floor"]["balanced_accuracy"], 0.0, 0.0, 1.0]]
-    rows += table_rows("memguard eps", memguard) + table_rows("purifier L1 budget", purifier)
+    before = ev.output_utility(clean, clean, y, membership)
+    rows = [["undefended", "-", 0.0, 0.0, 0.0, u["attacks"][best_u]["auc"],
+             max(u["attacks"][n]["tpr_at_fpr"]["0.01"]["tpr"] for n in conf_u), u["gap_floor"]["auc"],
+             before["brier"]["before"], before["ece"]["before"], 1.0, before["distinct_fraction"]["before"]]]
+    rows += [row(p) for p in points]
     path = write_result(f"privacy_utility_{args.dataset}", {
         "dataset": args.dataset, "model_id": target.model_id, "attacks": list(SWEEP_ATTACKS),
         "n_shadows": args.shadows, "undefended": {"attacks": u["attacks"], "gap_floor": u["gap_floor"]},
-        "memguard": memguard, "purifier": purifier, "seconds": round(time.perf_counter() - t0, 1),
+        "points": points, "seconds": round(time.perf_counter() - t0, 1),
+        "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
         "tables": [{
-            "title": f"Privacy-utility sweep on {args.dataset} ({u['n_members']} + {u['n_nonmembers']} "
-                     f"evaluation records, {args.shadows} shadow models)",
-            "columns": ["defense", "setting", "best attack (bal.acc)", "best bal.acc", "best AUC", "nn bal.acc",
-                        "gap floor (bal.acc = AUC)",
-                        "mean L1", "max L1", "argmax agreement"],
+            "title": f"Privacy against real-traffic utility on {args.dataset}: MemGuard, PURIFIER and the simple "
+                     f"baselines ({u['n_members']} + {u['n_nonmembers']} evaluation records, {args.shadows} shadow "
+                     "models)",
+            "columns": ["defense", "setting", "real-traffic L1 mean", "real-traffic L1 p95", "members L1 mean",
+                        "best confidence AUC", "best TPR@1%FPR", "label-only floor AUC (gap)", "Brier",
+                        "ECE", "true-class rank agreement", "distinct answers"],
             "rows": rows,
-            "note": "Balanced accuracy with thresholds fitted on shadow models (attacker pool only); AUC is "
-                    "threshold-free (a defense can break shadow thresholds yet leave the signal: compare AUC with "
-                    "the floor). Attacks: " + ", ".join(SWEEP_ATTACKS) + ". In-process (no gRPC hop); the same "
+            "note": "Real-traffic L1 is measured on non-members, the members' figure beside it. Best confidence "
+                    "AUC: the strongest of " + ", ".join(n for n in SWEEP_ATTACKS if n != "gap") + " (thresholds "
+                    "fitted on shadow models; AUC is threshold-free); no label-keeping defense can go below the "
+                    "floor. Brier, ECE (15 bins), rank agreement of the true-class probability (Spearman, "
+                    "undefined when the answers are constant per class) and distinct answers per answer are on "
+                    "non-members. Noise rows: keyed Laplace noise calibrated on the reference split to the "
+                    "real-traffic L1 of the served MemGuard / PURIFIER. In-process (no gRPC hop); the same "
                     "defenses as served.",
         }],
     })
     print(f"wrote {path} in {time.perf_counter() - t0:.0f}s")
-    for row in rows:
-        print("  ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+    for r in rows:
+        print("  ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r))
     return 0
 
 

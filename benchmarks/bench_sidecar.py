@@ -5,8 +5,10 @@ ONNX model in the same Python gRPC stack, so the difference is the sidecar's own
 MLServer (mlserver-sklearn, FP64 predict_proba, as a separate process). Through the sidecar: the
 identity defense and every fitted defense directory given with --defense-dir. Concurrency 1
 (tritonclient sync) and 16 (tritonclient aio, 16 concurrent callers), one row per request,
-p50/p99 latency and throughput. Every server is a separate process; the client is this process.
-Compared cells run side by side and are measured in interleaved windows, pooled per cell.
+p50/p99 latency, throughput and the server's CPU per request (user + system CPU time of the
+server process over the window / requests answered in it). Every server is a separate process
+(`purifier.serve_process`); the client is this process. Compared cells run side by side and are
+measured in interleaved windows, pooled per cell.
 
     python benchmarks/bench_sidecar.py [--target DIR] [--defense-dir DIR ...] [--seconds 3]
 
@@ -22,9 +24,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,37 +34,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import summarize, write_result  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def process(cmd: list[str], env: dict | None = None, ready_line: bool = True):
-    """Start a server process in its own group; yield (proc, first stdout line); kill the group."""
-    # a pipe nobody reads would fill up with a chatty server's access log and block it
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if ready_line else subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True, env=env)
-    try:
-        line = proc.stdout.readline() if ready_line else ""
-        if ready_line and not line:
-            raise RuntimeError(f"{cmd[:4]} exited before serving (code {proc.wait()})")
-        yield proc, line
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+from benchmarks.common import write_result  # noqa: E402
+from purifier.serve_process import ServeProcess, ServerProcess, free_port  # noqa: E402
 
 
 def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
+    """Poll ModelReady (for MLServer, which prints no ready line)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
@@ -85,80 +59,29 @@ def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
 
 # --- the cells ----------------------------------------------------------------------------------
 # The machine's background load drifts by several x within a minute, so cells that are compared
-# are measured in interleaved windows (direct, sidecar, direct, sidecar, ...) and pooled.
-
-
-def run_sync(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-             warmup: int) -> tuple[list[float], float]:
-    """(per-call seconds, elapsed) for one client calling back to back."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    outs = [grpcclient.InferRequestedOutput(output)]
-    try:
-        for _ in range(warmup):
-            client.infer(model, [inp], outputs=outs)
-        times = []
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            t0 = time.perf_counter()
-            client.infer(model, [inp], outputs=outs)
-            times.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
-    finally:
-        client.close()
-    return times, elapsed
-
-
-def run_concurrent(port: int, model: str, input_name: str, output: str, x: np.ndarray, seconds: float,
-                   concurrency: int, warmup_s: float) -> tuple[list[float], float]:
-    """(per-call seconds, elapsed) for `concurrency` aio callers calling back to back."""
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-
-    async def main():
-        client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
-        inp = grpcclient.InferInput(input_name, list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        outs = [grpcclient.InferRequestedOutput(output)]
-        times: list[float] = []
-
-        async def worker(stop_at, record):
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                await client.infer(model, [inp], outputs=outs)
-                if record:
-                    times.append(time.perf_counter() - t0)
-
-        try:
-            await asyncio.gather(*(worker(time.perf_counter() + warmup_s, False) for _ in range(concurrency)))
-            start = time.perf_counter()
-            await asyncio.gather(*(worker(start + seconds, True) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - start
-        finally:
-            await client.close()
-        return times, elapsed
-
-    return asyncio.run(main())
+# are measured in interleaved windows (direct, sidecar, ..., then the reverse order) and pooled:
+# purifier.bench (the `purifier bench` command's measurement core) does exactly that.
 
 
 def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
-    """servers: cell name -> (port, model, input name, output name). Each cell gets `seconds` per
-    concurrency in total, split into `rounds` windows taken in turn with the other cells."""
-    pooled = {name: {"c1": ([], 0.0), "c16": ([], 0.0)} for name in servers}
-    window = seconds / rounds
-    for r in range(rounds):
-        first = r == 0
-        for name, (port, model, inp, out) in servers.items():
-            measured = {"c1": run_sync(port, model, inp, out, x, window, 50 if first else 5),
-                        "c16": run_concurrent(port, model, inp, out, x, window, 16, 0.5 if first else 0.1)}
-            for key, (times, elapsed) in measured.items():
-                acc_t, acc_e = pooled[name][key]
-                pooled[name][key] = (acc_t + times, acc_e + elapsed)
-    return {name: {key: {**summarize(t), "throughput_rps": len(t) / e} for key, (t, e) in cells.items()}
-            for name, cells in pooled.items()}
+    """servers: cell name -> (port, model, output name, server pid). Each cell gets `seconds` per
+    concurrency (1 and 16) in total, split into `rounds` windows taken in turn with the other cells.
+    CPU per request: the server process's CPU time over its windows / the calls it answered."""
+    from purifier.bench.measure import Endpoint, compare
+
+    outputs = {out for _, _, out, _ in servers.values()}
+    if len(outputs) != 1:
+        raise ValueError(f"cells compared together must share the output, got {sorted(outputs)}")
+    endpoints = [Endpoint(name, f"127.0.0.1:{port}", model, server_pid=pid)
+                 for name, (port, model, _, pid) in servers.items()]
+    result = compare(endpoints, x, concurrency=(1, 16), rows=(1,), seconds=seconds, rounds=rounds,
+                     output=outputs.pop())
+    cells: dict[str, dict] = {}
+    for cell in result["cells"]:
+        cells.setdefault(cell["endpoint"], {})[f"c{cell['concurrency']}"] = {
+            k: cell[k] for k in ("calls", "mean_ms", "p50_ms", "p99_ms", "throughput_rps",
+                                 "server_cpu_ms_per_request")}
+    return cells
 
 
 # --- servers ------------------------------------------------------------------------------------
@@ -177,6 +100,9 @@ def bare_server(model: str) -> None:
     class Bare(pb_grpc.GRPCInferenceServiceServicer):
         async def ModelReady(self, request, context):
             return pb.ModelReadyResponse(ready=await upstream.ready(request.name, request.version))
+
+        async def ModelMetadata(self, request, context):
+            return await upstream.model_metadata(request.name, request.version)
 
         async def ModelInfer(self, request, context):
             response, _ = await upstream.infer(request, None, ())
@@ -204,7 +130,8 @@ def mlserver_repository(root: Path) -> int:
     joblib.dump(clf, root / "digits" / "model.joblib")
     (root / "digits" / "model-settings.json").write_text(json.dumps({
         "name": "digits", "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
+        "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+        "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
     port = free_port()
     (root / "settings.json").write_text(json.dumps({
         "host": "127.0.0.1", "http_port": free_port(), "grpc_port": port, "metrics_port": free_port(),
@@ -212,16 +139,11 @@ def mlserver_repository(root: Path) -> int:
     return port
 
 
-def sidecar_cmd(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "purifier.cli", "serve", *backend_args, "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "-1", "--log-level", "warning"]
+def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
+    args = [*backend_args, "--log-level", "warning"]
     if defense is not None:
-        cmd += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
-    return cmd
-
-
-def sidecar_port(line: str) -> int:
-    return json.loads(line)["port"]
+        args += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
+    return ServeProcess(args, env=env)
 
 
 def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
@@ -229,19 +151,24 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
     table_rows = []
     for key, cell in cells.items():
         c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})
-        table_rows.append([key, c1["p50_ms"], c1["p99_ms"], c1["throughput_rps"], c16["p50_ms"], c16["p99_ms"],
-                           c16["throughput_rps"], cmp.get("added_p50_ms_c1", "-"), cmp.get("added_p99_ms_c1", "-"),
-                           cmp.get("throughput_ratio_c16", "-")])
+        table_rows.append([key, c1["p50_ms"], c1["p99_ms"], c1["throughput_rps"], c1["server_cpu_ms_per_request"],
+                           c16["p50_ms"], c16["p99_ms"], c16["throughput_rps"], c16["server_cpu_ms_per_request"],
+                           cmp.get("added_p50_ms_c1", "-"), cmp.get("added_p99_ms_c1", "-"),
+                           cmp.get("throughput_ratio_c16", "-"), cmp.get("throughput_vs_identity_c16", "-")])
     load_text = "not recorded" if load is None else f"{load:.1f}"
     return [{
         "title": "Sidecar overhead: client -> upstream directly vs client -> sidecar -> upstream (1 row per request)",
-        "columns": ["cell", "c1 p50 ms", "c1 p99 ms", "c1 req/s", "c16 p50 ms", "c16 p99 ms", "c16 req/s",
-                    "added p50 ms (c1)", "added p99 ms (c1)", "c16 throughput ratio"],
+        "columns": ["cell", "c1 p50 ms", "c1 p99 ms", "c1 req/s", "c1 server CPU ms/req", "c16 p50 ms", "c16 p99 ms",
+                    "c16 req/s", "c16 server CPU ms/req", "added p50 ms (c1)", "added p99 ms (c1)",
+                    "c16 throughput ratio", "c16 throughput vs identity sidecar"],
         "rows": table_rows,
         "note": f"Servers as separate processes measured side by side in {rounds} interleaved windows of "
                 f"{seconds:g} s; client, sidecar and upstream share the machine's 2 cores (1-minute load average "
-                f"at the end: {load_text}). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; c16 throughput "
-                "ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity.",
+                f"at the end: {load_text}). Server CPU per request: user + system CPU time of the server process over "
+                "its windows / requests answered (warm-up included). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; "
+                "c16 throughput ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity; "
+                "MemGuard (10 classes) <= 1.0 ms server CPU per single-row request and c16 throughput >= 0.7x "
+                "the identity sidecar's.",
     }]
 
 
@@ -267,7 +194,7 @@ def main() -> None:
         train_target("digits", args.target)
     target = Target.load(args.target)
     X, _ = target.role("eval_nonmembers")
-    x = np.ascontiguousarray(X[:1], np.float32)
+    x = np.ascontiguousarray(X[:64], np.float32)  # one row per request, cycled
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
@@ -278,16 +205,13 @@ def main() -> None:
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:
-            _, line = stack.enter_context(process([sys.executable, __file__, "--bare-server",
-                                                   str(target.directory)], env))
-            info = json.loads(line)
-            wait_ready(info["port"], info["model"])
-            servers = {"embedded/direct": (info["port"], info["model"], "input", "probabilities")}
+            bare = stack.enter_context(ServerProcess([sys.executable, __file__, "--bare-server",
+                                                      str(target.directory)], env=env))
+            wait_ready(bare.port, bare.ready["model"])
+            servers = {"embedded/direct": (bare.port, bare.ready["model"], "probabilities", bare.pid)}
             for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
-                cmd = sidecar_cmd(["--model", str(target.directory)], d, secret_file)
-                _, line = stack.enter_context(process(cmd, env))
-                servers[f"embedded/sidecar-{name}"] = (sidecar_port(line), target.directory.name, "input",
-                                                       "probabilities")
+                sc = stack.enter_context(sidecar(["--model", str(target.directory)], d, secret_file, env))
+                servers[f"embedded/sidecar-{name}"] = (sc.port, target.directory.name, "probabilities", sc.pid)
             cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
@@ -296,14 +220,12 @@ def main() -> None:
             repo.mkdir()
             mport = mlserver_repository(repo)
             exe = str(Path(sys.executable).with_name("mlserver"))
-            with process([exe, "start", str(repo)], env, ready_line=False):
+            with ServerProcess([exe, "start", str(repo)], env=env, ready_line=False) as mlserver:
                 wait_ready(mport, "digits")
-                cmd = sidecar_cmd(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
-                                   "--confidence-output", "predict_proba"], None, secret_file)
-                with process(cmd, env) as (_, line):
-                    servers = {"mlserver/direct": (mport, "digits", "input-0", "predict_proba"),
-                               "mlserver/sidecar-identity": (sidecar_port(line), "digits", "input-0",
-                                                             "predict_proba")}
+                with sidecar(["--upstream", f"127.0.0.1:{mport}", "--model-name", "digits",
+                              "--confidence-output", "predict_proba"], None, secret_file, env) as sc:
+                    servers = {"mlserver/direct": (mport, "digits", "predict_proba", mlserver.pid),
+                               "mlserver/sidecar-identity": (sc.port, "digits", "predict_proba", sc.pid)}
                     cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
     comparisons = {}
@@ -312,25 +234,31 @@ def main() -> None:
         if mode == "direct":
             continue
         direct = cells[f"{backend}/direct"]
+        identity = cells.get(f"{backend}/sidecar-identity")
         comparisons[key] = {
             "added_p50_ms_c1": cell["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
             "added_p99_ms_c1": cell["c1"]["p99_ms"] - direct["c1"]["p99_ms"],
             "throughput_ratio_c16": cell["c16"]["throughput_rps"] / direct["c16"]["throughput_rps"],
+            "throughput_vs_identity_c16": (cell["c16"]["throughput_rps"] / identity["c16"]["throughput_rps"]
+                                           if identity else None),
         }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tables = sidecar_tables(cells, comparisons, args.rounds, args.seconds, load)
     path = write_result("sidecar", {
         "tables": tables, "load_average_1m_end": load,
         "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
-                   "defenses": [d for _, d in defenses], "clients": "tritonclient.grpc sync (c1), .aio (c16)"},
+                   "defenses": [d for _, d in defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
         "cells": cells, "comparisons": comparisons,
-        "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8},
+        "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8,
+                    "memguard_server_cpu_ms_per_request_c1": 1.0, "memguard_throughput_vs_identity_c16": 0.7},
     })
-    print(f"{'cell':34s} {'c1 p50':>8s} {'c1 p99':>8s} {'c1 rps':>8s} {'c16 p50':>8s} {'c16 p99':>8s} {'c16 rps':>8s}")
+    print(f"{'cell':34s} {'c1 p50':>8s} {'c1 p99':>8s} {'c1 rps':>8s} {'c1 cpu':>8s} {'c16 p50':>8s} {'c16 p99':>8s} "
+          f"{'c16 rps':>8s} {'c16 cpu':>8s}")
     for key, cell in cells.items():
         c1, c16 = cell["c1"], cell["c16"]
         print(f"{key:34s} {c1['p50_ms']:8.3f} {c1['p99_ms']:8.3f} {c1['throughput_rps']:8.0f} "
-              f"{c16['p50_ms']:8.3f} {c16['p99_ms']:8.3f} {c16['throughput_rps']:8.0f}")
+              f"{c1['server_cpu_ms_per_request']:8.3f} {c16['p50_ms']:8.3f} {c16['p99_ms']:8.3f} "
+              f"{c16['throughput_rps']:8.0f} {c16['server_cpu_ms_per_request']:8.3f}")
     for key, c in comparisons.items():
         print(f"{key:34s} added p50 {c['added_p50_ms_c1']:+.3f} ms, p99 {c['added_p99_ms_c1']:+.3f} ms, "
               f"c16 throughput x{c['throughput_ratio_c16']:.2f}")

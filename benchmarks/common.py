@@ -8,39 +8,27 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from purifier import machine
+from purifier.bench.measure import latency_summary
+from purifier.machine import process_cpu_seconds  # noqa: F401 - benchmarks import it from here
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict:
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "processor": platform.processor(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu_model"] = names[0] if names else None
-    except OSError:
-        pass
+    """purifier.machine's record (platform, CPUs, load average, versions) plus the git commit."""
+    info = machine.machine_info("onnxruntime-gpu")
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         pass
-    from purifier.artifacts import library_versions
-
-    info["versions"] = library_versions("grpcio", "protobuf", "onnxruntime-gpu")
     return info
 
 
@@ -58,14 +46,17 @@ def time_calls(fn: Callable[[], object], min_seconds: float = 0.5, min_calls: in
 
 
 def summarize(times: list[float]) -> dict:
-    """p50 / p99 / mean in milliseconds plus the call count."""
-    ordered = sorted(times)
-    return {
-        "calls": len(times),
-        "mean_ms": 1e3 * statistics.fmean(times),
-        "p50_ms": 1e3 * ordered[len(ordered) // 2],
-        "p99_ms": 1e3 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
-    }
+    """p50 / p99 / mean in milliseconds plus the call count (purifier.bench's definition)."""
+    return latency_summary(times)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (Linux /proc/PID/status VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def write_result(name: str, payload: dict) -> Path:

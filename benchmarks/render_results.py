@@ -15,9 +15,12 @@ import json
 import sys
 from pathlib import Path
 
+from purifier.tables import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ORDER = ["demo_digits", "demo_mnist5k", "privacy_utility_digits", "defense", "sidecar", "load", "audit_digits", "audit_mnist5k"]
+ORDER = ["demo_digits", "demo_mnist5k", "privacy_utility_digits", "defense", "sidecar", "perf_analyzer", "load",
+         "audit_digits", "audit_mnist5k", "own_model"]
 
 
 def _cell(value) -> str:
@@ -27,9 +30,8 @@ def _cell(value) -> str:
 
 
 def render_table(table: dict) -> str:
-    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
-             "|" + "---|" * len(table["columns"])]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table["rows"]]
+    lines = [f"**{table['title']}**", "",
+             markdown_table(table["columns"], [[_cell(v) for v in row] for row in table["rows"]])]
     if table.get("note"):
         lines += ["", table["note"]]
     return "\n".join(lines)

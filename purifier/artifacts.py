@@ -54,6 +54,17 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     return out
 
 
+def new_output_dir(out: str | os.PathLike, force: bool) -> Path:
+    """Validate an `--out` that a command will create: refuse an existing one unless `force`.
+    Missing parent directories are fine (the writer creates them)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a directory")
+    if out.exists() and not force:
+        raise ConfigError(f"--out: {out} already exists; choose a new directory or pass --force to replace it")
+    return out
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory that replaces `out` only if the block succeeds."""

@@ -27,16 +27,6 @@ def _train_target(args: argparse.Namespace) -> int:
     return 0
 
 
-# defense name -> module providing `fit_cli(args) -> int`
-FIT_MODULES = {"memguard": "purifier.defenses.memguard", "purifier": "purifier.defenses.purifier_net"}
-
-
-def _fit_defense(args: argparse.Namespace) -> int:
-    import importlib
-
-    return importlib.import_module(FIT_MODULES[args.defense]).fit_cli(args)
-
-
 def _serve(args: argparse.Namespace) -> int:
     # the only place the library touches the server package, imported lazily
     from purifier_server.app import run
@@ -83,7 +73,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-request-rows", type=int, help="rows per request (default 4096)")
     p.add_argument("--max-batch-rows", type=int, help="rows per defense call (default 256)")
     p.add_argument("--max-wait-ms", type=float, help="wait for more rows before defending (default 0)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="embedded model device (default cpu)")
+    from purifier.devices import DEVICES
+
+    p.add_argument("--device", choices=list(DEVICES), help="embedded model device (default cpu)")
     p.add_argument("--reflection", action="store_true", default=None, help="enable gRPC server reflection")
     p.add_argument("--grace", dest="grace_s", type=float, help="seconds to drain on SIGTERM (default 5)")
     p.add_argument("--upstream-timeout", dest="upstream_timeout_s", type=float,
@@ -124,28 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the dataset's default epochs")
     p.set_defaults(func=_train_target)
 
-    p = sub.add_parser("fit-defense", help="fit a defense for a target from its member and reference splits")
-    p.add_argument("defense", choices=list(FIT_MODULES), help="which defense to fit")
-    p.add_argument("--target", required=True, help="target directory (from train-target)")
-    p.add_argument("--out", required=True, help="output directory for the fitted defense")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help="memguard: expected L1 utility budget per query (Phase II)")
-    p.add_argument("--mode", choices=["fast", "faithful"], default="fast",
-                   help="memguard: Phase I solver (default fast)")
-    p.add_argument("--label-swap", action="store_true",
-                   help="purifier: enable the label swapper (off by default)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch/ORT device")
-    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--secret-file", default=None,
-                   help="PRF secret used to report realized distortion (else $PURIFIER_SECRET[_FILE], "
-                        "else a throwaway secret)")
-    p.set_defaults(func=_fit_defense)
+    from purifier.fitting import add_parser as add_fit_parser
+
+    add_fit_parser(sub)
 
     _add_serve(sub)
 
     from purifier.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
+
+    from purifier.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
@@ -158,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+# what the `full` extra adds to the serving install (pyproject.toml)
+FULL_INSTALL_MODULES = frozenset({"torch", "sklearn", "matplotlib", "mlxtend", "onnx", "tritonclient", "scipy"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PurifierError as e:
         print(f"purifier: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        print(f"purifier: error: {args.command} needs {e.name}, which the serving install leaves out; "
+              "install everything with pip install 'purifier[cpu,full]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("purifier: interrupted", file=sys.stderr)

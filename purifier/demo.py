@@ -16,9 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,63 +90,15 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
     return directory
 
 
-class SidecarProcess:
-    """`purifier serve` as a subprocess on a loopback port it picks itself (`--port 0`); stopped on
-    exit. The port comes from the ready line `purifier serve` prints on stdout once it serves (for
-    the embedded backend that is also when health turns SERVING); logs go to `log_path`."""
+def start_sidecar(target_dir: Path, defense: str, defense_dir: Path | None, secret_file: Path,
+                  log_path: Path):
+    """`purifier serve` for one defense on a loopback port it picks itself (`purifier.serve_process`)."""
+    from purifier.serve_process import ServeProcess
 
-    def __init__(self, target_dir: Path, defense: str, defense_dir: Path | None, secret_file: Path,
-                 log_path: Path, ready_timeout_s: float = 90.0):
-        cmd = [sys.executable, "-m", "purifier.cli", "serve", "--model", str(target_dir), "--defense", defense,
-               "--secret-file", str(secret_file), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"]
-        if defense_dir is not None:
-            cmd += ["--defense-dir", str(defense_dir)]
-        self.cmd, self.log_path, self.ready_timeout_s = cmd, log_path, ready_timeout_s
-        self.proc: subprocess.Popen | None = None
-        self.port: int | None = None
-        self.endpoint: str | None = None
-
-    def __enter__(self) -> SidecarProcess:
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     start_new_session=True)
-        try:
-            self.port = self._read_ready_port()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        self.endpoint = f"127.0.0.1:{self.port}"
-        return self
-
-    def _read_ready_port(self) -> int:
-        deadline = time.monotonic() + self.ready_timeout_s
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if sel.select(timeout=0.2):
-                    line = self.proc.stdout.readline()
-                    if line:
-                        return int(json.loads(line)["port"])
-                if self.proc.poll() is not None:
-                    self._log.flush()
-                    tail = Path(self.log_path).read_text()[-800:]
-                    raise ConfigError(f"sidecar ({' '.join(self.cmd[3:7])}) exited with {self.proc.returncode}: {tail}")
-        raise ConfigError(f"sidecar ({' '.join(self.cmd[3:7])}) was not serving within {self.ready_timeout_s:.0f}s "
-                          f"(log: {self.log_path})")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-        if self.proc is not None:
-            self.proc.stdout.close()
-        self._log.close()
+    args = ["--model", str(target_dir), "--defense", defense, "--secret-file", str(secret_file)]
+    if defense_dir is not None:
+        args += ["--defense-dir", str(defense_dir)]
+    return ServeProcess(args, log_path=log_path)
 
 
 def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 200) -> dict:
@@ -238,8 +187,8 @@ def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per attack and per utility figure, one column per defense."""
+def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
+    """One row per attack and per utility figure (and latency, if measured), one column per defense."""
     def cell(entry):
         tpr = entry["tpr_at_fpr"]["0.01"]
         return f"{entry['auc']:.3f} / {entry['balanced_accuracy']:.3f} / {tpr['tpr']:.3f}"
@@ -257,16 +206,11 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict]) -> tuple
     agreement = [r["utility"].get("argmax_agreement") for r in reports.values()]
     rows.append(["argmax agreement", *(f"{1.0 if a is None else a:.4f}" for a in agreement)])
     rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
-    rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
-    base = latency["none"]["p50_ms"]
-    rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
+    if latency is not None:
+        rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
+        base = latency["none"]["p50_ms"]
+        rows.append(["added p50 ms vs none", *(f"{latency[d]['p50_ms'] - base:+.2f}" for d in reports)])
     return columns, rows
-
-
-def format_table(columns: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
 def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4) -> dict:
@@ -276,6 +220,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     from purifier.audit.report import write_report
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.defenses.keyed import load_secret
+    from purifier.tables import text_table
 
     if dataset not in DEMO_DATASETS:
         raise ConfigError(f"dataset: the demo runs on {' or '.join(DEMO_DATASETS)}, not {dataset!r}")
@@ -295,8 +240,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     reports, latency, shadow_set = {}, {}, None
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
-        sidecars = {name: stack.enter_context(SidecarProcess(target.directory, name, defense_dirs.get(name),
-                                                             secret_file, out / "logs" / f"sidecar-{name}.log"))
+        sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),
+                                                            secret_file, out / "logs" / f"sidecar-{name}.log"))
                     for name in DEFENSES}
         baseline = stack.enter_context(contextlib.closing(
             RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes,
@@ -329,7 +274,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     }
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
-    print(format_table(columns, rows))
+    print(text_table(columns, rows))
     print("\nMemGuard epsilon sweep (best confidence attack bal.acc / mean L1): " + ", ".join(
         f"{r['setting']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
     print(f"\nreports: {out}/reports/<defense>/report.{{json,md}}, roc.png; plot: {out}/privacy_utility.png")

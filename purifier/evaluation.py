@@ -125,3 +125,107 @@ def gap_floor(correct, membership) -> dict:
 def l1_distortion(clean: np.ndarray, defended: np.ndarray) -> np.ndarray:
     """(N,) L1 distance between clean and defended confidence rows."""
     return np.abs(np.asarray(defended, np.float64) - np.asarray(clean, np.float64)).sum(axis=1)
+
+
+# --- utility as users feel it (clean vs defended confidence vectors) -------------------------------
+#
+# Real traffic is mostly non-members, whose vectors a defense moves the most (members are already
+# confident): every quality figure below is measured on non-members, and the L1 distortion is
+# reported for non-members and members separately, never averaged over the evaluation mix.
+
+
+def argmax_agreement(clean: np.ndarray, defended: np.ndarray) -> float:
+    """Fraction of rows (N, C) whose predicted label (first index on ties) is unchanged."""
+    return float((np.asarray(clean).argmax(axis=1) == np.asarray(defended).argmax(axis=1)).mean())
+
+
+def l1_summary(l1: np.ndarray) -> dict:
+    """Mean, 95th percentile (linear interpolation) and max of (N,) distances, with N."""
+    l1 = np.asarray(l1, np.float64)
+    return {"mean": float(l1.mean()), "p95": float(np.percentile(l1, 95)), "max": float(l1.max()), "n": int(len(l1))}
+
+
+def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-class Brier score (Brier 1950): mean over rows of sum_c (p_c - 1[c = y])^2, in [0, 2].
+
+    probs: (N, C); labels: (N,) class indices. Lower is better.
+    """
+    p = np.asarray(probs, np.float64)
+    onehot = np.zeros_like(p)
+    onehot[np.arange(len(p)), np.asarray(labels)] = 1.0
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label expected calibration error (Guo et al., ICML 2017).
+
+    Rows fall into `n_bins` equal-width bins ((m-1)/M, m/M] by their confidence max_c p_c;
+    ECE = sum over bins of (rows in bin / N) * |accuracy in bin - mean confidence in bin|.
+    probs: (N, C); labels: (N,). Lower is better.
+    """
+    p = np.asarray(probs, np.float64)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    gap = np.abs(np.bincount(bins, correct, n_bins) - np.bincount(bins, conf, n_bins))
+    return float(gap.sum() / count.sum())
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman rank correlation of two (N,) arrays (Pearson on mid-ranks); None when either is
+    constant (the correlation is undefined)."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    return None if denom == 0 else float((ra * rb).sum() / denom)
+
+
+def distinct_fraction(probs: np.ndarray) -> float:
+    """Distinct rows of (N, C) divided by N: 1 when every answer differs, 1/N when all collapse
+    onto one vector (exact equality in the array's own dtype)."""
+    p = np.ascontiguousarray(probs)
+    return float(len(np.unique(p, axis=0)) / len(p))
+
+
+def output_utility(clean: np.ndarray, defended: np.ndarray, labels: np.ndarray, membership: np.ndarray) -> dict:
+    """What a defense costs the people using the model, as one JSON-ready dict.
+
+    Args:
+        clean: (N, C) undefended confidence vectors; defended: (N, C) the same rows defended.
+        labels: (N,) true class indices; membership: (N,) 1 for training members, 0 otherwise.
+    Returns:
+        `argmax_agreement` (all rows); `l1_nonmembers` (the real-traffic figure) and `l1_members`,
+        each {mean, p95, max, n} (`l1_members` None without members); on non-members:
+        `brier` and `ece` {before, after}, `auroc` {before, after} of the class-1 score for
+        2-class models (None otherwise, or when non-members hold one class only),
+        `true_class_rank_agreement` (Spearman of the true-class probability before vs after; None
+        if either side is constant) and `distinct_fraction` {before, after}.
+    """
+    clean, defended = np.asarray(clean, np.float64), np.asarray(defended)
+    labels = np.asarray(labels).astype(np.int64)
+    membership = np.asarray(membership).astype(bool)
+    if clean.shape != defended.shape or clean.ndim != 2 or labels.shape != (len(clean),) \
+            or membership.shape != labels.shape:
+        raise ValueError(f"shapes differ: clean {clean.shape}, defended {defended.shape}, labels {labels.shape}, "
+                         f"membership {membership.shape}")
+    if membership.all():
+        raise ValueError("output_utility needs non-members (the real-traffic rows)")
+    l1 = l1_distortion(clean, defended)
+    real = ~membership
+    c, d, y = clean[real], defended[real].astype(np.float64), labels[real]
+    auroc = None
+    if clean.shape[1] == 2 and 0 < y.sum() < len(y):
+        auroc = {"before": roc_auc(c[:, 1], y == 1), "after": roc_auc(d[:, 1], y == 1)}
+    rows = np.arange(len(y))
+    return {
+        "argmax_agreement": argmax_agreement(clean, defended),
+        "l1_nonmembers": l1_summary(l1[real]),
+        "l1_members": l1_summary(l1[membership]) if membership.any() else None,
+        "brier": {"before": brier_score(c, y), "after": brier_score(d, y)},
+        "ece": {"before": expected_calibration_error(c, y), "after": expected_calibration_error(d, y)},
+        "auroc": auroc,
+        "true_class_rank_agreement": spearman(c[rows, y], d[rows, y]),
+        "distinct_fraction": {"before": distinct_fraction(c), "after": distinct_fraction(defended[real])},
+        "population": "quality figures on non-members (real traffic); L1 separately on non-members and members",
+    }

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from purifier.defenses import REGISTRY as DEFENSE_REGISTRY
+from purifier.devices import DEVICES
 from purifier.errors import ConfigError
 
 DEFENSES = tuple(DEFENSE_REGISTRY)
 CONFIDENCE_KINDS = ("probabilities", "logits")
-DEVICES = ("cpu", "cuda", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_UPSTREAM_SERVICE = "inference.GRPCInferenceService"
 ENV_PREFIX = "PURIFIER_"

@@ -29,11 +29,13 @@ REGISTRY: dict[str, str] = {
     "adaptive_nn": "purifier.attacks.adaptive:AdaptiveNN",
     "adaptive_mentr": "purifier.attacks.adaptive:AdaptiveMentr",
     "repeated_query": "purifier.attacks.repeated:RepeatedQueryAttack",
+    "timing": "purifier.attacks.timing:TimingAttack",
 }
 
 ADAPTIVE = ("adaptive_nn", "adaptive_mentr")
-# the default audit: everything but the (query-hungry) boundary attack
-DEFAULT_ATTACKS = tuple(n for n in REGISTRY if n != "label_boundary")
+# the default audit: everything but the (query-hungry) boundary attack and the timing attack
+# (remote endpoints only, several passes of single-row requests)
+DEFAULT_ATTACKS = tuple(n for n in REGISTRY if n not in ("label_boundary", "timing"))
 
 
 def attack_class(name: str) -> type[Attack]:

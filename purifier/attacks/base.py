@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from purifier.attacks.shadow import ShadowSet
 
-FAMILIES = ("confidence", "label_only", "adaptive", "repeated_query")
+FAMILIES = ("confidence", "label_only", "adaptive", "repeated_query", "timing")
 
 
 @dataclass

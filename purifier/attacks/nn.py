@@ -46,10 +46,9 @@ class NNAttack(ConfidenceAttack):
         self.mean, self.std = f.mean(axis=0), f.std(axis=0) + 1e-6
         x = torch.from_numpy(((f - self.mean) / self.std).astype(np.float32))
         t = torch.from_numpy(membership[idx].astype(np.float32))
-        from purifier.models.training import torch_threads
+        from purifier.models.training import seeded, train_epochs
 
-        with torch.random.fork_rng(devices=[]), torch_threads(1):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed) as gen:
             layers, width = [], x.shape[1]
             for h in self.hidden:
                 layers += [torch.nn.Linear(width, h), torch.nn.ReLU()]
@@ -57,10 +56,15 @@ class NNAttack(ConfidenceAttack):
             self.model = torch.nn.Sequential(*layers, torch.nn.Linear(width, 1))
             opt = torch.optim.Adam(self.model.parameters(), lr=3e-3, weight_decay=1e-4)
             loss_fn = torch.nn.BCEWithLogitsLoss()
-            for _ in range(self.steps):  # full-batch steps: a few thousand rows of a few features
+
+            def step(idx):
                 opt.zero_grad()
-                loss_fn(self.model(x)[:, 0], t).backward()
+                loss_fn(self.model(x[idx])[:, 0], t[idx]).backward()
                 opt.step()
+                return {}
+
+            # full-batch steps (a few thousand rows of a few features): one "epoch" per step
+            train_epochs(step, len(t), epochs=self.steps, batch_size=len(t), generator=gen)
         self.model.eval()
 
     def score(self, outputs, labels):

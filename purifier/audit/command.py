@@ -7,76 +7,133 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from purifier.errors import ConfigError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from purifier.attacks import DEFAULT_ATTACKS, REGISTRY
+    from purifier.attacks import REGISTRY
+    from purifier.attacks.shadow import BUILTIN_RECIPES
+    from purifier.audit.model_flags import add_model_flags
+    from purifier.data.records import DEFAULT_LABEL_COLUMN
 
-    p = sub.add_parser("audit", help="run membership inference attacks against an OIP v2 endpoint; "
-                                     "write report.json, report.md, roc.png")
-    p.add_argument("--endpoint", help="HOST:PORT of the OIP v2 gRPC endpoint under audit (the sidecar "
-                                      "or an undefended model server)")
-    p.add_argument("--model-name", help="model name served at --endpoint")
-    p.add_argument("--output-name", default=None,
-                   help="confidence output (default: 'probabilities' if served, else the only output)")
-    p.add_argument("--target", required=True, help="target directory (model.json + splits) naming the "
-                                                   "evaluation records and the attacker pool")
+    p = sub.add_parser("audit", help="run membership inference attacks against a model or an OIP v2 endpoint; "
+                                     "write report.json, report.md, roc.png",
+                       description="Records come from --target DIR (train-target splits) or from files: "
+                                   "--members, --nonmembers (evaluation records) and --attacker-pool. Record "
+                                   "files: .npz with X (N, D) and y (N,), or .csv with a header and a label column.")
+    add_model_flags(p, endpoint_help="the OIP v2 gRPC endpoint under audit (the sidecar or an undefended server)")
+    p.add_argument("--target", default=None, help="target directory (model.json + splits): the records, and the "
+                                                  "model with --in-process")
+    p.add_argument("--members", default=None, metavar="FILE", help="evaluation records from the training set")
+    p.add_argument("--nonmembers", default=None, metavar="FILE",
+                   help="evaluation records not in the training set (same distribution)")
+    p.add_argument("--attacker-pool", default=None, metavar="FILE",
+                   help="the attacker's own records (same distribution, disjoint from the evaluation records)")
+    p.add_argument("--label-column", default=DEFAULT_LABEL_COLUMN, help="label column of .csv record files")
+    p.add_argument("--image-shape", default=None, metavar="C,H,W",
+                   help="record files hold flattened images of this shape (image augmentations, cnn shadows)")
+    p.add_argument("--target-family", default=None, metavar="NAME",
+                   help="the target's model family if known (e.g. random_forest): the report warns when the "
+                        "shadow recipe differs, and it is the default recipe when it names one")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="the target's training-set size if known: each shadow trains on as many records")
     p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
                    help=f"attacks to run (names or comma lists, 'all'); default: all but label_boundary. "
                         f"Choices: {', '.join(REGISTRY)}")
-    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint (utility: "
-                                                    "argmax agreement, L1 distortion)")
+    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint, queried in plaintext "
+                                                    "without a token (utility: argmax agreement, L1 distortion)")
     p.add_argument("--baseline-model-name", default=None, help="model name at --baseline (default --model-name)")
     p.add_argument("--defense-name", default=None,
                    help="defense algorithm the attacker assumes, for the adaptive attacks (e.g. memguard)")
+    p.add_argument("--shadow-model", default=None, metavar="RECIPE",
+                   help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
+                        "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
+                        "target's family if known, else mlp")
     p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4)")
-    p.add_argument("--shadow-epochs", type=int, default=None, help="override the target recipe's epochs")
+    p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
     p.add_argument("--boundary-budget", type=int, default=1000,
                    help="label_boundary: queries per record (default 1000)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% CIs (default 200)")
     p.add_argument("--seed", type=int, default=0, help="attacker seed (default 0)")
     p.add_argument("--in-process", action="store_true",
-                   help="query the target's ONNX model in this process (tests, demos) instead of an endpoint")
-    p.add_argument("--defense-dir", default=None, help="--in-process: a fitted defense directory to apply")
-    p.add_argument("--secret-file", default=None, help="--in-process: PRF secret for --defense-dir "
+                   help="with --target: query the target's ONNX model in this process instead of an endpoint")
+    p.add_argument("--defense-dir", default=None, help="in process (--model or --in-process): a fitted defense "
+                                                       "directory to apply")
+    p.add_argument("--secret-file", default=None, help="PRF secret for --defense-dir "
                                                        "(else $PURIFIER_SECRET[_FILE], else a throwaway one)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
-    _ = DEFAULT_ATTACKS
     return p
+
+
+def _image_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(f"--image-shape: {text!r} is not C,H,W (e.g. 1,28,28)")
+    return shape
+
+
+def _load_defense(args, model):
+    """The --defense-dir defense, checked against the in-process `model` (ONNX hash, fingerprint)."""
+    if not args.defense_dir:
+        return None
+    from purifier.defenses import load_defense, load_secret
+
+    secret = load_secret(file=args.secret_file, required=False) or os.urandom(32).hex().encode()
+    defense = load_defense(args.defense_dir, secret=secret, model_id=model.model_id or None)
+    fp = defense.fingerprint
+    why = fp.mismatch(model.query(fp.inputs)) if fp is not None and model.n_features in (None, fp.n_features) else None
+    if why is not None:
+        raise ConfigError(f"--defense-dir {args.defense_dir} was fitted for another model: {why}; refit it "
+                          "for this model")
+    return defense
 
 
 def _open_access(args, target):
     """(access, baseline, defense_name, info) from the arguments."""
-    from purifier.audit.access import InProcessTarget, RemoteTarget
+    from purifier.audit.access import InProcessTarget, OnnxTarget, RemoteTarget
+    from purifier.audit.model_flags import open_model
 
+    in_process = args.in_process or bool(args.model)
     if args.in_process:
-        if args.endpoint:
-            raise ConfigError("choose either --endpoint or --in-process, not both")
-        defense = None
-        if args.defense_dir:
-            from purifier.defenses import load_defense
-            from purifier.defenses.keyed import load_secret
-
-            secret = load_secret(None, args.secret_file, required=False) or os.urandom(32).hex().encode()
-            defense = load_defense(args.defense_dir, secret=secret, model_id=target.model_id)
-        access = InProcessTarget(target, defense)
-        baseline = InProcessTarget(target) if defense is not None else None
+        if args.endpoint or args.model:
+            raise ConfigError("--in-process runs the --target's own model; drop --endpoint/--model")
+        if target is None:
+            raise ConfigError("--in-process needs --target DIR (or name an .onnx file with --model)")
+    if args.defense_dir and not in_process:
+        raise ConfigError("--defense-dir only applies in process (--model or --in-process): an endpoint applies "
+                          "its own defense")
+    if not (in_process or args.endpoint):
+        raise ConfigError("name the model under audit: --endpoint HOST:PORT --model-name NAME, or --model "
+                          "MODEL.onnx (or --target DIR --in-process)")
+    if in_process:
+        if args.in_process:
+            defense = _load_defense(args, InProcessTarget(target))
+            access = InProcessTarget(target, defense)
+            baseline = InProcessTarget(target) if defense is not None else None
+        else:
+            plain = OnnxTarget(args.model, args.output_name, args.logits)
+            defense = _load_defense(args, plain)
+            access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
+            baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
-        return access, baseline, args.defense_name or name, {"endpoint": "in-process"}
-    if args.defense_dir:
-        raise ConfigError("--defense-dir only applies with --in-process (an endpoint applies its own defense)")
-    if not args.endpoint or not args.model_name:
-        raise ConfigError("give --endpoint HOST:PORT and --model-name NAME (or --in-process)")
-    access = RemoteTarget(args.endpoint, args.model_name, args.output_name, n_classes=target.n_classes)
+        return access, baseline, args.defense_name or name, {"endpoint": "in-process",
+                                                            **({"model": args.model} if args.model else {})}
+    access = open_model(args, n_classes=target.n_classes if target is not None else None)
     baseline = None
     if args.baseline:
         try:
             baseline = RemoteTarget(args.baseline, args.baseline_model_name or args.model_name, None,
-                                    n_classes=target.n_classes)
+                                    n_classes=access.n_classes, logits=args.logits)
         except BaseException:
             access.close()
             raise
@@ -85,32 +142,77 @@ def _open_access(args, target):
     return access, baseline, args.defense_name, info
 
 
+def _audit_data(args, target, access):
+    """The AuditData from --target or from the three record files, checked against the model."""
+    from dataclasses import replace
+
+    from purifier.audit.data import AuditData
+    from purifier.data.records import load_records
+
+    if target is not None:
+        data = AuditData.from_target(target)
+        if args.image_shape:
+            raise ConfigError("--image-shape: a --target directory records its own data layout")
+    else:
+        records = [load_records(path, args.label_column, flag) for flag, path in
+                   (("--members", args.members), ("--nonmembers", args.nonmembers),
+                    ("--attacker-pool", args.attacker_pool))]
+        for r in records:
+            r.check_model(access.n_features, access.n_classes)
+        shape = _image_shape(args.image_shape)
+        name = args.model_name or Path(args.model).stem  # what the report's title names
+        data = AuditData(*records, access.n_classes, name=name, kind="image" if shape else "tabular",
+                         image_shape=shape, model_id=access.model_id or None)
+        data.check_disjoint()
+    if args.target_family:
+        data = replace(data, model_family=args.target_family)
+    if args.train_size is not None:
+        if args.train_size < 1:
+            raise ConfigError(f"--train-size: {args.train_size} must be a positive record count")
+        data = replace(data, train_size=args.train_size)
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
-    from purifier.artifacts import check_output_dir
+    from purifier.artifacts import new_output_dir
     from purifier.attacks import ADAPTIVE, parse_attacks
     from purifier.audit.report import text_table, write_report
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.models.target import Target
 
-    check_output_dir(args.out)
+    new_output_dir(args.out, args.force)
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
-    target = Target.load(args.target)
-    _ = target.splits  # a target directory without splits fails here, before any query
+    files = [f for f, v in (("--members", args.members), ("--nonmembers", args.nonmembers),
+                            ("--attacker-pool", args.attacker_pool)) if v]
+    target = None
+    if args.target:
+        if files:
+            raise ConfigError(f"--target brings its own records; drop {', '.join(files)}")
+        target = Target.load(args.target)
+        _ = target.splits  # a target directory without splits fails here, before any query
+    elif len(files) < 3:
+        raise ConfigError("give the records: --members FILE --nonmembers FILE --attacker-pool FILE "
+                          "(or --target DIR)")
     access, baseline, defense_name, info = _open_access(args, target)
     try:
+        data = _audit_data(args, target, access)
         if not defense_name and not explicit:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
             info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}
         config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
-                             boundary_budget=args.boundary_budget, n_boot=args.bootstrap, seed=args.seed,
-                             progress=not args.quiet)
-        audit = run_audit(target, access, config, defense_name, baseline, info)
+                             shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
+                             n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet)
+        data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
+        audit = run_audit(data, access, config, defense_name, baseline, info)
     finally:
         access.close()
         if baseline is not None:
             baseline.close()
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     out = write_report(audit, args.out)
     print(text_table(audit.report))
+    for warning in audit.report["assumptions"]["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out}/report.json, report.md, roc.png", file=sys.stderr)
     return 0

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from purifier import tables
 from purifier.artifacts import atomic_directory, write_json
+from purifier.audit.assumptions import markdown_lines as assumptions_markdown
 
 
 def _fmt(v, digits=3) -> str:
@@ -57,21 +59,17 @@ def summary_lines(report: dict) -> list[str]:
 
 
 def text_table(report: dict) -> str:
-    header, rows = table_rows(report)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    """The summary lines, the attack table and its legend, as printed by `purifier audit`."""
     legend = ("TPR cells: tpr @realized-FPR/negatives; (n/m) = not measurable with this many negatives. "
               "bal.acc uses the attack's shadow-fitted threshold; oracle b.a. sees the evaluation labels.")
-    return "\n".join([*summary_lines(report), "", fmt(header), fmt(["-" * w for w in widths]),
-                      *map(fmt, rows), "", legend])
+    return "\n".join([*summary_lines(report), "", tables.text_table(*table_rows(report)), "", legend])
 
 
 def markdown(report: dict) -> str:
-    header, rows = table_rows(report)
     md = [f"# Membership inference audit: {report['dataset']}, defense `{report['defense']}`", ""]
+    md += assumptions_markdown(report.get("assumptions"))
     md += [f"- {line}" for line in summary_lines(report)]
-    md += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", tables.markdown_table(*table_rows(report))]
     md += ["", "TPR cells: `tpr @realized-FPR/negatives`; *(n/m)*: the target FPR is below 1/negatives, so the "
            "value is the TPR at zero false positives. `bal.acc` uses the attack's own threshold fitted on "
            "shadow models; `oracle b.a.` picks the best threshold on the evaluation membership (upper bound). "

@@ -1,7 +1,8 @@
 """The audit: run membership inference attacks against a target and measure them honestly.
 
-Records: the target's `eval_members` and `eval_nonmembers` splits (balanced). The attacker's
-shadow models train on its `attacker` pool (plus the candidates, IN/OUT at random, for LiRA);
+Records (`purifier.audit.data.AuditData`): evaluation members and non-members, and the attacker's
+pool, from a target directory's splits or from the user's record files. The attacker's shadow
+models train on the pool (plus the candidates, IN/OUT at random, for LiRA) with a recipe;
 every attack is fitted on shadow data only, and its balanced accuracy uses its own shadow-fitted
 threshold (the oracle best threshold is reported beside it, labelled as such). Every number sits
 next to the gap floor (Yeom et al. 2018) and the utility cost. Metrics come from
@@ -18,6 +19,8 @@ import numpy as np
 from purifier import evaluation as ev
 from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
 from purifier.attacks.shadow import train_shadows
+from purifier.audit.assumptions import assumptions
+from purifier.audit.data import AuditData
 from purifier.errors import ConfigError, InvalidProbabilities
 from purifier.progress import Progress
 
@@ -28,7 +31,8 @@ FPR_TARGETS = (0.001, 0.01)
 class AuditConfig:
     attacks: tuple[str, ...]
     n_shadows: int = 4
-    shadow_epochs: int | None = None  # default: the target's recipe
+    shadow_epochs: int | None = None  # default: the recipe's
+    shadow_model: str | None = None  # a recipe name (purifier.attacks.shadow); default: the data's
     boundary_budget: int = 1000
     n_boot: int = 200
     seed: int = 0
@@ -112,34 +116,34 @@ def utility(outputs: np.ndarray, y: np.ndarray, membership: np.ndarray,
     return out
 
 
-def run_audit(target, access, config: AuditConfig, defense_name: str | None = None,
+def run_audit(data, access, config: AuditConfig, defense_name: str | None = None,
               baseline=None, info: dict | None = None, shadows=None) -> Audit:
-    """Audit `access` (a TargetAccess answering for `target`'s model).
+    """Audit `access` (a TargetAccess answering for the model behind `data`).
 
     Args:
-        target: the `Target` whose splits name the evaluation records and attacker pool.
+        data: the `AuditData` (records per role, what is known about the target); a `Target`
+            directory is converted with `AuditData.from_target`.
         access: the endpoint (possibly defended) under audit.
         defense_name: the defense algorithm the attacker assumes (adaptive attacks).
         baseline: optional undefended TargetAccess for argmax agreement and L1 distortion.
         info: extra top-level report fields (endpoint, model name, ...).
-        shadows: a `ShadowSet` from an earlier audit of the same target (`Audit.shadows`), reused
+        shadows: a `ShadowSet` from an earlier audit of the same records (`Audit.shadows`), reused
             instead of training new shadow models (the attacker's models do not depend on the
             defense under audit; adaptive attacks apply their defense copy to them).
     """
-    from purifier.models.target import RECIPES
-
+    if not isinstance(data, AuditData):
+        data = AuditData.from_target(data)
     t_start = time.perf_counter()
-    if access.n_classes != target.n_classes:
+    if access.n_classes != data.n_classes:
         raise ConfigError(f"class-count mismatch: the endpoint answers {access.n_classes} classes, "
-                          f"the target's splits have {target.n_classes}")
+                          f"the records have {data.n_classes}")
     wanted_adaptive = [a for a in config.attacks if a in ADAPTIVE]
     if wanted_adaptive and not defense_name:
         raise ConfigError(f"attacks {', '.join(wanted_adaptive)} need --defense-name (the defense "
                           "algorithm the attacker assumes)")
-    Xm, ym = target.role("eval_members")
-    Xn, yn = target.role("eval_nonmembers")
-    X, y = np.concatenate([Xm, Xn]), np.concatenate([ym, yn])
-    membership = np.r_[np.ones(len(ym), bool), np.zeros(len(yn), bool)]
+    recipe = data.recipe(config.shadow_model, config.shadow_epochs)
+    X, y = np.concatenate([data.members.X, data.nonmembers.X]), np.concatenate([data.members.y, data.nonmembers.y])
+    membership = np.r_[np.ones(len(data.members), bool), np.zeros(len(data.nonmembers), bool)]
     outputs = access.query(X)
     _check_outputs(outputs, access.description or "the endpoint")
     base_out = None
@@ -149,22 +153,14 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
     util = utility(outputs, y, membership, base_out)
     floor = ev.gap_floor(outputs.argmax(axis=1) == y, membership)
 
-    data = target.dataset
-    pool_X, pool_y = target.role("attacker")
-    arch, epochs = RECIPES.get(data.name, ("mlp", 100))
-    epochs = config.shadow_epochs or epochs
+    pool = data.pool
     t0 = time.perf_counter()
     reused = shadows is not None
     if not reused:
-        shadows = train_shadows(pool_X, pool_y, X, y, target.n_classes, arch, epochs, config.n_shadows,
-                                config.seed, data.image_shape, progress=config.progress,
-                                train_size=target.splits.size("train"))
+        shadows = train_shadows(pool.X, pool.y, X, y, data.n_classes, recipe, config.n_shadows, config.seed,
+                                progress=config.progress, train_size=data.train_size)
     shadow_seconds = time.perf_counter() - t0
-    if data.kind == "image":
-        lo, hi = np.zeros(data.n_features), np.ones(data.n_features)
-    else:
-        lo, hi = pool_X.min(axis=0).astype(np.float64), pool_X.max(axis=0).astype(np.float64)
-    ctx = AttackContext(shadows, target.n_classes, data.kind, data.image_shape, (lo, hi),
+    ctx = AttackContext(shadows, data.n_classes, data.kind, data.image_shape, data.feature_range,
                         candidate_labels=y, defense_name=defense_name, seed=config.seed)
 
     outcomes: dict[str, AttackOutcome] = {}
@@ -188,15 +184,15 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
         "defense": defense_name or "unknown",
         "dataset": data.name,
         **(info or {}),
-        "model_id": target.model_id,
+        "model_id": data.model_id,
         "n_members": int(membership.sum()),
         "n_nonmembers": int((~membership).sum()),
         "utility": util,
         "gap_floor": floor,
         "attacks": attacks,
         "strongest_confidence_attack": strongest,
-        "shadows": {"n": config.n_shadows, "architecture": arch, "epochs": epochs,
-                    "pool_size": int(len(pool_y)), "train_size": target.splits.size("train"),
+        "shadows": {"n": config.n_shadows, **recipe.describe(), "target_family": data.model_family,
+                    "pool_size": len(pool), "train_size": data.train_size,
                     "reused_from_earlier_audit": reused,
                     "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
         "timing_s": {
@@ -211,6 +207,7 @@ def run_audit(target, access, config: AuditConfig, defense_name: str | None = No
             "(then the value is the TPR at zero false positives)",
         ],
     }
+    report["assumptions"] = assumptions(report, data, defense_name)
     return Audit(report, membership, outcomes, shadows)
 
 

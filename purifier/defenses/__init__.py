@@ -10,6 +10,7 @@ from pathlib import Path
 
 from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
 from purifier.defenses.fingerprint import Fingerprint
+from purifier.defenses.keyed import load_secret
 from purifier.errors import ArtifactError, ConfigError
 
 # name -> "module:Class"; a defense is listed here only once it is implemented.
@@ -17,6 +18,10 @@ REGISTRY: dict[str, str] = {
     "none": "purifier.defenses.base:IdentityDefense",
     "memguard": "purifier.defenses.memguard:MemGuard",
     "purifier": "purifier.defenses.purifier_net:PurifierNet",
+    "label_only": "purifier.defenses.baselines:LabelOnly",
+    "top_k": "purifier.defenses.baselines:TopK",
+    "round": "purifier.defenses.baselines:Rounded",
+    "noise": "purifier.defenses.baselines:Noise",
 }
 
 
@@ -48,4 +53,5 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
     return defense
 
 
-__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense"]
+__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense",
+           "load_secret"]

@@ -125,6 +125,31 @@ class FitData:
         Xr, yr = target.role("reference")
         return cls(target.predict_proba(Xm), target.predict_proba(Xr), Xm, Xr, ym, yr, target.model_id)
 
+    @classmethod
+    def from_model(cls, model, members, reference) -> FitData:
+        """Ask `model` about the member and reference records.
+
+        Args:
+            model: anything with `query(X (N, D)) -> (N, C)` probabilities and a `model_id`
+                (`purifier.audit.access.OnnxTarget` or `RemoteTarget`: in process or an endpoint).
+            members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
+        Raises ConfigError if the model does not answer probability vectors.
+        """
+        from purifier.errors import ConfigError
+
+        probs = []
+        for records in (members, reference):
+            p = model.query(records.X)
+            try:
+                check_probabilities(p)
+            except InvalidProbabilities as e:
+                raise ConfigError(f"{getattr(model, 'description', 'the model')} does not answer probabilities on "
+                                  f"{records.source} ({e}); if the output holds logits pass --logits, else choose "
+                                  "the probabilities output with --output-name") from None
+            probs.append(p)
+        return cls(probs[0], probs[1], members.X, reference.X, members.y, reference.y,
+                   getattr(model, "model_id", "") or "")
+
 
 class Defense(abc.ABC):
     """Base class: `fit` -> `transform` -> `save` / `load`.
@@ -157,6 +182,10 @@ class Defense(abc.ABC):
         self.model_id = data.model_id
         self.fingerprint = Fingerprint.from_rows(data.reference_inputs, data.reference_probs)
         return self
+
+    def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
+        """After `fit(data)`: facts for defense.json and report lines for `purifier fit-defense`."""
+        return {}, []
 
     def transform(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
         """Defend a batch. probs: (N, C) float16/32/64 -> (N, C) same dtype.
@@ -206,9 +235,11 @@ class Defense(abc.ABC):
         return obj
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """Write the defense atomically: state files plus `defense.json` with hashes."""
+        """Write the defense atomically (missing parent directories are created): state files
+        plus `defense.json` with hashes."""
         from purifier.artifacts import sha256_file
 
+        Path(directory).resolve().parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(directory) as tmp:
             files = self._save_arrays(tmp)
             identity = {}

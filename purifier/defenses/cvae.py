@@ -19,13 +19,9 @@ match the published bottlenecks (CIFAR10 10 -> 4, Purchase100 100 -> 10).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
-
-from purifier.progress import Progress
 
 PROBS_INPUT, NOISE_INPUT, OUTPUT = "probs", "noise", "purified"
 
@@ -90,53 +86,49 @@ def train_cvae(probs: np.ndarray, *, epochs: int, lr: float, lam: float, kl_weig
     Initialisation, shuffling and the reparameterisation noise draw from a forked torch RNG
     seeded with `seed`: the caller's global RNG state is untouched.
     """
+    from purifier.devices import torch_device
+    from purifier.models.training import seeded, train_epochs
+
     n_classes = probs.shape[1]
     hidden, latent = layer_sizes(n_classes)
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    from purifier.models.training import torch_threads
-
-    with torch.random.fork_rng(devices=[]), torch_threads(1):
-        torch.manual_seed(seed)
+    dev = torch_device(device)
+    with seeded(seed) as gen:
         model = CVAE(n_classes, hidden, latent).to(dev)
         disc = _discriminator(n_classes, hidden).to(dev) if beta > 0 else None
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         opt_d = torch.optim.Adam(disc.parameters(), lr=lr) if disc is not None else None
         S = torch.from_numpy(np.ascontiguousarray(probs, np.float32)).to(dev)
-        gen = torch.Generator().manual_seed(seed + 1)
         bce = nn.BCEWithLogitsLoss()
         model.train()
-        steps = max(1, math.ceil(len(S) / batch_size))
-        with Progress("purifier cvae", epochs, enabled=progress) as bar:
-            for _ in range(epochs):
-                perm = torch.randperm(len(S), generator=gen).to(dev)
-                totals = torch.zeros(3, device=dev)
-                for b in range(steps):
-                    s = S[perm[b * batch_size:(b + 1) * batch_size]]
-                    onehot = model.onehot(s)
-                    mu, logvar = model.encode(s, onehot)
-                    eps = torch.randn(mu.shape, generator=gen).to(dev)
-                    out_logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps, onehot)
-                    out = torch.softmax(out_logits, dim=1)
-                    recon = torch.linalg.vector_norm(out - s, dim=1).mean()
-                    ce = nn.functional.cross_entropy(out_logits, onehot.argmax(dim=1))
-                    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
-                    loss = recon + lam * ce + kl_weight * kl
-                    if disc is not None:
-                        fake = torch.sort(out, dim=1).values
-                        loss = loss + beta * bce(disc(fake), torch.ones(len(s), 1, device=dev))
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    if disc is not None:
-                        real, fake = torch.sort(s, dim=1).values, fake.detach()
-                        d_loss = bce(disc(real), torch.ones(len(s), 1, device=dev)) + \
-                            bce(disc(fake), torch.zeros(len(s), 1, device=dev))
-                        opt_d.zero_grad()
-                        d_loss.backward()
-                        opt_d.step()
-                    totals += torch.stack([recon.detach(), ce.detach(), kl.detach()])
-                t = (totals / steps).cpu().numpy()
-                bar.update(1, recon=float(t[0]), ce=float(t[1]), kl=float(t[2]))
+
+        def step(idx):
+            s = S[idx]
+            onehot = model.onehot(s)
+            mu, logvar = model.encode(s, onehot)
+            eps = torch.randn(mu.shape, generator=gen).to(dev)
+            out_logits = model.decode_logits(mu + torch.exp(0.5 * logvar) * eps, onehot)
+            out = torch.softmax(out_logits, dim=1)
+            recon = torch.linalg.vector_norm(out - s, dim=1).mean()
+            ce = nn.functional.cross_entropy(out_logits, onehot.argmax(dim=1))
+            kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=1)).mean()
+            loss = recon + lam * ce + kl_weight * kl
+            if disc is not None:
+                fake = torch.sort(out, dim=1).values
+                loss = loss + beta * bce(disc(fake), torch.ones(len(s), 1, device=dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if disc is not None:
+                real, fake = torch.sort(s, dim=1).values, fake.detach()
+                d_loss = bce(disc(real), torch.ones(len(s), 1, device=dev)) + \
+                    bce(disc(fake), torch.zeros(len(s), 1, device=dev))
+                opt_d.zero_grad()
+                d_loss.backward()
+                opt_d.step()
+            return {"recon": float(recon.detach()), "ce": float(ce.detach()), "kl": float(kl.detach())}
+
+        train_epochs(step, len(S), epochs=epochs, batch_size=batch_size, generator=gen, device=dev,
+                     label="purifier cvae", progress=progress)
     return model.cpu().eval()
 
 

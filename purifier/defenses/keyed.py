@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -86,25 +88,33 @@ class KeyedPRF:
 SECRET_ENV, SECRET_FILE_ENV = "PURIFIER_SECRET", "PURIFIER_SECRET_FILE"
 
 
-def load_secret(value: str | None = None, file: str | None = None, *, required: bool = True) -> bytes | None:
-    """The PRF secret: `value`, else the file `file`, else $PURIFIER_SECRET, else the file named by
-    $PURIFIER_SECRET_FILE. Never logged. Missing and `required` -> ConfigError naming the options.
+def load_secret(value: str | bytes | os.PathLike | None = None, file: str | os.PathLike | None = None, *,
+                required: bool = True) -> bytes | None:
+    """The PRF secret, from the first of: `value`, the file `file`, $PURIFIER_SECRET, the file named
+    by $PURIFIER_SECRET_FILE. Never logged.
+
+    Args:
+        value: the secret itself (str or bytes), or a `pathlib.Path` (any os.PathLike) to a file
+            holding it: `load_secret(Path("secret.txt"))`.
+        file: a path (str or PathLike) to a file holding the secret (surrounding whitespace stripped).
+        required: missing -> ConfigError naming the options; else None.
 
     A fixed secret is what makes answers identical across restarts and replicas; without one, a
     restarted sidecar would answer repeated queries differently and leak through the difference.
     """
-    import os
-    from pathlib import Path
-
-    value = value or os.environ.get(SECRET_ENV)
-    file = file or (None if value else os.environ.get(SECRET_FILE_ENV))
-    if not value and file:
+    if isinstance(value, os.PathLike):
+        value, file = None, value
+    if value is None and file is None:
+        value = os.environ.get(SECRET_ENV) or None
+        file = None if value else (os.environ.get(SECRET_FILE_ENV) or None)
+    if value is not None:
+        raw = value if isinstance(value, bytes | bytearray) else str(value).encode()
+        raw = bytes(raw).strip()
+    elif file is not None:
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"secret_file: {path} does not exist")
         raw = path.read_bytes().strip()
-    elif value:
-        raw = value.encode()
     elif required:
         raise ConfigError(
             f"secret: no PRF secret configured; set {SECRET_ENV}, {SECRET_FILE_ENV} or --secret-file "

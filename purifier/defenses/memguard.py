@@ -7,14 +7,19 @@ original hyper-parameters and the pitfalls of other reimplementations.
 Per query (all of it batched over rows, with per-row masks for rows that have finished):
 
 * **Phase I** finds a noised vector `s'` whose sorted version crosses the defender classifier
-  `h`'s 0.5 boundary with the top class kept. `mode="faithful"` is the original algorithm
-  (`phase1.faithful_phase1`); `mode="fast"` is a boundary search with far fewer gradient
-  evaluations (`phase1.fast_phase1`).
+  `h`'s 0.5 boundary with the top class kept. `mode="fast"` (serving) is a boundary search in
+  numpy whose work is the same for every row, so latency says nothing about h's verdict
+  (`phase1.fast_phase1`); `mode="faithful"` is the original algorithm in torch
+  (`phase1_faithful.faithful_phase1`), the reference.
 * **Phase II** releases `s'` with probability `min(eps / ||s' - s||_1, 1)`, else the clean `s`,
   so `E||out - s||_1 <= eps`. The coin is a keyed PRF of the clean row and the model identity
   (`KeyedPRF(secret, model_id).uniform(row, "memguard-coin")`): the same query always gets the
   same answer. A re-flipped coin would expose the clean vector to an attacker who repeats a query,
   and the difference between the two answers leaks membership.
+
+Serving needs numpy only: torch is imported when `h` is trained (`fit`) or the faithful solver
+runs, never by loading a fitted defense for fast mode. Loading one for faithful mode without
+torch installed is a one-line ConfigError.
 """
 
 from __future__ import annotations
@@ -26,17 +31,12 @@ import numpy as np
 
 from purifier.defenses.base import Defense, FitData
 from purifier.defenses.keyed import KeyedPRF
-from purifier.defenses.membership_classifier import (
-    LAYER_NAMES,
-    MembershipClassifier,
-    TrainSettings,
-    resolve_device,
-)
-from purifier.defenses.phase1 import faithful_phase1, fast_phase1
+from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier, TrainSettings
+from purifier.defenses.phase1 import fast_phase1
+from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
 
 MODES = ("fast", "faithful")
-DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTS_FILE = "membership_classifier.npz"
 # Default utility budget, chosen by measurement (benchmarks/bench_privacy_utility.py, digits, 4
@@ -56,8 +56,8 @@ class MemGuard(Defense):
     Args:
         epsilon: expected L1 distortion budget per query (Phase II), >= 0.
         mode: "fast" (default, for serving) or "faithful" (the original Phase I).
-        device: "cpu" (default), "cuda" or "auto" for Phase I and training. CUDA is implemented
-            but untested here (no GPU on the development machines).
+        device: "cpu" (default), "cuda" or "auto" (`purifier.devices`) for training `h` and for
+            the faithful solver; the fast solver always runs on the CPU.
         epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
             schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
             for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
@@ -76,8 +76,7 @@ class MemGuard(Defense):
             raise ConfigError(f"epsilon: must be a finite number >= 0, got {epsilon!r}")
         if mode not in MODES:
             raise ConfigError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
-        if device not in DEVICES:
-            raise ConfigError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+        check_device(device)
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
@@ -92,14 +91,42 @@ class MemGuard(Defense):
         self.seed = int(seed)
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
+        self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
 
     # --- fitting ---------------------------------------------------------------------------
 
     def fit(self, data: FitData) -> MemGuard:
         super().fit(data)
         self.classifier = MembershipClassifier.train(
-            data.member_probs, data.reference_probs, self.train_settings, self.seed, resolve_device(self.device))
+            data.member_probs, data.reference_probs, self.train_settings, self.seed, self.device)
+        self._torch_mlp = None
         return self
+
+    def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
+        """The defender classifier's accuracy on its training data and what the defense does to the
+        reference set (Phase I success, distortion, release rate): for defense.json and the CLI."""
+        h = self.classifier
+        member_ok = h.predict_member(data.member_probs)
+        reference_ok = ~h.predict_member(data.reference_probs)
+        train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
+        ref = data.reference_probs
+        defended = self.transform(ref)
+        noised, success = self.phase1(ref)
+        l1 = np.abs(defended - ref).sum(axis=1)
+        released = l1 > 1e-9  # clean rows differ only by renormalization rounding
+        phase1_l1 = float(np.abs(noised - ref).sum(axis=1).mean())
+        report = {
+            "defender_accuracy": {"train_balanced": float(train_acc), "train_members": float(member_ok.mean()),
+                                  "train_reference": float(reference_ok.mean())},
+            "reference_set": {"rows": len(ref), "phase1_success_rate": float(success.mean()),
+                              "phase1_mean_l1": phase1_l1, "realized_mean_l1": float(l1.mean()),
+                              "noise_release_rate": float(released.mean())},
+        }
+        lines = [f"mode {self.mode}, epsilon {self.epsilon:g}",
+                 f"defender classifier accuracy (train, balanced)  {train_acc:.4f}",
+                 f"reference set: Phase I success {success.mean():.4f}, Phase I mean L1 {phase1_l1:.4f}",
+                 f"reference set: realized mean L1 {l1.mean():.4f}, noise release rate {released.mean():.4f}"]
+        return report, lines
 
     # --- transform -------------------------------------------------------------------------
 
@@ -120,7 +147,7 @@ class MemGuard(Defense):
         """
         if self.classifier is None:
             raise DefenseError("MemGuard is not fitted: call fit() or load a fitted defense")
-        solver = faithful_phase1 if (mode or self.mode) == "faithful" else fast_phase1
+        solver = self._faithful if (mode or self.mode) == "faithful" else fast_phase1
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
         noised = np.empty_like(p)
@@ -129,6 +156,14 @@ class MemGuard(Defense):
             stop = min(n, start + chunk)
             noised[start:stop], success[start:stop] = solver(self.classifier, p[start:stop])
         return noised, success
+
+    def _faithful(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from purifier.defenses.phase1_faithful import TorchMLP, faithful_phase1
+        from purifier.devices import torch_device
+
+        if self._torch_mlp is None:
+            self._torch_mlp = TorchMLP(h, torch_device(self.device))
+        return faithful_phase1(self._torch_mlp, p)
 
     def release_probability(self, p: np.ndarray, noised: np.ndarray, success: np.ndarray) -> np.ndarray:
         """(N,) probability of releasing the noised row: min(eps / ||r||_1, 1), 0 where Phase I failed."""
@@ -165,51 +200,18 @@ class MemGuard(Defense):
         if weights["w1"].shape[1] != self.n_classes:
             raise ArtifactError(f"{path}: classifier takes {weights['w1'].shape[1]} classes, "
                                 f"defense.json says {self.n_classes}")
-        self.classifier = MembershipClassifier(weights, resolve_device(self.device))
+        if self.mode == "faithful":
+            _require_torch()
+        self.classifier = MembershipClassifier(weights)
+        self._torch_mlp = None
 
 
-def fit_cli(args) -> int:
-    """`purifier fit-defense memguard ...`: fit on the target's splits, report, save."""
-    import os
-
-    from purifier.artifacts import check_output_dir
-    from purifier.defenses.keyed import load_secret
-    from purifier.models.target import Target
-
-    out = check_output_dir(args.out)
-    target = Target.load(args.target)
-    secret = load_secret(file=args.secret_file, required=False) or os.urandom(32)
-    defense = MemGuard(epsilon=DEFAULT_EPSILON if args.epsilon is None else args.epsilon, mode=args.mode,
-                       device=args.device, seed=args.seed, secret=secret)
-    data = FitData.from_target(target)
-    defense.fit(data)
-    h = defense.classifier
-    member_ok = h.predict_member(data.member_probs)
-    reference_ok = ~h.predict_member(data.reference_probs)
-    train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
-    X_out, _ = target.role("eval_nonmembers")
-    heldout_tnr = float((~h.predict_member(target.predict_proba(X_out))).mean())
-    ref = data.reference_probs
-    defended = defense.transform(ref)
-    noised, success = defense.phase1(ref)
-    l1 = np.abs(defended - ref).sum(axis=1)
-    released = l1 > 1e-9  # clean rows differ only by renormalization rounding
-    report = {
-        "defender_accuracy": {"train_balanced": float(train_acc), "train_members": float(member_ok.mean()),
-                              "train_reference": float(reference_ok.mean()),
-                              "heldout_nonmembers_eval": heldout_tnr},
-        "reference_set": {"rows": len(ref), "phase1_success_rate": float(success.mean()),
-                          "phase1_mean_l1": float(np.abs(noised - ref).sum(axis=1).mean()),
-                          "realized_mean_l1": float(l1.mean()), "noise_release_rate": float(released.mean())},
-    }
-    defense.save(out, extra=report)
-    print(f"memguard ({defense.mode}, eps={defense.epsilon:g}) for {target.manifest['dataset']} -> {out}")
-    print(f"  defender classifier accuracy (train, balanced)       {train_acc:.4f}")
-    print(f"  defender classifier accuracy (held-out non-members)  {heldout_tnr:.4f}")
-    print(f"  reference set: Phase I success {success.mean():.4f}, Phase I mean L1 "
-          f"{report['reference_set']['phase1_mean_l1']:.4f}")
-    print(f"  reference set: realized mean L1 {l1.mean():.4f}, noise release rate {released.mean():.4f}")
-    return 0
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError("mode: this MemGuard defense was fitted with --mode faithful, which needs torch "
+                          "(pip install 'purifier[full]'); refit it with --mode fast to serve without torch") from None
 
 
-__all__ = ["DEFAULT_EPSILON", "MODES", "MemGuard", "fit_cli"]
+__all__ = ["DEFAULT_EPSILON", "MODES", "MemGuard"]

@@ -1,51 +1,74 @@
-"""MemGuard Phase I: the smallest noise that carries a vector across the defender's 0.5 boundary.
+"""MemGuard's Phase I, fast and in constant work: the smallest noise that carries a vector across
+the defender's 0.5 boundary, found by a boundary search along three short paths, in numpy.
 
-Jia et al., "MemGuard", CCS 2019 (original `defense_framework.py`; REFERENCE.md section 2).
-Both solvers take validated probability rows p (N, C) float64 in class order and return
-(noised (N, C) float64 in class order, success (N,) bool); a row that fails is its clean self.
-They work on the sorted *logit* vector e (ascending; softmax is monotone, so sorted logits map to
-sorted probabilities) and ask `h` about softmax(e). A row succeeds when its top class is still on
-top (first index on ties, as numpy/torch argmax) and h's pre-sigmoid output has changed sign
-versus the clean vector (h * h0 <= 0, i.e. the sigmoid crossed 0.5).
+Jia et al., "MemGuard", CCS 2019 (REFERENCE.md section 2). Rows p (N, C) float64 in class order
+come back as (noised (N, C) in class order, success (N,) bool); a row that fails is its clean
+self. The search works on the sorted vector (ascending; softmax is monotone, so sorted logits map
+to sorted probabilities). A candidate succeeds when its top class is still on top (first index on
+ties, as numpy's argmax) and `h`'s pre-sigmoid output, on the candidate re-sorted as an attacker
+sorting the released vector sees it, has changed sign versus the clean vector (h * h0 <= 0).
 
-`faithful_phase1` is the original algorithm, batched: loss
-`c1|h| + c2*hinge(top) + c3*||softmax(e) - s||_1`, fixed-length normalized steps of 0.1, at most
-299 steps per level, c3 escalating 0.1 -> 1e5 and keeping the smallest-distortion (largest c3)
-success, stopping at the first failed level. Rows run in lock-step with per-row masks.
+Three paths t -> vector leave the clean sorted vector s (t = 0):
 
-`fast_phase1` solves the same problem with one gradient evaluation and a handful of batched
-forward passes: a search for the first boundary crossing along h's steepest logit direction
-(re-sorted, so the released vector keeps the clean ranking and the top class, and h judges the
-vector exactly as an attacker who sorts it will), a grid in one forward pass then BRANCHES-ary
-narrowing instead of bisection so the whole batch moves together. Rows that ray cannot carry
-across (saturated or tied rows) try three order-keeping mixtures (towards uniform, one-hot,
-top-two) and keep the smallest L1; rows still left are released clean. On the CPU it runs in
-numpy (`phase1_cpu`, the same search at a fraction of torch's per-op overhead); the torch
-version (`fast_phase1_torch`) serves CUDA.
+* the ray along h's steepest logit direction (the faithful solver's first step), logits
+  re-sorted so the released vector keeps the clean ranking, t in (0, T_MAX];
+* two order-keeping mixtures (1 - t) s + t v, t in (0, 1): towards the one-hot top (more
+  confident) and towards the top two at 1/2 each (mass moved to the runner-up, what the faithful
+  solver does on saturated rows). A third, towards the uniform vector, was dropped: on the
+  digits and synthetic100 targets it was never the smallest crossing (0 of 1,200 rows).
+
+A grid of 8 probes per path (multiples of the linearised boundary distance, and fixed fractions
+of the path), all paths in one forward pass, brackets each path's first crossing; the path whose
+grid crossing is nearest in L1 is narrowed by LEVELS rounds of bisection (2**-8 of its bracket)
+and released. On the digits and synthetic100 targets this gives the L1 of the earlier solver
+(ratio 0.987 and 1.001, 600 rows each) and every row it carried across.
+
+**Constant work.** Every row takes exactly the same sequence of operations, whatever `h` says
+about it: all three paths, the full grid and every bisection level, for rows that cross early,
+late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: no noise) alike; results
+are selected with masks, never by branching on a row's values. MemGuard's running time therefore
+carries no trace of its membership verdict (an earlier solver tried the mixtures only for rows the
+ray could not carry, i.e. mostly for rows `h` called members, and single-row latency through the
+sidecar scored membership AUC 0.72: benchmarks/bench_timing.py). The only schedule choice is how
+many bisection levels share one forward pass (four at batch 1, where a pass costs about the same
+for 16 rows as for 1): it depends on the batch size alone, and the probe points are integer
+multiples of 2**-LEVELS of the bracket, so every schedule computes bit-identical results.
+Cost per row: one pass for h0 and its gradient, 24 grid probes, 8 bisection probes.
+
+Rows are independent of the batch around them: `MembershipClassifier` pads every matmul to a
+multiple of ROW_BLOCK rows and every other operation is row-wise (tests/unit/defenses/
+test_memguard_fast.py checks both, and that the operation sequence is the same for every row).
+
+The solver runs on the CPU in numpy. A torch/CUDA version of it existed and was removed: no GPU
+measurement showed it winning; it can come back with one. `phase1_faithful` (torch) is the
+original algorithm, the reference this solver is checked against.
+
+Arrays: p (N, C); sorted probabilities s (N, C); paths P = 3; probes ts (N, P, K).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from purifier.defenses.membership_classifier import MembershipClassifier
 
-C1, C2 = 1.0, 10.0
-C3_LEVELS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
-STEP, MAX_STEPS = 0.1, 299
+STEP, MAX_STEPS = 0.1, 299  # the faithful solver's step length and step budget per c3 level
 EARLY_EXIT = 1e-5  # |sigmoid(h0) - 0.5| at or below this: already on the boundary, no noise
 LOG_FLOOR = 1e-30  # zero probabilities get logit log(1e-30): finite, and softmax barely moves them
 
-# fast solver: a ray is probed at GRID_PREDICTED multiples of the linear prediction of the boundary
-# distance and at GRID_ABSOLUTE steps (up to the faithful solver's longest path), in one batched
-# forward pass, then the bracket of the first crossing is cut into BRANCHES parts PASSES times
-# (4**5 = 1024x narrower, as 10 bisections, in half as many sequential passes: at small batches a
-# pass costs the same for 3 points as for 1, since matmuls are padded to 16 rows anyway).
+# The ray is probed up to the faithful solver's longest path; a mixture up to (almost) its target.
 T_MAX = STEP * MAX_STEPS
-GRID_PREDICTED = np.geomspace(0.5, 8.0, 8)
-GRID_ABSOLUTE = np.geomspace(1e-2, T_MAX, 8)
-BRANCHES, PASSES = 4, 5
+MIX_T_MAX = 1.0 - 1e-9
+# Grid per path, all paths in one forward pass: GRID_PREDICTED multiples of the linearised boundary
+# distance and GRID_ABSOLUTE fractions of the path's length (neighbouring probes ~2.5x apart).
+GRID_PREDICTED = np.geomspace(0.5, 8.0, 4)
+GRID_ABSOLUTE = np.geomspace(1e-2 / T_MAX, 1.0, 4)
+# Bisection levels on the chosen path: the crossing to 2**-8 of its grid bracket (~0.6% of t).
+LEVELS = 8
+# Probe rows per forward pass up to which bisection levels are evaluated speculatively together
+# (2**k - 1 probes settle k levels): one padded block of rows costs about what one row does.
+SPECULATE_ROWS = 16
+N_PATHS = 3
 
 
 def sort_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,199 +88,122 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def crossed_and_kept(h: MembershipClassifier, e: torch.Tensor, top: torch.Tensor,
-                     h0: torch.Tensor) -> torch.Tensor:
-    """(N, C) logits -> (N,) bool: top class still first and h's sign flipped."""
-    return (e.argmax(dim=1) == top) & (h.logit(torch.softmax(e, dim=1)) * h0 <= 0)
+def softmax(e: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the row maximum (as torch computes it)."""
+    z = e - e.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
 
 
-def attacker_view_logit(h: MembershipClassifier, e: torch.Tensor) -> torch.Tensor:
-    """h's pre-sigmoid output on softmax(e) re-sorted, as anyone sorting the released vector sees it.
+class Paths:
+    """The three paths of a batch. `at(ts)` maps parameters ts (N, P, K) to vectors (N, P, K, C)."""
 
-    The faithful solver, like the original, asks h about softmax(e) in its sorted-start order; a
-    step can reorder small entries, and then the released vector's sorted view may not cross. The
-    fast solver checks crossings on the re-sorted vector instead.
+    def __init__(self, e0: np.ndarray, s: np.ndarray, top: np.ndarray, h0: np.ndarray, gp: np.ndarray):
+        n, c = s.shape
+        sign = -np.sign(h0)[:, None]
+        # the ray: h's gradient carried back through softmax to the logits, towards the boundary
+        ge = s * (gp - (gp * s).sum(axis=1, keepdims=True))
+        norm = np.sqrt((ge * ge).sum(axis=1))
+        self.e0, self.d = e0, sign * ge / np.where(norm > 0, norm, 1.0)[:, None]
+        # the mixtures' targets (N, 2, C): one-hot top, top two (the last two positions)
+        targets = np.zeros((n, 2, c))
+        targets[np.arange(n), 0, top] = 1.0
+        targets[:, 1, -2:] = 0.5
+        self.s, self.v = s, targets
+        # linearised distance to the boundary along each path (the grid's unit): |h0| / slope
+        slope = np.concatenate([norm[:, None], (sign * (gp[:, None, :] * (targets - s[:, None, :])).sum(axis=2))],
+                               axis=1)
+        self.t_pred = np.abs(h0)[:, None] / np.where(slope > 0, slope, 1e-300)
+        self.t_max = np.array([T_MAX, MIX_T_MAX, MIX_T_MAX])
+
+    def at(self, ts: np.ndarray) -> np.ndarray:
+        t = ts[..., None]
+        # sorted logits: the released vector keeps the clean ranking, and softmax keeps the order
+        ray = softmax(np.sort(self.e0[:, None, :] + t[:, 0] * self.d[:, None, :], axis=-1))
+        mix = (1.0 - t[:, 1:]) * self.s[:, None, None, :] + t[:, 1:] * self.v[:, :, None, :]
+        return np.concatenate([ray[:, None], mix], axis=1)
+
+    def grid(self) -> np.ndarray:
+        """(N, P, 8) ascending probe parameters, clipped to each path's length."""
+        n = len(self.t_pred)
+        predicted = np.minimum(self.t_pred[..., None] * GRID_PREDICTED, self.t_max[:, None])
+        absolute = np.broadcast_to(self.t_max[:, None] * GRID_ABSOLUTE, (n, N_PATHS, len(GRID_ABSOLUTE)))
+        return np.sort(np.concatenate([predicted, absolute], axis=2), axis=2)
+
+
+def _crossed(h: MembershipClassifier, vectors: np.ndarray, h0: np.ndarray) -> np.ndarray:
+    """vectors (N, ..., C) -> (N, ...) bool: h's sign flipped versus h0 (N,) on the re-sorted
+    vector (as anyone sorting the released vector sees it)."""
+    q = np.sort(vectors.reshape(-1, vectors.shape[-1]), axis=1)
+    out = h.logit(q).reshape(vectors.shape[:-1])
+    return out * h0.reshape((-1,) + (1,) * (out.ndim - 1)) <= 0
+
+
+def _levels_per_pass(n: int) -> int:
+    """Bisection levels settled per forward pass for a batch of n rows (batch size alone decides)."""
+    k = 1
+    while k < LEVELS and n * (2 ** (k + 1) - 1) <= SPECULATE_ROWS:
+        k += 1
+    return k
+
+
+def _bisect(h: MembershipClassifier, path, h0: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """LEVELS rounds of bisection on brackets [lo, hi] (N,) whose hi has crossed and lo has not.
+
+    `path(ts)` maps parameters (N, K) to vectors (N, K, C). The probe points are
+    lo + (hi - lo) * (k / 2**LEVELS) for integers k, whatever the schedule; returns the integer
+    k (N,) of the narrowed bracket's crossed end.
     """
-    return h.logit(torch.softmax(e, dim=1).sort(dim=1).values)
-
-
-def loss_grad(h: MembershipClassifier, e: torch.Tensor, s: torch.Tensor, top: torch.Tensor,
-              c3: float) -> torch.Tensor:
-    """Gradient (N, C) of the original loss with respect to the sorted logits e (N, C).
-
-    d|x|/dx at 0 and the hinge's derivative at 0 are 0, as in TensorFlow.
-    """
-    p = torch.softmax(e, dim=1)
-    out, gp = h.logit_and_grad(p)
-    gp = C1 * torch.sign(out)[:, None] * gp + c3 * torch.sign(p - s)
-    ge = p * (gp - (gp * p).sum(dim=1, keepdim=True))  # back through softmax
-    others = e.scatter(1, top[:, None], float("-inf"))
-    rival = others.argmax(dim=1, keepdim=True)
-    hinge_active = (others.gather(1, rival) - e.gather(1, top[:, None])) > 0
-    push = C2 * hinge_active.to(e.dtype)
-    return ge.scatter_add(1, rival, push).scatter_add(1, top[:, None], -push)
-
-
-def _clean_start(h: MembershipClassifier, p: np.ndarray):
-    order, e0, top = sort_rows(p)
-    dev = h.device
-    E0 = torch.from_numpy(e0).to(dev)
-    S = torch.softmax(E0, dim=1)  # the anchor of the L1 term: exactly softmax(e0)
-    h0 = h.logit(S)
-    early = (torch.sigmoid(h0) - 0.5).abs() <= EARLY_EXIT
-    return order, E0, S, torch.from_numpy(top).to(dev), h0, early
-
-
-def _finish(best: torch.Tensor, success: torch.Tensor, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return unsort_rows(best.cpu().numpy(), order), success.cpu().numpy()
-
-
-def _faithful_rows(h, E0, S, top, h0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The original c3 escalation on rows given as sorted logits; returns (best (N, C), success)."""
-    n = E0.shape[0]
-    best = S.clone()
-    success = torch.zeros(n, dtype=torch.bool, device=E0.device)
-    alive = torch.ones(n, dtype=torch.bool, device=E0.device)
-    for c3 in C3_LEVELS:
-        idx = alive.nonzero()[:, 0]
-        if len(idx) == 0:
-            break
-        e, s, t, g0 = E0[idx].clone(), S[idx], top[idx], h0[idx]
-        running = torch.ones(len(idx), dtype=torch.bool, device=E0.device)
-        for _ in range(MAX_STEPS):  # steps, each batched over the rows still running
-            r = running.nonzero()[:, 0]
-            if len(r) == 0:
-                break
-            g = loss_grad(h, e[r], s[r], t[r], c3)
-            norm = g.norm(dim=1, keepdim=True)
-            e[r] = e[r] - STEP * g / torch.where(norm > 0, norm, 1.0)
-            done = crossed_and_kept(h, e[r], t[r], g0[r])
-            running[r[done]] = False
-        ok = ~running  # a row stops running exactly when it has crossed with the top kept
-        best[idx[ok]] = torch.softmax(e[ok], dim=1)
-        success[idx[ok]] = True
-        alive[idx[~ok]] = False
-    return best, success
-
-
-@torch.no_grad()
-def faithful_phase1(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The original Phase I, batched. p (N, C) float64 -> (noised (N, C), success (N,))."""
-    order, E0, S, top, h0, early = _clean_start(h, p)
-    best, success = S.clone(), torch.zeros(len(p), dtype=torch.bool, device=E0.device)
-    rows = (~early).nonzero()[:, 0]
-    if len(rows):
-        best[rows], success[rows] = _faithful_rows(h, E0[rows], S[rows], top[rows], h0[rows])
-    return _finish(best, success, order)
-
-
-def _first_crossing(h, path, h0, ts, start) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probe the path at the ascending parameters ts (N, K) in one forward pass.
-
-    `path(ts)` gives the logits (N, K, C). Returns (first t at which h's sign has flipped (N,),
-    the probe before it (`start` for the first probe), found (N,)).
-    """
-    e = path(ts)
-    n, k, c = e.shape
-    crossed = (attacker_view_logit(h, e.reshape(n * k, c)) * h0.repeat_interleave(k) <= 0).reshape(n, k)
-    first = crossed.to(torch.int8).argmax(dim=1, keepdim=True)
-    prev = torch.cat([start[:, None], ts[:, :-1]], dim=1)
-    return ts.gather(1, first)[:, 0], prev.gather(1, first)[:, 0], crossed.any(dim=1)
-
-
-def _path_search(h, path, top, h0, t_pred, t_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """First boundary crossing along a path t -> logits, t in (0, t_max].
-
-    t_pred (N,) is the linearized parameter of the boundary. A grid of candidate t in one forward
-    pass brackets the first crossing of h's sign, PASSES rounds of BRANCHES-ary search narrow
-    it (one forward pass over the batch each). Returns (t (N,), success (N,)): at t the row has
-    crossed, and success also requires the top class to be kept there.
-    """
-    n = t_pred.shape[0]
-    dt = t_pred.dtype
-    grid = torch.cat([(t_pred[:, None] * torch.from_numpy(GRID_PREDICTED).to(t_pred)).clamp(max=t_max),
-                      (t_max * torch.from_numpy(GRID_ABSOLUTE / T_MAX).to(t_pred)).expand(n, len(GRID_ABSOLUTE))],
-                     dim=1).sort(dim=1).values
-    hi, lo, found = _first_crossing(h, path, h0, grid, torch.zeros(n, dtype=dt, device=grid.device))
-    frac = torch.from_numpy(np.arange(1, BRANCHES) / BRANCHES).to(t_pred)
-    for _ in range(PASSES):
-        inner = lo[:, None] + (hi - lo)[:, None] * frac[None, :]
-        t, before, hit = _first_crossing(h, path, h0, inner, lo)
-        # no inner probe crossed: the crossing lies between the last probe and hi
-        hi, lo = torch.where(hit, t, hi), torch.where(hit, before, inner[:, -1])
-    kept = path(hi[:, None])[:, 0].argmax(dim=1) == top
-    return hi, found & kept
-
-
-def _mix_search(h, s, gp, top, h0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows the logit ray could not carry across (saturated rows, ties at the top): mix the sorted
-    vector s (N, C) with a target v, p(t) = (1 - t) s + t v, for three targets that keep the sorted
-    order and the top class for t < 1: the uniform vector (less confident), the one-hot top (more
-    confident) and the top two at 1/2 each (mass moved to the runner-up, what the faithful solver
-    does on saturated rows). Returns the smallest-L1 crossing (N, C) and success (N,).
-    """
-    n, c = s.shape
-    top2 = torch.zeros_like(s)
-    top2[:, -2:] = 0.5  # ascending sort: the top two positions are the last two
-    targets = (torch.full_like(s, 1.0 / c), torch.zeros_like(s).scatter(1, top[:, None], 1.0), top2)
-    floor = float(np.log(LOG_FLOOR))
-    best, best_l1 = s.clone(), torch.full((n,), torch.inf, dtype=s.dtype, device=s.device)
-    for v in targets:
-        slope = -torch.sign(h0) * (gp * (v - s)).sum(dim=1)
-
-        def mix(ts, v=v):
-            return torch.log((1 - ts[..., None]) * s[:, None, :] + ts[..., None] * v[:, None, :]).clamp(min=floor)
-
-        t, ok = _path_search(h, mix, top, h0, h0.abs() / torch.where(slope > 0, slope, 1e-300), 1.0 - 1e-9)
-        cand = torch.softmax(mix(t[:, None])[:, 0], dim=1)
-        l1 = torch.where(ok, (cand - s).abs().sum(dim=1), torch.inf)
-        better = l1 < best_l1
-        best, best_l1 = torch.where(better[:, None], cand, best), torch.where(better, l1, best_l1)
-    return best, torch.isfinite(best_l1)
+    n = lo.shape[0]
+    width, scale = hi - lo, 1.0 / 2 ** LEVELS
+    k_lo = np.zeros(n, np.int64)
+    done, per_pass = 0, _levels_per_pass(n)
+    rows = np.arange(n)
+    while done < LEVELS:
+        levels = min(per_pass, LEVELS - done)
+        unit = 2 ** (LEVELS - done - levels)  # spacing of this pass's probes, in steps of k
+        ks = k_lo[:, None] + unit * np.arange(1, 2 ** levels)  # (N, 2**levels - 1)
+        crossed = _crossed(h, path(lo[:, None] + width[:, None] * (ks * scale)), h0)
+        # settle the levels in order from the speculative probes: the current bracket's midpoint
+        # is probe number offset + half (in units) from this pass's k_lo
+        offset = np.zeros(n, np.int64)
+        for j in range(levels):
+            half = 2 ** (levels - j - 1)
+            offset = np.where(crossed[rows, offset + half - 1], offset, offset + half)
+        k_lo = k_lo + unit * offset
+        done += levels
+    return k_lo + 1
 
 
 def fast_phase1(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boundary search along two short paths. p (N, C) -> (noised (N, C), success (N,)).
-
-    On the CPU this runs the numpy implementation (`phase1_cpu`, same algorithm, a fraction of
-    the per-op overhead); on CUDA the torch one (`fast_phase1_torch`).
-    """
-    if h.device.type == "cpu":
-        from purifier.defenses.phase1_cpu import fast_phase1_cpu  # imports this module's constants
-
-        return fast_phase1_cpu(h.numpy_mlp, p)
-    return fast_phase1_torch(h, p)
-
-
-@torch.no_grad()
-def fast_phase1_torch(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The fast solver in torch (any device). p (N, C) -> (noised (N, C), success (N,))."""
-    order, E0, S, top, h0, early = _clean_start(h, p)
+    """Constant-work boundary search. p (N, C) float64 -> (noised (N, C), success (N,))."""
+    order, e0, top = sort_rows(p)
+    s = softmax(e0)  # the anchor: exactly softmax(e0)
+    h0, gp = h.logit_and_grad(s)
+    on_boundary = np.abs(1.0 / (1.0 + np.exp(-h0)) - 0.5) <= EARLY_EXIT
+    paths = Paths(e0, s, top, h0, gp)
     n = len(p)
-    best, success = S.clone(), torch.zeros(n, dtype=torch.bool, device=E0.device)
-    rows = (~early).nonzero()[:, 0]
-    if len(rows) == 0:
-        return _finish(best, success, order)
-    e0, s, t0, g0 = E0[rows], S[rows], top[rows], h0[rows]
-    sign = -torch.sign(g0)[:, None]
-    # 1. the ray along the steepest logit direction of |h| (the faithful solver's first step)
-    _, gp = h.logit_and_grad(s)
-    ge = s * (gp - (gp * s).sum(dim=1, keepdim=True))
-    norm = ge.norm(dim=1)
-    d = sign * ge / torch.where(norm > 0, norm, 1.0)[:, None]
+    rows = np.arange(n)
+    # 1. the grid, every path in one pass: the first crossing on each path brackets it
+    grid = paths.grid()
+    crossed = _crossed(h, paths.at(grid), h0)
+    first = crossed.argmax(axis=2)[..., None]
+    hi = np.take_along_axis(grid, first, axis=2)[..., 0]  # (N, P)
+    lo = np.where(first[..., 0] > 0, np.take_along_axis(grid, np.maximum(first - 1, 0), axis=2)[..., 0], 0.0)
+    # 2. the path whose grid crossing is nearest in L1 (top class kept), for every row
+    at_hi = paths.at(hi[..., None])[:, :, 0]  # (N, P, C)
+    ok = crossed.any(axis=2) & (at_hi.argmax(axis=2) == top[:, None]) & ~on_boundary[:, None]
+    best = np.where(ok, np.abs(at_hi - s[:, None, :]).sum(axis=2), np.inf).argmin(axis=1)
+    success = ok[rows, best]
 
-    def ray(ts):
-        # re-sorted, so the released vector keeps the clean vector's ranking (the top included)
-        # and h judges exactly what anyone sorting the released vector will see
-        return (e0[:, None, :] + ts[..., None] * d[:, None, :]).sort(dim=-1).values
+    def chosen(ts):  # (N, K) -> the chosen path's vectors (N, K, C)
+        return paths.at(np.broadcast_to(ts[:, None, :], (n, N_PATHS, ts.shape[1])))[rows, best]
 
-    t, found = _path_search(h, ray, t0, g0, g0.abs() / torch.where(norm > 0, norm, 1e-300), T_MAX)
-    noised = torch.softmax(ray(t[:, None])[:, 0], dim=1)
-    retry = (~found).nonzero()[:, 0]
-    if len(retry):
-        noised[retry], found[retry] = _mix_search(h, s[retry], gp[retry], t0[retry], g0[retry])
-    # Rows no path carries across are released clean. A faithful fallback for them costs 299
-    # steps per row and, on the digits targets, never found a crossing the paths had missed.
-    best[rows] = torch.where(found[:, None], noised, s)
-    success[rows] = found
-    return _finish(best, success, order)
+    # 3. bisection on the chosen path of every row (failed rows narrow a bracket nobody uses)
+    lo_b, hi_b = lo[rows, best], hi[rows, best]
+    k = _bisect(h, chosen, h0, lo_b, hi_b)
+    refined = chosen((lo_b + (hi_b - lo_b) * (k * (1.0 / 2 ** LEVELS)))[:, None])[:, 0]
+    kept = refined.argmax(axis=1) == top  # else the grid point, which kept it
+    noised = np.where((success & kept)[:, None], refined, np.where(success[:, None], at_hi[rows, best], s))
+    return unsort_rows(noised, order), success

@@ -129,6 +129,20 @@ class PurifierNet(Defense):
             self.fit_report.update(self.holdout_report(ref[hold_idx]))
         return self
 
+    def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
+        """Lines for `purifier fit-defense` from `fit_report` (already saved with the defense)."""
+        r = self.fit_report
+        lines = [f"{self.n_classes} classes, latent {self.latent_dim}; trained on {r['reference_train']} reference "
+                 f"rows in {r['train_seconds']:.1f}s; held-out reference rows: {r['reference_holdout']}"]
+        if "reconstruction_l2" in r:
+            lines += [f"reconstruction error (L2)    {r['reconstruction_l2']:.4f}",
+                      f"label agreement (raw / served) {r['raw_label_agreement']:.4f} / {r['label_agreement']:.4f}",
+                      f"distortion L1 mean / max     {r['mean_l1']:.4f} / {r['max_l1']:.4f}"]
+        if self.label_swap:
+            lines.append(f"label swapper: {len(self.member_index)} members indexed "
+                         f"(fraction {self.realized_swap_fraction:.4f})")
+        return {}, lines
+
     def fit_swapper(self, data: FitData) -> PurifierNet:
         """Build the label swapper's keyed member index from `data` (members' inputs, correctness).
         Swaps `swap_fraction` of the correctly classified members, or q* = 1 - a_n / a_m."""
@@ -268,36 +282,3 @@ class PurifierNet(Defense):
                 raise ArtifactError(f"{directory}/{INDEX_FILE}: cannot read the member index ({e})") from None
             label_swap.check_index(self.member_index, self.key_check,
                                    self._prf() if self.secret is not None else None)
-
-
-def fit_cli(args) -> int:
-    """`purifier fit-defense purifier --target DIR --out DIR [--label-swap] [--device] [--seed]`."""
-    import secrets
-
-    from purifier.artifacts import check_output_dir
-    from purifier.defenses.keyed import load_secret
-    from purifier.models.target import Target
-
-    out = check_output_dir(args.out)
-    target = Target.load(args.target)
-    secret = load_secret(file=args.secret_file, required=False)
-    if secret is None:
-        print("purifier: no PRF secret configured; fitting with a throwaway secret "
-              "(the swapper index and reported noise will not match a served secret)")
-        secret = secrets.token_bytes(32)
-    defense = PurifierNet(label_swap=args.label_swap, device=args.device, seed=args.seed, secret=secret)
-    defense.fit(FitData.from_target(target), progress=True)
-    defense.save(out)
-    r = defense.fit_report
-    print(f"purifier reformer for {target.manifest['dataset']} ({defense.n_classes} classes, "
-          f"latent {defense.latent_dim}) -> {out}")
-    print(f"  trained on {r['reference_train']} reference rows in {r['train_seconds']:.1f}s; "
-          f"held-out reference rows: {r['reference_holdout']}")
-    if "reconstruction_l2" in r:
-        print(f"  reconstruction error (L2)    {r['reconstruction_l2']:.4f}")
-        print(f"  label agreement (raw / served) {r['raw_label_agreement']:.4f} / {r['label_agreement']:.4f}")
-        print(f"  distortion L1 mean / max     {r['mean_l1']:.4f} / {r['max_l1']:.4f}")
-    if defense.label_swap:
-        print(f"  label swapper: {len(defense.member_index)} members indexed "
-              f"(fraction {defense.realized_swap_fraction:.4f})")
-    return 0

@@ -1,8 +1,8 @@
 """Running ONNX models with onnxruntime, and exporting torch models to ONNX.
 
 `OnnxClassifier` is how everything in Purifier runs a model: the target (fit-defense, the
-embedded sidecar backend) and PURIFIER's served reformer. CUDA is used when asked for and
-available; onnxruntime releases the GIL in `run`, so callers may run it in a thread.
+embedded sidecar backend) and PURIFIER's served reformer. Device names and the rule for a missing
+CUDA device are `purifier.devices`'; onnxruntime releases the GIL in `run`, so callers may run it in a thread.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from purifier.devices import cuda_missing, ort_providers
 from purifier.errors import ArtifactError, ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _ort():
@@ -28,13 +27,8 @@ def _ort():
 
 
 def providers_for(device: str) -> list[str]:
-    """ORT execution providers for device auto|cpu|cuda (cuda falls back to CPU with a warning)."""
-    if device not in DEVICES:
-        raise ConfigError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
-    available = _ort().get_available_providers()
-    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    """ORT execution providers for a device name (`purifier.devices`: cuda without CUDA is an error)."""
+    return ort_providers(device, _ort().get_available_providers())
 
 
 class OnnxClassifier:
@@ -59,6 +53,9 @@ class OnnxClassifier:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.providers = self.session.get_providers()
+        # onnxruntime-gpu lists the CUDA provider even without CUDA libraries, then falls back
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            raise cuda_missing("onnxruntime")
 
     def run(self, *inputs: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         feed = dict(zip(self.input_names, inputs, strict=True))

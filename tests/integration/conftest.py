@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,9 @@ import numpy as np
 import pytest
 
 from purifier.defenses import Defense
+from purifier.serve_process import free_port
+
+TOKEN = "s3cret-token-0123456789"  # the bearer token in the pki fixture
 
 
 class Flatten(Defense):
@@ -35,22 +39,25 @@ class Flatten(Defense):
         return q / q.sum(axis=1, keepdims=True), None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MLServerProcess:
-    """`mlserver start` serving a scikit-learn digits classifier (predict_proba, FP64)."""
+    """`mlserver start` on a model repository `root` (by default a scikit-learn digits classifier,
+    predict_proba, FP64; `write_settings` alone for a repository written by the caller)."""
 
-    model_name = "digits"
-
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, model_name: str = "digits"):
         self.root = root
+        self.model_name = model_name
         self.grpc_port = free_port()
         self.proc: subprocess.Popen | None = None
         self.log = root / "mlserver.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def write_settings(self) -> None:
+        (self.root / "settings.json").write_text(json.dumps({
+            "host": "127.0.0.1", "http_port": free_port(), "grpc_port": self.grpc_port,
+            "metrics_port": free_port(), "parallel_workers": 0}))
 
     def write_repository(self) -> None:
         import joblib
@@ -64,10 +71,9 @@ class MLServerProcess:
         joblib.dump(clf, model_dir / "model.joblib")
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
-            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}}}))
-        (self.root / "settings.json").write_text(json.dumps({
-            "host": "127.0.0.1", "http_port": free_port(), "grpc_port": self.grpc_port,
-            "metrics_port": free_port(), "parallel_workers": 0}))
+            "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
+        self.write_settings()
 
     def start(self, timeout: float = 90.0) -> None:
         import tritonclient.grpc as grpcclient
@@ -95,16 +101,89 @@ class MLServerProcess:
         raise RuntimeError(f"mlserver not ready after {timeout} s: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
+        stop_group(self.proc)
+
+
+def stop_group(proc: subprocess.Popen | None) -> None:
+    """SIGTERM a process started with start_new_session=True and its group; SIGKILL after 10 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
+class ServeProcess:
+    """`purifier serve ARGS` as a subprocess on a loopback port of its choosing (`--port 0`), as a
+    user runs it; the port comes from the ready line it prints once serving. Stopped on exit."""
+
+    def __init__(self, *args: str, log: Path, timeout_s: float = 90.0):
+        self.cmd = [sys.executable, "-m", "purifier.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                    "--metrics-port", "-1", *args]
+        self.log, self.timeout_s = log, timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> str:
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         start_new_session=True)
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.proc.stdout, selectors.EVENT_READ)
+                deadline = time.monotonic() + self.timeout_s
+                while time.monotonic() < deadline and self.proc.poll() is None:
+                    if sel.select(timeout=0.2):
+                        line = self.proc.stdout.readline()
+                        if line:
+                            return f"127.0.0.1:{json.loads(line)['port']}"
+            raise RuntimeError(f"purifier serve did not start: {self.log.read_text()[-2000:]}")
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)
+            self.proc.stdout.close()
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for 127.0.0.1/localhost, a client certificate (EC P-256) and a
+    bearer token file `token`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not available to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=d)
+    (d / "token").write_text(TOKEN + "\n")
+    return d
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+    """The `ServeProcess` class: `with serve_process(*serve_args, log=path) as endpoint: ...`."""
+    return ServeProcess
+
+
+@pytest.fixture(scope="session")
+def mlserver_process():
+    """The `MLServerProcess` class, for tests that write their own model repository."""
+    return MLServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +208,13 @@ def digits_rows():
 
     X, _ = load_digits(return_X_y=True)
     return np.ascontiguousarray(X[1::2][:16] / 16.0, dtype=np.float32)
+
+
+@pytest.fixture
+def target_rows(digits_target):
+    """(12, 64) FP32 non-member rows of the session's digits target."""
+    X, _ = digits_target.role("eval_nonmembers")
+    return np.ascontiguousarray(X[:12], np.float32)
 
 
 @pytest.fixture

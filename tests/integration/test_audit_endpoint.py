@@ -8,7 +8,6 @@ with tritonclient's generated servicer base class: it serves the digits target's
 from __future__ import annotations
 
 import json
-import socket
 from concurrent import futures
 
 import grpc
@@ -18,6 +17,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from purifier.cli import main
+from purifier.serve_process import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -132,18 +132,10 @@ def test_audit_through_the_endpoint_writes_the_report(endpoint, digits_target, t
     assert "gap floor" in printed and "lira_offline" in printed and "TPR@1%FPR" in printed
 
 
-def _free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("case,message", [
     ("unreachable", "is unreachable"),
     ("model", "model 'nope' is not served at .*served models: digits, three"),
-    ("classes", "class-count mismatch: endpoint output 'probabilities' has 3 classes, the target's splits have 10"),
+    ("classes", "class-count mismatch: endpoint output 'probabilities' has 3 classes, the records have 10"),
     ("attack", "unknown attack 'lira2'; choose from gap, confidence"),
     ("splits", "has no splits.json"),
     ("output", "output 'logits' is not an output of model 'digits'; choose one of: probabilities"),
@@ -156,7 +148,7 @@ def test_bad_input_is_one_line_naming_the_choices(endpoint, digits_target, tmp_p
     target = digits_target.directory
     args = _audit_args(addr, target, tmp_path / "r")
     if case == "unreachable":
-        args[2] = f"127.0.0.1:{_free_port()}"
+        args[2] = f"127.0.0.1:{free_port()}"
     elif case == "model":
         args[4] = "nope"
     elif case == "classes":

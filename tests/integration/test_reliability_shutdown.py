@@ -8,11 +8,7 @@ answered with something else; the process exits 0 either way.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
@@ -20,6 +16,7 @@ import numpy as np
 import pytest
 from oip_fake import FakeUpstream, infer_request, softmax
 
+from purifier.serve_process import ServeProcess
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
@@ -35,24 +32,10 @@ def upstream():
         fake.stop()
 
 
-def serve(upstream, grace: float) -> tuple[subprocess.Popen, int]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
-    proc = subprocess.Popen([sys.executable, "-m", "purifier.cli", "serve", "--upstream", f"127.0.0.1:{upstream.port}",
-                             "--model-name", "m", "--confidence-output", "probs", "--host", "127.0.0.1",
-                             "--port", "0", "--metrics-port", "-1", "--grace", str(grace)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    line = proc.stdout.readline()
-    if not line:
-        proc.kill()
-        pytest.fail(f"purifier serve did not start: {proc.stderr.read()[-2000:]}")
-    return proc, json.loads(line)["port"]
-
-
-def kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+def serve(upstream, grace: float, log_path) -> tuple[ServeProcess, int]:
+    sidecar = ServeProcess(["--upstream", f"127.0.0.1:{upstream.port}", "--model-name", "m",
+                            "--confidence-output", "probs", "--grace", str(grace)], log_path=log_path).start()
+    return sidecar, sidecar.port
 
 
 def in_flight(upstream, stub, n: int, timeout: float = 30) -> list:
@@ -66,8 +49,8 @@ def in_flight(upstream, stub, n: int, timeout: float = 30) -> list:
     return calls
 
 
-def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
-    proc, port = serve(upstream, grace=10.0)
+def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream, tmp_path):
+    proc, port = serve(upstream, grace=10.0, log_path=tmp_path / "serve.log")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -75,7 +58,7 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
             upstream.delay = 2.0
             calls = in_flight(upstream, stub, 4)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             time.sleep(0.5)
             with grpc.insecure_channel(f"127.0.0.1:{port}") as fresh:
                 with pytest.raises(grpc.RpcError) as info:
@@ -87,16 +70,16 @@ def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(upstream):
                 assert resp.id == f"f{i}"
                 got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(X.shape)
                 np.testing.assert_allclose(got, softmax(X), rtol=1e-6)  # identity defense
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(15) == 0
         assert time.monotonic() - signalled < 10.0 + 5.0
-        assert '"msg": "sidecar stopped"' in proc.stderr.read()
+        assert '"msg": "sidecar stopped"' in proc.log_text()
     finally:
         upstream.delay = 0.0
-        kill(proc)
+        proc.stop(timeout_s=5)
 
 
-def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream):
-    proc, port = serve(upstream, grace=0.5)
+def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream, tmp_path):
+    proc, port = serve(upstream, grace=0.5, log_path=tmp_path / "serve.log")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -104,17 +87,17 @@ def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream):
             upstream.delay = 4.0
             calls = in_flight(upstream, stub, 2)
             signalled = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            proc.signal(signal.SIGTERM)
             codes = []
             for call in calls:
                 with pytest.raises(grpc.RpcError) as info:
                     call.result(timeout=15)
                 codes.append(info.value.code())
             cut_after = time.monotonic() - signalled
-        assert proc.wait(timeout=15) == 0
+        assert proc.wait(15) == 0
         print(f"\ncut after {cut_after:.2f} s with {[c.name for c in codes]}")
         assert cut_after < 4.0                                   # before the upstream would have answered
         assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
     finally:
         upstream.delay = 0.0
-        kill(proc)
+        proc.stop(timeout_s=5)

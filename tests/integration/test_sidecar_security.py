@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
@@ -19,28 +15,6 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = pytest.mark.integration
-TOKEN = "s3cret-token-0123456789"
-
-
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (EC P-256)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not available to make test certificates")
-    d = tmp_path_factory.mktemp("pki")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "1", "-extfile", "san.ext", cwd=d)
-    (d / "token").write_text(TOKEN + "\n")
-    return d
 
 
 def settings(target, **extra):
@@ -75,8 +49,9 @@ def test_mutual_tls_requires_a_client_certificate(digits_target, pki):
 
 def test_bearer_token_is_required_except_for_health(digits_target, pki):
     with BackgroundSidecar(settings(digits_target, auth_token_file=str(pki / "token"))) as sc:
-        assert infer(sc.port, sc.model_name, headers={"authorization": f"Bearer {TOKEN}"}).shape == (1, 10)
-        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": TOKEN}):
+        token = (pki / "token").read_text().strip()
+        assert infer(sc.port, sc.model_name, headers={"authorization": f"Bearer {token}"}).shape == (1, 10)
+        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": token}):
             with pytest.raises(InferenceServerException) as info:
                 infer(sc.port, sc.model_name, headers=headers)
             assert "UNAUTHENTICATED" in str(info.value.status())

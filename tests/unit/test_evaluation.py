@@ -81,3 +81,69 @@ def test_rejects_one_class_and_nan():
         ev.roc_auc([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="NaN"):
         ev.roc_auc([np.nan, 0.2], [1, 0])
+
+
+# --- utility: clean vs defended vectors --------------------------------------------------------------
+
+def test_brier_score_hand_computed():
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]])
+    # row 0 (label 0): 0.3^2 + 0.2^2 + 0.1^2 = 0.14; row 1 (label 2): 0.2^2 + 0.5^2 + 0.7^2 = 0.78
+    assert ev.brier_score(probs, np.array([0, 2])) == pytest.approx(0.46)
+    assert ev.brier_score(np.eye(3), np.arange(3)) == 0.0
+
+
+def test_expected_calibration_error_hand_computed():
+    probs = np.array([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.6, 0.4, 0.0], [0.4, 0.3, 0.3], [0.5, 0.5, 0.0]])
+    labels = np.array([0, 1, 0, 0, 1])
+    # two bins (0, 0.5] and (0.5, 1]: high bin {0.9 ok, 0.8 wrong, 0.6 ok}: |2/3 - 0.7667| * 3/5;
+    # low bin {0.4 ok, 0.5 wrong (predicts class 0)}: |1/2 - 0.45| * 2/5
+    expected = abs(2 / 3 - 2.3 / 3) * 3 / 5 + abs(0.5 - 0.45) * 2 / 5
+    assert ev.expected_calibration_error(probs, labels, n_bins=2) == pytest.approx(expected)
+    assert ev.expected_calibration_error(np.eye(4), np.arange(4)) == 0.0
+
+
+def test_spearman_hand_computed_and_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    assert ev.spearman(np.array([1, 2, 3, 4.0]), np.array([1, 3, 2, 4.0])) == pytest.approx(0.8)
+    rng = np.random.default_rng(5)
+    a, b = np.round(rng.normal(size=200), 1), np.round(rng.normal(size=200), 1)
+    assert ev.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert ev.spearman(a, np.ones(200)) is None
+
+
+def test_distinct_fraction_and_l1_summary():
+    assert ev.distinct_fraction(np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])) == pytest.approx(2 / 3)
+    s = ev.l1_summary(np.array([0.2, 0.5, 0.2, 0.4]))
+    # p95 with linear interpolation: position 0.95 * 3 = 2.85 in [0.2, 0.2, 0.4, 0.5]
+    assert s == {"mean": pytest.approx(0.325), "p95": pytest.approx(0.485), "max": 0.5, "n": 4}
+
+
+def test_output_utility_hand_computed_two_class():
+    clean = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8],  # non-members
+                      [0.99, 0.01], [0.05, 0.95]])                      # members
+    defended = np.array([[0.8, 0.2], [0.85, 0.15], [0.4, 0.6], [0.4, 0.6],
+                         [0.98, 0.02], [0.55, 0.45]])                   # last row changes its label
+    labels = np.array([0, 1, 1, 1, 0, 1])
+    membership = np.array([0, 0, 0, 0, 1, 1])
+    u = ev.output_utility(clean, defended, labels, membership)
+    assert u["argmax_agreement"] == pytest.approx(5 / 6)
+    assert u["l1_nonmembers"] == {"mean": pytest.approx(0.325), "p95": pytest.approx(0.485), "max": 0.5, "n": 4}
+    assert u["l1_members"] == {"mean": pytest.approx(0.51), "p95": pytest.approx(0.951), "max": 1.0, "n": 2}
+    # Brier on non-members: (0.02 + 0.72 + 0.18 + 0.08) / 4 before, (0.08 + 1.445 + 0.32 + 0.32) / 4 after
+    assert u["brier"] == {"before": pytest.approx(0.25), "after": pytest.approx(0.54125)}
+    # class-1 score on non-members: before every positive outranks the negative (0.1); after, 0.15 < 0.2
+    assert u["auroc"] == {"before": 1.0, "after": pytest.approx(2 / 3)}
+    # true-class probability 0.9, 0.4, 0.7, 0.8 -> 0.8, 0.15, 0.6, 0.6: ranks 4,1,2,3 vs 4,1,2.5,2.5
+    assert u["true_class_rank_agreement"] == pytest.approx(np.sqrt(0.9))
+    assert u["distinct_fraction"] == {"before": 1.0, "after": 0.75}
+    assert u["ece"]["after"] == pytest.approx(ev.expected_calibration_error(defended[:4], labels[:4]))
+
+
+def test_output_utility_multiclass_has_no_auroc_and_rejects_members_only():
+    rng = np.random.default_rng(6)
+    p = rng.dirichlet(np.ones(5), size=20)
+    u = ev.output_utility(p, p.astype(np.float32), rng.integers(0, 5, 20), np.arange(20) < 10)
+    assert u["auroc"] is None and u["l1_nonmembers"]["max"] < 1e-6 and u["true_class_rank_agreement"] > 0.99
+    with pytest.raises(ValueError, match="non-members"):
+        ev.output_utility(p, p, np.zeros(20, int), np.ones(20))

@@ -40,7 +40,7 @@ def _setup(seed=0, n=200):
     ev_member = np.arange(n) % 2 == 1
     X, y, true_dist = planted_margin_data(n, D, ev_member, rng, w)
     probs = predict_proba(model, pool_X)[None]
-    sh = ShadowSet([model], pool_X, pool_y, probs, pool_member[None], probs[:, :0], pool_member[None, :0])
+    sh = ShadowSet([lambda X: predict_proba(model, X)], pool_X, pool_y, probs, pool_member[None], probs[:, :0], pool_member[None, :0])
     return model, sh, X, y, ev_member, true_dist
 
 

@@ -106,3 +106,75 @@ def test_cli_in_process_with_a_defense_dir(digits_target, tmp_path, capsys):
     assert r["attacks"]["adaptive_mentr"]["family"] == "adaptive"
     assert r["utility"]["argmax_agreement"] == 1.0 and r["utility"]["max_l1"] < 1e-6
     assert "adaptive_mentr" in capsys.readouterr().out
+
+
+def test_cli_refuses_a_defense_fitted_for_another_model(digits_target, tmp_path, capsys):
+    from purifier.defenses import FitData
+
+    X, y = digits_target.role("reference")
+    other = np.full((len(X), 10), 0.1)  # "another model": same inputs and classes, other answers
+    IdentityDefense().fit(FitData(other, other, X, X, y, y, model_id="")).save(tmp_path / "d")
+    rc = main(["audit", "--in-process", "--defense-dir", str(tmp_path / "d"), "--target",
+               str(digits_target.directory), "--out", str(tmp_path / "rep"), "--attacks", "gap", "--quiet"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "was fitted for another model: the model's answers to the 8 probe inputs differ" in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_audit_from_record_files_with_a_recipe_and_assumptions(digits_target, tmp_path):
+    from purifier.audit.data import AuditData
+    from purifier.data.records import Records
+
+    roles = [Records(*digits_target.role(r), r) for r in ("eval_members", "eval_nonmembers", "attacker")]
+    data = AuditData(*roles, n_classes=10, model_family="random_forest")
+    data.check_disjoint()
+    audit = run_audit(data, InProcessTarget(digits_target), AuditConfig(("gap", "mentr"), n_boot=10, n_shadows=2,
+                                                                         progress=False, shadow_model="logistic"))
+    r = audit.report
+    assert r["dataset"] == "records" and r["shadows"]["recipe"] == "logistic"
+    a = r["assumptions"]
+    assert a["recipe_matches_target_family"] is False and a["sizes"]["attacker_pool"] == len(roles[2])
+    assert any("is not the target's model family 'random_forest'" in w for w in a["warnings"])
+    assert any("not measurable" in w for w in a["warnings"])  # 400 non-members
+    # the shadows are logistic regressions: their label oracle answers like their stored outputs
+    np.testing.assert_array_equal(audit.shadows.labels_fn(0)(roles[2].X), audit.shadows.pool_probs[0].argmax(1))
+    md = markdown(r)
+    assert md.index("## What the audit assumed") < md.index("| attack |") and "**warning:**" in md
+
+
+@pytest.mark.parametrize("case,message", [
+    ("exists", "--out: .* already exists; choose a new directory or pass --force"),
+    ("pool-overlap", "--attacker-pool .* and --nonmembers .* share 400 record"),
+    ("member-overlap", "--members .* and --nonmembers .* share 400 record"),
+    ("missing", "--members .*nope.npz: file does not exist"),
+    ("recipe", "unknown recipe 'svm'"),
+    ("no-records", "give the records: --members FILE --nonmembers FILE --attacker-pool FILE"),
+])
+def test_cli_bad_record_files_are_one_line(digits_target, tmp_path, capsys, case, message):
+    import re
+
+    from purifier.data.records import save_records
+
+    for role, name in (("eval_members", "m"), ("eval_nonmembers", "n"), ("attacker", "p")):
+        save_records(tmp_path / f"{name}.npz", *digits_target.role(role))
+    files = {"--members": "m", "--nonmembers": "n", "--attacker-pool": "p"}
+    if case == "pool-overlap":
+        files["--attacker-pool"] = "n"
+    elif case == "member-overlap":
+        files["--members"] = "n"
+    elif case == "missing":
+        files["--members"] = "nope"
+    args = ["audit", "--model", str(digits_target.onnx_path), "--out", str(tmp_path / "rep"), "--quiet",
+            *(x for flag, name in files.items() for x in (flag, str(tmp_path / f"{name}.npz")))]
+    if case == "exists":
+        (tmp_path / "rep").mkdir()
+    elif case == "recipe":
+        args += ["--shadow-model", "svm"]
+    elif case == "no-records":
+        args = args[:6]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert (tmp_path / "rep").exists() == (case == "exists")

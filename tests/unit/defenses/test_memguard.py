@@ -6,21 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_h import random_weights
 
 from purifier.cli import main as cli_main
 from purifier.defenses import load_defense
 from purifier.defenses.base import FitData
-from purifier.defenses.membership_classifier import HIDDEN, LAYER_NAMES, MembershipClassifier
+from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier
 from purifier.defenses.memguard import MemGuard
-from purifier.defenses.phase1 import (
-    C3_LEVELS,
-    EARLY_EXIT,
-    LOG_FLOOR,
-    MAX_STEPS,
-    STEP,
-    faithful_phase1,
-    fast_phase1,
-)
+from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, fast_phase1
+from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 
 SECRET = b"0123456789abcdef-memguard-test"
@@ -45,13 +39,7 @@ def rows(fit_data):
 
 def random_classifier(n_classes, seed=0):
     """A real (untrained, seeded) 256-128-64-1 classifier for class counts no target has here."""
-    rng = np.random.default_rng(seed)
-    dims = (n_classes, *HIDDEN, 1)
-    weights = {}
-    for i in range(4):
-        weights[f"w{i + 1}"] = rng.normal(0, 1 / np.sqrt(dims[i]), (dims[i + 1], dims[i]))
-        weights[f"b{i + 1}"] = rng.normal(0, 0.1, dims[i + 1])
-    return MembershipClassifier(weights)
+    return MembershipClassifier(random_weights(n_classes, seed))
 
 
 def bare_memguard(n_classes, epsilon=1.0, mode="fast", seed=0):
@@ -70,6 +58,7 @@ def dirichlet(n, c, seed=0, alpha=0.3):
 def reference_faithful_row(h, p):
     """The original algorithm for one row, written plainly with torch autograd (an independent
     check of the batched solver and of its hand-written gradient)."""
+    h = TorchMLP(h)
     order = np.argsort(p, kind="stable")
     s_sorted = p[order]
     top = int(np.argmax(s_sorted))
@@ -228,7 +217,7 @@ def test_bad_input_names_row_and_problem(memguard, bad, msg):
 
 @pytest.mark.parametrize("kwargs,msg", [
     ({"epsilon": -1.0}, "epsilon"), ({"epsilon": float("nan")}, "epsilon"), ({"mode": "slow"}, "fast, faithful"),
-    ({"device": "tpu"}, "auto, cpu, cuda"), ({"optimizer": "rmsprop"}, "sgd, adam"), ({"epochs": 0}, "epochs"),
+    ({"device": "tpu"}, "cpu, cuda, auto"), ({"optimizer": "rmsprop"}, "sgd, adam"), ({"epochs": 0}, "epochs"),
 ])
 def test_bad_config(kwargs, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -391,5 +391,5 @@ def test_fit_cli(digits_target, tmp_path, capsys, monkeypatch):
     assert "purifier cvae" in printed.err  # the progress bar
     loaded = load_defense(out, secret=SECRET, model_id=digits_target.model_id)
     assert loaded.needs_inputs and len(loaded.member_index) > 0
-    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2")]) == 2
     assert "does not exist" in capsys.readouterr().err

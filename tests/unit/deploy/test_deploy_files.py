@@ -24,6 +24,7 @@ def test_dockerfile_runs_the_sidecar_with_known_settings():
     assert ("ENTRYPOINT", '["purifier", "serve"]') in ins
     run = " ".join(v for k, v in ins if k == "RUN")
     assert "-c constraints.txt" in run and "'.[cpu]'" in run
+    assert "full" not in run and "torch" not in run  # the slim serving image (pyproject's base install)
     copied = " ".join(v for k, v in ins if k == "COPY")
     for needed in ("pyproject.toml", "constraints.txt", "purifier", "server", "proto"):
         assert needed in copied
@@ -58,3 +59,28 @@ def test_kubernetes_example_is_a_sidecar_pod_with_grpc_probes_and_scrape(tmp_pat
     env = {**env, "PURIFIER_DEFENSE_DIR": str(tmp_path), "PURIFIER_SECRET_FILE": str(tmp_path / "s")}
     settings = Settings.resolve(env=env)
     assert (settings.upstream, settings.defense, settings.grace_s) == ("127.0.0.1:8001", "memguard", 20.0)
+
+
+def test_kserve_example_admits_ingress_to_the_sidecar_only(tmp_path):
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/kserve-with-purifier.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Deployment", "Service", "NetworkPolicy"}
+    pod = kinds["Deployment"]["spec"]["template"]
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    sidecar, kserve = containers["purifier"], containers["kserve"]
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    assert set(env) <= SETTING_ENV, set(env) - SETTING_ENV
+    kserve_grpc = int(kserve["args"][kserve["args"].index("--grpc-port") + 1])
+    kserve_http = int(kserve["args"][kserve["args"].index("--http-port") + 1])
+    assert env["PURIFIER_UPSTREAM"] == f"127.0.0.1:{kserve_grpc}" and "ports" not in kserve
+    sidecar_ports = {p["containerPort"] for p in sidecar["ports"]}
+    # the policy selects this pod, filters ingress, and every rule names only sidecar ports
+    policy = kinds["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == pod["metadata"]["labels"]
+    assert policy["policyTypes"] == ["Ingress"]
+    admitted = [p["port"] for rule in policy["ingress"] for p in rule["ports"]]
+    assert all(rule.get("ports") for rule in policy["ingress"]), "a rule without ports admits every port"
+    assert set(admitted) <= sidecar_ports and not {kserve_grpc, kserve_http} & set(admitted)
+    assert [p["targetPort"] for p in kinds["Service"]["spec"]["ports"]] == ["grpc"]
+    env = {**env, "PURIFIER_DEFENSE_DIR": str(tmp_path), "PURIFIER_SECRET_FILE": str(tmp_path / "s")}
+    assert Settings.resolve(env=env).upstream == f"127.0.0.1:{kserve_grpc}"

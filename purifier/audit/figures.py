@@ -1,0 +1,128 @@
+"""The two pictures of an audit, as inline SVG: one ROC with the defense's before and after and the
+label-only floor, and privacy against real-traffic utility with the baselines and the served setting.
+
+ROC at low false-positive rates on log axes follows Carlini et al. 2022 ("Membership Inference
+Attacks From First Principles"); the floor is the strongest label-only attack, which no defense
+that keeps the predicted label can push an attack below (Yeom et al. 2018; Choquette-Choo et al.
+2021). The SVG embeds its glyphs as paths, so it renders the same without any font or network.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+UNDEFENDED, DEFENDED, FLOOR = "#c0392b", "#1f6fb2", "#222222"
+# one colour and marker per defense, distinct in colour and in shape (printed in grey, too)
+FAMILY_STYLES = (("#1f77b4", "o"), ("#ff7f0e", "s"), ("#2ca02c", "^"), ("#9467bd", "D"), ("#7f7f7f", "v"),
+                 ("#8c564b", "P"), ("#e377c2", "X"), ("#bcbd22", "*"))
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """One attack's ROC: (K,) fpr and tpr from `purifier.evaluation.roc_curve`, and its AUC."""
+
+    label: str
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auc: float
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One audited setting: the defense, its setting, mean L1 on non-members, best attack AUC."""
+
+    defense: str
+    setting: str
+    real_traffic_l1: float
+    best_auc: float
+    served: bool = False
+
+
+def to_svg(fig) -> str:
+    """A matplotlib figure as an `<svg>` element (no XML prolog), glyphs as paths, stable ids."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "purifier-report"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(undefended: RocCurve | None, defended: RocCurve, floor: RocCurve, negatives: int):
+    """Two panels of the same three curves: the whole ROC on linear axes (area = AUC), and the
+    low false-positive corner on log axes from 1/negatives, where a few confidently exposed
+    members show up. The floor is drawn as a curve, not a point hidden on the frame."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    lo = 1.0 / max(negatives, 1)
+    curves = [(floor, FLOOR, "--", 1.6), (defended, DEFENDED, "-", 2.2)]
+    if undefended is not None:
+        curves.insert(0, (undefended, UNDEFENDED, "-", 1.6))
+    for ax, log in zip(axes, (False, True), strict=True):
+        grid = np.logspace(np.log10(lo), 0, 60) if log else np.linspace(0, 1, 2)
+        ax.plot(grid, grid, color="#999999", ls=":", lw=1, label="coin flip")
+        for c, color, ls, lw in curves:
+            fpr, tpr = (np.maximum(c.fpr, lo), np.maximum(c.tpr, lo)) if log else (c.fpr, c.tpr)
+            ax.plot(fpr, tpr, color=color, ls=ls, lw=lw, label=f"{c.label} (AUC {c.auc:.3f})")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(lo, 1)
+            ax.set_ylim(lo, 1.05)
+            ax.set_title("Low false-positive corner (log axes)", fontsize=10)
+        else:
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.01)
+            ax.set_title("Whole curve", fontsize=10)
+        ax.set_xlabel("non-members wrongly flagged (false-positive rate)")
+        ax.set_ylabel("members found (true-positive rate)")
+        ax.grid(alpha=0.25)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefended_auc: float | None):
+    """Best attack AUC against mean L1 distortion on non-members, one line per defense over its
+    settings, the floor and the undefended level as horizontal lines, the served setting ringed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.5, 4.6))
+    families = list(dict.fromkeys(p.defense for p in points))
+    for i, name in enumerate(families):
+        pts = sorted((p for p in points if p.defense == name), key=lambda p: p.real_traffic_l1)
+        color, marker = FAMILY_STYLES[i % len(FAMILY_STYLES)]
+        ax.plot([p.real_traffic_l1 for p in pts], [p.best_auc for p in pts], marker=marker, ms=6, lw=1.4,
+                color=color, label=name)
+        for p in pts:
+            ax.annotate(p.setting, (p.real_traffic_l1, p.best_auc), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7, color=color)
+    ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
+    if undefended_auc is not None:
+        ax.axhline(undefended_auc, color=UNDEFENDED, ls=":", lw=1.4, label=f"no defense (AUC {undefended_auc:.3f})")
+    for p in points:
+        if p.served:
+            ax.plot([p.real_traffic_l1], [p.best_auc], marker="o", ms=16, mfc="none", mec="#000000", mew=2,
+                    ls="none", label=f"served: {p.defense} {p.setting}")
+    ax.set_xlabel("mean change of a real user's confidence vector (L1, non-members)")
+    ax.set_ylabel("best attack AUC (0.5 = coin flip)")
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a point
+    fig.tight_layout()
+    return fig

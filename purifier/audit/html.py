@@ -1,0 +1,218 @@
+"""`report.html`: the audit as one self-contained page that a privacy officer can read and sign.
+
+The first screen answers three questions in plain words: what is protected, what is not, and
+against which attacker (the verdict lines, computed once by the audit against the strongest
+label-only attack, are inputs here); then four headline numbers before and after the defense,
+beside the label-only floor; then what this defense cannot protect. The details follow: the ROC
+and privacy-utility pictures (`purifier.audit.figures`), every attack, the cost to users measured
+on non-members (`purifier.evaluation.output_utility`), and how the audit was run.
+
+Self-contained: styles inline, pictures as inline SVG with embedded glyphs, no script, nothing
+fetched over the network. Honest reporting as in `report.md`: every TPR at a low FPR carries the
+FPR realized and the number of non-members behind it (Carlini et al. 2022).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from html import escape
+
+from purifier.audit.figures import RocCurve, TradeoffPoint, roc_figure, to_svg, tradeoff_figure
+from purifier.tables import html_table
+
+FPR_KEYS = (("0.01", "1 in 100"), ("0.001", "1 in 1,000"))
+STYLE = """
+body{font-family:system-ui,"DejaVu Sans",Arial,sans-serif;color:#1b1b1b;max-width:1180px;margin:0 auto;
+padding:14px 24px;line-height:1.4;font-size:15px}
+h1{font-size:23px;margin:4px 0 2px}h2{font-size:18px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+.sub{color:#555;margin:0 0 10px;font-size:13px}
+.verdict{background:#eaf2fb;border-left:6px solid #1f6fb2;padding:8px 16px;margin:8px 0 12px}
+.verdict p{margin:5px 0}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:14px}
+th,td{border:1px solid #ccc;padding:4px 9px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}
+table.headline{width:100%}table.headline td:first-child{width:40%}
+table.headline td{font-variant-numeric:tabular-nums}
+table.headline td:not(:first-child){font-size:17px}
+td small{color:#555;font-size:12px;line-height:1.25;display:inline-block}
+.cannot{background:#fdf1e7;border-left:6px solid #e67e22;padding:6px 16px;margin:8px 0}
+.cannot h2{border:0;margin:4px 0}.cannot ul{margin:4px 0 6px}
+.small{color:#555;font-size:13px}svg{max-width:100%;height:auto}
+"""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The verdict in plain sentences, computed once by the audit (shared with report.md/.json)."""
+
+    protected: str
+    not_protected: str
+    attacker: str
+    cannot_protect: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReportPage:
+    """Everything the page shows.
+
+    Attributes:
+        report: the defended endpoint's `report.json` document.
+        verdict: the verdict lines.
+        floor_attack: the attack in `report["attacks"]` that sets the label-only floor (the
+            strongest label-only attack).
+        utility: `purifier.evaluation.output_utility(clean, defended, labels, membership)`.
+        undefended: the undefended endpoint's `report.json` (the "without defense" column), if audited.
+        roc_undefended, roc_defended, roc_floor: the best attack before and after, and the floor.
+        tradeoff: audited settings of this and other defenses (the baselines), one marked served.
+    """
+
+    report: dict
+    verdict: Verdict
+    floor_attack: str
+    utility: dict
+    undefended: dict | None = None
+    roc_undefended: RocCurve | None = None
+    roc_defended: RocCurve | None = None
+    roc_floor: RocCurve | None = None
+    tradeoff: tuple[TradeoffPoint, ...] = ()
+
+
+def _best(report: dict, value) -> tuple[str, dict]:
+    """(attack name, entry) of the attack with the largest `value(entry)`."""
+    name = max(report["attacks"], key=lambda n: value(report["attacks"][n]))
+    return name, report["attacks"][name]
+
+
+def _auc_cell(report: dict | None) -> tuple[str, str] | str:
+    if report is None:
+        return "not audited"
+    name, a = _best(report, lambda a: a["auc"])
+    return f"{a['auc']:.3f}", f"attack: {name}"
+
+
+def _tpr_text(t: dict) -> tuple[str, str]:
+    """(share of members found, what it was measured at); starred when not measurable."""
+    star = "" if t["measurable"] else " *"
+    return f"{100 * t['tpr']:.1f}%{star}", f"at {100 * t['fpr']:.2f}% false positives, {t['negatives']} non-members"
+
+
+def _tpr_cell(report: dict | None, key: str) -> tuple[str, str] | str:
+    if report is None:
+        return "not audited"
+    name, a = _best(report, lambda a: a["tpr_at_fpr"][key]["tpr"])
+    value, where = _tpr_text(a["tpr_at_fpr"][key])
+    return value, f"{where}; attack: {name}"
+
+
+def headline_rows(page: ReportPage) -> list[list]:
+    """The four headline numbers: without defense, with it, and the label-only floor. Cells are
+    text or (text, note) pairs."""
+    r, before = page.report, page.undefended
+    floor = r["attacks"][page.floor_attack]
+    l1 = page.utility["l1_nonmembers"]
+    rows = [[("Best attack AUC", "How well the strongest attack tells training records from others: "
+                                 "0.5 is a coin flip, 1 is certainty."),
+             _auc_cell(before), _auc_cell(r), f"{floor['auc']:.3f}"]]
+    for key, words in FPR_KEYS:
+        rows.append([(f"Members found at {100 * float(key):g}% false positives",
+                      f"Share of training records the strongest attack exposes while wrongly accusing {words} "
+                      "people who were not in the training set."),
+                     _tpr_cell(before, key), _tpr_cell(r, key), _tpr_text(floor["tpr_at_fpr"][key])])
+    rows.append([("Real-traffic distortion (mean L1)",
+                  "How much the confidence scores that ordinary users (non-members) receive change: "
+                  "0 = unchanged, 2 = completely different. The predicted label never changes."),
+                 "0", (f"{l1['mean']:.3f}", f"95% of answers move at most {l1['p95']:.3f}, the worst {l1['max']:.3f}"),
+                 ("n/a", "needs no change to the scores")])
+    return rows
+
+
+def _utility_rows(page: ReportPage) -> list[list[str]]:
+    u, acc = page.utility, page.report["utility"]
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    l1 = lambda d: "-" if d is None else f"{d['mean']:.4f} / {d['p95']:.4f} / {d['max']:.4f} (n={d['n']})"  # noqa: E731
+    rows = [["label unchanged (argmax agreement)", "1", f(u["argmax_agreement"])],
+            ["L1 change, non-members (real traffic): mean / p95 / max", "0", l1(u["l1_nonmembers"])],
+            ["L1 change, training members: mean / p95 / max", "0", l1(u["l1_members"])],
+            ["Brier score (lower is better)", f(u["brier"]["before"]), f(u["brier"]["after"])],
+            ["expected calibration error (lower is better)", f(u["ece"]["before"]), f(u["ece"]["after"])]]
+    if u.get("auroc"):
+        rows.append(["diagnostic AUROC of the class-1 score (2 classes)", f(u["auroc"]["before"]), f(u["auroc"]["after"])])
+    rows += [["rank agreement of the true-class score (Spearman)", "1", f(u["true_class_rank_agreement"])],
+             ["distinct answers / answers", f(u["distinct_fraction"]["before"]), f(u["distinct_fraction"]["after"])],
+             ["accuracy on members / non-members", "", f"{acc['member_accuracy']:.4f} / {acc['nonmember_accuracy']:.4f}"]]
+    return rows
+
+
+def _attack_rows(page: ReportPage) -> list[list[str]]:
+    before = (page.undefended or {}).get("attacks", {})
+    rows = []
+    for name, a in page.report["attacks"].items():
+        lo, hi = a["ci95"]["auc"]
+        rows.append([name, a["family"], f"{before[name]['auc']:.3f}" if name in before else "-",
+                     f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}]", _tpr_text(a["tpr_at_fpr"]["0.01"]),
+                     _tpr_text(a["tpr_at_fpr"]["0.001"]), str(a["queries"])])
+    return rows
+
+
+def _setup_items(r: dict) -> list[str]:
+    s, t = r["shadows"], r["timing_s"]
+    model = f"model {r['model_id'][:16]}..." if r.get("model_id") else "model identity unknown (an endpoint)"
+    recipe = s["recipe"] + (f", {s['epochs']} epochs" if s.get("epochs") else "")
+    items = [f"Dataset {r['dataset']}; {model}; {r['n_members']} training members and "
+             f"{r['n_nonmembers']} non-members evaluated.",
+             f"Attacker: {s['n']} shadow models ({recipe}) trained on its own "
+             f"pool of {s['pool_size']} records; thresholds fitted on shadow models only.",
+             f"Time: {t['audit_without_boundary']:.0f} s (shadow training {t['shadow_training']:.0f} s)."]
+    if r.get("endpoint"):
+        items.insert(1, f"Audited through the endpoint {r['endpoint']} (model {r.get('model_name', '?')}).")
+    warnings = [f"Warning: {w}" for w in r.get("assumptions", {}).get("warnings", [])]
+    return items + warnings + list(r.get("notes", []))
+
+
+def _figures(page: ReportPage) -> str:
+    parts = []
+    if page.roc_defended is not None and page.roc_floor is not None:
+        fig = roc_figure(page.roc_undefended, page.roc_defended, page.roc_floor, page.report["n_nonmembers"])
+        parts.append("<h3>The strongest attack before and after, against the label-only floor</h3>" + to_svg(fig))
+    if page.tradeoff:
+        undefended_auc = None if page.undefended is None else _best(page.undefended, lambda a: a["auc"])[1]["auc"]
+        fig = tradeoff_figure(page.tradeoff, page.report["attacks"][page.floor_attack]["auc"], undefended_auc)
+        parts.append("<h3>Privacy against the cost to real users, for this defense and the simple "
+                     "alternatives</h3>" + to_svg(fig))
+    return "\n".join(parts)
+
+
+def render_html(page: ReportPage) -> str:
+    """The whole page as one string (UTF-8 HTML5)."""
+    r, v = page.report, page.verdict
+    title = f"Privacy audit: {r.get('model_name') or r['dataset']}, defense {r['defense']}"
+    e = escape
+    cannot = "".join(f"<li>{e(line)}</li>" for line in v.cannot_protect)
+    header = ["", "Without defense", f"With {r['defense']}", f"Label-only floor ({page.floor_attack})"]
+    body = [
+        f"<h1>{e(title)}</h1>",
+        f'<p class="sub">Membership inference audit: can an outsider tell whether a person\'s record was used '
+        f"to train this model? Dataset {e(r['dataset'])}, {r['n_members']} members and {r['n_nonmembers']} "
+        "non-members evaluated.</p>",
+        '<section class="verdict">',
+        f"<p><strong>Protected:</strong> {e(v.protected)}</p>",
+        f"<p><strong>Not protected:</strong> {e(v.not_protected)}</p>",
+        f"<p><strong>Against:</strong> {e(v.attacker)}</p>",
+        "</section>",
+        html_table(header, headline_rows(page), "headline"),
+        '<p class="small">* Too few non-members to measure this false-positive rate: the figure is the share '
+        "found with no false positive at all.</p>",
+        f'<section class="cannot"><h2>What this defense cannot protect</h2><ul>{cannot}</ul></section>',
+        "<h2>Pictures</h2>", _figures(page),
+        "<h2>Every attack</h2>",
+        html_table(["attack", "family", "AUC before", "AUC after [95% CI]", "members found at 1% FP",
+                    "members found at 0.1% FP", "queries"], _attack_rows(page)),
+        "<h2>Cost to users</h2>",
+        f"<p class=\"small\">{e(page.utility.get('population', ''))}.</p>",
+        html_table(["measure", "before", "after"], _utility_rows(page)),
+        "<h2>How the audit was run</h2>",
+        "<ul>" + "".join(f"<li>{e(item)}</li>" for item in _setup_items(r)) + "</ul>",
+    ]
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(title)}</title>"
+            f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,47 @@
+"""Compute devices: the one list of names, and the one rule when CUDA is asked for and missing.
+
+`cpu` runs on the CPU, `auto` takes CUDA when this process can use it and the CPU otherwise,
+`cuda` insists: without a usable CUDA device it is a one-line `ConfigError` at start-up, never a
+silent fall-back to the CPU (a user who asked for the GPU must learn that they are not on it).
+torch (training, MemGuard's faithful solver) and onnxruntime (models, PURIFIER's reformer) both
+resolve names here; this module imports neither until asked.
+"""
+
+from __future__ import annotations
+
+from purifier.errors import ConfigError
+
+DEVICES = ("cpu", "cuda", "auto")
+
+
+def check_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ConfigError(f"device: {device!r} is not one of {', '.join(DEVICES)}")
+    return device
+
+
+def cuda_missing(runtime: str) -> ConfigError:
+    return ConfigError(f"device: cuda was asked for but {runtime} sees no usable CUDA device; "
+                       "use --device cpu (or auto)")
+
+
+def torch_device(device: str):
+    """torch.device for a device name (needs torch, the full install)."""
+    import torch
+
+    check_device(device)
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise cuda_missing("torch")
+    return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
+
+
+def ort_providers(device: str, available: list[str]) -> list[str]:
+    """onnxruntime execution providers for a device name, given the providers ORT offers."""
+    check_device(device)
+    cuda = "CUDAExecutionProvider" in available
+    if device == "cuda" and not cuda:
+        raise cuda_missing("onnxruntime")
+    if device != "cpu" and cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]

@@ -1,0 +1,174 @@
+"""The sidecar in front of real model servers: Triton (nvidia-pytriton's tritonserver) and KServe.
+
+Both serve the session's digits target (ONNX: `probabilities` and `logits`, FP32) from their own
+virtual environments (tests/integration/model_servers.py). Through the sidecar, with a
+non-identity test defense: defended vectors with the upstream's argmax and the request id, the
+same answer to the same query, logits and undeclared outputs refused, metadata and readiness
+reflecting the upstream, an upstream outage seen as UNAVAILABLE and NOT_SERVING, and recovery
+once it is back. Clients: tritonclient (sync) and KServe's `InferenceGRPCClient` (from
+.venv-kserve, as a subprocess).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, sidecar_settings, venv_python
+
+from purifier_server.app import BackgroundSidecar
+
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.integration
+MODEL = "digits"
+SERVERS = ("triton", "kserve")
+
+
+def server_process(kind: str, onnx, root) -> ServerProcess:
+    grpc_port, http_port = free_port(), free_port()
+    script = {"triton": "triton_onnx.py", "kserve": "kserve_onnx.py"}[kind]
+    cmd = [str(venv_python(kind)), str(EXAMPLES / script), str(onnx), "--name", MODEL,
+           "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
+    return ServerProcess(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def upstream(request, digits_target, tmp_path_factory):
+    with server_process(request.param, digits_target.onnx_path, tmp_path_factory.mktemp(request.param)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sidecar(upstream, flatten_cls):
+    with BackgroundSidecar(sidecar_settings(upstream), defense=flatten_cls()) as sc:
+        yield sc
+
+
+def infer(port, x, outputs=None, **kw):
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        requested = [grpcclient.InferRequestedOutput(name) for name in outputs] if outputs else None
+        return client.infer(MODEL, [inp], outputs=requested, **kw)
+    finally:
+        client.close()
+
+
+def test_defended_output_keeps_the_upstream_argmax_and_the_id(upstream, sidecar, target_rows):
+    direct = infer(upstream.grpc_port, target_rows, ["probabilities"]).as_numpy("probabilities")
+    result = infer(sidecar.port, target_rows, request_id=f"{upstream.name}-7")
+    got = result.as_numpy("probabilities")
+    assert got.dtype == direct.dtype == np.float32
+    np.testing.assert_allclose(got, type(sidecar.defense)().transform(direct), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(got.argmax(1), direct.argmax(1))
+    assert np.abs(got - direct).sum(1).min() > 1e-3  # defended, not passed through
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    response = result.get_response()
+    assert response.id == f"{upstream.name}-7"
+    assert [o.name for o in response.outputs] == ["probabilities"]  # the upstream's logits are dropped
+
+
+def test_identical_queries_get_identical_answers(sidecar, target_rows):
+    first = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    again = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    alone = infer(sidecar.port, target_rows[3:4]).as_numpy("probabilities")
+    assert first.tobytes() == again.tobytes()
+    np.testing.assert_allclose(alone[0], first[3], rtol=1e-6, atol=1e-7)
+
+
+def test_logits_are_refused_although_the_upstream_serves_them(upstream, sidecar, target_rows):
+    assert infer(upstream.grpc_port, target_rows, ["logits"]).as_numpy("logits").shape == (len(target_rows), 10)
+    with pytest.raises(InferenceServerException) as info:
+        infer(sidecar.port, target_rows, ["logits"])
+    assert "INVALID_ARGUMENT" in str(info.value.status())
+    assert "logits" in info.value.message()
+
+
+def test_metadata_and_readiness_reflect_the_upstream(upstream, sidecar):
+    direct = grpcclient.InferenceServerClient(f"127.0.0.1:{upstream.grpc_port}")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        up, meta = direct.get_model_metadata(MODEL), client.get_model_metadata(MODEL)
+        assert meta.name == MODEL
+        assert list(meta.versions) == list(up.versions)
+        assert [(i.name, i.datatype, list(i.shape)) for i in meta.inputs] == \
+               [(i.name, i.datatype, list(i.shape)) for i in up.inputs]
+        assert [o.name for o in meta.outputs] == ["probabilities"]
+        assert {o.name for o in up.outputs} == {"probabilities", "logits"}
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+        assert not client.is_model_ready("no-such-model")
+    finally:
+        direct.close()
+        client.close()
+
+
+def kserve_client(port: int, x: np.ndarray, tmp_path) -> dict:
+    """KServe's InferenceGRPCClient (in .venv-kserve) against 127.0.0.1:port: a raw and a typed request."""
+    rows_file, out = tmp_path / "rows.npy", tmp_path / "answer.npz"
+    np.save(rows_file, x)
+    cmd = [str(venv_python("kserve")), str(ROOT / "tests" / "integration" / "clients" / "kserve_client.py"),
+           f"127.0.0.1:{port}", MODEL, "input", str(rows_file), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(np.load(out))
+
+
+def test_kserve_client_gets_the_defended_answer_raw_and_typed(sidecar, target_rows, tmp_path):
+    expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    answer = kserve_client(sidecar.port, target_rows, tmp_path)
+    assert bool(answer["ready"])
+    assert sorted(answer) == ["raw_id", "raw_model_version", "raw_probabilities", "ready", "typed_id",
+                              "typed_model_version", "typed_probabilities"]  # no logits either way
+    for kind in ("raw", "typed"):
+        assert str(answer[f"{kind}_id"]) == f"kserve-{kind}"
+        np.testing.assert_allclose(answer[f"{kind}_probabilities"].reshape(expected.shape), expected, rtol=1e-6)
+
+
+def _health(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def _wait_for(predicate, timeout: float = 60.0, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, target_rows):
+    """Stops the module's model server, then starts it again on the same ports."""
+    before = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    pgid = upstream.proc.pid
+    upstream.stop()
+    with pytest.raises(ProcessLookupError):  # the whole group is gone (tritonserver outlives its parent)
+        os.killpg(pgid, 0)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            infer(sidecar.port, target_rows)
+        assert "UNAVAILABLE" in str(info.value.status())
+        assert _wait_for(lambda: _health(sidecar.port) == health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+    finally:
+        upstream.start()
+    assert _wait_for(lambda: _health(sidecar.port) == health_pb2.HealthCheckResponse.SERVING, 30)
+
+    def answer():
+        try:
+            return [infer(sidecar.port, target_rows).as_numpy("probabilities")]
+        except InferenceServerException:
+            return None
+
+    recovered = _wait_for(answer, 30)
+    assert recovered is not None
+    np.testing.assert_allclose(recovered[0], before, rtol=1e-6)
