@@ -133,7 +133,8 @@ def test_calibrated_augmentation_subtracts_the_out_shadows_fraction():
     cand_in = rng.random((3, n)) < 0.4
     pool_in = rng.random((3, n)) < 0.4
     probs = np.stack([predict_proba(m, X) for m in models])
-    sh = ShadowSet(models, X, y, probs, pool_in, probs, cand_in)
+    predictors = [lambda rows, m=m: predict_proba(m, rows) for m in models]  # ShadowSet holds callables
+    sh = ShadowSet(predictors, X, y, probs, pool_in, probs, cand_in)
     ctx = context(sh, n_classes=2, cand_y=y)
     attack = CalibratedAugmentationAttack(radius=0.5, calibration_size=n).fit(ctx)
     endpoint = FixedAnswers(np.zeros((0, 2)))
