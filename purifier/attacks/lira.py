@@ -7,7 +7,9 @@ Gaussians are fitted to phi under shadow models that trained on it (IN) and did 
 (`reference_stats.gaussian_fits`).
 
 * online: score = log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out);
-* offline: the one-sided test against OUT only, score = (phi - mu_out) / s_out;
+* offline: the one-sided test against OUT only, score = (phi - mu_out) / s_out; `lira_online`
+  falls back to it when too few shadows hold each candidate IN and OUT (`choose_online`: with 4
+  shadows only ~38% of records have two of each), and `details["variant_reason"]` says so;
 * variance: one global standard deviation below 16 shadow models (the paper finds it works best
   with few models), per-example standard deviations from 16 on; `details` says which ran.
 
@@ -20,7 +22,12 @@ from __future__ import annotations
 import numpy as np
 
 from purifier.attacks.base import ConfidenceAttack, fit_threshold
-from purifier.attacks.reference_stats import choose_variance, gaussian_fits, leave_one_shadow_out
+from purifier.attacks.reference_stats import (
+    choose_online,
+    choose_variance,
+    gaussian_fits,
+    leave_one_shadow_out,
+)
 
 PHI_CLIP = 60.0
 
@@ -54,7 +61,7 @@ class LiRA(ConfidenceAttack):
 
     def __init__(self, *, online: bool = True, fixed_variance: bool | None = None, seed: int = 0):
         super().__init__(seed=seed)
-        self.online, self.fixed_variance = online, fixed_variance
+        self.online_requested, self.online, self.fixed_variance = online, online, fixed_variance
 
     def _score_phi(self, phi: np.ndarray, st: dict) -> np.ndarray:
         if self.online:
@@ -70,6 +77,8 @@ class LiRA(ConfidenceAttack):
         """pool_probs (K, P, C), pool_y (P,), pool_in (K, P); cand_probs (K, N, C), cand_in (K, N),
         cand_y (N,): the labels of the candidates, in the order `score` will see them."""
         k = pool_probs.shape[0]
+        # online needs IN and OUT shadows per record; with too few it falls back and says so
+        self.online, variant_why = choose_online(cand_in, self.online_requested)
         requested = None if self.fixed_variance is None else not self.fixed_variance
         per_example, why = choose_variance(k, requested)
         phi_pool = scaled_confidence(pool_probs, pool_y)
@@ -78,7 +87,7 @@ class LiRA(ConfidenceAttack):
         self.threshold = fit_threshold(*loo) if loo is not None else 0.0
         self._cand_stats = gaussian_fits(scaled_confidence(cand_probs, cand_y), cand_in, per_example)
         self._cand_y = np.asarray(cand_y)
-        self.details = {"variant": "online" if self.online else "offline",
+        self.details = {"variant": "online" if self.online else "offline", "variant_reason": variant_why,
                         "variance": "per-example" if per_example else "fixed (global)",
                         "variance_reason": why, "shadows": k}
         return self

@@ -49,6 +49,7 @@ class GapAttack(ConfidenceAttack):
     """Member iff correctly classified. Needs labels only; the floor of label-keeping defenses."""
 
     name = "gap"
+    family = "label_only"  # needs the predicted label only: one of the label-only floor's attacks
 
     def fit_outputs(self, probs, labels, membership):
         self.threshold = 0.5  # the rule itself: nothing to fit
