@@ -104,6 +104,9 @@ def summary_lines(report: dict) -> list[str]:
         l1 = report["output_utility"]["l1_nonmembers"]
         lines.append(f"real-traffic distortion (non-members): L1 mean {l1['mean']:.4f}  p95 {l1['p95']:.4f}  "
                      f"max {l1['max']:.4f}")
+    if fallbacks := report["shadows"].get("fallbacks"):
+        lines.append(f"too few shadow models for full strength: {', '.join(fallbacks)} fell back "
+                     f"({next(iter(fallbacks.values()))}; more under Attack details)")
     t = report["timing_s"]
     lines.append(f"time: audit without boundary attack {t['audit_without_boundary']:.1f}s "
                  f"(shadow training {t['shadow_training']:.1f}s)"

@@ -13,6 +13,7 @@ Attack catalogue: REFERENCE.md section 4.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from purifier import evaluation as ev
 from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
 from purifier.attacks.shadow import train_shadows
 from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
@@ -203,6 +205,11 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
                                            attack.queries, time.perf_counter() - t0, attack.details)
             bar.update(1, last=name)
 
+    fallbacks = shadow_fallbacks(outcomes)
+    if fallbacks:
+        print(f"purifier: {shadows.n_shadows} shadow models are too few for {', '.join(fallbacks)} at full strength, "
+              f"which fell back ({next(iter(fallbacks.values()))}); use --shadows {PER_EXAMPLE_VARIANCE_MIN} or more "
+              "(report: shadows.fallbacks)", file=sys.stderr, flush=True)
     attacks = {name: attack_metrics(o, membership, config.n_boot, config.seed) for name, o in outcomes.items()}
     confidence = [n for n, o in outcomes.items() if o.family == "confidence"]
     strongest = max(confidence, key=lambda n: attacks[n]["auc"]) if confidence else None
@@ -224,7 +231,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
                     "pool_size": len(pool), "train_size": data.train_size,
                     "reused_from_earlier_audit": reused,
                     "candidates_in_shadow_training": "random, independent of membership (LiRA)",
-                    **shadow_provenance(shadows)},
+                    **shadow_provenance(shadows), "fallbacks": fallbacks},
         "timing_s": {
             "shadow_training": round(shadow_seconds, 2),
             "audit_without_boundary": round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
@@ -253,6 +260,25 @@ def shadow_provenance(shadows) -> dict:
             "notes": list(getattr(models, "notes", [])),
             "in_shadows_per_record": {"min": int(n_in.min()), "median": float(np.median(n_in)),
                                       "max": int(n_in.max())}}
+
+
+def shadow_fallbacks(outcomes: dict[str, AttackOutcome]) -> dict[str, str]:
+    """{attack: why} for the attacks that ran a weaker variant because the shadow models were too
+    few, read from the choices each recorded in its details (`purifier.attacks.reference_stats`:
+    one global variance, offline instead of online, a fixed threshold with nothing to hold out)."""
+    out = {}
+    for name, o in outcomes.items():
+        d, why = o.details, []
+        chosen = "chosen by the caller"
+        if d.get("variance") == "fixed (global)" and d.get("variance_reason", chosen) != chosen:
+            why.append(d["variance_reason"])
+        if d.get("variant") == "offline" and str(d.get("variant_reason", "")).startswith("offline: only"):
+            why.append(d["variant_reason"])
+        if str(d.get("threshold_from", "")).startswith("fixed"):
+            why.append(f"threshold: {d['threshold_from']}")
+        if why:
+            out[name] = "; ".join(why)
+    return out
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",
