@@ -99,8 +99,12 @@ def main(argv=None) -> int:
                         help="the largest run audits LiRA only (default: every default attack, then a warm "
                              "rerun)")
     parser.add_argument("--work", default="build/bench-shadows")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute only LiRA's figures from the shadows the last run cached under --work")
     args = parser.parse_args(argv)
     work = Path(args.work)
+    if args.rescore:
+        return rescore(work, args.dataset, args.bootstrap)
     work.mkdir(parents=True, exist_ok=True)
     tdir = work / f"target-{args.dataset}"
     t0 = time.perf_counter()
@@ -146,14 +150,45 @@ def main(argv=None) -> int:
             identical[str(k)] = bool(np.array_equal(a.shadows.pool_probs, b.shadows.pool_probs)
                                      and np.array_equal(a.shadows.cand_probs, b.shadows.cand_probs)
                                      and all(np.array_equal(a.outcomes[n].scores, b.outcomes[n].scores) for n in LIRA))
-        audit = next(iter(audits.values()))
-        for name in LIRA[1:]:
-            o = audit.outcomes[name]
-            power.append({"shadows": k, "attack": name, "auc": audit.report["attacks"][name]["auc"],
-                          "details": o.details, **{str(f): tpr_with_ci(o.scores, audit.membership, f, args.bootstrap)
-                                                   for f in FPRS}})
+        power += lira_power(next(iter(audits.values())), k, args.bootstrap)
 
         write(done=k == largest)  # after each shadow count: a run cut short keeps what it measured
+    return 0
+
+
+def lira_power(audit, k: int, n_boot: int) -> list[dict]:
+    """LiRA online and offline of one audit: AUC, TPR at each FPR with a bootstrap CI, details."""
+    return [{"shadows": k, "attack": name, "auc": audit.report["attacks"][name]["auc"],
+             "details": audit.outcomes[name].details,
+             **{str(f): tpr_with_ci(audit.outcomes[name].scores, audit.membership, f, n_boot) for f in FPRS}}
+            for name in LIRA[1:]]
+
+
+def rescore(work: Path, dataset: str, n_boot: int) -> int:
+    """LiRA's figures again, from the shadows an earlier run left in its caches (nothing trains),
+    with this checkout's attacks; that run's timing rows are kept as they were measured."""
+    import json
+
+    from common import RESULTS
+
+    from purifier.executor import ExecutorSpec
+    from purifier.models.target import Target
+
+    old = json.loads((RESULTS / "shadows.json").read_text())
+    target = Target.load(work / f"target-{dataset}")
+    power = []
+    for k in sorted({r["shadows"] for r in old["runs"]}):
+        cache = next(d for d in sorted((work / "cache").glob(f"*-{k}")))
+        audit, facts = timed_audit(target, LIRA, k, ExecutorSpec("local", 1), cache, n_boot)
+        if facts["trained"]:
+            raise SystemExit(f"{cache} lacks {facts['trained']} of the {k} shadows: rerun the whole benchmark")
+        power += lira_power(audit, k, n_boot)
+        print(f"K={k:3d} LiRA rescored from {cache.name}", flush=True)
+    payload = {key: v for key, v in old.items() if key not in ("benchmark", "created", "machine", "tables")}
+    payload["timing_run"] = old.get("timing_run") or {"created": old["created"], "machine": old["machine"]}
+    payload["lira_power"] = power
+    payload["tables"] = tables(payload)
+    print(f"wrote {write_result('shadows', payload)}")
     return 0
 
 
@@ -218,11 +253,15 @@ def tables(p: dict) -> list[dict]:
                     "the Ray runs audit LiRA online, offline and the gap attack. 'identical': the two executors' "
                     "shadow outputs and attack scores are equal to the bit. Shared machine: see the load "
                     "averages."}]
+    timing = p.get("timing_run")
+    if timing:
+        out[0]["note"] += (f" Timings measured {timing['created']} at commit {timing['machine'].get('git_commit')}; "
+                           "LiRA's figures below recomputed from the same cached shadows with this commit's attacks.")
     out.append({"title": f"LiRA on {p['dataset']} as shadows grow: TPR at low FPR [95% bootstrap CI] "
                          "@realized FPR/negatives",
-                "columns": ["shadows", "attack", "AUC", "TPR at 0.1% FPR", "TPR at 1% FPR", "variance"],
+                "columns": ["shadows", "attack", "AUC", "TPR at 0.1% FPR", "TPR at 1% FPR", "variant", "variance"],
                 "rows": [[r["shadows"], r["attack"], round(r["auc"], 4), _tpr_cell(r["0.001"]), _tpr_cell(r["0.01"]),
-                          r["details"].get("variance", "fixed (global)")]  # LiRA's default when unstated
+                          r["details"].get("variant", "-"), r["details"].get("variance", "-")]
                          for r in p["lira_power"]]})
     if p["full_audit"]:
         f = p["full_audit"]

@@ -208,8 +208,8 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     fallbacks = shadow_fallbacks(outcomes)
     if fallbacks:
         print(f"purifier: {shadows.n_shadows} shadow models are too few for {', '.join(fallbacks)} at full strength, "
-              f"which fell back ({next(iter(fallbacks.values()))}); use --shadows {PER_EXAMPLE_VARIANCE_MIN} or more "
-              "(report: shadows.fallbacks)", file=sys.stderr, flush=True)
+              f"which fell back ({next(iter(fallbacks.values()))}); more --shadows lift this (LiRA needs "
+              f"{PER_EXAMPLE_VARIANCE_MIN} or more; report: shadows.fallbacks)", file=sys.stderr, flush=True)
     attacks = {name: attack_metrics(o, membership, config.n_boot, config.seed) for name, o in outcomes.items()}
     confidence = [n for n, o in outcomes.items() if o.family == "confidence"]
     strongest = max(confidence, key=lambda n: attacks[n]["auc"]) if confidence else None
