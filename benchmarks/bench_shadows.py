@@ -177,7 +177,8 @@ def rescore(work: Path, dataset: str, n_boot: int) -> int:
     old = json.loads((RESULTS / "shadows.json").read_text())
     target = Target.load(work / f"target-{dataset}")
     power = []
-    for k in sorted({r["shadows"] for r in old["runs"]}):
+    counts = sorted({int(d.name.rpartition("-")[2]) for d in (work / "cache").iterdir() if d.is_dir()})
+    for k in counts:  # every count with a cache, also one whose timed run was cut short
         cache = next(d for d in sorted((work / "cache").glob(f"*-{k}")))
         audit, facts = timed_audit(target, LIRA, k, ExecutorSpec("local", 1), cache, n_boot)
         if facts["trained"]:
@@ -187,6 +188,7 @@ def rescore(work: Path, dataset: str, n_boot: int) -> int:
     payload = {key: v for key, v in old.items() if key not in ("benchmark", "created", "machine", "tables")}
     payload["timing_run"] = old.get("timing_run") or {"created": old["created"], "machine": old["machine"]}
     payload["lira_power"] = power
+    payload["identical_shared_cache_entries"] = compare_cache_entries(work / "cache")  # now with every count
     payload["tables"] = tables(payload)
     print(f"wrote {write_result('shadows', payload)}")
     return 0
@@ -253,6 +255,10 @@ def tables(p: dict) -> list[dict]:
                     "the Ray runs audit LiRA online, offline and the gap attack. 'identical': the two executors' "
                     "shadow outputs and attack scores are equal to the bit. Shared machine: see the load "
                     "averages."}]
+    if shared := p.get("identical_shared_cache_entries"):
+        out[0]["note"] += (" Shadows that runs on different executors share (shadow k does not depend on K), "
+                           "equal to the bit: " + "; ".join(f"{pair} ({v['shared_shadows']} shadows): {v['equal']}"
+                                                           for pair, v in shared.items()) + ".")
     timing = p.get("timing_run")
     if timing:
         out[0]["note"] += (f" Timings measured {timing['created']} at commit {timing['machine'].get('git_commit')}; "
