@@ -1,0 +1,103 @@
+"""Budget sweeps: the choice rule on planted attack results, setting order, and copies of fitted defenses."""
+
+import numpy as np
+import pytest
+
+from purifier.audit.sweep import (
+    KNOBS,
+    Floor,
+    SweepPoint,
+    at_setting,
+    choose,
+    knob,
+    label_only_floor,
+)
+from purifier.defenses.baselines import Noise, Rounded, TopK
+from purifier.errors import ConfigError
+
+FLOOR = Floor("gap", 0.515, (0.507, 0.524), 0.0)
+
+
+def planted(defense, setting, auc, agreement=1.0):
+    utility = {"argmax_agreement": agreement, "l1_nonmembers": {"mean": 0.0 if setting is None else 0.01},
+               "l1_members": None}
+    return SweepPoint(defense, setting, f"{setting}", "loss", auc, (auc - 0.03, auc + 0.03),
+                      {"tpr": 0.0, "fpr": 0.0, "negatives": 400, "attack": "loss"}, {"loss": auc}, utility)
+
+
+def test_the_weakest_setting_within_the_floor_interval_is_chosen():
+    points = [planted("memguard", 0.01, 0.58), planted("memguard", 0.1, 0.530),
+              planted("memguard", 0.5, 0.5239),  # the first at or below the interval's upper end 0.524
+              planted("memguard", 1.0, 0.516), planted("memguard", 2.0, 0.519),
+              planted("label_only", None, 0.50)]  # another defense never counts
+    chosen, closest = choose(points, FLOOR, "memguard")
+    assert chosen.setting == 0.5
+    assert closest.setting == 1.0
+
+
+def test_a_setting_that_changes_labels_is_not_eligible():
+    points = [planted("purifier", 0.05, 0.52, agreement=0.98), planted("purifier", 0.1, 0.523)]
+    chosen, _ = choose(points, FLOOR, "purifier")
+    assert chosen.setting == 0.1
+
+
+def test_a_grid_that_never_reaches_the_floor_reports_the_closest():
+    points = [planted("memguard", 0.01, 0.58), planted("memguard", 0.1, 0.53), planted("memguard", 1.0, 0.53)]
+    chosen, closest = choose(points, FLOOR, "memguard")
+    assert chosen is None
+    assert closest.setting == 0.1  # ties go to the weaker setting
+
+
+def test_the_floor_is_the_strongest_label_only_attack():
+    def entry(family, auc):
+        return {"family": family, "auc": auc, "ci95": {"auc": [auc - 0.01, auc + 0.01]},
+                "tpr_at_fpr": {"0.01": {"tpr": 0.02}}}
+
+    report = {"attacks": {"gap": entry("confidence", 0.515), "label_augment": entry("label_only", 0.53),
+                          "loss": entry("confidence", 0.6)}}
+    assert label_only_floor(report) == Floor("label_augment", 0.53, (0.52, 0.54), 0.02)
+    del report["attacks"]["label_augment"]
+    assert label_only_floor(report).attack == "gap"
+    with pytest.raises(ConfigError, match="no label-only attack"):
+        label_only_floor({"attacks": {"loss": entry("confidence", 0.6)}})
+
+
+@pytest.mark.parametrize(("name", "text", "order"), [
+    ("memguard", "1,0.01,0.1,0.1", [0.01, 0.1, 1.0]),
+    ("top_k", "1,3,2", [3, 2, 1]),  # fewer scores kept = stronger
+    ("round", "0,3", [3, 0]),
+    ("purifier", "none,0.5,0.05", [0.05, 0.5, None]),  # no cap is the strongest
+])
+def test_grids_run_from_the_weakest_setting(name, text, order):
+    assert knob(name).parse(text) == order
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("top_k", "2,x", "'x' is not an integer"),
+    ("memguard", "nan", "not a finite number"),
+    ("memguard", " , ", "at least one epsilon"),
+])
+def test_bad_grid_text_is_named(name, text, message):
+    with pytest.raises(ConfigError, match=message):
+        knob(name).parse(text)
+
+
+def test_label_only_has_no_budget():
+    with pytest.raises(ConfigError, match="label_only has no budget to tune"):
+        knob("label_only")
+
+
+def test_at_setting_copies_and_checks_with_the_defenses_own_rules():
+    top = TopK(k=3)
+    two = at_setting(top, 2)
+    assert (top.k, two.k) == (3, 2)
+    p = np.array([[0.5, 0.3, 0.15, 0.05]])
+    np.testing.assert_allclose(two.transform(p), [[0.625, 0.375, 0.0, 0.0]])
+    with pytest.raises(ConfigError, match=r"k: must be an integer >= 1"):
+        at_setting(top, 0)
+    with pytest.raises(ConfigError, match=r"decimals: must be an integer in 0\.\.15"):
+        at_setting(Rounded(), -1)
+    noise = Noise(kind="gaussian", scale=0.01, secret=b"s" * 16)
+    louder = at_setting(noise, 0.1)
+    assert (louder.kind, louder.scale, noise.scale) == ("gaussian", 0.1, 0.01)
+    assert set(KNOBS) == {"memguard", "purifier", "top_k", "round", "noise"}
