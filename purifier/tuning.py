@@ -255,10 +255,18 @@ def _result(args, k, grid, baselines, attacks, data, sweep, chosen, best) -> dic
         "floor": sweep.floor.as_dict(), "undefended": sweep.undefended.as_dict(),
         "points": [p.as_dict() for p in sweep.points],
         "chosen": None if chosen is None else chosen.as_dict(),
-        "reached_floor": chosen is not None, "closest": best.as_dict(),
+        "reached_floor": chosen is not None, "closest": best.as_dict(), "saturated": _saturated(sweep.points, args.defense),
         "rule": "the weakest setting whose best confidence attack AUC is at most the upper end of the label-only "
                 "floor's 95% bootstrap interval, with every predicted label kept",
     }
+
+
+def _saturated(points, defense_name: str) -> bool:
+    """The two strongest settings of the grid gave the same answers (MemGuard past the largest
+    Phase I distance, say): a stronger setting would change nothing."""
+    own = [p for p in points if p.defense == defense_name]
+    return len(own) > 1 and own[-1].utility["l1_nonmembers"] == own[-2].utility["l1_nonmembers"] \
+        and own[-1].best_auc == own[-2].best_auc
 
 
 def _verdict(result: dict) -> list[str]:
@@ -275,7 +283,9 @@ def _verdict(result: dict) -> list[str]:
         lines.append(f"no {result['defense']} setting in the grid reaches the floor: the closest is {b['label']} "
                      f"(best confidence attack AUC {b['best_auc']:.3f} [{b['best_auc_ci95'][0]:.3f}, "
                      f"{b['best_auc_ci95'][1]:.3f}], real-traffic L1 {b['utility']['l1_nonmembers']['mean']:.4f}); "
-                     "extend --grid toward stronger settings")
+                     + ("its strongest settings answer alike, so a stronger one would change nothing: this defense "
+                        "does not reach the floor on this model" if result["saturated"]
+                        else "extend --grid toward stronger settings"))
     return lines
 
 

@@ -84,6 +84,7 @@ def test_a_grid_that_never_reaches_the_floor_says_so_and_writes_nothing(
                 "--secret-file", str(secret_file), "--quiet") == 1
     captured = capsys.readouterr()
     assert "no memguard setting in the grid reaches the floor: the closest is eps 0.3" in captured.out
+    assert "extend --grid toward stronger settings" in captured.out
     assert f"nothing written to {memguard_dir}" in captured.err
     assert (memguard_dir / "defense.json").read_bytes() == before
     result = json.loads((out / "tune.json").read_text())
@@ -196,3 +197,15 @@ def test_record_files_and_a_new_write_to_directory(digits_target, secret_file, t
     defense = load_defense(written, model_id=digits_target.model_id)
     assert defense.decimals == 2 and defense.fingerprint is not None
     assert read_defense_manifest(written)["tuned"]["value"] == 2
+
+
+def test_a_saturated_defense_is_told_apart_from_a_short_grid(digits_target, memguard_dir, secret_file, tmp_path,
+                                                             monkeypatch, capsys):
+    """The planted sweep answers alike at the two strongest settings (0.53, same L1): MemGuard past
+    its largest Phase I distance, where a stronger epsilon changes nothing."""
+    monkeypatch.setattr(sw, "sweep_points", planted_sweep({("memguard", 1.0): 0.53, ("memguard", 2.0): 0.53}))
+    assert tune("memguard", "--target", str(digits_target.directory), "--defense-dir", str(memguard_dir),
+                "--grid", "0.1,1,2", "--out", str(tmp_path / "r"), "--baselines", "none", "--quiet") == 1
+    out = capsys.readouterr().out
+    assert "the closest is eps 1 " in out and "a stronger one would change nothing" in out
+    assert json.loads((tmp_path / "r" / "tune.json").read_text())["saturated"] is True
