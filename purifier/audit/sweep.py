@@ -127,7 +127,8 @@ class Knob:
         return sorted(values, reverse=self.stronger_when == "smaller")
 
     def parse(self, text: str) -> list:
-        """A comma-separated grid from the command line, checked by the defense's own constructor."""
+        """A comma-separated grid from the command line, weakest first (the values themselves are
+        checked by the defense's own constructor, `at_setting`)."""
         values = []
         for item in (s.strip() for s in text.split(",")):
             if not item:
@@ -198,7 +199,9 @@ def setting_label(defense_name: str, value) -> str:
 @dataclass(frozen=True)
 class SweepPoint:
     """One audited setting. `best_*` is the strongest confidence attack by AUC (TPR at 1% FPR is
-    the largest over the confidence attacks); `utility` is `evaluation.output_utility`."""
+    the largest over the confidence attacks), each as an attacker uses it (`attacker_view`: an
+    inverted signal is flipped, and named so); `auc` per attack likewise; `utility` is
+    `evaluation.output_utility`."""
 
     defense: str
     setting: object
@@ -226,21 +229,40 @@ class SweepPoint:
         return asdict(self)
 
 
-def point_from_report(report: dict, defense_name: str, setting, clean: np.ndarray, defended: np.ndarray,
-                      labels: np.ndarray, membership: np.ndarray) -> SweepPoint:
-    """A `SweepPoint` from an audit report and the answers it audited."""
-    attacks = report["attacks"]
+def attacker_view(name: str, entry: dict, audit) -> tuple[float, tuple[float, float], dict, bool]:
+    """(AUC, its 95% interval, TPR at 1% FPR entry, flipped) of one attack as an attacker uses it.
+
+    An attack whose AUC interval lies below 0.5 found a real signal with the wrong sign (MemGuard's
+    noise does this to the NN attack); an attacker flips it, so its negated score counts. The
+    runner's `inverted` entry is used where the report has one; otherwise the flipped figures come
+    from the scores (AUC and its interval mirror exactly; TPR is recomputed)."""
+    lo, hi = entry["ci95"]["auc"]
+    if hi >= 0.5:
+        return entry["auc"], (lo, hi), entry["tpr_at_fpr"]["0.01"], False
+    if "inverted" in entry:
+        src = entry["inverted"]
+        return src["auc"], tuple(src["ci95"]["auc"]), src["tpr_at_fpr"]["0.01"], True
+    t = ev.tpr_at_fpr(-audit.outcomes[name].scores, audit.membership, 0.01)
+    return 1.0 - entry["auc"], (1.0 - hi, 1.0 - lo), {"tpr": t.tpr, "fpr": t.fpr, "negatives": t.negatives}, True
+
+
+def point_from_audit(audit, defense_name: str, setting, clean: np.ndarray, defended: np.ndarray,
+                     labels: np.ndarray) -> SweepPoint:
+    """A `SweepPoint` from an audit (`runner.Audit`) and the answers it audited (N, C)."""
+    attacks = audit.report["attacks"]
     conf = [n for n, a in attacks.items() if a["family"] == "confidence" and n != "gap"]
     if not conf:
         raise ConfigError("the sweep ran no confidence attack")
-    best = max(conf, key=lambda n: attacks[n]["auc"])
-    top = max(conf, key=lambda n: attacks[n]["tpr_at_fpr"]["0.01"]["tpr"])
-    t = attacks[top]["tpr_at_fpr"]["0.01"]
-    return SweepPoint(defense_name, setting, setting_label(defense_name, setting), best, attacks[best]["auc"],
-                      tuple(attacks[best]["ci95"]["auc"]),
-                      {"tpr": t["tpr"], "fpr": t["fpr"], "negatives": t["negatives"], "attack": top},
-                      {n: attacks[n]["auc"] for n in conf},
-                      ev.output_utility(clean, defended, labels, membership))
+    views = {n: attacker_view(n, attacks[n], audit) for n in conf}
+    best = max(conf, key=lambda n: views[n][0])
+    top = max(conf, key=lambda n: views[n][2]["tpr"])
+    t = views[top][2]
+    return SweepPoint(defense_name, setting, setting_label(defense_name, setting),
+                      best + (" (flipped)" if views[best][3] else ""), views[best][0], views[best][1],
+                      {"tpr": t["tpr"], "fpr": t["fpr"], "negatives": t["negatives"],
+                       "attack": top + (" (flipped)" if views[top][3] else "")},
+                      {n: views[n][0] for n in conf},
+                      ev.output_utility(clean, defended, labels, audit.membership))
 
 
 @dataclass
@@ -253,11 +275,9 @@ class Sweep:
     points: list[SweepPoint]
 
 
-def _eval_rows(data) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    X = np.concatenate([data.members.X, data.nonmembers.X])
-    y = np.concatenate([data.members.y, data.nonmembers.y])
-    membership = np.r_[np.ones(len(data.members), bool), np.zeros(len(data.nonmembers), bool)]
-    return X, y, membership
+def _eval_rows(data) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation records in the runner's order (members, then non-members): X (N, D), y (N,)."""
+    return np.concatenate([data.members.X, data.nonmembers.X]), np.concatenate([data.members.y, data.nonmembers.y])
 
 
 def sweep_points(data, access: TargetAccess, variants: Sequence[tuple[str, object, object]], config: AuditConfig,
@@ -277,12 +297,12 @@ def sweep_points(data, access: TargetAccess, variants: Sequence[tuple[str, objec
     from dataclasses import replace
 
     cache = AnswerCache(access)
-    X, y, membership = _eval_rows(data)
+    X, y = _eval_rows(data)
     total = len(variants) + 1
     first = replace(config, attacks=tuple(dict.fromkeys((*config.attacks, *floor_attacks()))))
     base = run_audit(data, DefendedAccess(cache), first, None, shadows=shadows)
     clean = DefendedAccess(cache).query(X)
-    undefended = point_from_report(base.report, "none", None, clean, clean, y, membership)
+    undefended = point_from_audit(base, "none", None, clean, clean, y)
     floor = label_only_floor(base.report)
     if progress:
         progress(1, total, "undefended")
@@ -290,7 +310,7 @@ def sweep_points(data, access: TargetAccess, variants: Sequence[tuple[str, objec
     for i, (name, setting, defense) in enumerate(variants, start=2):
         access_i = DefendedAccess(cache, defense)
         audit = run_audit(data, access_i, config, name, shadows=base.shadows, fitted=base.fitted)
-        points.append(point_from_report(audit.report, name, setting, clean, access_i.query(X), y, membership))
+        points.append(point_from_audit(audit, name, setting, clean, access_i.query(X), y))
         if progress:
             progress(i, total, f"{name} {setting_label(name, setting)}")
     return Sweep(undefended, base.report, floor, points)
@@ -312,4 +332,4 @@ def choose(points: Sequence[SweepPoint], floor: Floor, defense_name: str) -> tup
 
 __all__ = ["BASELINE_GRIDS", "CONFIDENCE_ATTACKS", "KNOBS", "AnswerCache", "DefendedAccess", "Floor", "Knob",
            "Sweep", "SweepPoint", "at_setting", "choose", "floor_attacks", "knob", "label_only_floor",
-           "point_from_report", "setting_label", "sweep_points"]
+           "attacker_view", "point_from_audit", "setting_label", "sweep_points"]

@@ -8,6 +8,7 @@ from purifier.audit.sweep import (
     Floor,
     SweepPoint,
     at_setting,
+    attacker_view,
     choose,
     knob,
     label_only_floor,
@@ -101,3 +102,26 @@ def test_at_setting_copies_and_checks_with_the_defenses_own_rules():
     louder = at_setting(noise, 0.1)
     assert (louder.kind, louder.scale, noise.scale) == ("gaussian", 0.1, 0.01)
     assert set(KNOBS) == {"memguard", "purifier", "top_k", "round", "noise"}
+
+
+def test_an_inverted_signal_counts_flipped_as_an_attacker_would_use_it():
+    from types import SimpleNamespace
+
+    from purifier import evaluation as ev
+
+    rng = np.random.default_rng(0)
+    membership = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    scores = rng.normal(size=600) - 0.5 * membership  # members score lower: a signal with the wrong sign
+    auc = ev.roc_auc(scores, membership)
+    lo, hi = ev.bootstrap_ci(ev.roc_auc, scores, membership, 50, 0)
+    assert hi < 0.5
+    t = ev.tpr_at_fpr(scores, membership, 0.01)
+    entry = {"auc": auc, "ci95": {"auc": [lo, hi]},
+             "tpr_at_fpr": {"0.01": {"tpr": t.tpr, "fpr": t.fpr, "negatives": 300}}}
+    audit = SimpleNamespace(outcomes={"nn": SimpleNamespace(scores=scores)}, membership=membership)
+    value, ci, tpr, flipped = attacker_view("nn", entry, audit)
+    assert flipped and value == pytest.approx(ev.roc_auc(-scores, membership)) and value > 0.6
+    assert ci == pytest.approx((1 - hi, 1 - lo))
+    assert tpr["tpr"] == ev.tpr_at_fpr(-scores, membership, 0.01).tpr > t.tpr
+    entry["ci95"]["auc"] = [0.45, 0.51]  # an interval that reaches 0.5: no real signal to flip
+    assert attacker_view("nn", entry, audit) == (auc, (0.45, 0.51), entry["tpr_at_fpr"]["0.01"], False)
