@@ -57,8 +57,13 @@ class Floor:
 
 
 def label_only_floor(report: dict) -> Floor:
-    """The label-only floor of an audit report: the largest AUC among the label-only attacks it ran
-    (the gap attack included). The one place a sweep reads the floor from."""
+    """The label-only floor of an audit report: the runner's own `label_only_floor` where the report
+    has one (the strongest label-only attack per metric), else the largest AUC among the label-only
+    attacks it ran (the gap attack included). The one place a sweep reads the floor from."""
+    runner = report.get("label_only_floor")
+    if isinstance(runner, dict) and "auc" in runner:
+        auc, tpr = runner["auc"], runner.get("0.01") or {}
+        return Floor(auc["attack"], auc["value"], tuple(auc["ci95"]), tpr.get("value", 0.0))
     entries = {n: a for n, a in report["attacks"].items() if n == "gap" or a["family"] == "label_only"}
     if not entries:
         raise ConfigError("the audit ran no label-only attack, so there is no floor to tune against")

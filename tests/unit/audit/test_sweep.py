@@ -59,6 +59,10 @@ def test_the_floor_is_the_strongest_label_only_attack():
     assert label_only_floor(report) == Floor("label_augment", 0.53, (0.52, 0.54), 0.02)
     del report["attacks"]["label_augment"]
     assert label_only_floor(report).attack == "gap"
+    runner_floor = {"auc": {"attack": "label_calibrated", "value": 0.54, "ci95": [0.53, 0.55], "inverted": False},
+                    "0.01": {"attack": "label_calibrated", "value": 0.03, "tpr": 0.03}}
+    assert label_only_floor({**report, "label_only_floor": runner_floor}) == \
+        Floor("label_calibrated", 0.54, (0.53, 0.55), 0.03)  # the runner's own floor wins where it has one
     with pytest.raises(ConfigError, match="no label-only attack"):
         label_only_floor({"attacks": {"loss": entry("confidence", 0.6)}})
 
