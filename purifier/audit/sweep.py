@@ -33,8 +33,10 @@ from purifier.audit.access import TargetAccess
 from purifier.audit.runner import AuditConfig, run_audit
 from purifier.errors import ConfigError
 
-# the confidence attacks of a sweep: cheap once the shadows exist (no extra queries per setting)
-CONFIDENCE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn")
+# the confidence attacks of a sweep, fitted once on the shadows: the metric attacks and NN cost no
+# extra query per setting, RMIA (the strongest on digits: AUC 0.606 undefended, 0.542 under MemGuard
+# at epsilon 1, where the best of the others reads 0.524) asks about its population records too
+CONFIDENCE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn", "rmia")
 
 
 def floor_attacks() -> tuple[str, ...]:
