@@ -89,6 +89,8 @@ bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_abuse.py --target $(BENCH_WORK)/target \
+	  --defense-dir $(BENCH_WORK)/defenses/memguard --secret-file $(BENCH_WORK)/secret.txt
 	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
 	$(MAKE) slim-venv
