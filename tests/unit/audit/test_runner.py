@@ -209,3 +209,16 @@ def test_shadow_fallbacks_name_only_choices_forced_by_too_few_shadows():
     assert got == {"lira_online": "4 shadows < 16: one global variance",
                    "rmia": "offline: only 3% of records have >= 2 IN and OUT",
                    "label_calibrated": "threshold: fixed rule (one shadow: nothing to hold out)"}
+
+
+def test_attacks_fitted_once_score_a_later_audit_like_freshly_fitted_ones(digits_target, audits):
+    plain, _ = audits
+    access = InProcessTarget(digits_target, Flatten())
+    config = AuditConfig(("gap", "mentr", "nn_label", "lira_online"), **FAST)
+    fresh = run_audit(digits_target, access, config, "none", shadows=plain.shadows)
+    reused = run_audit(digits_target, access, config, "none", shadows=plain.shadows, fitted=plain.fitted)
+    assert set(plain.fitted) == set(config.attacks)
+    assert all(reused.fitted[n] is plain.fitted[n] for n in config.attacks)
+    for name in config.attacks:
+        np.testing.assert_array_equal(reused.outcomes[name].scores, fresh.outcomes[name].scores)
+        assert reused.report["attacks"][name]["auc"] == fresh.report["attacks"][name]["auc"]
