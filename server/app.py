@@ -122,12 +122,9 @@ class Sidecar:
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
-            from grpc_reflection.v1alpha import reflection
+            from purifier_server.reflection import enable_reflection
 
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
-            # our stubs live in a private descriptor pool (see proto/generate.py)
-            reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
+            enable_reflection(self.server, SERVICE_NAME)
         address = f"{s.host}:{s.port}"
         try:
             if credentials is None:

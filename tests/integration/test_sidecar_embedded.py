@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -178,8 +179,19 @@ def test_health_reflection_and_metrics(sidecar, client, digits_target, rows):
         )
 
         db = ProtoReflectionDescriptorDatabase(channel)
-        assert "inference.GRPCInferenceService" in db.get_services()
+        services = set(db.get_services())
+        assert services == {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+                            "grpc.reflection.v1alpha.ServerReflection"}
         assert db.FindFileContainingSymbol("inference.ModelInferRequest").name == "grpc_service.proto"
+        # every advertised service resolves to its methods and their message types (what grpcurl does)
+        pool = descriptor_pool.DescriptorPool(db)
+        for name in services:
+            assert pool.FindServiceByName(name).methods
+        check = pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
+        assert check.input_type.full_name == "grpc.health.v1.HealthCheckRequest"
+        assert "status" in check.output_type.fields_by_name
+        config = pool.FindServiceByName("inference.GRPCInferenceService").methods_by_name["ModelConfig"]
+        assert config.output_type.full_name == "inference.ModelConfigResponse"
 
     def scrape():
         text = urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5).read().decode()
