@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, sidecar_settings, venv_python
+from model_servers import EXAMPLES, ROOT, ModelServer, free_port, sidecar_settings, venv_python
 
 from purifier_server.app import BackgroundSidecar
 
@@ -31,12 +31,12 @@ MODEL = "digits"
 SERVERS = ("triton", "kserve")
 
 
-def server_process(kind: str, onnx, root) -> ServerProcess:
+def server_process(kind: str, onnx, root) -> ModelServer:
     grpc_port, http_port = free_port(), free_port()
     script = {"triton": "triton_onnx.py", "kserve": "kserve_onnx.py"}[kind]
     cmd = [str(venv_python(kind)), str(EXAMPLES / script), str(onnx), "--name", MODEL,
            "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    return ServerProcess(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
+    return ModelServer(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
 
 
 @pytest.fixture(scope="module", params=SERVERS)

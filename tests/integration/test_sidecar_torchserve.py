@@ -19,7 +19,7 @@ import pytest
 from model_servers import (
     EXAMPLES,
     ROOT,
-    ServerProcess,
+    ModelServer,
     free_port,
     model_ready,
     sidecar_settings,
@@ -47,7 +47,7 @@ def torchserve(digits_target, tmp_path_factory):
            "--name", MODEL, "--workdir", str(root), "--grpc-port", str(port), "--management-grpc-port",
            str(free_port()), "--ports", str(free_port()), str(free_port()), str(free_port()),
            "--worker-port", str(free_port())]
-    with ServerProcess("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE) as server:
+    with ModelServer("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE) as server:
         yield server
 
 
