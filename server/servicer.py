@@ -25,7 +25,14 @@ from purifier import __version__
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.batcher import Batcher
-from purifier_server.codec import check_request_layout, decode_inputs, extract, rewrite, softmax
+from purifier_server.codec import (
+    check_request_layout,
+    decode_inputs,
+    extract,
+    rewrite,
+    softmax,
+    with_contents,
+)
 from purifier_server.errors import (
     BadRequest,
     BadUpstreamOutput,
@@ -35,6 +42,7 @@ from purifier_server.errors import (
     status_for,
 )
 from purifier_server.metrics import SidecarMetrics
+from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
@@ -65,7 +73,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                  batcher: Batcher, metrics: SidecarMetrics, model_version: str = ""):
         self.settings = settings
         self.model_name = model_name
-        self.versions = frozenset({"", model_version or settings.model_version})
+        self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
+        self.encoding = settings.upstream_encoding
         self.confidence_output = confidence_output
         self.keep = frozenset(settings.allow_outputs)
         self.upstream = upstream
@@ -77,15 +86,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- validation -----------------------------------------------------------------------------
 
-    def _check_model(self, name: str, version: str) -> None:
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions a request may name besides "" (model_description.accepted_versions)."""
+        return accepted_versions(self.model_version, getattr(self.upstream, "versions", ()))
+
+    async def _check_model(self, name: str, version: str) -> None:
         if name != self.model_name:
             raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
-        if version not in self.versions:
-            raise UnknownModel(f"model {name!r} version {version!r} is not served here; "
-                               f"use {' or '.join(repr(v) for v in sorted(self.versions))}")
+        if not version or version in self.versions:
+            return
+        if not self.model_version:  # perhaps advertised since the upstream's last metadata answer
+            try:
+                await self.upstream.model_metadata(self.model_name, "")
+            except UpstreamFailed:
+                pass
+            if version in self.versions:
+                return
+        accepted = ("", *self.versions)
+        raise UnknownModel(f"model {name!r} version {version!r} is not served here; use "
+                           f"{' or '.join(repr(v) for v in accepted)}"
+                           + ("" if self.model_version else " (or set model_version)"))
 
-    def _validate(self, request) -> None:
-        self._check_model(request.model_name, request.model_version)
+    def answer_version(self, requested: str, upstream_answer: str) -> str:
+        """The version an answer names: the requested one, else the upstream's if accepted."""
+        if requested:
+            return requested
+        return upstream_answer if upstream_answer in self.versions else self.model_version
+
+    async def _validate(self, request) -> None:
+        await self._check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
         if "classification" in request.parameters:
@@ -136,13 +166,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def _infer(self, request, context, t0):
-        self._validate(request)
+        await self._validate(request)
         inputs = None
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
         t1 = time.perf_counter()
-        response, trailing = await self.upstream.infer(request, context.time_remaining(),
+        forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
+        response, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
                                                        forwardable(context.invocation_metadata()))
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)
         index, probs = extract(response, self.confidence_output)
@@ -154,6 +185,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rewrite(response, index, defended, self.keep, raw_request=len(request.raw_input_contents) > 0)
         response.id = request.id
         response.model_name = request.model_name
+        response.model_version = self.answer_version(request.model_version, response.model_version)
         if trailing := forwardable(trailing):
             context.set_trailing_metadata(trailing)
         return response
@@ -168,7 +200,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         try:
-            self._check_model(request.name, request.version)
+            await self._check_model(request.name, request.version)
         except UnknownModel:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self.upstream.ready(request.name, request.version))
@@ -176,15 +208,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
 
-    async def ModelMetadata(self, request, context):
+    async def _described(self, request, context, config: bool):
         try:
-            self._check_model(request.name, request.version)
+            await self._check_model(request.name, request.version)
             meta = await self.upstream.model_metadata(request.name, request.version)
+            own = await self.upstream.model_config(request.name, request.version) if config else None
         except Exception as e:
             code, message, _ = status_for(e)
             await context.abort(code, message)
-        served = self.keep | {self.confidence_output}
-        answer = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform,
-                                          inputs=meta.inputs)
-        answer.outputs.extend(o for o in meta.outputs if o.name in served)
-        return answer
+        served = (self.confidence_output, *sorted(self.keep - {self.confidence_output}))
+        if not config:
+            return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
+        return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
+                             self.settings.max_request_rows, own, platform=meta.platform,
+                             backend=getattr(self.upstream, "backend", ""))
+
+    async def ModelMetadata(self, request, context):
+        return await self._described(request, context, config=False)
+
+    async def ModelConfig(self, request, context):
+        """Triton's ModelConfig (perf_analyzer asks for it first), described by model_description."""
+        return pb.ModelConfigResponse(config=await self._described(request, context, config=True))

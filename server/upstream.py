@@ -61,13 +61,20 @@ class Upstream(Protocol):
 
     async def model_metadata(self, name: str, version: str): ...
 
+    async def model_config(self, name: str, version: str):
+        """The upstream's own ModelConfig (Triton's extension), or None when it serves none."""
+
     async def close(self) -> None: ...
 
 
 class RemoteUpstream:
-    """An OIP v2 gRPC server at `target` ("host:port") exposing `service`."""
+    """An OIP v2 gRPC server at `target` ("host:port") exposing `service`.
+
+    `versions` holds the versions its last ModelMetadata answer advertised.
+    """
 
     model_id = None
+    versions: tuple[str, ...] = ()
 
     def __init__(self, target: str, service: str, default_timeout: float):
         self.target = target
@@ -81,6 +88,7 @@ class RemoteUpstream:
         self._infer = method("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse)
         self._ready = method("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse)
         self._metadata = method("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse)
+        self._config = method("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
 
     async def infer(self, request, timeout, metadata):
         call = self._infer(request, timeout=self.default_timeout if timeout is None else timeout,
@@ -100,9 +108,18 @@ class RemoteUpstream:
 
     async def model_metadata(self, name, version):
         try:
-            return await self._metadata(pb.ModelMetadataRequest(name=name, version=version), timeout=5.0)
+            meta = await self._metadata(pb.ModelMetadataRequest(name=name, version=version), timeout=5.0)
         except grpc.aio.AioRpcError as e:
             raise UpstreamFailed(f"upstream: {e.details()}", e.code()) from None
+        self.versions = tuple(meta.versions)
+        return meta
+
+    async def model_config(self, name, version):
+        # KServe, MLServer and TorchServe do not implement it (UNIMPLEMENTED): then None
+        try:
+            return (await self._config(pb.ModelConfigRequest(name=name, version=version), timeout=5.0)).config
+        except grpc.aio.AioRpcError:
+            return None
 
     async def close(self):
         await self._channel.close()
@@ -125,6 +142,8 @@ class EmbeddedUpstream:
     """
 
     version = "1"
+    versions = ("1",)
+    backend = "onnxruntime"
 
     def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu"):
         from purifier.models.onnx_runner import OnnxClassifier
@@ -204,6 +223,9 @@ class EmbeddedUpstream:
 
         return pb.ModelMetadataResponse(name=self.name, versions=[self.version], platform=self.platform,
                                         inputs=[spec(s) for s in self.inputs], outputs=[spec(s) for s in self.outputs])
+
+    async def model_config(self, name, version):
+        return None  # described from the graph's inputs and outputs (model_description)
 
     async def close(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
