@@ -214,3 +214,20 @@ def test_health_reflection_and_metrics(sidecar, client, digits_target, rows):
     assert after["purifier_upstream_up"].samples[0].value == 1
     released = after["purifier_noise_released_rows"].samples[0].value
     assert released - before["purifier_noise_released_rows"].samples[0].value == 3 * len(rows)
+
+
+def test_model_config_and_versions_of_the_embedded_model(sidecar, client, digits_target, rows):
+    """perf_analyzer's calls: ModelMetadata, ModelConfig (synthesized from the graph: a batching
+    model capped at max_request_rows, the confidence output only), then an inference under the
+    advertised version, whose answer names it."""
+    meta = client.get_model_metadata(sidecar.model_name)
+    assert list(meta.versions) == ["1"] and [o.name for o in meta.outputs] == ["probabilities"]
+    config = client.get_model_config(sidecar.model_name, "1").config
+    assert config.max_batch_size == MAX_ROWS and config.platform == "onnxruntime_onnx"
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [rows.shape[1]])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("probabilities", [10])]
+    answer = client.infer(sidecar.model_name, [triton_input(rows)], model_version="1")
+    assert answer.get_response().model_version == "1"
+    assert client.get_model_config(sidecar.model_name).config == config
+    with pytest.raises(InferenceServerException, match="version '2'"):
+        client.get_model_config(sidecar.model_name, "2")
