@@ -38,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
     return run(Settings.resolve(flags, config=args.config))
 
 
-SERVE_FLAGS = ("model", "upstream", "upstream_service", "model_name", "model_version", "model_id", "defense",
+SERVE_FLAGS = ("model", "upstream", "upstream_service", "upstream_contents", "model_name", "model_version", "model_id", "defense",
                "defense_dir", "secret_file", "confidence_output", "confidence_kind", "host", "port",
                "metrics_host", "metrics_port", "max_request_rows", "max_batch_rows", "max_wait_ms", "device",
                "reflection", "grace_s", "upstream_timeout_s", "health_poll_s", "log_level", "tls_cert_file",
@@ -53,6 +53,8 @@ def _add_serve(sub) -> None:
     backend.add_argument("--upstream", metavar="HOST:PORT", help="an OIP v2 gRPC server (Triton, KServe, MLServer)")
     p.add_argument("--upstream-service", help="upstream gRPC service (default inference.GRPCInferenceService; "
                    "TorchServe: org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
+    p.add_argument("--upstream-contents", choices=("auto", "raw", "typed"),
+                   help="how inputs travel upstream (default auto: typed for TorchServe, as sent otherwise)")
     p.add_argument("--model-name", help="the model clients ask for (required with --upstream)")
     p.add_argument("--model-version", help="model version accepted besides ''")
     p.add_argument("--model-id", help="with --upstream: ONNX sha256 the defense must have been fitted for")
