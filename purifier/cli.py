@@ -28,68 +28,20 @@ def _train_target(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # the only place the library touches the server package, imported lazily
+    # the only place the library touches the server package, imported lazily; the flags are
+    # generated from the server's Settings fields, so they are parsed there too
     from purifier_server.app import run
-    from purifier_server.settings import Settings
+    from purifier_server.settings import parse_arguments
 
-    flags = {name: getattr(args, name) for name in SERVE_FLAGS}
-    if args.allow_output is not None:
-        flags["allow_outputs"] = tuple(args.allow_output)
-    return run(Settings.resolve(flags, config=args.config))
-
-
-SERVE_FLAGS = ("model", "upstream", "upstream_service", "upstream_contents", "model_name", "model_version", "model_id", "defense",
-               "defense_dir", "secret_file", "confidence_output", "confidence_kind", "host", "port",
-               "metrics_host", "metrics_port", "max_request_rows", "max_batch_rows", "max_wait_ms", "device",
-               "reflection", "grace_s", "upstream_timeout_s", "health_poll_s", "log_level", "tls_cert_file",
-               "tls_key_file", "tls_client_ca_file", "auth_token_file")
+    return run(parse_arguments(args.serve_args))
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="run the gRPC sidecar (OIP v2) in front of a model server or an ONNX model",
-                       description="Settings: flags > PURIFIER_<SETTING> environment > --config TOML > defaults.")
-    backend = p.add_mutually_exclusive_group()
-    backend.add_argument("--model", help="embedded backend: a target directory or an .onnx file")
-    backend.add_argument("--upstream", metavar="HOST:PORT", help="an OIP v2 gRPC server (Triton, KServe, MLServer)")
-    p.add_argument("--upstream-service", help="upstream gRPC service (default inference.GRPCInferenceService; "
-                   "TorchServe: org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
-    p.add_argument("--upstream-contents", choices=("auto", "raw", "typed"),
-                   help="how inputs travel upstream (default auto: typed for TorchServe, as sent otherwise)")
-    p.add_argument("--model-name", help="the model clients ask for (required with --upstream)")
-    p.add_argument("--model-version", help="model version accepted besides ''")
-    p.add_argument("--model-id", help="with --upstream: ONNX sha256 the defense must have been fitted for")
-    from purifier.defenses import REGISTRY as DEFENSES
-
-    p.add_argument("--defense", choices=list(DEFENSES), help="default none")
-    p.add_argument("--defense-dir", help="fitted defense directory (from purifier fit-defense)")
-    p.add_argument("--secret-file", help="PRF secret file (else $PURIFIER_SECRET / $PURIFIER_SECRET_FILE)")
-    p.add_argument("--confidence-output", help="output holding the confidences (embedded: from model.json)")
-    p.add_argument("--logits", dest="confidence_kind", action="store_const", const="logits",
-                   help="the confidence output holds logits: softmax before defending")
-    p.add_argument("--allow-output", action="append", metavar="NAME",
-                   help="pass another output through undefended (repeatable; never a logits output)")
-    p.add_argument("--host", help="listen address (default 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default 8001; 0 = any free port)")
-    p.add_argument("--metrics-host", help="metrics address (default 127.0.0.1)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 8002; -1 = off)")
-    p.add_argument("--max-request-rows", type=int, help="rows per request (default 4096)")
-    p.add_argument("--max-batch-rows", type=int, help="rows per defense call (default 256)")
-    p.add_argument("--max-wait-ms", type=float, help="wait for more rows before defending (default 0)")
-    from purifier.devices import DEVICES
-
-    p.add_argument("--device", choices=list(DEVICES), help="embedded model device (default cpu)")
-    p.add_argument("--reflection", action="store_true", default=None, help="enable gRPC server reflection")
-    p.add_argument("--grace", dest="grace_s", type=float, help="seconds to drain on SIGTERM (default 5)")
-    p.add_argument("--upstream-timeout", dest="upstream_timeout_s", type=float,
-                   help="upstream deadline when the caller sets none (default 30 s)")
-    p.add_argument("--health-poll", dest="health_poll_s", type=float, help="upstream readiness poll (default 1 s)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--tls-cert", dest="tls_cert_file", help="PEM certificate chain: serve TLS")
-    p.add_argument("--tls-key", dest="tls_key_file", help="PEM private key for --tls-cert")
-    p.add_argument("--tls-client-ca", dest="tls_client_ca_file", help="PEM CA: require client certificates (mTLS)")
-    p.add_argument("--auth-token-file", dest="auth_token_file",
-                   help="file with the bearer token clients must send (health checks stay open)")
-    p.add_argument("--config", help="TOML settings file (keys as in the [serve] table)")
+    # a pass-through: building the real parser would import the server package for every command
+    p = sub.add_parser("serve", add_help=False, prefix_chars="\0",
+                       help="run the gRPC sidecar (OIP v2) in front of a model server or an ONNX model "
+                            "(purifier serve --help lists its flags)")
+    p.add_argument("serve_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_serve)
 
 

@@ -1,12 +1,21 @@
-"""Build and run the sidecar: gRPC server, health, reflection, metrics endpoint, graceful stop.
+"""Build and run the sidecar: gRPC server, limits, health, model checks, metrics endpoint, graceful stop.
 
 Operations follow the conventions of OIP v2 model servers (REFERENCE.md section 5):
 grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only while the
-defense is loaded and the upstream model answers ModelReady (polled, and dropped at once when a
-request finds the upstream unavailable); reflection is off unless asked for; SIGTERM marks the
-server NOT_SERVING, refuses new calls and lets in-flight ones finish within `grace_s`; Prometheus
-metrics live on their own HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual
-TLS and bearer tokens are in security.py.
+defense is loaded, the upstream model answers ModelReady (polled; a request that finds the
+upstream unavailable triggers a poll at once, but one request's failure never flips health by
+itself) and the model passed `preflight.check_model` since its last (re)connection; reflection is
+off unless asked for; SIGTERM marks the server NOT_SERVING, ends health Watch streams (health.py),
+refuses new calls and lets in-flight calls finish within `grace_s`; Prometheus metrics live on their own
+HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual TLS and bearer tokens are
+in security.py.
+
+Resources are bounded before a byte is parsed: the receive limit is derived from
+`max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
+size too (gRPC stops inflating a gzip message at the limit: RESOURCE_EXHAUSTED), callers
+without the bearer token are refused before their message is read or inflated and the HTTP/2
+receive window stays at 64 KiB per stream (no BDP probing), at most
+`max_concurrent_rpcs` calls run at once and at most `max_queued_rows` rows wait for the defense.
 """
 
 from __future__ import annotations
@@ -15,45 +24,73 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2_grpc
 
-from purifier.defenses import Defense, IdentityDefense, load_defense
+from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
-from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.batcher import Batcher
+from purifier_server.codec import DTYPES
+from purifier_server.errors import NotServing, RequestError, UpstreamFailed
+from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
 from purifier_server.metrics import SidecarMetrics
+from purifier_server.preflight import ModelCheck, ModelRefused, check_model
 from purifier_server.security import BearerAuth, read_token, server_credentials
-from purifier_server.servicer import InferenceServicer
+from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from purifier_server.settings import Settings
-from purifier_server.upstream import INT32_MAX, EmbeddedUpstream, RemoteUpstream
+from purifier_server.upstream import EmbeddedUpstream, RemoteUpstream, TensorSpec
 
 log = logging.getLogger("purifier_server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.max_receive_message_length", INT32_MAX),
-    ("grpc.so_reuseport", 0),  # port 0 and fixed ports must never be shared with another process
-]
+# Request size when nothing says how wide a row is (a remote upstream that is down at start-up and
+# a defense without a fingerprint); --max-request-bytes sets it explicitly.
+FALLBACK_REQUEST_BYTES = 64 << 20
+HEADROOM_BYTES = 64 << 10
+# Upper bound on the bytes one element takes in a typed (InferTensorContents) request: varints of
+# negative int8/16/32 values take 10 bytes, packed floats their own size.
+TYPED_ELEMENT_BYTES = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 5, "UINT64": 10, "INT8": 10, "INT16": 10,
+                       "INT32": 10, "INT64": 10, "FP16": 2, "FP32": 4, "FP64": 8}
+
+
+def request_limit(settings: Settings, inputs: list[TensorSpec], defense: Defense) -> tuple[int, str]:
+    """(largest request message in bytes, how it was derived).
+
+    max_request_rows x the row size of all inputs (each element at its largest encoding, raw or
+    typed) + 64 KiB for names, shapes and parameters. The row size comes from the model's inputs
+    (embedded, or a remote upstream's ModelMetadata), else from the defense fingerprint's width
+    (FP64), else the 64 MiB fallback.
+    """
+    if settings.max_request_bytes:
+        return settings.max_request_bytes, "max_request_bytes"
+    row = None
+    if inputs and all(s.datatype in DTYPES and all(d >= 0 for d in s.shape[1:]) for s in inputs):
+        row = sum(math.prod(s.shape[1:]) * TYPED_ELEMENT_BYTES[s.datatype] for s in inputs)
+        how = "the model's inputs"
+    elif defense.fingerprint is not None:
+        row, how = defense.fingerprint.n_features * 8, "the defense fingerprint's width"
+    if row is None:
+        return FALLBACK_REQUEST_BYTES, "fallback (set max_request_bytes)"
+    return settings.max_request_rows * row + HEADROOM_BYTES, f"max_request_rows x row size from {how}"
 
 
 def load_configured_defense(settings: Settings, model_id: str | None) -> Defense:
-    """The defense named in settings, bound to the model identity (mismatch: ArtifactError)."""
-    if settings.defense == "none":
+    """The defense named in settings (or in the directory's defense.json), bound to the model identity."""
+    name = settings.defense
+    if settings.defense_dir is None:
         return IdentityDefense()
-    secret = load_secret(file=settings.secret_file)
+    if name is None:
+        name = read_defense_manifest(settings.defense_dir)["defense"]
+        log.info("defense inferred from defense.json", extra={"defense": name, "defense_dir": settings.defense_dir})
+    secret = load_secret(file=settings.secret_file) if name != "none" else None
     defense = load_defense(settings.defense_dir, secret, model_id)
-    if defense.name != settings.defense:
-        raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, "
-                          f"not {settings.defense!r}")
+    if defense.name != name:
+        raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
     return defense
 
 
@@ -62,6 +99,7 @@ class Sidecar:
 
     `defense`, `upstream` and `registry` may be injected (tests, embedders); otherwise they are
     built from `settings`. After `start()`, `port` and `metrics_port` hold the bound ports.
+    Implements the servicer's `Readiness` (`refusal`, `upstream_suspect`).
     """
 
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
@@ -73,53 +111,60 @@ class Sidecar:
         self.metrics_port: int | None = None
         self._metrics_server = None
         self._poller: asyncio.Task | None = None
+        self._poke = asyncio.Event()
         self.server: grpc.aio.Server | None = None
         self._stopped = False
+        self._serving: bool | None = None        # what health says
+        self._verified: int | None = None        # upstream generation the model check passed for
+        self._refused: str | None = None         # why the model was refused, until it is not ready again
+
+    # --- start-up -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
         if self._upstream is None:
             if s.embedded:
-                self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device)
+                self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
             else:
-                self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s)
+                self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s,
+                                                name=s.model_name, version=s.model_version,
+                                                confidence_output=s.confidence_output)
         upstream = self._upstream
-        model_id = getattr(upstream, "model_id", None) or s.model_id
+        model_id = upstream.model_id or s.model_id
         if self._defense is None:
             self._defense = load_configured_defense(s, model_id)
         elif model_id and self._defense.model_id and self._defense.model_id != model_id:
             raise ConfigError(f"defense: fitted for model {self._defense.model_id[:12]}..., "
                               f"the upstream is {model_id[:12]}...")
-        if s.embedded:
-            name, version = upstream.name, upstream.version
-            output = s.confidence_output or upstream.confidence_output
-            specs = {o.name: o for o in upstream.outputs}
-            if output not in specs:
-                raise ConfigError(f"confidence_output: the model has no output {output!r}; "
-                                  f"choose from {', '.join(specs)}")
-            classes = specs[output].shape[-1] if specs[output].shape else -1
-            if self._defense.n_classes and classes > 0 and classes != self._defense.n_classes:
-                raise ConfigError(f"defense: fitted for {self._defense.n_classes} classes, the model's "
-                                  f"{output!r} has {classes}")
-        else:
-            name, version, output = s.model_name, s.model_version, s.confidence_output
-            if s.defense != "none" and not model_id:
-                log.warning("no model_id given: cannot check that the defense was fitted for the upstream's "
-                            "model (set --model-id to the ONNX sha256)", extra={"model": name})
-        self.model_name, self.model_version = name, version
         self.defense = self._defense
+        self.model_name = upstream.name
+        self.model_version = upstream.version
+        output = s.confidence_output or upstream.confidence_output
+        self.check = ModelCheck(self.model_name, self.model_version, output, s.confidence_kind == "logits",
+                                s.allow_outputs, use_fingerprint=not (s.model_id and not s.embedded))
+        if s.embedded or await upstream.ready(self.model_name, self.model_version):
+            await self._check_model(at_start=True)
+        else:
+            log.warning("upstream not ready at start-up: the model is checked when it becomes ready",
+                        extra={"model": self.model_name, "upstream": s.upstream})
+        limit, how = request_limit(s, upstream.inputs, self._defense)
 
-        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics)
+        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
         self.batcher.start()
-        self.servicer = InferenceServicer(s, name, output, upstream, self.batcher, self.metrics, version)
-        self.servicer.on_upstream_unavailable = lambda: self._set_health(False)
-
+        self.servicer = InferenceServicer(s, self.model_name, output, upstream, self.batcher, self.metrics,
+                                          self.model_version, readiness=self)
         token = read_token(s)
         credentials = server_credentials(s)
-        self.server = grpc.aio.server(options=SERVER_OPTIONS,
+        options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
+                   # the HTTP/2 receive window stays at its initial 64 KiB per stream: with BDP probing
+                   # it grew to megabytes, and 8 MB payloads from callers without the token were
+                   # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
+                   ("grpc.http2.bdp_probe", 0),
+                   ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs,
                                       interceptors=[BearerAuth(token)] if token is not None else None)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
-        self.health = health_aio.HealthServicer()
+        add_to_server(self.servicer, self.server)
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
             from purifier_server.reflection import enable_reflection
@@ -136,8 +181,7 @@ class Sidecar:
         if not self.port:
             raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host)")
         await self.server.start()
-        self._upstream_ready = None
-        await self._set_health(await upstream.ready(name, version))
+        await self._set_health(self._verified == upstream.generation and self._refused is None)
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="upstream-health")
         if s.metrics_port >= 0:
             from prometheus_client import start_http_server
@@ -145,24 +189,81 @@ class Sidecar:
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_address[1]
         log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
-                                           "model": name, "defense": self._defense.name,
-                                           "upstream": s.upstream or s.model})
+                                           "model": self.model_name, "defense": self._defense.name,
+                                           "upstream": s.upstream or s.model, "max_request_bytes": limit,
+                                           "max_request_bytes_from": how})
 
-    async def _set_health(self, ready: bool) -> None:
-        if ready == self._upstream_ready:
+    async def _check_model(self, at_start: bool = False) -> None:
+        """Run the model check; record the generation it passed for, or why it refused the model.
+
+        At start-up a refusal is raised (purifier serve exits 2); later it is logged once and
+        health stays NOT_SERVING. An upstream that does not answer leaves the model unverified.
+        """
+        generation = self._upstream.generation
+        try:
+            note, warn = await check_model(self._upstream, self._defense, self.check)
+        except ModelRefused as e:
+            if at_start:
+                raise
+            if str(e) != self._refused:
+                log.error(f"upstream model refused: {e}", extra={"model": self.model_name})
+            self._refused, self._verified = str(e), generation
             return
-        self._upstream_ready = ready
-        self.metrics.upstream_up.set(1 if ready else 0)
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        except (UpstreamFailed, TimeoutError) as e:
+            if at_start and self.settings.embedded:
+                raise
+            log.warning("upstream model check did not complete; retrying at the next poll",
+                        extra={"model": self.model_name, "error": str(e)})
+            return
+        self._refused, self._verified = None, generation
+        log.log(logging.WARNING if warn else logging.INFO, f"upstream model checked: {note}",
+                extra={"model": self.model_name})
+
+    # --- health ---------------------------------------------------------------------------------
+
+    def refusal(self) -> RequestError | None:
+        """None while the upstream model is verified for its current connection; else why not."""
+        if self._refused is not None:
+            return NotServing("the upstream model was refused by the sidecar's model check; see the sidecar log")
+        if self._verified != self._upstream.generation:
+            self._poke.set()
+            return NotServing("the upstream model is not verified yet; retry shortly")
+        return None
+
+    def upstream_suspect(self) -> None:
+        """A request found the upstream unavailable: probe readiness now (health follows the probe)."""
+        self._poke.set()
+
+    async def _set_health(self, serving: bool) -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        self.metrics.upstream_up.set(1 if serving else 0)
+        status = SERVING if serving else NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
-        log.info("upstream ready" if ready else "upstream not ready", extra={"model": self.model_name})
+        log.info("serving" if serving else "not serving", extra={"model": self.model_name})
+
+    async def _poll_once(self) -> None:
+        upstream = self._upstream
+        ready = await upstream.ready(self.model_name, self.model_version)
+        if not ready:
+            self._verified, self._refused = None, None  # check again when it is back
+        elif self._verified != upstream.generation:
+            await self._check_model()
+        await self._set_health(ready and self._verified == upstream.generation and self._refused is None)
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.health_poll_s)
-            with contextlib.suppress(Exception):
-                await self._set_health(await self._upstream.ready(self.model_name, self.model_version))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.settings.health_poll_s)
+            self._poke.clear()
+            try:
+                await self._poll_once()
+            except Exception:  # the poller must survive anything; health stays as it was
+                log.exception("health poll failed", extra={"model": self.model_name})
+
+    # --- shutdown -------------------------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight calls finish within `grace` seconds."""
@@ -183,7 +284,8 @@ class Sidecar:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("sidecar stopped")
+        if self.port:
+            log.info("sidecar stopped")
 
 
 class BackgroundSidecar:

@@ -6,8 +6,13 @@ little-endian, row-major blob per tensor, in tensor order; then no tensor may al
 contents). FP16 only travels raw. tritonclient's `as_numpy` reads raw outputs only, so the
 sidecar answers raw whenever the request was raw (REFERENCE.md section 5).
 
-Every decode checks the declared shape against the data it got and raises `BadRequest` (client
-input) or `BadUpstreamOutput` (the upstream's answer) naming the tensor and the mismatch.
+Upstream answers are *read*, never edited: `read_answer` validates the whole message (one data
+representation per tensor, datatype and byte length consistent, unique names, the request's
+row count, finite confidences) and returns arrays; `build_response` constructs the client's
+answer from scratch out of arrays, so nothing else of the upstream message (other fields, stray
+typed fields, unknown protobuf fields, parameters) can ride along. Request decodes raise
+`BadRequest` naming the tensor and the mismatch; upstream decodes raise `BadUpstreamOutput`
+with a fixed category for the client and the detail for the log.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 
 import numpy as np
 
+from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.errors import BadRequest, BadUpstreamOutput
 
 # datatype -> little-endian numpy dtype
@@ -24,7 +30,7 @@ DTYPES: dict[str, np.dtype] = {
     "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
-DATATYPE_OF = {np.dtype(np.float16): "FP16", np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64"}
+DATATYPE_OF = {dt: name for name, dt in DTYPES.items()}
 # datatype -> InferTensorContents field (FP16 has none: raw only)
 TYPED_FIELD = {
     "BOOL": "bool_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
@@ -35,8 +41,24 @@ CONFIDENCE_DATATYPES = ("FP16", "FP32", "FP64")
 MAX_ELEMENTS = 1 << 31
 
 
-def _has_typed(tensor) -> bool:
-    return tensor.HasField("contents") and tensor.contents.ByteSize() > 0
+class _UpstreamError:
+    """Adapts `BadUpstreamOutput(reason, detail)` to the `error(message)` calls of `decode_tensor`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, detail: str) -> BadUpstreamOutput:
+        return BadUpstreamOutput(self.reason, detail)
+
+
+_MALFORMED = _UpstreamError("malformed tensor")
+
+
+def _typed_fields(tensor) -> list[str]:
+    """Names of the InferTensorContents fields that hold values."""
+    if not tensor.HasField("contents"):
+        return []
+    return [f.name for f, _ in tensor.contents.ListFields()]
 
 
 def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.ndarray:
@@ -46,6 +68,9 @@ def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.
         tensor: an InferInputTensor or InferOutputTensor message.
         raw: its raw blob, or None if the message uses typed contents.
         what: how to name the tensor in error messages.
+        error: the exception type (or factory) to raise, given one message.
+    Exactly one representation is accepted: the raw blob, or the one typed field of the
+    tensor's datatype; anything else beside it is an error.
     """
     dt = DTYPES.get(tensor.datatype)
     if dt is None:
@@ -55,9 +80,12 @@ def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.
     if any(d < 0 for d in shape):
         raise error(f"{what}: shape {list(shape)} has a negative dimension")
     n = math.prod(shape)
-    if n > MAX_ELEMENTS:
+    if n > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):  # [0, 2**40] is empty, yet numpy refuses it
         raise error(f"{what}: shape {list(shape)} has {n} elements (limit {MAX_ELEMENTS})")
+    typed = _typed_fields(tensor)
     if raw is not None:
+        if typed:
+            raise error(f"{what}: typed contents ({', '.join(typed)}) beside raw contents; use one or the other")
         if len(raw) != n * dt.itemsize:
             raise error(f"{what}: shape {list(shape)} of {tensor.datatype} needs {n * dt.itemsize} bytes, "
                         f"raw contents has {len(raw)}")
@@ -65,6 +93,9 @@ def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.
     field = TYPED_FIELD.get(tensor.datatype)
     if field is None:
         raise error(f"{what}: {tensor.datatype} travels only as raw contents")
+    stray = [f for f in typed if f != field]
+    if stray:
+        raise error(f"{what}: {', '.join(stray)} beside {field}; a {tensor.datatype} tensor uses {field} only")
     values = getattr(tensor.contents, field)
     if len(values) != n:
         raise error(f"{what}: shape {list(shape)} needs {n} values, {field} has {len(values)}")
@@ -79,7 +110,7 @@ def check_request_layout(request) -> None:
     if n_raw != len(request.inputs):
         raise BadRequest(f"raw_input_contents has {n_raw} entries for {len(request.inputs)} inputs")
     for t in request.inputs:
-        if _has_typed(t):
+        if _typed_fields(t):
             raise BadRequest(f"input {t.name!r}: typed contents mixed with raw_input_contents; use one or the other")
 
 
@@ -112,6 +143,10 @@ def with_contents(request, typed: bool):
             raise BadRequest(f"input {tensor.name!r}: {tensor.datatype} travels only raw, and the upstream reads "
                              "typed contents only (upstream_contents); send another datatype")
     return out
+def request_rows(request) -> int:
+    """The request's row count: the first dimension of its first input (a scalar input is one row)."""
+    shape = request.inputs[0].shape
+    return int(shape[0]) if len(shape) else 1
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -123,53 +158,71 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z.astype(logits.dtype)
 
 
-def extract(response, name: str) -> tuple[int, np.ndarray]:
-    """The confidence output of an upstream response: (its index, (N, C) float array)."""
-    index = next((i for i, o in enumerate(response.outputs) if o.name == name), None)
-    if index is None:
-        got = ", ".join(o.name for o in response.outputs) or "none"
-        raise BadUpstreamOutput(f"upstream response has no output {name!r} (outputs: {got})")
-    tensor = response.outputs[index]
-    if tensor.datatype not in CONFIDENCE_DATATYPES:
-        raise BadUpstreamOutput(f"upstream output {name!r} is {tensor.datatype}, "
-                                f"expected one of {', '.join(CONFIDENCE_DATATYPES)}")
-    raw = response.raw_output_contents
-    if raw and len(raw) != len(response.outputs):
-        raise BadUpstreamOutput(f"upstream response has {len(raw)} raw blobs for {len(response.outputs)} outputs")
-    array = decode_tensor(tensor, raw[index] if raw else None, f"upstream output {name!r}", BadUpstreamOutput)
-    if array.ndim != 2 or array.shape[1] < 2:
-        raise BadUpstreamOutput(f"upstream output {name!r} has shape {list(array.shape)}, expected [N, C>=2]")
-    return index, array
+def read_answer(response, confidence: str | None, wanted: list[str], rows: int) -> dict[str, np.ndarray]:
+    """Validate an upstream ModelInferResponse and decode the outputs the client gets.
 
-
-def _to_raw(tensor) -> bytes:
-    return decode_tensor(tensor, None, f"upstream output {tensor.name!r}", BadUpstreamOutput).tobytes()
-
-
-def rewrite(response, index: int, defended: np.ndarray, keep: frozenset[str], raw_request: bool) -> None:
-    """Replace output `index` with `defended` (N, C) in place and drop outputs not in `keep`.
-
-    The response stays raw if it was raw and becomes raw if the request was raw; typed otherwise.
-    The defended tensor keeps its datatype.
+    Args:
+        confidence: the confidence output's name; it must be present (None: not asked for).
+        wanted: names of the other outputs to return (already allowed by the caller); each must
+            be present and not floating point.
+        rows: the request's row count; every returned output must have it as first dimension.
+    Returns:
+        name -> array; the confidence output is (rows, C>=2), float16/32/64, finite.
+    Raises:
+        BadUpstreamOutput with a fixed category (client text) and the detail (log text).
     """
     outputs = response.outputs
-    was_raw = len(response.raw_output_contents) > 0
-    drop = [i for i, o in enumerate(outputs) if i != index and o.name not in keep]
-    for i in reversed(drop):
-        del outputs[i]
-        if was_raw:
-            del response.raw_output_contents[i]
-    index -= sum(1 for i in drop if i < index)
-    tensor = outputs[index]
-    blob = np.ascontiguousarray(defended, dtype=DTYPES[tensor.datatype]).tobytes()
-    if was_raw:
-        response.raw_output_contents[index] = blob
-    elif raw_request:
-        blobs = [blob if i == index else _to_raw(o) for i, o in enumerate(outputs)]
-        for o in outputs:
-            o.ClearField("contents")
-        response.raw_output_contents.extend(blobs)
-    else:
-        field = TYPED_FIELD[tensor.datatype]
-        tensor.contents.ClearField(field)
-        getattr(tensor.contents, field).extend(defended.ravel())
+    raw = response.raw_output_contents
+    if raw and len(raw) != len(outputs):
+        raise BadUpstreamOutput("malformed response", f"{len(raw)} raw blobs for {len(outputs)} outputs")
+    names = [o.name for o in outputs]
+    if len(set(names)) != len(names):
+        raise BadUpstreamOutput("malformed response", f"duplicate output names {names}")
+    index = {name: i for i, name in enumerate(names)}
+    arrays = {}
+    for name in [confidence, *wanted] if confidence is not None else wanted:
+        if name not in index:
+            raise BadUpstreamOutput("missing output", f"no output {name!r} (outputs: {', '.join(names) or 'none'})")
+        tensor = outputs[index[name]]
+        is_confidence = name == confidence
+        if is_confidence and tensor.datatype not in CONFIDENCE_DATATYPES:
+            raise BadUpstreamOutput("confidence output not floating point",
+                                    f"output {name!r} is {tensor.datatype}, expected one of "
+                                    f"{', '.join(CONFIDENCE_DATATYPES)}")
+        if not is_confidence and tensor.datatype in CONFIDENCE_DATATYPES:
+            raise BadUpstreamOutput("allowed output is floating point",
+                                    f"output {name!r} is {tensor.datatype}: a floating-point output beside the "
+                                    "confidences is not passed through")
+        array = decode_tensor(tensor, raw[index[name]] if raw else None, f"upstream output {name!r}", _MALFORMED)
+        if array.ndim == 0 or array.shape[0] != rows:
+            raise BadUpstreamOutput("row count differs from the request",
+                                    f"output {name!r} has shape {list(array.shape)}, the request has {rows} rows")
+        arrays[name] = array
+    if confidence is None:
+        return arrays
+    probs = arrays[confidence]
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        raise BadUpstreamOutput("malformed tensor", f"output {confidence!r} has shape {list(probs.shape)}, "
+                                "expected [N, C>=2]")
+    if not np.isfinite(probs).all():
+        raise BadUpstreamOutput("non-finite confidences", f"output {confidence!r} holds NaN or Inf")
+    return arrays
+
+
+def build_response(request_id: str, model_name: str, model_version: str, outputs: dict[str, np.ndarray],
+                   raw: bool) -> pb.ModelInferResponse:
+    """A new ModelInferResponse holding `outputs` (name -> array, in order) and nothing else.
+
+    Raw when `raw` or when a tensor is FP16 (which has no typed field); typed otherwise. Each
+    tensor keeps its array's datatype.
+    """
+    response = pb.ModelInferResponse(model_name=model_name, model_version=model_version, id=request_id)
+    raw = raw or any(a.dtype == np.float16 for a in outputs.values())
+    for name, array in outputs.items():
+        datatype = DATATYPE_OF[array.dtype]
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(np.ascontiguousarray(array, DTYPES[datatype]).tobytes())
+        else:
+            getattr(tensor.contents, TYPED_FIELD[datatype]).extend(array.ravel())
+    return response

@@ -71,8 +71,12 @@ class SidecarMetrics:
                                       registry=r)
         self.label_changed = Counter("purifier_label_changed_rows_total",
                                      "Rows whose argmax the defense changed (label swapper only)", registry=r)
-        self.upstream_up = Gauge("purifier_upstream_up", "1 if the upstream model was ready at the last poll",
-                                 registry=r)
+        self.upstream_up = Gauge("purifier_upstream_up", "1 if the upstream model was ready and verified at the "
+                                 "last poll", registry=r)
+        self.queued_rows = Gauge("purifier_defense_queued_rows", "Rows waiting for the defense", registry=r)
+        self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
+                                         "Upstream answers refused before the defense, by reason", ["reason"],
+                                         registry=r)
         self.upstream_stage = self.stage.labels("upstream")
         self.defense_stage = self.stage.labels("defense")
         self.total_stage = self.stage.labels("total")

@@ -49,32 +49,41 @@ def read_token(settings: Settings) -> bytes | None:
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (constant-time comparison)."""
+    """Rejects calls without `authorization: Bearer <token>` (constant-time comparison).
+
+    The scheme is matched case-insensitively (RFC 7235 section 2.1). A refused call is answered
+    by a client-streaming handler that aborts before reading the request: the message is never
+    assembled, decompressed or parsed, so a caller without the token cannot make the sidecar
+    allocate for its payload.
+    """
 
     def __init__(self, token: bytes):
-        self._expected = b"Bearer " + token
+        self._token = token
 
     def _authorized(self, metadata) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
                 got = value if isinstance(value, bytes) else value.encode()
-                return hmac.compare_digest(got, self._expected)
+                scheme, _, credentials = got.partition(b" ")
+                # compare the token whatever the scheme, so that timing does not tell which part was wrong
+                ok = hmac.compare_digest(credentials.strip(b" "), self._token)
+                return ok and scheme.lower() == b"bearer"
         return False
 
     async def intercept_service(self, continuation, details):
+        if details.method.startswith(OPEN_METHODS) or self._authorized(details.invocation_metadata):
+            return await continuation(details)
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS) or self._authorized(details.invocation_metadata):
-            return handler
+        if handler is None:
+            return None  # UNIMPLEMENTED, as for an authorized caller: the method list is not a secret
 
-        async def deny(request, context):
+        async def deny(request_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
         async def deny_stream(request_iterator, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-            yield  # pragma: no cover  (makes this an async generator, as stream handlers must be)
+            yield  # pragma: no cover  (makes this an async generator, as streaming handlers must be)
 
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny_stream)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny_stream)
-        return grpc.unary_unary_rpc_method_handler(deny)
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        return grpc.stream_unary_rpc_method_handler(deny)

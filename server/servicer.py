@@ -1,12 +1,26 @@
-"""The sidecar's `inference.GRPCInferenceService`: validate -> upstream -> extract -> defend -> encode.
+"""The sidecar's `inference.GRPCInferenceService`: validate -> upstream -> read -> defend -> construct.
 
 Open Inference Protocol (KServe v2) over gRPC, answered for exactly one model (the one whose
-confidence vectors the defense was fitted for). `ModelInfer` refuses what would bypass the
-defense (Triton's `classification` output parameter, any `shared_memory_*` parameter, outputs
-that are not the defended one unless allowed), forwards the request with the caller's deadline
-and metadata, rewrites the confidence output with the defense (MemGuard, Jia et al. CCS 2019;
-PURIFIER, Yang et al. AAAI 2023) and answers with the same id, model name, version and
-parameters. Any failure on the way is a gRPC error: an undefended vector is never returned.
+confidence vectors the defense was fitted for). `ModelInfer`:
+
+1. parses the request itself (an undecodable message is INVALID_ARGUMENT, counted and logged)
+   and refuses what would bypass the defense (Triton's `classification` parameter, any
+   `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
+   exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
+2. forwards the request with the caller's deadline and application metadata;
+3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
+   request's row count, finite confidences: anything else is an error, nothing of it returned);
+4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
+   through the batcher;
+5. constructs a new response: the defended tensor and allowed outputs in the request's
+   representation, the request's id, model name and version, the allow-listed response
+   parameters, and the allow-listed trailing metadata. Nothing else of the upstream's message.
+
+Any failure is a gRPC error whose text comes from `errors.status_for` (fixed sentences for
+whatever the upstream said): an undefended vector is never returned.
+
+To serve another method, implement it here and list it in `METHODS`; methods not listed are
+UNIMPLEMENTED (repository, shared-memory, model-control and streaming RPCs stay that way).
 
 Decision on `classification`: refused with INVALID_ARGUMENT rather than emulated, because top-k
 strings are an alternative encoding of the same vector and a client can sort the defended
@@ -17,28 +31,32 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Protocol
 
 import grpc
 import numpy as np
 
 from purifier import __version__
+from purifier.errors import InvalidProbabilities
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.batcher import Batcher
 from purifier_server.codec import (
+    build_response,
     check_request_layout,
     decode_inputs,
-    extract,
-    rewrite,
+    read_answer,
+    request_rows,
     softmax,
     with_contents,
 )
 from purifier_server.errors import (
     BadRequest,
     BadUpstreamOutput,
+    RequestError,
     TooLarge,
     UnknownModel,
     UpstreamFailed,
+    log_detail,
     status_for,
 )
 from purifier_server.metrics import SidecarMetrics
@@ -46,10 +64,14 @@ from purifier_server.model_description import accepted_versions, config_answer, 
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 # Metadata gRPC manages itself or that describes the hop, not the application.
 _HOP_METADATA = ("grpc-", ":")
 _HOP_KEYS = frozenset({"user-agent", "te", "content-type", "authorization", "host"})
+# Upstream failures that a client's NaN/Inf input may have caused: answered INVALID_ARGUMENT then.
+_INPUT_SUSPECT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
+                                  grpc.StatusCode.UNKNOWN})
 
 
 def forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
@@ -66,22 +88,51 @@ def _refused_parameter(params) -> str | None:
     return None
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Serves one defended model. `upstream` and `batcher` are injected (see app.py)."""
+class Readiness(Protocol):
+    """What the servicer asks of the sidecar's health logic (app.Sidecar)."""
+
+    def refusal(self) -> RequestError | None:
+        """None while requests may go upstream; else the error to answer with."""
+
+    def upstream_suspect(self) -> None:
+        """A request found the upstream unavailable: check readiness now (health follows that check)."""
+
+
+class Malformed:
+    """A request message that did not parse (kept so the handler can count, log and answer it)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends: the client's bytes
+            return Malformed(e)
+
+    return parse
+
+
+class InferenceServicer:
+    """Serves one defended model. `upstream`, `batcher` and `readiness` are injected (see app.py)."""
 
     def __init__(self, settings: Settings, model_name: str, confidence_output: str, upstream,
-                 batcher: Batcher, metrics: SidecarMetrics, model_version: str = ""):
+                 batcher: Batcher, metrics: SidecarMetrics, model_version: str = "", *,
+                 readiness: Readiness):
         self.settings = settings
         self.model_name = model_name
         self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
         self.encoding = settings.upstream_encoding
         self.confidence_output = confidence_output
-        self.keep = frozenset(settings.allow_outputs)
+        self.keep = tuple(settings.allow_outputs)
         self.upstream = upstream
         self.batcher = batcher
         self.metrics = metrics
+        self.readiness = readiness
         self.needs_inputs = batcher.defense.needs_inputs
-        self.on_upstream_unavailable = None  # async callback: mark health NOT_SERVING at once
+        self.logits = settings.confidence_kind == "logits"
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
 
     # --- validation -----------------------------------------------------------------------------
@@ -114,7 +165,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return requested
         return upstream_answer if upstream_answer in self.versions else self.model_version
 
-    async def _validate(self, request) -> None:
+    async def _validate(self, request) -> list[str]:
+        """Check the request; returns the output names of the answer, in order."""
+        if isinstance(request, Malformed):
+            log.warning("undecodable request: %s", log_detail(request.error))
+            raise BadRequest("the message is not a valid inference.ModelInferRequest")
         await self._check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
@@ -131,33 +186,37 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise TooLarge(f"input {t.name!r} has {rows} rows; the limit is {self.settings.max_request_rows} "
                                "(max_request_rows)")
         check_request_layout(request)
-        allowed = self.keep | {self.confidence_output}
+        allowed = (self.confidence_output, *self.keep)
+        names = []
         for o in request.outputs:
             if o.name not in allowed:
                 raise BadRequest(f"output {o.name!r} is not served; choose from {', '.join(sorted(allowed))}")
+            if o.name in names:
+                raise BadRequest(f"output {o.name!r} is requested twice")
             if "classification" in o.parameters:
                 raise BadRequest(f"output {o.name!r}: the 'classification' parameter is refused; "
                                  "request the probabilities and take the top-k of the defended vector")
             if (key := _refused_parameter(o.parameters)) is not None:
                 raise BadRequest(f"output {o.name!r}: parameter {key!r} is refused: shared memory would "
                                  "bypass the defense")
+            names.append(o.name)
+        return names
 
     # --- ModelInfer -----------------------------------------------------------------------------
 
     async def ModelInfer(self, request, context):
         t0 = time.perf_counter()
         try:
-            response = await self._infer(request, context, t0)
+            response, trailing = await self._infer(request, context)
         except Exception as e:
             code, message, bug = status_for(e)
             self._outcome[code].inc()
-            if isinstance(e, UpstreamFailed) and code == grpc.StatusCode.UNAVAILABLE and self.on_upstream_unavailable:
-                await self.on_upstream_unavailable()
-            log.log(logging.ERROR if bug else logging.WARNING, "request failed",
+            log.log(logging.ERROR if bug else logging.WARNING, "request failed: %s", log_detail(e),
                     exc_info=e if bug else None,
-                    extra={"request_id": request.id, "model": request.model_name, "code": code.name,
-                           "error": message})
+                    extra={"request_id": getattr(request, "id", None), "code": code.name})
             await context.abort(code, message)
+        if trailing:
+            context.set_trailing_metadata(trailing)
         self._outcome[grpc.StatusCode.OK].inc()
         self.metrics.total_stage.observe(time.perf_counter() - t0)
         if log.isEnabledFor(logging.DEBUG):
@@ -165,50 +224,92 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                                "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return response
 
-    async def _infer(self, request, context, t0):
-        await self._validate(request)
+    async def _infer(self, request, context):
+        requested = await self._validate(request)
+        if (refusal := self.readiness.refusal()) is not None:
+            raise refusal
+        rows = request_rows(request)
         inputs = None
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
         t1 = time.perf_counter()
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
-        response, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
-                                                       forwardable(context.invocation_metadata()))
+        try:
+            upstream_answer, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
+                                                                  forwardable(context.invocation_metadata()))
+        except UpstreamFailed as e:
+            raise await self._upstream_error(e, request) from None
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)
-        index, probs = extract(response, self.confidence_output)
-        if inputs is not None and len(inputs) != len(probs):
-            raise BadUpstreamOutput(f"the request has {len(inputs)} rows but the upstream answered {len(probs)}")
-        if self.settings.confidence_kind == "logits":
-            probs = softmax(probs)
-        defended = await self.batcher.submit(probs, inputs)
-        rewrite(response, index, defended, self.keep, raw_request=len(request.raw_input_contents) > 0)
-        response.id = request.id
-        response.model_name = request.model_name
-        response.model_version = self.answer_version(request.model_version, response.model_version)
-        if trailing := forwardable(trailing):
-            context.set_trailing_metadata(trailing)
-        return response
+        if (refusal := self.readiness.refusal()) is not None:
+            raise refusal  # the answer came over a new connection: perhaps from another model
+        names = requested or [self.confidence_output,
+                              *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
+        confidence = self.confidence_output if self.confidence_output in names else None  # a label alone
+        others = [n for n in names if n != confidence]
+        try:
+            arrays = read_answer(upstream_answer, confidence, others, rows)
+            if confidence is not None:
+                probs = softmax(arrays[confidence]) if self.logits else arrays[confidence]
+                arrays[confidence] = await self.batcher.submit(probs, inputs)
+        except (BadUpstreamOutput, InvalidProbabilities) as e:
+            self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
+            if getattr(e, "reason", None) == "non-finite confidences":
+                _check_finite_inputs(request)
+            raise
+        version = self.answer_version(request.model_version, upstream_answer.model_version)
+        answer = build_response(request.id, request.model_name, version, {n: arrays[n] for n in names},
+                                raw=len(request.raw_input_contents) > 0)
+        for key in self.settings.allow_parameters:
+            if key in upstream_answer.parameters:
+                answer.parameters[key].CopyFrom(upstream_answer.parameters[key])
+        allowed = self.settings.allow_trailers
+        return answer, tuple((k, v) for k, v in trailing if k in allowed) if allowed else ()
+
+    async def _upstream_error(self, e: UpstreamFailed, request) -> RequestError:
+        """What to answer for an upstream error (see errors.UPSTREAM_MESSAGES)."""
+        if e.upstream_code == grpc.StatusCode.NOT_FOUND and not await self.upstream.ready(self.model_name,
+                                                                                         self.model_version):
+            # Triton answers NOT_FOUND while it reloads a model; clients take NOT_FOUND as permanent
+            self.readiness.upstream_suspect()
+            return UpstreamFailed(str(e), grpc.StatusCode.UNAVAILABLE)
+        if e.code == grpc.StatusCode.UNAVAILABLE:
+            self.readiness.upstream_suspect()
+        if e.upstream_code in _INPUT_SUSPECT_CODES:
+            _check_finite_inputs(request)
+        return e
 
     # --- the rest of the protocol ---------------------------------------------------------------
 
+    async def _refuse_malformed(self, request, context) -> None:
+        if isinstance(request, Malformed):
+            log.warning("undecodable request: %s", log_detail(request.error))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the message is not a valid request of this method")
+
     async def ServerLive(self, request, context):
+        await self._refuse_malformed(request, context)
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=await self.upstream.ready(self.model_name, ""))
+        await self._refuse_malformed(request, context)
+        ready = self.readiness.refusal() is None and await self.upstream.ready(self.model_name, "")
+        return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request, context):
+        await self._refuse_malformed(request, context)
         try:
             await self._check_model(request.name, request.version)
         except UnknownModel:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=await self.upstream.ready(request.name, request.version))
+        ready = self.readiness.refusal() is None and await self.upstream.ready(request.name, request.version)
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request, context):
+        await self._refuse_malformed(request, context)
         return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
 
     async def _described(self, request, context, config: bool):
+        await self._refuse_malformed(request, context)
         try:
             await self._check_model(request.name, request.version)
             meta = await self.upstream.model_metadata(request.name, request.version)
@@ -216,7 +317,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as e:
             code, message, _ = status_for(e)
             await context.abort(code, message)
-        served = (self.confidence_output, *sorted(self.keep - {self.confidence_output}))
+        served = (self.confidence_output, *(k for k in self.keep if k != self.confidence_output))
         if not config:
             return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
         return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
@@ -229,3 +330,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         """Triton's ModelConfig (perf_analyzer asks for it first), described by model_description."""
         return pb.ModelConfigResponse(config=await self._described(request, context, config=True))
+
+
+def _check_finite_inputs(request) -> None:
+    """BadRequest when a floating-point input holds NaN or Inf (the client's mistake, not the model's)."""
+    try:
+        arrays = decode_inputs(request)
+    except RequestError:
+        return
+    for tensor, array in zip(request.inputs, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadRequest(f"input {tensor.name!r} holds NaN or Inf, which the model cannot answer; send finite "
+                             "values")
+
+
+# method -> (request type, response type): every method the sidecar serves.
+METHODS = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the methods of METHODS; requests are parsed by the handlers (see `Malformed`)."""
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=_parser(req),
+                                                          response_serializer=resp.SerializeToString)
+                for name, (req, resp) in METHODS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)  # gRPC's fast path for known methods

@@ -5,12 +5,16 @@ config file (`--config` or `$PURIFIER_CONFIG`) > the defaults below. Every value
 `Settings` is built, so a bad value stops start-up with a message that names the field and the
 allowed values instead of failing on the first request.
 
+Each setting is declared once, as a field below: type, default, help and flag (`setting(...)`);
+`purifier serve`'s flags are generated from those declarations (`add_arguments`).
+
 The PRF secret itself is never a setting (it would end up in logs and reprs): only the path of
 the file holding it is; `purifier.defenses.keyed.load_secret` reads it (or `$PURIFIER_SECRET`).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import tomllib
@@ -32,40 +36,75 @@ TORCHSERVE_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 UPSTREAM_CONTENTS = ("auto", "raw", "typed")
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A settings field declared once: its default, its help and how `purifier serve` spells it.
+
+    meta: `flag` (default `--field-name`), `choices`, `metavar`, `group` (mutually exclusive
+    flags), `const` (a flag that stores this constant, such as `--logits`).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `purifier serve` can be told. Exactly one of `model` / `upstream` is set."""
 
-    model: str | None = None              # target directory or bare .onnx: the embedded backend
-    upstream: str | None = None           # HOST:PORT of an OIP v2 gRPC server
-    upstream_service: str = DEFAULT_UPSTREAM_SERVICE  # TorchServe: org.pytorch.serve.grpc.openinference...
-    upstream_contents: str = "auto"       # how inputs travel upstream: raw | typed | auto (typed for TorchServe)
-    model_name: str | None = None         # the one model the sidecar defends (embedded default: dir/file stem)
-    model_version: str = ""               # accepted besides "" (embedded: "1")
-    model_id: str | None = None           # remote: identity the defense must be fitted for (ONNX sha256)
-    defense: str = "none"
-    defense_dir: str | None = None
-    secret_file: str | None = None
-    confidence_output: str | None = None  # embedded default: model.json's confidence_output
-    confidence_kind: str = "probabilities"
-    allow_outputs: tuple[str, ...] = ()   # other outputs passed through; everything else is dropped
-    host: str = "0.0.0.0"
-    port: int = 8001
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 8002              # 0: any free port; -1: no metrics endpoint
-    max_request_rows: int = 4096          # above: RESOURCE_EXHAUSTED
-    max_batch_rows: int = 256             # rows coalesced into one defense call
-    max_wait_ms: float = 0.0              # extra wait for more rows; 0 = batch only what is queued
-    device: str = "cpu"
-    reflection: bool = False
-    grace_s: float = 5.0
-    upstream_timeout_s: float = 30.0      # used when the caller sent no deadline
-    health_poll_s: float = 1.0
-    log_level: str = "info"
-    tls_cert_file: str | None = None      # PEM certificate chain: serve TLS
-    tls_key_file: str | None = None
-    tls_client_ca_file: str | None = None  # PEM CA: require and verify client certificates (mTLS)
-    auth_token_file: str | None = None    # file holding the bearer token clients must send
+    model: str | None = setting(None, "embedded backend: a target directory or an .onnx file", group="backend")
+    upstream: str | None = setting(None, "an OIP v2 gRPC server (Triton, KServe, MLServer, TorchServe)",
+                                   group="backend", metavar="HOST:PORT")
+    upstream_service: str = setting(DEFAULT_UPSTREAM_SERVICE, "upstream gRPC service (TorchServe: "
+                                    "org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
+    upstream_contents: str = setting("auto", "how inputs travel upstream: raw, typed, or auto (typed for "
+                                     "TorchServe, whose OIP service ignores raw contents; as sent otherwise)",
+                                     choices=UPSTREAM_CONTENTS)
+    model_name: str | None = setting(None, "the one model clients ask for (required with --upstream; "
+                                     "embedded: the directory name or file stem)")
+    model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
+    model_id: str | None = setting(None, "with --upstream: sha256 of the ONNX file the defense was fitted for; "
+                                   "overrides the fingerprint check")
+    defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json, "
+                                  "else none)", choices=DEFENSES)
+    defense_dir: str | None = setting(None, "fitted defense directory (from purifier fit-defense)")
+    secret_file: str | None = setting(None, "PRF secret file (else $PURIFIER_SECRET / $PURIFIER_SECRET_FILE)")
+    confidence_output: str | None = setting(None, "output holding the confidences (required with --upstream; "
+                                            "embedded: from model.json)")
+    confidence_kind: str = setting("probabilities", "the confidence output holds logits: softmax before defending",
+                                   flag="--logits", const="logits", choices=CONFIDENCE_KINDS)
+    allow_outputs: tuple[str, ...] = setting((), "pass another output through undefended (repeatable); only "
+                                             "integer or boolean outputs such as a label, never the confidences, "
+                                             "logits or any floating-point output", flag="--allow-output",
+                                             metavar="NAME")
+    allow_parameters: tuple[str, ...] = setting((), "pass this response parameter of the upstream through "
+                                                "(repeatable; none by default)", flag="--allow-parameter",
+                                                metavar="KEY")
+    allow_trailers: tuple[str, ...] = setting((), "pass this trailing-metadata key of the upstream through "
+                                              "(repeatable; none by default)", flag="--allow-trailer",
+                                              metavar="KEY")
+    host: str = setting("0.0.0.0", "listen address")
+    port: int = setting(8001, "gRPC port (0 = any free port)")
+    metrics_host: str = setting("127.0.0.1", "Prometheus endpoint address")
+    metrics_port: int = setting(8002, "Prometheus port (0 = any free port; -1 = off)")
+    max_request_rows: int = setting(4096, "rows per request; above: RESOURCE_EXHAUSTED")
+    max_request_bytes: int = setting(0, "largest request message accepted, in bytes (0 = derived from "
+                                     "max_request_rows x the model's input width)")
+    max_queued_rows: int = setting(16384, "rows waiting for the defense; above: RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = setting(128, "RPCs handled at once; above: RESOURCE_EXHAUSTED")
+    max_batch_rows: int = setting(256, "rows per defense call (larger requests are defended in chunks, "
+                                  "interleaved with other requests)")
+    max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
+    device: str = setting("cpu", "embedded model device", choices=DEVICES)
+    reflection: bool = setting(False, "enable gRPC server reflection")
+    grace_s: float = setting(5.0, "seconds to drain on SIGTERM", flag="--grace")
+    upstream_timeout_s: float = setting(30.0, "upstream deadline when the caller sets none, in seconds",
+                                        flag="--upstream-timeout")
+    health_poll_s: float = setting(1.0, "upstream readiness poll interval, in seconds", flag="--health-poll")
+    log_level: str = setting("info", "log level", choices=LOG_LEVELS)
+    tls_cert_file: str | None = setting(None, "PEM certificate chain: serve TLS", flag="--tls-cert")
+    tls_key_file: str | None = setting(None, "PEM private key for --tls-cert", flag="--tls-key")
+    tls_client_ca_file: str | None = setting(None, "PEM CA: require and verify client certificates (mTLS)",
+                                             flag="--tls-client-ca")
+    auth_token_file: str | None = setting(None, "file with the bearer token clients must send "
+                                          "(health checks stay open)")
 
     def __post_init__(self):
         def fail(field: str, why: str):
@@ -83,12 +122,22 @@ class Settings:
                 fail("model_name", "required with --upstream (the upstream model the sidecar defends)")
             if not self.confidence_output:
                 fail("confidence_output", "required with --upstream (e.g. predict_proba for MLServer sklearn)")
-        if self.defense not in DEFENSES:
+        if self.defense is not None and self.defense not in DEFENSES:
             fail("defense", f"{self.defense!r} is not one of {', '.join(DEFENSES)}")
-        if self.defense != "none" and not self.defense_dir:
+        if self.defense not in (None, "none") and not self.defense_dir:
             fail("defense_dir", f"required with --defense {self.defense} (a directory from purifier fit-defense)")
+        if self.defense == "none" and self.defense_dir:
+            fail("defense", f"'none' contradicts defense_dir {self.defense_dir}: drop --defense none to serve the "
+                            "fitted defense, or drop --defense-dir to serve undefended")
         if self.defense_dir is not None and not Path(self.defense_dir).is_dir():
             fail("defense_dir", f"{self.defense_dir} is not a directory")
+        for name in self.allow_outputs:
+            if name == self.confidence_output:
+                fail("allow_outputs", f"{name!r} is the confidence output: a second, undefended copy of it "
+                                      "would bypass the defense; remove it from allow_outputs")
+            if "logit" in name.lower():
+                fail("allow_outputs", f"{name!r} looks like a logits output, which gives away the undefended "
+                                      "confidences; remove it from allow_outputs")
         if self.confidence_kind not in CONFIDENCE_KINDS:
             fail("confidence_kind", f"{self.confidence_kind!r} is not one of {', '.join(CONFIDENCE_KINDS)}")
         if self.device not in DEVICES:
@@ -99,10 +148,15 @@ class Settings:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
-        for name in ("max_request_rows", "max_batch_rows"):
+        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "grace_s"):
+        # a request larger than one defense call must leave one call's worth of room (batcher.py)
+        needed = self.max_request_rows + (self.max_batch_rows if self.max_request_rows > self.max_batch_rows else 0)
+        if self.max_queued_rows < needed:
+            fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
+                                    "a request of the allowed size could never be queued")
+        for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("upstream_timeout_s", "health_poll_s"):
@@ -225,3 +279,56 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config: unknown key(s) {', '.join(sorted(unknown))} in {path}; "
                           f"valid keys: {', '.join(sorted(known))}")
     return dict(data)
+
+
+# --- `purifier serve`'s command line, generated from the fields above ------------------------------
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    # defaults of 0 / off / none are explained by the help text itself
+    if "const" in f.metadata or f.default in (None, (), "", False, 0) or "default" in text:
+        return text
+    if text.endswith(")"):
+        return f"{text[:-1]}; default {f.default})"
+    return f"{text} (default {f.default})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (`--field-name` unless the field names its own), plus --config."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(Settings):
+        meta = f.metadata
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        kw: dict[str, Any] = {"dest": f.name, "help": _help(f)}
+        kind = _kind(f.name)
+        if "const" in meta:
+            kw.update(action="store_const", const=meta["const"])
+        elif kind == "bool":
+            kw.update(action="store_true", default=None)
+        elif kind == "tuple":
+            kw.update(action="append")
+        else:
+            kw["type"] = {"int": int, "float": float}.get(kind, str)
+            if "choices" in meta:
+                kw["choices"] = list(meta["choices"])
+        if "metavar" in meta:
+            kw["metavar"] = meta["metavar"]
+        target.add_argument(meta.get("flag") or "--" + f.name.replace("_", "-"), **kw)
+    parser.add_argument("--config", help="TOML settings file (keys as in the [serve] table; "
+                        "default $PURIFIER_CONFIG)")
+
+
+def parse_arguments(argv: list[str], env: Mapping[str, str] | None = None, prog: str = "purifier serve") -> Settings:
+    """argv (flags only) -> Settings, merged with the environment (default os.environ) and the config file."""
+    parser = argparse.ArgumentParser(prog=prog, description="Run the gRPC sidecar (OIP v2) in front of a model "
+                                     "server or an ONNX model. Settings: flags > PURIFIER_<SETTING> environment "
+                                     "> --config TOML > defaults.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    flags = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    flags = {k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()}
+    return Settings.resolve(flags, env, config=args.config)

@@ -2,18 +2,22 @@
 
 `RemoteUpstream` talks to any Open Inference Protocol (KServe v2) gRPC server (Triton, KServe,
 MLServer; TorchServe under its own service name `org.pytorch.serve.grpc.openinference.
-GRPCInferenceService`) over one long-lived grpc.aio channel with keepalive and INT32_MAX message
-sizes. The caller's remaining deadline and application metadata are passed on, and because the
-upstream call is awaited inside the handler task, a cancelled client call cancels it too.
+GRPCInferenceService`) over one long-lived grpc.aio channel with keepalive, a bounded answer size,
+and a retry policy for UNAVAILABLE on ModelInfer/ModelMetadata (safe to repeat; gRPC stops at the
+caller's deadline). The caller's remaining deadline and application metadata are passed on, and
+because the upstream call is awaited inside the handler task, a cancelled client call cancels it
+too. It counts (re)connections (`generation`) so that the sidecar checks the model again after
+each one.
 
 `EmbeddedUpstream` runs an ONNX model (a target directory from `purifier train-target`, or a bare
 .onnx) with onnxruntime in a worker thread (ORT releases the GIL, so the event loop keeps serving).
-It answers raw to raw requests and typed to typed ones.
+Its answers are raw: they only travel to the servicer, which builds the client's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +29,11 @@ import numpy as np
 from purifier.artifacts import sha256_file
 from purifier.errors import ArtifactError
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.codec import (
-    DATATYPE_OF,
-    DTYPES,
-    TYPED_FIELD,
-    check_request_layout,
-    decode_inputs,
-)
+from purifier_server.codec import build_response, check_request_layout, decode_inputs
 from purifier_server.errors import BadRequest, UpstreamFailed
 
-INT32_MAX = 2**31 - 1
+MAX_RESPONSE_BYTES = 256 << 20
 CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.max_receive_message_length", INT32_MAX),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -47,15 +43,53 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.enable_retries", 1),
+    ("grpc.per_rpc_retry_buffer_size", 64 << 20),  # larger requests are sent once, not retried
+    # requests are bounded by the sidecar's own receive limit; answers by this (a malformed or
+    # hostile upstream must not make the sidecar allocate without bound)
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
 ]
+# ModelInfer and ModelMetadata are safe to repeat (a pure function of the request), so a call that
+# finds the upstream UNAVAILABLE (a restart, a dropped connection) is retried with backoff; gRPC
+# stops retrying at the caller's deadline. ModelReady is not retried: the readiness probe must see
+# an outage at once.
+RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"]}
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: OIP datatype ("" when it is not a tensor) and shape (-1 = any)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    onnx_type: str = ""  # embedded only: the ONNX type, e.g. seq(map(int64,tensor(float))) for a ZipMap
+
+
 class Upstream(Protocol):
+    """Where the undefended answer comes from. What the sidecar (app.py) relies on:
+
+    name, version: the model served and the version it answers under.
+    confidence_output: the output to defend ("" when it must come from settings).
+    inputs, outputs: TensorSpecs, known after `model_metadata` (embedded: at once).
+    model_id: the ONNX sha256 when the upstream knows it (embedded), else None.
+    generation: grows each time the connection to the upstream is (re)established; the model
+        behind it must be verified again (embedded: always 0).
+    """
+
+    name: str
+    version: str
+    confidence_output: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     model_id: str | None
+    generation: int
 
     async def infer(self, request, timeout: float | None, metadata: Metadata) -> tuple[object, Metadata]:
-        """-> (ModelInferResponse, application metadata to send back)."""
+        """-> (ModelInferResponse, trailing metadata). Errors: UpstreamFailed, BadRequest."""
 
     async def ready(self, name: str, version: str) -> bool: ...
 
@@ -67,19 +101,37 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
+def _specs(tensors) -> list[TensorSpec]:
+    return [TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in tensors]
+
+
 class RemoteUpstream:
     """An OIP v2 gRPC server at `target` ("host:port") exposing `service`.
 
-    `versions` holds the versions its last ModelMetadata answer advertised.
+    Construct it on the running event loop (it watches the channel's connectivity). `versions`
+    holds the versions its last ModelMetadata answer advertised.
+
+    Args:
+        name, version, confidence_output: the model the sidecar defends, from settings.
+        default_timeout: deadline for calls whose caller sent none.
     """
 
     model_id = None
     versions: tuple[str, ...] = ()
 
-    def __init__(self, target: str, service: str, default_timeout: float):
+    def __init__(self, target: str, service: str, default_timeout: float, *, name: str, version: str = "",
+                 confidence_output: str = ""):
         self.target = target
+        self.name, self.version, self.confidence_output = name, version, confidence_output
         self.default_timeout = default_timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.inputs: list[TensorSpec] = []
+        self.outputs: list[TensorSpec] = []
+        self._generation = 0
+        self._connected = False
+        config = {"methodConfig": [{"name": [{"service": service, "method": m} for m in ("ModelInfer", "ModelMetadata")],
+                                    "retryPolicy": RETRY_POLICY}]}
+        options = [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(config))]
+        self._channel = grpc.aio.insecure_channel(target, options=options)
 
         def method(name, req, resp):
             return self._channel.unary_unary(f"/{service}/{name}", request_serializer=req.SerializeToString,
@@ -89,6 +141,29 @@ class RemoteUpstream:
         self._ready = method("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse)
         self._metadata = method("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse)
         self._config = method("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="upstream-connectivity")
+
+    def _observe(self, ready: bool) -> None:
+        if ready and not self._connected:
+            self._generation += 1
+        self._connected = ready
+
+    @property
+    def generation(self) -> int:
+        """How many times the channel has become READY: a restarted upstream may serve another model."""
+        self._observe(self._channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY)
+        return self._generation
+
+    async def _watch(self) -> None:
+        # Catches READY -> (failure) -> READY between two reads of `generation`: every change
+        # away from READY is seen here, even when the channel is READY again by the time it runs.
+        state = self._channel.get_state(try_to_connect=False)
+        while True:
+            await self._channel.wait_for_state_change(state)
+            if state == grpc.ChannelConnectivity.READY:
+                self._observe(False)
+            state = self._channel.get_state(try_to_connect=False)
+            self._observe(state == grpc.ChannelConnectivity.READY)
 
     async def infer(self, request, timeout, metadata):
         call = self._infer(request, timeout=self.default_timeout if timeout is None else timeout,
@@ -97,7 +172,7 @@ class RemoteUpstream:
             response = await call
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as e:
-            raise UpstreamFailed(f"upstream: {e.details()}", e.code()) from None
+            raise UpstreamFailed(f"upstream {e.code().name}: {e.details()}", e.code()) from None
         return response, tuple(trailing or ())
 
     async def ready(self, name, version):
@@ -110,7 +185,8 @@ class RemoteUpstream:
         try:
             meta = await self._metadata(pb.ModelMetadataRequest(name=name, version=version), timeout=5.0)
         except grpc.aio.AioRpcError as e:
-            raise UpstreamFailed(f"upstream: {e.details()}", e.code()) from None
+            raise UpstreamFailed(f"upstream {e.code().name}: {e.details()}", e.code()) from None
+        self.inputs, self.outputs = _specs(meta.inputs), _specs(meta.outputs)
         self.versions = tuple(meta.versions)
         return meta
 
@@ -122,14 +198,9 @@ class RemoteUpstream:
             return None
 
     async def close(self):
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, return_exceptions=True)
         await self._channel.close()
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
 
 
 class EmbeddedUpstream:
@@ -139,13 +210,19 @@ class EmbeddedUpstream:
         model: a target directory (model.onnx + model.json) or an .onnx file.
         name: the model name clients use; default: the directory name or the file stem.
         device: cpu | cuda | auto (onnxruntime providers).
+        large_rows: requests with more rows run in their own lane (see below).
+
+    Two worker threads, one per lane: requests of at most `large_rows` rows and larger ones. A
+    4096-row batch holds a thread for tens of milliseconds; in one first-come-first-served queue a
+    one-row request waited behind every large one queued before it.
     """
 
     version = "1"
     versions = ("1",)
     backend = "onnxruntime"
+    generation = 0
 
-    def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu"):
+    def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu", large_rows: int = 256):
         from purifier.models.onnx_runner import OnnxClassifier
 
         path = Path(model)
@@ -164,12 +241,21 @@ class EmbeddedUpstream:
         self.name = name or (path.name if path.is_dir() else path.stem)
         self.classifier = OnnxClassifier(onnx, device=device)
         session = self.classifier.session
-        self.inputs = [TensorSpec(i.name, _ort_datatype(i.type), _shape(i.shape)) for i in session.get_inputs()]
-        self.outputs = [TensorSpec(o.name, _ort_datatype(o.type), _shape(o.shape)) for o in session.get_outputs()]
+        self.inputs = []
+        for i in session.get_inputs():
+            if _ORT_TYPES.get(i.type) is None:
+                raise ArtifactError(f"model: input {i.name!r} has ONNX type {i.type}, which the sidecar cannot "
+                                    f"decode; supported: {', '.join(_ORT_TYPES)}")
+            self.inputs.append(TensorSpec(i.name, _ORT_TYPES[i.type], _shape(i.shape), i.type))
+        # outputs that are not tensors (a skl2onnx ZipMap) get datatype "": never run, never served
+        self.outputs = [TensorSpec(o.name, _ORT_TYPES.get(o.type, ""), _shape(getattr(o, "shape", None) or ()), o.type)
+                        for o in session.get_outputs()]
         self.confidence_output = (manifest or {}).get("confidence_output") or self.outputs[0].name
         self.platform = "onnxruntime_onnx"
-        # one thread: ORT's own intra-op pool does the parallel work; this keeps the loop free
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort")
+        # ORT releases the GIL in run(), so the lanes and the event loop proceed in parallel
+        self.large_rows = large_rows
+        self._small = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort")
+        self._large = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-ort-large")
 
     def decode(self, request) -> list[np.ndarray]:
         """Check the request against the graph's inputs and decode them."""
@@ -192,26 +278,21 @@ class EmbeddedUpstream:
         return out
 
     async def infer(self, request, timeout, metadata):
+        """Run the graph; the answer is always raw (it only travels to the servicer, which builds
+        the client's answer in the client's representation)."""
         arrays = self.decode(request)
-        known = {s.name for s in self.outputs}
-        wanted = [o.name for o in request.outputs] or [s.name for s in self.outputs]
-        unknown = [n for n in wanted if n not in known]
+        tensors = {s.name for s in self.outputs if s.datatype}
+        wanted = [o.name for o in request.outputs] or [s.name for s in self.outputs if s.datatype]
+        unknown = [n for n in wanted if n not in tensors]
         if unknown:
-            raise BadRequest(f"unknown output(s) {unknown}; the model has {sorted(known)}")
+            raise BadRequest(f"unknown output(s) {unknown}; the model has {sorted(tensors)}")
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self.classifier.session.run, wanted,
+        rows = len(arrays[0]) if arrays[0].ndim else 1
+        lane = self._small if rows <= self.large_rows else self._large
+        results = await loop.run_in_executor(lane, self.classifier.session.run, wanted,
                                              dict(zip([s.name for s in self.inputs], arrays, strict=True)))
-        response = pb.ModelInferResponse(model_name=request.model_name, model_version=self.version, id=request.id)
-        raw = len(request.raw_input_contents) > 0 or any(a.dtype == np.float16 for a in results)
-        for name, array in zip(wanted, results, strict=True):
-            datatype = DATATYPE_OF.get(array.dtype)
-            if datatype is None:
-                raise ArtifactError(f"model output {name!r} has dtype {array.dtype}; expected FP16/32/64")
-            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-            if raw:
-                response.raw_output_contents.append(np.ascontiguousarray(array, DTYPES[datatype]).tobytes())
-            else:  # mirror a typed request, as KServe and MLServer do
-                getattr(tensor.contents, TYPED_FIELD[datatype]).extend(array.ravel())
+        response = build_response(request.id, request.model_name, self.version, dict(zip(wanted, results, strict=True)),
+                                  raw=True)
         return response, ()
 
     async def ready(self, name, version):
@@ -222,23 +303,19 @@ class EmbeddedUpstream:
             return pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
 
         return pb.ModelMetadataResponse(name=self.name, versions=[self.version], platform=self.platform,
-                                        inputs=[spec(s) for s in self.inputs], outputs=[spec(s) for s in self.outputs])
+                                        inputs=[spec(s) for s in self.inputs],
+                                        outputs=[spec(s) for s in self.outputs if s.datatype])
 
     async def model_config(self, name, version):
         return None  # described from the graph's inputs and outputs (model_description)
 
     async def close(self):
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in (self._small, self._large):
+            lane.shutdown(wait=False, cancel_futures=True)
 
 
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
               "tensor(int64)": "INT64", "tensor(int32)": "INT32", "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
-
-
-def _ort_datatype(t: str) -> str:
-    if t not in _ORT_TYPES:
-        raise ArtifactError(f"model: ONNX tensor type {t} is not supported by the sidecar")
-    return _ORT_TYPES[t]
 
 
 def _shape(dims) -> tuple[int, ...]:

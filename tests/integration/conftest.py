@@ -136,12 +136,66 @@ def mlserver(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def zipmap_onnx(tmp_path_factory) -> Path:
+    """skl2onnx's default export of a classifier (4 features, 3 classes): an int64 `output_label`
+    first and the probabilities as a ZipMap (`seq(map(int64, tensor(float)))`)."""
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    model = to_onnx(LogisticRegression().fit(X, np.arange(60) % 3), X[:1])
+    path = tmp_path_factory.mktemp("zipmap") / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 @pytest.fixture
 def digits_rows():
     from sklearn.datasets import load_digits
 
     X, _ = load_digits(return_X_y=True)
     return np.ascontiguousarray(X[1::2][:16] / 16.0, dtype=np.float32)
+
+
+@pytest.fixture
+def upstream():
+    """A started `oip_fake.FakeUpstream` (probs = softmax(x)), stopped after the test."""
+    from oip_fake import FakeUpstream
+
+    fake = FakeUpstream(workers=16).start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def stub(sidecar):
+    """A raw GRPCInferenceService stub for the `sidecar` fixture of the requesting test module."""
+    import grpc
+
+    from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
+def triton_infer():
+    """infer(port, model, x (N, D) FP32 for input "input", output) -> that output, via tritonclient."""
+    import tritonclient.grpc as grpcclient
+
+    def infer(port: int, model: str, x: np.ndarray, output: str = "probabilities") -> np.ndarray:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput(output)]).as_numpy(output)
+        finally:
+            client.close()
+
+    return infer
 
 
 @pytest.fixture

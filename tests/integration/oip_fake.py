@@ -5,9 +5,13 @@ sidecar could forward (repository, shared-memory, model-control, streaming...) w
 with success here: a test that checks "the upstream never saw X" can therefore really fail.
 
 `ModelInfer` is a pure function of the request: an FP32 input x of shape (N, C) gives
-`probs` = softmax(x) and `logits` = x (both FP32, raw), so a test can compute the expected
-defended answer for every input it sent. The server can be stopped and restarted on the same
-port (an upstream outage), made slow (`delay`) or not ready (`ready`).
+`probs` = softmax(x / temperature) and `logits` = x / temperature (both FP32, raw), so a test can
+compute the expected defended answer for every input it sent; another `temperature` is another
+model with the same classes. With `width` set, ModelMetadata declares input `x` and both outputs
+as FP32 [-1, width] (the sidecar then probes the model); without it, ModelMetadata answers an
+empty message like every other method. The server can be stopped and restarted on the same port
+(an upstream outage, or a restart with another model), made slow (`delay`) or not ready
+(`ready`).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ def infer_request(x: np.ndarray, model: str = "m", request_id: str = "r") -> pb.
 class FakeUpstream:
     """A restartable fake OIP server on a fixed loopback port (port 0 on first start picks one)."""
 
-    def __init__(self, workers: int = 8):
+    def __init__(self, workers: int = 8, width: int | None = None, temperature: float = 1.0):
         self.workers = workers
+        self.width = width
+        self.temperature = temperature
         self.port = 0
         self.delay = 0.0
         self.ready = True
@@ -71,12 +77,20 @@ class FakeUpstream:
         if self.delay:
             time.sleep(self.delay)
         t = request.inputs[0]
-        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(tuple(t.shape))
+        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(tuple(t.shape)) / self.temperature
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         resp.outputs.add(name="probs", datatype="FP32", shape=x.shape)
         resp.outputs.add(name="logits", datatype="FP32", shape=x.shape)
         resp.raw_output_contents.extend([softmax(x).tobytes(), np.ascontiguousarray(x).tobytes()])
         return resp
+
+    def _model_metadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:
+        self._record("ModelMetadata")
+        spec = pb.ModelMetadataResponse.TensorMetadata
+        shape = [-1, self.width]
+        return pb.ModelMetadataResponse(name=request.name, versions=["1"], platform="fake",
+                                        inputs=[spec(name="x", datatype="FP32", shape=shape)],
+                                        outputs=[spec(name=n, datatype="FP32", shape=shape) for n in ("probs", "logits")])
 
     def _anything(self, method: str):
         def handler(request: bytes, context) -> bytes:
@@ -100,6 +114,9 @@ class FakeUpstream:
         if method == "ModelReady":
             return grpc.unary_unary_rpc_method_handler(self._model_ready, pb.ModelReadyRequest.FromString,
                                                        pb.ModelReadyResponse.SerializeToString)
+        if method == "ModelMetadata" and self.width is not None:
+            return grpc.unary_unary_rpc_method_handler(self._model_metadata, pb.ModelMetadataRequest.FromString,
+                                                       pb.ModelMetadataResponse.SerializeToString)
         if method == "ModelInfer":
             return grpc.unary_unary_rpc_method_handler(self._model_infer, pb.ModelInferRequest.FromString,
                                                        pb.ModelInferResponse.SerializeToString)

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oip_fake import FakeUpstream, infer_request, softmax
+from oip_fake import infer_request, softmax
 
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
@@ -27,15 +27,6 @@ from purifier_server.settings import Settings
 pytestmark = pytest.mark.integration
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 CLASSES = 4
-
-
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream(workers=16).start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
 
 
 def start_sidecar(upstream, defense):

@@ -1,4 +1,5 @@
-"""SIGTERM on a real `purifier serve` process with calls in flight: drained within the grace period.
+"""SIGTERM on a real `purifier serve` process: drained within the grace period, open health Watch
+streams told NOT_SERVING and ended at once so they never hold the process past grace + 1 s.
 
 The process fronts `oip_fake.FakeUpstream` made slow, so calls are provably in flight when the
 signal arrives. Within the grace period they complete with their (identity-defended) answer; a
@@ -9,27 +10,22 @@ answered with something else; the process exits 0 either way.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
-from oip_fake import FakeUpstream, infer_request, softmax
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from oip_fake import infer_request, softmax
 
 from purifier.serve_process import ServeProcess
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 X = np.array([[0.5, -1.0, 2.0]], np.float32)
-
-
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream().start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
+SERVICE = "inference.GRPCInferenceService"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def serve(upstream, grace: float, log_path) -> tuple[ServeProcess, int]:
@@ -98,6 +94,53 @@ def test_calls_longer_than_the_grace_period_are_cut_not_answered(upstream, tmp_p
         print(f"\ncut after {cut_after:.2f} s with {[c.name for c in codes]}")
         assert cut_after < 4.0                                   # before the upstream would have answered
         assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
+    finally:
+        upstream.delay = 0.0
+        proc.stop(timeout_s=5)
+
+
+@pytest.mark.parametrize("in_flight_calls", [0, 2])
+def test_sigterm_with_health_watch_streams_open_exits_within_grace_plus_one_second(upstream, in_flight_calls, tmp_path):
+    """Before: each Watch stream was only cancelled at the end of the grace period, and shutdown took
+    about twice the grace period (~10 s at grace 5, 12.7 s under load)."""
+    grace = 3.0
+    proc, port = serve(upstream, grace=grace, log_path=tmp_path / "serve.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            streams = [health.Watch(health_pb2.HealthCheckRequest(service=s)) for s in ("", "", SERVICE)]
+            seen: list[list] = [[] for _ in streams]
+
+            def read(i):
+                try:
+                    for message in streams[i]:
+                        seen[i].append(message.status)
+                except grpc.RpcError as e:
+                    seen[i].append(e.code())
+
+            readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(streams))]
+            for t in readers:
+                t.start()
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            stub.ModelInfer(infer_request(X), timeout=10)
+            calls = []
+            if in_flight_calls:
+                upstream.delay = grace / 2          # finishes inside the grace period
+                calls = in_flight(upstream, stub, in_flight_calls)
+            deadline = time.monotonic() + 10
+            while not all(s and s[-1] == SERVING for s in seen) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            signalled = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            took = time.monotonic() - signalled
+            for call in calls:
+                assert call.result(timeout=5).id.startswith("f")   # drained, answered
+            for t in readers:
+                t.join(timeout=5)
+        print(f"\nexit {took:.2f} s after SIGTERM at grace {grace} with {in_flight_calls} calls in flight")
+        assert took <= grace + 1.0
+        assert all(s[:2] == [SERVING, NOT_SERVING] and len(s) == 2 for s in seen), seen  # told, then ended (OK)
     finally:
         upstream.delay = 0.0
         proc.stop(timeout_s=5)

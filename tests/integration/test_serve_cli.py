@@ -1,9 +1,15 @@
-"""`purifier serve` as a process: serves tritonclient, drains on SIGTERM, refuses bad settings in one line."""
+"""`purifier serve` as a process: serves tritonclient, drains on SIGTERM, refuses bad settings in one line,
+and keeps its memory bounded under abuse from callers without the token."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import threading
+import time
 
+import grpc
 import numpy as np
 import pytest
 
@@ -38,6 +44,10 @@ def test_serve_embedded_then_sigterm_exits_cleanly(digits_target, tmp_path):
      "defense_dir: required"),
     (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--max-batch-rows", "0"],
      "max_batch_rows: must be >= 1"),
+    (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--allow-output", "p"],
+     "allow_outputs: 'p' is the confidence output"),
+    (["--upstream", "127.0.0.1:1", "--model-name", "m", "--confidence-output", "p", "--allow-output", "logits"],
+     "allow_outputs: 'logits' looks like a logits output"),
 ])
 def test_bad_settings_fail_at_start_up_in_one_line(args, message, tmp_path):
     with pytest.raises(ServerStartError) as info:
@@ -45,3 +55,79 @@ def test_bad_settings_fail_at_start_up_in_one_line(args, message, tmp_path):
     err = info.value.log
     assert info.value.returncode == 2
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zipmap_onnx, tmp_path):
+    with pytest.raises(ServerStartError) as info:      # exited before any ready line on stdout
+        ServeProcess(["--model", str(zipmap_onnx)], log_path=tmp_path / "serve.log", ready_timeout_s=60).start()
+    err = info.value.log
+    assert info.value.returncode == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("purifier: error: confidence_output: 'output_label' is INT64") and "'zipmap': False" in line
+    assert "Traceback" not in err
+
+
+def memory_mb(pid: int, key: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def send(port: int, payload: bytes, gzip: bool, token: str | None = None) -> grpc.StatusCode:
+    """An arbitrary message as a ModelInfer call, optionally gzip-compressed; returns the status."""
+    options = [("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options,
+                               compression=grpc.Compression.Gzip if gzip else None) as channel:
+        metadata = (("authorization", f"Bearer {token}"),) if token else None
+        try:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(payload, timeout=60, metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_target, tmp_path):
+    """Before: the receive limit was 2 GB and a gzip message was inflated before the token check;
+    four 32 MB zero payloads (32 KB each on the wire) held ~+250 MB in the sidecar. And even
+    unread, 8 MB payloads were buffered by HTTP/2 windows grown by BDP probing (+235 MB)."""
+    token = "abuse-test-token-0123456789"
+    (tmp_path / "token").write_text(token)
+    proc = ServeProcess(["--model", str(digits_target.directory), "--auth-token-file", str(tmp_path / "token")],
+                        log_path=tmp_path / "serve.log").start()
+    try:
+        port = proc.port
+        idle = memory_mb(proc.pid, "VmRSS")
+        bombs = [(b"\0" * (32 << 20), True), (os.urandom(8 << 20), False)]
+        codes, stop = set(), threading.Event()
+
+        def abuse(payload, gzip):
+            while not stop.is_set():
+                codes.add(send(port, payload, gzip))
+
+        abusers = [threading.Thread(target=abuse, args=bombs[i % 2], daemon=True) for i in range(8)]
+        for t in abusers:
+            t.start()
+        time.sleep(4.0)                                           # continuous abuse, not one burst
+        stop.set()
+        for t in abusers:
+            t.join(timeout=60)
+        peak = memory_mb(proc.pid, "VmHWM")
+        print(f"\nRSS idle {idle:.1f} MB, peak {peak:.1f} MB under unauthenticated abuse")
+        # the issue's target is 2 x idle + the request bound; unread calls should cost nothing, so the
+        # assertion is tighter: 16 MB (15x the request bound, ~8x the growth measured) above idle
+        assert peak <= idle + 16, (idle, peak)
+        assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+        authorized = [send(port, b"\0" * (32 << 20), True, token), send(port, os.urandom(8 << 20), False, token)]
+        assert authorized == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2   # over the derived receive limit
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        inp = grpcclient.InferInput("input", [1, 64], "FP32")
+        inp.set_data_from_numpy(np.zeros((1, 64), np.float32))
+        assert client.infer("digits", [inp], headers={"authorization": f"bearer {token}"}) is not None  # RFC 7235
+        client.close()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop(timeout_s=5)
+    log = proc.log_text()
+    limit = json.loads(next(line for line in log.splitlines() if "sidecar started" in line))["max_request_bytes"]
+    assert limit == 4096 * 64 * 4 + 64 * 1024   # max_request_rows x 64 FP32 features + headroom

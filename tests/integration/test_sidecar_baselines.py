@@ -18,7 +18,7 @@ SECRET = "baseline-test-secret-0123456789abcdef"
 
 @pytest.mark.parametrize("name,config", [("label_only", {}), ("top_k", {"k": 2}), ("round", {"decimals": 1}),
                                          ("noise", {"kind": "gaussian", "scale": 0.2, "budget": 0.1})])
-def test_sidecar_serves_a_fitted_baseline(digits_target, tmp_path, name, config):
+def test_sidecar_serves_a_fitted_baseline(digits_target, tmp_path, name, config, triton_infer):
     secret_file = tmp_path / "secret.txt"
     secret_file.write_text(SECRET)
     defense = defense_class(name)(secret=SECRET.encode(), **config).fit(FitData.from_target(digits_target))
@@ -29,13 +29,7 @@ def test_sidecar_serves_a_fitted_baseline(digits_target, tmp_path, name, config)
     X, _ = digits_target.role("eval_nonmembers")
     x = np.ascontiguousarray(X[:32], np.float32)
     with BackgroundSidecar(settings) as sc:
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
-        try:
-            inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            got = client.infer(sc.model_name, [inp]).as_numpy("probabilities")
-        finally:
-            client.close()
+        got = triton_infer(sc.port, sc.model_name, x)
     clean = digits_target.classifier().run(x)["probabilities"]
     expected = load_defense(tmp_path / name, SECRET.encode(), digits_target.model_id).transform(clean)
     np.testing.assert_array_equal(got, expected)

@@ -13,7 +13,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
 
@@ -49,12 +48,6 @@ def triton_input(x, datatype="FP32"):
     inp = grpcclient.InferInput("input", list(x.shape), datatype)
     inp.set_data_from_numpy(x)
     return inp
-
-
-@pytest.fixture
-def stub(sidecar):
-    with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
 def assert_serves(client, sidecar, target, x):
@@ -123,7 +116,7 @@ def raw_req(name, x, datatype="FP32", shape=None, input_name="input"):
     ("shape vs bytes", grpc.StatusCode.INVALID_ARGUMENT, "needs 2560 bytes, raw contents has 2048"),
     ("raw and typed", grpc.StatusCode.INVALID_ARGUMENT, "mixed"),
     ("wrong width", grpc.StatusCode.INVALID_ARGUMENT, "does not fit"),
-    ("nan output", grpc.StatusCode.INTERNAL, "upstream output is not a probability vector: row 0 contains NaN"),
+    ("nan input", grpc.StatusCode.INVALID_ARGUMENT, "input 'input' holds NaN or Inf"),
     ("too many rows", grpc.StatusCode.RESOURCE_EXHAUSTED, "limit is 64"),
     ("logits output", grpc.StatusCode.INVALID_ARGUMENT, "output 'logits' is not served"),
     ("shared memory", grpc.StatusCode.INVALID_ARGUMENT, "shared_memory_region"),
@@ -138,7 +131,7 @@ def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(sidecar, stu
         "wrong datatype": lambda: raw_req(name, rows.astype(np.float64), "FP64"),
         "shape vs bytes": lambda: raw_req(name, rows, shape=[10, 64]),
         "wrong width": lambda: raw_req(name, rows.reshape(16, 32)),
-        "nan output": lambda: raw_req(name, np.full_like(rows, np.nan)),
+        "nan input": lambda: raw_req(name, np.full_like(rows, np.nan)),
         "too many rows": lambda: raw_req(name, np.zeros((MAX_ROWS + 1, 64), np.float32)),
         "no inputs": lambda: pb.ModelInferRequest(model_name=name),
     }.get(case, lambda: raw_req(name, rows))()

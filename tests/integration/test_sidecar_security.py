@@ -50,8 +50,10 @@ def test_mutual_tls_requires_a_client_certificate(digits_target, pki):
 def test_bearer_token_is_required_except_for_health(digits_target, pki):
     with BackgroundSidecar(settings(digits_target, auth_token_file=str(pki / "token"))) as sc:
         token = (pki / "token").read_text().strip()
-        assert infer(sc.port, sc.model_name, headers={"authorization": f"Bearer {token}"}).shape == (1, 10)
-        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": token}):
+        for scheme in ("Bearer", "bearer", "BEARER"):                 # RFC 7235: the scheme is case-insensitive
+            assert infer(sc.port, sc.model_name, headers={"authorization": f"{scheme} {token}"}).shape == (1, 10)
+        for headers in (None, {"authorization": "Bearer wrong-token-0123456789"}, {"authorization": token},
+                        {"authorization": f"Basic {token}"}, {"authorization": f"Bearer{token}"}):
             with pytest.raises(InferenceServerException) as info:
                 infer(sc.port, sc.model_name, headers=headers)
             assert "UNAUTHENTICATED" in str(info.value.status())

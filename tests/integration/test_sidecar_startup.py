@@ -1,4 +1,5 @@
-"""Start-up from settings: defense loading (secret, kind, model identity) and a bare .onnx model."""
+"""Start-up from settings: defense loading (secret, kind, model identity, inferred kind), a bare .onnx
+model, and models whose confidence output cannot be defended (skl2onnx's default export, logits)."""
 
 from __future__ import annotations
 
@@ -41,15 +42,61 @@ def test_defense_dir_needs_a_secret_the_right_kind_and_the_right_model(digits_ta
             pass
 
 
-def test_bare_onnx_file_is_served_under_its_stem(digits_target):
+def test_bare_onnx_file_is_served_under_its_stem(digits_target, triton_infer):
+    x = np.zeros((3, 64), np.float32)
     with BackgroundSidecar(Settings.resolve({"model": str(digits_target.onnx_path), **BASE}, env={})) as sc:
         assert sc.model_name == "model"
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
-        try:
-            x = np.zeros((3, 64), np.float32)
-            inp = grpcclient.InferInput("input", [3, 64], "FP32")
-            inp.set_data_from_numpy(x)
-            probs = client.infer("model", [inp]).as_numpy("probabilities")
-        finally:
-            client.close()
+        probs = triton_infer(sc.port, "model", x)
     np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("output,message", [
+    (None, r"confidence_output: 'output_label' is INT64, not a floating-point confidence vector; the probabilities are in "
+           r"the ZipMap output 'output_probability': re-export it with skl2onnx options=\{id\(model\): "
+           r"\{'zipmap': False\}\}"),
+    ("output_probability", r"'output_probability' is an ONNX ZipMap \(seq\(map\(int64,tensor\(float\)\)\)\), not a "
+                           r"tensor; re-export it with skl2onnx options=\{id\(model\): \{'zipmap': False\}\}"),
+])
+def test_skl2onnx_default_export_is_refused_naming_the_fix(zipmap_onnx, output, message):
+    flags = {"model": str(zipmap_onnx), "confidence_output": output, **BASE}
+    with pytest.raises(ConfigError, match=message):
+        with BackgroundSidecar(Settings.resolve(flags, env={})):
+            pass
+
+
+def test_a_logits_output_needs_the_logits_flag(digits_target, triton_infer):
+    flags = {"model": str(digits_target.directory), "confidence_output": "logits", **BASE}
+    with pytest.raises(ConfigError, match="'logits' does not hold probabilities on the probe rows .* add --logits"):
+        with BackgroundSidecar(Settings.resolve(flags, env={})):
+            pass
+    x = np.zeros((2, 64), np.float32)
+    with BackgroundSidecar(Settings.resolve({**flags, "confidence_kind": "logits"}, env={})) as sc:
+        probs = triton_infer(sc.port, sc.model_name, x, output="logits")
+    np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(digits_target, tmp_path, caplog,
+                                                                            triton_infer):
+    """Before, --defense-dir alone served undefended, silently."""
+    import logging
+
+    from purifier.defenses.base import FitData
+    from purifier.defenses.memguard import MemGuard
+
+    caplog.set_level(logging.INFO, logger="purifier_server")
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef")
+    memguard = MemGuard(epsilon=1.0, epochs=5, optimizer="adam", secret=secret.read_bytes().strip())
+    memguard.fit(FitData.from_target(digits_target)).save(tmp_path / "memguard")
+    flags = {"model": str(digits_target.directory), "defense_dir": str(tmp_path / "memguard"),
+             "secret_file": str(secret), **BASE}
+    x, _ = digits_target.role("eval_members")
+    x = np.ascontiguousarray(x[:32], np.float32)
+    with BackgroundSidecar(Settings.resolve(flags, env={})) as sc:
+        assert sc.defense.name == "memguard"
+        got = triton_infer(sc.port, sc.model_name, x)
+    clean = digits_target.classifier().run(x)["probabilities"]
+    np.testing.assert_allclose(got, memguard.transform(clean), rtol=1e-6)
+    assert np.abs(got - clean).sum(axis=1).max() > 1e-3          # defended, not the clean vector
+    assert "defense inferred from defense.json" in caplog.text
+    assert any(getattr(r, "defense", None) == "memguard" for r in caplog.records)

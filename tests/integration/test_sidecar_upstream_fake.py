@@ -33,6 +33,8 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.seen_remaining: list[float | None] = []
         self.seen_metadata: list[dict] = []
         self.cancelled = threading.Event()
+        self.trailers = (("x-upstream", "yes"),)
+        self.parameters: dict[str, int] = {}
 
     def ModelReady(self, request, context):
         return pb.ModelReadyResponse(ready=self.ready)
@@ -42,8 +44,10 @@ class SlowUpstream(pb_grpc.GRPCInferenceServiceServicer):
         self.seen_metadata.append(dict(context.invocation_metadata()))
         context.add_callback(self.cancelled.set)
         time.sleep(self.delay)
-        context.set_trailing_metadata((("x-upstream", "yes"),))
+        context.set_trailing_metadata(self.trailers)
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        for key, value in self.parameters.items():
+            resp.parameters[key].int64_param = value
         resp.outputs.add(name="probs", datatype=self.datatype, shape=self.answer.shape)
         resp.outputs.add(name="logits", datatype="FP32", shape=PROBS.shape)
         resp.raw_output_contents.extend([self.answer.tobytes(), np.log(PROBS).tobytes()])
@@ -63,6 +67,24 @@ def fake():
         server.stop(0)
 
 
+def test_only_allow_listed_trailers_and_parameters_come_back(fake, flatten_cls):
+    servicer = fake[0]
+    servicer.parameters = {"sequence_id": 7, "internal": 8}
+    servicer.trailers = (("x-upstream", "yes"), ("x-internal", "no"))
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
+                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "allow_parameters": ("sequence_id",), "allow_trailers": ("x-upstream",)}, env={})
+    try:
+        with BackgroundSidecar(settings, defense=flatten_cls()) as sc, \
+                grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
+            resp, call = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer.with_call(request(), timeout=5)
+    finally:
+        servicer.parameters, servicer.trailers = {}, (("x-upstream", "yes"),)
+    trailers = dict(call.trailing_metadata())
+    assert trailers.get("x-upstream") == "yes" and "x-internal" not in trailers
+    assert list(resp.parameters) == ["sequence_id"] and resp.parameters["sequence_id"].int64_param == 7
+
+
 @pytest.fixture(scope="module")
 def sidecar(fake, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
@@ -78,13 +100,13 @@ def request():
     return req
 
 
-def test_deadline_and_metadata_reach_the_upstream_and_trailers_come_back(fake, sidecar):
+def test_deadline_and_metadata_reach_the_upstream_and_trailers_do_not_come_back(fake, sidecar):
     servicer = fake[0]
     servicer.delay = 0.0
     with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         resp, call = stub.ModelInfer.with_call(request(), timeout=5.0, metadata=(("x-tenant", "t1"),))
-        assert dict(call.trailing_metadata()).get("x-upstream") == "yes"
+        assert "x-upstream" not in dict(call.trailing_metadata())  # only allow_trailers pass
         assert [o.name for o in resp.outputs] == ["probs"] and resp.id == "fake-1"
         got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(PROBS.shape)
         np.testing.assert_allclose(got, type(sidecar.defense)().transform(PROBS), rtol=1e-6)
@@ -171,8 +193,8 @@ class Raises(Defense):
 
 
 @pytest.mark.parametrize("error,message", [
-    (DefenseError("boom"), "defense failed: boom"),
-    (RuntimeError("bug"), "internal error (RuntimeError)"),
+    (DefenseError("boom"), "the defense failed; see the sidecar log"),
+    (RuntimeError("bug"), "internal error; see the sidecar log"),
 ])
 def test_a_failing_defense_is_internal_and_counted_never_the_clean_vector(fake, error, message):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
@@ -243,14 +265,18 @@ def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones(fake, flatt
         background.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("answer,datatype,message", [
-    (np.array([[1.2, -0.1, -0.1]], np.float32), "FP32", "row 0 has negative entries"),
-    (np.array([[0.5, 0.2, 0.1]], np.float32), "FP32", "row 0 sums to 0.8"),
-    (np.array([[0.25, 0.25, 0.25, 0.25]], np.float32), "FP32", "4 classes, the defense was fitted for 3"),
-    (np.array([[1, 0, 0]], np.int32), "INT32", "is INT32, expected one of FP16, FP32, FP64"),
-    (np.array([[0.5, 0.5]], np.float64), "FP32", "needs 8 bytes, raw contents has 16"),
+@pytest.mark.parametrize("answer,datatype,reason,detail", [
+    (np.array([[1.2, -0.1, -0.1], [0.1, 0.3, 0.6]], np.float32), "FP32", "not probability vectors",
+     "row 0 has negative entries"),
+    (np.array([[0.5, 0.2, 0.1], [0.1, 0.3, 0.6]], np.float32), "FP32", "not probability vectors", "row 0 sums to 0.8"),
+    (np.full((2, 4), 0.25, np.float32), "FP32", "not probability vectors", "4 classes, the defense was fitted for 3"),
+    (np.array([[1, 0, 0], [0, 0, 1]], np.int32), "INT32", "confidence output not floating point",
+     "is INT32, expected one of FP16, FP32, FP64"),
+    (np.full((2, 2), 0.5, np.float64), "FP32", "malformed tensor", "needs 16 bytes, raw contents has 32"),
 ])
-def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, answer, datatype, message):
+def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, caplog, answer, datatype, reason,
+                                                                detail):
+    """The client learns the category; the detail (computed from the upstream's values) goes to the log."""
     servicer = fake[0]
     sidecar.defense.n_classes = 3
     servicer.answer, servicer.datatype = answer, datatype
@@ -259,7 +285,8 @@ def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, a
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request(), timeout=5)
-            assert info.value.code() == grpc.StatusCode.INTERNAL and message in info.value.details()
+            assert info.value.code() == grpc.StatusCode.INTERNAL and f"({reason})" in info.value.details()
+            assert detail not in info.value.details() and detail in caplog.text
             servicer.answer, servicer.datatype = PROBS, "FP32"
             assert stub.ModelInfer(request(), timeout=5).id == "fake-1"
     finally:

@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.codec import check_request_layout, decode_inputs, extract, rewrite, softmax
+from purifier_server.codec import (
+    build_response,
+    check_request_layout,
+    decode_inputs,
+    read_answer,
+    softmax,
+)
 from purifier_server.errors import BadRequest, BadUpstreamOutput
 
 
@@ -40,6 +46,7 @@ def test_raw_and_typed_inputs_decode_to_the_same_array():
     (lambda x: raw_request(x, datatype="BF16"), "datatype 'BF16' is not supported"),
     (lambda x: raw_request(x, shape=[-1, 4]), "negative dimension"),
     (lambda x: raw_request(x, shape=[1 << 20, 1 << 20]), "elements"),
+    (lambda x: raw_request(x[:0], shape=[0, 1 << 40, 1 << 40]), "elements"),  # empty, but numpy cannot shape it
 ])
 def test_bad_raw_inputs_name_the_problem(make, msg):
     req = make(np.zeros((3, 4), np.float32))
@@ -62,41 +69,59 @@ def test_mixed_raw_and_typed_and_blob_count_are_refused():
         decode_inputs(typed_fp16)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_rewrite_raw_keeps_dtype_and_drops_other_outputs(dtype):
+@pytest.mark.parametrize("dtype,raw", [(np.float16, True), (np.float32, True), (np.float64, True),
+                                       (np.float32, False), (np.float64, False)])  # FP16 travels raw only
+def test_read_answer_decodes_the_confidences_in_their_dtype(dtype, raw):
     p = np.array([[0.7, 0.3], [0.2, 0.8]], dtype)
     logits = np.log(p.astype(np.float32))
-    resp = response({"logits": logits, "probabilities": p}, raw=True)
-    index, got = extract(resp, "probabilities")
-    assert index == 1 and got.dtype == dtype and np.array_equal(got, p)
-    defended = np.array([[0.6, 0.4], [0.3, 0.7]], dtype)
-    rewrite(resp, index, defended, frozenset(), raw_request=True)
-    assert [o.name for o in resp.outputs] == ["probabilities"] and len(resp.raw_output_contents) == 1
-    assert np.array_equal(np.frombuffer(resp.raw_output_contents[0], dtype).reshape(2, 2), defended)
+    arrays = read_answer(response({"logits": logits, "probabilities": p}, raw=raw), "probabilities", [], rows=2)
+    assert list(arrays) == ["probabilities"]
+    got = arrays["probabilities"]
+    assert got.dtype == dtype and np.array_equal(got, p)
 
 
-def test_typed_response_becomes_raw_for_raw_requests_and_stays_typed_otherwise():
-    p = np.array([[0.7, 0.3]], np.float64)
-    extra = np.array([[1.0, 2.0]], np.float32)
-    resp = response({"probabilities": p, "extra": extra}, raw=False)
-    rewrite(resp, 0, p[:, ::-1].copy(), frozenset({"extra"}), raw_request=True)
-    assert len(resp.raw_output_contents) == 2 and not resp.outputs[0].HasField("contents")
-    assert np.array_equal(np.frombuffer(resp.raw_output_contents[0], "<f8"), [0.3, 0.7])
-    assert np.array_equal(np.frombuffer(resp.raw_output_contents[1], "<f4"), [1.0, 2.0])
-    resp = response({"probabilities": p}, raw=False)
-    rewrite(resp, 0, p[:, ::-1].copy(), frozenset(), raw_request=False)
-    assert list(resp.outputs[0].contents.fp64_contents) == [0.3, 0.7] and not resp.raw_output_contents
+@pytest.mark.parametrize("raw", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_build_response_holds_exactly_the_given_tensors_in_one_representation(dtype, raw):
+    p = np.array([[0.6, 0.4], [0.3, 0.7]], dtype)
+    label = np.array([0, 1], np.int64)
+    resp = build_response("id-1", "m", "3", {"probabilities": p, "label": label}, raw=raw)
+    assert (resp.id, resp.model_name, resp.model_version) == ("id-1", "m", "3")
+    assert [o.name for o in resp.outputs] == ["probabilities", "label"] and not resp.parameters
+    as_raw = raw or dtype == np.float16  # FP16 has no typed field
+    assert len(resp.raw_output_contents) == (2 if as_raw else 0)
+    assert all(o.HasField("contents") != as_raw for o in resp.outputs)
+    again = read_answer(pb.ModelInferResponse.FromString(resp.SerializeToString()), "probabilities", ["label"], 2)
+    assert np.array_equal(again["probabilities"], p) and np.array_equal(again["label"], label)
 
 
-def test_extract_rejects_what_cannot_be_defended():
-    with pytest.raises(BadUpstreamOutput, match="no output 'probabilities'"):
-        extract(response({"logits": np.zeros((1, 2), np.float32)}, True), "probabilities")
+def test_read_answer_rejects_what_cannot_be_defended():
+    def refused(resp, match, wanted=(), rows=1):
+        with pytest.raises(BadUpstreamOutput, match=match):
+            read_answer(resp, "probabilities", list(wanted), rows)
+
+    refused(response({"logits": np.zeros((1, 2), np.float32)}, True), "no output 'probabilities'")
     resp = response({"probabilities": np.zeros((1, 2), np.float32)}, True)
     resp.outputs[0].datatype = "INT32"
-    with pytest.raises(BadUpstreamOutput, match="INT32"):
-        extract(resp, "probabilities")
-    with pytest.raises(BadUpstreamOutput, match=r"shape \[3\]"):
-        extract(response({"probabilities": np.zeros(3, np.float32)}, True), "probabilities")
+    refused(resp, "INT32")
+    refused(response({"probabilities": np.zeros(3, np.float32)}, True), r"shape \[3\]", rows=3)
+    refused(response({"probabilities": np.full((2, 2), 0.5, np.float32)}, True), "the request has 1 rows")
+    refused(response({"probabilities": np.array([[np.nan, 1.0]], np.float32)}, True), "NaN or Inf")
+    typed_and_raw = response({"probabilities": np.full((1, 2), 0.5, np.float32)}, True)
+    typed_and_raw.outputs[0].contents.fp32_contents.extend([0.9, 0.1])
+    refused(typed_and_raw, "typed contents .*beside raw")
+    stray = response({"probabilities": np.full((1, 2), 0.5, np.float32)}, False)
+    stray.outputs[0].contents.fp64_contents.extend([0.9, 0.1])
+    refused(stray, "fp64_contents beside fp32_contents")
+    twice = response({"probabilities": np.full((1, 2), 0.5, np.float32)}, True)
+    twice.outputs.add().CopyFrom(twice.outputs[0])
+    twice.raw_output_contents.append(twice.raw_output_contents[0])
+    refused(twice, "duplicate output names")
+    extra_blob = response({"probabilities": np.full((1, 2), 0.5, np.float32)}, True)
+    extra_blob.raw_output_contents.append(b"\0" * 8)
+    refused(extra_blob, "2 raw blobs for 1 outputs")
+    scores = response({"probabilities": np.full((1, 2), 0.5, np.float32), "scores": np.ones((1, 2), np.float32)}, True)
+    refused(scores, "floating-point output", wanted=["scores"])
 
 
 def test_softmax_matches_formula_and_is_stable():

@@ -63,3 +63,51 @@ def test_settings_are_frozen():
     s = Settings.resolve(REMOTE, {})
     with pytest.raises(AttributeError):
         s.port = 1
+
+
+def test_every_setting_has_a_generated_flag_with_help():
+    import argparse
+    from dataclasses import fields
+
+    from purifier_server.settings import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    by_dest = {a.dest: a for a in parser._actions}
+    for f in fields(Settings):
+        assert f.name in by_dest, f"setting {f.name} has no flag"
+        assert by_dest[f.name].help and by_dest[f.name].option_strings[0].startswith("--")
+    parser.format_help()  # mutually exclusive groups and help strings render
+
+
+def test_generated_flags_parse_into_settings():
+    from purifier_server.settings import parse_arguments
+
+    s = parse_arguments(["--upstream", "127.0.0.1:9000", "--model-name", "m", "--confidence-output", "p",
+                         "--allow-output", "label", "--allow-output", "rank", "--logits", "--reflection",
+                         "--grace", "2.5", "--max-request-rows", "8", "--max-queued-rows", "64",
+                         "--allow-trailer", "x-req"], env={"PURIFIER_PORT": "7001"})
+    assert (s.upstream, s.model_name, s.confidence_output) == ("127.0.0.1:9000", "m", "p")
+    assert s.allow_outputs == ("label", "rank") and s.allow_trailers == ("x-req",) and s.allow_parameters == ()
+    assert s.confidence_kind == "logits" and s.reflection is True and s.grace_s == 2.5
+    assert s.max_request_rows == 8 and s.max_queued_rows == 64 and s.port == 7001   # env still applies
+    with pytest.raises(SystemExit):
+        parse_arguments(["--model", "a.onnx", "--upstream", "h:1"], env={})    # mutually exclusive
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"allow_outputs": ("predict_proba",)}, "is the confidence output"),
+    ({"allow_outputs": ("Logits",)}, "looks like a logits output"),
+    ({"defense": "none", "defense_dir": "."}, "'none' contradicts defense_dir"),
+    ({"max_queued_rows": 10, "max_request_rows": 20}, r"max_queued_rows: 10 is below 20 \(max_request_rows"),
+    ({"max_queued_rows": 300, "max_request_rows": 300}, r"max_queued_rows: 300 is below 556 "),
+    ({"max_request_bytes": -1}, "max_request_bytes: must be >= 0"),
+])
+def test_operator_mistakes_that_would_fail_open_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.resolve({**REMOTE, **change}, {})
+
+
+def test_defense_dir_alone_is_accepted_and_the_defense_left_to_defense_json(tmp_path):
+    s = Settings.resolve({**REMOTE, "defense_dir": str(tmp_path)}, {})
+    assert s.defense is None and s.defense_dir == str(tmp_path)

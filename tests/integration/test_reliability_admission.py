@@ -1,0 +1,90 @@
+"""Admission control: a one-row client keeps being served while maximum-size requests run.
+
+The defense here costs 4 ms per row in the defense thread (a stand-in for MemGuard's boundary
+search), so a 512-row request holds it for 2 s. Four clients send 512-row requests back to back
+through the sidecar (`oip_fake.FakeUpstream` upstream); a fifth sends one row at a time with a
+4 s deadline. Before: whole requests were defended first come first served, the one-row client
+queued behind up to four of them (~8 s) and hit its deadline (20/20 DEADLINE_EXCEEDED); the
+queue had no bound. Now large requests are defended in chunks of `max_batch_rows` (32 rows,
+0.13 s), smallest request first, and a full queue answers RESOURCE_EXHAUSTED at once. Functional,
+not timed: the deadline is 30x the one chunk a one-row request may wait for.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from oip_fake import infer_request, softmax
+
+from purifier.defenses import Defense
+from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+from purifier_server.app import BackgroundSidecar
+from purifier_server.settings import Settings
+
+pytestmark = pytest.mark.integration
+LARGE, CHUNK, SECONDS_PER_ROW = 512, 32, 4e-3
+
+
+class PerRowCost(Defense):
+    """Identity in value, 4 ms per row in time."""
+
+    name = "test-per-row-cost"
+
+    def _transform(self, p, inputs):
+        time.sleep(SECONDS_PER_ROW * len(p))
+        return p, None
+
+
+def test_a_one_row_client_is_served_while_four_clients_send_maximum_size_requests(upstream):
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "max_request_rows": LARGE, "max_batch_rows": CHUNK,
+                                 "max_queued_rows": 2 * LARGE + CHUNK}, env={})
+    large_codes: collections.Counter = collections.Counter()
+    stop = threading.Event()
+    with BackgroundSidecar(settings, defense=PerRowCost()) as sc:
+        def large_client(seed):
+            x = np.random.default_rng(seed).normal(size=(LARGE, 3)).astype(np.float32)
+            with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                while not stop.is_set():
+                    try:
+                        stub.ModelInfer(infer_request(x), timeout=60)
+                        large_codes["OK"] += 1
+                    except grpc.RpcError as e:
+                        large_codes[e.code().name] += 1
+                        time.sleep(0.05)
+
+        threads = [threading.Thread(target=large_client, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)                               # the defense queue is full of large requests
+        small = np.array([[0.3, -0.2, 1.1]], np.float32)
+        latencies, small_codes = [], collections.Counter()
+        with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for _ in range(20):
+                start = time.monotonic()
+                try:
+                    resp = stub.ModelInfer(infer_request(small), timeout=4.0)
+                except grpc.RpcError as e:
+                    small_codes[e.code().name] += 1
+                    continue
+                latencies.append(time.monotonic() - start)
+                small_codes["OK"] += 1
+                got = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(small.shape)
+                np.testing.assert_allclose(got, softmax(small), rtol=1e-6)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    spread = f"median {1e3 * np.median(latencies):.0f} ms, max {1e3 * max(latencies):.0f} ms" if latencies else ""
+    print(f"\none-row client: {dict(small_codes)} {spread}; large clients: {dict(large_codes)}")
+    assert small_codes == {"OK": 20}
+    assert large_codes["OK"] > 0                                       # large requests are served too
+    assert set(large_codes) <= {"OK", "RESOURCE_EXHAUSTED"}, large_codes
+    assert large_codes["RESOURCE_EXHAUSTED"] > 0                      # the queue bound was reached
