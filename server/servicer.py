@@ -7,7 +7,8 @@ confidence vectors the defense was fitted for). `ModelInfer`:
    and refuses what would bypass the defense (Triton's `classification` parameter, any
    `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
    exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
-2. forwards the request with the caller's deadline and application metadata;
+2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
+   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only);
 3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
    request's row count, finite confidences: anything else is an error, nothing of it returned);
 4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
@@ -18,6 +19,12 @@ confidence vectors the defense was fitted for). `ModelInfer`:
 
 Any failure is a gRPC error whose text comes from `errors.status_for` (fixed sentences for
 whatever the upstream said): an undefended vector is never returned.
+
+`ModelMetadata` and `ModelConfig` (Triton's extension, which perf_analyzer asks for first) are
+constructed by `model_description` from the upstream's metadata and config, describing the served
+outputs only. A request may name version "" or the one `model_description.accepted_versions`
+allows (the configured `model_version`, else the upstream's only advertised version); answers
+name the version asked for, else the upstream's when accepted.
 
 To serve another method, implement it here and list it in `METHODS`; methods not listed are
 UNIMPLEMENTED (repository, shared-memory, model-control and streaming RPCs stay that way).

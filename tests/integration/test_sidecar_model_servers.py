@@ -4,9 +4,11 @@ Both serve the session's digits target (ONNX: `probabilities` and `logits`, FP32
 virtual environments (tests/integration/model_servers.py). Through the sidecar, with a
 non-identity test defense: defended vectors with the upstream's argmax and the request id, the
 same answer to the same query, logits and undeclared outputs refused, metadata and readiness
-reflecting the upstream, an upstream outage seen as UNAVAILABLE and NOT_SERVING, and recovery
-once it is back. Clients: tritonclient (sync) and KServe's `InferenceGRPCClient` (from
-.venv-kserve, as a subprocess).
+reflecting the upstream, the upstream's advertised version served and named alike by metadata,
+readiness and answers, perf_analyzer's calls (ModelMetadata, ModelConfig, infer) with tritonclient
+and the real perf_analyzer binary, an upstream outage seen as UNAVAILABLE and NOT_SERVING, and
+recovery once it is back. Clients: tritonclient (sync), KServe's `InferenceGRPCClient` (from
+.venv-kserve, as a subprocess) and perf_analyzer (`make perf-analyzer`; skipped without it).
 """
 
 from __future__ import annotations
