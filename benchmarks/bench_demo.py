@@ -17,11 +17,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
+from purifier.demo import DEMO_DATASETS  # noqa: E402
+
+
+def _load(summary: dict) -> str:
+    load = summary.get("load_average")
+    return "" if not load else f"; 1-minute load average {load['start'][0]:.1f} at the start, {load['end'][0]:.1f} at the end"
+
+
+def verdict_tables(summary: dict) -> list[dict]:
+    """The verdict lines of each endpoint as one table (none for summaries from before verdicts)."""
+    if not summary.get("verdicts"):
+        return []
+    return [{"title": f"Verdicts on {summary['dataset']} (as in report.json, report.md and report.html's first "
+                      "screen)", "columns": ["endpoint", "verdict"],
+             "rows": [[name, line] for name, lines in summary["verdicts"].items() for line in lines]}]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    parser.add_argument("--dataset", default="digits", choices=list(DEMO_DATASETS))
     parser.add_argument("--out", default=None, help="demo directory (default build/bench-demo-<dataset>)")
     parser.add_argument("--summary", default=None, help="an existing demo.json to tabulate instead of running")
     args = parser.parse_args(argv)
@@ -40,12 +55,16 @@ def main(argv=None) -> int:
             "title": f"Demo on {summary['dataset']}: every attack through the gRPC sidecar, undefended vs "
                      "MemGuard vs PURIFIER (default settings)",
             "columns": table["columns"], "rows": table["rows"],
-            "note": "AUC is threshold-free; bal.acc uses the attacker's threshold fitted on shadow models "
-                    "(attacker pool only); TPR at 1% FPR. Gap floor = the label-only attack, which no "
-                    "label-preserving defense can push below. Latency: client-observed p50 of single-row "
-                    "requests, all sidecars on the same 2-core machine as the client. "
-                    f"Demo time {t['total']:.0f} s (prepare {t['prepare']:.0f} s, audits {t['audits']:.0f} s).",
-        }],
+            "note": "Cells: AUC / TPR at 1% FPR / TPR at 0.1% FPR, each TPR as `tpr @realized FPR/non-members` "
+                    "(n/m: too few non-members for that FPR; inv.: an attack below a coin flip, flipped). Every "
+                    "threshold and reference statistic comes from the attacker's shadow models (attacker pool "
+                    "only). Label-only floor = the strongest label-only attack per metric, which no "
+                    "label-preserving defense can push attacks below. Real-traffic L1: change of the confidence "
+                    "vector on non-members. Latency: client-observed p50 of single-row requests, all sidecars on "
+                    "the same 2-core machine as the client. "
+                    f"Demo time {t['total']:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in t.get("steps", {}).items())
+                    + ")" + _load(summary) + ".",
+        }, *verdict_tables(summary)],
     })
     print(f"wrote {path}")
     return 0

@@ -3,8 +3,10 @@
 Trains (or reuses) a target, fits MemGuard and PURIFIER, starts one `purifier serve` process per
 defense on a free loopback port (embedded ONNX backend), audits each through gRPC exactly as an
 outside attacker would (the harness's `RemoteTarget`, i.e. tritonclient), and prints one
-comparison table next to the gap floor. Writes `DIR/reports/<defense>/report.{json,md}`, ROC
-plots, `DIR/privacy_utility.png` (MemGuard attack accuracy vs epsilon) and `DIR/demo.json`.
+comparison table next to the label-only floor, then each endpoint's verdict lines. Writes
+`DIR/reports/<defense>/report.{html,md,json}` and `roc.png` (report.html: the defended endpoint
+against the undefended one, with the MemGuard epsilon sweep in its privacy-utility picture) and
+`DIR/demo.json` (with the time of each step).
 Every process it starts is stopped, whatever happens.
 
 The sidecars run as subprocesses (not imported): the library never imports `purifier_server`,
@@ -25,11 +27,9 @@ import numpy as np
 from purifier.errors import ConfigError, PurifierError
 
 DEFENSES = ("none", "memguard", "purifier")
-DEMO_DATASETS = ("digits", "mnist5k")
+DEMO_DATASETS = ("digits", "mnist5k", "purchase_like")
 EPSILON_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
-SWEEP_ATTACKS = ("gap", "confidence", "mentr", "loss", "nn")
-TABLE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn", "nn_label", "lira_offline", "lira_online",
-                 "label_augment", "adaptive_nn", "adaptive_mentr", "repeated_query")
+SWEEP_ATTACKS = ("gap", "label_calibrated", "confidence", "mentr", "loss", "nn")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
 CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
 
@@ -122,17 +122,19 @@ def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 2
 
 
 def defense_sweep(target, variants, shadows, seed: int, defense_name: str) -> list[dict]:
-    """Attack balanced accuracy and distortion for variants of one fitted defense.
+    """Best attack AUC against real-traffic distortion for variants of one fitted defense.
 
     Args:
         variants: [(setting value, Defense)], e.g. MemGuard at several epsilons (Phase I does not
             depend on epsilon, only the Phase II release probability does, so one fitted defense
             serves the whole grid) or PURIFIER at several L1 budgets.
         shadows: the attacker's shadow models from an earlier audit of `target`.
-    Attacks run in-process (`SWEEP_ATTACKS`), with thresholds fitted on the shadow models.
+    Attacks run in-process (`SWEEP_ATTACKS`), with thresholds fitted on the shadow models; the
+    label-only floor and the best other attack come from `purifier.audit.verdict`.
     """
     from purifier.audit.access import InProcessTarget
     from purifier.audit.runner import AuditConfig, run_audit
+    from purifier.audit.verdict import strongest
 
     rows = []
     baseline = InProcessTarget(target)
@@ -140,16 +142,13 @@ def defense_sweep(target, variants, shadows, seed: int, defense_name: str) -> li
         audit = run_audit(target, InProcessTarget(target, defense),
                           AuditConfig(SWEEP_ATTACKS, n_boot=20, seed=seed, progress=False),
                           defense_name, baseline, shadows=shadows)
-        attacks = audit.report["attacks"]
-        best = max((n for n in attacks if n != "gap"), key=lambda n: attacks[n]["balanced_accuracy"])
-        rows.append({"setting": value, "best_attack": best,
-                     "best_balanced_accuracy": attacks[best]["balanced_accuracy"],
-                     "balanced_accuracy": {n: attacks[n]["balanced_accuracy"] for n in attacks},
-                     "auc": {n: attacks[n]["auc"] for n in attacks},
-                     "gap_floor": audit.report["gap_floor"]["balanced_accuracy"],
-                     "mean_l1": audit.report["utility"]["mean_l1"],
-                     "max_l1": audit.report["utility"]["max_l1"],
-                     "argmax_agreement": audit.report["utility"]["argmax_agreement"]})
+        r = audit.report
+        best = strongest(r["attacks"], "auc", label_only=False)
+        rows.append({"setting": value, "best_attack": best["attack"], "best_auc": best["value"],
+                     "floor_auc": r["label_only_floor"]["auc"]["value"],
+                     "auc": {n: a["auc"] for n, a in r["attacks"].items()},
+                     "real_traffic_l1": r["output_utility"]["l1_nonmembers"]["mean"],
+                     "argmax_agreement": r["utility"]["argmax_agreement"]})
     return rows
 
 
@@ -162,50 +161,53 @@ def memguard_variants(defense_dir: Path, target, secret: bytes, epsilons=EPSILON
         yield float(eps), defense
 
 
-def plot_privacy_utility(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
+def tradeoff_points(sweep: list[dict], served: dict[str, dict]) -> tuple:
+    """`TradeoffPoint`s for report.html: the MemGuard epsilon sweep, and each served defense's
+    audited endpoint (real-traffic L1, best non-label attack AUC), marked served."""
+    from purifier.audit.figures import TradeoffPoint
+    from purifier.audit.verdict import strongest
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    points = [TradeoffPoint("memguard", f"eps {r['setting']:g}", r["real_traffic_l1"], r["best_auc"]) for r in sweep]
+    for name, report in served.items():
+        points.append(TradeoffPoint(name, "served", report["output_utility"]["l1_nonmembers"]["mean"],
+                                    strongest(report["attacks"], "auc", label_only=False)["value"], served=True))
+    return tuple(points)
 
-    eps = [max(r["setting"], 1e-3) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in rows[0]["balanced_accuracy"]:
-        if name != "gap":
-            ax.plot(eps, [r["balanced_accuracy"][name] for r in rows], marker="o", label=name)
-    ax.plot(eps, [r["gap_floor"] for r in rows], "k--", label="gap floor (label-only)")
-    ax.set_xscale("log")
-    ax.set_xlabel("MemGuard epsilon (expected L1 budget; 0 plotted at 1e-3)")
-    ax.set_ylabel("attack balanced accuracy")
-    ax2 = ax.twinx()
-    ax2.plot(eps, [r["mean_l1"] for r in rows], color="grey", alpha=0.5, marker="x", label="mean L1")
-    ax2.set_ylabel("realized mean L1 distortion")
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+def _tpr(entry: dict) -> str:
+    t = entry
+    return (f"n/m ({t['negatives']})" if not t["measurable"]
+            else f"{t['tpr']:.3f} @{t['fpr']:.4f}/{t['negatives']}")
 
 
 def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
-    """One row per attack and per utility figure (and latency, if measured), one column per defense."""
+    """One row per attack, the label-only floor and utility (and latency, if measured), one column
+    per defense. Attack cells: AUC / TPR at 1% FPR / TPR at 0.1% FPR, each TPR with its realized
+    FPR and the number of non-members (Carlini et al. 2022); n/m: not measurable."""
     def cell(entry):
-        tpr = entry["tpr_at_fpr"]["0.01"]
-        return f"{entry['auc']:.3f} / {entry['balanced_accuracy']:.3f} / {tpr['tpr']:.3f}"
+        flipped = f" (inv. {entry['inverted']['auc']:.3f})" if "inverted" in entry else ""
+        return (f"{entry['auc']:.3f}{flipped} / {_tpr(entry['tpr_at_fpr']['0.01'])} / "
+                f"{_tpr(entry['tpr_at_fpr']['0.001'])}")
 
-    # AUC is threshold-free; balanced accuracy uses the attacker's shadow-fitted threshold, which a
-    # defense can break without removing the signal: both are shown, next to the floor.
-    columns = ["attack: AUC / bal.acc / TPR@1%FPR", *reports]
-    rows = []
-    for name in TABLE_ATTACKS:
-        if any(name in r["attacks"] for r in reports.values()):
-            rows.append([name, *(cell(r["attacks"][name]) if name in r["attacks"] else "-" for r in reports.values())])
-    rows.append(["gap floor (label-only)", *(f"{r['gap_floor']['auc']:.3f} / {r['gap_floor']['balanced_accuracy']:.3f}"
-                                             for r in reports.values())])
+    columns = ["attack: AUC / TPR@1%FPR / TPR@0.1%FPR", *reports]
+    names = list(dict.fromkeys(n for r in reports.values() for n in r["attacks"]))
+    rows = [[name, *(cell(r["attacks"][name]) if name in r["attacks"] else "-" for r in reports.values())]
+            for name in names]
+    floors = [r["label_only_floor"] for r in reports.values()]
+    rows.append(["label-only floor (best label-only per metric)",
+                 *(f"{f['auc']['value']:.3f} / {_tpr(f['0.01'])} / {_tpr(f['0.001'])}" for f in floors)])
+    rows.append(["floor set by", *(" / ".join(dict.fromkeys(f[m]["attack"] for m in ("auc", "0.01", "0.001")))
+                                   for f in floors)])
+    acc = [r["utility"] for r in reports.values()]
+    rows.append(["accuracy members / non-members", *(f"{u['member_accuracy']:.3f} / {u['nonmember_accuracy']:.3f}"
+                                                      for u in acc)])
     # the undefended endpoint is its own baseline (no agreement measured): 1 by definition
-    agreement = [r["utility"].get("argmax_agreement") for r in reports.values()]
-    rows.append(["argmax agreement", *(f"{1.0 if a is None else a:.4f}" for a in agreement)])
-    rows.append(["mean L1", *(f"{r['utility'].get('mean_l1') or 0.0:.4f}" for r in reports.values())])
+    rows.append(["argmax agreement", *(f"{1.0 if u['argmax_agreement'] is None else u['argmax_agreement']:.4f}"
+                                       for u in acc)])
+    users = [r.get("output_utility") for r in reports.values()]
+    rows.append(["real-traffic L1 mean / p95 (non-members)",
+                 *("0 / 0" if u is None else f"{u['l1_nonmembers']['mean']:.4f} / {u['l1_nonmembers']['p95']:.4f}"
+                   for u in users)])
     if latency is not None:
         rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
         base = latency["none"]["p50_ms"]
@@ -228,16 +230,25 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     out.mkdir(exist_ok=True)
     for sub in ("logs", "defenses", "reports"):
         (out / sub).mkdir(exist_ok=True)
-    t_start = time.perf_counter()
-    target = prepare_target(out, dataset, seed)
+    steps: dict[str, float] = {}  # seconds per step, in demo.json and the closing line
+
+    def timed(step: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        steps[step] = round(time.perf_counter() - t0, 1)
+        return result
+
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    target = timed("target", prepare_target, out, dataset, seed)
     secret_file = prepare_secret(out)
     secret = load_secret(file=str(secret_file))
-    defense_dirs = {name: prepare_defense(name, target, out, secret, seed) for name in DEFENSES if name != "none"}
+    defense_dirs = {name: timed(f"fit {name}", prepare_defense, name, target, out, secret, seed)
+                    for name in DEFENSES if name != "none"}
     t_prepared = time.perf_counter()
 
     model_name = target.directory.name
     X_eval, _ = target.role("eval_nonmembers")
-    reports, latency, shadow_set = {}, {}, None
+    audits, latency, shadow_set = {}, {}, None
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
         sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),
@@ -250,36 +261,48 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                audit = run_audit(target, access, AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed),
-                                  name, None if name == "none" else baseline,
-                                  {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
+                audit = timed(f"audit {name}", run_audit, target, access,
+                              AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed), name,
+                              None if name == "none" else baseline,
+                              {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
             shadow_set = audit.shadows
-            write_report(audit, out / "reports" / name)
-            reports[name] = audit.report
+            audits[name] = audit
             latency[name] = request_latency_ms(sidecars[name].endpoint, model_name, X_eval)
     t_audited = time.perf_counter()
 
     _log("MemGuard privacy-utility sweep over epsilon (in-process, same shadow models)")
-    sweep = defense_sweep(target, memguard_variants(defense_dirs["memguard"], target, secret), shadow_set, seed,
-                          "memguard")
-    plot_privacy_utility(sweep, out / "privacy_utility.png", f"MemGuard on {dataset}")
+    sweep = timed("memguard sweep", defense_sweep, target,
+                  memguard_variants(defense_dirs["memguard"], target, secret), shadow_set, seed, "memguard")
+    reports = {name: a.report for name, a in audits.items()}
+    points = tradeoff_points(sweep, {n: r for n, r in reports.items() if n != "none"})
+    for name, audit in audits.items():
+        write_report(audit, out / "reports" / name, undefended=None if name == "none" else audits["none"],
+                     tradeoff=() if name == "none" else points)
     columns, rows = comparison_rows(reports, latency)
     summary = {
         "dataset": dataset, "seed": seed, "model_id": target.model_id,
         "table": {"columns": columns, "rows": rows},
+        "verdicts": {name: r["verdict"]["lines"] for name, r in reports.items()},
         "latency": latency, "memguard_sweep": sweep,
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
-                     "total": round(time.perf_counter() - t_start, 1)},
-        "reports": {name: str(out / "reports" / name / "report.json") for name in reports},
+                     "total": round(time.perf_counter() - t_start, 1), "steps": steps},
+        # timings on a shared machine mean little without the load they ran under
+        "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]},
+        "reports": {name: str(out / "reports" / name / "report.html") for name in reports},
     }
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
     print(text_table(columns, rows))
-    print("\nMemGuard epsilon sweep (best confidence attack bal.acc / mean L1): " + ", ".join(
-        f"{r['setting']:g}: {r['best_balanced_accuracy']:.3f}/{r['mean_l1']:.3f}" for r in sweep))
-    print(f"\nreports: {out}/reports/<defense>/report.{{json,md}}, roc.png; plot: {out}/privacy_utility.png")
-    print(f"time: {summary['timing_s']['total']:.0f}s (prepare {summary['timing_s']['prepare']:.0f}s, "
-          f"audits {summary['timing_s']['audits']:.0f}s)")
+    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; label-only floor AUC "
+          f"{sweep[0]['floor_auc']:.3f}): " + ", ".join(
+              f"{r['setting']:g}: {r['best_auc']:.3f}/{r['real_traffic_l1']:.3f}" for r in sweep))
+    for name in DEFENSES:
+        print(f"\nVerdict, {name}:")
+        for line in reports[name]["verdict"]["lines"]:
+            print(f"  - {line}")
+    print(f"\nopen in a browser: {out}/reports/memguard/report.html, {out}/reports/purifier/report.html "
+          f"(also report.md, report.json, roc.png per defense under {out}/reports/)")
+    print(f"time: {summary['timing_s']['total']:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in steps.items()) + ")")
     return summary
 
 

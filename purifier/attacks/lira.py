@@ -3,12 +3,15 @@ First Principles").
 
 The statistic is the scaled confidence phi = log p_y - log sum_{i != y} p_i, computed from the
 sum of the other classes (not 1 - p_y, which rounds to 0 for confident rows). Per candidate,
-Gaussians are fitted to phi under shadow models that trained on it (IN) and did not (OUT).
+Gaussians are fitted to phi under shadow models that trained on it (IN) and did not (OUT)
+(`reference_stats.gaussian_fits`).
 
 * online: score = log N(phi; mu_in, s_in) - log N(phi; mu_out, s_out);
-* offline: the one-sided test against OUT only, score = (phi - mu_out) / s_out;
-* fixed variance (default): one global standard deviation instead of per-candidate ones, which
-  the paper finds works best with few shadow models.
+* offline: the one-sided test against OUT only, score = (phi - mu_out) / s_out; `lira_online`
+  falls back to it when too few shadows hold each candidate IN and OUT (`choose_online`: with 4
+  shadows only ~38% of records have two of each), and `details["variant_reason"]` says so;
+* variance: one global standard deviation below 16 shadow models (the paper finds it works best
+  with few models), per-example standard deviations from 16 on; `details` says which ran.
 
 The decision threshold is fitted on the attacker's pool by leave-one-shadow-out: each shadow
 model plays the target in turn, scored against the statistics of the other shadows.
@@ -19,28 +22,26 @@ from __future__ import annotations
 import numpy as np
 
 from purifier.attacks.base import ConfidenceAttack, fit_threshold
-from purifier.attacks.metric import true_class_prob
+from purifier.attacks.reference_stats import (
+    choose_online,
+    choose_variance,
+    gaussian_fits,
+    leave_one_shadow_out,
+)
 
 PHI_CLIP = 60.0
 
 
 def scaled_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N, C), (N,) -> (N,) phi = log p_y - log sum_{i != y} p_i, clipped to +-60."""
-    py = true_class_prob(probs, labels)
-    mask = np.ones_like(probs, dtype=bool)
-    np.put_along_axis(mask, labels[:, None].astype(np.int64), False, axis=1)
-    others = np.where(mask, probs, 0.0).sum(axis=1)  # summed directly: no cancellation
+    """(N, C) or (K, N, C), (N,) -> (N,) or (K, N) phi = log p_y - log sum_{i != y} p_i,
+    clipped to +-60."""
+    if probs.ndim == 3:  # one shadow at a time bounds the (N, C) temporaries
+        return np.stack([scaled_confidence(p, labels) for p in probs])
+    onehot = np.arange(probs.shape[-1]) == np.asarray(labels)[:, None]
+    py = np.where(onehot, probs, 0.0).sum(axis=-1)
+    others = np.where(onehot, 0.0, probs).sum(axis=-1)  # summed directly: no cancellation
     phi = np.log(np.maximum(py, 1e-300)) - np.log(np.maximum(others, 1e-300))
     return np.clip(phi, -PHI_CLIP, PHI_CLIP)
-
-
-def _masked_stats(phi: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """phi, mask (K, N) -> per-column mean, variance, count over rows where mask is True."""
-    n = mask.sum(axis=0)
-    s = np.where(mask, phi, 0.0).sum(axis=0)
-    mean = s / np.maximum(n, 1)
-    var = np.where(mask, (phi - mean) ** 2, 0.0).sum(axis=0) / np.maximum(n - 1, 1)
-    return mean, var, n
 
 
 def _normal_logpdf(x, mu, sigma):
@@ -52,35 +53,15 @@ class LiRA(ConfidenceAttack):
 
     Args:
         online: use IN and OUT Gaussians (True) or OUT only (False).
-        fixed_variance: one global standard deviation (recommended with < 16 shadow models).
+        fixed_variance: one global standard deviation (True), per-example ones (False), or
+            chosen by the shadow count (None: fixed below 16 shadows).
     """
 
     name = "lira_online"
 
-    def __init__(self, *, online: bool = True, fixed_variance: bool = True, seed: int = 0):
+    def __init__(self, *, online: bool = True, fixed_variance: bool | None = None, seed: int = 0):
         super().__init__(seed=seed)
-        self.online, self.fixed_variance = online, fixed_variance
-
-    def _stats(self, phi: np.ndarray, in_mask: np.ndarray) -> dict:
-        """phi, in_mask (K, N) -> per-candidate Gaussian parameters (N,) each."""
-        mu_in, var_in, n_in = _masked_stats(phi, in_mask)
-        mu_out, var_out, n_out = _masked_stats(phi, ~in_mask)
-        both = (n_in > 0) & (n_out > 0)
-        delta = float(np.mean((mu_in - mu_out)[both])) if both.any() else 0.0
-        # candidates with no IN (or OUT) model borrow the global IN-OUT shift
-        mu_in = np.where(n_in > 0, mu_in, mu_out + delta)
-        mu_out = np.where(n_out > 0, mu_out, mu_in - delta)
-        pooled = np.where(np.r_[in_mask.ravel(), ~in_mask.ravel()],
-                          np.r_[(phi - mu_in).ravel(), (phi - mu_out).ravel()], np.nan)
-        global_sd = float(np.sqrt(np.nanmean(pooled ** 2))) if np.isfinite(pooled).any() else 1.0
-        global_sd = max(global_sd, 1e-3)
-        if self.fixed_variance:
-            sd_in = sd_out = np.full(phi.shape[1], global_sd)
-        else:
-            sd_in = np.where(n_in > 1, np.sqrt(var_in), global_sd)
-            sd_out = np.where(n_out > 1, np.sqrt(var_out), global_sd)
-        return {"mu_in": mu_in, "mu_out": mu_out, "sd_in": np.maximum(sd_in, 1e-3),
-                "sd_out": np.maximum(sd_out, 1e-3)}
+        self.online_requested, self.online, self.fixed_variance = online, online, fixed_variance
 
     def _score_phi(self, phi: np.ndarray, st: dict) -> np.ndarray:
         if self.online:
@@ -96,20 +77,19 @@ class LiRA(ConfidenceAttack):
         """pool_probs (K, P, C), pool_y (P,), pool_in (K, P); cand_probs (K, N, C), cand_in (K, N),
         cand_y (N,): the labels of the candidates, in the order `score` will see them."""
         k = pool_probs.shape[0]
-        phi_pool = np.stack([scaled_confidence(pool_probs[i], pool_y) for i in range(k)])
-        if k >= 2:
-            scores, members = [], []
-            for i in range(k):  # leave one shadow out: K is a handful of models
-                rest = np.arange(k) != i
-                st = self._stats(phi_pool[rest], pool_in[rest])
-                scores.append(self._score_phi(phi_pool[i], st))
-                members.append(pool_in[i])
-            self.threshold = fit_threshold(np.concatenate(scores), np.concatenate(members))
-        else:
-            self.threshold = 0.0
-        phi_cand = np.stack([scaled_confidence(cand_probs[i], cand_y) for i in range(k)])
-        self._cand_stats = self._stats(phi_cand, cand_in)
+        # online needs IN and OUT shadows per record; with too few it falls back and says so
+        self.online, variant_why = choose_online(cand_in, self.online_requested)
+        requested = None if self.fixed_variance is None else not self.fixed_variance
+        per_example, why = choose_variance(k, requested)
+        phi_pool = scaled_confidence(pool_probs, pool_y)
+        loo = leave_one_shadow_out(k, pool_in, lambda i, rest: self._score_phi(
+            phi_pool[i], gaussian_fits(phi_pool[rest], pool_in[rest], per_example)))
+        self.threshold = fit_threshold(*loo) if loo is not None else 0.0
+        self._cand_stats = gaussian_fits(scaled_confidence(cand_probs, cand_y), cand_in, per_example)
         self._cand_y = np.asarray(cand_y)
+        self.details = {"variant": "online" if self.online else "offline", "variant_reason": variant_why,
+                        "variance": "per-example" if per_example else "fixed (global)",
+                        "variance_reason": why, "shadows": k}
         return self
 
     def score(self, outputs, labels):
@@ -121,5 +101,5 @@ class LiRA(ConfidenceAttack):
 class LiRAOffline(LiRA):
     name = "lira_offline"
 
-    def __init__(self, *, fixed_variance: bool = True, seed: int = 0):
+    def __init__(self, *, fixed_variance: bool | None = None, seed: int = 0):
         super().__init__(online=False, fixed_variance=fixed_variance, seed=seed)

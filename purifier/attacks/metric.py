@@ -20,8 +20,9 @@ _TINY = 1e-30
 
 
 def true_class_prob(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N, C), (N,) -> (N,) p_y."""
-    return np.take_along_axis(probs, labels[:, None].astype(np.int64), axis=1)[:, 0]
+    """(N, C), (N,) -> (N,) p_y; also (K, N, C) -> (K, N), K models on the same records."""
+    idx = np.broadcast_to(np.asarray(labels, np.int64)[:, None], (*probs.shape[:-1], 1))
+    return np.take_along_axis(probs, idx, axis=-1)[..., 0]
 
 
 def confidence(probs, labels):
@@ -48,6 +49,7 @@ class GapAttack(ConfidenceAttack):
     """Member iff correctly classified. Needs labels only; the floor of label-keeping defenses."""
 
     name = "gap"
+    family = "label_only"  # needs the predicted label only: one of the label-only floor's attacks
 
     def fit_outputs(self, probs, labels, membership):
         self.threshold = 0.5  # the rule itself: nothing to fit

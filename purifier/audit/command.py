@@ -19,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.data.records import DEFAULT_LABEL_COLUMN
 
     p = sub.add_parser("audit", help="run membership inference attacks against a model or an OIP v2 endpoint; "
-                                     "write report.json, report.md, roc.png",
+                                     "write report.html, report.md, report.json, roc.png",
                        description="Records come from --target DIR (train-target splits) or from files: "
                                    "--members, --nonmembers (evaluation records) and --attacker-pool. Record "
                                    "files: .npz with X (N, D) and y (N,), or .csv with a header and a label column.")
@@ -214,5 +214,5 @@ def run(args: argparse.Namespace) -> int:
     print(text_table(audit.report))
     for warning in audit.report["assumptions"]["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"report: {out}/report.json, report.md, roc.png", file=sys.stderr)
+    print(f"report: {out}/report.html (open in a browser), report.md, report.json, roc.png", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from html import escape
 
 from purifier.audit.figures import RocCurve, TradeoffPoint, roc_figure, to_svg, tradeoff_figure
+from purifier.audit.verdict import strongest
 from purifier.tables import html_table
 
 FPR_KEYS = (("0.01", "1 in 100"), ("0.001", "1 in 1,000"))
@@ -49,6 +50,14 @@ class Verdict:
     not_protected: str
     attacker: str
     cannot_protect: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # inverted signals, weaker variants run for want of shadows
+
+    @classmethod
+    def from_report(cls, report: dict) -> Verdict:
+        """The verdict the audit wrote into report.json (`purifier.audit.verdict.verdict`)."""
+        v = report["verdict"]
+        notes = tuple(line for line in v["lines"] if line.startswith("Inverted signal") or " ran its offline" in line)
+        return cls(v["protected"], v["not_protected"], v["attacker"], tuple(v["cannot_protect"]), notes)
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,10 @@ class ReportPage:
     Attributes:
         report: the defended endpoint's `report.json` document.
         verdict: the verdict lines.
-        floor_attack: the attack in `report["attacks"]` that sets the label-only floor (the
-            strongest label-only attack).
-        utility: `purifier.evaluation.output_utility(clean, defended, labels, membership)`.
+        floor_attack: the attack in `report["attacks"]` that sets the label-only floor's AUC (the
+            strongest label-only attack; the TPR columns take each metric's own best).
+        utility: `purifier.evaluation.output_utility(clean, defended, labels, membership)`, or
+            None when no undefended answers were available (shown as not measured).
         undefended: the undefended endpoint's `report.json` (the "without defense" column), if audited.
         roc_undefended, roc_defended, roc_floor: the best attack before and after, and the floor.
         tradeoff: audited settings of this and other defenses (the baselines), one marked served.
@@ -69,7 +79,7 @@ class ReportPage:
     report: dict
     verdict: Verdict
     floor_attack: str
-    utility: dict
+    utility: dict | None
     undefended: dict | None = None
     roc_undefended: RocCurve | None = None
     roc_defended: RocCurve | None = None
@@ -77,57 +87,59 @@ class ReportPage:
     tradeoff: tuple[TradeoffPoint, ...] = ()
 
 
-def _best(report: dict, value) -> tuple[str, dict]:
-    """(attack name, entry) of the attack with the largest `value(entry)`."""
-    name = max(report["attacks"], key=lambda n: value(report["attacks"][n]))
-    return name, report["attacks"][name]
+def _best(report: dict, metric: str, label_only: bool | None = None) -> dict:
+    return strongest(report["attacks"], metric, label_only)
 
 
-def _auc_cell(report: dict | None) -> tuple[str, str] | str:
+def _auc_cell(report: dict | None, label_only: bool | None = None) -> tuple[str, str] | str:
     if report is None:
         return "not audited"
-    name, a = _best(report, lambda a: a["auc"])
-    return f"{a['auc']:.3f}", f"attack: {name}"
+    b = _best(report, "auc", label_only)
+    return f"{b['value']:.3f}", f"attack: {b['attack']}" + (" (score flipped)" if b["inverted"] else "")
 
 
-def _tpr_text(t: dict) -> tuple[str, str]:
-    """(share of members found, what it was measured at); starred when not measurable."""
-    star = "" if t["measurable"] else " *"
-    return f"{100 * t['tpr']:.1f}%{star}", f"at {100 * t['fpr']:.2f}% false positives, {t['negatives']} non-members"
+def _tpr_text(t: dict) -> tuple[str, str] | str:
+    """(share of members found, what it was measured at); no number when not measurable."""
+    if not t["measurable"]:
+        return "not measurable", f"{t['negatives']} non-members are too few for this false-positive rate"
+    return f"{100 * t['tpr']:.1f}%", f"at {100 * t['fpr']:.2f}% false positives, {t['negatives']} non-members"
 
 
-def _tpr_cell(report: dict | None, key: str) -> tuple[str, str] | str:
+def _tpr_cell(report: dict | None, key: str, label_only: bool | None = None) -> tuple[str, str] | str:
     if report is None:
         return "not audited"
-    name, a = _best(report, lambda a: a["tpr_at_fpr"][key]["tpr"])
-    value, where = _tpr_text(a["tpr_at_fpr"][key])
-    return value, f"{where}; attack: {name}"
+    b = _best(report, key, label_only)
+    value, where = _tpr_text(b)
+    return value, f"{where}; attack: {b['attack']}"
 
 
 def headline_rows(page: ReportPage) -> list[list]:
-    """The four headline numbers: without defense, with it, and the label-only floor. Cells are
-    text or (text, note) pairs."""
+    """The four headline numbers: without defense, with it, and the label-only floor (the strongest
+    label-only attack per metric). Cells are text or (text, note) pairs."""
     r, before = page.report, page.undefended
-    floor = r["attacks"][page.floor_attack]
-    l1 = page.utility["l1_nonmembers"]
     rows = [[("Best attack AUC", "How well the strongest attack tells training records from others: "
                                  "0.5 is a coin flip, 1 is certainty."),
-             _auc_cell(before), _auc_cell(r), f"{floor['auc']:.3f}"]]
+             _auc_cell(before), _auc_cell(r), _auc_cell(r, label_only=True)]]
     for key, words in FPR_KEYS:
         rows.append([(f"Members found at {100 * float(key):g}% false positives",
                       f"Share of training records the strongest attack exposes while wrongly accusing {words} "
                       "people who were not in the training set."),
-                     _tpr_cell(before, key), _tpr_cell(r, key), _tpr_text(floor["tpr_at_fpr"][key])])
+                     _tpr_cell(before, key), _tpr_cell(r, key), _tpr_cell(r, key, label_only=True)])
+    l1 = None if page.utility is None else page.utility["l1_nonmembers"]
     rows.append([("Real-traffic distortion (mean L1)",
                   "How much the confidence scores that ordinary users (non-members) receive change: "
                   "0 = unchanged, 2 = completely different. The predicted label never changes."),
-                 "0", (f"{l1['mean']:.3f}", f"95% of answers move at most {l1['p95']:.3f}, the worst {l1['max']:.3f}"),
+                 "0", ("not measured", "audit with --baseline to compare with the undefended answers") if l1 is None
+                 else (f"{l1['mean']:.3f}", f"95% of answers move at most {l1['p95']:.3f}, the worst {l1['max']:.3f}"),
                  ("n/a", "needs no change to the scores")])
     return rows
 
 
 def _utility_rows(page: ReportPage) -> list[list[str]]:
     u, acc = page.utility, page.report["utility"]
+    if u is None:
+        return [["accuracy on members / non-members", "",
+                 f"{acc['member_accuracy']:.4f} / {acc['nonmember_accuracy']:.4f}"]]
     f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     l1 = lambda d: "-" if d is None else f"{d['mean']:.4f} / {d['p95']:.4f} / {d['max']:.4f} (n={d['n']})"  # noqa: E731
     rows = [["label unchanged (argmax agreement)", "1", f(u["argmax_agreement"])],
@@ -148,8 +160,10 @@ def _attack_rows(page: ReportPage) -> list[list[str]]:
     rows = []
     for name, a in page.report["attacks"].items():
         lo, hi = a["ci95"]["auc"]
+        after = f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}]" + (
+            f"; below a coin flip, flipped: {a['inverted']['auc']:.3f}" if "inverted" in a else "")
         rows.append([name, a["family"], f"{before[name]['auc']:.3f}" if name in before else "-",
-                     f"{a['auc']:.3f} [{lo:.3f}, {hi:.3f}]", _tpr_text(a["tpr_at_fpr"]["0.01"]),
+                     after, _tpr_text(a["tpr_at_fpr"]["0.01"]),
                      _tpr_text(a["tpr_at_fpr"]["0.001"]), str(a["queries"])])
     return rows
 
@@ -175,8 +189,8 @@ def _figures(page: ReportPage) -> str:
         fig = roc_figure(page.roc_undefended, page.roc_defended, page.roc_floor, page.report["n_nonmembers"])
         parts.append("<h3>The strongest attack before and after, against the label-only floor</h3>" + to_svg(fig))
     if page.tradeoff:
-        undefended_auc = None if page.undefended is None else _best(page.undefended, lambda a: a["auc"])[1]["auc"]
-        fig = tradeoff_figure(page.tradeoff, page.report["attacks"][page.floor_attack]["auc"], undefended_auc)
+        undefended_auc = None if page.undefended is None else _best(page.undefended, "auc")["value"]
+        fig = tradeoff_figure(page.tradeoff, _best(page.report, "auc", label_only=True)["value"], undefended_auc)
         parts.append("<h3>Privacy against the cost to real users, for this defense and the simple "
                      "alternatives</h3>" + to_svg(fig))
     return "\n".join(parts)
@@ -188,7 +202,7 @@ def render_html(page: ReportPage) -> str:
     title = f"Privacy audit: {r.get('model_name') or r['dataset']}, defense {r['defense']}"
     e = escape
     cannot = "".join(f"<li>{e(line)}</li>" for line in v.cannot_protect)
-    header = ["", "Without defense", f"With {r['defense']}", f"Label-only floor ({page.floor_attack})"]
+    header = ["", "Without defense", f"With {r['defense']}", "Label-only floor"]
     body = [
         f"<h1>{e(title)}</h1>",
         f'<p class="sub">Membership inference audit: can an outsider tell whether a person\'s record was used '
@@ -198,17 +212,18 @@ def render_html(page: ReportPage) -> str:
         f"<p><strong>Protected:</strong> {e(v.protected)}</p>",
         f"<p><strong>Not protected:</strong> {e(v.not_protected)}</p>",
         f"<p><strong>Against:</strong> {e(v.attacker)}</p>",
+        *(f'<p class="small">{e(note)}</p>' for note in v.notes),
         "</section>",
         html_table(header, headline_rows(page), "headline"),
-        '<p class="small">* Too few non-members to measure this false-positive rate: the figure is the share '
-        "found with no false positive at all.</p>",
+        '<p class="small">Inverted signals (an attack that scores members lower) are counted flipped, as an '
+        "attacker would use them; \"not measurable\": too few non-members for that false-positive rate.</p>",
         f'<section class="cannot"><h2>What this defense cannot protect</h2><ul>{cannot}</ul></section>',
         "<h2>Pictures</h2>", _figures(page),
         "<h2>Every attack</h2>",
         html_table(["attack", "family", "AUC before", "AUC after [95% CI]", "members found at 1% FP",
                     "members found at 0.1% FP", "queries"], _attack_rows(page)),
         "<h2>Cost to users</h2>",
-        f"<p class=\"small\">{e(page.utility.get('population', ''))}.</p>",
+        f"<p class=\"small\">{e((page.utility or {}).get('population', 'no undefended answers to compare with'))}.</p>",
         html_table(["measure", "before", "after"], _utility_rows(page)),
         "<h2>How the audit was run</h2>",
         "<ul>" + "".join(f"<li>{e(item)}</li>" for item in _setup_items(r)) + "</ul>",

@@ -5,8 +5,10 @@ pool, from a target directory's splits or from the user's record files. The atta
 models train on the pool (plus the candidates, IN/OUT at random, for LiRA) with a recipe;
 every attack is fitted on shadow data only, and its balanced accuracy uses its own shadow-fitted
 threshold (the oracle best threshold is reported beside it, labelled as such). Every number sits
-next to the gap floor (Yeom et al. 2018) and the utility cost. Metrics come from
-`purifier.evaluation` only. Attack catalogue: REFERENCE.md section 4.
+next to the label-only floor (the strongest label-only attack per metric; the gap attack of Yeom
+et al. 2018 is one of them) and the utility cost on real traffic, and the verdict in words
+(`purifier.audit.verdict`) is part of the report. Metrics come from `purifier.evaluation` only.
+Attack catalogue: REFERENCE.md section 4.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
 from purifier.attacks.shadow import train_shadows
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
+from purifier.audit.verdict import label_only_floor, verdict
 from purifier.errors import ConfigError, InvalidProbabilities
 from purifier.progress import Progress
 
@@ -69,27 +72,42 @@ class Audit:
     shadows: object = None  # the ShadowSet used, reusable by a later audit of the same target
 
 
-def attack_metrics(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: int) -> dict:
-    """The report entry of one attack (all metrics from purifier.evaluation)."""
-    thr = o.threshold
+def ranking_metrics(scores: np.ndarray, membership: np.ndarray, n_boot: int, seed: int) -> dict:
+    """AUC, TPR at each of FPR_TARGETS (with realized FPR, negatives, measurable) and their 95%
+    bootstrap intervals (the TPR interval at 1% FPR is what the verdict compares with the floor)."""
     tprs = {}
     for target_fpr in FPR_TARGETS:
-        t = ev.tpr_at_fpr(o.scores, membership, target_fpr)
+        t = ev.tpr_at_fpr(scores, membership, target_fpr)
         tprs[str(target_fpr)] = {"tpr": t.tpr, "fpr": t.fpr, "negatives": t.negatives, "measurable": t.measurable}
+    tpr_1 = lambda s, m: ev.tpr_at_fpr(s, m, 0.01).tpr  # noqa: E731
+    return {"auc": ev.roc_auc(scores, membership), "tpr_at_fpr": tprs,
+            "ci95": {"auc": list(ev.bootstrap_ci(ev.roc_auc, scores, membership, n_boot, seed)),
+                     "tpr_at_0.01": list(ev.bootstrap_ci(tpr_1, scores, membership, n_boot, seed))}}
+
+
+def attack_metrics(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: int) -> dict:
+    """The report entry of one attack (all metrics from purifier.evaluation). An attack whose AUC
+    interval lies below 0.5 also gets `inverted`: the same metrics of its negated score, which is
+    what an attacker would use (`purifier.audit.verdict`)."""
+    thr = o.threshold
     own_ba = lambda s, m: ev.balanced_accuracy(s >= thr, m)  # noqa: E731
-    return {
+    ranking = ranking_metrics(o.scores, membership, n_boot, seed)
+    entry = {
         "family": o.family,
-        "auc": ev.roc_auc(o.scores, membership),
+        "auc": ranking["auc"],
         "balanced_accuracy": ev.balanced_accuracy(o.predicted, membership),
         "oracle_balanced_accuracy": ev.best_balanced_accuracy(o.scores, membership)[0],
-        "tpr_at_fpr": tprs,
-        "ci95": {"auc": list(ev.bootstrap_ci(ev.roc_auc, o.scores, membership, n_boot, seed)),
+        "tpr_at_fpr": ranking["tpr_at_fpr"],
+        "ci95": {**ranking["ci95"],
                  "balanced_accuracy": list(ev.bootstrap_ci(own_ba, o.scores, membership, n_boot, seed))},
         "queries": int(o.queries),
         "seconds": round(o.seconds, 3),
         "threshold_from": "shadow models",
         **({"details": o.details} if o.details else {}),
     }
+    if entry["ci95"]["auc"][1] < 0.5:
+        entry["inverted"] = ranking_metrics(-o.scores, membership, n_boot, seed)
+    return entry
 
 
 def _check_outputs(outputs: np.ndarray, where: str) -> None:
@@ -151,6 +169,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         base_out = baseline.query(X)
         _check_outputs(base_out, "the baseline endpoint")
     util = utility(outputs, y, membership, base_out)
+    users = None if base_out is None else ev.output_utility(base_out, outputs, y, membership)
     floor = ev.gap_floor(outputs.argmax(axis=1) == y, membership)
 
     pool = data.pool
@@ -177,7 +196,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
             bar.update(1, last=name)
 
     attacks = {name: attack_metrics(o, membership, config.n_boot, config.seed) for name, o in outcomes.items()}
-    confidence = [n for n, o in outcomes.items() if o.family == "confidence" and n != "gap"]
+    confidence = [n for n, o in outcomes.items() if o.family == "confidence"]
     strongest = max(confidence, key=lambda n: attacks[n]["auc"]) if confidence else None
     boundary_s = outcomes["label_boundary"].seconds if "label_boundary" in outcomes else None
     report = {
@@ -188,7 +207,9 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         "n_members": int(membership.sum()),
         "n_nonmembers": int((~membership).sum()),
         "utility": util,
+        **({"output_utility": users} if users is not None else {}),
         "gap_floor": floor,
+        "label_only_floor": label_only_floor(attacks),
         "attacks": attacks,
         "strongest_confidence_attack": strongest,
         "shadows": {"n": config.n_shadows, **recipe.describe(), "target_family": data.model_family,
@@ -208,6 +229,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         ],
     }
     report["assumptions"] = assumptions(report, data, defense_name)
+    report["verdict"] = verdict(report)
     return Audit(report, membership, outcomes, shadows)
 
 

@@ -35,6 +35,7 @@ DEFAULT_SIZES: dict[str, tuple[int, int, int]] = {
     "mnist5k": (1000, 800, 1000),
     "breast_cancer": (150, 100, 150),
     "synthetic100": (4000, 3000, 4000),
+    "purchase_like": (5000, 5000, 10000),
 }
 
 

@@ -36,6 +36,7 @@ RECIPES: dict[str, tuple[str, int]] = {
     "mnist5k": ("cnn", 60),
     "breast_cancer": ("mlp", 300),
     "synthetic100": ("mlp", 80),
+    "purchase_like": ("mlp", 20),
 }
 PARITY_TOLERANCE = 1e-5
 

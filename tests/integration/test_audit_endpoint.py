@@ -120,8 +120,8 @@ def test_audit_through_the_endpoint_writes_the_report(endpoint, digits_target, t
     assert report["attacks"]["label_augment"]["family"] == "label_only"
     assert report["attacks"]["label_augment"]["queries"] == 11 * n  # original + 8 shifts + 2 rotations
     # every row queried reached the server: eval (x2 with baseline) + every attack's queries but
-    # the confidence attacks, which reuse the single evaluation query
-    reused = sum(a["queries"] for a in report["attacks"].values() if a["family"] == "confidence")
+    # the confidence attacks and the gap attack (label-only), which reuse the single evaluation query
+    reused = sum(a["queries"] for n, a in report["attacks"].items() if a["family"] == "confidence" or n == "gap")
     assert servicer.rows == 2 * n + sum(a["queries"] for a in report["attacks"].values()) - reused
     # the undefended digits target leaks beyond the gap floor
     strongest = max(report["attacks"][a]["auc"] for a in ("confidence", "nn", "lira_offline"))
@@ -129,7 +129,10 @@ def test_audit_through_the_endpoint_writes_the_report(endpoint, digits_target, t
     assert (out / "report.md").read_text().startswith("# Membership inference audit: digits")
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "gap floor" in printed and "lira_offline" in printed and "TPR@1%FPR" in printed
+    assert "label-only floor" in printed and "lira_offline" in printed and "TPR@1%FPR" in printed
+    assert printed.startswith("verdict (unknown):") and "Record-level exposure" in printed
+    html = (out / "report.html").read_text()
+    assert html.startswith("<!DOCTYPE html>") and report["verdict"]["attacker"] in html
 
 
 @pytest.mark.parametrize("case,message", [

@@ -3,11 +3,14 @@ signal is known, so every attack has something real to find."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from purifier.attacks.base import AttackContext
 from purifier.attacks.shadow import ShadowSet, balanced_in_masks
+from purifier.audit.access import TargetAccess
 
 
 def planted_probs(labels: np.ndarray, member: np.ndarray, rng: np.random.Generator, n_classes: int,
@@ -25,11 +28,26 @@ def planted_probs(labels: np.ndarray, member: np.ndarray, rng: np.random.Generat
     return p / p.sum(axis=1, keepdims=True)
 
 
-def planted_shadows(n_shadows=4, n_pool=600, n_cand=400, n_classes=10, seed=0, difficulty=False):
-    """A ShadowSet with planted outputs and the evaluation candidates' true membership.
+@dataclass
+class PlantedWorld:
+    """Planted shadows and target: `target` answers the candidates, `population(idx)` the
+    target's (non-member) answers for pool records idx."""
 
-    Returns (shadows, cand_y, cand_member, target_outputs (n_cand, C)).
-    """
+    shadows: ShadowSet
+    cand_y: np.ndarray
+    cand_member: np.ndarray
+    target: np.ndarray
+    pool_difficulty: np.ndarray | None
+    n_classes: int
+    seed: int
+
+    def population(self, idx: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(self.seed + 1)
+        diff = None if self.pool_difficulty is None else self.pool_difficulty[idx]
+        return planted_probs(self.shadows.pool_y[idx], np.zeros(len(idx), bool), rng, self.n_classes, diff)
+
+
+def planted_world(n_shadows=4, n_pool=600, n_cand=400, n_classes=10, seed=0, difficulty=False) -> PlantedWorld:
     rng = np.random.default_rng(seed)
     pool_y = rng.integers(0, n_classes, n_pool)
     cand_y = rng.integers(0, n_classes, n_cand)
@@ -43,7 +61,28 @@ def planted_shadows(n_shadows=4, n_pool=600, n_cand=400, n_classes=10, seed=0, d
     target = planted_probs(cand_y, cand_member, rng, n_classes, diff_cand)
     sh = ShadowSet([], rng.normal(size=(n_pool, 4)).astype(np.float32), pool_y, pool_probs, pool_in,
                    cand_probs, cand_in)
-    return sh, cand_y, cand_member, target
+    return PlantedWorld(sh, cand_y, cand_member, target, diff_pool, n_classes, seed)
+
+
+def planted_shadows(n_shadows=4, n_pool=600, n_cand=400, n_classes=10, seed=0, difficulty=False):
+    """A ShadowSet with planted outputs and the evaluation candidates' true membership.
+
+    Returns (shadows, cand_y, cand_member, target_outputs (n_cand, C)).
+    """
+    w = planted_world(n_shadows, n_pool, n_cand, n_classes, seed, difficulty)
+    return w.shadows, w.cand_y, w.cand_member, w.target
+
+
+class PlantedTarget(TargetAccess):
+    """Answers the world's pool rows (by their row in pool_X) as the target would: non-members."""
+
+    def __init__(self, world: PlantedWorld):
+        super().__init__()
+        self.world, self.n_classes, self.description = world, world.n_classes, "planted"
+        self._row = {row.tobytes(): i for i, row in enumerate(world.shadows.pool_X)}
+
+    def _query(self, X):
+        return self.world.population(np.array([self._row[r.tobytes()] for r in X]))
 
 
 def context(shadows, n_classes=10, defense_name=None, kind="tabular", cand_y=None):

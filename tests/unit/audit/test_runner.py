@@ -56,7 +56,7 @@ def test_report_numbers_follow_from_scores(audits):
         assert a["queries"] == 800
     json.dumps(r)  # JSON-able as is
     table = text_table(r)
-    assert "gap floor" in table and "nn_label" in table and "(n/m)" in table
+    assert "label-only floor" in table and "nn_label" in table and "not measurable (400 neg.)" in table
     assert "| lira_online | confidence |" in markdown(r)
 
 
@@ -68,7 +68,14 @@ def test_undefended_digits_leaks_beyond_the_floor(audits):
     # (benchmarks/audit_targets.py: AUC 0.588 [0.548, 0.627] against a floor of 0.515)
     a = r["attacks"][best]
     assert a["auc"] > r["gap_floor"]["auc"] + 0.02, a
-    assert a["balanced_accuracy"] > r["gap_floor"]["balanced_accuracy"], a
+    names = ("mentr", "nn_label", "lira_online")
+    assert max(r["attacks"][n]["balanced_accuracy"] for n in names) > r["gap_floor"]["balanced_accuracy"]
+    # 2 shadows give no record 2 IN and 2 OUT shadows: lira_online runs offline and the report says so
+    assert r["attacks"]["lira_online"]["details"]["variant"] == "offline"
+    assert any(line.startswith("lira_online ran its offline variant") for line in r["verdict"]["lines"])
+    # the label-only floor here is the gap attack (the only label-only attack run)
+    assert r["label_only_floor"]["auc"] == {"attack": "gap", "value": r["attacks"]["gap"]["auc"],
+                                            "ci95": r["attacks"]["gap"]["ci95"]["auc"], "inverted": False}
 
 
 def test_label_preserving_defense_leaves_the_gap_attack_unchanged(audits):

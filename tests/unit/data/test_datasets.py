@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from purifier.data import ROLES, Splits, load_dataset, make_splits, synthetic_tabular
+from purifier.data.datasets import purchase_like
 from purifier.errors import ArtifactError, DatasetError
 
 
 @pytest.mark.parametrize("name,shape,classes", [
     ("digits", (1797, 64), 10), ("mnist5k", (5000, 784), 10), ("breast_cancer", (569, 30), 2),
-    ("synthetic100", (20000, 64), 100),
+    ("synthetic100", (20000, 64), 100), ("purchase_like", (30000, 600), 100),
 ])
 def test_loaders_shapes_and_ranges(name, shape, classes):
     d = load_dataset(name)
@@ -43,6 +44,31 @@ def test_synthetic_is_seeded_and_balanced():
     a, b, c = synthetic_tabular(seed=3), synthetic_tabular(seed=3), synthetic_tabular(seed=4)
     assert np.array_equal(a.X, b.X) and not np.array_equal(a.X, c.X)
     assert np.all(np.bincount(a.y) == 200)
+
+
+def test_purchase_like_is_seeded_sparse_binary_and_its_knob_sets_difficulty():
+    a, b = purchase_like(n_samples=3000, seed=1), purchase_like(n_samples=3000, seed=1)
+    assert np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y)
+    assert not np.array_equal(a.X, purchase_like(n_samples=3000, seed=2).X)
+    assert set(np.unique(a.X)) == {0.0, 1.0} and 0.05 < a.X.mean() < 0.2  # sparse, like purchases
+    # labels are the best-explaining class profile (a linear rule, as k-means labels are); a
+    # nearest-class-mean rule fitted on 2,000 records gets the easy setting right far more often
+    def nearest_mean_accuracy(separation):
+        d = purchase_like(n_samples=3000, separation=separation, seed=0)
+        means = np.stack([d.X[:2000][d.y[:2000] == c].mean(0) for c in range(100)])
+        pred = ((d.X[2000:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+        return (pred == d.y[2000:]).mean()
+    hard, easy = nearest_mean_accuracy(0.5), nearest_mean_accuracy(1.2)
+    assert easy > hard + 0.2, (hard, easy)
+    with pytest.raises(DatasetError, match="separation"):
+        purchase_like(separation=0.0)
+
+
+def test_purchase_like_default_splits_leave_10k_nonmembers():
+    s = make_splits(load_dataset("purchase_like"))
+    sizes = {r: s.size(r) for r in ROLES}
+    assert sizes == {"train": 5000, "reference": 5000, "eval_members": 5000, "eval_nonmembers": 10000,
+                     "attacker": 10000}
 
 
 def test_splits_disjoint_roles_and_seeded(tmp_path):
