@@ -167,7 +167,8 @@ def main() -> None:
         grpc_port = free_port()
         stack.enter_context(ServerProcess([str(TRITON_PYTHON), str(ROOT / "examples" / "upstreams" / "triton_onnx.py"),
                                            str(target.onnx_path), "--name", MODEL, "--grpc-port", str(grpc_port),
-                                           "--http-port", str(free_port()), "--access-token", token]))
+                                           "--http-port", str(free_port()), "--access-token", token],
+                                          ready_line=False))  # pytriton logs on stdout before the ready line
         wait_ready(grpc_port, MODEL)
         ports = {"direct": (grpc_port, (f"{TOKEN_HEADER}:{token}",))}
         backend = ["--upstream", f"127.0.0.1:{grpc_port}", "--model-name", MODEL, "--confidence-output",

@@ -7,6 +7,11 @@ the kernel picks a free port and nothing races for it, reads the JSON ready line
 stops the whole process group (SIGTERM, then SIGKILL past a deadline). stderr (the JSON log)
 goes to a file, never to a pipe nobody drains. This module never imports `purifier_server`.
 
+Servers that print no ready line (Triton, KServe, MLServer, TorchServe as upstreams) are started
+with `ready_line=False` and a `ready_check` that `start()` polls (ModelReady, say); `stop()` waits
+for every member of the group, not just its leader (pytriton's tritonserver outlives its Python
+parent by seconds), and `start()` after `stop()` brings the same command back (outage tests).
+
     with ServeProcess(["--model", "build/targets/digits"]) as sidecar:
         client = tritonclient.grpc.InferenceServerClient(sidecar.endpoint)
 """
@@ -23,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from purifier.errors import PurifierError
@@ -62,17 +67,22 @@ class ServerProcess:
         env: its environment (default: this one without PURIFIER_* variables).
         log_path: where stderr goes (default: a temporary file, removed on `stop`).
         ready_timeout_s: how long `start` waits for the ready line.
-        ready_line: False for servers that print none (the caller polls readiness itself).
+        ready_line: False for servers that print none; their stdout goes to the log too.
+        ready_check: with ready_line False, `start` polls this (True: ready) every `poll_s` until
+            `ready_timeout_s`; without one, `start` returns as soon as the process runs.
         cwd: its working directory (default this one; note `python -m` puts it first on sys.path).
+        name: how errors name the server (default: from the command).
 
     After `start()`: `pid`, `ready` (the parsed ready line, {} without one), `port`, `endpoint`
     ("127.0.0.1:PORT") and `ready_s` (seconds from process start to the ready line).
     """
 
     def __init__(self, cmd: Sequence[str], *, env: dict[str, str] | None = None, log_path: str | Path | None = None,
-                 ready_timeout_s: float = 90.0, ready_line: bool = True, cwd: str | Path | None = None):
+                 ready_timeout_s: float = 90.0, ready_line: bool = True, cwd: str | Path | None = None,
+                 ready_check: Callable[[], bool] | None = None, poll_s: float = 0.5, name: str | None = None):
         self.cmd = [str(c) for c in cmd]
         self.cwd = cwd
+        self.ready_check, self.poll_s, self._name = ready_check, poll_s, name
         self.env = clean_env() if env is None else env
         self._own_log = log_path is None
         self.log_path = Path(log_path) if log_path is not None else None
@@ -89,17 +99,20 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self) -> ServerProcess:
-        if self._own_log:
+        if self._own_log and self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="server-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:  # a restart appends
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE if self.ready_line else subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE if self.ready_line else log,
                                          stderr=log, text=True, env=self.env, cwd=self.cwd,
                                          start_new_session=True)
         if not self.ready_line:
+            if self.ready_check is not None:
+                self._poll_ready()
+                self.ready_s = time.perf_counter() - t0
             return self
         try:
             line = self._read_line()
@@ -115,6 +128,21 @@ class ServerProcess:
             self.port = int(self.ready["port"])
             self.endpoint = f"127.0.0.1:{self.port}"
         return self
+
+    def _poll_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()  # its children may live on
+                raise ServerStartError(f"{self.name} exited with {code} before it was ready: "
+                                       f"{self._last_log_line()}", code, self.log_text())
+            if self.ready_check():
+                return
+            time.sleep(self.poll_s)
+        self.stop()
+        raise ServerStartError(f"{self.name} not ready within {self.ready_timeout_s:g} s (log: {self.log_path}): "
+                               f"{self._last_log_line()}", None, self.log_text())
 
     def _read_line(self) -> str:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -133,6 +161,8 @@ class ServerProcess:
 
     @property
     def name(self) -> str:
+        if self._name:
+            return self._name
         return " ".join(self.cmd[2:5]) if self.cmd[1:2] == ["-m"] else Path(self.cmd[0]).name
 
     def log_text(self) -> str:
@@ -156,18 +186,24 @@ class ServerProcess:
         return self.returncode
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM the group, SIGKILL it after `timeout_s`; returns the exit code."""
+        """SIGTERM the group, wait up to `timeout_s` for all of it, SIGKILL what is left; returns the
+        leader's exit code. `start()` may be called again afterwards."""
         if self.proc is None:
             return None
-        self.signal(signal.SIGTERM)
+        pgid = self.proc.pid
+        deadline = time.monotonic() + timeout_s
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)  # also when the leader is gone and its children are not
         try:
             self.returncode = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.returncode = self.proc.wait(timeout=10)
-        # the group may outlive its leader (a grandchild): SIGKILL whatever is left
+        # the group may outlive its leader (a grandchild): give it the rest of the time, then SIGKILL
+        while time.monotonic() < deadline and _group_alive(pgid):
+            time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(pgid, signal.SIGKILL)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.returncode
@@ -180,6 +216,16 @@ class ServerProcess:
         if self._own_log and self.log_path is not None:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def serve_command(args: Sequence[str], python: str | Path = sys.executable) -> list[str]:

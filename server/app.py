@@ -31,12 +31,11 @@ import threading
 import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
-from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
 from purifier_server.errors import NotServing, RequestError, UpstreamFailed
@@ -168,12 +167,9 @@ class Sidecar:
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
-            from grpc_reflection.v1alpha import reflection
+            from purifier_server.reflection import enable_reflection
 
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
-            # our stubs live in a private descriptor pool (see proto/generate.py)
-            reflection.enable_server_reflection(names, self.server, pool=pb.POOL)
+            enable_reflection(self.server, SERVICE_NAME)
         address = f"{s.host}:{s.port}"
         try:
             if credentials is None:

@@ -120,6 +120,29 @@ def decode_inputs(request) -> list[np.ndarray]:
     return [decode_tensor(t, raw[i] if raw else None, f"input {t.name!r}") for i, t in enumerate(request.inputs)]
 
 
+def with_contents(request, typed: bool):
+    """The request as an upstream that reads only typed (`typed`) or only raw contents needs it.
+
+    TorchServe's OIP service ignores `raw_input_contents`, which tritonclient and perf_analyzer
+    always send (settings.upstream_contents). Returns `request` itself when it already travels
+    that way; otherwise a copy with the same tensors re-encoded (layout already checked).
+    """
+    if (len(request.raw_input_contents) == 0) == typed:
+        return request
+    arrays = decode_inputs(request)
+    out = type(request)()
+    out.CopyFrom(request)
+    out.ClearField("raw_input_contents")
+    for tensor, array in zip(out.inputs, arrays, strict=True):
+        tensor.ClearField("contents")
+        if not typed:
+            out.raw_input_contents.append(np.ascontiguousarray(array, DTYPES[tensor.datatype]).tobytes())
+        elif (field := TYPED_FIELD.get(tensor.datatype)) is not None:
+            getattr(tensor.contents, field).extend(array.ravel().tolist())
+        else:
+            raise BadRequest(f"input {tensor.name!r}: {tensor.datatype} travels only raw, and the upstream reads "
+                             "typed contents only (upstream_contents); send another datatype")
+    return out
 def request_rows(request) -> int:
     """The request's row count: the first dimension of its first input (a scalar input is one row)."""
     shape = request.inputs[0].shape

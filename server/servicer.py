@@ -7,7 +7,8 @@ confidence vectors the defense was fitted for). `ModelInfer`:
    and refuses what would bypass the defense (Triton's `classification` parameter, any
    `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
    exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
-2. forwards the request with the caller's deadline and application metadata;
+2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
+   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only);
 3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
    request's row count, finite confidences: anything else is an error, nothing of it returned);
 4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
@@ -18,6 +19,12 @@ confidence vectors the defense was fitted for). `ModelInfer`:
 
 Any failure is a gRPC error whose text comes from `errors.status_for` (fixed sentences for
 whatever the upstream said): an undefended vector is never returned.
+
+`ModelMetadata` and `ModelConfig` (Triton's extension, which perf_analyzer asks for first) are
+constructed by `model_description` from the upstream's metadata and config, describing the served
+outputs only. A request may name version "" or the one `model_description.accepted_versions`
+allows (the configured `model_version`, else the upstream's only advertised version); answers
+name the version asked for, else the upstream's when accepted.
 
 To serve another method, implement it here and list it in `METHODS`; methods not listed are
 UNIMPLEMENTED (repository, shared-memory, model-control and streaming RPCs stay that way).
@@ -47,6 +54,7 @@ from purifier_server.codec import (
     read_answer,
     request_rows,
     softmax,
+    with_contents,
 )
 from purifier_server.errors import (
     BadRequest,
@@ -59,6 +67,7 @@ from purifier_server.errors import (
     status_for,
 )
 from purifier_server.metrics import SidecarMetrics
+from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
@@ -121,8 +130,8 @@ class InferenceServicer:
                  readiness: Readiness):
         self.settings = settings
         self.model_name = model_name
-        self.model_version = model_version or settings.model_version
-        self.versions = frozenset({"", self.model_version})
+        self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
+        self.encoding = settings.upstream_encoding
         self.confidence_output = confidence_output
         self.keep = tuple(settings.allow_outputs)
         self.upstream = upstream
@@ -135,19 +144,40 @@ class InferenceServicer:
 
     # --- validation -----------------------------------------------------------------------------
 
-    def _check_model(self, name: str, version: str) -> None:
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions a request may name besides "" (model_description.accepted_versions)."""
+        return accepted_versions(self.model_version, getattr(self.upstream, "versions", ()))
+
+    async def _check_model(self, name: str, version: str) -> None:
         if name != self.model_name:
             raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
-        if version not in self.versions:
-            raise UnknownModel(f"model {name!r} version {version!r} is not served here; "
-                               f"use {' or '.join(repr(v) for v in sorted(self.versions))}")
+        if not version or version in self.versions:
+            return
+        if not self.model_version:  # perhaps advertised since the upstream's last metadata answer
+            try:
+                await self.upstream.model_metadata(self.model_name, "")
+            except UpstreamFailed:
+                pass
+            if version in self.versions:
+                return
+        accepted = ("", *self.versions)
+        raise UnknownModel(f"model {name!r} version {version!r} is not served here; use "
+                           f"{' or '.join(repr(v) for v in accepted)}"
+                           + ("" if self.model_version else " (or set model_version)"))
 
-    def _validate(self, request) -> list[str]:
+    def answer_version(self, requested: str, upstream_answer: str) -> str:
+        """The version an answer names: the requested one, else the upstream's if accepted."""
+        if requested:
+            return requested
+        return upstream_answer if upstream_answer in self.versions else self.model_version
+
+    async def _validate(self, request) -> list[str]:
         """Check the request; returns the output names of the answer, in order."""
         if isinstance(request, Malformed):
             log.warning("undecodable request: %s", log_detail(request.error))
             raise BadRequest("the message is not a valid inference.ModelInferRequest")
-        self._check_model(request.model_name, request.model_version)
+        await self._check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
         if "classification" in request.parameters:
@@ -202,7 +232,7 @@ class InferenceServicer:
         return response
 
     async def _infer(self, request, context):
-        requested = self._validate(request)
+        requested = await self._validate(request)
         if (refusal := self.readiness.refusal()) is not None:
             raise refusal
         rows = request_rows(request)
@@ -211,8 +241,9 @@ class InferenceServicer:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
         t1 = time.perf_counter()
+        forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         try:
-            upstream_answer, trailing = await self.upstream.infer(request, context.time_remaining(),
+            upstream_answer, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
                                                                   forwardable(context.invocation_metadata()))
         except UpstreamFailed as e:
             raise await self._upstream_error(e, request) from None
@@ -233,8 +264,9 @@ class InferenceServicer:
             if getattr(e, "reason", None) == "non-finite confidences":
                 _check_finite_inputs(request)
             raise
-        answer = build_response(request.id, request.model_name, request.model_version or self.model_version,
-                                {n: arrays[n] for n in names}, raw=len(request.raw_input_contents) > 0)
+        version = self.answer_version(request.model_version, upstream_answer.model_version)
+        answer = build_response(request.id, request.model_name, version, {n: arrays[n] for n in names},
+                                raw=len(request.raw_input_contents) > 0)
         for key in self.settings.allow_parameters:
             if key in upstream_answer.parameters:
                 answer.parameters[key].CopyFrom(upstream_answer.parameters[key])
@@ -273,7 +305,7 @@ class InferenceServicer:
     async def ModelReady(self, request, context):
         await self._refuse_malformed(request, context)
         try:
-            self._check_model(request.name, request.version)
+            await self._check_model(request.name, request.version)
         except UnknownModel:
             return pb.ModelReadyResponse(ready=False)
         ready = self.readiness.refusal() is None and await self.upstream.ready(request.name, request.version)
@@ -283,19 +315,28 @@ class InferenceServicer:
         await self._refuse_malformed(request, context)
         return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
 
-    async def ModelMetadata(self, request, context):
+    async def _described(self, request, context, config: bool):
         await self._refuse_malformed(request, context)
         try:
-            self._check_model(request.name, request.version)
+            await self._check_model(request.name, request.version)
             meta = await self.upstream.model_metadata(request.name, request.version)
+            own = await self.upstream.model_config(request.name, request.version) if config else None
         except Exception as e:
             code, message, _ = status_for(e)
             await context.abort(code, message)
-        served = (self.confidence_output, *self.keep)
-        answer = pb.ModelMetadataResponse(name=self.model_name, versions=meta.versions, platform=meta.platform,
-                                          inputs=meta.inputs)
-        answer.outputs.extend(o for o in meta.outputs if o.name in served)
-        return answer
+        served = (self.confidence_output, *(k for k in self.keep if k != self.confidence_output))
+        if not config:
+            return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
+        return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
+                             self.settings.max_request_rows, own, platform=meta.platform,
+                             backend=getattr(self.upstream, "backend", ""))
+
+    async def ModelMetadata(self, request, context):
+        return await self._described(request, context, config=False)
+
+    async def ModelConfig(self, request, context):
+        """Triton's ModelConfig (perf_analyzer asks for it first), described by model_description."""
+        return pb.ModelConfigResponse(config=await self._described(request, context, config=True))
 
 
 def _check_finite_inputs(request) -> None:
@@ -317,6 +358,7 @@ METHODS = {
     "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
     "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
     "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
     "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
 }
 

@@ -32,6 +32,8 @@ CONFIDENCE_KINDS = ("probabilities", "logits")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_UPSTREAM_SERVICE = "inference.GRPCInferenceService"
 ENV_PREFIX = "PURIFIER_"
+TORCHSERVE_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
+UPSTREAM_CONTENTS = ("auto", "raw", "typed")
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -52,6 +54,9 @@ class Settings:
                                    group="backend", metavar="HOST:PORT")
     upstream_service: str = setting(DEFAULT_UPSTREAM_SERVICE, "upstream gRPC service (TorchServe: "
                                     "org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
+    upstream_contents: str = setting("auto", "how inputs travel upstream: raw, typed, or auto (typed for "
+                                     "TorchServe, whose OIP service ignores raw contents; as sent otherwise)",
+                                     choices=UPSTREAM_CONTENTS)
     model_name: str | None = setting(None, "the one model clients ask for (required with --upstream; "
                                      "embedded: the directory name or file stem)")
     model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
@@ -164,12 +169,25 @@ class Settings:
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file"):
             if getattr(self, name) and not Path(getattr(self, name)).is_file():
                 fail(name, f"{getattr(self, name)} does not exist")
+        if self.upstream_contents not in UPSTREAM_CONTENTS:
+            fail("upstream_contents", f"{self.upstream_contents!r} is not one of {', '.join(UPSTREAM_CONTENTS)}")
         if not self.upstream_service or "/" in self.upstream_service:
             fail("upstream_service", f"{self.upstream_service!r} is not a gRPC service name (package.Service)")
 
     @property
     def embedded(self) -> bool:
         return self.model is not None
+
+    @property
+    def upstream_encoding(self) -> str | None:
+        """How inputs go upstream: "typed", "raw", or None for as the client sent them.
+
+        auto: typed for TorchServe, whose OIP service reads no raw contents (tritonclient and
+        perf_analyzer send only raw); as sent for every other server, which reads both.
+        """
+        if self.upstream_contents == "auto":
+            return "typed" if self.upstream_service == TORCHSERVE_SERVICE else None
+        return self.upstream_contents
 
     @classmethod
     def resolve(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,

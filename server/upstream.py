@@ -95,6 +95,9 @@ class Upstream(Protocol):
 
     async def model_metadata(self, name: str, version: str): ...
 
+    async def model_config(self, name: str, version: str):
+        """The upstream's own ModelConfig (Triton's extension), or None when it serves none."""
+
     async def close(self) -> None: ...
 
 
@@ -105,7 +108,8 @@ def _specs(tensors) -> list[TensorSpec]:
 class RemoteUpstream:
     """An OIP v2 gRPC server at `target` ("host:port") exposing `service`.
 
-    Construct it on the running event loop (it watches the channel's connectivity).
+    Construct it on the running event loop (it watches the channel's connectivity). `versions`
+    holds the versions its last ModelMetadata answer advertised.
 
     Args:
         name, version, confidence_output: the model the sidecar defends, from settings.
@@ -113,6 +117,7 @@ class RemoteUpstream:
     """
 
     model_id = None
+    versions: tuple[str, ...] = ()
 
     def __init__(self, target: str, service: str, default_timeout: float, *, name: str, version: str = "",
                  confidence_output: str = ""):
@@ -135,6 +140,7 @@ class RemoteUpstream:
         self._infer = method("ModelInfer", pb.ModelInferRequest, pb.ModelInferResponse)
         self._ready = method("ModelReady", pb.ModelReadyRequest, pb.ModelReadyResponse)
         self._metadata = method("ModelMetadata", pb.ModelMetadataRequest, pb.ModelMetadataResponse)
+        self._config = method("ModelConfig", pb.ModelConfigRequest, pb.ModelConfigResponse)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="upstream-connectivity")
 
     def _observe(self, ready: bool) -> None:
@@ -181,7 +187,15 @@ class RemoteUpstream:
         except grpc.aio.AioRpcError as e:
             raise UpstreamFailed(f"upstream {e.code().name}: {e.details()}", e.code()) from None
         self.inputs, self.outputs = _specs(meta.inputs), _specs(meta.outputs)
+        self.versions = tuple(meta.versions)
         return meta
+
+    async def model_config(self, name, version):
+        # KServe, MLServer and TorchServe do not implement it (UNIMPLEMENTED): then None
+        try:
+            return (await self._config(pb.ModelConfigRequest(name=name, version=version), timeout=5.0)).config
+        except grpc.aio.AioRpcError:
+            return None
 
     async def close(self):
         self._watcher.cancel()
@@ -204,6 +218,8 @@ class EmbeddedUpstream:
     """
 
     version = "1"
+    versions = ("1",)
+    backend = "onnxruntime"
     generation = 0
 
     def __init__(self, model: str | Path, name: str | None = None, device: str = "cpu", large_rows: int = 256):
@@ -289,6 +305,9 @@ class EmbeddedUpstream:
         return pb.ModelMetadataResponse(name=self.name, versions=[self.version], platform=self.platform,
                                         inputs=[spec(s) for s in self.inputs],
                                         outputs=[spec(s) for s in self.outputs if s.datatype])
+
+    async def model_config(self, name, version):
+        return None  # described from the graph's inputs and outputs (model_description)
 
     async def close(self):
         for lane in (self._small, self._large):

@@ -6,21 +6,20 @@ one process, so it runs as `.venv/bin/mlserver start DIR` in its own process gro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import selectors
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from model_servers import ModelServer
 
 from purifier.defenses import Defense
-from purifier.serve_process import free_port
+from purifier.serve_process import ServeProcess, free_port
 
 TOKEN = "s3cret-token-0123456789"  # the bearer token in the pki fixture
 
@@ -39,20 +38,17 @@ class Flatten(Defense):
         return q / q.sum(axis=1, keepdims=True), None
 
 
-class MLServerProcess:
+class MLServerProcess(ModelServer):
     """`mlserver start` on a model repository `root` (by default a scikit-learn digits classifier,
-    predict_proba, FP64; `write_settings` alone for a repository written by the caller)."""
+    predict_proba, FP64; `write_settings` alone for a repository written by the caller), through
+    purifier.serve_process's launcher like the other model servers."""
 
     def __init__(self, root: Path, model_name: str = "digits"):
-        self.root = root
-        self.model_name = model_name
-        self.grpc_port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self.log = root / "mlserver.log"
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        self.root, self.model_name = root, model_name
+        self.exe = Path(sys.executable).with_name("mlserver")
+        super().__init__("mlserver", [str(self.exe), "start", str(root)], free_port(), model_name,
+                         root / "mlserver.log", ready_timeout=90.0)
+        self.endpoint = f"127.0.0.1:{self.grpc_port}"
 
     def write_settings(self) -> None:
         (self.root / "settings.json").write_text(json.dumps({
@@ -75,81 +71,19 @@ class MLServerProcess:
             "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
         self.write_settings()
 
-    def start(self, timeout: float = 90.0) -> None:
-        import tritonclient.grpc as grpcclient
-
-        exe = Path(sys.executable).with_name("mlserver")
-        if not exe.exists():
+    def start(self) -> MLServerProcess:
+        if not self.exe.exists():
             pytest.skip("mlserver is not installed in this environment")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(exe), "start", str(self.root)], stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, cwd=self.root)
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"mlserver exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-                try:
-                    if client.is_model_ready(self.model_name):
-                        return
-                except Exception:
-                    pass
-                time.sleep(0.25)
-        finally:
-            client.close()
-        raise RuntimeError(f"mlserver not ready after {timeout} s: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        stop_group(self.proc)
+        super().start()
+        self.endpoint = f"127.0.0.1:{self.grpc_port}"
+        return self
 
 
-def stop_group(proc: subprocess.Popen | None) -> None:
-    """SIGTERM a process started with start_new_session=True and its group; SIGKILL after 10 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
-class ServeProcess:
-    """`purifier serve ARGS` as a subprocess on a loopback port of its choosing (`--port 0`), as a
-    user runs it; the port comes from the ready line it prints once serving. Stopped on exit."""
-
-    def __init__(self, *args: str, log: Path, timeout_s: float = 90.0):
-        self.cmd = [sys.executable, "-m", "purifier.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                    "--metrics-port", "-1", *args]
-        self.log, self.timeout_s = log, timeout_s
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> str:
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                         start_new_session=True)
-        try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(self.proc.stdout, selectors.EVENT_READ)
-                deadline = time.monotonic() + self.timeout_s
-                while time.monotonic() < deadline and self.proc.poll() is None:
-                    if sel.select(timeout=0.2):
-                        line = self.proc.stdout.readline()
-                        if line:
-                            return f"127.0.0.1:{json.loads(line)['port']}"
-            raise RuntimeError(f"purifier serve did not start: {self.log.read_text()[-2000:]}")
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None:
-            stop_group(self.proc)
-            self.proc.stdout.close()
+@contextlib.contextmanager
+def serve(*args: str, log: Path, timeout_s: float = 90.0):
+    """`purifier serve ARGS` on a loopback port of its choosing, as a user runs it; yields its endpoint."""
+    with ServeProcess(args, log_path=log, ready_timeout_s=timeout_s, env=os.environ.copy()) as sidecar:
+        yield sidecar.endpoint
 
 
 def _openssl(*args, cwd):
@@ -176,8 +110,8 @@ def pki(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def serve_process():
-    """The `ServeProcess` class: `with serve_process(*serve_args, log=path) as endpoint: ...`."""
-    return ServeProcess
+    """`with serve_process(*serve_args, log=path) as endpoint: ...` (purifier.serve_process.ServeProcess)."""
+    return serve
 
 
 @pytest.fixture(scope="session")

@@ -132,7 +132,6 @@ UNPROXIED = {
     "RepositoryIndex": lambda c: c.get_model_repository_index(),
     "RepositoryModelLoad": lambda c: c.load_model("m"),
     "RepositoryModelUnload": lambda c: c.unload_model("m"),
-    "ModelConfig": lambda c: c.get_model_config("m"),
     "ModelStatistics": lambda c: c.get_inference_statistics("m"),
     "TraceSetting": lambda c: c.get_trace_settings(),
     "LogSettings": lambda c: c.update_log_settings({"log_verbose_level": 1}),
@@ -152,6 +151,19 @@ def test_repository_shared_memory_and_control_rpcs_are_unimplemented(client, stu
         UNPROXIED[rpc](client)
     assert "UNIMPLEMENTED" in str(info.value.status()), info.value
     assert upstream.forwarded(since) == []
+    assert_defended(stub, sidecar)
+
+
+def test_model_config_is_answered_by_the_sidecar_itself(client, stub, sidecar, upstream):
+    """ModelConfig is served (perf_analyzer asks for it first) and constructed: the upstream's own
+    config is read, but the answer names the sidecar's model and only outputs it serves (the
+    construction is unit-tested in test_server_model_description; real Triton in
+    test_sidecar_model_servers)."""
+    since = len(upstream.calls)
+    config = client.get_model_config("m").config
+    assert config.name == "m"
+    assert {o.name for o in config.output} <= {"probs"}
+    assert set(upstream.forwarded(since)) <= {"ModelMetadata", "ModelConfig"}
     assert_defended(stub, sidecar)
 
 

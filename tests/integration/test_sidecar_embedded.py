@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -171,8 +172,19 @@ def test_health_reflection_and_metrics(sidecar, client, digits_target, rows):
         )
 
         db = ProtoReflectionDescriptorDatabase(channel)
-        assert "inference.GRPCInferenceService" in db.get_services()
+        services = set(db.get_services())
+        assert services == {"inference.GRPCInferenceService", "grpc.health.v1.Health",
+                            "grpc.reflection.v1alpha.ServerReflection"}
         assert db.FindFileContainingSymbol("inference.ModelInferRequest").name == "grpc_service.proto"
+        # every advertised service resolves to its methods and their message types (what grpcurl does)
+        pool = descriptor_pool.DescriptorPool(db)
+        for name in services:
+            assert pool.FindServiceByName(name).methods
+        check = pool.FindServiceByName("grpc.health.v1.Health").methods_by_name["Check"]
+        assert check.input_type.full_name == "grpc.health.v1.HealthCheckRequest"
+        assert "status" in check.output_type.fields_by_name
+        config = pool.FindServiceByName("inference.GRPCInferenceService").methods_by_name["ModelConfig"]
+        assert config.output_type.full_name == "inference.ModelConfigResponse"
 
     def scrape():
         text = urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5).read().decode()
@@ -195,3 +207,20 @@ def test_health_reflection_and_metrics(sidecar, client, digits_target, rows):
     assert after["purifier_upstream_up"].samples[0].value == 1
     released = after["purifier_noise_released_rows"].samples[0].value
     assert released - before["purifier_noise_released_rows"].samples[0].value == 3 * len(rows)
+
+
+def test_model_config_and_versions_of_the_embedded_model(sidecar, client, digits_target, rows):
+    """perf_analyzer's calls: ModelMetadata, ModelConfig (synthesized from the graph: a batching
+    model capped at max_request_rows, the confidence output only), then an inference under the
+    advertised version, whose answer names it."""
+    meta = client.get_model_metadata(sidecar.model_name)
+    assert list(meta.versions) == ["1"] and [o.name for o in meta.outputs] == ["probabilities"]
+    config = client.get_model_config(sidecar.model_name, "1").config
+    assert config.max_batch_size == MAX_ROWS and config.platform == "onnxruntime_onnx"
+    assert [(i.name, list(i.dims)) for i in config.input] == [("input", [rows.shape[1]])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("probabilities", [10])]
+    answer = client.infer(sidecar.model_name, [triton_input(rows)], model_version="1")
+    assert answer.get_response().model_version == "1"
+    assert client.get_model_config(sidecar.model_name).config == config
+    with pytest.raises(InferenceServerException, match="version '2'"):
+        client.get_model_config(sidecar.model_name, "2")

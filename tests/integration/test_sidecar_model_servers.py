@@ -4,13 +4,16 @@ Both serve the session's digits target (ONNX: `probabilities` and `logits`, FP32
 virtual environments (tests/integration/model_servers.py). Through the sidecar, with a
 non-identity test defense: defended vectors with the upstream's argmax and the request id, the
 same answer to the same query, logits and undeclared outputs refused, metadata and readiness
-reflecting the upstream, an upstream outage seen as UNAVAILABLE and NOT_SERVING, and recovery
-once it is back. Clients: tritonclient (sync) and KServe's `InferenceGRPCClient` (from
-.venv-kserve, as a subprocess).
+reflecting the upstream, the upstream's advertised version served and named alike by metadata,
+readiness and answers, perf_analyzer's calls (ModelMetadata, ModelConfig, infer) with tritonclient
+and the real perf_analyzer binary, an upstream outage seen as UNAVAILABLE and NOT_SERVING, and
+recovery once it is back. Clients: tritonclient (sync), KServe's `InferenceGRPCClient` (from
+.venv-kserve, as a subprocess) and perf_analyzer (`make perf-analyzer`; skipped without it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -19,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from model_servers import EXAMPLES, ROOT, ServerProcess, free_port, sidecar_settings, venv_python
+from model_servers import EXAMPLES, ROOT, ModelServer, free_port, sidecar_settings, venv_python
 
 from purifier_server.app import BackgroundSidecar
 
@@ -29,14 +32,15 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 pytestmark = pytest.mark.integration
 MODEL = "digits"
 SERVERS = ("triton", "kserve")
+PERF_ANALYZER = ROOT / "build" / "perf-analyzer" / "perf_analyzer"
 
 
-def server_process(kind: str, onnx, root) -> ServerProcess:
+def server_process(kind: str, onnx, root) -> ModelServer:
     grpc_port, http_port = free_port(), free_port()
     script = {"triton": "triton_onnx.py", "kserve": "kserve_onnx.py"}[kind]
     cmd = [str(venv_python(kind)), str(EXAMPLES / script), str(onnx), "--name", MODEL,
            "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    return ServerProcess(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
+    return ModelServer(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -172,3 +176,82 @@ def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, target_
     recovered = _wait_for(answer, 30)
     assert recovered is not None
     np.testing.assert_allclose(recovered[0], before, rtol=1e-6)
+
+
+def test_perf_analyzers_call_sequence_with_tritonclient(upstream, sidecar, target_rows):
+    """What perf_analyzer does before it measures (ServerLive, ModelMetadata, ModelConfig, then
+    ModelInfer with its shapes), with tritonclient; against Triton, the sidecar's ModelConfig is
+    Triton's own reduced to the served output, elsewhere it is synthesized from the metadata."""
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    direct = grpcclient.InferenceServerClient(f"127.0.0.1:{upstream.grpc_port}")
+    try:
+        assert client.is_server_live()
+        meta = client.get_model_metadata(MODEL)
+        config = client.get_model_config(MODEL).config
+        assert config.name == MODEL
+        assert [o.name for o in config.output] == ["probabilities"]
+        assert [i.name for i in config.input] == [i.name for i in meta.inputs] == ["input"]
+        assert config.max_batch_size > 0  # a batching model: dims without the row dimension
+        assert list(config.input[0].dims) == list(meta.inputs[0].shape[1:]) == [64]
+        assert list(config.output[0].dims) == [10]
+        assert config.max_batch_size <= sidecar.settings.max_request_rows
+        if upstream.name == "triton":
+            own = direct.get_model_config(MODEL).config
+            assert config.max_batch_size == min(own.max_batch_size, sidecar.settings.max_request_rows)
+            assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == \
+                   [(i.name, i.data_type, list(i.dims)) for i in own.input]
+            assert {o.name for o in own.output} == {"probabilities", "logits"}
+            assert not config.instance_group and not config.parameters  # nothing else of Triton's config
+        # perf_analyzer's request: -b rows of dims, with the shapes the config announced
+        rows = target_rows[: min(4, config.max_batch_size)]
+        inp = grpcclient.InferInput(config.input[0].name, [len(rows), *config.input[0].dims], "FP32")
+        inp.set_data_from_numpy(rows)
+        got = client.infer(MODEL, [inp], outputs=[grpcclient.InferRequestedOutput(config.output[0].name)])
+        assert got.as_numpy("probabilities").shape == (len(rows), *config.output[0].dims)
+    finally:
+        client.close()
+        direct.close()
+
+
+def test_advertised_versions_are_served_and_agree(upstream, sidecar, target_rows):
+    """The version the upstream advertises (Triton: "1", KServe: none) is accepted without
+    --model-version, forwarded, and metadata, readiness and inference say the same."""
+    direct = grpcclient.InferenceServerClient(f"127.0.0.1:{upstream.grpc_port}")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        advertised = list(direct.get_model_metadata(MODEL).versions)
+        assert list(client.get_model_metadata(MODEL).versions) == advertised
+        for version in advertised:
+            assert client.is_model_ready(MODEL, version)
+            assert list(client.get_model_metadata(MODEL, version).versions) == advertised
+            inp = grpcclient.InferInput("input", list(target_rows.shape), "FP32")
+            inp.set_data_from_numpy(target_rows)
+            answer = client.infer(MODEL, [inp], model_version=version)
+            assert answer.get_response().model_version == version
+            np.testing.assert_allclose(answer.as_numpy("probabilities"),
+                                       infer(sidecar.port, target_rows).as_numpy("probabilities"), rtol=1e-6)
+        assert not client.is_model_ready(MODEL, "999")
+        with pytest.raises(InferenceServerException, match="999"):
+            client.get_model_metadata(MODEL, "999")
+        inp = grpcclient.InferInput("input", list(target_rows.shape), "FP32")
+        inp.set_data_from_numpy(target_rows)
+        with pytest.raises(InferenceServerException, match="999"):
+            client.infer(MODEL, [inp], model_version="999")
+    finally:
+        direct.close()
+        client.close()
+
+
+def test_perf_analyzer_measures_through_the_sidecar(upstream, sidecar, tmp_path):
+    """The real perf_analyzer binary (`make perf-analyzer`; skipped without it) completes a short
+    measurement against the sidecar: it needs ModelConfig and the shapes it announces."""
+    if not PERF_ANALYZER.exists():
+        pytest.skip(f"{PERF_ANALYZER} is missing: run `make perf-analyzer`")
+    export = tmp_path / "export.json"
+    done = subprocess.run([str(PERF_ANALYZER), "-m", MODEL, "-u", f"127.0.0.1:{sidecar.port}", "-i", "grpc",
+                           "-b", "2", "--concurrency-range", "2", "--measurement-mode", "count_windows",
+                           "--measurement-request-count", "50", "--max-trials", "3", "--stability-percentage", "1000",
+                           "--profile-export-file", str(export)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    requests = json.loads(export.read_text())["experiments"][0]["requests"]
+    assert len(requests) >= 50 and all(r.get("response_timestamps") for r in requests)

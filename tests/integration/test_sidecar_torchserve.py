@@ -2,8 +2,8 @@
 
 TorchServe serves the session's digits target through examples/upstreams/torchserve_onnx.py under
 its own service name. It reads typed contents only: KServe's client sending typed contents gets
-the defended answer; a raw request (what tritonclient always sends) reaches TorchServe with no
-data until the sidecar can re-encode raw requests as typed for this upstream.
+the defended answer, and so does tritonclient, which sends raw contents only, because the sidecar
+re-encodes requests as typed for this upstream (upstream_contents auto).
 
     make venv-torchserve && .venv/bin/python -m pytest -m torchserve tests/integration/test_sidecar_torchserve.py
 """
@@ -19,7 +19,7 @@ import pytest
 from model_servers import (
     EXAMPLES,
     ROOT,
-    ServerProcess,
+    ModelServer,
     free_port,
     model_ready,
     sidecar_settings,
@@ -30,7 +30,6 @@ from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.app import BackgroundSidecar
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 MODEL = "digits"
@@ -47,7 +46,7 @@ def torchserve(digits_target, tmp_path_factory):
            "--name", MODEL, "--workdir", str(root), "--grpc-port", str(port), "--management-grpc-port",
            str(free_port()), "--ports", str(free_port()), str(free_port()), str(free_port()),
            "--worker-port", str(free_port())]
-    with ServerProcess("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE) as server:
+    with ModelServer("torchserve", cmd, port, MODEL, root / "torchserve.log", service=SERVICE) as server:
         yield server
 
 
@@ -93,20 +92,30 @@ def test_readiness_and_logits_refused(torchserve, sidecar, target_rows):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.xfail(strict=True, reason="TorchServe ignores raw_input_contents; needs the sidecar's "
-                                       "upstream_contents = typed (issue 15, phase 2)")
-def test_tritonclient_raw_requests_work_in_front_of_torchserve(sidecar, target_rows):
+def test_tritonclient_raw_requests_work_in_front_of_torchserve(torchserve, sidecar, target_rows):
+    """tritonclient sends raw contents only; TorchServe reads typed contents only. With
+    upstream_contents auto (typed for TorchServe's service) the sidecar re-encodes the request and
+    answers raw, as tritonclient expects. The raw request straight to TorchServe fails."""
+    assert sidecar.settings.upstream_encoding == "typed"
+    request = pb.ModelInferRequest(model_name=MODEL, id="raw-1", raw_input_contents=[target_rows.tobytes()])
+    request.inputs.add(name="input", datatype="FP32", shape=target_rows.shape)
+    with grpc.insecure_channel(f"127.0.0.1:{torchserve.grpc_port}") as channel:
+        call = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                   response_deserializer=pb.ModelInferResponse.FromString)
+        with pytest.raises(grpc.RpcError):
+            call(request, timeout=30)
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
     try:
         inp = grpcclient.InferInput("input", list(target_rows.shape), "FP32")
         inp.set_data_from_numpy(target_rows)
-        try:
-            got = client.infer(MODEL, [inp]).as_numpy("probabilities")
-        except InferenceServerException as e:
-            pytest.fail(str(e))
+        result = client.infer(MODEL, [inp], request_id="raw-2")
     finally:
         client.close()
-    assert got.shape == (len(target_rows), 10)
+    got = result.as_numpy("probabilities")  # as_numpy reads raw outputs only
+    clean = typed_output(typed_infer(torchserve.grpc_port, target_rows, SERVICE), "probabilities")
+    np.testing.assert_allclose(got, type(sidecar.defense)().transform(clean), rtol=1e-5, atol=1e-7)
+    assert np.array_equal(got.argmax(1), clean.argmax(1))
+    assert result.get_response().id == "raw-2"
 
 
 def test_kserve_client_typed_through_the_sidecar(sidecar, target_rows, tmp_path):
