@@ -98,7 +98,7 @@ def roc_figure(undefended: RocCurve | None, defended: RocCurve, floor: RocCurve,
     return fig
 
 
-def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefended_auc: float | None):
+def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float | None, undefended_auc: float | None):
     """Best attack AUC against mean L1 distortion on non-members, one line per defense over its
     settings, the floor and the undefended level as horizontal lines, the served setting ringed."""
     plt = _pyplot()
@@ -112,7 +112,8 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefende
         for p in pts:
             ax.annotate(p.setting, (p.real_traffic_l1, p.best_auc), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=color)
-    ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
+    if floor_auc is not None:
+        ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
     if undefended_auc is not None:
         ax.axhline(undefended_auc, color=UNDEFENDED, ls=":", lw=1.4, label=f"no defense (AUC {undefended_auc:.3f})")
     for p in points:

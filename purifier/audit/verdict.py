@@ -61,13 +61,13 @@ def best_per_metric(attacks: dict, label_only: bool) -> dict | None:
     return out
 
 
-def strongest(attacks: dict, metric: str, label_only: bool | None = None) -> dict:
+def strongest(attacks: dict, metric: str, label_only: bool | None = None) -> dict | None:
     """The strongest attack on `metric` ("auc", "0.01", "0.001") among all attacks (None), the
-    label-only ones (True) or the others (False): an entry of `best_per_metric`."""
-    if label_only is not None:
-        return best_per_metric(attacks, label_only)[metric]
-    both = [b for b in (best_per_metric(attacks, flag) for flag in (True, False)) if b is not None]
-    return max((b[metric] for b in both), key=lambda e: e["value"])
+    label-only ones (True) or the others (False): an entry of `best_per_metric`; None if no such
+    attack ran."""
+    flags = (True, False) if label_only is None else (label_only,)
+    found = [b[metric] for b in (best_per_metric(attacks, flag) for flag in flags) if b is not None]
+    return max(found, key=lambda e: e["value"]) if found else None
 
 
 def label_only_floor(attacks: dict) -> dict | None:
