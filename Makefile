@@ -85,9 +85,12 @@ BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
+	$(BIN)/python benchmarks/bench_tune.py
 	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
+	$(BIN)/python benchmarks/bench_abuse.py --target $(BENCH_WORK)/target \
+	  --defense-dir $(BENCH_WORK)/defenses/memguard --secret-file $(BENCH_WORK)/secret.txt
 	$(BIN)/python benchmarks/bench_perf_analyzer.py $(PA_DEFENSES)
 	$(BIN)/python benchmarks/bench_load.py --seconds 60 --concurrency 32 --model $(BENCH_WORK)/target
 	$(MAKE) slim-venv

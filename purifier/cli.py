@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_audit_parser(sub)
 
+    from purifier.tuning import add_parser as add_tune_parser
+
+    add_tune_parser(sub)
+
     from purifier.bench.command import add_parser as add_bench_parser
 
     add_bench_parser(sub)

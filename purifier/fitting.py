@@ -127,13 +127,13 @@ def run(args: argparse.Namespace) -> int:
 
     out = new_output_dir(args.out, args.force)
     cls = defense_class(args.defense)
-    kwargs = defense_kwargs(cls, args)
+    defense = cls(**defense_kwargs(cls, args))  # bad hyper-parameters fail before anything is said or done
     secret = load_secret(file=args.secret_file, required=False)
     if secret is None:
         print("purifier: no PRF secret configured; fitting with a throwaway secret (the swapper index and "
               "reported noise will not match a served secret)", file=sys.stderr)
         secret = secrets.token_bytes(32)
-    defense = cls(**kwargs, secret=secret)
+    defense.secret = secret
     members, reference, access, what = _records(args)
     t0 = time.perf_counter()
     try:

@@ -14,9 +14,7 @@ from purifier.errors import ConfigError
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.attacks import REGISTRY
-    from purifier.attacks.shadow import BUILTIN_RECIPES
     from purifier.audit.model_flags import add_model_flags
-    from purifier.data.records import DEFAULT_LABEL_COLUMN
 
     p = sub.add_parser("audit", help="run membership inference attacks against a model or an OIP v2 endpoint; "
                                      "write report.html, report.md, report.json, roc.png",
@@ -26,6 +24,35 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_flags(p, endpoint_help="the OIP v2 gRPC endpoint under audit (the sidecar or an undefended server)")
     p.add_argument("--target", default=None, help="target directory (model.json + splits): the records, and the "
                                                   "model with --in-process")
+    add_record_flags(p)
+    p.add_argument("--out", required=True, help="report directory")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
+                   help=f"attacks to run (names or comma lists, 'all'); default: all but label_boundary. "
+                        f"Choices: {', '.join(REGISTRY)}")
+    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint, queried in plaintext "
+                                                    "without a token (utility: argmax agreement, L1 distortion)")
+    p.add_argument("--baseline-model-name", default=None, help="model name at --baseline (default --model-name)")
+    p.add_argument("--defense-name", default=None,
+                   help="defense algorithm the attacker assumes, for the adaptive attacks (e.g. memguard)")
+    add_attacker_flags(p)
+    p.add_argument("--boundary-budget", type=int, default=1000,
+                   help="label_boundary: queries per record (default 1000)")
+    p.add_argument("--in-process", action="store_true",
+                   help="with --target: query the target's ONNX model in this process instead of an endpoint")
+    p.add_argument("--defense-dir", default=None, help="in process (--model or --in-process): a fitted defense "
+                                                       "directory to apply")
+    p.add_argument("--secret-file", default=None, help="PRF secret for --defense-dir "
+                                                       "(else $PURIFIER_SECRET[_FILE], else a throwaway one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def add_record_flags(p: argparse.ArgumentParser) -> None:
+    """The evaluation and attacker record files and what is known about the target (audit, tune)."""
+    from purifier.data.records import DEFAULT_LABEL_COLUMN
+
     p.add_argument("--members", default=None, metavar="FILE", help="evaluation records from the training set")
     p.add_argument("--nonmembers", default=None, metavar="FILE",
                    help="evaluation records not in the training set (same distribution)")
@@ -39,35 +66,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "shadow recipe differs, and it is the default recipe when it names one")
     p.add_argument("--train-size", type=int, default=None,
                    help="the target's training-set size if known: each shadow trains on as many records")
-    p.add_argument("--out", required=True, help="report directory")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
-                   help=f"attacks to run (names or comma lists, 'all'); default: all but label_boundary. "
-                        f"Choices: {', '.join(REGISTRY)}")
-    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint, queried in plaintext "
-                                                    "without a token (utility: argmax agreement, L1 distortion)")
-    p.add_argument("--baseline-model-name", default=None, help="model name at --baseline (default --model-name)")
-    p.add_argument("--defense-name", default=None,
-                   help="defense algorithm the attacker assumes, for the adaptive attacks (e.g. memguard)")
+
+
+def add_attacker_flags(p: argparse.ArgumentParser) -> None:
+    """How the attacker's shadow models are trained, the bootstrap and the seed (audit, tune)."""
+    from purifier.attacks.shadow import BUILTIN_RECIPES
+
     p.add_argument("--shadow-model", default=None, metavar="RECIPE",
                    help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
                         "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
                         "target's family if known, else mlp")
     p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4)")
     p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
-    p.add_argument("--boundary-budget", type=int, default=1000,
-                   help="label_boundary: queries per record (default 1000)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% CIs (default 200)")
     p.add_argument("--seed", type=int, default=0, help="attacker seed (default 0)")
-    p.add_argument("--in-process", action="store_true",
-                   help="with --target: query the target's ONNX model in this process instead of an endpoint")
-    p.add_argument("--defense-dir", default=None, help="in process (--model or --in-process): a fitted defense "
-                                                       "directory to apply")
-    p.add_argument("--secret-file", default=None, help="PRF secret for --defense-dir "
-                                                       "(else $PURIFIER_SECRET[_FILE], else a throwaway one)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-    return p
 
 
 def _image_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -82,7 +94,7 @@ def _image_shape(text: str | None) -> tuple[int, int, int] | None:
     return shape
 
 
-def _load_defense(args, model):
+def load_checked_defense(args, model):
     """The --defense-dir defense, checked against the in-process `model` (ONNX hash, fingerprint)."""
     if not args.defense_dir:
         return None
@@ -117,12 +129,12 @@ def _open_access(args, target):
                           "MODEL.onnx (or --target DIR --in-process)")
     if in_process:
         if args.in_process:
-            defense = _load_defense(args, InProcessTarget(target))
+            defense = load_checked_defense(args, InProcessTarget(target))
             access = InProcessTarget(target, defense)
             baseline = InProcessTarget(target) if defense is not None else None
         else:
             plain = OnnxTarget(args.model, args.output_name, args.logits)
-            defense = _load_defense(args, plain)
+            defense = load_checked_defense(args, plain)
             access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
             baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
@@ -142,7 +154,7 @@ def _open_access(args, target):
     return access, baseline, args.defense_name, info
 
 
-def _audit_data(args, target, access):
+def audit_data(args, target, access):
     """The AuditData from --target or from the three record files, checked against the model."""
     from dataclasses import replace
 
@@ -196,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
                           "(or --target DIR)")
     access, baseline, defense_name, info = _open_access(args, target)
     try:
-        data = _audit_data(args, target, access)
+        data = audit_data(args, target, access)
         if not defense_name and not explicit:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
             info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}

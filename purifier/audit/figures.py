@@ -98,9 +98,11 @@ def roc_figure(undefended: RocCurve | None, defended: RocCurve, floor: RocCurve,
     return fig
 
 
-def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float | None, undefended_auc: float | None):
+def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float | None, undefended_auc: float | None,
+                    floor_ci: tuple[float, float] | None = None, marked: str = "served"):
     """Best attack AUC against mean L1 distortion on non-members, one line per defense over its
-    settings, the floor and the undefended level as horizontal lines, the served setting ringed."""
+    settings, the floor (with its 95% interval as a band, if given) and the undefended level as
+    horizontal lines, the points flagged `served` ringed and labelled `marked` (e.g. "chosen")."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 4.6))
     families = list(dict.fromkeys(p.defense for p in points))
@@ -112,14 +114,17 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float | None, un
         for p in pts:
             ax.annotate(p.setting, (p.real_traffic_l1, p.best_auc), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=color)
-    if floor_auc is not None:
+    if floor_auc is not None:  # None: no label-only attack was run
         ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
+    if floor_ci is not None:
+        ax.axhspan(*floor_ci, color=FLOOR, alpha=0.1, lw=0,
+                   label=f"floor 95% interval [{floor_ci[0]:.3f}, {floor_ci[1]:.3f}]")
     if undefended_auc is not None:
         ax.axhline(undefended_auc, color=UNDEFENDED, ls=":", lw=1.4, label=f"no defense (AUC {undefended_auc:.3f})")
     for p in points:
         if p.served:
             ax.plot([p.real_traffic_l1], [p.best_auc], marker="o", ms=16, mfc="none", mec="#000000", mew=2,
-                    ls="none", label=f"served: {p.defense} {p.setting}")
+                    ls="none", label=f"{marked}: {p.defense} {p.setting}")
     ax.set_xlabel("mean change of a real user's confidence vector (L1, non-members)")
     ax.set_ylabel("best attack AUC (0.5 = coin flip)")
     ax.set_xlim(left=0)

@@ -70,6 +70,7 @@ class Audit:
     membership: np.ndarray
     outcomes: dict[str, AttackOutcome]
     shadows: object = None  # the ShadowSet used, reusable by a later audit of the same target
+    fitted: dict = field(default_factory=dict)  # name -> Attack fitted on `shadows`, reusable likewise
 
 
 def ranking_metrics(scores: np.ndarray, membership: np.ndarray, n_boot: int, seed: int) -> dict:
@@ -135,7 +136,7 @@ def utility(outputs: np.ndarray, y: np.ndarray, membership: np.ndarray,
 
 
 def run_audit(data, access, config: AuditConfig, defense_name: str | None = None,
-              baseline=None, info: dict | None = None, shadows=None) -> Audit:
+              baseline=None, info: dict | None = None, shadows=None, fitted: dict | None = None) -> Audit:
     """Audit `access` (a TargetAccess answering for the model behind `data`).
 
     Args:
@@ -148,6 +149,9 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         shadows: a `ShadowSet` from an earlier audit of the same records (`Audit.shadows`), reused
             instead of training new shadow models (the attacker's models do not depend on the
             defense under audit; adaptive attacks apply their defense copy to them).
+        fitted: `Audit.fitted` of that earlier audit: its attacks, fitted on those shadow models,
+            are reused instead of fitted again, except the adaptive ones (they fit on the shadows'
+            outputs through the defense under audit). A budget sweep fits each attack once.
     """
     if not isinstance(data, AuditData):
         data = AuditData.from_target(data)
@@ -183,13 +187,17 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
                         candidate_labels=y, defense_name=defense_name, seed=config.seed)
 
     outcomes: dict[str, AttackOutcome] = {}
+    fitted_now: dict = {}
     with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:
         for name in config.attacks:
             cls = attack_class(name)
-            kwargs = {"budget": config.boundary_budget} if name == "label_boundary" else {}
-            attack = cls(seed=config.seed, **kwargs)
             t0 = time.perf_counter()
-            attack.fit(ctx)
+            attack = (fitted or {}).get(name) if reused and name not in ADAPTIVE else None
+            if attack is None:
+                kwargs = {"budget": config.boundary_budget} if name == "label_boundary" else {}
+                attack = cls(seed=config.seed, **kwargs)
+                attack.fit(ctx)
+            fitted_now[name] = attack
             scores = np.asarray(attack.run(access, X, y, outputs), np.float64)
             outcomes[name] = AttackOutcome(name, cls.family, scores, attack.predict(scores), attack.threshold,
                                            attack.queries, time.perf_counter() - t0, attack.details)
@@ -230,7 +238,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     }
     report["assumptions"] = assumptions(report, data, defense_name)
     report["verdict"] = verdict(report)
-    return Audit(report, membership, outcomes, shadows)
+    return Audit(report, membership, outcomes, shadows, fitted_now)
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",

@@ -185,3 +185,16 @@ def test_cli_bad_record_files_are_one_line(digits_target, tmp_path, capsys, case
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
     assert (tmp_path / "rep").exists() == (case == "exists")
+
+
+def test_attacks_fitted_once_score_a_later_audit_like_freshly_fitted_ones(digits_target, audits):
+    plain, _ = audits
+    access = InProcessTarget(digits_target, Flatten())
+    config = AuditConfig(("gap", "mentr", "nn_label", "lira_online"), **FAST)
+    fresh = run_audit(digits_target, access, config, "none", shadows=plain.shadows)
+    reused = run_audit(digits_target, access, config, "none", shadows=plain.shadows, fitted=plain.fitted)
+    assert set(plain.fitted) == set(config.attacks)
+    assert all(reused.fitted[n] is plain.fitted[n] for n in config.attacks)
+    for name in config.attacks:
+        np.testing.assert_array_equal(reused.outcomes[name].scores, fresh.outcomes[name].scores)
+        assert reused.report["attacks"][name]["auc"] == fresh.report["attacks"][name]["auc"]
