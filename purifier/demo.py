@@ -295,7 +295,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
     print(text_table(columns, rows))
-    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; label-only floor AUC "
+    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; floor of the sweep's label-only "
+          f"attacks {', '.join(n for n in SWEEP_ATTACKS if n in ('gap', 'label_calibrated'))}: AUC "
           f"{sweep[0]['floor_auc']:.3f}): " + ", ".join(
               f"{r['setting']:g}: {r['best_auc']:.3f}/{r['real_traffic_l1']:.3f}" for r in sweep))
     for name in DEFENSES:

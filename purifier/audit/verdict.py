@@ -125,8 +125,9 @@ def verdict(report: dict) -> dict:
         auc_ok, tpr_ok = _within(b, f), _within(b1, f1)
         removed = bool(auc_ok) and tpr_ok is not False
         if removed:
-            confidence = (f"Confidence leakage removed: the strongest attack on the scores ({b['attack']}) reaches "
-                          f"AUC {b['value']:.3f} and finds {_tpr_words(b1)} at 1% false positives, within the 95% "
+            confidence = (f"Confidence leakage removed: the strongest attacks on the scores reach AUC "
+                          f"{b['value']:.3f} ({b['attack']}) and find {_tpr_words(b1)} at 1% false positives "
+                          f"({b1['attack']}), within the 95% "
                           f"interval of the label-only floor (AUC {f['value']:.3f} [{f['ci95'][0]:.3f}, "
                           f"{f['ci95'][1]:.3f}] by {f['attack']}).")
             if tpr_ok is None:
