@@ -13,7 +13,7 @@ PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 # everything: serving, training, fitting, auditing, the demo, the tests
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev,ray]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -80,7 +80,8 @@ proto: $(STAMP)
 	$(BIN)/python proto/generate.py server/_proto
 
 # Every benchmark, each writing JSON with machine info under benchmarks/results/, then the README's
-# Results section is re-rendered from them. Long (~30-60 min on 2 cores); run on a quiet machine.
+# Results section is re-rendered from them. Long (~30-60 min on 2 cores, plus bench_shadows: 84 local and
+# 20 Ray shadow models of purchase_like); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
@@ -101,6 +102,7 @@ bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
+	$(BIN)/python benchmarks/bench_shadows.py
 	$(BIN)/python benchmarks/render_results.py
 
 # perf_analyzer needs glibc 2.38; this runs it through Debian 13's loader and runtime in a private

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ORDER = ["demo_digits", "demo_purchase_like", "demo_mnist5k", "timing_purchase_like", "privacy_utility_digits",
          "tune_digits", "privacy_utility_purchase_like", "defense", "sidecar", "abuse", "perf_analyzer", "load",
-         "audit_digits", "audit_mnist5k", "own_model"]
+         "audit_digits", "audit_mnist5k", "shadows", "own_model"]
 
 
 def _cell(value) -> str:

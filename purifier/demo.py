@@ -215,7 +215,10 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -
     return columns, rows
 
 
-def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4) -> dict:
+def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4,
+             shadow_settings: dict | None = None) -> dict:
+    """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
+    processes, the default cache)."""
     from purifier.artifacts import check_output_dir, write_json
     from purifier.attacks import DEFAULT_ATTACKS
     from purifier.audit.access import RemoteTarget
@@ -261,8 +264,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                audit = timed(f"audit {name}", run_audit, target, access,
-                              AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed), name,
+                config = AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed, **(shadow_settings or {}))
+                audit = timed(f"audit {name}", run_audit, target, access, config, name,
                               None if name == "none" else baseline,
                               {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
             shadow_set = audit.shadows
@@ -286,6 +289,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
         "table": {"columns": columns, "rows": rows},
         "verdicts": {name: r["verdict"]["lines"] for name, r in reports.items()},
         "latency": latency, "memguard_sweep": sweep,
+        "shadows": {k: v for k, v in reports[DEFENSES[0]]["shadows"].items()
+                    if k in ("n", "executor", "from_cache", "trained", "cache")},
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
                      "total": round(time.perf_counter() - t_start, 1), "steps": steps},
         # timings on a shared machine mean little without the load they ran under
@@ -310,7 +315,10 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
 
 def demo_cli(args) -> int:
-    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=args.shadows)
+    from purifier.audit.command import executor_settings
+
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=args.shadows,
+             shadow_settings=executor_settings(args))
     return 0
 
 

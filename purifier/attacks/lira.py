@@ -89,7 +89,9 @@ class LiRA(ConfidenceAttack):
         self._cand_y = np.asarray(cand_y)
         self.details = {"variant": "online" if self.online else "offline", "variant_reason": variant_why,
                         "variance": "per-example" if per_example else "fixed (global)",
-                        "variance_reason": why, "shadows": k}
+                        "variance_reason": why, "shadows": k,
+                        "threshold_from": "leave-one-shadow-out on the attacker pool" if loo is not None
+                        else "fixed 0 (one shadow: nothing to hold out)"}
         return self
 
     def score(self, outputs, labels):

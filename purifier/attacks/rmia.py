@@ -39,7 +39,7 @@ from scipy.special import logsumexp
 
 from purifier.attacks.base import Attack, fit_threshold
 from purifier.attacks.metric import true_class_prob
-from purifier.attacks.reference_stats import choose_online, leave_one_shadow_out, masked_stats
+from purifier.attacks.reference_stats import choose_online, leave_one_shadow_out
 
 A_GRID = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))
 T_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 8.0)
@@ -62,8 +62,18 @@ def reference_prob(p: np.ndarray, in_mask: np.ndarray, a: float, online: bool) -
     Offline: ((1 + a) / 2) mean_OUT + (1 - a) / 2; online: (mean_IN + mean_OUT) / 2 where a
     record has both, the offline formula otherwise. A record with no OUT model uses the IN mean.
     """
-    mean_in, _, n_in = masked_stats(p, in_mask)
-    mean_out, _, n_out = masked_stats(p, ~in_mask)
+    return _reference_from_sums(*_in_out_sums(p, in_mask), a, online)
+
+
+def _in_out_sums(p: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    """p, in_mask (K, N) -> (N,) sum and count over IN models, then over OUT models."""
+    sum_in = np.where(in_mask, p, 0.0).sum(axis=0)
+    n_in = in_mask.sum(axis=0)
+    return sum_in, n_in, p.sum(axis=0) - sum_in, len(p) - n_in
+
+
+def _reference_from_sums(sum_in, n_in, sum_out, n_out, a: float, online: bool) -> np.ndarray:
+    mean_in, mean_out = sum_in / np.maximum(n_in, 1), sum_out / np.maximum(n_out, 1)
     offline = np.where(n_out > 0, (1.0 + a) / 2.0 * mean_out + (1.0 - a) / 2.0, mean_in)
     if not online:
         return offline
@@ -119,8 +129,15 @@ class RMIA(Attack):
         self.online, why = choose_online(sh.cand_in, self.online_requested)
 
         def held_out(p_pool, a):  # p_pool (K, P): each shadow plays the target; its z are its non-members
+            # sums over all shadows once, minus shadow i's own term: O(K P) per setting, not O(K^2 P)
+            sum_in, n_in, sum_out, n_out = _in_out_sums(p_pool, sh.pool_in)
+
             def score_shadow(i, rest):
-                r = _log_ratio(p_pool[i], reference_prob(p_pool[rest], sh.pool_in[rest], a, self.online))
+                own_in, own = sh.pool_in[i], p_pool[i]
+                p_ref = _reference_from_sums(sum_in - np.where(own_in, own, 0.0), n_in - own_in,
+                                             sum_out - np.where(own_in, 0.0, own), n_out - ~own_in,
+                                             a, self.online)
+                r = _log_ratio(own, p_ref)
                 return rmia_scores(r[x_idx], r[z_idx[~sh.pool_in[i, z_idx]]], self.gamma)
             return leave_one_shadow_out(k, sh.pool_in[:, x_idx], score_shadow)
 

@@ -76,10 +76,43 @@ def add_attacker_flags(p: argparse.ArgumentParser) -> None:
                    help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
                         "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
                         "target's family if known, else mlp")
-    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4)")
+    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4; LiRA is at its "
+                                                           "strongest with 16 or more)")
+    add_executor_flags(p)
     p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% CIs (default 200)")
     p.add_argument("--seed", type=int, default=0, help="attacker seed (default 0)")
+
+
+def add_executor_flags(p: argparse.ArgumentParser) -> None:
+    """Where shadow models train and whether the cache is used (audit, demo)."""
+    from purifier.executor import EXECUTORS
+
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where shadow models train: local processes, one per core (default), or ray (install "
+                        "the extra: pip install 'purifier[ray]')")
+    p.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                   help="--executor ray: join the cluster whose head is here (GCS port, 6379 by default) "
+                        "instead of starting a local Ray")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local processes, or a local Ray's CPUs (default: this machine's cores)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="train every shadow model afresh and store none (default: reuse the shadows earlier "
+                        "audits trained on the same records, recipe and seed)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="shadow cache (default: $PURIFIER_CACHE_DIR, else ~/.cache/purifier/shadows)")
+
+
+def executor_settings(args) -> dict:
+    """AuditConfig's executor and cache fields from `add_executor_flags`, checked before any work:
+    Ray missing, no cluster at --ray-address, a cache path that is a file each fail in one line."""
+    from purifier.executor import ExecutorSpec
+
+    executor = ExecutorSpec(args.executor, args.workers, args.ray_address)
+    executor.check()
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise ConfigError(f"--cache-dir: {args.cache_dir} exists and is not a directory")
+    return {"executor": executor, "cache": not args.no_cache, "cache_dir": args.cache_dir}
 
 
 def _image_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -193,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.models.target import Target
 
     new_output_dir(args.out, args.force)
+    shadow_settings = executor_settings(args)  # before any query
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
     files = [f for f, v in (("--members", args.members), ("--nonmembers", args.nonmembers),
@@ -214,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
             info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}
         config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
-                             n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet)
+                             n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
+                             **shadow_settings)
         data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
         audit = run_audit(data, access, config, defense_name, baseline, info)
     finally:

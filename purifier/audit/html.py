@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from html import escape
 
 from purifier.audit.figures import RocCurve, TradeoffPoint, roc_figure, to_svg, tradeoff_figure
+from purifier.audit.report import shadow_origin
 from purifier.audit.verdict import strongest
 from purifier.tables import html_table
 
@@ -179,7 +180,8 @@ def _setup_items(r: dict) -> list[str]:
     items = [f"Dataset {r['dataset']}; {model}; {r['n_members']} training members and "
              f"{r['n_nonmembers']} non-members evaluated.",
              f"Attacker: {s['n']} shadow models ({recipe}) trained on its own "
-             f"pool of {s['pool_size']} records; thresholds fitted on shadow models only.",
+             f"pool of {s['pool_size']} records; thresholds fitted on shadow models only."
+             + (f" Shadows: {origin}." if (origin := shadow_origin(s)) else ""),
              f"Time: {t['audit_without_boundary']:.0f} s (shadow training {t['shadow_training']:.0f} s)."]
     if r.get("endpoint"):
         items.insert(1, f"Audited through the endpoint {r['endpoint']} (model {r.get('model_name', '?')}).")

@@ -55,6 +55,24 @@ def table_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def shadow_origin(shadows: dict) -> str:
+    """Where the shadow models came from: "12 trained on ray (2 workers), 52 from the cache"."""
+    if shadows.get("reused_from_earlier_audit"):
+        return "reused from an earlier audit of the same records"
+    ex = shadows.get("executor")
+    if ex is None:
+        return ""
+    where = f"{ex['executor']} ({ex['workers']} workers)" if ex.get("workers") else ex["executor"]
+    cache = shadows.get("cache", {})
+    parts = [f"{shadows.get('trained', 0)} trained on {where}"]
+    parts.append(f"{shadows.get('from_cache', 0)} from the cache" if cache.get("enabled") else "cache off")
+    if cache.get("corrupt_retrained"):
+        parts.append(f"{len(cache['corrupt_retrained'])} corrupt cache entries retrained")
+    if shadows.get("retrained_for_label_queries"):
+        parts.append(f"{len(shadows['retrained_for_label_queries'])} retrained here for label queries")
+    return ", ".join(parts)
+
+
 def floor_lines(report: dict) -> list[str]:
     """The label-only floor per metric, in one line each."""
     floor = report.get("label_only_floor")
@@ -79,10 +97,16 @@ def summary_lines(report: dict) -> list[str]:
         f"gap attack (correctness): balanced accuracy {g['balanced_accuracy']:.4f}  AUC {g['auc']:.4f}",
         *floor_lines(report),
     ]
+    origin = shadow_origin(report["shadows"])
+    if origin:
+        lines.append(f"shadow models: {origin}")
     if "output_utility" in report:
         l1 = report["output_utility"]["l1_nonmembers"]
         lines.append(f"real-traffic distortion (non-members): L1 mean {l1['mean']:.4f}  p95 {l1['p95']:.4f}  "
                      f"max {l1['max']:.4f}")
+    if fallbacks := report["shadows"].get("fallbacks"):
+        lines.append(f"too few shadow models for full strength: {', '.join(fallbacks)} fell back "
+                     f"({next(iter(fallbacks.values()))}; more under Attack details)")
     t = report["timing_s"]
     lines.append(f"time: audit without boundary attack {t['audit_without_boundary']:.1f}s "
                  f"(shadow training {t['shadow_training']:.1f}s)"

@@ -13,6 +13,7 @@ Attack catalogue: REFERENCE.md section 4.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -20,11 +21,14 @@ import numpy as np
 
 from purifier import evaluation as ev
 from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
 from purifier.attacks.shadow import train_shadows
+from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
 from purifier.audit.verdict import label_only_floor, verdict
 from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.executor import ExecutorSpec
 from purifier.progress import Progress
 
 FPR_TARGETS = (0.001, 0.01)
@@ -40,6 +44,9 @@ class AuditConfig:
     n_boot: int = 200
     seed: int = 0
     progress: bool = True
+    executor: ExecutorSpec = ExecutorSpec()  # where shadows train: local processes (default) or Ray
+    cache: bool = True  # reuse shadows an earlier audit trained (purifier.attacks.shadow_cache)
+    cache_dir: str | None = None  # default: $PURIFIER_CACHE_DIR or ~/.cache/purifier/shadows
 
     def __post_init__(self):
         for name in self.attacks:
@@ -180,8 +187,11 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     t0 = time.perf_counter()
     reused = shadows is not None
     if not reused:
+        cache = ShadowCache(config.cache_dir, enabled=config.cache)
         shadows = train_shadows(pool.X, pool.y, X, y, data.n_classes, recipe, config.n_shadows, config.seed,
-                                progress=config.progress, train_size=data.train_size)
+                                progress=config.progress, train_size=data.train_size, executor=config.executor,
+                                cache=cache)
+        shadows.provenance["cache"] = cache.stats.report()
     shadow_seconds = time.perf_counter() - t0
     ctx = AttackContext(shadows, data.n_classes, data.kind, data.image_shape, data.feature_range,
                         candidate_labels=y, defense_name=defense_name, seed=config.seed)
@@ -203,6 +213,11 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
                                            attack.queries, time.perf_counter() - t0, attack.details)
             bar.update(1, last=name)
 
+    fallbacks = shadow_fallbacks(outcomes)
+    if fallbacks and config.progress:  # the report and its summary always say so; sweeps run quiet
+        print(f"purifier: {shadows.n_shadows} shadow models are too few for {', '.join(fallbacks)} at full strength, "
+              f"which fell back ({next(iter(fallbacks.values()))}); more --shadows lift this (LiRA needs "
+              f"{PER_EXAMPLE_VARIANCE_MIN} or more; report: shadows.fallbacks)", file=sys.stderr, flush=True)
     attacks = {name: attack_metrics(o, membership, config.n_boot, config.seed) for name, o in outcomes.items()}
     confidence = [n for n, o in outcomes.items() if o.family == "confidence"]
     strongest = max(confidence, key=lambda n: attacks[n]["auc"]) if confidence else None
@@ -223,7 +238,8 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         "shadows": {"n": config.n_shadows, **recipe.describe(), "target_family": data.model_family,
                     "pool_size": len(pool), "train_size": data.train_size,
                     "reused_from_earlier_audit": reused,
-                    "candidates_in_shadow_training": "random, independent of membership (LiRA)"},
+                    "candidates_in_shadow_training": "random, independent of membership (LiRA)",
+                    **shadow_provenance(shadows), "fallbacks": fallbacks},
         "timing_s": {
             "shadow_training": round(shadow_seconds, 2),
             "audit_without_boundary": round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
@@ -239,6 +255,38 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     report["assumptions"] = assumptions(report, data, defense_name)
     report["verdict"] = verdict(report)
     return Audit(report, membership, outcomes, shadows, fitted_now)
+
+
+def shadow_provenance(shadows) -> dict:
+    """How the shadows were made, for the report: executor, cache hits, shadows retrained in this
+    process for label queries (recipes without an array form), any warning about them, and how
+    many shadows hold each audited record IN (K/2 before the cut to the target's training-set
+    size; about K * train_size / (pool + records) after it)."""
+    models = shadows.models
+    n_in = shadows.cand_in.sum(axis=0)  # per audited record: the shadows that trained on it (LiRA's IN)
+    return {**shadows.provenance, "retrained_for_label_queries": list(getattr(models, "retrained", [])),
+            "notes": list(getattr(models, "notes", [])),
+            "in_shadows_per_record": {"min": int(n_in.min()), "median": float(np.median(n_in)),
+                                      "max": int(n_in.max())}}
+
+
+def shadow_fallbacks(outcomes: dict[str, AttackOutcome]) -> dict[str, str]:
+    """{attack: why} for the attacks that ran a weaker variant because the shadow models were too
+    few, read from the choices each recorded in its details (`purifier.attacks.reference_stats`:
+    one global variance, offline instead of online, a fixed threshold with nothing to hold out)."""
+    out = {}
+    for name, o in outcomes.items():
+        d, why = o.details, []
+        chosen = "chosen by the caller"
+        if d.get("variance") == "fixed (global)" and d.get("variance_reason", chosen) != chosen:
+            why.append(d["variance_reason"])
+        if d.get("variant") == "offline" and str(d.get("variant_reason", "")).startswith("offline: only"):
+            why.append(d["variant_reason"])
+        if str(d.get("threshold_from", "")).startswith("fixed"):
+            why.append(f"threshold: {d['threshold_from']}")
+        if why:
+            out[name] = "; ".join(why)
+    return out
 
 
 __all__ = ["FPR_TARGETS", "REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "attack_metrics", "run_audit",

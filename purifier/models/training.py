@@ -88,7 +88,8 @@ def train_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, config: Train
     with seeded(seed) as gen:
         model = build_model(config.arch, X.shape[1], n_classes, image_shape)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        Xt, yt = torch.from_numpy(np.ascontiguousarray(X, np.float32)), torch.from_numpy(y.astype(np.int64))
+        # copies: a read-only input (an executor's shared array) cannot back a torch tensor
+        Xt, yt = torch.from_numpy(np.array(X, np.float32)), torch.from_numpy(np.array(y, np.int64))
         loss_fn = nn.CrossEntropyLoss()
         model.train()
 
@@ -108,6 +109,6 @@ def train_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, config: Train
 @torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, batch: int = 4096) -> np.ndarray:
     """(N, D) -> (N, C) float64 softmax probabilities from a torch model."""
-    outs = [torch.softmax(model(torch.from_numpy(np.ascontiguousarray(X[i:i + batch], np.float32))), 1)
+    outs = [torch.softmax(model(torch.from_numpy(np.array(X[i:i + batch], np.float32))), 1)
             for i in range(0, len(X), batch)]
     return torch.cat(outs).double().numpy()

@@ -95,3 +95,20 @@ def test_lira_variance_follows_the_shadow_count(n_shadows, variance):
     np.testing.assert_allclose(lira.score(w.target, w.cand_y), forced.score(w.target, w.cand_y))
     sd = lira._cand_stats["sd_in"]
     assert (np.ptp(sd) > 0) == (variance == "per-example")
+
+
+def test_leave_one_shadow_out_reference_from_sums_equals_the_direct_mean():
+    """The tuning loop removes shadow i from all-shadow sums instead of re-averaging the other
+    K-1 (O(K P) instead of O(K^2 P) per setting); it must equal reference_prob over the rest."""
+    from purifier.attacks.rmia import _in_out_sums, _reference_from_sums, reference_prob
+
+    rng = np.random.default_rng(3)
+    p, m = rng.random((6, 40)), rng.random((6, 40)) < 0.5
+    m[:, 0], m[:, 1] = True, False  # records with no OUT and no IN shadow at all
+    sums = _in_out_sums(p, m)
+    for online in (True, False):
+        for i in range(6):
+            rest = np.arange(6) != i
+            held = _reference_from_sums(sums[0] - np.where(m[i], p[i], 0.0), sums[1] - m[i],
+                                        sums[2] - np.where(m[i], 0.0, p[i]), sums[3] - ~m[i], 0.3, online)
+            np.testing.assert_allclose(held, reference_prob(p[rest], m[rest], 0.3, online), rtol=1e-12)

@@ -8,7 +8,7 @@ import pytest
 from purifier import evaluation as ev
 from purifier.audit.access import InProcessTarget
 from purifier.audit.report import markdown, text_table
-from purifier.audit.runner import AuditConfig, run_audit
+from purifier.audit.runner import AttackOutcome, AuditConfig, run_audit, shadow_fallbacks
 from purifier.cli import main
 from purifier.defenses import IdentityDefense
 from purifier.defenses.base import Defense
@@ -55,8 +55,15 @@ def test_report_numbers_follow_from_scores(audits):
         assert a["tpr_at_fpr"]["0.01"] == {"tpr": t.tpr, "fpr": t.fpr, "negatives": 400, "measurable": True}
         assert a["queries"] == 800
     json.dumps(r)  # JSON-able as is
+    sh = r["shadows"]
+    assert sh["trained"] + sh["from_cache"] == 2 and sh["executor"]["executor"] == "local"
+    assert sh["cache"]["enabled"] and 0 <= sh["in_shadows_per_record"]["min"] <= sh["in_shadows_per_record"]["max"] <= 2
+    # 2 shadows: LiRA falls back to one global variance, and the report says so
+    assert set(sh["fallbacks"]) == {"lira_online"} and "2 shadows < 16" in sh["fallbacks"]["lira_online"]
     table = text_table(r)
+    assert "shadow models: " in table and "from the cache" in table
     assert "label-only floor" in table and "nn_label" in table and "not measurable (400 neg.)" in table
+    assert "too few shadow models for full strength: lira_online fell back" in table
     assert "| lira_online | confidence |" in markdown(r)
 
 
@@ -185,6 +192,23 @@ def test_cli_bad_record_files_are_one_line(digits_target, tmp_path, capsys, case
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(message, err), err
     assert (tmp_path / "rep").exists() == (case == "exists")
+
+
+def test_shadow_fallbacks_name_only_choices_forced_by_too_few_shadows():
+    def outcome(name, **details):
+        return AttackOutcome(name, "confidence", np.zeros(2), np.zeros(2, bool), 0.0, 2, 0.1, details)
+
+    outcomes = [outcome("lira_online", variance="fixed (global)", variance_reason="4 shadows < 16: one global variance"),
+                outcome("lira_offline", variance="fixed (global)", variance_reason="chosen by the caller"),
+                outcome("rmia", variant="offline", variant_reason="offline: only 3% of records have >= 2 IN and OUT"),
+                outcome("label_calibrated", variant="offline", variant_reason="offline chosen by the caller",
+                        threshold_from="fixed rule (one shadow: nothing to hold out)"),
+                outcome("lira_big", variance="per-example", variance_reason="64 shadows >= 16"),
+                outcome("mentr")]
+    got = shadow_fallbacks({o.name: o for o in outcomes})
+    assert got == {"lira_online": "4 shadows < 16: one global variance",
+                   "rmia": "offline: only 3% of records have >= 2 IN and OUT",
+                   "label_calibrated": "threshold: fixed rule (one shadow: nothing to hold out)"}
 
 
 def test_attacks_fitted_once_score_a_later_audit_like_freshly_fitted_ones(digits_target, audits):
