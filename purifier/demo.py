@@ -270,6 +270,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
                               {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
             shadow_set = audit.shadows
             audits[name] = audit
+            # written at once, so a long run that stops later still leaves its finished reports
+            write_report(audit, out / "reports" / name, undefended=audits.get("none") if name != "none" else None)
             latency[name] = request_latency_ms(sidecars[name].endpoint, model_name, X_eval)
     t_audited = time.perf_counter()
 
@@ -278,9 +280,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
                   memguard_variants(defense_dirs["memguard"], target, secret), shadow_set, seed, "memguard")
     reports = {name: a.report for name, a in audits.items()}
     points = tradeoff_points(sweep, {n: r for n, r in reports.items() if n != "none"})
-    for name, audit in audits.items():
-        write_report(audit, out / "reports" / name, undefended=None if name == "none" else audits["none"],
-                     tradeoff=() if name == "none" else points)
+    for name, audit in audits.items():  # the defended pages again, now with the sweep's picture
+        if name != "none":
+            write_report(audit, out / "reports" / name, undefended=audits["none"], tradeoff=points)
     columns, rows = comparison_rows(reports, latency)
     summary = {
         "dataset": dataset, "seed": seed, "model_id": target.model_id,
@@ -298,7 +300,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
     print(text_table(columns, rows))
-    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; label-only floor AUC "
+    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; floor of the sweep's label-only "
+          f"attacks {', '.join(n for n in SWEEP_ATTACKS if n in ('gap', 'label_calibrated'))}: AUC "
           f"{sweep[0]['floor_auc']:.3f}): " + ", ".join(
               f"{r['setting']:g}: {r['best_auc']:.3f}/{r['real_traffic_l1']:.3f}" for r in sweep))
     for name in DEFENSES:

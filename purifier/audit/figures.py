@@ -98,7 +98,7 @@ def roc_figure(undefended: RocCurve | None, defended: RocCurve, floor: RocCurve,
     return fig
 
 
-def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefended_auc: float | None,
+def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float | None, undefended_auc: float | None,
                     floor_ci: tuple[float, float] | None = None, marked: str = "served"):
     """Best attack AUC against mean L1 distortion on non-members, one line per defense over its
     settings, the floor (with its 95% interval as a band, if given) and the undefended level as
@@ -114,7 +114,8 @@ def tradeoff_figure(points: Sequence[TradeoffPoint], floor_auc: float, undefende
         for p in pts:
             ax.annotate(p.setting, (p.real_traffic_l1, p.best_auc), textcoords="offset points", xytext=(4, 4),
                         fontsize=7, color=color)
-    ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
+    if floor_auc is not None:  # None: no label-only attack was run
+        ax.axhline(floor_auc, color=FLOOR, ls="--", lw=1.4, label=f"label-only floor (AUC {floor_auc:.3f})")
     if floor_ci is not None:
         ax.axhspan(*floor_ci, color=FLOOR, alpha=0.1, lw=0,
                    label=f"floor 95% interval [{floor_ci[0]:.3f}, {floor_ci[1]:.3f}]")

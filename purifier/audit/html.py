@@ -88,7 +88,7 @@ class ReportPage:
     tradeoff: tuple[TradeoffPoint, ...] = ()
 
 
-def _best(report: dict, metric: str, label_only: bool | None = None) -> dict:
+def _best(report: dict, metric: str, label_only: bool | None = None) -> dict | None:
     return strongest(report["attacks"], metric, label_only)
 
 
@@ -96,6 +96,8 @@ def _auc_cell(report: dict | None, label_only: bool | None = None) -> tuple[str,
     if report is None:
         return "not audited"
     b = _best(report, "auc", label_only)
+    if b is None:
+        return "no such attack run"
     return f"{b['value']:.3f}", f"attack: {b['attack']}" + (" (score flipped)" if b["inverted"] else "")
 
 
@@ -110,6 +112,8 @@ def _tpr_cell(report: dict | None, key: str, label_only: bool | None = None) -> 
     if report is None:
         return "not audited"
     b = _best(report, key, label_only)
+    if b is None:
+        return "no such attack run"
     value, where = _tpr_text(b)
     return value, f"{where}; attack: {b['attack']}"
 
@@ -192,7 +196,8 @@ def _figures(page: ReportPage) -> str:
         parts.append("<h3>The strongest attack before and after, against the label-only floor</h3>" + to_svg(fig))
     if page.tradeoff:
         undefended_auc = None if page.undefended is None else _best(page.undefended, "auc")["value"]
-        fig = tradeoff_figure(page.tradeoff, _best(page.report, "auc", label_only=True)["value"], undefended_auc)
+        floor = _best(page.report, "auc", label_only=True)
+        fig = tradeoff_figure(page.tradeoff, None if floor is None else floor["value"], undefended_auc)
         parts.append("<h3>Privacy against the cost to real users, for this defense and the simple "
                      "alternatives</h3>" + to_svg(fig))
     return "\n".join(parts)

@@ -194,11 +194,11 @@ def best_roc(audit, label: str, label_only: bool | None = None):
     among all attacks (None), the label-only ones (True) or the others; None if there is none."""
     from purifier import evaluation as ev
     from purifier.audit.figures import RocCurve
-    from purifier.audit.verdict import best_per_metric, strongest
+    from purifier.audit.verdict import strongest
 
-    if label_only is not None and best_per_metric(audit.report["attacks"], label_only) is None:
-        return None
     b = strongest(audit.report["attacks"], "auc", label_only)
+    if b is None:
+        return None
     scores = audit.outcomes[b["attack"]].scores
     fpr, tpr, _ = ev.roc_curve(-scores if b["inverted"] else scores, audit.membership)
     return RocCurve(f"{label}: {b['attack']}" + (" (flipped)" if b["inverted"] else ""), fpr, tpr, b["value"])

@@ -61,13 +61,13 @@ def best_per_metric(attacks: dict, label_only: bool) -> dict | None:
     return out
 
 
-def strongest(attacks: dict, metric: str, label_only: bool | None = None) -> dict:
+def strongest(attacks: dict, metric: str, label_only: bool | None = None) -> dict | None:
     """The strongest attack on `metric` ("auc", "0.01", "0.001") among all attacks (None), the
-    label-only ones (True) or the others (False): an entry of `best_per_metric`."""
-    if label_only is not None:
-        return best_per_metric(attacks, label_only)[metric]
-    both = [b for b in (best_per_metric(attacks, flag) for flag in (True, False)) if b is not None]
-    return max((b[metric] for b in both), key=lambda e: e["value"])
+    label-only ones (True) or the others (False): an entry of `best_per_metric`; None if no such
+    attack ran."""
+    flags = (True, False) if label_only is None else (label_only,)
+    found = [b[metric] for b in (best_per_metric(attacks, flag) for flag in flags) if b is not None]
+    return max(found, key=lambda e: e["value"]) if found else None
 
 
 def label_only_floor(attacks: dict) -> dict | None:
@@ -125,8 +125,9 @@ def verdict(report: dict) -> dict:
         auc_ok, tpr_ok = _within(b, f), _within(b1, f1)
         removed = bool(auc_ok) and tpr_ok is not False
         if removed:
-            confidence = (f"Confidence leakage removed: the strongest attack on the scores ({b['attack']}) reaches "
-                          f"AUC {b['value']:.3f} and finds {_tpr_words(b1)} at 1% false positives, within the 95% "
+            confidence = (f"Confidence leakage removed: the strongest attacks on the scores reach AUC "
+                          f"{b['value']:.3f} ({b['attack']}) and find {_tpr_words(b1)} at 1% false positives "
+                          f"({b1['attack']}), within the 95% "
                           f"interval of the label-only floor (AUC {f['value']:.3f} [{f['ci95'][0]:.3f}, "
                           f"{f['ci95'][1]:.3f}] by {f['attack']}).")
             if tpr_ok is None:

@@ -108,3 +108,20 @@ def test_too_few_negatives_give_no_number_and_fallbacks_are_said():
                       "300 non-members: it needs at least 1,000.")
     assert any(line.startswith("lira_online ran its offline variant") and "--shadows" in line for line in v["lines"])
     assert any("not measurable with 300 non-members at 0.1%" in c for c in v["cannot_protect"])
+
+
+def test_no_label_only_attack_is_said_not_guessed(world):
+    from purifier.audit.html import ReportPage, Verdict, headline_rows, render_html
+
+    rng, m, _ = world
+    r = report_of({"mentr": entry("mentr", "confidence", rng.normal(size=2 * N) + m, m)})
+    r.update(dataset="d", n_members=N, n_nonmembers=N, utility={"member_accuracy": 1.0, "nonmember_accuracy": 0.8,
+                                                               "argmax_agreement": None},
+             timing_s={"audit_without_boundary": 1.0, "shadow_training": 1.0})
+    r["verdict"] = verdict(r)
+    assert r["label_only_floor"] is None and r["verdict"]["confidence_leakage_removed"] is None
+    assert r["verdict"]["lines"][0] == "No label-only attack was run, so nothing says what the label alone reveals."
+    page = ReportPage(r, Verdict.from_report(r), "mentr", None)
+    rows = headline_rows(page)
+    assert rows[0][3] == "no such attack run" and rows[3][2][0] == "not measured"
+    assert "No label-only attack was run" in render_html(page)
