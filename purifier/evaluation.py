@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def _check(scores: np.ndarray, membership: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +45,7 @@ def roc_curve(scores, membership) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def roc_auc(scores, membership) -> float:
     """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties)."""
     scores, membership = _check(scores, membership)
+    from scipy.stats import rankdata  # here, not at import: the slim serving install has no scipy
     ranks = rankdata(scores)
     n_pos, n_neg = int(membership.sum()), int((~membership).sum())
     return float((ranks[membership].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
@@ -175,6 +175,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     """Spearman rank correlation of two (N,) arrays (Pearson on mid-ranks); None when either is
     constant (the correlation is undefined)."""
+    from scipy.stats import rankdata  # here, not at import: the slim serving install has no scipy
     ra, rb = rankdata(a), rankdata(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())

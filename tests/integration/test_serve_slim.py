@@ -1,4 +1,4 @@
-"""`purifier serve` needs neither torch, scikit-learn nor matplotlib (the slim `serve` install).
+"""`purifier serve` needs neither torch, scikit-learn, matplotlib nor scipy (the slim `serve` install).
 
 Two views of the real serving process, each started as `purifier serve` with a fitted defense
 and asked a request through tritonclient: with `python -X importtime` (every module the process
@@ -27,7 +27,7 @@ from purifier.serve_process import (
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
 SECRET = b"0123456789abcdef-slim-serving-test"
-HEAVY = ("torch", "sklearn", "matplotlib")
+HEAVY = ("torch", "sklearn", "matplotlib", "scipy")  # none is in the slim install
 
 
 @pytest.fixture(scope="module")
