@@ -86,6 +86,7 @@ BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
+	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset purchase_like
 	$(BIN)/python benchmarks/bench_tune.py
 	$(BIN)/python benchmarks/bench_sidecar.py --target $(BENCH_WORK)/target \
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from purifier.demo import EPSILON_GRID, prepare_defense, prepare_secret, prepare_target
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "purchase_like"])
     parser.add_argument("--work", default="build/bench-privacy", help="target/defense cache directory")
     parser.add_argument("--shadows", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
