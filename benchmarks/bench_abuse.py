@@ -44,7 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sidecar import wait_ready  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_sidecar_flags,
+    digits_target,
+    secret_file_or_throwaway,
+    write_result,
+)
 from purifier.bench import measure  # noqa: E402
 from purifier.errors import ConfigError  # noqa: E402
 from purifier.serve_process import ServeProcess, ServerProcess, serve_command  # noqa: E402
@@ -212,10 +217,7 @@ def fairness(target: Path, rows: np.ndarray, seconds: float, large_rows: int, de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
-                        help="target directory (trained here if missing)")
-    parser.add_argument("--defense-dir", action="append", default=[], help="also measure fairness with this defense")
-    parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
+    add_sidecar_flags(parser, defense_help="also measure fairness with this defense")
     parser.add_argument("--baseline-src", default=None, help="a checkout whose sidecar is measured beside this one")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds per abuse and fairness run")
     parser.add_argument("--overhead-seconds", type=float, default=6.0, help="seconds per overhead cell")
@@ -224,19 +226,12 @@ def main() -> None:
     parser.add_argument("--large-rows", type=int, default=4096, help="rows per large request (max_request_rows)")
     args = parser.parse_args()
 
-    from purifier.models.target import Target, train_target
-
-    if not Path(args.target).is_dir():
-        Path(args.target).parent.mkdir(parents=True, exist_ok=True)
-        train_target("digits", args.target)
-    target = Target.load(args.target)
+    target = digits_target(args.target)
     X, _ = target.role("eval_nonmembers")
     rows = np.ascontiguousarray(X, np.float32)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = Path(args.secret_file) if args.secret_file else Path(tmp) / "secret"
-        if not args.secret_file:
-            secret_file.write_text(secrets.token_hex(32))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
         baseline = Path(args.baseline_src).resolve() if args.baseline_src else None
         cells = overhead(target.directory, rows[:64], args.overhead_seconds, args.rounds, baseline)
         memory = abuse(target.directory, args.seconds, args.abusers)

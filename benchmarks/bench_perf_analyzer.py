@@ -36,7 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_sidecar import sidecar, wait_ready  # noqa: E402
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_sidecar_flags,
+    digits_target,
+    secret_file_or_throwaway,
+    write_result,
+)
 from purifier.bench.measure import Endpoint, compare, latency_summary  # noqa: E402
 from purifier.machine import load_average  # noqa: E402
 from purifier.serve_process import ServerProcess, clean_env, free_port  # noqa: E402
@@ -136,10 +141,7 @@ def table(title: str, result: dict, note: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
-                        help="target directory (trained here if missing)")
-    parser.add_argument("--defense-dir", action="append", default=[], help="fitted defense directory (repeatable)")
-    parser.add_argument("--secret-file", default=None, help="PRF secret of the defenses (default: throwaway)")
+    add_sidecar_flags(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell and tool")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per cell")
@@ -148,12 +150,7 @@ def main() -> None:
         if not path.exists():
             sys.exit(f"{path} is missing: run `{fix}`")
 
-    from purifier.models.target import Target, train_target
-
-    if not Path(args.target).is_dir():
-        Path(args.target).parent.mkdir(parents=True, exist_ok=True)
-        train_target("digits", args.target)
-    target = Target.load(args.target)
+    target = digits_target(args.target)
     X, _ = target.role("eval_nonmembers")
     X = np.ascontiguousarray(X[:256], np.float32)
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
@@ -161,9 +158,7 @@ def main() -> None:
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        secret_file = Path(args.secret_file) if args.secret_file else work / "secret"
-        if not args.secret_file:
-            secret_file.write_text(secrets.token_hex(32))
+        secret_file = secret_file_or_throwaway(args.secret_file, work)
         grpc_port = free_port()
         stack.enter_context(ServerProcess([str(TRITON_PYTHON), str(ROOT / "examples" / "upstreams" / "triton_onnx.py"),
                                            str(target.onnx_path), "--name", MODEL, "--grpc-port", str(grpc_port),

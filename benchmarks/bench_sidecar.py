@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -34,7 +33,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    add_sidecar_flags,
+    digits_target,
+    secret_file_or_throwaway,
+    write_result,
+)
 from purifier.serve_process import ServeProcess, ServerProcess, free_port  # noqa: E402
 
 
@@ -174,10 +178,7 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
-                        help="target directory (trained here if missing)")
-    parser.add_argument("--defense-dir", action="append", default=[], help="fitted defense directory (repeatable)")
-    parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
+    add_sidecar_flags(parser)
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement seconds per cell")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per cell (default 3)")
     parser.add_argument("--skip-mlserver", action="store_true")
@@ -187,21 +188,14 @@ def main() -> None:
         bare_server(args.bare_server)
         return
 
-    from purifier.models.target import Target, train_target
-
-    if not Path(args.target).is_dir():
-        Path(args.target).parent.mkdir(parents=True, exist_ok=True)
-        train_target("digits", args.target)
-    target = Target.load(args.target)
+    target = digits_target(args.target)
     X, _ = target.role("eval_nonmembers")
     x = np.ascontiguousarray(X[:64], np.float32)  # one row per request, cycled
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = Path(args.secret_file) if args.secret_file else Path(tmp) / "secret"
-        if not args.secret_file:
-            secret_file.write_text(secrets.token_hex(32))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:

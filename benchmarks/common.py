@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from pathlib import Path
 from purifier import machine
 from purifier.bench.measure import latency_summary
 from purifier.machine import process_cpu_seconds  # noqa: F401 - benchmarks import it from here
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,4 +71,31 @@ def write_result(name: str, payload: dict) -> Path:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    return path
+
+
+def add_sidecar_flags(parser, defense_help: str = "fitted defense directory (repeatable)") -> None:
+    """--target, --defense-dir, --secret-file: what every sidecar benchmark serves."""
+    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
+                        help="target directory (trained here if missing)")
+    parser.add_argument("--defense-dir", action="append", default=[], help=defense_help)
+    parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
+
+
+def digits_target(directory: str):
+    """The Target in `directory`, trained there on digits first when it is missing."""
+    from purifier.models.target import Target, train_target
+
+    if not Path(directory).is_dir():
+        Path(directory).parent.mkdir(parents=True, exist_ok=True)
+        train_target("digits", directory)
+    return Target.load(directory)
+
+
+def secret_file_or_throwaway(secret_file: str | None, work: Path) -> Path:
+    """The given secret file, or a fresh random secret written into the temporary `work` directory."""
+    if secret_file:
+        return Path(secret_file)
+    path = work / "secret"
+    path.write_text(secrets.token_hex(32))
     return path
