@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import importlib
 
-from purifier.attacks.base import FAMILIES, Attack, AttackContext, ConfidenceAttack, LabelOnly
+from purifier.attacks.base import (
+    FAMILIES,
+    Attack,
+    AttackContext,
+    ConfidenceAttack,
+    LabelOnly,
+    RememberedLabels,
+)
 from purifier.errors import ConfigError
 
 # name -> "module:Class", in report order
@@ -64,4 +71,4 @@ def parse_attacks(spec: list[str] | str | None) -> list[str]:
 
 
 __all__ = ["ADAPTIVE", "DEFAULT_ATTACKS", "FAMILIES", "REGISTRY", "Attack", "AttackContext",
-           "ConfidenceAttack", "LabelOnly", "attack_class", "parse_attacks"]
+           "ConfidenceAttack", "LabelOnly", "RememberedLabels", "attack_class", "parse_attacks"]

@@ -63,6 +63,45 @@ class LabelOnly:
         return self._target.labels(X)
 
 
+class RememberedLabels:
+    """The target as one audit's attacks see it: a label query for exactly the rows of an earlier
+    label query in this audit is answered from memory instead of asked again.
+
+    The augmentation attacks and their calibrated variant ask the same copies of every record
+    (same seed, same chunks); label answers are a function of the input for the defenses audited
+    here (they keep the argmax), and an attacker may reuse an answer it holds. `query` always
+    reaches the target: repeating a query is what some attacks measure. `queries` counts every
+    row the attacks asked, answered from memory or not, so each attack reports its own cost;
+    `rows_sent` counts the rows that reached the target.
+    """
+
+    def __init__(self, target):  # a purifier.audit.access.TargetAccess
+        self._target = target
+        self._answers: dict[bytes, np.ndarray] = {}
+        self.queries = 0
+
+    def __getattr__(self, name):  # n_classes, description, ... of the target
+        return getattr(self._target, name)
+
+    @property
+    def rows_sent(self) -> int:
+        return self._target.queries
+
+    def query(self, X: np.ndarray) -> np.ndarray:
+        self.queries += len(X)
+        return self._target.query(X)
+
+    def labels(self, X: np.ndarray) -> np.ndarray:
+        import hashlib
+
+        X = np.ascontiguousarray(X, np.float32)
+        self.queries += len(X)
+        key = hashlib.blake2b(X.tobytes(), digest_size=20, person=str(X.shape).encode()[:16]).digest()
+        if key not in self._answers:
+            self._answers[key] = self._target.labels(X)
+        return self._answers[key].copy()
+
+
 def fit_threshold(scores: np.ndarray, membership: np.ndarray) -> float:
     """The threshold that maximises balanced accuracy on shadow scores (member iff >= it)."""
     from purifier.evaluation import best_balanced_accuracy

@@ -161,6 +161,13 @@ class TorchPredictor:
 
         return predict_proba(self.model, X)
 
+    def labels(self, X: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N,) predicted labels: the argmax of the logits (what the softmax's argmax
+        is), without the softmax and float64 copy that label-only queries do not need."""
+        from purifier.models.training import predict_labels
+
+        return predict_labels(self.model, X)
+
 
 class SklearnPredictor:
     """predict_proba of a fitted scikit-learn classifier, widened to all `n_classes` columns (a
@@ -298,7 +305,7 @@ class ShadowSet:
     def labels_fn(self, k: int):
         """A label oracle for shadow model k: X (N, D) -> (N,) predicted labels."""
         model = self.models[k]
-        return lambda X: model(X).argmax(axis=1)
+        return model.labels if hasattr(model, "labels") else lambda X: model(X).argmax(axis=1)
 
 
 def balanced_in_masks(n_shadows: int, n_examples: int, rng: np.random.Generator) -> np.ndarray:

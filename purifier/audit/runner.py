@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from purifier import evaluation as ev
-from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, RememberedLabels, attack_class
 from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
 from purifier.attacks.shadow import train_shadows
 from purifier.attacks.shadow_cache import ShadowCache
@@ -198,6 +198,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
 
     outcomes: dict[str, AttackOutcome] = {}
     fitted_now: dict = {}
+    asked = RememberedLabels(access)  # the augmentation attacks ask the same copies: sent once
     with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:
         for name in config.attacks:
             cls = attack_class(name)
@@ -208,7 +209,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
                 attack = cls(seed=config.seed, **kwargs)
                 attack.fit(ctx)
             fitted_now[name] = attack
-            scores = np.asarray(attack.run(access, X, y, outputs), np.float64)
+            scores = np.asarray(attack.run(asked, X, y, outputs), np.float64)
             outcomes[name] = AttackOutcome(name, cls.family, scores, attack.predict(scores), attack.threshold,
                                            attack.queries, time.perf_counter() - t0, attack.details)
             bar.update(1, last=name)
