@@ -33,8 +33,9 @@ class AttackContext:
             (the records the shadow models were built around, for per-record attacks).
         defense_name: the defense algorithm the attacker assumes (adaptive attacks), or None.
         seed: the attacker's seed.
-        defended_pool: (K, P, C) shadow pool outputs passed through the attacker's own copy of
-            the defense, computed once per audit by `adaptive.defended_shadow_outputs`.
+        defended_reference: shadow pool outputs passed through the attacker's own copy of the
+            defense, with their labels and membership, computed once per audit by
+            `adaptive.defended_reference`.
     """
 
     shadows: ShadowSet
@@ -45,7 +46,7 @@ class AttackContext:
     candidate_labels: np.ndarray | None = None
     defense_name: str | None = None
     seed: int = 0
-    defended_pool: np.ndarray | None = field(default=None, repr=False)
+    defended_reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 class LabelOnly:

@@ -292,15 +292,14 @@ class ShadowSet:
     def n_shadows(self) -> int:
         return int(self.pool_probs.shape[0])
 
-    def stacked(self, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All shadows' pool outputs as one reference set with known membership.
 
-        probs: optional (K, P, C) replacement outputs (e.g. defended by the attacker's copy).
-        Returns (probs (K*P, C), labels (K*P,), membership (K*P,) bool).
+        Returns (probs (K*P, C), labels (K*P,), membership (K*P,) bool); probs is a view when
+        pool_probs is contiguous (as `train_shadows` makes it).
         """
-        probs = self.pool_probs if probs is None else probs
-        k = probs.shape[0]
-        return probs.reshape(-1, probs.shape[-1]), np.tile(self.pool_y, k), self.pool_in.reshape(-1)
+        k, _, c = self.pool_probs.shape
+        return self.pool_probs.reshape(-1, c), np.tile(self.pool_y, k), self.pool_in.reshape(-1)
 
     def labels_fn(self, k: int):
         """A label oracle for shadow model k: X (N, D) -> (N,) predicted labels."""
@@ -378,12 +377,13 @@ def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, ca
         entries, used = cached_map(cache, executor, shadow_entry, [(m, k) for k, m in enumerate(masks)], keys,
                                    shared=(X_all, y_all, n_classes, recipe, seed),
                                    expected={"probs": (len(y_all), n_classes)}, parts=parts, progress=bar)
-    probs = np.empty((n_shadows, len(y_all), n_classes))  # filled in place: no second (K, Q, C) copy
+    # filled in place, pool and candidates apart: each contiguous, so `stacked` is a view, not a copy
+    pool_probs, cand_probs = np.empty((n_shadows, n_pool, n_classes)), np.empty((n_shadows, len(cand_y), n_classes))
     for k, e in enumerate(entries):
-        probs[k] = e["probs"]
+        pool_probs[k], cand_probs[k] = e["probs"][:n_pool], e["probs"][n_pool:]
     models = ShadowModels(entries, X_all, y_all, masks, n_classes, recipe, seed)
     del entries
     provenance = {"executor": used, "from_cache": cache.stats.hits - hits_before,
                   "trained": n_shadows - (cache.stats.hits - hits_before)}
-    return ShadowSet(models, pool_X.astype(np.float32), pool_y.astype(np.int64), probs[:, :n_pool],
-                     masks[:, :n_pool], probs[:, n_pool:], masks[:, n_pool:], provenance)
+    return ShadowSet(models, pool_X.astype(np.float32), pool_y.astype(np.int64), pool_probs,
+                     masks[:, :n_pool], cand_probs, masks[:, n_pool:], provenance)
