@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
-    from purifier.audit.command import add_executor_flags
+    from purifier.audit.command import add_executor_flags, add_shadow_count_flags
     from purifier.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "purchase_like"],
                    help="default digits; purchase_like is the leaky benchmark (members 100%%, non-members ~77%%)")
     p.add_argument("--seed", type=int, default=0, help="target, defense and attacker seed (default 0)")
-    p.add_argument("--shadows", type=int, default=4, help="attacker shadow models (default 4)")
+    add_shadow_count_flags(p)
     add_executor_flags(p)
     p.set_defaults(func=_demo)
     return parser

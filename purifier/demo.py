@@ -215,7 +215,7 @@ def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -
     return columns, rows
 
 
-def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4,
+def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int | None = None,
              shadow_settings: dict | None = None) -> dict:
     """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
     processes, the default cache)."""
@@ -264,7 +264,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                config = AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed, **(shadow_settings or {}))
+                config = AuditConfig(DEFAULT_ATTACKS, **({"n_shadows": shadows} if shadows else {}), seed=seed,
+                                     **(shadow_settings or {}))
                 audit = timed(f"audit {name}", run_audit, target, access, config, name,
                               None if name == "none" else baseline,
                               {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
@@ -315,9 +316,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
 
 def demo_cli(args) -> int:
-    from purifier.audit.command import executor_settings
+    from purifier.audit.command import executor_settings, shadow_count
 
-    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=args.shadows,
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=shadow_count(args),
              shadow_settings=executor_settings(args))
     return 0
 

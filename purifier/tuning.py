@@ -204,6 +204,7 @@ def _log(args, msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from purifier.artifacts import new_output_dir
+    from purifier.audit.command import shadow_count
     from purifier.audit.runner import AuditConfig
     from purifier.audit.sweep import BASELINE_GRIDS, at_setting, choose, sweep_points
     from purifier.defenses import load_secret
@@ -212,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
     new_output_dir(args.out, args.force)
     k, grid, baselines, attacks = _plan(args)
     _check_write_to(args)
-    config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+    config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                          shadow_model=args.shadow_model, n_boot=args.bootstrap, seed=args.seed, progress=False)
     secret = load_secret(file=args.secret_file, required=False) or secrets.token_bytes(32)
     access, data, fit = _open(args)

@@ -22,7 +22,7 @@ import numpy as np
 from purifier import evaluation as ev
 from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, RememberedLabels, attack_class
 from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
-from purifier.attacks.shadow import train_shadows
+from purifier.attacks.shadow import DEFAULT_SHADOWS, train_shadows
 from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
@@ -37,7 +37,7 @@ FPR_TARGETS = (0.001, 0.01)
 @dataclass(frozen=True)
 class AuditConfig:
     attacks: tuple[str, ...]
-    n_shadows: int = 4
+    n_shadows: int = DEFAULT_SHADOWS
     shadow_epochs: int | None = None  # default: the recipe's
     shadow_model: str | None = None  # a recipe name (purifier.attacks.shadow); default: the data's
     boundary_budget: int = 1000
