@@ -62,8 +62,8 @@ class Settings:
     model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
     model_id: str | None = setting(None, "with --upstream: sha256 of the ONNX file the defense was fitted for; "
                                    "overrides the fingerprint check")
-    defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json, "
-                                  "else none)", choices=DEFENSES)
+    defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json); "
+                                  "'none' serves undefended on purpose, the only way to do so", choices=DEFENSES)
     defense_dir: str | None = setting(None, "fitted defense directory (from purifier fit-defense)")
     secret_file: str | None = setting(None, "PRF secret file (else $PURIFIER_SECRET / $PURIFIER_SECRET_FILE)")
     confidence_output: str | None = setting(None, "output holding the confidences (required with --upstream; "
