@@ -129,6 +129,8 @@ class Sidecar:
         self._serving: bool | None = None        # what health says
         self._verified: int | None = None        # upstream generation the model check passed for
         self._refused: str | None = None         # why the model was refused, until it is not ready again
+        self.class_outputs: dict = {}            # allowed outputs as the last model check found them
+        self._probe = None                       # how to probe the model's identity (preflight.Probe)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class Sidecar:
         """
         generation = self._upstream.generation
         try:
-            note, warn = await check_model(self._upstream, self._defense, self.check)
+            checked = await check_model(self._upstream, self._defense, self.check)
         except ModelRefused as e:
             if at_start:
                 raise
@@ -233,8 +235,9 @@ class Sidecar:
             log.warning("upstream model check did not complete; retrying at the next poll",
                         extra={"model": self.model_name, "error": str(e)})
             return
+        self.class_outputs, self._probe = checked.outputs, checked.probe
         self._refused, self._verified = None, generation
-        log.log(logging.WARNING if warn else logging.INFO, f"upstream model checked: {note}",
+        log.log(logging.WARNING if checked.warn else logging.INFO, f"upstream model checked: {checked.note}",
                 extra={"model": self.model_name})
 
     # --- health ---------------------------------------------------------------------------------

@@ -61,9 +61,12 @@ def test_bad_settings_fail_at_start_up_in_one_line(args, message, tmp_path):
 
 def test_serving_without_a_defense_is_refused_naming_both_choices(digits_target, tmp_path):
     """Before, no --defense and no --defense-dir served `defense: none` with an info line."""
-    with pytest.raises(ServerStartError) as info:
-        ServeProcess(["--model", str(digits_target.directory)], log_path=tmp_path / "serve.log",
-                     ready_timeout_s=60).start()
+    proc = ServeProcess(["--model", str(digits_target.directory)], log_path=tmp_path / "serve.log", ready_timeout_s=60)
+    try:
+        with pytest.raises(ServerStartError) as info:
+            proc.start()
+    finally:
+        proc.stop(timeout_s=5)
     assert info.value.returncode == 2
     (line,) = info.value.log.strip().splitlines()
     assert line == ("purifier: error: defense: none configured; give --defense-dir DIR (a directory from purifier "

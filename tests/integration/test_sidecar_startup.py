@@ -76,6 +76,16 @@ def test_a_logits_output_needs_the_logits_flag(digits_target, triton_infer):
     np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-5, atol=1e-7)
 
 
+def test_logits_flag_on_an_output_of_probability_vectors_is_refused(digits_target):
+    """Before, --logits on probabilities was accepted and every answer was a softmax of probabilities
+    (flattened vectors)."""
+    flags = {"model": str(digits_target.directory), "confidence_kind": "logits", **NONE}
+    with pytest.raises(ConfigError, match="confidence_kind: --logits is set, but 'probabilities' already holds "
+                                          "probability vectors on the 2 probe rows; .*: drop --logits"):
+        with BackgroundSidecar(Settings.resolve(flags, env={})):
+            pass
+
+
 def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(digits_target, tmp_path, caplog,
                                                                             triton_infer):
     """Before, --defense-dir alone served undefended, silently."""
