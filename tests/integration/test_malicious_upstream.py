@@ -225,6 +225,15 @@ def fault_table() -> str:
     for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
         outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
         lines.append(f"| {i} | {name} | {outcome} |")
+    lines += ["", "## An allowed output (`--allow-output label`)", "",
+              "The upstream answers its `label` output as below (the model check's probes and client requests "
+              "alike, or only client requests after an honest start). The client asks for no output, for "
+              "`label` alone, or for both: the `label` it gets is always rebuilt by the sidecar as the argmax of "
+              "the defended vector (INT64 [N], as the honest start declared), never the upstream's values.", "",
+              "| # | upstream's `label` | at start-up | afterwards (client requests) |", "|---|---|---|---|"]
+    for i, name in enumerate(LABELS, 1):
+        start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
+        lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
     return "\n".join(lines) + "\n"
 
 
