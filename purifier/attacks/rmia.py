@@ -8,7 +8,7 @@ through the pairwise likelihood ratio
 
     LR(x, z) = (Pr(x | theta) / Pr(x)) / (Pr(z | theta) / Pr(z)),
 
-and scores x by the fraction of z with LR(x, z) > gamma (REFERENCE.md section 4).
+and scores x by the fraction of z with LR(x, z) > gamma (docs/design.md#attacks-rmia).
 
 * offline (OUT reference models only): Pr(x) = ((1 + a) / 2) p_out(x) + (1 - a) / 2, the
   paper's linear approximation of the IN/OUT average from OUT models; `a` is tuned on the
