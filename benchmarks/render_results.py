@@ -26,8 +26,8 @@ benchmarks (long; on a quiet machine) and then renders this page. Each section n
 and the commit it was measured on; the notes under the tables give the load average.
 """
 ORDER = ["demo_digits", "demo_purchase_like", "demo_mnist5k", "timing_purchase_like", "privacy_utility_digits",
-         "tune_digits", "privacy_utility_purchase_like", "defense", "sidecar", "abuse", "perf_analyzer", "load",
-         "audit_digits", "audit_mnist5k", "shadows", "own_model"]
+         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "abuse",
+         "perf_analyzer", "load", "audit_digits", "audit_mnist5k", "shadows", "own_model"]
 
 
 def _cell(value) -> str:
@@ -52,7 +52,8 @@ def render(results_dir: Path) -> str:
             docs.append((path, doc))
     docs.sort(key=lambda pd: (ORDER.index(pd[1]["benchmark"]) if pd[1].get("benchmark") in ORDER else len(ORDER),
                               pd[0].name))
-    parts = []
+    names = [doc.get("benchmark", path.stem) for path, doc in docs]
+    parts = ["Contents: " + " · ".join(f"[{n}](#{n})" for n in names) + "\n"] if names else []
     for path, doc in docs:
         m = doc.get("machine", {})
         parts.append(f"## {doc.get('benchmark', path.stem)}\n\n"
