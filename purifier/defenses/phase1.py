@@ -71,11 +71,9 @@ LEVELS = 8
 SPECULATE_LEVELS, SPECULATE_ROWS = 2, 16
 N_PATHS = 3
 F64 = np.float64
-# h on the probes runs in float32 (onnxruntime's float32 Gemm is about twice as fast as float64
-# here, and the probes are most of the work); h0, its gradient, the paths and the released vectors
+# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the probes are most of the work); h0, its gradient, the paths and the released vectors
 # are float64. A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the
-# EARLY_EXIT band (|h0| <= 4e-5 gets no noise); against the float64 solver this kept every row's
-# crossing and moved L1 by at most 0.3% (tests/unit/defenses/test_memguard_fast.py).
+# EARLY_EXIT band (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
 PROBE_DTYPE, PROBE_ONNX_TYPE = np.float32, 1
 
 
