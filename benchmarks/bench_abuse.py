@@ -82,7 +82,9 @@ def started_bound_bytes(sidecar: ServerProcess) -> int:
 
 
 def defense_args(defense_dir: str | None, secret_file: Path) -> list[str]:
-    return [] if defense_dir is None else ["--defense-dir", defense_dir, "--secret-file", str(secret_file)]
+    if defense_dir is None:
+        return ["--defense", "none"]
+    return ["--defense-dir", defense_dir, "--secret-file", str(secret_file)]
 
 
 # --- 1. identity overhead ---------------------------------------------------------------------
@@ -91,7 +93,7 @@ def defense_args(defense_dir: str | None, secret_file: Path) -> list[str]:
 def overhead(target: Path, x: np.ndarray, seconds: float, rounds: int, baseline: Path | None) -> dict:
     """purifier.bench's interleaved windows at concurrency 1, one row per request: the bare server
     first (the baseline of every comparison), then the identity sidecar(s); server CPU per request."""
-    sidecar_args = ["--model", str(target), "--log-level", "warning"]
+    sidecar_args = ["--model", str(target), "--defense", "none", "--log-level", "warning"]
     with contextlib.ExitStack() as stack:
         bare = stack.enter_context(ServerProcess([*BARE_SERVER, str(target)]))
         wait_ready(bare.port, bare.ready["model"])
@@ -129,7 +131,7 @@ def send(port: int, payload: bytes, gzip: bool) -> str:
 def abuse(target: Path, seconds: float, abusers: int) -> dict:
     token = Path(tempfile.mkdtemp(prefix="purifier-abuse-")) / "token"
     token.write_text(secrets.token_hex(16))
-    with ServeProcess(["--model", str(target), "--auth-token-file", str(token)]) as sidecar:
+    with ServeProcess(["--model", str(target), "--defense", "none", "--auth-token-file", str(token)]) as sidecar:
         time.sleep(1.0)
         idle = memory_mb(sidecar.pid, "VmRSS")
         bomb, big = b"\0" * (32 << 20), os.urandom(8 << 20)

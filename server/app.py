@@ -79,10 +79,22 @@ def request_limit(settings: Settings, inputs: list[TensorSpec], defense: Defense
     return settings.max_request_rows * row + HEADROOM_BYTES, f"max_request_rows x row size from {how}"
 
 
+NO_DEFENSE = ("defense: none configured; give --defense-dir DIR (a directory from purifier fit-defense), "
+              "or --defense none to serve undefended on purpose")
+UNDEFENDED = "serving UNDEFENDED: clients get the model's clean confidence vectors (--defense none)"
+
+
+def require_defense_choice(settings: Settings) -> None:
+    """Undefended only on purpose: no --defense-dir and no --defense none refuses to start."""
+    if settings.defense is None and settings.defense_dir is None:
+        raise ConfigError(NO_DEFENSE)
+
+
 def load_configured_defense(settings: Settings, model_id: str | None) -> Defense:
     """The defense named in settings (or in the directory's defense.json), bound to the model identity."""
+    require_defense_choice(settings)
     name = settings.defense
-    if settings.defense_dir is None:
+    if name == "none":
         return IdentityDefense()
     if name is None:
         name = read_defense_manifest(settings.defense_dir)["defense"]
@@ -117,11 +129,15 @@ class Sidecar:
         self._serving: bool | None = None        # what health says
         self._verified: int | None = None        # upstream generation the model check passed for
         self._refused: str | None = None         # why the model was refused, until it is not ready again
+        self.class_outputs: dict = {}            # allowed outputs as the last model check found them
+        self._probe = None                       # how to probe the model's identity (preflight.Probe)
 
     # --- start-up -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
+        if self._defense is None:
+            require_defense_choice(s)  # before the model is loaded or the upstream dialled
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
@@ -137,6 +153,8 @@ class Sidecar:
             raise ConfigError(f"defense: fitted for model {self._defense.model_id[:12]}..., "
                               f"the upstream is {model_id[:12]}...")
         self.defense = self._defense
+        self.undefended = self._defense.name == "none"
+        self.metrics.defense_active.labels(self._defense.name).set(0 if self.undefended else 1)
         self.model_name = upstream.name
         self.model_version = upstream.version
         output = s.confidence_output or upstream.confidence_output
@@ -188,6 +206,8 @@ class Sidecar:
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_address[1]
+        if self.undefended:
+            log.warning(UNDEFENDED, extra={"defense": "none"})
         log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
                                            "model": self.model_name, "defense": self._defense.name,
                                            "upstream": s.upstream or s.model, "max_request_bytes": limit,
@@ -201,7 +221,7 @@ class Sidecar:
         """
         generation = self._upstream.generation
         try:
-            note, warn = await check_model(self._upstream, self._defense, self.check)
+            checked = await check_model(self._upstream, self._defense, self.check)
         except ModelRefused as e:
             if at_start:
                 raise
@@ -215,8 +235,9 @@ class Sidecar:
             log.warning("upstream model check did not complete; retrying at the next poll",
                         extra={"model": self.model_name, "error": str(e)})
             return
+        self.class_outputs, self._probe = checked.outputs, checked.probe
         self._refused, self._verified = None, generation
-        log.log(logging.WARNING if warn else logging.INFO, f"upstream model checked: {note}",
+        log.log(logging.WARNING if checked.warn else logging.INFO, f"upstream model checked: {checked.note}",
                 extra={"model": self.model_name})
 
     # --- health ---------------------------------------------------------------------------------
@@ -359,8 +380,11 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await sidecar.start()
-            print(json.dumps({"event": "serving", "port": sidecar.port, "metrics_port": sidecar.metrics_port}),
-                  flush=True)
+            ready = {"event": "serving", "port": sidecar.port, "metrics_port": sidecar.metrics_port,
+                     "defense": sidecar.defense.name}
+            if sidecar.undefended:
+                ready["warning"] = UNDEFENDED
+            print(json.dumps(ready), flush=True)
             await stop.wait()
         finally:
             await sidecar.stop()

@@ -73,6 +73,8 @@ class SidecarMetrics:
                                      "Rows whose argmax the defense changed (label swapper only)", registry=r)
         self.upstream_up = Gauge("purifier_upstream_up", "1 if the upstream model was ready and verified at the "
                                  "last poll", registry=r)
+        self.defense_active = Gauge("purifier_defense_active", "1 while a defense rewrites the confidence vectors; "
+                                    "0 when serving undefended (--defense none)", ["defense"], registry=r)
         self.queued_rows = Gauge("purifier_defense_queued_rows", "Rows waiting for the defense", registry=r)
         self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
                                          "Upstream answers refused before the defense, by reason", ["reason"],

@@ -8,14 +8,19 @@ confidence vectors the defense was fitted for). `ModelInfer`:
    `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
    exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
 2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
-   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only);
-3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
+   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only),
+   asking for the confidence output and the allowed outputs whatever the client asked for (the
+   model check's probes ask for the same);
+3. reads the upstream's confidences with `codec.read_answer` (one representation per tensor, the
    request's row count, finite confidences: anything else is an error, nothing of it returned);
+   nothing else of the answer is read;
 4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
-   through the batcher;
-5. constructs a new response: the defended tensor and allowed outputs in the request's
-   representation, the request's id, model name and version, the allow-listed response
-   parameters, and the allow-listed trailing metadata. Nothing else of the upstream's message.
+   through the batcher, also when the client asked only for an allowed output;
+5. constructs a new response: the defended tensor and the allowed class-index outputs rebuilt
+   from it (`outputs.py`: never the upstream's values) in the request's representation, the
+   request's id, model name and version, the allow-listed response parameters and trailing
+   metadata (forwarded verbatim: the operator vouches for them). Nothing else of the upstream's
+   message.
 
 Any failure is a gRPC error whose text comes from `errors.status_for` (fixed sentences for
 whatever the upstream said): an undefended vector is never returned.
@@ -68,6 +73,7 @@ from purifier_server.errors import (
 )
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
+from purifier_server.outputs import ClassIndexOutput
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
@@ -104,6 +110,10 @@ class Readiness(Protocol):
     def upstream_suspect(self) -> None:
         """A request found the upstream unavailable: check readiness now (health follows that check)."""
 
+    @property
+    def class_outputs(self) -> dict[str, ClassIndexOutput]:
+        """The allowed outputs as the last model check found them (name -> how to rebuild it)."""
+
 
 class Malformed:
     """A request message that did not parse (kept so the handler can count, log and answer it)."""
@@ -134,6 +144,7 @@ class InferenceServicer:
         self.encoding = settings.upstream_encoding
         self.confidence_output = confidence_output
         self.keep = tuple(settings.allow_outputs)
+        self.upstream_outputs = (confidence_output, *self.keep)
         self.upstream = upstream
         self.batcher = batcher
         self.metrics = metrics
@@ -232,7 +243,7 @@ class InferenceServicer:
         return response
 
     async def _infer(self, request, context):
-        requested = await self._validate(request)
+        names = await self._validate(request) or [self.confidence_output, *self.keep]
         if (refusal := self.readiness.refusal()) is not None:
             raise refusal
         rows = request_rows(request)
@@ -240,6 +251,13 @@ class InferenceServicer:
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
+        client_id = request.id
+        # Every request to the upstream asks for the same outputs (the confidences and the allowed
+        # outputs, whatever the client asked for): only the confidences are read, and a probe of the
+        # model's identity asks for exactly the same (preflight.ModelCheck.outputs).
+        del request.outputs[:]
+        for name in self.upstream_outputs:
+            request.outputs.add(name=name)
         t1 = time.perf_counter()
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         try:
@@ -250,22 +268,19 @@ class InferenceServicer:
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)
         if (refusal := self.readiness.refusal()) is not None:
             raise refusal  # the answer came over a new connection: perhaps from another model
-        names = requested or [self.confidence_output,
-                              *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
-        confidence = self.confidence_output if self.confidence_output in names else None  # a label alone
-        others = [n for n in names if n != confidence]
         try:
-            arrays = read_answer(upstream_answer, confidence, others, rows)
-            if confidence is not None:
-                probs = softmax(arrays[confidence]) if self.logits else arrays[confidence]
-                arrays[confidence] = await self.batcher.submit(probs, inputs)
+            probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
+            defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs)
         except (BadUpstreamOutput, InvalidProbabilities) as e:
             self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
             if getattr(e, "reason", None) == "non-finite confidences":
                 _check_finite_inputs(request)
             raise
+        # an allowed output is never the upstream's: it is rebuilt from the defended vector (outputs.py)
+        built = self.readiness.class_outputs
+        arrays = {n: defended if n == self.confidence_output else built[n].build(defended) for n in names}
         version = self.answer_version(request.model_version, upstream_answer.model_version)
-        answer = build_response(request.id, request.model_name, version, {n: arrays[n] for n in names},
+        answer = build_response(client_id, request.model_name, version, arrays,
                                 raw=len(request.raw_input_contents) > 0)
         for key in self.settings.allow_parameters:
             if key in upstream_answer.parameters:
