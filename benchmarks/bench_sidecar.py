@@ -145,13 +145,15 @@ def mlserver_repository(root: Path) -> int:
 
 def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
     args = [*backend_args, "--log-level", "warning"]
-    if defense is not None:
+    if defense is None:
+        args += ["--defense", "none"]
+    else:
         args += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
     return ServeProcess(args, env=env)
 
 
 def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
-    """The README table: every cell with its overhead against the matching direct call."""
+    """The results table: every cell with its overhead against the matching direct call."""
     table_rows = []
     for key, cell in cells.items():
         c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})
