@@ -13,10 +13,10 @@ one fitted copy per shadow model; for defenses whose fit is a function of the ou
 (not of a single model's weights) this is close, and it costs one fit instead of K.
 
 The copy defends a random sample of the shadows' pool rows (`REFERENCE_ROWS`, drawn over all
-shadows), not all K x P of them: a defense such as MemGuard spends about a millisecond of CPU per
-row whatever the row, so the whole pool of 32 shadows would cost minutes, while the attacks fitted
-on it use no more (the NN attack trains on 25,000 rows; the class-wise thresholds get 400 rows
-per class of 100, as the whole pool of the earlier 4-shadow default gave them).
+shadows), not all K x P of them: a defense's cost grows with the rows it defends (MemGuard does
+the same work for every row), and the attacks fitted on them use no more than the sample (the NN
+attack trains on 20,000 rows; the class-wise thresholds get 400 rows per class of 100, as the
+whole pool of the earlier 4-shadow default gave them).
 """
 
 from __future__ import annotations
