@@ -293,7 +293,10 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
         "shadows": {k: v for k, v in reports[DEFENSES[0]]["shadows"].items()
                     if k in ("n", "executor", "from_cache", "trained", "cache")},
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
-                     "total": round(time.perf_counter() - t_start, 1), "steps": steps},
+                     "total": round(time.perf_counter() - t_start, 1), "steps": steps,
+                     "attacks": {name: {a: e["seconds"] for a, e in r["attacks"].items()}
+                                 for name, r in reports.items()},
+                     "shadow_training": {name: r["timing_s"]["shadow_training"] for name, r in reports.items()}},
         # timings on a shared machine mean little without the load they ran under
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]},
         "reports": {name: str(out / "reports" / name / "report.html") for name in reports},
