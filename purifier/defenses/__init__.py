@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
+from purifier.defenses.base import Defense, FitData, IdentityDefense, Knob, read_defense_manifest
 from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ArtifactError, ConfigError
@@ -32,6 +32,16 @@ def defense_class(name: str) -> type[Defense]:
     return getattr(importlib.import_module(module), cls)
 
 
+def tunable_defenses() -> dict[str, type[Defense]]:
+    """name -> class of every registered defense with a budget to tune (`Defense.knob`)."""
+    return {n: c for n, c in ((n, defense_class(n)) for n in REGISTRY) if c.knob is not None}
+
+
+def baseline_defenses() -> dict[str, type[Defense]]:
+    """name -> class of the simple alternatives on every tune curve (`Defense.baseline_grid`)."""
+    return {n: c for n, c in ((n, defense_class(n)) for n in REGISTRY) if c.baseline_grid}
+
+
 def load_defense(directory: str | Path, secret: bytes | None = None,
                  model_id: str | None = None) -> Defense:
     """Load a fitted defense from `directory` (checks hashes, class count and model identity).
@@ -53,5 +63,5 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
     return defense
 
 
-__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense",
-           "load_secret"]
+__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "Knob", "REGISTRY", "baseline_defenses", "defense_class",
+           "load_defense", "load_secret", "tunable_defenses"]
