@@ -31,7 +31,7 @@ BUILD = Path(__file__).resolve().parents[1] / "build" / "bench"
 
 
 def audit_table(name: str, payload: dict, report, boundary=None) -> dict:
-    """The README table of one undefended audit (a `Report`): every attack next to the gap floor."""
+    """The results table of one undefended audit (a `Report`): every attack next to the gap floor."""
     attacks = dict(report.attacks)
     if boundary is not None:
         attacks["label_boundary"] = boundary.attacks["label_boundary"]

@@ -9,7 +9,7 @@ next to the label-only floor (the strongest label-only attack per metric; the ga
 et al. 2018 is one of them) and the utility cost on real traffic, and the verdict in words
 (`purifier.audit.verdict`) is part of the report (`purifier.audit.results.Report`). Metrics come
 from `purifier.evaluation` only. `run_audit` is four steps: query the records, get the shadow
-models, run the attacks, assemble the report.
+models, run the attacks, assemble the report. Attack catalogue: docs/design.md#attacks.
 """
 
 from __future__ import annotations
