@@ -138,7 +138,7 @@ class FitData:
             members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
         Raises ConfigError if the model does not answer probability vectors.
         """
-        from purifier.errors import ConfigError
+        from purifier.models.access import not_probabilities
 
         probs = []
         for records in (members, reference):
@@ -146,9 +146,8 @@ class FitData:
             try:
                 check_probabilities(p)
             except InvalidProbabilities as e:
-                raise ConfigError(f"{getattr(model, 'description', 'the model')} does not answer probabilities on "
-                                  f"{records.source} ({e}); if the output holds logits pass --logits, else choose "
-                                  "the probabilities output with --output-name") from None
+                raise not_probabilities(f"{getattr(model, 'description', 'the model')}, on {records.source},",
+                                        str(e)) from None
             probs.append(p)
         return cls(probs[0], probs[1], members.X, reference.X, members.y, reference.y,
                    getattr(model, "model_id", "") or "")
