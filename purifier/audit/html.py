@@ -175,6 +175,13 @@ def _setup_items(r: Report) -> list[str]:
              f"Time: {t.audit_without_boundary:.0f} s (shadow training {t.shadow_training:.0f} s)."]
     if r.source.endpoint:
         items.insert(1, f"Audited through the endpoint {r.source.endpoint} (model {r.source.model_name or '?'}).")
+    if r.baseline is not None:
+        b = r.baseline
+        same = (b.shadows.n, b.shadows.recipe, b.shadows.seed) == (s.n, s.recipe, s.seed)
+        items.insert(2, f"Without defense: the undefended model ({b.source.endpoint or r.source.baseline_endpoint}), "
+                        "the same records" + (", attacks and shadow models" if same else
+                                              f"; its attacker had {b.shadows.n} shadow models ({b.shadows.recipe}, "
+                                              f"seed {b.shadows.seed})") + ".")
     warnings = [f"Warning: {w}" for w in (r.assumptions.warnings if r.assumptions else ())]
     return items + warnings + list(r.notes)
 

@@ -114,10 +114,15 @@ def missing_before(report: Report) -> list[str]:
         return ["No undefended baseline was audited: the \"before\" figures and curves and the cost to users are "
                 "missing; audit with --baseline HOST:PORT (the undefended endpoint: the same attacks and shadow "
                 "models run against both) or --baseline DIR (its earlier report on the same records)."]
+    out = []
+    b, s = report.baseline.shadows, report.shadows
+    if (b.n, b.recipe, b.seed) != (s.n, s.recipe, s.seed):
+        out.append(f"The \"before\" comes from another attacker: {b.n} shadow models ({b.recipe}, seed {b.seed}) "
+                   f"against this audit's {s.n} ({s.recipe}, seed {s.seed}); compare the columns with care.")
     if report.utility.cost is None:
-        return ["The undefended model was given as an earlier report, not as an endpoint: the cost to users (the "
-                "change of their confidence vectors) is not measured; --baseline HOST:PORT measures it."]
-    return []
+        out.append("The undefended model was given as an earlier report, not as an endpoint: the cost to users (the "
+                   "change of their confidence vectors) is not measured; --baseline HOST:PORT measures it.")
+    return out
 
 
 def _criteria_words(best: Strongest, floor: Strongest, checks: dict[Metric, bool | None]) -> list[str]:

@@ -245,3 +245,13 @@ def test_a_defended_report_without_a_baseline_says_what_is_missing():
     assert any(line.startswith("No undefended baseline was audited") and "--baseline" in line for line in v.lines)
     with_before = rule_report(baseline=rule_report(defense="none", drop=("adaptive_nn",))).verdict
     assert any(line.startswith("The undefended model was given as an earlier report") for line in with_before.lines)
+
+
+def test_a_before_from_another_attacker_is_said():
+    from dataclasses import replace
+
+    before = rule_report(defense="none", drop=("adaptive_nn",))
+    other = replace(before, shadows=replace(before.shadows, n=16))
+    lines = rule_report(baseline=other).verdict.lines
+    assert any(line.startswith("The \"before\" comes from another attacker: 16 shadow models") for line in lines)
+    assert not any("another attacker" in line for line in rule_report(baseline=before).verdict.lines)
