@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strong_secret import SECRET
 
 from purifier.defenses import load_defense
 from purifier.defenses.base import FitData, finalize
@@ -17,8 +18,6 @@ from purifier.defenses.purifier_net import PurifierNet
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 from purifier.evaluation import balanced_accuracy
-
-SECRET = b"0123456789abcdef-purifier-test"
 
 
 def dirichlet(n, c, seed=0, alpha=0.3):
