@@ -229,7 +229,7 @@ def test_index_holds_no_raw_rows(swapper, digits_target, tmp_path):
     loaded = load_defense(tmp_path / "d", secret=SECRET)
     np.testing.assert_array_equal(loaded.transform(digits_target.predict_proba(Xm[:40]), Xm[:40]),
                                   swapper.transform(digits_target.predict_proba(Xm[:40]), Xm[:40]))
-    with pytest.raises(ArtifactError, match="another PRF secret"):
+    with pytest.raises(ConfigError, match="another PRF secret"):
         load_defense(tmp_path / "d", secret=SECRET + b"x")
 
 
@@ -390,5 +390,6 @@ def test_fit_cli(digits_target, tmp_path, capsys, monkeypatch):
     assert "purifier cvae" in printed.err  # the progress bar
     loaded = load_defense(out, secret=SECRET, model_id=digits_target.model_id)
     assert loaded.needs_inputs and len(loaded.member_index) > 0
-    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2")]) == 2
+    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2"),
+                 "--secret-file", str(secret)]) == 2
     assert "does not exist" in capsys.readouterr().err
