@@ -2,18 +2,25 @@
 
 An expensive defense (MemGuard's batched boundary search, PURIFIER's ONNX reformer) costs much
 less per row in one large call than in many small ones. One worker task takes queued rows (up to
-`max_rows` per call, optionally waiting `max_wait` seconds for more), concatenates rows of the
-same dtype and width, runs the defense once off the event loop, and hands every request its own
-slice back. Defenses are deterministic per row (the `Defense` contract), so a batched or chunked
-answer is identical to an unbatched one.
+one call's worth, optionally waiting `max_wait` seconds for more), concatenates rows of the same
+dtype and width, runs the defense once off the event loop, and hands every request its own slice
+back. Defenses are deterministic per row (the `Defense` contract), so a batched or chunked answer
+is identical to an unbatched one.
+
+One call's worth is at most `max_rows` rows and at most what the defense gets through in `slice`
+seconds: `DefenseCost` fits the measured duration of every call as a + b * rows and gives the rows
+that fit the slice, so a large request holds the defense for a few milliseconds at a time whatever
+the defense costs per row (MemGuard's faithful solver, its fast one and PURIFIER differ by orders
+of magnitude) and however loaded the machine is. Until a call has been measured, a call takes
+`max_rows` rows.
 
 Admission and fairness: at most `max_queued` rows wait (above: RESOURCE_EXHAUSTED at once, not a
-growing queue and a deadline later), and requests larger than one call may fill it only up to
-`max_queued - max_rows`, so there is always room for small ones. Requests of at most `max_rows`
-rows ("small") are defended whole, smallest first, in calls of their own; larger ones in chunks of
-`max_rows` rows. While both kinds wait, calls alternate between the two: a one-row request waits
-for at most the chunk being defended and then its own short call, however many maximum-size
-requests are queued, and large requests still get every other call.
+growing queue and a deadline later), and requests larger than `max_rows` may fill it only up to
+`max_queued - max_rows`, so there is always room for small ones. Requests that fit one call
+("small") are defended whole, smallest first, several to a call; larger ones in chunks of one
+call, fewest rows left first. While both kinds wait, calls alternate between the two: a one-row
+request waits for at most the slice being defended and then its own short call, however many
+maximum-size requests are queued, and large requests still get every other call.
 
 With `max_wait = 0` no request ever waits for company: batches form only from requests that
 arrived while the previous defense call was running, so an idle sidecar adds no latency.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -46,6 +54,45 @@ class _Item:
         return len(self.probs) - self.done
 
 
+class DefenseCost:
+    """A running fit of a defense call's duration, seconds = a + b * rows, to the calls measured.
+
+    Least squares with exponential forgetting (each new call weighs 1, older ones `decay` times
+    less per call), so the fit follows the machine's load. Calls of one size only (or a fit whose
+    slope is not positive) fall back to the mean cost per row.
+    """
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay
+        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, rows, rows^2, seconds, rows*seconds
+
+    def observe(self, rows: int, seconds: float) -> None:
+        w, n, nn, t, nt = (self.decay * v for v in self._sums)
+        self._sums = (w + 1.0, n + rows, nn + rows * rows, t + seconds, nt + rows * seconds)
+
+    def fit(self) -> tuple[float, float] | None:
+        """(a, b): seconds per call and per row; None before the first call."""
+        w, n, nn, t, nt = self._sums
+        if w == 0.0 or n <= 0.0:
+            return None
+        spread = w * nn - n * n
+        if spread > 1e-9 * w * nn:
+            b = (w * nt - n * t) / spread
+            if b > 0.0:
+                return max(0.0, (t - b * n) / w), b
+        return 0.0, t / n
+
+    def rows_within(self, seconds: float, cap: int) -> int:
+        """Rows one call can take and still end within `seconds` (1 to `cap`; `cap` before any call)."""
+        fit = self.fit()
+        if fit is None or seconds <= 0.0:
+            return cap
+        a, b = fit
+        if b <= 0.0:
+            return cap
+        return max(1, min(cap, int((seconds - a) / b)))
+
+
 def _single_threaded_torch() -> None:
     """Defense calls are hundreds of small torch ops: with torch's default two intra-op threads,
     one busy core made every op wait for a time slice (MemGuard, one row per request, p50 476 ms
@@ -61,20 +108,27 @@ class Batcher:
 
     Args:
         defense: a loaded Defense.
-        max_rows: rows per defense call; larger requests are defended in chunks of this size,
+        max_rows: most rows per defense call; larger requests are defended in chunks,
             interleaved with other requests.
         max_wait: seconds to wait for more rows after the first one (0: never wait).
         metrics: where batch sizes, queue length, defense time and distortion are recorded.
         max_queued: rows allowed to wait; a request that would exceed it is refused (TooLarge).
+        slice: longest a call should hold the defense, in seconds: rows per call come from the
+            measured cost (`DefenseCost`); 0 = always `max_rows` rows.
+        clock: measures defense calls (tests inject one).
     """
 
     def __init__(self, defense: Defense, max_rows: int, max_wait: float, metrics: SidecarMetrics,
-                 max_queued: int = 1 << 62):
+                 max_queued: int = 1 << 62, slice: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter):
         self.defense = defense
         self.max_rows = max_rows
         self.max_wait = max_wait
         self.metrics = metrics
         self.max_queued = max_queued
+        self.slice = slice
+        self.clock = clock
+        self.cost = DefenseCost()
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
@@ -141,7 +195,7 @@ class Batcher:
                 await self._wakeup.wait()
             if self.max_wait > 0:
                 deadline = loop.time() + self.max_wait
-                while self._queued_rows < self.max_rows and (left := deadline - loop.time()) > 0:
+                while self._queued_rows < self.call_rows() and (left := deadline - loop.time()) > 0:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
@@ -154,18 +208,24 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
+    def call_rows(self) -> int:
+        """Rows per defense call now: `max_rows`, or fewer when the measured cost says more would
+        hold the defense longer than `slice`."""
+        return self.cost.rows_within(self.slice, self.max_rows) if self.slice > 0 else self.max_rows
+
     def _take(self) -> list[tuple[_Item, int, int]]:
         """One call's worth of (item, start, stop) row ranges: small requests whole, smallest
         first, or chunks of large requests (fewest rows left first); alternating while both wait."""
+        limit = self.call_rows()
         live = sorted((i for i in self._queue if not i.future.done()), key=lambda i: i.left)
-        small = [i for i in live if len(i.probs) <= self.max_rows]
-        large = [i for i in live if len(i.probs) > self.max_rows]
+        small = [i for i in live if len(i.probs) <= limit]
+        large = [i for i in live if len(i.probs) > limit]
         self._small_turn = bool(small) and (not large or not self._small_turn)
         chunks, rows = [], 0
         for item in small if self._small_turn else large:
-            if rows == self.max_rows or (self._small_turn and rows + item.left > self.max_rows):
+            if rows == limit or (self._small_turn and rows + item.left > limit):
                 break
-            take = min(item.left, self.max_rows - rows)
+            take = min(item.left, limit - rows)
             chunks.append((item, item.done, item.done + take))
             rows += take
         return chunks
@@ -211,9 +271,11 @@ class Batcher:
         rows = None
         if self.defense.needs_inputs:
             rows = inputs[0] if single else np.concatenate(inputs)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         defended = self.defense.transform(batch, rows)
-        self.metrics.defense_stage.observe(time.perf_counter() - t0)
+        seconds = self.clock() - t0
+        self.cost.observe(len(batch), seconds)
+        self.metrics.defense_stage.observe(seconds)
         self.metrics.batch_rows.observe(len(batch))
         self.metrics.record_defense(batch, defended)
         if single:

@@ -103,9 +103,12 @@ class Settings:
                                      "max_request_rows x the model's input width)")
     max_queued_rows: int = setting(16384, "rows waiting for the defense; above: RESOURCE_EXHAUSTED")
     max_concurrent_rpcs: int = setting(128, "RPCs handled at once; above: RESOURCE_EXHAUSTED")
-    max_batch_rows: int = setting(256, "rows per defense call (larger requests are defended in chunks, "
+    max_batch_rows: int = setting(256, "most rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
+    max_defense_slice_ms: float = setting(5.0, "longest one defense call should take: rows per call come from the "
+                                          "measured cost per row, so a large request yields to others at "
+                                          "least this often (0 = always max_batch_rows rows)")
     device: str = setting("cpu", "embedded model device", choices=DEVICES)
     reflection: bool = setting(False, "enable gRPC server reflection")
     grace_s: float = setting(5.0, "seconds to drain on SIGTERM", flag="--grace")
@@ -175,7 +178,7 @@ class Settings:
         if self.max_queued_rows < needed:
             fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
-        for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
+        for name in ("max_wait_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("upstream_timeout_s", "health_poll_s"):

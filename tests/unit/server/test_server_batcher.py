@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from purifier.errors import InvalidProbabilities
-from purifier_server.batcher import Batcher
+from purifier_server.batcher import Batcher, DefenseCost
 from purifier_server.metrics import SidecarMetrics
 
 
@@ -162,3 +162,120 @@ def test_a_full_queue_refuses_at_once_and_keeps_room_for_small_requests(probs):
     first, second, small = asyncio.run(body())
     assert np.array_equal(first, probs[:16]) and np.array_equal(second, probs[16:32])
     assert np.array_equal(small, probs[40:41])
+
+
+# --- rows per call from the measured cost --------------------------------------------------
+
+def test_cost_fit_recovers_seconds_per_call_and_per_row():
+    cost = DefenseCost()
+    assert cost.fit() is None and cost.rows_within(0.005, 256) == 256  # nothing measured: max rows
+    cost.observe(100, 100 * 50e-6)
+    cost.observe(100, 100 * 50e-6)
+    assert cost.fit() == pytest.approx((0.0, 50e-6))  # one size only: the mean per row
+    fresh = DefenseCost(decay=0.5)
+    for n in (1, 3, 16, 40, 256, 7, 2, 90):
+        fresh.observe(n, 300e-6 + n * 60e-6)
+    assert fresh.fit() == pytest.approx((300e-6, 60e-6), rel=1e-6)
+    assert fresh.rows_within(0.005, 256) == int((0.005 - 300e-6) / 60e-6) == 78
+    assert fresh.rows_within(0.005, 50) == 50 and fresh.rows_within(100e-6, 256) == 1
+    # a slope that is not positive (noise, preemption) falls back to the mean cost per row
+    noisy = DefenseCost(decay=1.0)
+    noisy.observe(1, 0.010)
+    noisy.observe(100, 0.002)
+    assert noisy.fit() == pytest.approx((0.0, 0.012 / 101))
+
+
+class Clock:
+    """A clock that moves only when the defense works: a + b * rows per call."""
+
+    def __init__(self, a: float, b: float):
+        self.now, self.a, self.b = 0.0, a, b
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed(clock: Clock, gate=None):
+    """A deterministic defense whose calls take clock.a + clock.b * rows on `clock`, recorded as
+    (start time, rows, first row) and, with `gate`, released one at a time by the test."""
+    from purifier.defenses import IdentityDefense
+
+    calls: list[tuple[float, int, np.ndarray]] = []
+
+    class Timed(IdentityDefense):
+        name = "test-timed"
+
+        def _transform(self, p, inputs):
+            calls.append((clock.now, len(p), p[0].copy()))
+            if gate is not None:
+                gate.acquire(timeout=10)
+            clock.now += clock.a + clock.b * len(p)
+            return p ** 0.5 / (p ** 0.5).sum(axis=1, keepdims=True), None
+
+    return Timed(), calls
+
+
+def test_large_requests_are_cut_into_slices_of_the_measured_cost(probs):
+    clock = Clock(a=300e-6, b=60e-6)
+    defense, calls = timed(clock)
+    big = np.random.default_rng(1).dirichlet(np.ones(10), size=2000).astype(np.float32)
+
+    async def body():
+        b = Batcher(defense, 256, 0.0, SidecarMetrics(), slice=0.005, clock=clock)
+        b.start()
+        try:
+            return await b.submit(big)
+        finally:
+            await b.close()
+
+    got = asyncio.run(body())
+    rows = [n for _, n, _ in calls]
+    assert rows[0] == 256 and sum(rows) == len(big)  # nothing measured yet: max rows
+    # the second call knows the mean cost per row of the first; from the third the fit is exact
+    assert clock.a + clock.b * rows[1] <= 1.1 * 0.005
+    assert set(rows[2:-1]) == {78} and rows[-1] <= 78
+    assert np.array_equal(got, defense.transform(big))  # chunks reassembled: the unbatched answer
+
+
+def test_a_one_row_request_waits_one_slice_beside_four_maximum_size_requests(probs):
+    """Four clients with 1,000-row requests queued, a one-row request arrives while the first
+    chunk is defended: it is in the very next call, and no call after the first holds the
+    defense longer than the slice."""
+    import threading
+
+    clock = Clock(a=300e-6, b=60e-6)
+    gate = threading.Semaphore(0)
+    defense, calls = timed(clock, gate)
+    rng = np.random.default_rng(2)
+    large = [rng.dirichlet(np.ones(10), size=1000).astype(np.float32) for _ in range(4)]
+    one = probs[:1]
+
+    async def body():
+        b = Batcher(defense, 256, 0.0, SidecarMetrics(), max_queued=8192, slice=0.005, clock=clock)
+        b.cost.observe(50, clock.a + 50 * clock.b)  # a sidecar that has served before
+        b.cost.observe(1, clock.a + clock.b)
+        b.start()
+        try:
+            big = [asyncio.ensure_future(b.submit(x)) for x in large]
+            while not calls:
+                await asyncio.sleep(0.01)  # the first chunk is being defended
+            submitted = clock.now
+            small = asyncio.ensure_future(b.submit(one))
+            await asyncio.sleep(0.05)
+            while not all(f.done() for f in [small, *big]):
+                gate.release()
+                await asyncio.sleep(0.005)
+            return submitted, await small, await asyncio.gather(*big)
+        finally:
+            for _ in range(200):
+                gate.release()
+            await b.close()
+
+    submitted, got_one, got_large = asyncio.run(body())
+    start, rows, first = calls[1]
+    assert rows == 1 and np.allclose(first, one[0], atol=1e-6)  # the one-row call comes second
+    assert start - submitted <= 0.005  # it waited at most one slice
+    assert all(clock.a + clock.b * n <= 0.005 for _, n, _ in calls)
+    assert np.array_equal(got_one, defense.transform(one))
+    for got, x in zip(got_large, large, strict=True):
+        assert np.array_equal(got, defense.transform(x))
