@@ -8,11 +8,10 @@ back. Defenses are deterministic per row (the `Defense` contract), so a batched 
 is identical to an unbatched one.
 
 One call's worth is at most `max_rows` rows and at most what the defense gets through in `slice`
-seconds: `DefenseCost` fits the measured duration of every call as a + b * rows and gives the rows
-that fit the slice, so a large request holds the defense for a few milliseconds at a time whatever
-the defense costs per row (MemGuard's faithful solver, its fast one and PURIFIER differ by orders
-of magnitude) and however loaded the machine is. Until a call has been measured, a call takes
-`max_rows` rows.
+seconds, from the measured cost per row (`DefenseCost`), so a large request holds the defense for
+a few milliseconds at a time whatever the defense costs per row (MemGuard's faithful solver, its
+fast one and PURIFIER differ by orders of magnitude) and however loaded the machine is. Until a
+call has been measured, a call takes `max_rows` rows.
 
 Admission and fairness: at most `max_queued` rows wait (above: RESOURCE_EXHAUSTED at once, not a
 growing queue and a deadline later), and requests larger than `max_rows` may fill it only up to
@@ -55,42 +54,33 @@ class _Item:
 
 
 class DefenseCost:
-    """A running fit of a defense call's duration, seconds = a + b * rows, to the calls measured.
+    """Rows per defense call that take about `slice` seconds, from a running estimate of the
+    defense's cost per row (up to `cap` rows; `cap` until a call has been measured or with no slice).
 
-    Least squares with exponential forgetting (each new call weighs 1, older ones `decay` times
-    less per call), so the fit follows the machine's load. Calls of one size only (or a fit whose
-    slope is not positive) fall back to the mean cost per row.
+    A call of at least half the current rows per call that took t seconds for n rows moves the
+    estimate by `rate` towards t / n; smaller calls, whose fixed cost overstates the cost per row,
+    leave it alone (the first call sets it, whatever its size). A call's cost per row falls as it
+    takes more rows, so the rows per call climb until a call takes about the slice, and follow the
+    machine's load.
     """
 
-    def __init__(self, decay: float = 0.95):
-        self.decay = decay
-        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)  # weighted count, rows, rows^2, seconds, rows*seconds
+    def __init__(self, slice: float, cap: int, rate: float = 0.3):
+        self.slice, self.cap, self.rate = slice, cap, rate
+        self.per_row: float | None = None  # seconds
+
+    def rows(self) -> int:
+        if self.per_row is None or self.slice <= 0:
+            return self.cap
+        return max(1, min(self.cap, int(self.slice / self.per_row)))
 
     def observe(self, rows: int, seconds: float) -> None:
-        w, n, nn, t, nt = (self.decay * v for v in self._sums)
-        self._sums = (w + 1.0, n + rows, nn + rows * rows, t + seconds, nt + rows * seconds)
-
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b): seconds per call and per row; None before the first call."""
-        w, n, nn, t, nt = self._sums
-        if w == 0.0 or n <= 0.0:
-            return None
-        spread = w * nn - n * n
-        if spread > 1e-9 * w * nn:
-            b = (w * nt - n * t) / spread
-            if b > 0.0:
-                return max(0.0, (t - b * n) / w), b
-        return 0.0, t / n
-
-    def rows_within(self, seconds: float, cap: int) -> int:
-        """Rows one call can take and still end within `seconds` (1 to `cap`; `cap` before any call)."""
-        fit = self.fit()
-        if fit is None or seconds <= 0.0:
-            return cap
-        a, b = fit
-        if b <= 0.0:
-            return cap
-        return max(1, min(cap, int((seconds - a) / b)))
+        if rows < 1:
+            return
+        if self.per_row is None:
+            self.per_row = seconds / rows
+            return
+        if 2 * rows >= self.rows():
+            self.per_row += self.rate * (seconds / rows - self.per_row)
 
 
 def _single_threaded_torch() -> None:
@@ -126,9 +116,8 @@ class Batcher:
         self.max_wait = max_wait
         self.metrics = metrics
         self.max_queued = max_queued
-        self.slice = slice
         self.clock = clock
-        self.cost = DefenseCost()
+        self.cost = DefenseCost(slice, max_rows)
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
@@ -195,7 +184,7 @@ class Batcher:
                 await self._wakeup.wait()
             if self.max_wait > 0:
                 deadline = loop.time() + self.max_wait
-                while self._queued_rows < self.call_rows() and (left := deadline - loop.time()) > 0:
+                while self._queued_rows < self.cost.rows() and (left := deadline - loop.time()) > 0:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
@@ -208,15 +197,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
 
-    def call_rows(self) -> int:
-        """Rows per defense call now: `max_rows`, or fewer when the measured cost says more would
-        hold the defense longer than `slice`."""
-        return self.cost.rows_within(self.slice, self.max_rows) if self.slice > 0 else self.max_rows
-
     def _take(self) -> list[tuple[_Item, int, int]]:
         """One call's worth of (item, start, stop) row ranges: small requests whole, smallest
         first, or chunks of large requests (fewest rows left first); alternating while both wait."""
-        limit = self.call_rows()
+        limit = self.cost.rows()
         live = sorted((i for i in self._queue if not i.future.done()), key=lambda i: i.left)
         small = [i for i in live if len(i.probs) <= limit]
         large = [i for i in live if len(i.probs) > limit]

@@ -166,23 +166,29 @@ def test_a_full_queue_refuses_at_once_and_keeps_room_for_small_requests(probs):
 
 # --- rows per call from the measured cost --------------------------------------------------
 
-def test_cost_fit_recovers_seconds_per_call_and_per_row():
-    cost = DefenseCost()
-    assert cost.fit() is None and cost.rows_within(0.005, 256) == 256  # nothing measured: max rows
-    cost.observe(100, 100 * 50e-6)
-    cost.observe(100, 100 * 50e-6)
-    assert cost.fit() == pytest.approx((0.0, 50e-6))  # one size only: the mean per row
-    fresh = DefenseCost(decay=0.5)
-    for n in (1, 3, 16, 40, 256, 7, 2, 90):
-        fresh.observe(n, 300e-6 + n * 60e-6)
-    assert fresh.fit() == pytest.approx((300e-6, 60e-6), rel=1e-6)
-    assert fresh.rows_within(0.005, 256) == int((0.005 - 300e-6) / 60e-6) == 78
-    assert fresh.rows_within(0.005, 50) == 50 and fresh.rows_within(100e-6, 256) == 1
-    # a slope that is not positive (noise, preemption) falls back to the mean cost per row
-    noisy = DefenseCost(decay=1.0)
-    noisy.observe(1, 0.010)
-    noisy.observe(100, 0.002)
-    assert noisy.fit() == pytest.approx((0.0, 0.012 / 101))
+def test_rows_per_call_converge_to_the_slice_from_the_measured_cost():
+    """Calls that cost a + b * rows: rows per call climb to the most that fit the slice, from a
+    first call far too slow (a warm-up) or far too large, and one-row calls barely move them."""
+    a, b, slice_s = 300e-6, 60e-6, 0.005
+    best = int((slice_s - a) / b)  # 78
+    assert DefenseCost(slice_s, 256).rows() == 256  # nothing measured yet: the cap
+    assert DefenseCost(0.0, 256).rows() == 256  # no slice: the cap
+    for first_rows, first_seconds in ((256, 0.060), (256, a + 256 * b), (1, a + b)):
+        cost = DefenseCost(slice_s, 256)
+        cost.observe(first_rows, first_seconds)
+        sizes = []
+        for _ in range(40):
+            n = cost.rows()
+            sizes.append(n)
+            cost.observe(n, a + b * n)
+            for _ in range(5):  # one-row requests between the chunks
+                cost.observe(1, a + b)
+        assert sizes[-10:] == [best] * 10, sizes
+        assert all(a + b * n <= 1.05 * slice_s for n in sizes[1:] if n > best)  # overshoots are small
+    slow = DefenseCost(slice_s, 256)
+    slow.observe(4, 0.100)  # 25 ms a row (a faithful solver): one row per call, not zero
+    assert slow.rows() == 1
+    assert DefenseCost(slice_s, 50).rows() == 50
 
 
 class Clock:
@@ -231,9 +237,9 @@ def test_large_requests_are_cut_into_slices_of_the_measured_cost(probs):
     got = asyncio.run(body())
     rows = [n for _, n, _ in calls]
     assert rows[0] == 256 and sum(rows) == len(big)  # nothing measured yet: max rows
-    # the second call knows the mean cost per row of the first; from the third the fit is exact
-    assert clock.a + clock.b * rows[1] <= 1.1 * 0.005
-    assert set(rows[2:-1]) == {78} and rows[-1] <= 78
+    # from the second call on, calls take about the slice (78 rows: 4.98 ms)
+    assert all(clock.a + clock.b * n <= 1.05 * 0.005 for n in rows[1:])
+    assert set(rows[10:-1]) == {78} and rows[-1] <= 78
     assert np.array_equal(got, defense.transform(big))  # chunks reassembled: the unbatched answer
 
 
