@@ -14,8 +14,12 @@ Resources are bounded before a byte is parsed: the receive limit is derived from
 `max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
 size too (gRPC stops inflating a gzip message at the limit: RESOURCE_EXHAUSTED), callers
 without the bearer token are refused before their message is read or inflated and the HTTP/2
-receive window stays at 64 KiB per stream (no BDP probing), at most
-`max_concurrent_rpcs` calls run at once and at most `max_queued_rows` rows wait for the defense.
+receive window stays at 64 KiB per stream (no BDP probing), at most `max_concurrent_rpcs`
+inference calls (servicer.admitted) and `max_watch_streams` health Watch streams (health.py,
+which need no token) run at once, each counted apart, and at most `max_queued_rows` rows wait for
+the defense. Request ids and every logged string are length-bounded and repeated warnings
+rate-limited (logs.py). Both ports are bound before anything says "serving"; a port in use is one
+line naming its flag.
 """
 
 from __future__ import annotations
@@ -26,9 +30,7 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
-import time
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -40,7 +42,8 @@ from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
 from purifier_server.errors import NotServing, RequestError, UpstreamFailed
 from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
-from purifier_server.metrics import SidecarMetrics
+from purifier_server.logs import configure_logging, install
+from purifier_server.metrics import MetricsServer, SidecarMetrics
 from purifier_server.preflight import ModelCheck, ModelRefused, check_model
 from purifier_server.security import BearerAuth, read_token, server_credentials
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
@@ -52,6 +55,10 @@ log = logging.getLogger("purifier_server")
 # a defense without a fingerprint); --max-request-bytes sets it explicitly.
 FALLBACK_REQUEST_BYTES = 64 << 20
 HEADROOM_BYTES = 64 << 10
+# gRPC's own cap on calls at once is server-wide: inference calls and health Watch streams have
+# their own limits (servicer, health), and this much room is left for everything else (health
+# Check, refused calls, reflection) so that neither can take the other's slots.
+OTHER_RPCS = 64
 # Upper bound on the bytes one element takes in a typed (InferTensorContents) request: varints of
 # negative int8/16/32 values take 10 bytes, packed floats their own size.
 TYPED_ELEMENT_BYTES = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 5, "UINT64": 10, "INT8": 10, "INT16": 10,
@@ -117,6 +124,7 @@ class Sidecar:
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
                  registry=None):
         self.settings = settings
+        install()  # every logged string bounded, repeated warnings rate-limited (logs.py)
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
         self.port: int | None = None
@@ -138,6 +146,9 @@ class Sidecar:
         s = self.settings
         if self._defense is None:
             require_defense_choice(s)  # before the model is loaded or the upstream dialled
+        if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
+            self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
+            self.metrics_port = self._metrics_server.port
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
@@ -180,10 +191,11 @@ class Sidecar:
                    # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        self.server = grpc.aio.server(options=options,
+                                      maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_watch_streams + OTHER_RPCS,
                                       interceptors=[BearerAuth(token)] if token is not None else None)
         add_to_server(self.servicer, self.server)
-        self.health = HealthServicer()
+        self.health = HealthServicer(s.max_watch_streams, s.watch_max_s)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
             from purifier_server.reflection import enable_reflection
@@ -198,15 +210,11 @@ class Sidecar:
         except RuntimeError:
             self.port = 0
         if not self.port:
-            raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host)")
+            raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host); choose "
+                              "another with --port (0 = any free port)")
         await self.server.start()
         await self._set_health(self._verified == upstream.generation and self._refused is None)
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="upstream-health")
-        if s.metrics_port >= 0:
-            from prometheus_client import start_http_server
-
-            self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_address[1]
         if self.undefended:
             log.warning(UNDEFENDED, extra={"defense": "none"})
         log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
@@ -304,8 +312,7 @@ class Sidecar:
         if self._upstream is not None:
             await self._upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
         if self.port:
             log.info("sidecar stopped")
 
@@ -338,29 +345,6 @@ class BackgroundSidecar:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
             self.loop.close()
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message and the record's `extra` fields."""
-
-    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
-        if record.exc_info:
-            doc["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("purifier_server")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
 
 
 def run(settings: Settings) -> int:

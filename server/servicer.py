@@ -78,6 +78,8 @@ from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Request ids are identifiers (a UUID is 36 characters); longer ones are refused, not logged.
+MAX_REQUEST_ID_CHARS = 256
 
 # Metadata gRPC manages itself or that describes the hop, not the application.
 _HOP_METADATA = ("grpc-", ":")
@@ -152,6 +154,7 @@ class InferenceServicer:
         self.needs_inputs = batcher.defense.needs_inputs
         self.logits = settings.confidence_kind == "logits"
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
+        self.active = 0  # inference-service calls in progress (admitted), at most max_concurrent_rpcs
 
     # --- validation -----------------------------------------------------------------------------
 
@@ -188,6 +191,8 @@ class InferenceServicer:
         if isinstance(request, Malformed):
             log.warning("undecodable request: %s", log_detail(request.error))
             raise BadRequest("the message is not a valid inference.ModelInferRequest")
+        if len(request.id) > MAX_REQUEST_ID_CHARS:
+            raise BadRequest(f"the request id has {len(request.id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         await self._check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
@@ -378,9 +383,36 @@ METHODS = {
 }
 
 
+def admitted(servicer: InferenceServicer, method):
+    """`method` behind the servicer's own admission: at most `max_concurrent_rpcs` calls at once.
+
+    gRPC's `maximum_concurrent_rpcs` counts every call of the server, health Watch streams (which
+    need no token) included: 140 open Watch streams took every slot and each authorized call got
+    RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
+    """
+    limit = servicer.settings.max_concurrent_rpcs
+    infer = method.__name__ == "ModelInfer"
+
+    async def handler(request, context):
+        if servicer.active >= limit:
+            if infer:
+                servicer._outcome[grpc.StatusCode.RESOURCE_EXHAUSTED].inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{servicer.active} calls are in progress "
+                                "(max_concurrent_rpcs); retry later")
+        servicer.active += 1
+        try:
+            return await method(request, context)
+        finally:
+            servicer.active -= 1
+
+    return handler
+
+
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the methods of METHODS; requests are parsed by the handlers (see `Malformed`)."""
-    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=_parser(req),
+    """Register the methods of METHODS, each behind the servicer's admission (`admitted`);
+    requests are parsed by the handlers (see `Malformed`)."""
+    handlers = {name: grpc.unary_unary_rpc_method_handler(admitted(servicer, getattr(servicer, name)),
+                                                          request_deserializer=_parser(req),
                                                           response_serializer=resp.SerializeToString)
                 for name, (req, resp) in METHODS.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -102,7 +102,12 @@ class Settings:
     max_request_bytes: int = setting(0, "largest request message accepted, in bytes (0 = derived from "
                                      "max_request_rows x the model's input width)")
     max_queued_rows: int = setting(16384, "rows waiting for the defense; above: RESOURCE_EXHAUSTED")
-    max_concurrent_rpcs: int = setting(128, "RPCs handled at once; above: RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = setting(128, "inference-service calls handled at once (health Watch streams are "
+                                       "counted apart); above: RESOURCE_EXHAUSTED")
+    max_watch_streams: int = setting(16, "health Watch streams open at once (they need no token); above: "
+                                     "RESOURCE_EXHAUSTED")
+    watch_max_s: float = setting(300.0, "longest a health Watch stream stays open, in seconds (then it ends and "
+                                 "the client watches again)", flag="--watch-max")
     max_batch_rows: int = setting(256, "most rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
@@ -170,7 +175,7 @@ class Settings:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
-        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs"):
+        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         # a request larger than one defense call must leave one call's worth of room (batcher.py)
@@ -181,7 +186,7 @@ class Settings:
         for name in ("max_wait_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("upstream_timeout_s", "health_poll_s"):
+        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
