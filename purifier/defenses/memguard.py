@@ -95,7 +95,7 @@ class MemGuard(Defense):
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
         self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
-        self._solver: Phase1Solver | None = None  # the fast solver's graphs of h, built on first use
+        self._solver: Phase1Solver | None = None  # the fast solver's graphs of h (built on load or first use)
 
     # --- fitting ---------------------------------------------------------------------------
 
@@ -213,6 +213,8 @@ class MemGuard(Defense):
             _require_torch()
         self.classifier = MembershipClassifier(weights)
         self._torch_mlp = None
+        # a loaded defense is about to serve: build the solver's sessions now, not on the first request
+        self._solver = Phase1Solver(self.classifier) if self.mode == "fast" else None
 
 
 def _require_torch() -> None:
