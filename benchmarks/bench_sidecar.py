@@ -145,7 +145,9 @@ def mlserver_repository(root: Path) -> int:
 
 def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
     args = [*backend_args, "--log-level", "warning"]
-    if defense is not None:
+    if defense is None:
+        args += ["--defense", "none"]
+    else:
         args += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
     return ServeProcess(args, env=env)
 
@@ -195,7 +197,7 @@ def main() -> None:
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp), args.defense_dir)
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from strong_secret import SECRET
 
 from purifier import evaluation as ev
 from purifier.audit.results import Best, Strongest, Tpr
@@ -99,7 +100,7 @@ def test_with_budget_copies_and_checks_with_the_defenses_own_rules():
         top.with_budget(0)
     with pytest.raises(ConfigError, match=r"decimals: must be an integer in 0\.\.15"):
         Rounded().with_budget(-1)
-    noise = Noise(kind="gaussian", scale=0.01, secret=b"s" * 16)
+    noise = Noise(kind="gaussian", scale=0.01, secret=SECRET)
     louder = noise.with_budget(0.1)
     assert (louder.kind, louder.scale, noise.scale) == ("gaussian", 0.1, 0.01)
     with pytest.raises(ConfigError, match="label_only: this defense has no budget"):
