@@ -68,9 +68,16 @@ class ReportPage:
 
 
 def defense_words(r: Report) -> str:
+    """The audited endpoint's defense as a column header says it: "memguard", "the endpoint's defense"."""
     if r.undefended:
         return "no defense"
-    return "the endpoint's defense (not named)" if r.defense == "unknown" else r.defense
+    return "the endpoint's defense" if r.defense == "unknown" else r.defense
+
+
+def title(r: Report) -> str:
+    """What was audited, for titles: "digits, undefended", "digits, defense memguard", "..., defense not named"."""
+    what = "undefended" if r.undefended else "defense not named" if r.defense == "unknown" else f"defense {r.defense}"
+    return f"{r.source.model_name or r.dataset}, {what}"
 
 
 def _best(report: Report, metric: Metric, label_only: bool | None = None) -> Best | None:
@@ -238,13 +245,12 @@ def _figures(page: ReportPage) -> str:
 def render_html(page: ReportPage) -> str:
     """The whole page as one string (UTF-8 HTML5)."""
     r, v = page.report, page.report.verdict
-    title = f"Privacy audit: {r.source.model_name or r.dataset}, " + (
-        "undefended" if r.undefended else f"defense {defense_words(r)}")
+    heading = f"Privacy audit: {title(r)}"
     e = escape
     cannot = "".join(f"<li>{e(line)}</li>" for line in v.cannot_protect)
     header = ["", *(h for h, _, _ in page.columns())]
     body = [
-        f"<h1>{e(title)}</h1>",
+        f"<h1>{e(heading)}</h1>",
         f'<p class="sub">Membership inference audit: can an outsider tell whether a person\'s record was used '
         f"to train this model? Dataset {e(r.dataset)}, {r.n_members} members and {r.n_nonmembers} "
         "non-members evaluated.</p>",
@@ -269,5 +275,5 @@ def render_html(page: ReportPage) -> str:
         "<ul>" + "".join(f"<li>{e(item)}</li>" for item in _setup_items(r)) + "</ul>",
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(heading)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

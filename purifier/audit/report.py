@@ -16,7 +16,7 @@ import numpy as np
 from purifier import tables
 from purifier.artifacts import atomic_directory, write_json
 from purifier.audit.assumptions import markdown_lines as assumptions_markdown
-from purifier.audit.html import ReportPage, defense_words, headline_rows
+from purifier.audit.html import ReportPage, headline_rows, title
 from purifier.audit.results import TPR_METRICS, Best, Report, Tpr
 
 
@@ -113,10 +113,6 @@ def text_table(report: Report) -> str:
               "threshold; oracle b.a. sees the evaluation labels.")
     return "\n".join([*verdict_lines(report), "", tables.text_table(*headline_table(report)), "",
                       *summary_lines(report), "", tables.text_table(*table_rows(report)), "", legend])
-
-
-def title(report: Report) -> str:
-    return f"{report.dataset}, " + ("undefended" if report.undefended else f"defense {defense_words(report)}")
 
 
 def verdict_lines(report: Report) -> list[str]:

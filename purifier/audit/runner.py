@@ -342,8 +342,10 @@ def run_before_after(data, access, undefended, config: AuditConfig, defense_name
     to adapt to before)."""
     source = source or Source()
     plain = replace(config, attacks=tuple(a for a in config.attacks if a not in ADAPTIVE))
-    before = run_audit(data, undefended, plain, "none", source=Source(source.baseline_endpoint,
-                                                                      source.model_name, source.output_name))
+    where = source.endpoint if source.endpoint == "in-process" else source.baseline_endpoint
+    before = run_audit(data, undefended, plain, "none", source=Source(
+        where, getattr(undefended, "model_name", source.model_name), getattr(undefended, "output_name", None),
+        source.model))
     after = run_audit(data, access, config, defense_name, source=source, skipped=skipped, before=before)
     return before, after
 

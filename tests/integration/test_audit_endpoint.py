@@ -147,7 +147,7 @@ def test_audit_through_the_endpoint_writes_the_report(endpoint, digits_target, t
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "label-only floor" in printed and "lira_offline" in printed and "TPR@1%FPR" in printed
-    assert printed.startswith("verdict (provisional), digits, defense the endpoint's defense (not named):")
+    assert printed.startswith("verdict (provisional), digits, defense not named:")
     assert "Record-level exposure" in printed
     html = (out / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>") and report.verdict.attacker in html
