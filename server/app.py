@@ -110,6 +110,7 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
     defense = load_defense(settings.defense_dir, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
+    defense.serve_on(settings.device)
     return defense
 
 

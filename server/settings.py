@@ -114,7 +114,9 @@ class Settings:
     max_defense_slice_ms: float = setting(5.0, "longest one defense call should take: rows per call come from the "
                                           "measured cost per row, so a large request yields to others at "
                                           "least this often (0 = always max_batch_rows rows)")
-    device: str = setting("cpu", "embedded model device", choices=DEVICES)
+    device: str = setting("cpu", "where the embedded model and the defense's onnxruntime graphs (MemGuard's "
+                          "fast solver, PURIFIER's reformer) run: cuda needs onnxruntime-gpu and a GPU",
+                          choices=DEVICES)
     reflection: bool = setting(False, "enable gRPC server reflection")
     grace_s: float = setting(5.0, "seconds to drain on SIGTERM", flag="--grace")
     upstream_timeout_s: float = setting(30.0, "upstream deadline when the caller sets none, in seconds",
