@@ -175,7 +175,8 @@ class Sidecar:
                         extra={"model": self.model_name, "upstream": s.upstream})
         limit, how = request_limit(s, upstream.inputs, self._defense)
 
-        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
+        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows,
+                               slice=s.max_defense_slice_ms / 1e3)
         self.batcher.start()
         self.servicer = InferenceServicer(s, self.model_name, output, upstream, self.batcher, self.metrics,
                                           self.model_version, readiness=self.readiness)
