@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from purifier.defenses.base import Defense, FitData
+from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
 from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier, TrainSettings
 from purifier.defenses.phase1 import Phase1Solver
@@ -68,6 +68,8 @@ class MemGuard(Defense):
     """
 
     name = "memguard"
+    # epsilon 2 releases Phase I's noise on every row (no L1 distance exceeds 2): the strongest setting
+    knob = Knob("epsilon", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "larger", float, "eps")
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, mode: str = "fast", device: str = "cpu",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from purifier.defenses import label_swap
-from purifier.defenses.base import Defense, FitData
+from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.devices import check_device
@@ -57,6 +57,7 @@ class PurifierNet(Defense):
     """
 
     name = "purifier"
+    knob = Knob("budget", (0.02, 0.05, 0.1, 0.2, 0.5, None), "larger", float, "L1 budget")  # None: no cap
 
     def __init__(self, *, epochs: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                  lam: float = 1.0, kl_weight: float = 1.0, beta: float = 0.0, noise: str = "keyed",
