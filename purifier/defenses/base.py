@@ -35,6 +35,7 @@ from purifier.artifacts import (
     write_json,
 )
 from purifier.defenses.fingerprint import Fingerprint
+from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
 
 FORMAT_VERSION = 1
@@ -253,6 +254,11 @@ class Defense(abc.ABC):
         p /= p.sum(axis=1, keepdims=True)
         defended, keep_label = self._transform(p, inputs)
         return finalize(probs, defended, keep_label)
+
+    def serve_on(self, device: str) -> None:
+        """Run what `transform` computes on `device` (`purifier.devices`: cpu, cuda, auto; cuda
+        without a usable CUDA device is a ConfigError). Defenses computed in numpy ignore it."""
+        check_device(device)
 
     @abc.abstractmethod
     def _transform(self, p: np.ndarray, inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
