@@ -1,4 +1,4 @@
-"""Build and run the sidecar: gRPC server, limits, health, model checks, metrics endpoint, graceful stop.
+"""Build and run the sidecar: gRPC and REST fronts, limits, health, model checks, metrics endpoint, graceful stop.
 
 Operations follow the conventions of OIP v2 model servers (REFERENCE.md section 5):
 grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only while the
@@ -8,7 +8,8 @@ itself) and the model passed `preflight.check_model` since its last (re)connecti
 off unless asked for; SIGTERM marks the server NOT_SERVING, ends health Watch streams (health.py),
 refuses new calls and lets in-flight calls finish within `grace_s`; Prometheus metrics live on their own
 HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual TLS and bearer tokens are
-in security.py.
+in security.py. The REST front (http_front.py) serves the same data plane on `http_port`, on this
+event loop, with the same TLS settings, bearer token and request limit.
 
 Resources are bounded before a byte is parsed: the receive limit is derived from
 `max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
@@ -43,6 +44,7 @@ from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.preflight import ModelCheck, ModelRefused, check_model
 from purifier_server.security import BearerAuth, read_token, server_credentials
+from purifier_server.dataplane import DataPlane
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from purifier_server.settings import Settings
 from purifier_server.upstream import EmbeddedUpstream, RemoteUpstream, TensorSpec
@@ -108,7 +110,9 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self._http = None
         self._metrics_server = None
         self._poller: asyncio.Task | None = None
         self._poke = asyncio.Event()
@@ -125,6 +129,11 @@ class Sidecar:
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
+            elif s.upstream_rest:
+                from purifier_server.rest_upstream import RestUpstream
+
+                self._upstream = RestUpstream(s.upstream, s.upstream_timeout_s, name=s.model_name,
+                                              version=s.model_version, confidence_output=s.confidence_output)
             else:
                 self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s,
                                                 name=s.model_name, version=s.model_version,
@@ -151,8 +160,9 @@ class Sidecar:
 
         self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
         self.batcher.start()
-        self.servicer = InferenceServicer(s, self.model_name, output, upstream, self.batcher, self.metrics,
-                                          self.model_version, readiness=self)
+        self.plane = DataPlane(s, self.model_name, output, upstream, self.batcher, self.metrics,
+                               self.model_version, readiness=self)
+        self.servicer = InferenceServicer(self.plane)
         token = read_token(s)
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
@@ -181,6 +191,13 @@ class Sidecar:
         if not self.port:
             raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host)")
         await self.server.start()
+        if s.http_port >= 0:
+            from purifier_server.http_front import HttpServer, RestFront
+
+            self._http = HttpServer(RestFront(self.plane, token=token, max_body=limit,
+                                              max_concurrent=s.max_concurrent_rpcs), s)
+            await self._http.start()
+            self.http_port = self._http.port
         await self._set_health(self._verified == upstream.generation and self._refused is None)
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="upstream-health")
         if s.metrics_port >= 0:
@@ -188,7 +205,8 @@ class Sidecar:
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_address[1]
-        log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
+        log.info("sidecar started", extra={"port": self.port, "http_port": self.http_port,
+                                           "metrics_port": self.metrics_port,
                                            "model": self.model_name, "defense": self._defense.name,
                                            "upstream": s.upstream or s.model, "max_request_bytes": limit,
                                            "max_request_bytes_from": how})
@@ -276,7 +294,10 @@ class Sidecar:
             await asyncio.gather(self._poller, return_exceptions=True)
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            stopping = [self.server.stop(grace)]
+            if self._http is not None:
+                stopping.append(self._http.stop())
+            await asyncio.gather(*stopping)
         if getattr(self, "batcher", None) is not None:
             await self.batcher.close()
         if self._upstream is not None:
@@ -335,10 +356,11 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("purifier_server")
-    logger.handlers[:] = [handler]
-    logger.setLevel(level.upper())
-    logger.propagate = False
+    for name in ("purifier_server", "uvicorn.error"):  # uvicorn: the REST listener's own errors
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
 
 
 def run(settings: Settings) -> int:
@@ -359,7 +381,8 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await sidecar.start()
-            print(json.dumps({"event": "serving", "port": sidecar.port, "metrics_port": sidecar.metrics_port}),
+            print(json.dumps({"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
+                              "metrics_port": sidecar.metrics_port}),
                   flush=True)
             await stop.wait()
         finally:

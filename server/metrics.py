@@ -4,6 +4,12 @@ Latency buckets start at 50 microseconds: the sidecar's own work is sub-millisec
 default gRPC buckets (from 5 ms up) would put every request in the first bucket. Per-row
 quantities (L1 distortion) are recorded batch-wise with numpy into a custom collector, so the hot
 path never loops over rows in Python.
+
+Triton's dashboards key on `nv_inference_*`: `TritonAliases` derives Triton's request counters
+(success, failure, rows inferred, executions, cumulative duration in microseconds, labelled
+model and version) from the `purifier_*` metrics when scraped, so the hot path records nothing
+twice. They are exposed untyped: prometheus_client writes a counter's metadata under a `_total`
+name, which Triton's names lack; PromQL's rate() reads them the same.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import threading
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2,
                    2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -77,9 +83,15 @@ class SidecarMetrics:
         self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
                                          "Upstream answers refused before the defense, by reason", ["reason"],
                                          registry=r)
+        self.triton = TritonAliases(self)
+        r.register(self.triton)
         self.upstream_stage = self.stage.labels("upstream")
         self.defense_stage = self.stage.labels("defense")
         self.total_stage = self.stage.labels("total")
+
+    def describe_model(self, name: str, version) -> None:
+        """The model (name, and a callable giving the version) the nv_inference_* aliases are labelled with."""
+        self.triton.model, self.triton.version = name, version
 
     def record_defense(self, clean: np.ndarray, defended: np.ndarray) -> None:
         """clean, defended: (N, C). Distortion, released-noise and changed-label counts, batch-wise."""
@@ -91,3 +103,58 @@ class SidecarMetrics:
         changed = int(np.count_nonzero(defended.argmax(axis=1) != clean.argmax(axis=1)))
         if changed:
             self.label_changed.inc(changed)
+
+
+class TritonAliases:
+    """Triton's nv_inference_* request metrics, read from SidecarMetrics when scraped."""
+
+    FAMILIES = (
+        ("nv_inference_request_success", "Number of successful inference requests, all batch sizes"),
+        ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes"),
+        ("nv_inference_count", "Number of inferences performed (rows defended)"),
+        ("nv_inference_exec_count", "Number of model executions performed (defense calls)"),
+        ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds "
+                                             "(successful requests)"),
+    )
+
+    def __init__(self, metrics: SidecarMetrics):
+        self.metrics = metrics
+        self.model: str | None = None
+        self.version = lambda: ""
+
+    def _values(self) -> dict[str, float]:
+        ok = failed = 0.0
+        for family in self.metrics.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels.get("model") == self.model:
+                    if s.labels["outcome"] == "OK":
+                        ok += s.value
+                    else:
+                        failed += s.value
+        rows = executions = duration = 0.0
+        for family in self.metrics.batch_rows.collect():
+            for s in family.samples:
+                if s.name.endswith("_sum"):
+                    rows = s.value
+                elif s.name.endswith("_count"):
+                    executions = s.value
+        for family in self.metrics.stage.collect():
+            for s in family.samples:
+                if s.name.endswith("_sum") and s.labels.get("stage") == "total":
+                    duration = s.value
+        return {"nv_inference_request_success": ok, "nv_inference_request_failure": failed,
+                "nv_inference_count": rows, "nv_inference_exec_count": executions,
+                "nv_inference_request_duration_us": round(duration * 1e6)}
+
+    def collect(self):
+        if self.model is None:
+            return
+        values = self._values()
+        labels = {"model": self.model, "version": self.version()}
+        for name, documentation in self.FAMILIES:
+            family = Metric(name, documentation, "unknown")
+            family.add_sample(name, labels, values[name])
+            yield family
+
+    def describe(self):
+        return [Metric(name, documentation, "unknown") for name, documentation in self.FAMILIES]

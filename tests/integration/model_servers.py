@@ -64,4 +64,4 @@ def sidecar_settings(server: ModelServer, **extra) -> Settings:
     """A loopback sidecar (any free port, no metrics) defending `server`'s `probabilities`."""
     return Settings.resolve({"upstream": f"127.0.0.1:{server.grpc_port}", "upstream_service": server.service,
                              "model_name": server.model, "confidence_output": "probabilities", "host": "127.0.0.1",
-                             "port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+                             "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})

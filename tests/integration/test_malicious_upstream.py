@@ -297,7 +297,7 @@ def recording(flatten_cls):
 @pytest.fixture(scope="module")
 def sidecar(hostile, recording):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1, "health_poll_s": 0.2}, env={})
     with BackgroundSidecar(settings, defense=recording.defense) as sc:
         yield sc
@@ -418,7 +418,7 @@ def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refus
     floating-point output under that name (a clean copy of the top probability) is an error."""
     settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
                                  "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     clean = softmax(X)
     label = clean.argmax(axis=1).astype(np.int64)
 

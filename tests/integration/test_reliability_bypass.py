@@ -38,7 +38,7 @@ def upstream():
 def sidecar(upstream, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
                                  "model_version": "1", "confidence_output": "probs", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
 

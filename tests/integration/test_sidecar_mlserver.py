@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def sidecar(mlserver, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{mlserver.grpc_port}", "model_name": mlserver.model_name,
-                                 "confidence_output": "predict_proba", "host": "127.0.0.1", "port": 0,
+                                 "confidence_output": "predict_proba", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": 0, "health_poll_s": 0.2}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc

@@ -1,0 +1,337 @@
+"""The sidecar's request path, whatever the transport: validate -> upstream -> read -> defend -> construct.
+
+Open Inference Protocol (KServe v2), answered for exactly one model (the one whose confidence
+vectors the defense was fitted for). The fronts (`servicer.py` for gRPC, unary and streaming;
+`http_front.py` for REST) only translate wire messages to a `ModelInferRequest` and back; every
+rule lives here, once. `infer`:
+
+1. refuses what would bypass the defense (Triton's `classification` parameter, any
+   `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
+   exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
+2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
+   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only);
+3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
+   request's row count, finite confidences: anything else is an error, nothing of it returned);
+4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
+   through the batcher;
+5. constructs a new response: the defended tensor and allowed outputs in the request's
+   representation, the request's id, model name and version, the allow-listed response
+   parameters, and the allow-listed trailing metadata. Nothing else of the upstream's message.
+
+Any failure is counted, logged and raised as `Failure(code, message)` with the text from
+`errors.status_for` (fixed sentences for whatever the upstream said); each front turns it into
+its own error (a gRPC status, an HTTP status with a JSON body, one error message in a stream):
+an undefended vector is never returned.
+
+Model metadata and config (Triton's extension, which perf_analyzer asks for first) are
+constructed by `model_description` from the upstream's metadata and config, describing the served
+outputs only. A request may name version "" or the one `model_description.accepted_versions`
+allows (the configured `model_version`, else the upstream's only advertised version); answers
+name the version asked for, else the upstream's when accepted.
+
+Decision on `classification`: refused rather than emulated, because top-k strings are an
+alternative encoding of the same vector and a client can sort the defended probabilities itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from purifier import __version__
+from purifier.errors import InvalidProbabilities
+from purifier_server._proto import grpc_service_pb2 as pb
+from purifier_server.batcher import Batcher
+from purifier_server.codec import (
+    build_response,
+    check_request_layout,
+    decode_inputs,
+    read_answer,
+    request_rows,
+    softmax,
+    with_contents,
+)
+from purifier_server.errors import (
+    BadRequest,
+    BadUpstreamOutput,
+    RequestError,
+    TooLarge,
+    UnknownModel,
+    UpstreamFailed,
+    log_detail,
+    status_for,
+)
+from purifier_server.metrics import SidecarMetrics
+from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
+from purifier_server.settings import Settings
+from purifier_server.upstream import Metadata, Upstream
+
+log = logging.getLogger("purifier_server")
+
+# Metadata gRPC manages itself or that describes the hop, not the application.
+_HOP_METADATA = ("grpc-", ":")
+_HOP_KEYS = frozenset({"user-agent", "te", "content-type", "authorization", "host", "content-length",
+                       "connection", "accept", "accept-encoding", "content-encoding", "transfer-encoding",
+                       "keep-alive", "upgrade", "expect", "inference-header-content-length"})
+# Upstream failures that a client's NaN/Inf input may have caused: answered INVALID_ARGUMENT then.
+_INPUT_SUSPECT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
+                                  grpc.StatusCode.UNKNOWN})
+
+
+def forwardable(metadata) -> Metadata:
+    """Application metadata to pass on: gRPC metadata or HTTP headers (lower-case names), without
+    what describes the hop; `authorization` is the sidecar's own, never forwarded. W3C trace
+    context (`traceparent`, `tracestate`) goes on, so the upstream's spans join the caller's trace."""
+    if not metadata:
+        return ()
+    return tuple((k, v) for k, v in metadata if not k.startswith(_HOP_METADATA) and k not in _HOP_KEYS)
+
+
+def _refused_parameter(params) -> str | None:
+    for key in params:
+        if key.startswith("shared_memory"):
+            return key
+    return None
+
+
+class Readiness(Protocol):
+    """What the data plane asks of the sidecar's health logic (app.Sidecar)."""
+
+    def refusal(self) -> RequestError | None:
+        """None while requests may go upstream; else the error to answer with."""
+
+    def upstream_suspect(self) -> None:
+        """A request found the upstream unavailable: check readiness now (health follows that check)."""
+
+
+class Failure(Exception):
+    """A request that failed, already counted and logged: the code and the text the client gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class DataPlane:
+    """Serves one defended model. `upstream`, `batcher` and `readiness` are injected (see app.py)."""
+
+    def __init__(self, settings: Settings, model_name: str, confidence_output: str, upstream: Upstream,
+                 batcher: Batcher, metrics: SidecarMetrics, model_version: str = "", *,
+                 readiness: Readiness):
+        self.settings = settings
+        self.model_name = model_name
+        self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
+        self.encoding = settings.upstream_encoding
+        self.confidence_output = confidence_output
+        self.keep = tuple(settings.allow_outputs)
+        self.upstream = upstream
+        self.batcher = batcher
+        self.metrics = metrics
+        self.readiness = readiness
+        self.needs_inputs = batcher.defense.needs_inputs
+        self.logits = settings.confidence_kind == "logits"
+        self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
+        metrics.describe_model(model_name, lambda: self.model_version or (self.versions or ("",))[0])
+
+    # --- validation -----------------------------------------------------------------------------
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions a request may name besides "" (model_description.accepted_versions)."""
+        return accepted_versions(self.model_version, self.upstream.versions)
+
+    async def check_model(self, name: str, version: str) -> None:
+        """UnknownModel unless (name, version) is the model served here."""
+        if name != self.model_name:
+            raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
+        if not version or version in self.versions:
+            return
+        if not self.model_version:  # perhaps advertised since the upstream's last metadata answer
+            try:
+                await self.upstream.model_metadata(self.model_name, "")
+            except UpstreamFailed:
+                pass
+            if version in self.versions:
+                return
+        accepted = ("", *self.versions)
+        raise UnknownModel(f"model {name!r} version {version!r} is not served here; use "
+                           f"{' or '.join(repr(v) for v in accepted)}"
+                           + ("" if self.model_version else " (or set model_version)"))
+
+    def answer_version(self, requested: str, upstream_answer: str) -> str:
+        """The version an answer names: the requested one, else the upstream's if accepted."""
+        if requested:
+            return requested
+        return upstream_answer if upstream_answer in self.versions else self.model_version
+
+    async def _validate(self, request) -> list[str]:
+        """Check the request; returns the output names of the answer, in order."""
+        await self.check_model(request.model_name, request.model_version)
+        if (key := _refused_parameter(request.parameters)) is not None:
+            raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
+        if "classification" in request.parameters:
+            raise BadRequest("parameter 'classification' is refused: request the probabilities and take the "
+                             "top-k of the defended vector")
+        if not request.inputs:
+            raise BadRequest("request has no inputs")
+        for t in request.inputs:
+            if (key := _refused_parameter(t.parameters)) is not None:
+                raise BadRequest(f"input {t.name!r}: parameter {key!r} is refused (shared memory is not supported)")
+            rows = t.shape[0] if len(t.shape) else 1
+            if rows > self.settings.max_request_rows:
+                raise TooLarge(f"input {t.name!r} has {rows} rows; the limit is {self.settings.max_request_rows} "
+                               "(max_request_rows)")
+        check_request_layout(request)
+        allowed = (self.confidence_output, *self.keep)
+        names = []
+        for o in request.outputs:
+            if o.name not in allowed:
+                raise BadRequest(f"output {o.name!r} is not served; choose from {', '.join(sorted(allowed))}")
+            if o.name in names:
+                raise BadRequest(f"output {o.name!r} is requested twice")
+            if "classification" in o.parameters:
+                raise BadRequest(f"output {o.name!r}: the 'classification' parameter is refused; "
+                                 "request the probabilities and take the top-k of the defended vector")
+            if (key := _refused_parameter(o.parameters)) is not None:
+                raise BadRequest(f"output {o.name!r}: parameter {key!r} is refused: shared memory would "
+                                 "bypass the defense")
+            names.append(o.name)
+        return names
+
+    # --- inference ------------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException, request_id: str | None = None) -> Failure:
+        """Count and log a failed request; the Failure to answer with. Fronts call it for requests
+        they could not even decode, so those are counted like every other failure."""
+        code, message, bug = status_for(exc)
+        self._outcome[code].inc()
+        log.log(logging.ERROR if bug else logging.WARNING, "request failed: %s", log_detail(exc),
+                exc_info=exc if bug else None, extra={"request_id": request_id, "code": code.name})
+        return Failure(code, message)
+
+    async def infer(self, request: pb.ModelInferRequest, timeout: float | None,
+                    metadata: Metadata = ()) -> tuple[pb.ModelInferResponse, Metadata]:
+        """(the defended answer, allowed trailing metadata); raises Failure.
+
+        timeout: seconds left of the caller's deadline (None: the upstream default).
+        metadata: the caller's metadata or headers (`forwardable` picks what goes upstream).
+        """
+        t0 = time.perf_counter()
+        try:
+            answer = await self._infer(request, timeout, forwardable(metadata))
+        except Exception as e:
+            raise self.fail(e, request.id) from None
+        self._outcome[grpc.StatusCode.OK].inc()
+        self.metrics.total_stage.observe(time.perf_counter() - t0)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request served", extra={"request_id": request.id, "model": request.model_name,
+                                               "ms": round(1e3 * (time.perf_counter() - t0), 3)})
+        return answer
+
+    async def _infer(self, request, timeout, metadata):
+        requested = await self._validate(request)
+        if (refusal := self.readiness.refusal()) is not None:
+            raise refusal
+        rows = request_rows(request)
+        inputs = None
+        if self.needs_inputs:
+            first = decode_inputs(request)[0]
+            inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
+        t1 = time.perf_counter()
+        forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
+        try:
+            upstream_answer, trailing = await self.upstream.infer(forwarded, timeout, metadata)
+        except UpstreamFailed as e:
+            raise await self._upstream_error(e, request) from None
+        self.metrics.upstream_stage.observe(time.perf_counter() - t1)
+        if (refusal := self.readiness.refusal()) is not None:
+            raise refusal  # the answer came over a new connection: perhaps from another model
+        names = requested or [self.confidence_output,
+                              *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
+        confidence = self.confidence_output if self.confidence_output in names else None  # a label alone
+        others = [n for n in names if n != confidence]
+        try:
+            arrays = read_answer(upstream_answer, confidence, others, rows)
+            if confidence is not None:
+                probs = softmax(arrays[confidence]) if self.logits else arrays[confidence]
+                arrays[confidence] = await self.batcher.submit(probs, inputs)
+        except (BadUpstreamOutput, InvalidProbabilities) as e:
+            self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
+            if getattr(e, "reason", None) == "non-finite confidences":
+                _check_finite_inputs(request)
+            raise
+        version = self.answer_version(request.model_version, upstream_answer.model_version)
+        answer = build_response(request.id, request.model_name, version, {n: arrays[n] for n in names},
+                                raw=len(request.raw_input_contents) > 0)
+        for key in self.settings.allow_parameters:
+            if key in upstream_answer.parameters:
+                answer.parameters[key].CopyFrom(upstream_answer.parameters[key])
+        allowed = self.settings.allow_trailers
+        return answer, tuple((k, v) for k, v in trailing if k in allowed) if allowed else ()
+
+    async def _upstream_error(self, e: UpstreamFailed, request) -> RequestError:
+        """What to answer for an upstream error (see errors.UPSTREAM_MESSAGES)."""
+        if e.upstream_code == grpc.StatusCode.NOT_FOUND and not await self.upstream.ready(self.model_name,
+                                                                                         self.model_version):
+            # Triton answers NOT_FOUND while it reloads a model; clients take NOT_FOUND as permanent
+            self.readiness.upstream_suspect()
+            return UpstreamFailed(str(e), grpc.StatusCode.UNAVAILABLE)
+        if e.code == grpc.StatusCode.UNAVAILABLE:
+            self.readiness.upstream_suspect()
+        if e.upstream_code in _INPUT_SUSPECT_CODES:
+            _check_finite_inputs(request)
+        return e
+
+    # --- the rest of the protocol ---------------------------------------------------------------
+
+    async def server_ready(self) -> bool:
+        return self.readiness.refusal() is None and await self.upstream.ready(self.model_name, "")
+
+    async def model_ready(self, name: str, version: str) -> bool:
+        try:
+            await self.check_model(name, version)
+        except UnknownModel:
+            return False
+        return self.readiness.refusal() is None and await self.upstream.ready(name, version)
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
+
+    async def _described(self, name: str, version: str, config: bool):
+        try:
+            await self.check_model(name, version)
+            meta = await self.upstream.model_metadata(name, version)
+            own = await self.upstream.model_config(name, version) if config else None
+        except Exception as e:
+            code, message, _ = status_for(e)
+            raise Failure(code, message) from None
+        served = (self.confidence_output, *(k for k in self.keep if k != self.confidence_output))
+        if not config:
+            return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
+        return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
+                             self.settings.max_request_rows, own, platform=meta.platform,
+                             backend=self.upstream.backend)
+
+    async def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        """The model's metadata, served outputs only; raises Failure."""
+        return await self._described(name, version, config=False)
+
+    async def model_config(self, name: str, version: str) -> pb.ModelConfig:
+        """Triton's ModelConfig (perf_analyzer asks for it first), described by model_description."""
+        return await self._described(name, version, config=True)
+
+
+def _check_finite_inputs(request) -> None:
+    """BadRequest when a floating-point input holds NaN or Inf (the client's mistake, not the model's)."""
+    try:
+        arrays = decode_inputs(request)
+    except RequestError:
+        return
+    for tensor, array in zip(request.inputs, arrays, strict=True):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise BadRequest(f"input {tensor.name!r} holds NaN or Inf, which the model cannot answer; send finite "
+                             "values")
