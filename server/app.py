@@ -39,12 +39,12 @@ from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
+from purifier_server.dataplane import DataPlane
 from purifier_server.errors import NotServing, RequestError, UpstreamFailed
 from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.preflight import ModelCheck, ModelRefused, check_model
 from purifier_server.security import BearerAuth, read_token, server_credentials
-from purifier_server.dataplane import DataPlane
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from purifier_server.settings import Settings
 from purifier_server.upstream import EmbeddedUpstream, RemoteUpstream, TensorSpec
