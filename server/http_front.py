@@ -17,7 +17,7 @@ status of `errors.HTTP_STATUS` (400 for the client's mistakes, never 500 for bad
 The listener is uvicorn (httptools) on the sidecar's own event loop, beside grpc.aio, with the
 gRPC port's TLS settings and bearer token (`Authorization: Bearer ...`, constant-time compared;
 health routes stay open). Before a byte of the body is read, a request without the token is
-refused (401) and one whose Content-Length exceeds the request limit gets 413; a body is read
+refused (401) and one whose Content-Length exceeds the request limit gets 413 (Payload Too Large); a body is read
 only up to that limit, and a compressed one (Content-Encoding gzip or deflate) is inflated only
 up to it. At most `max_concurrent_rpcs` inference requests run at once on this front (429 above).
 """
@@ -197,8 +197,8 @@ class RestFront:
             try:
                 body = await self._body(receive, headers)
             except _BodyTooLarge:
-                return _failed(plane.fail(TooLarge(f"the request body exceeds {self.max_body} bytes "
-                                                   "(max_request_bytes)")))
+                failure = plane.fail(TooLarge(f"the request body exceeds {self.max_body} bytes (max_request_bytes)"))
+                return _error(413, failure.message)
             except BadRequest as e:
                 return _failed(plane.fail(e))
             header_length = headers.get(rest_codec.HEADER_LENGTH.encode())

@@ -145,7 +145,8 @@ def json_values(data, datatype: str, shape: tuple[int, ...], what: str, error: E
     if not ok:
         expected = {"b": "booleans", "f": "numbers"}.get(dt.kind, "integers")
         raise error(f"{what}: a {datatype} tensor holds {expected}, 'data' holds {values.dtype.name} values")
-    out = values.astype(dt)
+    with np.errstate(over="ignore"):  # an FP64 value beyond FP32's range becomes Inf: refused just below
+        out = values.astype(dt)
     if dt.kind == "f" and not np.isfinite(out).all():
         raise error(f"{what}: values outside the {datatype} range")
     return out.tobytes()

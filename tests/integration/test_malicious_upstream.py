@@ -7,7 +7,10 @@ the test checks what the client can see (the serialized response, every tensor f
 parameters, initial and trailing metadata, status details and debug string) for any clean value,
 as little-endian and big-endian FP32/FP64 bytes and as decimal text, and checks the outcome:
 either the defended answer (constructed from scratch, only the defended output) or the expected
-gRPC error with a fixed message. After each fault a plain request is served correctly.
+gRPC error with a fixed message. After each fault a plain request is served correctly. Every
+fault runs through every front (`fronts.FRONTS`: gRPC unary, gRPC stream, REST JSON, REST
+binary): the same outcome (the HTTP status of the gRPC code over REST, an error message in the
+stream) and nothing clean in any of them.
 
 `python tests/integration/test_malicious_upstream.py` writes the table of fault modes and
 outcomes (from FAULTS) to docs/fault-modes.md; a test keeps that file equal to FAULTS.
@@ -25,6 +28,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fronts import FRONTS, outcome_matches
+from fronts import Seen as FrontSeen
+from fronts import call as front_call
 from oip_fake import infer_request, softmax
 
 from purifier_server._proto import grpc_service_pb2 as pb
@@ -376,25 +382,36 @@ def test_the_hostile_upstream_really_leaks_and_the_checker_sees_it(hostile):
     hostile.fault = lambda p: Reply(answer(p))
 
 
+def assert_front_defended(seen: FrontSeen, defense, clean: np.ndarray) -> None:
+    assert seen.code is None, seen.texts
+    assert list(seen.outputs) == ["probs"] and not seen.extra, seen.extra
+    assert seen.id == "r" and seen.model_name == "m"
+    got = seen.outputs["probs"]
+    assert got.dtype == np.float32 and got.shape == clean.shape
+    np.testing.assert_allclose(got, type(defense)().transform(clean), rtol=1e-6)
+
+
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_no_clean_value_reaches_the_client(stub, sidecar, hostile, recording, fault):
+def test_no_clean_value_reaches_the_client(sidecar, hostile, recording, fault, front):
     make, expected = FAULTS[fault]
     clean = softmax(X)
     hostile.fault = make
     try:
         before, rows_before = hostile.calls, len(recording.rows)
-        seen = call(stub, X)
+        seen = front_call(front, sidecar.port, sidecar.http_port, infer_request(X))
         assert hostile.calls > before   # the fault really was served (UNAVAILABLE is retried)
         assert_no_clean_value(seen, clean)
         if expected is OK:
-            assert_defended(seen, recording.defense, clean)
+            assert_front_defended(seen, recording.defense, clean)
         else:
-            assert seen.code == expected, (seen.code, seen.texts)
+            assert outcome_matches(seen, front, expected), (seen.code, seen.texts)
             assert max(recording.rows[rows_before:], default=0) <= len(X)  # nothing oversized was defended
-        print(f"\n| {fault} | {'defended answer' if expected is OK else expected.name} |")
+        print(f"\n| {fault} | {front} | {'defended answer' if expected is OK else expected.name} |")
     finally:
         hostile.fault = lambda p: Reply(answer(p))
-    assert_defended(call(stub, X), recording.defense, clean)           # still serving
+    assert_front_defended(front_call(front, sidecar.port, sidecar.http_port, infer_request(X)),
+                          recording.defense, clean)                      # still serving
 
 
 def test_an_oversized_answer_does_not_hold_the_defense(stub, hostile, recording):
