@@ -66,14 +66,14 @@ def split_body(body: bytes, header_length: str | None, error: Error = BadRequest
     return doc, tail
 
 
-def _field(doc: Mapping, key: str, kind: type | tuple, what: str, error: Error, default=None):
-    value = doc.get(key, default)
-    if value is default:
-        return value
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool) and bool not in
-                                        (kind if isinstance(kind, tuple) else (kind,))):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise error(f"{what}: {key!r} must be {names.replace('dict', 'an object').replace('list', 'a list')}")
+def _field(doc: Mapping, key: str, kind: type, what: str, error: Error, default=None):
+    """doc[key] if it is a `kind` (JSON null counts as absent: `default`), else `error`."""
+    value = doc.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        name = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(kind, kind.__name__)
+        raise error(f"{what}: {key!r} must be {name}")
     return value
 
 
@@ -285,31 +285,28 @@ def infer_response_body(response: pb.ModelInferResponse, outputs: RestOutputs) -
 
 # --- the other direction: the sidecar as a REST client of an upstream --------------------------------
 
-def request_body(request: pb.ModelInferRequest) -> tuple[bytes, int]:
-    """A (checked) ModelInferRequest -> (REST body with binary inputs, JSON header length).
+def request_body(request: pb.ModelInferRequest) -> bytes:
+    """A (checked) ModelInferRequest -> the JSON body of a REST inference request.
 
-    Inputs travel binary (the extension Triton, KServe and MLServer read); outputs are asked for
-    as JSON, which every OIP REST server writes.
+    Inputs travel as JSON `data`, which every OIP REST server reads (MLServer refuses binary
+    inputs); outputs are asked for as JSON too.
     """
     raw = request.raw_input_contents
-    inputs, blobs = [], []
+    inputs = []
     for i, t in enumerate(request.inputs):
         array = decode_tensor(t, raw[i] if raw else None, f"input {t.name!r}")
-        blob = np.ascontiguousarray(array, DTYPES[t.datatype]).tobytes()
-        params = parameters_to_json(t.parameters)
-        params["binary_data_size"] = len(blob)
-        inputs.append({"name": t.name, "datatype": t.datatype, "shape": list(t.shape), "parameters": params})
-        blobs.append(blob)
-    head: dict = {"inputs": inputs}
-    if request.id:
-        head["id"] = request.id
+        doc = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape),
+               "data": np.ascontiguousarray(array).ravel()}
+        if t.parameters:
+            doc["parameters"] = parameters_to_json(t.parameters)
+        inputs.append(doc)
+    head: dict = {"id": request.id, "inputs": inputs}  # KServe answers 500 to a request without an id
     if request.parameters:
         head["parameters"] = parameters_to_json(request.parameters)
     if request.outputs:
         head["outputs"] = [{"name": o.name, **({"parameters": parameters_to_json(o.parameters)}
                                                if o.parameters else {})} for o in request.outputs]
-    header = orjson.dumps(head)
-    return b"".join((header, *blobs)), len(header)
+    return orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def infer_response(body: bytes, header_length: str | None) -> pb.ModelInferResponse:

@@ -2,8 +2,8 @@
 
 For deployments that expose only REST (KServe and MLServer serve both, some clusters route only
 HTTP). `RestUpstream` implements the `upstream.Upstream` protocol: inference requests go out as
-`POST /v2/models/{name}[/versions/{v}]/infer` with the inputs as binary tensors (Triton's
-extension, which Triton, KServe and MLServer read) and come back as JSON or binary tensors,
+`POST /v2/models/{name}[/versions/{v}]/infer` with JSON tensors (MLServer reads no binary
+inputs) and come back as JSON or binary tensors (Triton's extension),
 which `rest_codec.infer_response` turns into the `ModelInferResponse` a gRPC upstream would have
 sent, so `codec.read_answer` validates every answer exactly as it validates a gRPC one. An HTTP
 error becomes `UpstreamFailed` with the gRPC code of its status (the upstream's text goes to the
@@ -161,9 +161,10 @@ class RestUpstream:
         return _Connection(reader, writer)
 
     async def _call(self, method: str, path: str, body: bytes = b"", headers=(), timeout: float | None = None,
-                    limit: int = MAX_RESPONSE_BYTES) -> tuple[int, dict[bytes, bytes], bytes]:
+                    limit: int | None = None) -> tuple[int, dict[bytes, bytes], bytes]:
         """One request with retries on connection failure (and 503) within the deadline."""
         timeout = self.default_timeout if timeout is None else timeout
+        limit = MAX_RESPONSE_BYTES if limit is None else limit
         deadline = time.monotonic() + timeout
         lines = [f"{method} {path} HTTP/1.1", f"host: {self.authority}", f"content-length: {len(body)}",
                  "accept: application/json, application/octet-stream"]
@@ -221,8 +222,8 @@ class RestUpstream:
     # --- the Upstream protocol ------------------------------------------------------------------
 
     async def infer(self, request, timeout, metadata):
-        body, header_length = rest_codec.request_body(request)
-        headers = [(rest_codec.HEADER_LENGTH, str(header_length)), ("content-type", rest_codec.BINARY_TYPE)]
+        body = rest_codec.request_body(request)
+        headers = [("content-type", rest_codec.JSON_TYPE)]
         headers += [(k, v) for k, v in metadata or () if isinstance(v, str) and v.isascii() and "\n" not in v
                     and "\r" not in v]
         status, answer_headers, answer = await self._call(

@@ -69,6 +69,39 @@ def test_client_deadline_is_enforced_through_the_sidecar(sidecar, digits_rows):
     infer(sidecar.port, sidecar.model_name, digits_rows)  # still serving
 
 
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_rest_clients_get_the_defended_fp64_answer(mlserver, sidecar, digits_rows, binary):
+    """tritonclient.http through the sidecar's REST front, MLServer behind it over gRPC."""
+    import tritonclient.http as httpclient
+
+    expected = infer(sidecar.port, mlserver.model_name, digits_rows).as_numpy("predict_proba")
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{sidecar.http_port}")
+    try:
+        inp = httpclient.InferInput("input-0", list(digits_rows.shape), "FP32")
+        inp.set_data_from_numpy(digits_rows, binary_data=binary)
+        got = client.infer(mlserver.model_name, [inp], outputs=[
+            httpclient.InferRequestedOutput("predict_proba", binary_data=binary)]).as_numpy("predict_proba")
+    finally:
+        client.close()
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_mlserver_over_rest_is_defended_alike(mlserver, sidecar, flatten_cls, digits_rows):
+    """--upstream http://...: MLServer's REST front behind the sidecar gives the gRPC path's answers."""
+    expected = infer(sidecar.port, mlserver.model_name, digits_rows).as_numpy("predict_proba")
+    settings = Settings.resolve({"upstream": f"http://127.0.0.1:{mlserver.http_port}",
+                                 "model_name": mlserver.model_name, "confidence_output": "predict_proba",
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
+                                 "health_poll_s": 0.2}, env={})
+    with BackgroundSidecar(settings, defense=flatten_cls()) as rest:
+        got = infer(rest.port, mlserver.model_name, digits_rows, request_id="over-rest")
+        np.testing.assert_allclose(got.as_numpy("predict_proba"), expected, rtol=1e-12)
+        assert got.get_response().id == "over-rest"
+        with pytest.raises(InferenceServerException, match="not served"):
+            infer(rest.port, mlserver.model_name, digits_rows, outputs=[grpcclient.InferRequestedOutput("predict")])
+
+
 def test_stopped_upstream_gives_unavailable_and_not_serving(mlserver, sidecar, digits_rows):
     """Runs last in this module: it stops the module's MLServer."""
     mlserver.stop()
