@@ -235,8 +235,10 @@ class HttpServer:
         s = self.settings
         try:
             infos = socket.getaddrinfo(s.host, s.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, _, _, _, address = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            family, kind, proto, _, address = infos[0]
+            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+            # and without it a response written in two parts waits 40 ms for the client's delayed ACK
+            sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
             sock.listen(2048)

@@ -279,3 +279,11 @@ def test_triton_metric_aliases_count_requests_from_every_front(sidecar, rows):
 def _named(request):
     request.inputs[0].name = "input"
     return request
+
+
+def test_the_rest_listener_is_a_tcp_socket_so_answers_are_not_delayed(sidecar):
+    """asyncio sets TCP_NODELAY only on sockets whose protocol says TCP; a socket made with proto 0
+    held every two-part answer for the client's delayed ACK (40 ms a request)."""
+    import socket
+
+    assert sidecar._http._socket.proto == socket.IPPROTO_TCP
