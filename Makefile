@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= build/demo
 PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 
-.PHONY: venv slim-venv slim-size browser test test-all demo lint proto constraints bench clean venv-triton \
+.PHONY: venv slim-venv slim-size browser test test-all demo docs lint proto constraints bench clean venv-triton \
 	venv-kserve venv-torchserve perf-analyzer bench-perf-analyzer
 
 # everything: serving, training, fitting, auditing, the demo, the tests
@@ -33,7 +33,7 @@ slim-venv: $(SLIM_STAMP)
 slim-size: $(SLIM_STAMP)
 	@du -sh $(SLIM)/lib/python3*/site-packages
 
-# Real model servers for the integration tests (and the README recipes), each in its own venv
+# Real model servers for the integration tests (and the docs/serving.md recipes), each in its own venv
 # because their dependencies conflict with the project's: made when missing, reinstalled when
 # their pins (examples/upstreams/requirements-*.txt) change.
 UPSTREAMS := examples/upstreams
@@ -67,8 +67,15 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO_OUT)
 	$(BIN)/purifier demo --out $(DEMO_OUT)
 
+# The generated pages: docs/configuration.md (Settings), docs/metrics.md (SidecarMetrics) and
+# docs/results.md (benchmarks/results/*.json); tests fail when one is stale. docs/fault-modes.md
+# comes from tests/integration/test_malicious_upstream.py (run it with python).
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
+	$(BIN)/python benchmarks/render_results.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check purifier server tests benchmarks
+	$(BIN)/ruff check purifier server tests benchmarks docs
 
 # Re-freeze the working set after changing dependencies (then review the diff).
 constraints: $(STAMP)
@@ -79,8 +86,8 @@ constraints: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py server/_proto
 
-# Every benchmark, each writing JSON with machine info under benchmarks/results/, then the README's
-# Results section is re-rendered from them. Long (~30-60 min on 2 cores, plus bench_shadows: 84 local and
+# Every benchmark, each writing JSON with machine info under benchmarks/results/, then
+# docs/results.md is re-rendered from them. Long (~30-60 min on 2 cores, plus bench_shadows: 84 local and
 # 20 Ray shadow models of purchase_like); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)

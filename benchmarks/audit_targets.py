@@ -30,7 +30,7 @@ BUILD = Path(__file__).resolve().parents[1] / "build" / "bench"
 
 
 def audit_table(name: str, payload: dict) -> dict:
-    """The README table of one undefended audit: every attack next to the gap floor."""
+    """The results table of one undefended audit: every attack next to the gap floor."""
     report = payload["report"]
     attacks = dict(report["attacks"])
     if "boundary" in payload:

@@ -187,7 +187,7 @@ def verdict_latency(w: Workload) -> dict:
 
 def tables(results: list[dict], ratio_rows: list[list], quality: dict, verdicts: dict,
            baseline: dict | None) -> list[dict]:
-    """The README tables: cost per call, speed ratios, Phase I quality, verdict timing, before/after."""
+    """The results tables: cost per call, speed ratios, Phase I quality, verdict timing, before/after."""
     cost = [[r["case"], r["classes"], r["batch"], r["p50_ms"], r["mean_ms"], r["vectors_per_s"],
              "yes" if r["bounded"] else ""] for r in results]
     q = [[int(c), v["rows"], v["faithful_crossed"], v["fast_crossed"], v["mean_l1_faithful_both"],

@@ -4,7 +4,7 @@ attack audited through gRPC sidecars, with utility and added latency.
     python benchmarks/bench_demo.py --dataset digits              # runs `purifier demo`
     python benchmarks/bench_demo.py --summary build/demo/demo.json # tabulates a finished run
 
-Writes benchmarks/results/demo_<dataset>.json (the demo's summary plus a README table).
+Writes benchmarks/results/demo_<dataset>.json (the demo's summary plus a results table).
 """
 
 from __future__ import annotations

@@ -56,6 +56,19 @@ def measure(separation: float, seed: int) -> dict:
                                                   "attacker")}}
 
 
+def tables(rows: list[dict], load_before, load_after) -> list[dict]:
+    """The results table: one row per separation, from the measured rows."""
+    return [{"title": "purchase_like: the difficulty knob (MLP recipe, 5,000 training records, one thread)",
+             "columns": ["separation", "member accuracy", "non-member accuracy", "gap floor",
+                         "train wall s", "train CPU s"],
+             "rows": [[r["separation"], r["member_accuracy"], r["nonmember_accuracy"], r["gap_floor"],
+                       r["train_wall_s"], r["train_cpu_s"]] for r in rows],
+             "note": f"Load average (1, 5, 15 min) before {tuple(round(v, 2) for v in load_before)}, after "
+                     f"{tuple(round(v, 2) for v in load_after)}: wall times on a shared machine are noisy, CPU "
+                     "seconds are the steadier figure. Non-member accuracy of published targets: 65-85% "
+                     "(Purchase100, Texas100, CIFAR-10)."}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--separations", type=float, nargs="+", default=[0.55, 0.7, DEFAULT_SEPARATION, 0.85, 1.0])
@@ -74,11 +87,13 @@ def main() -> None:
                       "projected_wall_s": round(64 * per_model / 2, 1),
                       "note": "projection from the measured CPU time of one model, two single-threaded "
                               "models at a time; prediction and attack time not included"}
+    load_after = os.getloadavg()
     path = write_result("purchase_like", {
         "recipe": {"architecture": RECIPES["purchase_like"][0], "epochs": RECIPES["purchase_like"][1],
                    "threads": 1},
         "default_separation": DEFAULT_SEPARATION, "rows": rows, "shadows_64_projection": projection,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_before": load_before, "load_average_after": load_after,
+        "tables": tables(rows, load_before, load_after),
     })
     print(f"wrote {path}")
 

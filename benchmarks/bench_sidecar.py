@@ -156,7 +156,7 @@ def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_fil
 
 
 def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
-    """The README table: every cell with its overhead against the matching direct call."""
+    """The results table: every cell with its overhead against the matching direct call."""
     table_rows = []
     for key, cell in cells.items():
         c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})

@@ -1,11 +1,11 @@
-"""Render benchmarks/results/*.json into the README's Results section.
+"""Render benchmarks/results/*.json into docs/results.md.
 
 Each results file may carry `tables`: [{"title", "columns", "rows", "note"?}]; they are written
-between the `<!-- results:start -->` and `<!-- results:end -->` markers of README.md, with the
-machine and date each file was measured on, so the README's numbers are always measured ones.
+to docs/results.md with the machine and date each file was measured on, so the published numbers
+are always measured ones.
 
-    python benchmarks/render_results.py            # rewrite README.md in place
-    python benchmarks/render_results.py --check    # exit 1 if README.md is out of date
+    python benchmarks/render_results.py            # rewrite docs/results.md (`make docs` runs this)
+    python benchmarks/render_results.py --check    # exit 1 if docs/results.md is out of date
 """
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ from pathlib import Path
 from purifier.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+HEADER = """# Results
+
+Every number on this page is rendered from `benchmarks/results/*.json` by `make docs` (which runs
+`python benchmarks/render_results.py`); a test fails when the page is stale. `make bench` reruns the
+benchmarks (long; on a quiet machine) and then renders this page. Each section names the machine
+and the commit it was measured on; the notes under the tables give the load average.
+"""
 ORDER = ["demo_digits", "demo_purchase_like", "demo_mnist5k", "timing_purchase_like", "privacy_utility_digits",
-         "tune_digits", "privacy_utility_purchase_like", "defense", "sidecar", "abuse", "perf_analyzer", "load",
-         "audit_digits", "audit_mnist5k", "shadows", "own_model"]
+         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "abuse",
+         "perf_analyzer", "load", "audit_digits", "audit_mnist5k", "shadows", "own_model"]
 
 
 def _cell(value) -> str:
@@ -46,10 +52,11 @@ def render(results_dir: Path) -> str:
             docs.append((path, doc))
     docs.sort(key=lambda pd: (ORDER.index(pd[1]["benchmark"]) if pd[1].get("benchmark") in ORDER else len(ORDER),
                               pd[0].name))
-    parts = []
+    names = [doc.get("benchmark", path.stem) for path, doc in docs]
+    parts = ["Contents: " + " · ".join(f"[{n}](#{n})" for n in names) + "\n"] if names else []
     for path, doc in docs:
         m = doc.get("machine", {})
-        parts.append(f"### {doc.get('benchmark', path.stem)}\n\n"
+        parts.append(f"## {doc.get('benchmark', path.stem)}\n\n"
                      f"_Measured {doc.get('created', '?')} on {m.get('cpu_model', '?')} "
                      f"({m.get('affinity') or m.get('cpu_count')} cores), commit {m.get('git_commit', '?')}; "
                      f"source `benchmarks/results/{path.name}`._\n")
@@ -57,28 +64,24 @@ def render(results_dir: Path) -> str:
     return "\n".join(parts) if parts else "_No results yet: run `make bench`._\n"
 
 
-def splice(readme: str, body: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the {START} / {END} markers")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{body}\n{END}{tail}"
+def page(results_dir: Path) -> str:
+    return f"{HEADER}\n{render(results_dir)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if README.md is out of date")
-    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--check", action="store_true", help="fail if docs/results.md is out of date")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
-    readme = Path(args.readme)
-    new = splice(readme.read_text(), render(Path(args.results)))
+    out = Path(args.out)
+    new = page(Path(args.results))
     if args.check:
-        if new != readme.read_text():
-            print("README.md Results are out of date: run python benchmarks/render_results.py", file=sys.stderr)
+        if not out.is_file() or new != out.read_text():
+            print(f"{out.name} is out of date: run make docs", file=sys.stderr)
             return 1
         return 0
-    readme.write_text(new)
+    out.write_text(new)
     return 0
 
 

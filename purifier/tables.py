@@ -1,7 +1,7 @@
 """Tables for people: one header row plus data rows, rendered as aligned text, markdown or HTML.
 
 The one table renderer of the project: the audit's stdout table and `report.md`, the demo's
-comparison table and the README's results section all go through it. Cells are rendered with
+comparison table and docs/results.md all go through it. Cells are rendered with
 `str`; callers format numbers before (each table knows its own precision).
 """
 

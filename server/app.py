@@ -1,6 +1,6 @@
 """Build and run the sidecar: gRPC and REST fronts, limits, health, model checks, metrics endpoint, graceful stop.
 
-Operations follow the conventions of OIP v2 model servers (REFERENCE.md section 5):
+Operations follow the conventions of OIP v2 model servers (docs/design.md#server-conventions):
 grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only while the
 defense is loaded, the upstream model answers ModelReady (polled; a request that finds the
 upstream unavailable triggers a poll at once, but one request's failure never flips health by

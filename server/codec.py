@@ -4,7 +4,7 @@ Open Inference Protocol (KServe v2) tensors travel either typed (`InferTensorCon
 repeated field per datatype family) or raw (`raw_input_contents` / `raw_output_contents`: one
 little-endian, row-major blob per tensor, in tensor order; then no tensor may also use typed
 contents). FP16 only travels raw. tritonclient's `as_numpy` reads raw outputs only, so the
-sidecar answers raw whenever the request was raw (REFERENCE.md section 5).
+sidecar answers raw whenever the request was raw (docs/design.md#raw-answers).
 
 Upstream answers are *read*, never edited: `read_answer` validates the whole message (one data
 representation per tensor, datatype and byte length consistent, unique names, the request's

@@ -1,6 +1,6 @@
 """The `Attack` contract shared by every membership inference attack in the harness.
 
-Convention (REFERENCE.md section 4): `score` is higher for records more likely to be members.
+Convention (docs/design.md#attacks): `score` is higher for records more likely to be members.
 An attack is fitted on shadow outputs whose membership the attacker knows (Shokri et al. 2017)
 and never on the evaluation membership; its hard decisions use `threshold`, also fitted on
 shadow data, so the balanced accuracy it reports is one an attacker could actually achieve.

@@ -2,7 +2,7 @@
 
 MemGuard's Phase II releases the noisy vector with probability p; if that coin (or any noise)
 is re-drawn per query, repeating a query reveals the clean vector, and the spread between
-answers itself leaks membership (REFERENCE.md section 2; Jia et al. 2019 assume one query).
+answers itself leaks membership (docs/design.md#keyed-randomness; Jia et al. 2019 assume one query).
 This attack asks about each record `repeats` times unchanged and `repeats` times with tiny
 input perturbations (noise of `jitter` times the feature scale, which a deterministic defense
 keyed on the row may still answer differently), keeps per record the answer with the largest

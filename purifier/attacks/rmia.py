@@ -8,7 +8,7 @@ through the pairwise likelihood ratio
 
     LR(x, z) = (Pr(x | theta) / Pr(x)) / (Pr(z | theta) / Pr(z)),
 
-and scores x by the fraction of z with LR(x, z) > gamma (REFERENCE.md section 4).
+and scores x by the fraction of z with LR(x, z) > gamma (docs/design.md#attacks-rmia).
 
 * offline (OUT reference models only): Pr(x) = ((1 + a) / 2) p_out(x) + (1 - a) / 2, the
   paper's linear approximation of the IN/OUT average from OUT models; `a` is tuned on the
@@ -20,7 +20,7 @@ Pr(x | theta) is the softmax probability at a temperature T (ML Privacy Meter's 
 computed from the returned probability vector: p_T(y) = p_y^(1/T) / sum_j p_j^(1/T), which is
 softmax(logits / T). An overfit model answers 1 - 1e-6 for members and 1 - 1e-3 for easy
 non-members; at T = 1 both are "1" next to the reference models' spread, at T = 2 they differ
-(on `purchase_like`: AUC 0.79 at T = 1, 0.88 at T = 2). T and a are tuned together on the
+(docs/design.md#attacks-rmia). T and a are tuned together on the
 reference models (leave-one-shadow-out on the pool): the pair with the best TPR at 1% FPR when
 the held-out pool has at least 1,000 non-members, else the best AUC.
 

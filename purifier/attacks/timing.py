@@ -2,7 +2,7 @@
 
 A defense whose work depends on its own membership verdict leaks that verdict through latency:
 MemGuard's Phase I (Jia et al., CCS 2019) once fell back to a longer search only for rows its
-defender classifier called members (REFERENCE.md section 4, "Timing"). This attack measures that
+defender classifier called members (docs/design.md#attacks-timing). This attack measures that
 channel from outside, with the stock OIP client (`tritonclient.grpc` through `RemoteTarget`):
 
 * every audited record and `pool_rows` of the attacker's own pool records are sent as

@@ -1,5 +1,5 @@
 """`purifier audit`: argument definitions and the command, kept out of cli.py so the shared
-parser only needs two lines. Attack catalogue and reporting rules: REFERENCE.md section 4.
+parser only needs two lines. Attack catalogue and reporting rules: docs/design.md#attacks and #reporting.
 """
 
 from __future__ import annotations

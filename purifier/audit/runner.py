@@ -8,7 +8,7 @@ threshold (the oracle best threshold is reported beside it, labelled as such). E
 next to the label-only floor (the strongest label-only attack per metric; the gap attack of Yeom
 et al. 2018 is one of them) and the utility cost on real traffic, and the verdict in words
 (`purifier.audit.verdict`) is part of the report. Metrics come from `purifier.evaluation` only.
-Attack catalogue: REFERENCE.md section 4.
+Attack catalogue: docs/design.md#attacks.
 """
 
 from __future__ import annotations

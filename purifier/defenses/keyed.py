@@ -2,7 +2,7 @@
 
 A served defense must answer the same query with the same vector: if a coin or a noise draw were
 re-sampled per query, an attacker could repeat a query until the clean vector shows, and the
-difference between answers itself leaks membership (REFERENCE.md section 2, Phase II). So every
+difference between answers itself leaks membership (docs/design.md#keyed-randomness). So every
 random quantity a defense uses is a deterministic function of
 
     HMAC-SHA256(secret, model_id || purpose || dtype || row bytes)

@@ -1,7 +1,7 @@
 """PURIFIER's label swapper: a keyed membership index and the top-class / runner-up swap.
 
 Yang et al. (AAAI 2023) close the gap that no label-preserving defense can close (the "gap"
-attack: member iff correctly classified, REFERENCE.md section 1) by moving some training
+attack: member iff correctly classified, docs/design.md#label-only-floor) by moving some training
 members' predicted label to their second most likely class. Swapping a fraction q of the
 correctly classified members gives the gap attack a balanced accuracy of
 0.5 + (a_m (1 - q) - a_n) / 2, which is 0.5 at q* = 1 - a_n / a_m.

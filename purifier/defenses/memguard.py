@@ -1,7 +1,7 @@
 """MemGuard: adversarial noise against the defender's own membership classifier, under an L1 budget.
 
 Jia, Salem, Backes, Zhang, Gong, "MemGuard: Defending against Black-Box Membership Inference
-Attacks via Adversarial Examples", CCS 2019; REFERENCE.md section 2 has the algorithm, the
+Attacks via Adversarial Examples", CCS 2019; docs/design.md#memguard has the algorithm, the
 original hyper-parameters and the pitfalls of other reimplementations.
 
 Per query (all of it batched over rows, with per-row masks for rows that have finished):

@@ -1,7 +1,7 @@
 """MemGuard's Phase I, fast and in constant work: the smallest noise that carries a vector across
 the defender's 0.5 boundary, found by a boundary search along three short paths, in numpy.
 
-Jia et al., "MemGuard", CCS 2019 (REFERENCE.md section 2). Rows p (N, C) float64 in class order
+Jia et al., "MemGuard", CCS 2019 (docs/design.md#memguard-fast-solver). Rows p (N, C) float64 in class order
 come back as (noised (N, C) in class order, success (N,) bool); a row that fails is its clean
 self. The search works on the sorted vector (ascending; softmax is monotone, so sorted logits map
 to sorted probabilities). A candidate succeeds when its top class is still on top (first index on

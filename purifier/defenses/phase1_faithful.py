@@ -1,6 +1,6 @@
 """MemGuard's Phase I as published, batched in torch: the reference the fast solver is held to.
 
-Jia et al., "MemGuard", CCS 2019 (original `defense_framework.py`; REFERENCE.md section 2). On
+Jia et al., "MemGuard", CCS 2019 (original `defense_framework.py`; docs/design.md#memguard-phase-1). On
 the sorted logit vector e, loss `c1|h| + c2*hinge(top) + c3*||softmax(e) - s||_1`, fixed-length
 normalized steps of 0.1, at most 299 steps per level, c3 escalating 0.1 -> 1e5 and keeping the
 smallest-distortion (largest c3) success, stopping at the first failed level. Rows run in

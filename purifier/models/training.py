@@ -25,9 +25,9 @@ def torch_threads(n: int = 1):
     """Run small torch work on `n` intra-op threads, restoring the setting afterwards.
 
     Every model Purifier trains is small (targets, shadow and attack models, MemGuard's defender
-    classifier, PURIFIER's reformer): with two threads on a busy 2-core machine the threads spin
-    against each other (measured 19.5 s vs 2.7 s for 400 steps of a 64-64 MLP on 2,400 rows), so
-    training runs single-threaded.
+    classifier, PURIFIER's reformer): on a busy machine torch's intra-op threads spin against each
+    other and cost more than they parallelise, so training runs single-threaded
+    (docs/design.md#threads).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)

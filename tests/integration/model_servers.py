@@ -3,7 +3,7 @@
 Each runs from its own virtual environment made by the Makefile (`make venv-triton`,
 `venv-kserve`, `venv-torchserve`; `make test` makes the first two) because their dependencies
 conflict with the project's, and serves the session's digits target (ONNX, `probabilities` and
-`logits`) with onnxruntime through the scripts in examples/upstreams/ (the README recipes). The
+`logits`) with onnxruntime through the scripts in examples/upstreams/ (the docs/serving.md recipes). The
 process is purifier.serve_process's launcher: its own process group on loopback ports, `stop()`
 ends the whole group (Triton's server outlives its Python parent by seconds otherwise) and
 `start()` again brings it back on the same ports, for the outage and recovery tests.

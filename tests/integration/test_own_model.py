@@ -1,6 +1,6 @@
 """Worked examples: a model Purifier did not train, on records it does not ship, end to end.
 
-Each example is what the README's "Your own model" section tells a user to do: the user's own
+Each example is what docs/own-model.md tells a user to do: the user's own
 Python trains and exports the model and writes record files; everything after that is the CLI
 (`purifier fit-defense`, `purifier serve` as a subprocess, `purifier audit`).
 
@@ -111,7 +111,7 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
     model_dir = server.root / "tabular-rf"
     model_dir.mkdir(parents=True)
     joblib.dump(clf, model_dir / "model.joblib")
-    # the model-settings.json of the README's "Your own model" section
+    # the model-settings.json of docs/own-model.md
     (model_dir / "model-settings.json").write_text(json.dumps({
         "name": "tabular-rf",
         "implementation": "mlserver_sklearn.SKLearnModel",

@@ -1,4 +1,4 @@
-"""Every route around the defense (REFERENCE.md section 5) is refused and never reaches the upstream.
+"""Every route around the defense (docs/design.md#side-doors) is refused and never reaches the upstream.
 
 The upstream here is `oip_fake.FakeUpstream`, which answers *any* method of the service with
 success: a bypass that the sidecar forwarded would therefore show up both as a success at the

@@ -8,7 +8,7 @@ render_results = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(render_results)
 
 
-def test_render_splices_tables_between_markers(tmp_path):
+def test_render_writes_the_results_page(tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
     (results / "defense.json").write_text(json.dumps({
@@ -17,16 +17,19 @@ def test_render_splices_tables_between_markers(tmp_path):
         "tables": [{"title": "T", "columns": ["a", "b"], "rows": [[1, 0.123456], ["x", 12345.6]]}],
     }))
     (results / "raw.json").write_text(json.dumps({"benchmark": "raw"}))  # no tables: skipped
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
-    assert render_results.main(["--readme", str(readme), "--results", str(results), "--check"]) == 1
-    assert render_results.main(["--readme", str(readme), "--results", str(results)]) == 0
-    text = readme.read_text()
-    assert "| 1 | 0.1235 |" in text and "| x | 12,346 |" in text and "old" not in text
-    assert text.startswith("intro\n") and text.endswith("outro\n") and "raw" not in text
-    assert render_results.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    page = tmp_path / "results.md"
+    args = ["--out", str(page), "--results", str(results)]
+    assert render_results.main([*args, "--check"]) == 1  # missing
+    assert "results.md is out of date: run make docs" in capsys.readouterr().err
+    assert render_results.main(args) == 0
+    text = page.read_text()
+    assert text.startswith("# Results\n") and "## defense\n" in text
+    assert "| 1 | 0.1235 |" in text and "| x | 12,346 |" in text and "raw" not in text
+    assert render_results.main([*args, "--check"]) == 0
+    page.write_text(text.replace("0.1235", "0.2"))
+    assert render_results.main([*args, "--check"]) == 1
 
 
-def test_readme_results_are_current():
-    """The README's Results section is exactly what the committed results JSON renders to."""
+def test_results_page_is_current():
+    """docs/results.md is exactly what the committed results JSON renders to."""
     assert render_results.main(["--check"]) == 0

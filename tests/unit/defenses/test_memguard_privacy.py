@@ -5,7 +5,7 @@ it: a shadow model trained with the target's recipe on half of the `attacker` sp
 on that half (members) and on the other half (non-members) train the NN attack (Shokri 2017 /
 ML-Leaks, on the sorted vector) and set the per-class thresholds of the metric attacks
 (Song & Mittal 2021). Every attack is then evaluated on the target's `eval_members` vs
-`eval_nonmembers`, undefended and defended, next to the gap floor (REFERENCE.md sections 1, 4).
+`eval_nonmembers`, undefended and defended, next to the gap floor (docs/design.md#label-only-floor, #attacks).
 Non-adaptive: the attacker does not know the defense; an adaptive attacker is the harness's job.
 """
 
