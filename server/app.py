@@ -160,8 +160,13 @@ class Sidecar:
 
         self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
         self.batcher.start()
+        tracing = None
+        if s.otel:
+            from purifier_server.tracing import Tracing
+
+            tracing = Tracing()
         self.plane = DataPlane(s, self.model_name, output, upstream, self.batcher, self.metrics,
-                               self.model_version, readiness=self)
+                               self.model_version, readiness=self, tracing=tracing)
         self.servicer = InferenceServicer(self.plane)
         token = read_token(s)
         credentials = server_credentials(s)

@@ -68,6 +68,7 @@ from purifier_server.errors import (
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
 from purifier_server.settings import Settings
+from purifier_server.tracing import Tracing
 from purifier_server.upstream import Metadata, Upstream
 
 log = logging.getLogger("purifier_server")
@@ -121,7 +122,7 @@ class DataPlane:
 
     def __init__(self, settings: Settings, model_name: str, confidence_output: str, upstream: Upstream,
                  batcher: Batcher, metrics: SidecarMetrics, model_version: str = "", *,
-                 readiness: Readiness):
+                 readiness: Readiness, tracing: Tracing | None = None):
         self.settings = settings
         self.model_name = model_name
         self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
@@ -132,6 +133,7 @@ class DataPlane:
         self.batcher = batcher
         self.metrics = metrics
         self.readiness = readiness
+        self.tracing = tracing
         self.needs_inputs = batcher.defense.needs_inputs
         self.logits = settings.confidence_kind == "logits"
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
@@ -218,13 +220,25 @@ class DataPlane:
         """(the defended answer, allowed trailing metadata); raises Failure.
 
         timeout: seconds left of the caller's deadline (None: the upstream default).
-        metadata: the caller's metadata or headers (`forwardable` picks what goes upstream).
+        metadata: the caller's metadata or headers (`forwardable` picks what goes upstream;
+            W3C trace context included, see tracing.py).
         """
         t0 = time.perf_counter()
-        try:
-            answer = await self._infer(request, timeout, forwardable(metadata))
-        except Exception as e:
-            raise self.fail(e, request.id) from None
+        forwarded = forwardable(metadata)
+        if self.tracing is None:
+            try:
+                answer = await self._infer(request, timeout, forwarded)
+            except Exception as e:
+                raise self.fail(e, request.id) from None
+        else:
+            with self.tracing.request(forwarded, self.model_name, request.id) as span:
+                try:
+                    answer = await self._infer(request, timeout, forwarded)
+                except Exception as e:
+                    failure = self.fail(e, request.id)
+                    self.tracing.outcome(span, failure.code.name)
+                    raise failure from None
+                self.tracing.outcome(span, "OK")
         self._outcome[grpc.StatusCode.OK].inc()
         self.metrics.total_stage.observe(time.perf_counter() - t0)
         if log.isEnabledFor(logging.DEBUG):
@@ -244,7 +258,11 @@ class DataPlane:
         t1 = time.perf_counter()
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         try:
-            upstream_answer, trailing = await self.upstream.infer(forwarded, timeout, metadata)
+            if self.tracing is None:
+                upstream_answer, trailing = await self.upstream.infer(forwarded, timeout, metadata)
+            else:
+                with self.tracing.upstream(metadata) as traced:
+                    upstream_answer, trailing = await self.upstream.infer(forwarded, timeout, traced)
         except UpstreamFailed as e:
             raise await self._upstream_error(e, request) from None
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)

@@ -101,6 +101,8 @@ class Settings:
                                         flag="--upstream-timeout")
     health_poll_s: float = setting(1.0, "upstream readiness poll interval, in seconds", flag="--health-poll")
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
+    otel: bool = setting(False, "record OpenTelemetry spans (the otel extra; exported as the OTEL_* environment "
+                         "says unless a TracerProvider is set up); off: trace context is passed upstream as it came")
     tls_cert_file: str | None = setting(None, "PEM certificate chain: serve TLS", flag="--tls-cert")
     tls_key_file: str | None = setting(None, "PEM private key for --tls-cert", flag="--tls-key")
     tls_client_ca_file: str | None = setting(None, "PEM CA: require and verify client certificates (mTLS)",

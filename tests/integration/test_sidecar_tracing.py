@@ -1,0 +1,94 @@
+"""W3C trace context through the sidecar (gRPC and REST fronts), and OpenTelemetry spans with --otel.
+
+Without --otel the caller's `traceparent`/`tracestate` reach the upstream unchanged. With it, the
+sidecar's SERVER span is a child of the caller's span, its CLIENT span a child of that, and the
+upstream receives the CLIENT span's context: one trace, caller -> sidecar -> upstream. Spans are
+read from the OpenTelemetry SDK's in-memory exporter, set up once for the test session.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fronts import call_grpc, http_request, rest_body
+from oip_fake import infer_request
+
+from purifier_server.app import BackgroundSidecar
+from purifier_server.settings import Settings
+
+pytestmark = pytest.mark.integration
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CALLER_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
+X = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
+
+
+def settings(upstream, **extra) -> Settings:
+    return Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                             "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
+                             "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+
+
+def send_both(sc, request):
+    """The request once over gRPC and once over REST, each with the caller's trace context."""
+    from fronts import grpc, pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=20, metadata=(("traceparent", TRACEPARENT), ("tracestate", "vendor=1")))
+    body, headers = rest_body(request, binary=True)
+    status, _, answer = http_request(sc.http_port, "POST", "/v2/models/m/infer", body,
+                                     {**headers, "traceparent": TRACEPARENT, "tracestate": "vendor=1"})
+    assert status == 200, answer
+
+
+def test_trace_context_goes_upstream_unchanged_without_otel(upstream, flatten_cls):
+    with BackgroundSidecar(settings(upstream), defense=flatten_cls()) as sc:
+        before = len(upstream.seen_metadata)
+        send_both(sc, infer_request(X))
+        seen = upstream.seen_metadata[before:]
+    assert [m.get("traceparent") for m in seen] == [TRACEPARENT, TRACEPARENT]
+    assert [m.get("tracestate") for m in seen] == ["vendor=1", "vendor=1"]
+    assert all("authorization" not in m and "inference-header-content-length" not in m for m in seen)
+
+
+@pytest.fixture(scope="module")
+def spans():
+    sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the otel extra is not installed")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, sdk.TracerProvider):
+        provider = sdk.TracerProvider()
+        trace.set_tracer_provider(provider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def test_otel_spans_join_the_callers_trace_and_the_upstream_joins_the_sidecars(upstream, flatten_cls, spans):
+    with BackgroundSidecar(settings(upstream, otel=True), defense=flatten_cls()) as sc:
+        spans.clear()
+        before = len(upstream.seen_metadata)
+        send_both(sc, infer_request(X, request_id="traced"))
+        bad = infer_request(X)
+        bad.outputs.add(name="logits")
+        assert call_grpc(sc.port, bad).code is not None
+        seen = upstream.seen_metadata[before:]
+        finished = spans.get_finished_spans()
+    servers = [s for s in finished if s.name == "ModelInfer"]
+    clients = [s for s in finished if s.name == "upstream ModelInfer"]
+    assert len(servers) == 3 and len(clients) == 2
+    for server, client, upstream_md in zip(servers, clients, seen, strict=False):
+        assert format(server.context.trace_id, "032x") == TRACE_ID
+        assert format(server.parent.span_id, "016x") == CALLER_SPAN             # child of the caller's span
+        assert client.parent.span_id == server.context.span_id                  # the upstream call inside it
+        version, trace_id, parent, _ = upstream_md["traceparent"].split("-")
+        assert (trace_id, parent) == (TRACE_ID, format(client.context.span_id, "016x"))
+        assert server.attributes["purifier.model"] == "m"
+        assert server.attributes["rpc.grpc.status_code_name"] == "OK"
+    failed = servers[2]
+    assert failed.attributes["rpc.grpc.status_code_name"] == "INVALID_ARGUMENT"
+    assert not failed.status.is_ok
