@@ -69,7 +69,8 @@ class MLServerProcess(ModelServer):
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
             "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
-            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": "predict_proba", "datatype": "FP64", "shape": [-1, 10]}]}))
         self.write_settings()
 
     def start(self) -> MLServerProcess:

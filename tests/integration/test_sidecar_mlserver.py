@@ -50,6 +50,17 @@ def test_outputs_are_defended_fp64_with_upstream_argmax_and_id(mlserver, sidecar
     assert res.get_response().id == "mls-7"
 
 
+def test_the_recipes_declared_outputs_are_described(mlserver, sidecar):
+    """model-settings.json declares predict_proba (the README recipe), so metadata lists it and
+    `purifier bench` needs no --output-name."""
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        meta = client.get_model_metadata(mlserver.model_name)
+    finally:
+        client.close()
+    assert [(o.name, o.datatype, list(o.shape)) for o in meta.outputs] == [("predict_proba", "FP64", [-1, 10])]
+
+
 def test_metrics_count_the_requests(sidecar, digits_rows):
     def ok():
         text = urllib.request.urlopen(f"http://127.0.0.1:{sidecar.metrics_port}/metrics", timeout=5).read().decode()
@@ -100,6 +111,28 @@ def test_mlserver_over_rest_is_defended_alike(mlserver, sidecar, flatten_cls, di
         assert got.get_response().id == "over-rest"
         with pytest.raises(InferenceServerException, match="not served"):
             infer(rest.port, mlserver.model_name, digits_rows, outputs=[grpcclient.InferRequestedOutput("predict")])
+
+
+def test_stream_infer_is_defended_as_unary(mlserver, sidecar, digits_rows):
+    import queue
+
+    expected = infer(sidecar.port, mlserver.model_name, digits_rows[:3]).as_numpy("predict_proba")
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(3):
+            inp = grpcclient.InferInput("input-0", [1, 64], "FP32")
+            inp.set_data_from_numpy(digits_rows[i:i + 1])
+            client.async_stream_infer(mlserver.model_name, [inp], request_id=str(i))
+        got = [answers.get(timeout=60) for _ in range(3)]
+    finally:
+        client.stop_stream()
+        client.close()
+    assert all(e is None for _, e in got), [str(e) for _, e in got]
+    for result, _ in got:
+        np.testing.assert_allclose(result.as_numpy("predict_proba")[0], expected[int(result.get_response().id)],
+                                   rtol=1e-12)
 
 
 def test_stopped_upstream_gives_unavailable_and_not_serving(mlserver, sidecar, digits_rows):

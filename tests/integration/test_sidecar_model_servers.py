@@ -22,7 +22,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from model_servers import EXAMPLES, ROOT, ModelServer, free_port, sidecar_settings, venv_python
+from model_servers import (
+    EXAMPLES,
+    ROOT,
+    ModelServer,
+    free_port,
+    kserve_rest_client,
+    sidecar_settings,
+    venv_python,
+)
 
 from purifier_server.app import BackgroundSidecar
 
@@ -346,22 +354,19 @@ def test_perf_analyzer_over_http_and_streaming(upstream, sidecar, tmp_path, mode
     assert len(requests) >= 50 and all(r.get("response_timestamps") for r in requests)
 
 
-def kserve_rest_client(port: int, x: np.ndarray, tmp_path) -> dict:
-    rows_file, out = tmp_path / "rows.npy", tmp_path / "answer.npz"
-    np.save(rows_file, x)
-    cmd = [str(venv_python("kserve")), str(ROOT / "tests" / "integration" / "clients" / "kserve_rest_client.py"),
-           f"http://127.0.0.1:{port}", MODEL, "input", str(rows_file), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return dict(np.load(out))
-
-
 def test_kserve_rest_client_gets_the_defended_answer(sidecar, target_rows, tmp_path):
     expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
-    answer = kserve_rest_client(sidecar.http_port, target_rows, tmp_path)
+    answer = kserve_rest_client(sidecar.http_port, MODEL, target_rows, tmp_path)
     assert bool(answer["ready"])
     assert sorted(k for k in answer if k.endswith("probabilities")) == ["binary_probabilities", "json_probabilities"]
     assert not any(k.endswith("logits") for k in answer)
     for kind in ("json", "binary"):
         assert str(answer[f"{kind}_id"]) == f"kserve-{kind}"
         np.testing.assert_allclose(answer[f"{kind}_probabilities"].reshape(expected.shape), expected, rtol=1e-6)
+
+
+def test_audit_sized_requests_pass(upstream, sidecar, digits_target):
+    """The recipes' servers take the audit's 512-row requests (Triton's max batch was 256)."""
+    X, _ = digits_target.role("eval_members")
+    rows = np.ascontiguousarray(np.resize(X, (512, X.shape[1])), np.float32)
+    assert infer(sidecar.port, rows).as_numpy("probabilities").shape == (512, 10)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from conftest import TOKEN
 from fronts import call_stream, http_request, rest_body
+from model_servers import ROOT, kserve_rest_client
 from oip_fake import infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -287,3 +288,40 @@ def test_the_rest_listener_is_a_tcp_socket_so_answers_are_not_delayed(sidecar):
     import socket
 
     assert sidecar._http._socket.proto == socket.IPPROTO_TCP
+
+
+def test_kserve_rest_client(sidecar, digits_target, rows, tmp_path):
+    answer = kserve_rest_client(sidecar.http_port, sidecar.model_name, rows, tmp_path)
+    assert bool(answer["ready"])
+    for kind in ("json", "binary"):
+        assert str(answer[f"{kind}_id"]) == f"kserve-{kind}"
+        np.testing.assert_allclose(answer[f"{kind}_probabilities"].reshape(len(rows), 10),
+                                   defended(sidecar, digits_target, rows), rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["grpc", "http", "grpc-streaming"])
+def test_perf_analyzer_over_http_and_streaming(sidecar, tmp_path, mode):
+    """perf_analyzer -i grpc, -i http and -i grpc --streaming against the embedded model (`make perf-analyzer`)."""
+    import subprocess
+
+    perf_analyzer = ROOT / "build" / "perf-analyzer" / "perf_analyzer"
+    if not perf_analyzer.exists():
+        pytest.skip(f"{perf_analyzer} is missing: run `make perf-analyzer`")
+    export = tmp_path / "export.json"
+    port = sidecar.http_port if mode == "http" else sidecar.port
+    protocol = {"grpc": ["-i", "grpc"], "http": ["-i", "http"], "grpc-streaming": ["-i", "grpc", "--streaming"]}[mode]
+    done = subprocess.run([str(perf_analyzer), "-m", sidecar.model_name, "-u", f"127.0.0.1:{port}", *protocol,
+                           "-b", "2", "--concurrency-range", "2", "--measurement-mode", "count_windows",
+                           "--measurement-request-count", "50", "--max-trials", "3", "--stability-percentage", "1000",
+                           "--profile-export-file", str(export)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    requests = json.loads(export.read_text())["experiments"][0]["requests"]
+    assert len(requests) >= 50 and all(r.get("response_timestamps") for r in requests)
+
+
+def test_a_taken_rest_port_is_one_line_naming_the_flag(sidecar, digits_target, flatten_cls):
+    from purifier.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="http_port: cannot listen on .*--http-port"):
+        with BackgroundSidecar(settings(digits_target, http_port=sidecar.http_port), defense=flatten_cls()):
+            pass
