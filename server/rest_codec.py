@@ -372,26 +372,21 @@ def message_json(message) -> dict:
     """A protobuf message (ModelConfig) -> JSON with proto field names, enum names and integers as
     numbers (protobuf's json_format writes 64-bit integers as strings, which perf_analyzer and
     tritonclient do not read as dims)."""
+    def value(field, v):
+        if field.type == field.TYPE_MESSAGE:
+            return message_json(v)
+        if field.type == field.TYPE_ENUM:
+            known = field.enum_type.values_by_number
+            return known[v].name if v in known else v
+        return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+
     out = {}
-    for field, value in message.ListFields():
-        def one(v, field=field):
-            if field.type == field.TYPE_MESSAGE:
-                return message_json(v)
-            if field.type == field.TYPE_ENUM:
-                return field.enum_type.values_by_number[v].name if v in field.enum_type.values_by_number else v
-            if isinstance(v, bytes):
-                return v.decode("utf-8", "replace")
-            return v
-
+    for field, v in message.ListFields():
         if field.type == field.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
-            out[field.name] = {k: one_map(field, v) for k, v in value.items()}
+            entry = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: value(entry, item) for k, item in v.items()}
         elif field.label == field.LABEL_REPEATED:
-            out[field.name] = [one(v) for v in value]
+            out[field.name] = [value(field, item) for item in v]
         else:
-            out[field.name] = one(value)
+            out[field.name] = value(field, v)
     return out
-
-
-def one_map(field, v):
-    value_field = field.message_type.fields_by_name["value"]
-    return message_json(v) if value_field.type == value_field.TYPE_MESSAGE else v
