@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import socket
 import ssl
 import zlib
@@ -42,6 +43,8 @@ from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
 EXTENSIONS = ["binary_tensor_data"]
+_METADATA_KEY = re.compile(rb"[0-9a-z_.\-]+")
+_METADATA_VALUE = re.compile(rb"[\x20-\x7e]*")
 _JSON = [(b"content-type", b"application/json")]
 
 
@@ -115,12 +118,13 @@ class RestFront:
 
     @staticmethod
     def _forwarded(raw_headers) -> tuple[tuple[str, str], ...]:
-        """Request headers that may go upstream as metadata: ASCII text, not binary (-bin) keys."""
+        """Request headers that can go upstream as gRPC metadata: names gRPC allows (lower-case
+        letters, digits, - _ .; not -bin) and printable ASCII values; others stay here (gRPC
+        refuses them, and a client's odd header must not fail its request)."""
         out = []
         for key, value in raw_headers:
-            if key.endswith(b"-bin") or not value.isascii():
-                continue
-            out.append((key.decode("latin-1"), value.decode("latin-1")))
+            if _METADATA_KEY.fullmatch(key) and not key.endswith(b"-bin") and _METADATA_VALUE.fullmatch(value):
+                out.append((key.decode("ascii"), value.decode("ascii")))
         return tuple(out)
 
     async def __call__(self, scope, receive, send) -> None:

@@ -1,4 +1,4 @@
-"""W3C trace context through the sidecar (gRPC and REST fronts), and OpenTelemetry spans with --otel.
+"""Metadata and W3C trace context through the sidecar (gRPC and REST fronts), and OpenTelemetry spans with --otel.
 
 Without --otel the caller's `traceparent`/`tracestate` reach the upstream unchanged. With it, the
 sidecar's SERVER span is a child of the caller's span, its CLIENT span a child of that, and the
@@ -7,6 +7,8 @@ read from the OpenTelemetry SDK's in-memory exporter, set up once for the test s
 """
 
 from __future__ import annotations
+
+import http.client
 
 import numpy as np
 import pytest
@@ -92,3 +94,24 @@ def test_otel_spans_join_the_callers_trace_and_the_upstream_joins_the_sidecars(u
     failed = servers[2]
     assert failed.attributes["rpc.grpc.status_code_name"] == "INVALID_ARGUMENT"
     assert not failed.status.is_ok
+
+
+def test_headers_grpc_cannot_carry_stay_behind_and_do_not_fail_the_request(upstream, flatten_cls):
+    """HTTP allows header names and values that gRPC metadata refuses; such a header must not turn
+    the client's request into an error (it did: INTERNAL, HTTP 500)."""
+    odd = {"x!odd": "1", "x-tab": "a\tb", "x-latin": "caf\u00e9", "x-thing-bin": "AAAA", "x-fine": "yes"}
+    with BackgroundSidecar(settings(upstream), defense=flatten_cls()) as sc:
+        body, headers = rest_body(infer_request(X), binary=True)
+        conn = http.client.HTTPConnection("127.0.0.1", sc.http_port, timeout=20)
+        try:
+            conn.putrequest("POST", "/v2/models/m/infer")
+            for k, v in {**headers, "Content-Length": str(len(body)), **odd}.items():
+                conn.putheader(k, v.encode("latin-1"))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+        finally:
+            conn.close()
+        seen = upstream.seen_metadata[-1]
+    assert seen["x-fine"] == "yes"
+    assert not {"x!odd", "x-tab", "x-latin", "x-thing-bin"} & set(seen)
