@@ -325,4 +325,3 @@ def test_a_taken_rest_port_is_one_line_naming_the_flag(sidecar, digits_target, f
     with pytest.raises(ConfigError, match="http_port: cannot listen on .*--http-port"):
         with BackgroundSidecar(settings(digits_target, http_port=sidecar.http_port), defense=flatten_cls()):
             pass
-
