@@ -325,3 +325,17 @@ def test_a_taken_rest_port_is_one_line_naming_the_flag(sidecar, digits_target, f
     with pytest.raises(ConfigError, match="http_port: cannot listen on .*--http-port"):
         with BackgroundSidecar(settings(digits_target, http_port=sidecar.http_port), defense=flatten_cls()):
             pass
+
+
+def test_mutual_tls_holds_on_the_rest_port(digits_target, flatten_cls, pki):
+    s = settings(digits_target, tls_cert_file=str(pki / "server.pem"), tls_key_file=str(pki / "server.key"),
+                 tls_client_ca_file=str(pki / "ca.pem"))
+    with BackgroundSidecar(s, defense=flatten_cls()) as sc:
+        url = f"https://127.0.0.1:{sc.http_port}/v2/health/live"
+        anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(url, context=anonymous, timeout=10).read()
+        client = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        client.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        with urllib.request.urlopen(url, context=client, timeout=10) as r:
+            assert r.status == 200
