@@ -1,5 +1,5 @@
 # The slim Purifier sidecar image: `purifier serve`, configured through PURIFIER_* environment
-# variables (see README "Configuration"). Build from the repository root:
+# variables (every one listed in docs/configuration.md). Build from the repository root:
 #   docker build -t purifier-sidecar .
 # It installs the serving dependencies only ('.[cpu]': grpcio, numpy, onnxruntime, prometheus-client,
 # threadpoolctl, uvicorn, httptools, orjson): no torch, scikit-learn, matplotlib or tritonclient. It serves `none`, MemGuard in

@@ -1,6 +1,6 @@
-"""Fail closed under abuse: identity overhead, memory under unauthenticated abuse, and fairness.
+"""Fail closed under abuse: identity overhead, memory under unauthenticated abuse, fairness, a Watch flood.
 
-Three measurements against real `purifier serve` processes (embedded ONNX target, digits):
+Four measurements against real `purifier serve` processes (embedded ONNX target, digits):
 
 1. Identity overhead at concurrency 1 (single-row requests): a bare OIP server running the same
    ONNX model in the same grpc.aio stack (bench_sidecar's) vs the identity sidecar, in
@@ -16,6 +16,10 @@ Three measurements against real `purifier serve` processes (embedded ONNX target
    one client sends one-row requests for `--seconds` (measured by purifier.bench's window): the one-row client's p50/p99 and codes, the
    large clients' rows/s and codes. Target: one-row p99 <= 50 ms. Repeated for every
    `--defense-dir` given.
+4. Health Watch flood: the sidecar requires a bearer token; an authorized one-row client's
+   p50/p99 and codes (purifier.bench's window) first alone, then while `--watch-streams` (140)
+   health Watch streams opened without the token are held open. Watch streams have their own
+   limit (max_watch_streams), so the authorized calls must not see RESOURCE_EXHAUSTED.
 
     python benchmarks/bench_abuse.py [--target DIR] [--defense-dir DIR ...] [--seconds 10]
 
@@ -82,7 +86,9 @@ def started_bound_bytes(sidecar: ServerProcess) -> int:
 
 
 def defense_args(defense_dir: str | None, secret_file: Path) -> list[str]:
-    return [] if defense_dir is None else ["--defense-dir", defense_dir, "--secret-file", str(secret_file)]
+    if defense_dir is None:
+        return ["--defense", "none"]
+    return ["--defense-dir", defense_dir, "--secret-file", str(secret_file)]
 
 
 # --- 1. identity overhead ---------------------------------------------------------------------
@@ -91,7 +97,7 @@ def defense_args(defense_dir: str | None, secret_file: Path) -> list[str]:
 def overhead(target: Path, x: np.ndarray, seconds: float, rounds: int, baseline: Path | None) -> dict:
     """purifier.bench's interleaved windows at concurrency 1, one row per request: the bare server
     first (the baseline of every comparison), then the identity sidecar(s); server CPU per request."""
-    sidecar_args = ["--model", str(target), "--log-level", "warning"]
+    sidecar_args = ["--model", str(target), "--defense", "none", "--log-level", "warning"]
     with contextlib.ExitStack() as stack:
         bare = stack.enter_context(ServerProcess([*BARE_SERVER, str(target)]))
         wait_ready(bare.port, bare.ready["model"])
@@ -129,7 +135,7 @@ def send(port: int, payload: bytes, gzip: bool) -> str:
 def abuse(target: Path, seconds: float, abusers: int) -> dict:
     token = Path(tempfile.mkdtemp(prefix="purifier-abuse-")) / "token"
     token.write_text(secrets.token_hex(16))
-    with ServeProcess(["--model", str(target), "--auth-token-file", str(token)]) as sidecar:
+    with ServeProcess(["--model", str(target), "--defense", "none", "--auth-token-file", str(token)]) as sidecar:
         time.sleep(1.0)
         idle = memory_mb(sidecar.pid, "VmRSS")
         bomb, big = b"\0" * (32 << 20), os.urandom(8 << 20)
@@ -215,6 +221,62 @@ def fairness(target: Path, rows: np.ndarray, seconds: float, large_rows: int, de
                       "rows_per_s": large_codes["OK"] * large_rows / elapsed}}
 
 
+# --- 4. health Watch flood ------------------------------------------------------------------------
+
+
+def watch_flood(target: Path, rows: np.ndarray, seconds: float, streams: int) -> dict:
+    """Authorized one-row latency alone and while `streams` unauthenticated Watch streams are open."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    token = Path(tempfile.mkdtemp(prefix="purifier-watch-")) / "token"
+    token.write_text(secrets.token_hex(16))
+    with ServeProcess(["--model", str(target), "--defense", "none", "--log-level", "warning",
+                       "--auth-token-file", str(token)]) as sidecar:
+        endpoint = measure.Endpoint("sidecar", sidecar.endpoint, target.name, token_file=str(token))
+        conn = measure.Connection(endpoint, timeout_s=60)
+        small = measure.build_requests(endpoint, conn.describe(), "probabilities", rows, 1)
+        cells: dict = {}
+
+        def one_row(label: str) -> None:
+            try:
+                times, _, _, _ = measure.run_window(conn, small, 1, seconds, warmup_s=0.5)
+                cells[label] = {**measure.latency_summary(times), "codes": {"OK": len(times)}}
+            except ConfigError as e:                              # an authorized call failed: that is the result
+                cells[label] = {"calls": 0, "codes": {"error": str(e)}}
+
+        one_row("alone")
+        channels = [grpc.insecure_channel(sidecar.endpoint) for _ in range(4)]
+        opened, codes, lock = [0], Counter(), threading.Lock()
+
+        def hold(stream) -> None:
+            try:
+                for _ in stream:
+                    with lock:
+                        opened[0] += 1
+            except grpc.RpcError as e:
+                with lock:
+                    codes[e.code().name] += 1
+
+        held = [health_pb2_grpc.HealthStub(channels[i % 4]).Watch(health_pb2.HealthCheckRequest(service=""))
+                for i in range(streams)]
+        try:
+            for stream in held:
+                threading.Thread(target=hold, args=(stream,), daemon=True).start()
+            deadline = time.monotonic() + 30
+            while opened[0] + sum(codes.values()) < streams and time.monotonic() < deadline:
+                time.sleep(0.05)
+            watch_codes = {"open": opened[0], **codes}
+            one_row(f"{streams} Watch streams open")
+        finally:
+            for stream in held:
+                stream.cancel()
+            for ch in channels:
+                ch.close()
+            conn.close()
+    return {"streams": streams, "watch_streams": watch_codes, "one_row": cells}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_sidecar_flags(parser, defense_help="also measure fairness with this defense")
@@ -224,6 +286,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved overhead windows (default 3)")
     parser.add_argument("--abusers", type=int, default=8, help="unauthenticated clients (default 8)")
     parser.add_argument("--large-rows", type=int, default=4096, help="rows per large request (max_request_rows)")
+    parser.add_argument("--watch-streams", type=int, default=140, help="unauthenticated Watch streams (default 140)")
     args = parser.parse_args()
 
     target = digits_target(args.target)
@@ -237,6 +300,7 @@ def main() -> None:
         memory = abuse(target.directory, args.seconds, args.abusers)
         fair = [fairness(target.directory, rows, args.seconds, args.large_rows, d, secret_file)
                 for d in [None, *args.defense_dir]]
+        watch = watch_flood(target.directory, rows, args.seconds, args.watch_streams)
     load_end = os.getloadavg()
     load = load_end[0]
     baseline_commit = None
@@ -269,17 +333,26 @@ def main() -> None:
          "note": f"{args.large_rows}-row requests, {args.seconds:g} s; target one-row p99 <= 50 ms. Large requests "
                  "are defended in max_batch_rows chunks alternating with small requests, so a one-row request waits "
                  f"for at most one chunk: with an expensive defense that chunk's cost is the floor. {loads}."},
+        {"title": "Authorized one-row client while unauthenticated health Watch streams are open",
+         "columns": ["cell", "p50 ms", "p99 ms", "codes"],
+         "rows": [[label, c.get("p50_ms", "-"), c.get("p99_ms", "-"), json.dumps(c["codes"])]
+                  for label, c in watch["one_row"].items()],
+         "note": f"The sidecar requires a bearer token; {args.watch_streams} Watch streams opened without it "
+                 f"({json.dumps(watch['watch_streams'])}: max_watch_streams are let in, the rest refused), held open "
+                 f"while the one-row client runs for {args.seconds:g} s. Target: no RESOURCE_EXHAUSTED for the "
+                 f"authorized client, p99 close to the client alone. {loads}."},
     ]
     path = write_result("abuse", {"tables": tables, "load_average_start": load_start, "load_average_end": load_end,
                                   "load_average_1m_end": load, "overhead": cells,
-                                  "memory": memory, "fairness": fair,
+                                  "memory": memory, "fairness": fair, "watch_flood": watch,
                                   "config": {"target": str(target.directory), "baseline_src": args.baseline_src,
                                              "baseline_commit": baseline_commit,
                                              "seconds": args.seconds, "abusers": args.abusers,
-                                             "large_rows": args.large_rows}})
+                                             "large_rows": args.large_rows, "watch_streams": args.watch_streams}})
     print(json.dumps({"overhead": {k: {"added_p50_ms": c["added_p50_ms"], "added_p99_ms": c["added_p99_ms"],
                                        "cpu_ms": c["server_cpu_ms_per_request"]} for k, c in cells.items()},
                       "memory": memory, "fairness": [{"defense": f["defense"], **f["one_row"]} for f in fair],
+                      "watch_flood": watch,
                       "load": load}, indent=1))
     print(f"wrote {path}")
 

@@ -150,7 +150,9 @@ def mlserver_repository(root: Path) -> int:
 
 def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
     args = [*backend_args, "--log-level", "warning"]
-    if defense is not None:
+    if defense is None:
+        args += ["--defense", "none"]
+    else:
         args += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
     return ServeProcess(args, env=env)
 

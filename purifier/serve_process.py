@@ -12,7 +12,7 @@ with `ready_line=False` and a `ready_check` that `start()` polls (ModelReady, sa
 for every member of the group, not just its leader (pytriton's tritonserver outlives its Python
 parent by seconds), and `start()` after `stop()` brings the same command back (outage tests).
 
-    with ServeProcess(["--model", "build/targets/digits"]) as sidecar:
+    with ServeProcess(["--model", "build/targets/digits", "--defense", "none"]) as sidecar:
         client = tritonclient.grpc.InferenceServerClient(sidecar.endpoint)
 """
 

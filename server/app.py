@@ -15,8 +15,12 @@ Resources are bounded before a byte is parsed: the receive limit is derived from
 `max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
 size too (gRPC stops inflating a gzip message at the limit: RESOURCE_EXHAUSTED), callers
 without the bearer token are refused before their message is read or inflated and the HTTP/2
-receive window stays at 64 KiB per stream (no BDP probing), at most
-`max_concurrent_rpcs` calls run at once and at most `max_queued_rows` rows wait for the defense.
+receive window stays at 64 KiB per stream (no BDP probing), at most `max_concurrent_rpcs`
+inference calls (servicer.admitted) and `max_watch_streams` health Watch streams (health.py,
+which need no token) run at once, each counted apart, and at most `max_queued_rows` rows wait for
+the defense. Request ids and every logged string are length-bounded and repeated warnings
+rate-limited (logs.py). Both ports are bound before anything says "serving"; a port in use is one
+line naming its flag.
 """
 
 from __future__ import annotations
@@ -27,9 +31,7 @@ import json
 import logging
 import math
 import signal
-import sys
 import threading
-import time
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -42,7 +44,8 @@ from purifier_server.codec import DTYPES
 from purifier_server.dataplane import DataPlane
 from purifier_server.errors import NotServing, RequestError, UpstreamFailed
 from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
-from purifier_server.metrics import SidecarMetrics
+from purifier_server.logs import configure_logging, install
+from purifier_server.metrics import MetricsServer, SidecarMetrics
 from purifier_server.preflight import ModelCheck, ModelRefused, check_model
 from purifier_server.security import BearerAuth, read_token, server_credentials
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
@@ -54,6 +57,10 @@ log = logging.getLogger("purifier_server")
 # a defense without a fingerprint); --max-request-bytes sets it explicitly.
 FALLBACK_REQUEST_BYTES = 64 << 20
 HEADROOM_BYTES = 64 << 10
+# gRPC's own cap on calls at once is server-wide: inference calls and health Watch streams have
+# their own limits (servicer, health), and this much room is left for everything else (health
+# Check, refused calls, reflection) so that neither can take the other's slots.
+OTHER_RPCS = 64
 # Upper bound on the bytes one element takes in a typed (InferTensorContents) request: varints of
 # negative int8/16/32 values take 10 bytes, packed floats their own size.
 TYPED_ELEMENT_BYTES = {"BOOL": 1, "UINT8": 2, "UINT16": 3, "UINT32": 5, "UINT64": 10, "INT8": 10, "INT16": 10,
@@ -81,10 +88,22 @@ def request_limit(settings: Settings, inputs: list[TensorSpec], defense: Defense
     return settings.max_request_rows * row + HEADROOM_BYTES, f"max_request_rows x row size from {how}"
 
 
+NO_DEFENSE = ("defense: none configured; give --defense-dir DIR (a directory from purifier fit-defense), "
+              "or --defense none to serve undefended on purpose")
+UNDEFENDED = "serving UNDEFENDED: clients get the model's clean confidence vectors (--defense none)"
+
+
+def require_defense_choice(settings: Settings) -> None:
+    """Undefended only on purpose: no --defense-dir and no --defense none refuses to start."""
+    if settings.defense is None and settings.defense_dir is None:
+        raise ConfigError(NO_DEFENSE)
+
+
 def load_configured_defense(settings: Settings, model_id: str | None) -> Defense:
     """The defense named in settings (or in the directory's defense.json), bound to the model identity."""
+    require_defense_choice(settings)
     name = settings.defense
-    if settings.defense_dir is None:
+    if name == "none":
         return IdentityDefense()
     if name is None:
         name = read_defense_manifest(settings.defense_dir)["defense"]
@@ -107,6 +126,7 @@ class Sidecar:
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
                  registry=None):
         self.settings = settings
+        install()  # every logged string bounded, repeated warnings rate-limited (logs.py)
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
         self.port: int | None = None
@@ -121,11 +141,22 @@ class Sidecar:
         self._serving: bool | None = None        # what health says
         self._verified: int | None = None        # upstream generation the model check passed for
         self._refused: str | None = None         # why the model was refused, until it is not ready again
+        self.class_outputs: dict = {}            # allowed outputs as the last model check found them
+        self._probe = None                       # how to probe the model's identity (preflight.Probe)
 
     # --- start-up -------------------------------------------------------------------------------
 
     async def start(self) -> None:
         s = self.settings
+        if self._defense is None:
+            require_defense_choice(s)  # before the model is loaded or the upstream dialled
+        if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
+            self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
+            self.metrics_port = self._metrics_server.port
+        if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
+            from purifier_server.http_front import HttpServer
+
+            self._http = HttpServer(s)
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
@@ -146,6 +177,8 @@ class Sidecar:
             raise ConfigError(f"defense: fitted for model {self._defense.model_id[:12]}..., "
                               f"the upstream is {model_id[:12]}...")
         self.defense = self._defense
+        self.undefended = self._defense.name == "none"
+        self.metrics.defense_active.labels(self._defense.name).set(0 if self.undefended else 1)
         self.model_name = upstream.name
         self.model_version = upstream.version
         output = s.confidence_output or upstream.confidence_output
@@ -176,10 +209,11 @@ class Sidecar:
                    # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
-        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        self.server = grpc.aio.server(options=options,
+                                      maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_watch_streams + OTHER_RPCS,
                                       interceptors=[BearerAuth(token)] if token is not None else None)
         add_to_server(self.servicer, self.server)
-        self.health = HealthServicer()
+        self.health = HealthServicer(s.max_watch_streams, s.watch_max_s)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if s.reflection:
             from purifier_server.reflection import enable_reflection
@@ -194,22 +228,18 @@ class Sidecar:
         except RuntimeError:
             self.port = 0
         if not self.port:
-            raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host)")
+            raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host); choose "
+                              "another with --port (0 = any free port)")
         await self.server.start()
-        if s.http_port >= 0:
-            from purifier_server.http_front import HttpServer, RestFront
+        if self._http is not None:
+            from purifier_server.http_front import RestFront
 
-            self._http = HttpServer(RestFront(self.plane, token=token, max_body=limit,
-                                              max_concurrent=s.max_concurrent_rpcs), s)
-            await self._http.start()
+            await self._http.start(RestFront(self.plane, token=token, max_body=limit))
             self.http_port = self._http.port
         await self._set_health(self._verified == upstream.generation and self._refused is None)
         self._poller = asyncio.get_running_loop().create_task(self._poll(), name="upstream-health")
-        if s.metrics_port >= 0:
-            from prometheus_client import start_http_server
-
-            self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
-            self.metrics_port = self._metrics_server.server_address[1]
+        if self.undefended:
+            log.warning(UNDEFENDED, extra={"defense": "none"})
         log.info("sidecar started", extra={"port": self.port, "http_port": self.http_port,
                                            "metrics_port": self.metrics_port,
                                            "model": self.model_name, "defense": self._defense.name,
@@ -224,7 +254,7 @@ class Sidecar:
         """
         generation = self._upstream.generation
         try:
-            note, warn = await check_model(self._upstream, self._defense, self.check)
+            checked = await check_model(self._upstream, self._defense, self.check)
         except ModelRefused as e:
             if at_start:
                 raise
@@ -238,8 +268,9 @@ class Sidecar:
             log.warning("upstream model check did not complete; retrying at the next poll",
                         extra={"model": self.model_name, "error": str(e)})
             return
+        self.class_outputs, self._probe = checked.outputs, checked.probe
         self._refused, self._verified = None, generation
-        log.log(logging.WARNING if warn else logging.INFO, f"upstream model checked: {note}",
+        log.log(logging.WARNING if checked.warn else logging.INFO, f"upstream model checked: {checked.note}",
                 extra={"model": self.model_name})
 
     # --- health ---------------------------------------------------------------------------------
@@ -308,8 +339,7 @@ class Sidecar:
         if self._upstream is not None:
             await self._upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.close()
         if self.port:
             log.info("sidecar stopped")
 
@@ -344,30 +374,6 @@ class BackgroundSidecar:
             self.loop.close()
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message and the record's `extra` fields."""
-
-    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
-        if record.exc_info:
-            doc["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    for name in ("purifier_server", "uvicorn.error"):  # uvicorn: the REST listener's own errors
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [handler]
-        logger.setLevel(level.upper())
-        logger.propagate = False
-
-
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`."""
     configure_logging(settings.log_level)
@@ -386,9 +392,11 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await sidecar.start()
-            print(json.dumps({"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
-                              "metrics_port": sidecar.metrics_port}),
-                  flush=True)
+            ready = {"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
+                     "metrics_port": sidecar.metrics_port, "defense": sidecar.defense.name}
+            if sidecar.undefended:
+                ready["warning"] = UNDEFENDED
+            print(json.dumps(ready), flush=True)
             await stop.wait()
         finally:
             await sidecar.stop()

@@ -9,14 +9,22 @@ rule lives here, once. `infer`:
    `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
    exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
 2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
-   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only);
-3. reads the upstream's answer with `codec.read_answer` (one representation per tensor, the
+   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only),
+   asking for the confidence output and the allowed outputs whatever the client asked for (the
+   model check's probes ask for the same);
+3. reads the upstream's confidences with `codec.read_answer` (one representation per tensor, the
    request's row count, finite confidences: anything else is an error, nothing of it returned);
+   nothing else of the answer is read;
 4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
-   through the batcher;
-5. constructs a new response: the defended tensor and allowed outputs in the request's
-   representation, the request's id, model name and version, the allow-listed response
-   parameters, and the allow-listed trailing metadata. Nothing else of the upstream's message.
+   through the batcher, also when the client asked only for an allowed output;
+5. constructs a new response: the defended tensor and the allowed class-index outputs rebuilt
+   from it (`outputs.py`: never the upstream's values) in the request's representation, the
+   request's id, model name and version, the allow-listed response parameters and trailing
+   metadata (forwarded verbatim: the operator vouches for them). Nothing else of the upstream's
+   message.
+
+Admission is the data plane's too: at most `max_concurrent_rpcs` calls of the inference service
+at once, whatever front they came through (`admitted`).
 
 Any failure is counted, logged and raised as `Failure(code, message)` with the text from
 `errors.status_for` (fixed sentences for whatever the upstream said); each front turns it into
@@ -35,6 +43,7 @@ alternative encoding of the same vector and a client can sort the defended proba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Protocol
@@ -67,11 +76,14 @@ from purifier_server.errors import (
 )
 from purifier_server.metrics import SidecarMetrics
 from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
+from purifier_server.outputs import ClassIndexOutput
 from purifier_server.settings import Settings
 from purifier_server.tracing import Tracing
 from purifier_server.upstream import Metadata, Upstream
 
 log = logging.getLogger("purifier_server")
+# Request ids are identifiers (a UUID is 36 characters); longer ones are refused, not logged.
+MAX_REQUEST_ID_CHARS = 256
 
 # Metadata gRPC manages itself or that describes the hop, not the application.
 _HOP_METADATA = ("grpc-", ":")
@@ -108,6 +120,10 @@ class Readiness(Protocol):
     def upstream_suspect(self) -> None:
         """A request found the upstream unavailable: check readiness now (health follows that check)."""
 
+    @property
+    def class_outputs(self) -> dict[str, ClassIndexOutput]:
+        """The allowed outputs as the last model check found them (name -> how to rebuild it)."""
+
 
 class Failure(Exception):
     """A request that failed, already counted and logged: the code and the text the client gets."""
@@ -129,6 +145,7 @@ class DataPlane:
         self.encoding = settings.upstream_encoding
         self.confidence_output = confidence_output
         self.keep = tuple(settings.allow_outputs)
+        self.upstream_outputs = (confidence_output, *self.keep)
         self.upstream = upstream
         self.batcher = batcher
         self.metrics = metrics
@@ -137,6 +154,7 @@ class DataPlane:
         self.needs_inputs = batcher.defense.needs_inputs
         self.logits = settings.confidence_kind == "logits"
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
+        self.active = 0  # inference-service calls in progress (admitted), at most max_concurrent_rpcs
         metrics.describe_model(model_name, lambda: self.model_version or (self.versions or ("",))[0])
 
     # --- validation -----------------------------------------------------------------------------
@@ -172,6 +190,8 @@ class DataPlane:
 
     async def _validate(self, request) -> list[str]:
         """Check the request; returns the output names of the answer, in order."""
+        if len(request.id) > MAX_REQUEST_ID_CHARS:
+            raise BadRequest(f"the request id has {len(request.id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         await self.check_model(request.model_name, request.model_version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
@@ -204,7 +224,27 @@ class DataPlane:
             names.append(o.name)
         return names
 
-    # --- inference ------------------------------------------------------------------------------
+    # --- admission and inference ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admitted(self, infer: bool):
+        """One call of the inference service, if fewer than `max_concurrent_rpcs` are in progress
+        (across fronts; a stream is one call); else Failure RESOURCE_EXHAUSTED (counted when `infer`).
+
+        gRPC's own `maximum_concurrent_rpcs` counts every call of the server, health Watch streams
+        (which need no token) included: 140 open Watch streams took every slot and each authorized
+        call got RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
+        """
+        if self.active >= self.settings.max_concurrent_rpcs:
+            if infer:
+                self._outcome[grpc.StatusCode.RESOURCE_EXHAUSTED].inc()
+            raise Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} calls are in progress "
+                          "(max_concurrent_rpcs); retry later")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     def fail(self, exc: BaseException, request_id: str | None = None) -> Failure:
         """Count and log a failed request; the Failure to answer with. Fronts call it for requests
@@ -247,7 +287,7 @@ class DataPlane:
         return answer
 
     async def _infer(self, request, timeout, metadata):
-        requested = await self._validate(request)
+        names = await self._validate(request) or [self.confidence_output, *self.keep]
         if (refusal := self.readiness.refusal()) is not None:
             raise refusal
         rows = request_rows(request)
@@ -255,6 +295,13 @@ class DataPlane:
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
+        client_id = request.id
+        # Every request to the upstream asks for the same outputs (the confidences and the allowed
+        # outputs, whatever the client asked for): only the confidences are read, and a probe of the
+        # model's identity asks for exactly the same (preflight.ModelCheck.outputs).
+        del request.outputs[:]
+        for name in self.upstream_outputs:
+            request.outputs.add(name=name)
         t1 = time.perf_counter()
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         try:
@@ -268,22 +315,19 @@ class DataPlane:
         self.metrics.upstream_stage.observe(time.perf_counter() - t1)
         if (refusal := self.readiness.refusal()) is not None:
             raise refusal  # the answer came over a new connection: perhaps from another model
-        names = requested or [self.confidence_output,
-                              *(k for k in self.keep if any(o.name == k for o in upstream_answer.outputs))]
-        confidence = self.confidence_output if self.confidence_output in names else None  # a label alone
-        others = [n for n in names if n != confidence]
         try:
-            arrays = read_answer(upstream_answer, confidence, others, rows)
-            if confidence is not None:
-                probs = softmax(arrays[confidence]) if self.logits else arrays[confidence]
-                arrays[confidence] = await self.batcher.submit(probs, inputs)
+            probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
+            defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs)
         except (BadUpstreamOutput, InvalidProbabilities) as e:
             self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
             if getattr(e, "reason", None) == "non-finite confidences":
                 _check_finite_inputs(request)
             raise
+        # an allowed output is never the upstream's: it is rebuilt from the defended vector (outputs.py)
+        built = self.readiness.class_outputs
+        arrays = {n: defended if n == self.confidence_output else built[n].build(defended) for n in names}
         version = self.answer_version(request.model_version, upstream_answer.model_version)
-        answer = build_response(request.id, request.model_name, version, {n: arrays[n] for n in names},
+        answer = build_response(client_id, request.model_name, version, arrays,
                                 raw=len(request.raw_input_contents) > 0)
         for key in self.settings.allow_parameters:
             if key in upstream_answer.parameters:

@@ -8,6 +8,12 @@ service stop hearing about changes. Here every watcher waits on one condition wi
 counter (no update is missed between a write and the next wait), and `enter_graceful_shutdown`
 sends NOT_SERVING to every watcher and then ends its stream (status OK): the grace period is left
 to in-flight inference calls.
+
+Health needs no bearer token (orchestrators probe without one), so Watch streams are bounded on
+their own: at most `max_watchers` at once (more: RESOURCE_EXHAUSTED, with Check as the
+alternative) and each ends (status OK; a client watches again) after `max_lifetime_s`. They are
+counted apart from inference calls (app.py), so open streams never take the slots inference
+needs.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """Serving status per service name ("" = the whole server), set by the sidecar."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_watchers: int = 16, max_lifetime_s: float = 300.0) -> None:
         self._status: dict[str, int] = {"": SERVING}
         self._changed = asyncio.Condition()
         self._version = 0
         self._stopping = False
+        self.max_watchers, self.max_lifetime_s = max_watchers, max_lifetime_s
+        self.watchers = 0
 
     async def Check(self, request, context):
         status = self._status.get(request.service)
@@ -38,11 +46,26 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request, context):
+        if self.watchers >= self.max_watchers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self.watchers} health Watch streams are open (max_watch_streams); use Check")
+        self.watchers += 1
+        try:
+            await self._watch(request, context)
+        finally:
+            self.watchers -= 1
+
+    async def _watch(self, request, context) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.max_lifetime_s
         sent, seen = None, -1
         while True:
             async with self._changed:
                 while self._version == seen:
-                    await self._changed.wait()
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), max(end - loop.time(), 0.0))
+                    except TimeoutError:
+                        return  # lifetime over: the stream ends OK and the client watches again
                 seen = self._version
                 status = self._status.get(request.service, SERVICE_UNKNOWN)
                 stopping = self._stopping

@@ -19,7 +19,8 @@ gRPC port's TLS settings and bearer token (`Authorization: Bearer ...`, constant
 health routes stay open). Before a byte of the body is read, a request without the token is
 refused (401) and one whose Content-Length exceeds the request limit gets 413 (Payload Too Large); a body is read
 only up to that limit, and a compressed one (Content-Encoding gzip or deflate) is inflated only
-up to it. At most `max_concurrent_rpcs` inference requests run at once on this front (429 above).
+up to it. The data plane's admission counts REST requests with the gRPC calls: at most
+`max_concurrent_rpcs` at once (429 above).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from purifier.errors import ConfigError
 from purifier_server import rest_codec
 from purifier_server.dataplane import DataPlane, Failure
 from purifier_server.errors import HTTP_STATUS, BadRequest, RequestError, TooLarge
+from purifier_server.logs import LOGGER, install
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
@@ -66,14 +68,13 @@ class _BodyTooLarge(Exception):
 
 class RestFront:
     """The ASGI application. `token`: the bearer token (None: none needed); `max_body`: the
-    largest request body, compressed or not, in bytes (the gRPC front's receive limit)."""
+    largest request body, compressed or not, in bytes (the gRPC front's receive limit). Every
+    route but health goes through the data plane's admission, as a gRPC call does."""
 
-    def __init__(self, plane: DataPlane, *, token: bytes | None, max_body: int, max_concurrent: int):
+    def __init__(self, plane: DataPlane, *, token: bytes | None, max_body: int):
         self.plane = plane
         self.token = token
         self.max_body = max_body
-        self.max_concurrent = max_concurrent
-        self.in_flight = 0
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -170,12 +171,17 @@ class RestFront:
         action = rest[0] if len(rest) == 1 else None
         if len(rest) > 1 or action not in (None, "ready", "config", "infer"):
             return _error(404, f"no route {path[:100]!r}")
+        if (action == "infer") != (method == "POST") or method not in ("GET", "POST"):
+            return _error(405, "use POST" if action == "infer" else "use GET")
+        try:
+            with self.plane.admitted(infer=action == "infer"):
+                return await self._model_route(scope, receive, headers, name, version, action)
+        except Failure as f:
+            return _failed(f)
+
+    async def _model_route(self, scope, receive, headers, name: str, version: str, action: str | None):
         if action == "infer":
-            if method != "POST":
-                return _error(405, "use POST")
             return await self._infer(scope, receive, headers, name, version)
-        if method != "GET":
-            return _error(405, "use GET")
         try:
             if action == "ready":
                 await self.plane.check_model(name, version)
@@ -193,31 +199,24 @@ class RestFront:
 
     async def _infer(self, scope, receive, headers, name: str, version: str):
         plane = self.plane
-        if self.in_flight >= self.max_concurrent:
-            return _failed(plane.fail(TooLarge(f"{self.max_concurrent} requests are in flight on the REST front "
-                                               "(max_concurrent_rpcs); retry shortly")))
-        self.in_flight += 1
         try:
-            try:
-                body = await self._body(receive, headers)
-            except _BodyTooLarge:
-                failure = plane.fail(TooLarge(f"the request body exceeds {self.max_body} bytes (max_request_bytes)"))
-                return _error(413, failure.message)
-            except BadRequest as e:
-                return _failed(plane.fail(e))
-            header_length = headers.get(rest_codec.HEADER_LENGTH.encode())
-            try:
-                request, outputs = rest_codec.infer_request(
-                    body, None if header_length is None else header_length.decode("latin-1"), name, version)
-            except BadRequest as e:
-                return _failed(plane.fail(e))
-            try:
-                response, trailing = await plane.infer(request, None, self._forwarded(scope["headers"]))
-            except Failure as f:
-                return _failed(f)
-            out, json_length = rest_codec.infer_response_body(response, outputs)
-        finally:
-            self.in_flight -= 1
+            body = await self._body(receive, headers)
+        except _BodyTooLarge:
+            failure = plane.fail(TooLarge(f"the request body exceeds {self.max_body} bytes (max_request_bytes)"))
+            return _error(413, failure.message)
+        except BadRequest as e:
+            return _failed(plane.fail(e))
+        header_length = headers.get(rest_codec.HEADER_LENGTH.encode())
+        try:
+            request, outputs = rest_codec.infer_request(
+                body, None if header_length is None else header_length.decode("latin-1"), name, version)
+        except BadRequest as e:
+            return _failed(plane.fail(e))
+        try:
+            response, trailing = await plane.infer(request, None, self._forwarded(scope["headers"]))
+        except Failure as f:
+            return _failed(f)
+        out, json_length = rest_codec.infer_response_body(response, outputs)
         extra = [(k.encode(), v.encode()) for k, v in trailing if isinstance(v, str) and v.isascii()]
         if json_length is None:
             return 200, [*_JSON, *extra], out
@@ -226,14 +225,18 @@ class RestFront:
 
 
 class HttpServer:
-    """uvicorn serving a RestFront on the running event loop (start/stop beside the gRPC server)."""
+    """uvicorn serving a RestFront on the running event loop, beside the gRPC server.
 
-    def __init__(self, app: RestFront, settings: Settings):
-        self.app, self.settings = app, settings
-        self.port: int | None = None
+    The port is bound when constructed (a port in use is one line, before anything is loaded);
+    `start(app)` serves it, `stop()` lets in-flight requests finish within the grace period.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._socket = self._bind()
+        self.port: int = self._socket.getsockname()[1]
         self._server = None
         self._ticker: asyncio.Task | None = None
-        self._socket: socket.socket | None = None
 
     def _bind(self) -> socket.socket:
         s = self.settings
@@ -248,32 +251,32 @@ class HttpServer:
             sock.listen(2048)
         except OSError as e:
             raise ConfigError(f"http_port: cannot listen on {s.host}:{s.http_port} ({e.strerror or e}); choose "
-                              "another --http-port (0 = any free port, -1 = no REST front)") from None
+                              "another with --http-port (0 = any free port, -1 = no REST front)") from None
         sock.setblocking(False)
         return sock
 
-    async def start(self) -> None:
+    async def start(self, app: RestFront) -> None:
         import uvicorn
 
         s = self.settings
         config = uvicorn.Config(
-            self.app, http="httptools", ws="none", lifespan="off", interface="asgi3", log_config=None,
+            app, http="httptools", ws="none", lifespan="off", interface="asgi3", log_config=None,
             access_log=False, proxy_headers=False, server_header=False,
             limit_concurrency=max(4 * s.max_concurrent_rpcs, 256), timeout_keep_alive=30,
             timeout_graceful_shutdown=max(1, round(s.grace_s)),
             ssl_certfile=s.tls_cert_file, ssl_keyfile=s.tls_key_file, ssl_ca_certs=s.tls_client_ca_file,
             ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_client_ca_file else ssl.CERT_NONE)
         config.load()
-        self._socket = self._bind()
+        _route_uvicorn_logs()
         self._server = uvicorn.Server(config)
         self._server.lifespan = config.lifespan_class(config)
         await self._server.startup(sockets=[self._socket])
-        self.port = self._socket.getsockname()[1]
         # keeps the Date header current (uvicorn's main loop), until stop()
         self._ticker = asyncio.get_running_loop().create_task(self._server.main_loop(), name="http-ticker")
 
     async def stop(self) -> None:
         if self._server is None:
+            self._socket.close()
             return
         self._server.should_exit = True
         if self._ticker is not None:
@@ -281,3 +284,13 @@ class HttpServer:
         await self._server.shutdown(sockets=[self._socket])
         self._server = None
 
+
+def _route_uvicorn_logs() -> None:
+    """uvicorn's own errors (a malformed HTTP request, a failed TLS handshake) as the sidecar's log
+    lines, bounded and rate-limited alike (logs.py)."""
+    ours, theirs = logging.getLogger(LOGGER), logging.getLogger("uvicorn.error")
+    if ours.handlers:
+        theirs.handlers[:] = ours.handlers
+        theirs.setLevel(ours.level)
+        theirs.propagate = False
+    install(theirs)

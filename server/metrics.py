@@ -10,15 +10,30 @@ Triton's dashboards key on `nv_inference_*`: `TritonAliases` derives Triton's re
 model and version) from the `purifier_*` metrics when scraped, so the hot path records nothing
 twice. They are exposed untyped: prometheus_client writes a counter's metadata under a `_total`
 name, which Triton's names lack; PromQL's rate() reads them the same.
+
+The endpoint (`MetricsServer`) answers `GET /metrics` and nothing else: 404 for every other path,
+so nobody mistakes it for the model server (prometheus_client's own server answered every path
+with the metrics text and 200, `GET /v2/models/X/ready` included).
 """
 
 from __future__ import annotations
 
+import socket
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import HistogramMetricFamily, Metric
+
+from purifier.errors import ConfigError
 
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7.5e-3, 1e-2,
                    2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -79,6 +94,8 @@ class SidecarMetrics:
                                      "Rows whose argmax the defense changed (label swapper only)", registry=r)
         self.upstream_up = Gauge("purifier_upstream_up", "1 if the upstream model was ready and verified at the "
                                  "last poll", registry=r)
+        self.defense_active = Gauge("purifier_defense_active", "1 while a defense rewrites the confidence vectors; "
+                                    "0 when serving undefended (--defense none)", ["defense"], registry=r)
         self.queued_rows = Gauge("purifier_defense_queued_rows", "Rows waiting for the defense", registry=r)
         self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
                                          "Upstream answers refused before the defense, by reason", ["reason"],
@@ -158,3 +175,47 @@ class TritonAliases:
 
     def describe(self):
         return [Metric(name, documentation, "unknown") for name, documentation in self.FAMILIES]
+
+
+class MetricsServer:
+    """`GET /metrics` on (host, port) in a daemon thread; every other path is 404.
+
+    Binding happens in the constructor: a port in use is a ConfigError naming --metrics-port.
+    After construction `port` is the bound port (port 0 picks a free one).
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.partition("?")[0] != "/metrics":
+                    self.send_error(404, "only /metrics is served here")
+                    return
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args):  # scrapes are not log lines
+                pass
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+        try:
+            self._server = Server((host, port), Handler)
+        except OSError as e:
+            raise ConfigError(f"metrics_port: cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                              "with --metrics-port (0 = any free port, -1 = no metrics endpoint)") from None
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

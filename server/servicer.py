@@ -167,12 +167,38 @@ METHODS = {
 }
 
 
+def admitted(plane: DataPlane, method, streaming: bool):
+    """`method` behind the data plane's admission (`DataPlane.admitted`: at most
+    `max_concurrent_rpcs` calls of the service at once, a stream counting as one)."""
+    infer = method.__name__ in ("ModelInfer", "ModelStreamInfer")
+    if streaming:
+        async def stream(requests, context):
+            try:
+                with plane.admitted(infer):
+                    async for answer in method(requests, context):
+                        yield answer
+            except Failure as f:  # refused admission (the method answers its requests' failures itself)
+                await context.abort(f.code, f.message)
+
+        return stream
+
+    async def unary(request, context):
+        try:
+            with plane.admitted(infer):
+                return await method(request, context)
+        except Failure as f:
+            await context.abort(f.code, f.message)
+
+    return unary
+
+
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the methods of METHODS; requests are parsed by the handlers (see `Malformed`)."""
+    """Register the methods of METHODS, each behind the data plane's admission (`admitted`);
+    requests are parsed by the handlers (see `Malformed`)."""
     handlers = {}
     for name, (req, resp, streaming) in METHODS.items():
         make = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
-        handlers[name] = make(getattr(servicer, name), request_deserializer=_parser(req),
-                              response_serializer=resp.SerializeToString)
+        handlers[name] = make(admitted(servicer.plane, getattr(servicer, name), streaming),
+                              request_deserializer=_parser(req), response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # gRPC's fast path for known methods

@@ -36,6 +36,19 @@ TORCHSERVE_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 UPSTREAM_CONTENTS = ("auto", "raw", "typed")
 
 
+# Fragments of the names confidence outputs go by: an allowed parameter or trailer named so is refused.
+CONFIDENCE_WORDS = ("prob", "logit", "confidence", "score", "softmax")
+
+
+def named_like_confidences(key: str, confidence_output: str | None) -> bool:
+    """Whether a response parameter or trailer key reads like the confidences (case, '-', '_' ignored)."""
+    def squash(text: str) -> str:
+        return "".join(c for c in text.lower() if c.isalnum())
+
+    k, c = squash(key.removesuffix("-bin")), squash(confidence_output or "")
+    return bool(c) and (c in k or k in c) or any(w in k for w in CONFIDENCE_WORDS)
+
+
 def setting(default: Any, help: str, **meta: Any) -> Any:
     """A settings field declared once: its default, its help and how `purifier serve` spells it.
 
@@ -63,24 +76,25 @@ class Settings:
     model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
     model_id: str | None = setting(None, "with --upstream: sha256 of the ONNX file the defense was fitted for; "
                                    "overrides the fingerprint check")
-    defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json, "
-                                  "else none)", choices=DEFENSES)
+    defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json); "
+                                  "'none' serves undefended on purpose, the only way to do so", choices=DEFENSES)
     defense_dir: str | None = setting(None, "fitted defense directory (from purifier fit-defense)")
     secret_file: str | None = setting(None, "PRF secret file (else $PURIFIER_SECRET / $PURIFIER_SECRET_FILE)")
     confidence_output: str | None = setting(None, "output holding the confidences (required with --upstream; "
                                             "embedded: from model.json)")
     confidence_kind: str = setting("probabilities", "the confidence output holds logits: softmax before defending",
                                    flag="--logits", const="logits", choices=CONFIDENCE_KINDS)
-    allow_outputs: tuple[str, ...] = setting((), "pass another output through undefended (repeatable); only "
-                                             "integer or boolean outputs such as a label, never the confidences, "
-                                             "logits or any floating-point output", flag="--allow-output",
-                                             metavar="NAME")
-    allow_parameters: tuple[str, ...] = setting((), "pass this response parameter of the upstream through "
-                                                "(repeatable; none by default)", flag="--allow-parameter",
-                                                metavar="KEY")
-    allow_trailers: tuple[str, ...] = setting((), "pass this trailing-metadata key of the upstream through "
-                                              "(repeatable; none by default)", flag="--allow-trailer",
-                                              metavar="KEY")
+    allow_outputs: tuple[str, ...] = setting((), "also serve this class-index output (repeatable), e.g. a label: "
+                                             "rebuilt by the sidecar as the argmax of the defended vector, never "
+                                             "the upstream's own values; refused at start unless the model's "
+                                             "output is an integer [N] or [N, 1] equal to the argmax of its "
+                                             "confidences", flag="--allow-output", metavar="NAME")
+    allow_parameters: tuple[str, ...] = setting((), "forward this response parameter of the upstream VERBATIM "
+                                                "(repeatable; none by default; the sidecar cannot vouch for its "
+                                                "contents)", flag="--allow-parameter", metavar="KEY")
+    allow_trailers: tuple[str, ...] = setting((), "forward this trailing-metadata key of the upstream VERBATIM "
+                                              "(repeatable; none by default; the sidecar cannot vouch for its "
+                                              "contents)", flag="--allow-trailer", metavar="KEY")
     host: str = setting("0.0.0.0", "listen address")
     port: int = setting(8001, "gRPC port (0 = any free port)")
     http_port: int = setting(8000, "REST port (OIP v2 over HTTP; 0 = any free port; -1 = off)")
@@ -90,7 +104,12 @@ class Settings:
     max_request_bytes: int = setting(0, "largest request message accepted, in bytes (0 = derived from "
                                      "max_request_rows x the model's input width)")
     max_queued_rows: int = setting(16384, "rows waiting for the defense; above: RESOURCE_EXHAUSTED")
-    max_concurrent_rpcs: int = setting(128, "RPCs handled at once; above: RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = setting(128, "inference-service calls handled at once (health Watch streams are "
+                                       "counted apart); above: RESOURCE_EXHAUSTED")
+    max_watch_streams: int = setting(16, "health Watch streams open at once (they need no token); above: "
+                                     "RESOURCE_EXHAUSTED")
+    watch_max_s: float = setting(300.0, "longest a health Watch stream stays open, in seconds (then it ends and "
+                                 "the client watches again)", flag="--watch-max")
     max_batch_rows: int = setting(256, "rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
@@ -145,6 +164,11 @@ class Settings:
             if "logit" in name.lower():
                 fail("allow_outputs", f"{name!r} looks like a logits output, which gives away the undefended "
                                       "confidences; remove it from allow_outputs")
+        for name in ("allow_parameters", "allow_trailers"):
+            for key in getattr(self, name):
+                if named_like_confidences(key, self.confidence_output):
+                    fail(name, f"{key!r} is named like the confidence output; a {name[6:-1]} is forwarded verbatim, "
+                               "so one that carries the confidences would bypass the defense: remove it")
         if self.confidence_kind not in CONFIDENCE_KINDS:
             fail("confidence_kind", f"{self.confidence_kind!r} is not one of {', '.join(CONFIDENCE_KINDS)}")
         if self.device not in DEVICES:
@@ -157,7 +181,7 @@ class Settings:
             fail("http_port", f"{self.http_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
-        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs"):
+        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         # a request larger than one defense call must leave one call's worth of room (batcher.py)
@@ -168,7 +192,7 @@ class Settings:
         for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("upstream_timeout_s", "health_poll_s"):
+        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

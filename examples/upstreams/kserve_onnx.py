@@ -3,7 +3,7 @@
     python kserve_onnx.py MODEL.onnx --name digits --grpc-port 8081 --http-port 8080
 
 KServe 0.21 binds REST to 0.0.0.0 and gRPC to [::] and has no flag to change that: keep it
-unreachable except through the sidecar with the pod's or host's network rules (README, "KServe").
+unreachable except through the sidecar with the pod's or host's network rules (docs/serving.md, "KServe").
 The model runs with onnxruntime; ModelMetadata declares its one FP32 (-1, D) input and every FP32
 output (e.g. probabilities and logits, (-1, C)); answers are raw when the request was raw and
 typed when it was typed, as KServe does. One JSON line on stdout once the model is loaded:

@@ -1,4 +1,4 @@
-"""MemGuard's defender-side membership classifier `h`: the MLP, its input gradient, in numpy.
+"""MemGuard's defender-side membership classifier `h`: its weights, training, and its verdict.
 
 Jia, Salem, Backes, Zhang, Gong, "MemGuard: Defending against Black-Box Membership Inference
 Attacks via Adversarial Examples", CCS 2019 (original code `jjy1994/MemGuard`,
@@ -7,10 +7,9 @@ target's probability vector sorted ascending, trained with binary cross-entropy 
 target's training members (label 1) from the defender's reference non-members (label 0); SGD,
 learning rate 0.001, 400 epochs, batch 64.
 
-Phase I needs `h`'s pre-sigmoid output and its gradient for thousands of rows per call. The MLP
-is four affine maps, so the input gradient is written out (`logit_and_grad`). Serving runs on
-these numpy arrays alone: this module imports torch only inside `train` (fitting), and the
-weights are plain arrays (saved as npz), never a pickled module.
+The weights are plain float64 arrays (saved as npz), never a pickled module: Phase I builds its
+ONNX graph from them (`purifier.defenses.phase1`), the faithful solver a torch copy, and
+`predict_member` (fit reports) runs them in numpy. This module imports torch only inside `train`.
 """
 
 from __future__ import annotations
@@ -53,7 +52,6 @@ class MembershipClassifier:
         a = self.arrays
         self.n_classes = int(a["w1"].shape[1])
         self._wt = [np.ascontiguousarray(a[f"w{i}"].T) for i in range(1, 4)]  # x @ W.T
-        self._w = [np.ascontiguousarray(a[f"w{i}"]) for i in range(1, 4)]  # gradients: g @ W
         self._b = [a[f"b{i}"] for i in range(1, 4)]
         self._w4, self._b4 = a["w4"][0].copy(), float(a["b4"][0])
 
@@ -127,24 +125,6 @@ class MembershipClassifier:
             stop = min(n, start + BLOCK_ROWS)
             out[start:stop] = (a[:stop - start] * self._w4).sum(axis=1) + self._b4
         return out
-
-    def logit_and_grad(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x (N, C) -> (pre-sigmoid output (N,), its gradient with respect to x (N, C)).
-
-        ReLU derivative at 0 is taken as 0, as in TensorFlow and torch.
-        """
-        n = x.shape[0]
-        out, grad = np.empty(n), np.empty(x.shape)
-        for start, a in self._blocks(x):
-            stop = min(n, start + BLOCK_ROWS)
-            z1 = a @ self._wt[0] + self._b[0]
-            z2 = np.maximum(z1, 0.0) @ self._wt[1] + self._b[1]
-            z3 = np.maximum(z2, 0.0) @ self._wt[2] + self._b[2]
-            out[start:stop] = (np.maximum(z3[:stop - start], 0.0) * self._w4).sum(axis=1) + self._b4
-            g2 = ((z3 > 0) * self._w4) @ self._w[2] * (z2 > 0)
-            g1 = (g2 @ self._w[1]) * (z1 > 0)
-            grad[start:stop] = (g1 @ self._w[0])[:stop - start]
-        return out, grad
 
     def predict_member(self, probs: np.ndarray) -> np.ndarray:
         """(N, C) probabilities in class order -> (N,) bool, h's membership guess."""

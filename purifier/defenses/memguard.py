@@ -7,9 +7,9 @@ original hyper-parameters and the pitfalls of other reimplementations.
 Per query (all of it batched over rows, with per-row masks for rows that have finished):
 
 * **Phase I** finds a noised vector `s'` whose sorted version crosses the defender classifier
-  `h`'s 0.5 boundary with the top class kept. `mode="fast"` (serving) is a boundary search in
-  numpy whose work is the same for every row, so latency says nothing about h's verdict
-  (`phase1.fast_phase1`); `mode="faithful"` is the original algorithm in torch
+  `h`'s 0.5 boundary with the top class kept. `mode="fast"` (serving) is a boundary search whose
+  work is the same for every row, so latency says nothing about h's verdict, run as one
+  onnxruntime graph per batch (`phase1.Phase1Solver`); `mode="faithful"` is the original algorithm in torch
   (`phase1_faithful.faithful_phase1`), the reference.
 * **Phase II** releases `s'` with probability `min(eps / ||s' - s||_1, 1)`, else the clean `s`,
   so `E||out - s||_1 <= eps`. The coin is a keyed PRF of the clean row and the model identity
@@ -17,8 +17,8 @@ Per query (all of it batched over rows, with per-row masks for rows that have fi
   same answer. A re-flipped coin would expose the clean vector to an attacker who repeats a query,
   and the difference between the two answers leaks membership.
 
-Serving needs numpy only: torch is imported when `h` is trained (`fit`) or the faithful solver
-runs, never by loading a fitted defense for fast mode. Loading one for faithful mode without
+Serving needs numpy and onnxruntime only: torch is imported when `h` is trained (`fit`) or the
+faithful solver runs, never by loading a fitted defense for fast mode. Loading one for faithful mode without
 torch installed is a one-line ConfigError.
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from purifier.defenses.base import Defense, FitData
 from purifier.defenses.keyed import KeyedPRF
 from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier, TrainSettings
-from purifier.defenses.phase1 import fast_phase1
+from purifier.defenses.phase1 import Phase1Solver
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
 
@@ -46,8 +46,9 @@ WEIGHTS_FILE = "membership_classifier.npz"
 # 0.515). 1.0 is the setting that brings the signal itself to the floor, at a realized mean L1 of
 # 0.041 (Phase I distortion is small, so a large budget rarely binds).
 DEFAULT_EPSILON = 1.0
-# Rows per Phase I call: bounds memory at 1,000 classes and 100,000-row batches.
-CHUNK_ELEMENTS, MAX_CHUNK_ROWS = 1 << 21, 1024
+# Rows per Phase I call: bounds the solver's working memory (onnxruntime keeps its arena at the
+# largest call's size) at 1,000 classes and 100,000-row batches; past ~64 rows a row costs the same.
+CHUNK_ELEMENTS, MAX_CHUNK_ROWS = 1 << 21, 256
 
 
 class MemGuard(Defense):
@@ -57,7 +58,7 @@ class MemGuard(Defense):
         epsilon: expected L1 distortion budget per query (Phase II), >= 0.
         mode: "fast" (default, for serving) or "faithful" (the original Phase I).
         device: "cpu" (default), "cuda" or "auto" (`purifier.devices`) for training `h` and for
-            the faithful solver; the fast solver always runs on the CPU.
+            the faithful solver; the fast solver runs on the CPU.
         epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
             schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
             for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
@@ -92,6 +93,7 @@ class MemGuard(Defense):
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
         self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
+        self._solver: Phase1Solver | None = None  # the fast solver's graphs of h, built on first use
 
     # --- fitting ---------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class MemGuard(Defense):
         """
         if self.classifier is None:
             raise DefenseError("MemGuard is not fitted: call fit() or load a fitted defense")
-        solver = self._faithful if (mode or self.mode) == "faithful" else fast_phase1
+        solver = self._faithful if (mode or self.mode) == "faithful" else self._fast
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
         noised = np.empty_like(p)
@@ -156,6 +158,11 @@ class MemGuard(Defense):
             stop = min(n, start + chunk)
             noised[start:stop], success[start:stop] = solver(self.classifier, p[start:stop])
         return noised, success
+
+    def _fast(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._solver is None or self._solver.h is not h:
+            self._solver = Phase1Solver(h)
+        return self._solver(p)
 
     def _faithful(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from purifier.defenses.phase1_faithful import TorchMLP, faithful_phase1

@@ -1,12 +1,13 @@
 """MemGuard's Phase I, fast and in constant work: the smallest noise that carries a vector across
-the defender's 0.5 boundary, found by a boundary search along three short paths, in numpy.
+the defender's 0.5 boundary, found by a boundary search along three short paths, as one ONNX graph.
 
-Jia et al., "MemGuard", CCS 2019 (docs/design.md#memguard-fast-solver). Rows p (N, C) float64 in class order
-come back as (noised (N, C) in class order, success (N,) bool); a row that fails is its clean
-self. The search works on the sorted vector (ascending; softmax is monotone, so sorted logits map
-to sorted probabilities). A candidate succeeds when its top class is still on top (first index on
-ties, as numpy's argmax) and `h`'s pre-sigmoid output, on the candidate re-sorted as an attacker
-sorting the released vector sees it, has changed sign versus the clean vector (h * h0 <= 0).
+Jia et al., "MemGuard", CCS 2019 (docs/design.md#memguard-fast-solver). Rows p (N, C) float64
+in class order come back as (noised (N, C) in class order, success (N,) bool); a row that fails is
+its clean self. The search works on the sorted vector (ascending; softmax is monotone, so sorted
+logits map to sorted probabilities). A candidate succeeds when its top class is still on top
+(first index on ties, as numpy's argmax) and `h`'s pre-sigmoid output, on the candidate re-sorted
+as an attacker sorting the released vector sees it, has changed sign versus the clean vector
+(h * h0 <= 0).
 
 Three paths t -> vector leave the clean sorted vector s (t = 0):
 
@@ -14,43 +15,41 @@ Three paths t -> vector leave the clean sorted vector s (t = 0):
   re-sorted so the released vector keeps the clean ranking, t in (0, T_MAX];
 * two order-keeping mixtures (1 - t) s + t v, t in (0, 1): towards the one-hot top (more
   confident) and towards the top two at 1/2 each (mass moved to the runner-up, what the faithful
-  solver does on saturated rows). A third, towards the uniform vector, was dropped: on the
-  digits and synthetic100 targets it was never the smallest crossing (0 of 1,200 rows).
+  solver does on saturated rows).
 
 A grid of 8 probes per path (multiples of the linearised boundary distance, and fixed fractions
-of the path), all paths in one forward pass, brackets each path's first crossing; the path whose
+of the path), all paths in one pass of h, brackets each path's first crossing; the path whose
 grid crossing is nearest in L1 is narrowed by LEVELS rounds of bisection (2**-8 of its bracket)
-and released. On the digits and synthetic100 targets this gives the L1 of the earlier solver
-(ratio 0.987 and 1.001, 600 rows each) and every row it carried across.
+and released.
 
-**Constant work.** Every row takes exactly the same sequence of operations, whatever `h` says
-about it: all three paths, the full grid and every bisection level, for rows that cross early,
-late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: no noise) alike; results
-are selected with masks, never by branching on a row's values. MemGuard's running time therefore
-carries no trace of its membership verdict (an earlier solver tried the mixtures only for rows the
-ray could not carry, i.e. mostly for rows `h` called members, and single-row latency through the
-sidecar scored membership AUC 0.72: benchmarks/bench_timing.py). The only schedule choice is how
-many bisection levels share one forward pass (four at batch 1, where a pass costs about the same
-for 16 rows as for 1): it depends on the batch size alone, and the probe points are integer
-multiples of 2**-LEVELS of the bracket, so every schedule computes bit-identical results.
-Cost per row: one pass for h0 and its gradient, 24 grid probes, 8 bisection probes.
+**One graph, one call.** The whole schedule (sort-space set-up, h0 and its gradient, the 24 grid
+probes, the bisection) is written as one ONNX graph (`build_graph`, from the fitted weights when
+the defense is loaded, `purifier.models.onnx_graph`) that onnxruntime runs in a single call per
+batch: no per-probe Python or numpy call overhead, the GIL released for the whole search, and the
+same graph runs on the CUDA provider. Selection is Where/GatherElements/ArgMax, never a branch.
 
-Rows are independent of the batch around them: `MembershipClassifier` pads every matmul to a
-multiple of ROW_BLOCK rows and every other operation is row-wise (tests/unit/defenses/
-test_memguard_fast.py checks both, and that the operation sequence is the same for every row).
+**Constant work.** Every row takes exactly the same operations, whatever `h` says about it: the
+graph has no control flow (no If/Loop/Scan) and no operator whose work depends on a row's values
+beyond sorting; all three paths, the full grid and every bisection level run for rows that cross
+early, late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: no noise) alike,
+and results are selected with masks. MemGuard's running time therefore carries no trace of its
+membership verdict (benchmarks/bench_timing.py). The only schedule choice is how many bisection
+levels share one pass of h (speculatively: 2**k - 1 probes settle k levels): it depends on the
+batch size alone (`levels_per_pass`), and the probe points are integer multiples of 2**-LEVELS
+of the bracket, so every schedule computes bit-identical results. Rows are independent of the
+batch around them (every operator is row-wise; onnxruntime's float64 MatMul rounds a row the same
+way whatever the row count, checked by tests/unit/defenses/test_memguard_fast.py).
 
-The solver runs on the CPU in numpy. A torch/CUDA version of it existed and was removed: no GPU
-measurement showed it winning; it can come back with one. `phase1_faithful` (torch) is the
-original algorithm, the reference this solver is checked against.
-
-Arrays: p (N, C); sorted probabilities s (N, C); paths P = 3; probes ts (N, P, K).
+`phase1_faithful` (torch) is the original algorithm, the reference this solver is checked against.
+Arrays: p (N, C); sorted probabilities s (N, C); paths P = 3; probes (N, P, K).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from purifier.defenses.membership_classifier import MembershipClassifier
+from purifier.defenses.membership_classifier import HIDDEN, MembershipClassifier
+from purifier.models.onnx_graph import GraphBuilder
 
 STEP, MAX_STEPS = 0.1, 299  # the faithful solver's step length and step budget per c3 level
 EARLY_EXIT = 1e-5  # |sigmoid(h0) - 0.5| at or below this: already on the boundary, no noise
@@ -59,16 +58,23 @@ LOG_FLOOR = 1e-30  # zero probabilities get logit log(1e-30): finite, and softma
 # The ray is probed up to the faithful solver's longest path; a mixture up to (almost) its target.
 T_MAX = STEP * MAX_STEPS
 MIX_T_MAX = 1.0 - 1e-9
-# Grid per path, all paths in one forward pass: GRID_PREDICTED multiples of the linearised boundary
+# Grid per path, all paths in one pass: GRID_PREDICTED multiples of the linearised boundary
 # distance and GRID_ABSOLUTE fractions of the path's length (neighbouring probes ~2.5x apart).
 GRID_PREDICTED = np.geomspace(0.5, 8.0, 4)
 GRID_ABSOLUTE = np.geomspace(1e-2 / T_MAX, 1.0, 4)
+N_GRID = len(GRID_PREDICTED) + len(GRID_ABSOLUTE)
 # Bisection levels on the chosen path: the crossing to 2**-8 of its grid bracket (~0.6% of t).
 LEVELS = 8
-# Probe rows per forward pass up to which bisection levels are evaluated speculatively together
-# (2**k - 1 probes settle k levels): one padded block of rows costs about what one row does.
-SPECULATE_ROWS = 16
+# Small batches settle SPECULATE_LEVELS bisection levels per pass of h (2**k - 1 probes settle k
+# levels: fewer passes, more probe rows) while a pass stays within SPECULATE_ROWS probe rows; more
+# levels per pass measured no faster in onnxruntime, and every schedule is one more session to build.
+SPECULATE_LEVELS, SPECULATE_ROWS = 2, 16
 N_PATHS = 3
+F64 = np.float64
+# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the probes are most of the work); h0, its gradient, the paths and the released vectors
+# are float64. A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the
+# EARLY_EXIT band (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
+PROBE_DTYPE, PROBE_ONNX_TYPE = np.float32, 1
 
 
 def sort_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,122 +94,252 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def softmax(e: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, shifted by the row maximum (as torch computes it)."""
-    z = e - e.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
-    return z
-
-
-class Paths:
-    """The three paths of a batch. `at(ts)` maps parameters ts (N, P, K) to vectors (N, P, K, C)."""
-
-    def __init__(self, e0: np.ndarray, s: np.ndarray, top: np.ndarray, h0: np.ndarray, gp: np.ndarray):
-        n, c = s.shape
-        sign = -np.sign(h0)[:, None]
-        # the ray: h's gradient carried back through softmax to the logits, towards the boundary
-        ge = s * (gp - (gp * s).sum(axis=1, keepdims=True))
-        norm = np.sqrt((ge * ge).sum(axis=1))
-        self.e0, self.d = e0, sign * ge / np.where(norm > 0, norm, 1.0)[:, None]
-        # the mixtures' targets (N, 2, C): one-hot top, top two (the last two positions)
-        targets = np.zeros((n, 2, c))
-        targets[np.arange(n), 0, top] = 1.0
-        targets[:, 1, -2:] = 0.5
-        self.s, self.v = s, targets
-        # linearised distance to the boundary along each path (the grid's unit): |h0| / slope
-        slope = np.concatenate([norm[:, None], (sign * (gp[:, None, :] * (targets - s[:, None, :])).sum(axis=2))],
-                               axis=1)
-        self.t_pred = np.abs(h0)[:, None] / np.where(slope > 0, slope, 1e-300)
-        self.t_max = np.array([T_MAX, MIX_T_MAX, MIX_T_MAX])
-
-    def at(self, ts: np.ndarray) -> np.ndarray:
-        t = ts[..., None]
-        # sorted logits: the released vector keeps the clean ranking, and softmax keeps the order
-        ray = softmax(np.sort(self.e0[:, None, :] + t[:, 0] * self.d[:, None, :], axis=-1))
-        mix = (1.0 - t[:, 1:]) * self.s[:, None, None, :] + t[:, 1:] * self.v[:, :, None, :]
-        return np.concatenate([ray[:, None], mix], axis=1)
-
-    def grid(self) -> np.ndarray:
-        """(N, P, 8) ascending probe parameters, clipped to each path's length."""
-        n = len(self.t_pred)
-        predicted = np.minimum(self.t_pred[..., None] * GRID_PREDICTED, self.t_max[:, None])
-        absolute = np.broadcast_to(self.t_max[:, None] * GRID_ABSOLUTE, (n, N_PATHS, len(GRID_ABSOLUTE)))
-        return np.sort(np.concatenate([predicted, absolute], axis=2), axis=2)
-
-
-def _crossed(h: MembershipClassifier, vectors: np.ndarray, h0: np.ndarray) -> np.ndarray:
-    """vectors (N, ..., C) -> (N, ...) bool: h's sign flipped versus h0 (N,) on the re-sorted
-    vector (as anyone sorting the released vector sees it)."""
-    q = np.sort(vectors.reshape(-1, vectors.shape[-1]), axis=1)
-    out = h.logit(q).reshape(vectors.shape[:-1])
-    return out * h0.reshape((-1,) + (1,) * (out.ndim - 1)) <= 0
-
-
-def _levels_per_pass(n: int) -> int:
-    """Bisection levels settled per forward pass for a batch of n rows (batch size alone decides)."""
+def levels_per_pass(n: int) -> int:
+    """Bisection levels settled per pass of h for a batch of n rows (batch size alone decides)."""
     k = 1
-    while k < LEVELS and n * (2 ** (k + 1) - 1) <= SPECULATE_ROWS:
+    while k < SPECULATE_LEVELS and n * (2 ** (k + 1) - 1) <= SPECULATE_ROWS:
         k += 1
     return k
 
 
-def _bisect(h: MembershipClassifier, path, h0: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """LEVELS rounds of bisection on brackets [lo, hi] (N,) whose hi has crossed and lo has not.
+class _Ops:
+    """The graph vocabulary the search is written in: numpy-like helpers over a GraphBuilder."""
 
-    `path(ts)` maps parameters (N, K) to vectors (N, K, C). The probe points are
-    lo + (hi - lo) * (k / 2**LEVELS) for integers k, whatever the schedule; returns the integer
-    k (N,) of the narrowed bracket's crossed end.
+    def __init__(self, g: GraphBuilder, h: MembershipClassifier):
+        self.g, self.c, self._consts = g, h.n_classes, {}
+        a = h.arrays
+        # h0 and its gradient in float64; the probes in PROBE_DTYPE (x @ W.T + b as Gemm)
+        self.wt = [self.k(a[f"w{i}"].T) for i in (1, 2, 3)]
+        self.w = [self.k(a[f"w{i}"]) for i in (1, 2, 3)]  # gradients: g @ W
+        self.b = [self.k(a[f"b{i}"]) for i in (1, 2, 3)]
+        self.w4, self.b4 = self.k(a["w4"][0]), self.k(a["b4"])
+        self.probe_wt = [self.k(a[f"w{i}"].T, PROBE_DTYPE) for i in (1, 2, 3)]
+        self.probe_b = [self.k(a[f"b{i}"], PROBE_DTYPE) for i in (1, 2, 3)]
+        self.probe_w4, self.probe_b4 = self.k(a["w4"][0], PROBE_DTYPE), self.k(a["b4"], PROBE_DTYPE)
+
+    def k(self, value, dtype=F64) -> str:
+        """A constant, shared by every node that uses the same value."""
+        arr = np.asarray(value, dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.g.const(arr)
+        return self._consts[key]
+
+    def i(self, *values: int) -> str:
+        return self.k(list(values), np.int64)
+
+    def __getattr__(self, op_type: str):  # o.Add(a, b) -> g.op("Add", a, b)
+        return lambda *inputs, **attrs: self.g.op(op_type, *inputs, **attrs)
+
+    def padded(self, x: str, rank: int, length: int, value: float = 0.0) -> str:
+        """x (rank `rank`, last axis of `length`) with that axis padded by `value` to a multiple of 8.
+
+        onnxruntime's float64 Exp, Log and ReduceSum run in SIMD packets aligned to the tensor's
+        memory, and elements outside whole packets take scalar code that rounds (Exp, Log) or
+        groups a sum differently: a row's result would depend on where it lies in the batch. With
+        rows of a multiple of 8 elements every row is split into packets the same way.
+        """
+        pad = -length % 8
+        if not pad:
+            return x
+        return self.Pad(x, self.i(*[0] * (2 * rank - 1), pad), self.k(value))
+
+    def sum(self, x: str, rank: int, length: int, keepdims: int = 1) -> str:
+        """Sum over the last axis (of `length`), the same way for every row (`padded`)."""
+        return self.g.op("ReduceSum", self.padded(x, rank, length), self.i(-1), keepdims=keepdims)
+
+    def unsqueeze(self, x: str, *axes: int) -> str:
+        return self.g.op("Unsqueeze", x, self.i(*axes))
+
+    def squeeze(self, x: str, *axes: int) -> str:
+        return self.g.op("Squeeze", x, self.i(*axes))
+
+    def part(self, x: str, axis: int, start: int, stop: int) -> str:
+        return self.g.op("Slice", x, self.i(start), self.i(stop), self.i(axis))
+
+    def sort(self, x: str, length: int | None = None) -> str:
+        """Ascending sort of the last axis (of `length`, default C): values only."""
+        return self.g.op("TopK", x, self.i(length or self.c), axis=-1, largest=0, sorted=1, outputs=2)[0]
+
+    def packed(self, op_type: str, x: str, rank: int, length: int) -> str:
+        """Exp or Log over x, the same way for every row (`padded`)."""
+        if not -length % 8:
+            return self.g.op(op_type, x)
+        return self.part(self.g.op(op_type, self.padded(x, rank, length)), -1, 0, length)
+
+    def softmax(self, e: str, rank: int) -> str:
+        """Softmax over the last axis (C), shifted by the row maximum, as numpy and torch compute it;
+        padded (`padded`) with logits whose exp is 0 next to the row maximum's 1."""
+        z = self.padded(self.Sub(e, self.ReduceMax(e, axes=[-1], keepdims=1)), rank, self.c, -1e3)
+        z = self.Exp(z)
+        out = self.Div(z, self.g.op("ReduceSum", z, self.i(-1), keepdims=1))
+        return out if not -self.c % 8 else self.part(out, -1, 0, self.c)
+
+    def f64(self, x: str) -> str:
+        return self.Cast(x, to=11)
+
+    def rows(self, x: str, *dims: int) -> str:
+        """x broadcast to (N, *dims), N the batch's row count (`self.n`, a shape tensor)."""
+        return self.Expand(x, self.Concat(self.n, self.i(*dims), axis=0))
+
+    # --- h, the defender's MLP ------------------------------------------------------------
+
+    def h_logit_and_grad(self, x: str) -> tuple[str, str]:
+        """(N, C) -> ((N, 1) pre-sigmoid output, its gradient (N, C)); ReLU'(0) = 0 as in torch."""
+        z1 = self.Gemm(x, self.wt[0], self.b[0])
+        z2 = self.Gemm(self.Relu(z1), self.wt[1], self.b[1])
+        z3 = self.Gemm(self.Relu(z2), self.wt[2], self.b[2])
+        out = self.Add(self.sum(self.Mul(self.Relu(z3), self.w4), 2, HIDDEN[-1]), self.b4)
+        zero = self.k(0.0)
+        g2 = self.Mul(self.MatMul(self.Mul(self.f64(self.Greater(z3, zero)), self.w4), self.w[2]),
+                      self.f64(self.Greater(z2, zero)))
+        g1 = self.Mul(self.MatMul(g2, self.w[1]), self.f64(self.Greater(z1, zero)))
+        return out, self.MatMul(g1, self.w[0])
+
+    def crossed(self, vectors: str, h0: str, lead: tuple[int, ...]) -> str:
+        """Sorted vectors (N, *lead, C) -> (N, *lead) bool: h's sign flipped versus h0 (N, 1)."""
+        a = self.Cast(self.Reshape(vectors, self.i(-1, self.c)), to=PROBE_ONNX_TYPE)
+        for w, b in zip(self.probe_wt, self.probe_b, strict=True):
+            a = self.Relu(self.Gemm(a, w, b))
+        out = self.f64(self.Add(self.sum(self.Mul(a, self.probe_w4), 2, HIDDEN[-1]), self.probe_b4))  # (M, 1)
+        out = self.Reshape(out, self.i(-1, *lead))
+        h0b = h0 if len(lead) == 1 else self.Reshape(h0, self.i(-1, *[1] * len(lead)))  # h0 is (N, 1)
+        return self.LessOrEqual(self.Mul(out, h0b), self.k(0.0))
+
+
+def build_graph(h: MembershipClassifier, per_pass: int) -> GraphBuilder:
+    """The whole search for one fitted h, settling `per_pass` bisection levels per pass of h.
+
+    Graph input `sorted_probs` (N, C) float64 (rows sorted ascending, stable: `sort_rows`);
+    outputs `noised` (N, C) float64 in sorted order and `success` (N,) bool.
     """
-    n = lo.shape[0]
-    width, scale = hi - lo, 1.0 / 2 ** LEVELS
-    k_lo = np.zeros(n, np.int64)
-    done, per_pass = 0, _levels_per_pass(n)
-    rows = np.arange(n)
+    g = GraphBuilder("memguard_phase1")
+    o = _Ops(g, h)
+    c = h.n_classes
+    x = g.input("sorted_probs", F64, ("N", c))
+    o.n = o.part(o.Shape(x), 0, 0, 1)
+    e0 = o.packed("Log", o.Max(x, o.k(LOG_FLOOR)), 2, c)
+    s = o.softmax(e0, 2)  # the anchor: exactly softmax(e0)
+    top = o.ArgMax(x, axis=1, keepdims=1)  # (N, 1): first index, as numpy's argmax
+    h0, gp = o.h_logit_and_grad(s)  # (N, 1), (N, C)
+    sigmoid = o.Div(o.k(1.0), o.Add(o.k(1.0), o.packed("Exp", o.Neg(h0), 2, 1)))
+    off_boundary = o.Greater(o.Abs(o.Sub(sigmoid, o.k(0.5))), o.k(EARLY_EXIT))  # (N, 1)
+
+    # --- the three paths ------------------------------------------------------------------
+    sign = o.Neg(o.Sign(h0))  # (N, 1): towards the boundary
+    # the ray: h's gradient carried back through softmax to the logits
+    ge = o.Mul(s, o.Sub(gp, o.sum(o.Mul(gp, s), 2, c)))
+    norm = o.Sqrt(o.sum(o.Mul(ge, ge), 2, c))  # (N, 1)
+    d = o.Mul(sign, o.Div(ge, o.Where(o.Greater(norm, o.k(0.0)), norm, o.k(1.0))))
+    e0_3, d_3, s_3 = o.unsqueeze(e0, 1), o.unsqueeze(d, 1), o.unsqueeze(s, 1)  # (N, 1, C)
+    # the mixtures' targets: one-hot top and top two (the last two positions); released (N, 2, C),
+    # and as h sees them once re-sorted (2, C): the one-hot top re-sorted is the last position
+    # (the entries after `top` tie with it), the top two are sorted already
+    onehot = o.f64(o.Equal(o.k(np.arange(c)[None, :], np.int64), top))  # (N, C)
+    toptwo, last = np.zeros(c), np.zeros(c)
+    toptwo[-2:], last[-1] = 0.5, 1.0
+    targets = o.Concat(o.unsqueeze(onehot, 1), o.rows(o.k(toptwo[None, None]), 1, c), axis=1)  # (N, 2, C)
+    targets_sorted = np.stack([last, toptwo])
+
+    def ray(t: str) -> str:
+        """t (N, K, 1) -> (N, K, C): sorted logits (the released vector keeps the clean ranking);
+        softmax keeps the order, so the vector is sorted as h sees it."""
+        return o.softmax(o.sort(o.Add(e0_3, o.Mul(t, d_3))), 3)
+
+    def mix(t: str, anchor: str, target: str) -> str:
+        """(1 - t) s + t v, t (..., K, 1) broadcast against the anchor s and the target v (..., C)."""
+        return o.Add(o.Mul(o.Sub(o.k(1.0), t), anchor), o.Mul(t, target))
+
+    # linearised distance to the boundary along each path (the grid's unit): |h0| / slope
+    slope_mix = o.Mul(sign, o.sum(o.Mul(o.unsqueeze(gp, 1), o.Sub(targets, s_3)), 3, c, keepdims=0))  # (N, 2)
+    slope = o.Concat(norm, slope_mix, axis=1)  # (N, 3)
+    t_pred = o.Div(o.Abs(h0), o.Where(o.Greater(slope, o.k(0.0)), slope, o.k(1e-300)))
+    t_max = np.array([T_MAX, MIX_T_MAX, MIX_T_MAX])
+
+    # --- 1. the grid, every path in one pass: the first crossing on each path brackets it ---
+    predicted = o.Min(o.Mul(o.unsqueeze(t_pred, 2), o.k(GRID_PREDICTED[None, None, :])),
+                      o.k(t_max[None, :, None]))  # (N, 3, 4)
+    absolute = o.rows(o.k((t_max[:, None] * GRID_ABSOLUTE)[None]), N_PATHS, len(GRID_ABSOLUTE))
+    grid = o.sort(o.Concat(predicted, absolute, axis=2), N_GRID)  # (N, 3, 8) ascending
+    mix_grid = mix(o.unsqueeze(o.part(grid, 1, 1, 3), 3), o.unsqueeze(s, 1, 2),
+                   o.k(targets_sorted[None, :, None, :]))  # (N, 2, 8, C), sorted
+    ray_grid = ray(o.Reshape(o.part(grid, 1, 0, 1), o.i(-1, N_GRID, 1)))  # (N, 8, C)
+    probes = o.Concat(o.unsqueeze(ray_grid, 1), mix_grid, axis=1)
+    crossed = o.Cast(o.crossed(probes, h0, (N_PATHS, N_GRID)), to=6)  # (N, 3, 8) int32
+    first = o.ArgMax(crossed, axis=2, keepdims=1)  # (N, 3, 1): the first crossing (0 if none)
+    hi = o.GatherElements(grid, first, axis=2)
+    zero_i = o.i(0)
+    previous = o.GatherElements(grid, o.Max(o.Sub(first, o.i(1)), zero_i), axis=2)
+    lo = o.Where(o.Greater(first, zero_i), previous, o.k(0.0))  # (N, 3, 1)
+    any_crossed = o.Cast(o.squeeze(o.GatherElements(crossed, first, axis=2), 2), to=9)  # (N, 3)
+
+    # --- 2. the path whose grid crossing is nearest in L1 (top class kept), for every row ---
+    hi2 = o.squeeze(hi, 2)  # (N, 3)
+    at_hi = o.Concat(ray(o.unsqueeze(o.part(hi2, 1, 0, 1), 2)), mix(o.unsqueeze(o.part(hi2, 1, 1, 3), 2), s_3, targets),
+                     axis=1)  # (N, 3, C), released
+    kept = o.Equal(o.ArgMax(at_hi, axis=2, keepdims=0), top)  # (N, 3)
+    ok = o.And(o.And(any_crossed, kept), off_boundary)
+    l1 = o.sum(o.Abs(o.Sub(at_hi, s_3)), 3, c, keepdims=0)
+    best = o.ArgMin(o.Where(ok, l1, o.k(np.inf)), axis=1, keepdims=1)  # (N, 1)
+    success = o.GatherElements(ok, best, axis=1)  # (N, 1)
+    best3 = o.unsqueeze(best, 2)  # (N, 1, 1)
+    lo_b = o.squeeze(o.GatherElements(lo, best3, axis=1), 2)  # (N, 1)
+    hi_b = o.squeeze(o.GatherElements(hi, best3, axis=1), 2)
+    width, scale = o.Sub(hi_b, lo_b), 1.0 / 2 ** LEVELS
+    # the chosen path of every row: the ray, or a mixture with its target (released, as h sees it)
+    on_ray = o.Equal(best3, zero_i)
+    to_top = o.Equal(best, o.i(1))
+    target_h = o.unsqueeze(o.Where(to_top, o.k(last[None]), o.k(toptwo[None])), 1)  # (N, 1, C)
+    target = o.unsqueeze(o.Where(to_top, onehot, o.k(toptwo[None])), 1)
+
+    def chosen(ks: str, target_of_path: str) -> str:
+        """Integer probe steps ks (N, K) -> the chosen path's vectors (N, K, C) at lo + width * ks * scale."""
+        t = o.unsqueeze(o.Add(lo_b, o.Mul(width, o.Mul(o.f64(ks), o.k(scale)))), 2)  # (N, K, 1)
+        return o.Where(on_ray, ray(t), mix(t, s_3, target_of_path))
+
+    # --- 3. bisection on the chosen path of every row (failed rows narrow a bracket nobody
+    # uses): each pass probes 2**levels - 1 points and settles `levels` levels from them in order
+    zeros = o.rows(o.k(np.zeros((1, 1)), np.int64), 1)  # (N, 1)
+    k_lo, done = zeros, 0
     while done < LEVELS:
         levels = min(per_pass, LEVELS - done)
         unit = 2 ** (LEVELS - done - levels)  # spacing of this pass's probes, in steps of k
-        ks = k_lo[:, None] + unit * np.arange(1, 2 ** levels)  # (N, 2**levels - 1)
-        crossed = _crossed(h, path(lo[:, None] + width[:, None] * (ks * scale)), h0)
-        # settle the levels in order from the speculative probes: the current bracket's midpoint
-        # is probe number offset + half (in units) from this pass's k_lo
-        offset = np.zeros(n, np.int64)
+        count = 2 ** levels - 1
+        ks = o.Add(k_lo, o.k(unit * np.arange(1, count + 1)[None, :], np.int64))  # (N, count)
+        hit = o.crossed(chosen(ks, target_h), h0, (count,))
+        offset = zeros
         for j in range(levels):
             half = 2 ** (levels - j - 1)
-            offset = np.where(crossed[rows, offset + half - 1], offset, offset + half)
-        k_lo = k_lo + unit * offset
+            midpoint = o.GatherElements(hit, o.Add(offset, o.i(half - 1)), axis=1)
+            offset = o.Where(midpoint, offset, o.Add(offset, o.i(half)))
+        k_lo = o.Add(k_lo, o.Mul(offset, o.i(unit)))
         done += levels
-    return k_lo + 1
+    refined = o.squeeze(chosen(o.Add(k_lo, o.i(1)), target), 1)  # (N, C)
+    refined_kept = o.Equal(o.ArgMax(refined, axis=1, keepdims=1), top)  # else the grid point, which kept it
+    at_hi_best = o.squeeze(o.GatherElements(at_hi, o.rows(best3, 1, c), axis=1), 1)
+    noised = o.Where(o.And(success, refined_kept), refined, o.Where(success, at_hi_best, s))
+    g.output(noised, "noised", F64, ("N", c))
+    g.output(o.squeeze(success, 1), "success", np.bool_, ("N",))
+    return g
 
 
-def fast_phase1(h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Constant-work boundary search. p (N, C) float64 -> (noised (N, C), success (N,))."""
-    order, e0, top = sort_rows(p)
-    s = softmax(e0)  # the anchor: exactly softmax(e0)
-    h0, gp = h.logit_and_grad(s)
-    on_boundary = np.abs(1.0 / (1.0 + np.exp(-h0)) - 0.5) <= EARLY_EXIT
-    paths = Paths(e0, s, top, h0, gp)
-    n = len(p)
-    rows = np.arange(n)
-    # 1. the grid, every path in one pass: the first crossing on each path brackets it
-    grid = paths.grid()
-    crossed = _crossed(h, paths.at(grid), h0)
-    first = crossed.argmax(axis=2)[..., None]
-    hi = np.take_along_axis(grid, first, axis=2)[..., 0]  # (N, P)
-    lo = np.where(first[..., 0] > 0, np.take_along_axis(grid, np.maximum(first - 1, 0), axis=2)[..., 0], 0.0)
-    # 2. the path whose grid crossing is nearest in L1 (top class kept), for every row
-    at_hi = paths.at(hi[..., None])[:, :, 0]  # (N, P, C)
-    ok = crossed.any(axis=2) & (at_hi.argmax(axis=2) == top[:, None]) & ~on_boundary[:, None]
-    best = np.where(ok, np.abs(at_hi - s[:, None, :]).sum(axis=2), np.inf).argmin(axis=1)
-    success = ok[rows, best]
+class Phase1Solver:
+    """The constant-work boundary search for one fitted h, on onnxruntime.
 
-    def chosen(ts):  # (N, K) -> the chosen path's vectors (N, K, C)
-        return paths.at(np.broadcast_to(ts[:, None, :], (n, N_PATHS, ts.shape[1])))[rows, best]
+    `solver(p)` maps p (N, C) float64 in class order to (noised (N, C), success (N,)) in one
+    session run. One session per bisection schedule (`levels_per_pass`), built here so that no
+    request pays for it; sessions are thread-safe and release the GIL while they run.
+    """
 
-    # 3. bisection on the chosen path of every row (failed rows narrow a bracket nobody uses)
-    lo_b, hi_b = lo[rows, best], hi[rows, best]
-    k = _bisect(h, chosen, h0, lo_b, hi_b)
-    refined = chosen((lo_b + (hi_b - lo_b) * (k * (1.0 / 2 ** LEVELS)))[:, None])[:, 0]
-    kept = refined.argmax(axis=1) == top  # else the grid point, which kept it
-    noised = np.where((success & kept)[:, None], refined, np.where(success[:, None], at_hi[rows, best], s))
-    return unsort_rows(noised, order), success
+    def __init__(self, h: MembershipClassifier, device: str = "cpu"):
+        from purifier.models.onnx_runner import OnnxClassifier
+
+        self.h, self.device = h, device
+        self.sessions = {k: OnnxClassifier(build_graph(h, k).model_bytes(), device=device)
+                         for k in range(1, SPECULATE_LEVELS + 1)}
+
+    def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(p, axis=1, kind="stable")
+        sorted_p = np.ascontiguousarray(np.take_along_axis(p, order, axis=1), F64)
+        noised, success = self.sessions[levels_per_pass(len(p))].session.run(None, {"sorted_probs": sorted_p})
+        return unsort_rows(noised, order), success

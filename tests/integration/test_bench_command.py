@@ -15,8 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 def settings(target, **extra):
-    return Settings.resolve({"model": str(target.directory), "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
-                             **extra}, env={})
+    return Settings.resolve({"model": str(target.directory), "defense": "none", "host": "127.0.0.1", "port": 0, "http_port": 0,
+                             "metrics_port": -1, **extra}, env={})
 
 
 @pytest.fixture(scope="module")
@@ -52,21 +52,6 @@ def test_bench_writes_every_cell_and_the_added_latency(pair, tmp_path, capsys):
     assert doc["inputs"]["sidecar"] == {"name": "input", "datatype": "FP32", "n_features": 64}
     table = capsys.readouterr().out
     assert "added p50" in table and table.count("sidecar") >= 8
-
-
-def test_bench_measures_the_rest_front_beside_grpc(pair, tmp_path):
-    a, _ = pair
-    out = tmp_path / "bench.json"
-    code = main(["bench", "--sidecar", f"127.0.0.1:{a.port}", "--sidecar-rest", f"127.0.0.1:{a.http_port}",
-                 "--model-name", a.model_name, "--concurrency", "1", "2", "--seconds", "0.3", "--rounds", "1",
-                 "--json", str(out)])
-    assert code == 0
-    doc = json.loads(out.read_text())
-    cells = {(c["endpoint"], c["concurrency"]): c for c in doc["cells"]}
-    assert set(cells) == {(e, c) for e in ("sidecar", "sidecar-rest") for c in (1, 2)}
-    assert all(c["calls"] > 0 and c["throughput_rps"] > 0 for c in cells.values())
-    assert [(c["endpoint"], c["baseline"]) for c in doc["comparisons"]] == [("sidecar-rest", "sidecar")] * 2
-    assert doc["inputs"]["sidecar-rest"] == {"name": "input", "datatype": "FP32", "n_features": 64}
 
 
 def test_bench_sends_typed_contents_and_one_endpoint_alone(pair, capsys):

@@ -33,9 +33,11 @@ from fronts import Seen as FrontSeen
 from fronts import call as front_call
 from oip_fake import infer_request, softmax
 
+from purifier.errors import ConfigError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
+from purifier_server.codec import decode_inputs
 from purifier_server.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -229,6 +231,15 @@ def fault_table() -> str:
     for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
         outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
         lines.append(f"| {i} | {name} | {outcome} |")
+    lines += ["", "## An allowed output (`--allow-output label`)", "",
+              "The upstream answers its `label` output as below (the model check's probes and client requests "
+              "alike, or only client requests after an honest start). The client asks for no output, for "
+              "`label` alone, or for both: the `label` it gets is always rebuilt by the sidecar as the argmax of "
+              "the defended vector (INT64 [N], as the honest start declared), never the upstream's values.", "",
+              "| # | upstream's `label` | at start-up | afterwards (client requests) |", "|---|---|---|---|"]
+    for i, name in enumerate(LABELS, 1):
+        start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
+        lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,11 +248,19 @@ def test_the_documented_fault_table_is_current():
 
 
 class HostileUpstream:
-    """An OIP server whose ModelInfer does whatever `self.fault` says with the clean vector."""
+    """An OIP server whose ModelInfer does whatever `self.fault` says with the clean vector.
 
-    def __init__(self):
+    The clean vector is `self.model(x, request)`: softmax(x) unless a test swaps the model. With
+    `label` (datatype, shape) it serves ModelMetadata declaring input x FP32 [-1, C], output
+    probs FP32 [-1, C] and a `label` output of that datatype and shape; without, ModelMetadata is
+    UNIMPLEMENTED (then the sidecar cannot probe the model).
+    """
+
+    def __init__(self, label: tuple[str, list[int]] | None = None):
         self.fault: Callable[[np.ndarray], Reply] = lambda p: Reply(answer(p))
+        self.model: Callable[[np.ndarray, pb.ModelInferRequest], np.ndarray] = lambda x, request: softmax(x)
         self.calls = 0
+        self.label = label
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
         handlers = {
             "ModelReady": grpc.unary_unary_rpc_method_handler(
@@ -251,16 +270,25 @@ class HostileUpstream:
                 self._infer, pb.ModelInferRequest.FromString,
                 lambda m: m if isinstance(m, bytes) else m.SerializeToString()),
         }
+        if label is not None:
+            handlers["ModelMetadata"] = grpc.unary_unary_rpc_method_handler(
+                self._metadata, pb.ModelMetadataRequest.FromString, pb.ModelMetadataResponse.SerializeToString)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         self.server = server
 
+    def _metadata(self, request, context):
+        spec = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(name="m", versions=["1"], platform="hostile",
+                                        inputs=[spec(name="x", datatype="FP32", shape=[-1, C])],
+                                        outputs=[spec(name="probs", datatype="FP32", shape=[-1, C]),
+                                                 spec(name="label", datatype=self.label[0], shape=self.label[1])])
+
     def _infer(self, request, context):
         self.calls += 1
-        t = request.inputs[0]
-        x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(tuple(t.shape))
-        reply = self.fault(softmax(x))
+        x = decode_inputs(request)[0]
+        reply = self.fault(self.model(x, request))
         if reply.initial:
             context.send_initial_metadata(reply.initial)
         if reply.trailing:
@@ -394,6 +422,7 @@ def assert_front_defended(seen: FrontSeen, defense, clean: np.ndarray) -> None:
 @pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_no_clean_value_reaches_the_client(sidecar, hostile, recording, fault, front):
+    """Every fault through every front (fronts.FRONTS): the same outcome, nothing clean."""
     make, expected = FAULTS[fault]
     clean = softmax(X)
     hostile.fault = make
@@ -430,41 +459,128 @@ def test_an_oversized_answer_does_not_hold_the_defense(stub, hostile, recording)
     print(f"\nserved {time.monotonic() - start:.3f} s after four 200,000-row answers")
 
 
-def test_an_allowed_integer_output_is_constructed_and_a_floating_point_one_refused(hostile, recording):
-    """allow_outputs passes an integer output (a label) through, rebuilt from its values; a
-    floating-point output under that name (a clean copy of the top probability) is an error."""
-    settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
-                                 "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
-                                 "port": 0, "http_port": 0, "metrics_port": -1}, env={})
-    clean = softmax(X)
-    label = clean.argmax(axis=1).astype(np.int64)
+# --- allowed outputs: never the upstream's bytes ----------------------------------------------------
 
-    def with_label(p):
-        resp = answer(p)
-        resp.outputs.add(name="label", datatype="INT64", shape=label.shape).parameters["clean"].string_param = text(p)
-        resp.raw_output_contents.append(label.tobytes())
+def _bits(p: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(p, "<f4").view(np.uint8)
+
+
+# name -> (datatype, the label output an upstream answers given the clean (N, C) vector)
+LABELS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
+    "honest: INT64 argmax [N]": ("INT64", lambda p: p.argmax(axis=1).astype(np.int64)),
+    "INT32 bit-casts of the probabilities [N, C]": ("INT32", lambda p: _bits(p).view("<i4")),
+    "INT64 probabilities x 1e9 [N, C]": ("INT64", lambda p: (p.astype(np.float64) * 1e9).astype(np.int64)),
+    "UINT8 bytes of the probabilities [N, 4C]": ("UINT8", _bits),
+    "BOOL bits of the probabilities [N, 32C]": ("BOOL", lambda p: np.unpackbits(_bits(p), axis=1).astype(bool)),
+    "INT64 [N]: argmax + C x top probability in millionths": (
+        "INT64", lambda p: p.argmax(axis=1) + C * np.round(p.max(axis=1) * 1e6).astype(np.int64)),
+    "INT64 [N, 1]: class names 7, 8, 9, 10 instead of indices": (
+        "INT64", lambda p: p.argmax(axis=1)[:, None].astype(np.int64) + 7),
+    "FP32 top probability [N, 1]": ("FP32", lambda p: p.max(axis=1, keepdims=True)),
+}
+HONEST = "honest: INT64 argmax [N]"
+
+
+def labelled(mode: str, parameters: bool = False) -> Callable[[np.ndarray], Reply]:
+    """The fault: the defended-looking answer plus a `label` output encoded as LABELS[mode]."""
+    datatype, encode = LABELS[mode]
+
+    def make(p):
+        resp, label = answer(p), encode(p)
+        tensor = resp.outputs.add(name="label", datatype=datatype, shape=label.shape)
+        if parameters:
+            tensor.parameters["clean"].string_param = text(p)
+        resp.raw_output_contents.append(np.ascontiguousarray(label).tobytes())
         return Reply(resp)
 
-    with BackgroundSidecar(settings, defense=recording.defense) as sc, \
+    return make
+
+
+@pytest.fixture(scope="module")
+def labelled_upstream():
+    upstream = HostileUpstream(label=("INT64", [-1]))
+    upstream.fault = labelled(HONEST)
+    try:
+        yield upstream
+    finally:
+        upstream.server.stop(0)
+
+
+def label_settings(upstream, **extra) -> Settings:
+    return Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                             "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
+                             "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+
+
+@pytest.fixture(scope="module")
+def label_sidecar(labelled_upstream, recording):
+    with BackgroundSidecar(label_settings(labelled_upstream), defense=recording.defense) as sc, \
             grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        try:
-            hostile.fault = with_label
-            seen = call(stub, X)
-            label_only = call(stub, X, outputs=("label",))
-            hostile.fault = lambda p: Reply(answer(p, label=p.max(axis=1, keepdims=True)))
-            refused = call(stub, X)
-        finally:
-            hostile.fault = lambda p: Reply(answer(p))
-    assert_no_clean_value(seen, clean)
-    assert [o.name for o in seen.response.outputs] == ["probs", "label"]
-    assert np.array_equal(np.frombuffer(seen.response.raw_output_contents[1], np.int64), label)
-    assert not seen.response.outputs[1].parameters
-    assert_no_clean_value(label_only, clean)
-    assert [o.name for o in label_only.response.outputs] == ["label"]
-    assert np.array_equal(np.frombuffer(label_only.response.raw_output_contents[0], np.int64), label)
-    assert_no_clean_value(refused, clean)
-    assert refused.code == INTERNAL and "allowed output is floating point" in refused.texts[0]
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.mark.parametrize("parameters", [False, True], ids=["", "clean vector in its parameters"])
+@pytest.mark.parametrize("mode", list(LABELS))
+def test_an_allowed_output_is_rebuilt_from_the_defended_vector_never_forwarded(label_sidecar, labelled_upstream,
+                                                                              recording, mode, parameters):
+    """Before: `--allow-output label` checked only the datatype, and an upstream answering `label`
+    as bit-casts, scaled integers, bytes or bits of the probabilities got the clean vector to the
+    client exactly, also when the client asked for `label` alone or for no output."""
+    clean = softmax(X)
+    defended = type(recording.defense)().transform(clean)
+    labelled_upstream.fault = labelled(mode, parameters)
+    try:
+        for outputs in ((), ("label",), ("probs", "label"), ("label", "probs")):
+            seen = call(label_sidecar, X, outputs)
+            assert_no_clean_value(seen, clean)
+            assert seen.code is None, seen.texts
+            resp = seen.response
+            names = list(outputs) or ["probs", "label"]
+            assert [o.name for o in resp.outputs] == names and not resp.parameters
+            got = {o.name: (o, blob) for o, blob in zip(resp.outputs, resp.raw_output_contents, strict=True)}
+            label, blob = got["label"]
+            assert (label.datatype, list(label.shape), dict(label.parameters)) == ("INT64", [len(X)], {})
+            assert np.array_equal(np.frombuffer(blob, np.int64), defended.argmax(axis=1))
+            if "probs" in got:
+                np.testing.assert_allclose(np.frombuffer(got["probs"][1], np.float32).reshape(clean.shape),
+                                           defended, rtol=1e-6)
+    finally:
+        labelled_upstream.fault = labelled(HONEST)
+
+
+@pytest.mark.parametrize("mode", [m for m in LABELS if m != HONEST])
+def test_an_allowed_output_that_is_not_the_argmax_index_is_refused_at_start_up(labelled_upstream, recording, mode):
+    labelled_upstream.fault = labelled(mode)
+    try:
+        with pytest.raises(ConfigError, match="allow_outputs: the model's 'label' cannot be served: .*; remove it "
+                                              "from allow_outputs"):
+            with BackgroundSidecar(label_settings(labelled_upstream), defense=recording.defense):
+                pass
+    finally:
+        labelled_upstream.fault = labelled(HONEST)
+
+
+@pytest.mark.parametrize("declared,message", [
+    (("INT32", [-1, C]), r"its declared shape is \[-1, 4\]"),
+    (("FP32", [-1, 1]), "'label' is FP32; a floating-point output beside the confidences"),
+    (("BOOL", [-1]), "it is BOOL, not an integer class index"),
+])
+def test_a_declared_allowed_output_that_cannot_be_a_class_index_is_refused_at_start_up(recording, declared, message):
+    upstream = HostileUpstream(label=declared)
+    upstream.fault = labelled(HONEST)
+    try:
+        with pytest.raises(ConfigError, match=message):
+            with BackgroundSidecar(label_settings(upstream), defense=recording.defense):
+                pass
+    finally:
+        upstream.server.stop(0)
+
+
+def test_an_allowed_output_of_a_model_that_cannot_be_probed_is_refused(hostile, recording):
+    """Without ModelMetadata the sidecar cannot learn what the label is: refused, not forwarded."""
+    with pytest.raises(ConfigError, match="allow_outputs: the model cannot be probed and does not declare 'label'"):
+        with BackgroundSidecar(label_settings(hostile), defense=recording.defense):
+            pass
 
 
 if __name__ == "__main__":

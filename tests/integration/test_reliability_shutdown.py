@@ -30,7 +30,8 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 def serve(upstream, grace: float, log_path) -> tuple[ServeProcess, int]:
     sidecar = ServeProcess(["--upstream", f"127.0.0.1:{upstream.port}", "--model-name", "m",
-                            "--confidence-output", "probs", "--grace", str(grace)], log_path=log_path).start()
+                            "--confidence-output", "probs", "--defense", "none", "--grace", str(grace)],
+                           log_path=log_path).start()
     return sidecar, sidecar.port
 
 

@@ -8,19 +8,21 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from purifier.serve_process import ServeProcess, ServerStartError
+from purifier.serve_process import ServeProcess, ServerStartError, clean_env
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
 
 
 def test_serve_embedded_then_sigterm_exits_cleanly(digits_target, tmp_path):
-    proc = ServeProcess(["--model", str(digits_target.directory), "--model-name", "digits"],
+    proc = ServeProcess(["--model", str(digits_target.directory), "--model-name", "digits", "--defense", "none"],
                         log_path=tmp_path / "serve.log").start()
     try:
         assert proc.ready["event"] == "serving" and proc.port > 0
@@ -57,9 +59,45 @@ def test_bad_settings_fail_at_start_up_in_one_line(args, message, tmp_path):
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_serving_without_a_defense_is_refused_naming_both_choices(digits_target, tmp_path):
+    """Before, no --defense and no --defense-dir served `defense: none` with an info line."""
+    proc = ServeProcess(["--model", str(digits_target.directory)], log_path=tmp_path / "serve.log", ready_timeout_s=60)
+    try:
+        with pytest.raises(ServerStartError) as info:
+            proc.start()
+    finally:
+        proc.stop(timeout_s=5)
+    assert info.value.returncode == 2
+    (line,) = info.value.log.strip().splitlines()
+    assert line == ("purifier: error: defense: none configured; give --defense-dir DIR (a directory from purifier "
+                    "fit-defense), or --defense none to serve undefended on purpose")
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "toml"])
+def test_serving_undefended_on_purpose_says_so_in_the_ready_line_the_log_and_a_gauge(digits_target, tmp_path, how):
+    args, env = ["--model", str(digits_target.directory), "--metrics-port", "0"], clean_env()
+    if how == "flag":
+        args += ["--defense", "none"]
+    elif how == "env":
+        env["PURIFIER_DEFENSE"] = "none"
+    else:
+        (tmp_path / "serve.toml").write_text('[serve]\ndefense = "none"\n')
+        args += ["--config", str(tmp_path / "serve.toml")]
+    with ServeProcess(args, env=env, log_path=tmp_path / "serve.log") as proc:
+        assert proc.ready["defense"] == "none" and "UNDEFENDED" in proc.ready["warning"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.ready['metrics_port']}/metrics", timeout=10) as r:
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        log = [json.loads(line) for line in proc.log_text().splitlines()]
+    (gauge,) = families["purifier_defense_active"].samples
+    assert gauge.labels == {"defense": "none"} and gauge.value == 0
+    assert [e["msg"] for e in log if e["level"] == "warning"] == [
+        "serving UNDEFENDED: clients get the model's clean confidence vectors (--defense none)"]
+
+
 def test_a_model_whose_confidences_cannot_be_defended_exits_2_naming_the_fix(zipmap_onnx, tmp_path):
     with pytest.raises(ServerStartError) as info:      # exited before any ready line on stdout
-        ServeProcess(["--model", str(zipmap_onnx)], log_path=tmp_path / "serve.log", ready_timeout_s=60).start()
+        ServeProcess(["--model", str(zipmap_onnx), "--defense", "none"], log_path=tmp_path / "serve.log",
+                     ready_timeout_s=60).start()
     err = info.value.log
     assert info.value.returncode == 2
     (line,) = err.strip().splitlines()
@@ -92,7 +130,8 @@ def test_memory_stays_bounded_under_oversized_and_compressed_requests(digits_tar
     unread, 8 MB payloads were buffered by HTTP/2 windows grown by BDP probing (+235 MB)."""
     token = "abuse-test-token-0123456789"
     (tmp_path / "token").write_text(token)
-    proc = ServeProcess(["--model", str(digits_target.directory), "--auth-token-file", str(tmp_path / "token")],
+    proc = ServeProcess(["--model", str(digits_target.directory), "--defense", "none",
+                         "--auth-token-file", str(tmp_path / "token")],
                         log_path=tmp_path / "serve.log").start()
     try:
         port = proc.port

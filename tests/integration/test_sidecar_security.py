@@ -18,8 +18,8 @@ pytestmark = pytest.mark.integration
 
 
 def settings(target, **extra):
-    return Settings.resolve({"model": str(target.directory), "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
-                             **extra}, env={})
+    return Settings.resolve({"model": str(target.directory), "defense": "none", "host": "127.0.0.1", "port": 0, "http_port": 0,
+                             "metrics_port": -1, **extra}, env={})
 
 
 def infer(port, name, **client_kw):

@@ -14,6 +14,7 @@ from purifier_server.settings import Settings
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
 BASE = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
+NONE = {"defense": "none", **BASE}
 
 
 def saved_defense(directory, model_id, n_classes=10):
@@ -44,7 +45,7 @@ def test_defense_dir_needs_a_secret_the_right_kind_and_the_right_model(digits_ta
 
 def test_bare_onnx_file_is_served_under_its_stem(digits_target, triton_infer):
     x = np.zeros((3, 64), np.float32)
-    with BackgroundSidecar(Settings.resolve({"model": str(digits_target.onnx_path), **BASE}, env={})) as sc:
+    with BackgroundSidecar(Settings.resolve({"model": str(digits_target.onnx_path), **NONE}, env={})) as sc:
         assert sc.model_name == "model"
         probs = triton_infer(sc.port, "model", x)
     np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-6)
@@ -58,14 +59,14 @@ def test_bare_onnx_file_is_served_under_its_stem(digits_target, triton_infer):
                            r"tensor; re-export it with skl2onnx options=\{id\(model\): \{'zipmap': False\}\}"),
 ])
 def test_skl2onnx_default_export_is_refused_naming_the_fix(zipmap_onnx, output, message):
-    flags = {"model": str(zipmap_onnx), "confidence_output": output, **BASE}
+    flags = {"model": str(zipmap_onnx), "confidence_output": output, **NONE}
     with pytest.raises(ConfigError, match=message):
         with BackgroundSidecar(Settings.resolve(flags, env={})):
             pass
 
 
 def test_a_logits_output_needs_the_logits_flag(digits_target, triton_infer):
-    flags = {"model": str(digits_target.directory), "confidence_output": "logits", **BASE}
+    flags = {"model": str(digits_target.directory), "confidence_output": "logits", **NONE}
     with pytest.raises(ConfigError, match="'logits' does not hold probabilities on the probe rows .* add --logits"):
         with BackgroundSidecar(Settings.resolve(flags, env={})):
             pass
@@ -73,6 +74,16 @@ def test_a_logits_output_needs_the_logits_flag(digits_target, triton_infer):
     with BackgroundSidecar(Settings.resolve({**flags, "confidence_kind": "logits"}, env={})) as sc:
         probs = triton_infer(sc.port, sc.model_name, x, output="logits")
     np.testing.assert_allclose(probs, digits_target.classifier().run(x)["probabilities"], rtol=1e-5, atol=1e-7)
+
+
+def test_logits_flag_on_an_output_of_probability_vectors_is_refused(digits_target):
+    """Before, --logits on probabilities was accepted and every answer was a softmax of probabilities
+    (flattened vectors)."""
+    flags = {"model": str(digits_target.directory), "confidence_kind": "logits", **NONE}
+    with pytest.raises(ConfigError, match="confidence_kind: --logits is set, but 'probabilities' already holds "
+                                          "probability vectors on the 2 probe rows; .*: drop --logits"):
+        with BackgroundSidecar(Settings.resolve(flags, env={})):
+            pass
 
 
 def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(digits_target, tmp_path, caplog,
@@ -95,6 +106,7 @@ def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(di
     with BackgroundSidecar(Settings.resolve(flags, env={})) as sc:
         assert sc.defense.name == "memguard"
         got = triton_infer(sc.port, sc.model_name, x)
+        assert sc.metrics.registry.get_sample_value("purifier_defense_active", {"defense": "memguard"}) == 1
     clean = digits_target.classifier().run(x)["probabilities"]
     np.testing.assert_allclose(got, memguard.transform(clean), rtol=1e-6)
     assert np.abs(got - clean).sum(axis=1).max() > 1e-3          # defended, not the clean vector

@@ -296,7 +296,8 @@ def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, c
 
 def test_start_up_refuses_a_busy_port_and_a_class_count_mismatch(digits_target, fake, flatten_cls):
     base = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
-    with BackgroundSidecar(Settings.resolve({"model": str(digits_target.directory), **base}, env={})) as first:
+    with BackgroundSidecar(Settings.resolve({"model": str(digits_target.directory), "defense": "none", **base},
+                                            env={})) as first:
         busy = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
                                  **base, "port": first.port}, env={})
         with pytest.raises(ConfigError, match="port: cannot listen on 127.0.0.1"):

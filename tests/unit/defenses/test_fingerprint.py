@@ -8,7 +8,7 @@ from purifier.defenses.fingerprint import DEFAULT_ROWS, Fingerprint
 from purifier.errors import ArtifactError
 
 
-def _fit_data(rng, n=50, d=5, c=3):
+def _fit_data(rng, n=200, d=5, c=3):
     probs = rng.dirichlet(np.ones(c), size=n)
     X = rng.normal(size=(n, d)).astype(np.float32)
     y = probs.argmax(1)
@@ -41,6 +41,25 @@ def test_mismatch_names_the_difference():
     assert "differ" in fp.mismatch(other)
     assert "shape" in fp.mismatch(probs[:, :3])
     assert "NaN" in fp.mismatch(np.full_like(probs, np.nan))
+
+
+def test_a_subset_of_the_rows_is_compared_with_its_own_answers():
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(4), size=64)
+    fp = Fingerprint.from_rows(rng.normal(size=(64, 2)), probs)
+    rows = np.array([5, 0, 63])
+    assert fp.mismatch(probs[rows], rows) is None
+    assert "differ" in fp.mismatch(probs[[5, 1, 63]], rows)
+    assert "shape" in fp.mismatch(probs[rows], rows[:2])
+
+
+def test_a_fingerprint_of_eight_rows_fitted_before_still_loads(tmp_path):
+    defense = IdentityDefense().fit(_fit_data(np.random.default_rng(4)))
+    object.__setattr__(defense, "fingerprint", Fingerprint(defense.fingerprint.inputs[:8],
+                                                           defense.fingerprint.probs[:8]))
+    defense.save(tmp_path / "d")
+    loaded = load_defense(tmp_path / "d").fingerprint
+    assert loaded.inputs.shape == (8, 5) and loaded.mismatch(defense.fingerprint.probs) is None
 
 
 def test_tampered_fingerprint_is_refused(tmp_path):

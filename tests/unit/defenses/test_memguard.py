@@ -13,7 +13,7 @@ from purifier.defenses import load_defense
 from purifier.defenses.base import FitData
 from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier
 from purifier.defenses.memguard import MemGuard
-from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, fast_phase1
+from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, Phase1Solver
 from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 
@@ -105,7 +105,7 @@ def test_fast_crosses_at_least_as_often_with_no_more_than_5pct_extra_l1(memguard
     h = memguard.classifier
     pick = rows[::5]  # 40 rows: 20 members, 20 non-members
     slow, slow_ok = faithful_phase1(h, pick)
-    fast, fast_ok = fast_phase1(h, pick)
+    fast, fast_ok = Phase1Solver(h)(pick)
     assert slow_ok.sum() > 0.5 * len(pick)
     assert fast_ok.sum() >= slow_ok.sum()
     both = slow_ok & fast_ok

@@ -1,15 +1,41 @@
-"""MemGuard's fast Phase I (`phase1.fast_phase1`): constant work (the same operations for every
-row, whatever h says), rows independent of the batch and of the bisection schedule, and the
-numpy MLP against the torch one the faithful reference runs on."""
+"""MemGuard's fast Phase I (`phase1.Phase1Solver`: the whole search as one onnxruntime graph):
+constant work (every row executes the same graph nodes on the same shapes, whatever h says),
+rows independent of the batch and of the bisection schedule, and row for row the numpy solver it
+replaced (`numpy_phase1_frozen`, a frozen copy) on the digits target and on 100 classes."""
+
+import json
+from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
+from numpy_phase1_frozen import numpy_phase1
 from random_h import random_weights
 
-from purifier.defenses.membership_classifier import MembershipClassifier
-from purifier.defenses.phase1 import LEVELS, _levels_per_pass, fast_phase1, softmax, sort_rows
+from purifier.defenses.base import FitData
+from purifier.defenses.membership_classifier import MembershipClassifier, TrainSettings
+from purifier.defenses.phase1 import (
+    LEVELS,
+    LOG_FLOOR,
+    SPECULATE_LEVELS,
+    Phase1Solver,
+    _Ops,
+    build_graph,
+    levels_per_pass,
+)
 from purifier.defenses.phase1_faithful import TorchMLP
+from purifier.models.onnx_graph import GraphBuilder
+
+# Every operator the graph may use: row-wise arithmetic, reductions, sorting and selection whose
+# work depends on shapes only. No control flow (If, Loop, Scan) and nothing whose output size
+# depends on values (NonZero, Compress, Unique).
+FIXED_WORK_OPS = {
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Concat", "Div", "Equal", "Exp", "Expand",
+    "GatherElements", "Gemm", "Greater", "Identity", "LessOrEqual", "Log", "MatMul", "Max", "Min", "Mul",
+    "Neg", "Pad", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Shape", "Sign", "Slice", "Sqrt",
+    "Squeeze", "Sub", "TopK", "Unsqueeze", "Where",
+}
 
 
 def classifier(n_classes, seed):
@@ -33,84 +59,179 @@ def rows(n, c, seed):
     return np.concatenate([p, extra / extra.sum(1, keepdims=True)])
 
 
-class Recorder:
-    """h behind a log of every forward pass it is asked for: (method, rows)."""
-
-    def __init__(self, h):
-        self.h, self.calls = h, []
-
-    def logit(self, x):
-        self.calls.append(("logit", x.shape))
-        return self.h.logit(x)
-
-    def logit_and_grad(self, x):
-        self.calls.append(("logit_and_grad", x.shape))
-        return self.h.logit_and_grad(x)
+def anchor(p):
+    """The sorted vector the solver starts from (softmax of the sorted logits), numpy."""
+    e = np.log(np.maximum(np.sort(p, axis=1), LOG_FLOOR))
+    z = np.exp(e - e.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
-def trace(h, p):
-    rec = Recorder(h)
-    fast_phase1(rec, p)
-    return rec.calls
+def with_boundary_row(h, p, i):
+    """h shifted so that row i sits on its boundary (h0 ~ 0: the no-noise early exit)."""
+    weights = {k: v.copy() for k, v in h.arrays.items()}
+    weights["b4"] = weights["b4"] - h.logit(anchor(p[i:i + 1]))
+    return MembershipClassifier(weights)
+
+
+def executed_nodes(model: bytes, batches, tmp_path: Path) -> list[list[tuple]]:
+    """Run each batch through a profiling onnxruntime session; per run, the executed nodes in
+    order with their operator and input/output shapes."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "phase1")
+    session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    for batch in batches:
+        session.run(None, {"sorted_probs": np.sort(batch, axis=1)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"]
+    assert len(runs) == len(batches)
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    return [[(e["name"], e["args"]["op_name"], json.dumps(e["args"].get("input_type_shape")),
+              json.dumps(e["args"].get("output_type_shape"))) for e in nodes if start <= e["ts"] <= stop]
+            for start, stop in runs]
+
+
+@pytest.mark.parametrize("per_pass", range(1, SPECULATE_LEVELS + 1))
+def test_graph_has_no_control_flow_and_only_fixed_work_operators(per_pass):
+    ops = build_graph(classifier(10, 1), per_pass).op_types
+    assert set(ops) <= FIXED_WORK_OPS, set(ops) - FIXED_WORK_OPS
+    assert ops == build_graph(classifier(10, 2), per_pass).op_types  # the schedule, not h, shapes the graph
 
 
 @pytest.mark.parametrize("c", [2, 10, 100])
-def test_every_row_takes_the_same_forward_passes_whatever_h_says(c):
+def test_every_row_executes_the_same_nodes_whatever_h_says(c, tmp_path):
     h = classifier(c, 1)
     p = rows(4, c, 1)
-    h0 = h.logit(softmax(sort_rows(p)[1]))
-    assert (h0 > 0).any() and (h0 < 0).any()  # member-like and non-member-like rows both present
-    out, ok = fast_phase1(h, p)
-    assert ok.any()
-    # one row at a time: member-like, non-member-like, saturated, tied, uniform, one-hot rows
-    # (rows that cross early, late, on another path, or never) ask h exactly the same questions
-    traces = {tuple(trace(h, p[i:i + 1])) for i in range(len(p))}
-    assert len(traces) == 1
-    # a batch's passes depend on its size alone, not on which rows are in it
-    member_like, other = p[h0 > 0][:3], p[h0 < 0][:3]
-    assert trace(h, member_like) == trace(h, other) == trace(h, p[-3:])
+    h = with_boundary_row(h, p, 0)
+    solver = Phase1Solver(h)
+    _, ok = solver(p)
+    verdict = h.logit(anchor(p)) > 0
+    # member-like and non-member-like rows, rows carried across and rows that fail (saturated,
+    # tied, uniform, one-hot), and a row on the boundary: one at a time, and in batches of 3
+    assert verdict.any() and (~verdict).any() and ok.any() and (~ok).any() and not ok[0]
+    for n in (1, 3):
+        batches = [p[i:i + n] for i in range(0, len(p) - n + 1, n)]
+        traces = executed_nodes(build_graph(h, levels_per_pass(n)).model_bytes(), batches, tmp_path)
+        assert len(traces[0]) > 100
+        assert all(t == traces[0] for t in traces)
+
+
+class RecordingSession:
+    """An onnxruntime session behind a log of every run: (schedule, input shapes)."""
+
+    def __init__(self, session, per_pass, log):
+        self.session, self.per_pass, self.log = session, per_pass, log
+
+    def run(self, outputs, feed):
+        self.log.append((self.per_pass, {k: v.shape for k, v in feed.items()}))
+        return self.session.run(outputs, feed)
+
+
+def test_one_graph_call_per_batch_shaped_by_the_batch_size_alone():
+    h = classifier(10, 3)
+    p = rows(10, 10, 3)
+    solver = Phase1Solver(h)
+    log = []
+    for k, s in solver.sessions.items():
+        s.session = RecordingSession(s.session, k, log)
+
+    def trace(batch):
+        log.clear()
+        solver(batch)
+        return list(log)
+
+    verdict = h.logit(anchor(p)) > 0
+    member_like, other = p[verdict][:3], p[~verdict][:3]
+    assert len(member_like) == len(other) == 3
+    assert trace(member_like) == trace(other) == trace(p[-3:]) == [(levels_per_pass(3), {"sorted_probs": (3, 10)})]
+    assert trace(p[:1]) == [(levels_per_pass(1), {"sorted_probs": (1, 10)})]
 
 
 @pytest.mark.parametrize("c", [3, 10])
-def test_row_result_independent_of_batch_and_bisection_schedule(c):
+def test_row_result_independent_of_batch_position_and_schedule(c):
     h = classifier(c, 5)
     p = rows(25, c, 5)  # 78 rows
-    assert len({_levels_per_pass(n) for n in (1, 2, 3, len(p))}) >= 3  # several schedules exercised
-    full, ok = fast_phase1(h, p)
+    solver = Phase1Solver(h)
+    full, ok = solver(p)
     assert ok.sum() > 0.5 * len(p) and not np.array_equal(full, p)
+    # every schedule on the same rows: bit-identical
+    sorted_p = np.sort(p, axis=1)
+    by_schedule = [s.session.run(None, {"sorted_probs": sorted_p}) for s in solver.sessions.values()]
+    assert len(by_schedule) >= 2
+    for noised, success in by_schedule[1:]:
+        np.testing.assert_array_equal(noised, by_schedule[0][0])
+        np.testing.assert_array_equal(success, by_schedule[0][1])
+    # any row, alone or in any batch at any position (C = 3: rows that straddle SIMD packets)
     for i in (0, 7, 30, len(p) - 2, len(p) - 1):
-        one, one_ok = fast_phase1(h, p[i:i + 1])
+        one, one_ok = solver(p[i:i + 1])
         np.testing.assert_array_equal(one[0], full[i])
         assert one_ok[0] == ok[i]
     perm = np.random.default_rng(0).permutation(len(p))
-    np.testing.assert_array_equal(fast_phase1(h, p[perm])[0], full[perm])
-    for n in (2, 3, 5):
-        np.testing.assert_array_equal(fast_phase1(h, p[:n])[0], full[:n])
+    np.testing.assert_array_equal(solver(p[perm])[0], full[perm])
+    for start, n in ((0, 2), (1, 3), (5, 5), (11, 6), (3, 17)):
+        np.testing.assert_array_equal(solver(p[start:start + n])[0], full[start:start + n])
 
 
 def test_success_means_crossed_with_the_top_kept():
     h = classifier(10, 2)
     p = rows(30, 10, 2)
-    out, ok = fast_phase1(h, p)
+    out, ok = Phase1Solver(h)(p)
     before = h.predict_member(p)
     after = h.predict_member(out)
     assert ok.sum() > 0.5 * len(p)
     assert (after[ok] != before[ok]).all()  # as an attacker sorting the released vector sees it
-    np.testing.assert_array_equal(out[~ok], p[~ok])
+    np.testing.assert_allclose(out[~ok], p[~ok], rtol=0, atol=1e-12)  # the clean row (softmax(log p))
     assert np.array_equal(out.argmax(1), p.argmax(1))
     np.testing.assert_allclose(out.sum(1), 1.0, atol=1e-12)
 
 
-def test_bisection_settles_all_levels():
-    assert _levels_per_pass(1) > 1 and _levels_per_pass(10_000) == 1
-    assert all(1 <= _levels_per_pass(n) <= LEVELS for n in range(1, 40))
+def test_bisection_schedule_depends_on_the_batch_size_alone():
+    assert levels_per_pass(1) == SPECULATE_LEVELS > 1 and levels_per_pass(10_000) == 1
+    assert all(1 <= levels_per_pass(n) <= min(SPECULATE_LEVELS, LEVELS) for n in range(1, 40))
 
 
-def test_numpy_mlp_matches_torch_mlp():
+def test_h_and_its_gradient_in_the_graph_match_torch_autograd():
     h = classifier(10, 7)
     x = np.sort(rows(10, 10, 7), axis=1)
-    out, grad = h.logit_and_grad(x)
-    ref_out, ref_grad = TorchMLP(h).logit_and_grad(torch.from_numpy(x))
-    np.testing.assert_allclose(out, ref_out.numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(grad, ref_grad.numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(h.logit(x), out)  # one h0, whichever pass computes it
+    g = GraphBuilder("h")
+    o = _Ops(g, h)
+    inp = g.input("x", np.float64, ("N", 10))
+    out, grad = o.h_logit_and_grad(inp)
+    crossed = o.crossed(o.unsqueeze(inp, 1), o.k(np.ones((1, 1))), (1,))
+    g.output(out, "out", np.float64, ("N", 1))
+    g.output(grad, "grad", np.float64, ("N", 10))
+    g.output(crossed, "crossed", np.bool_, ("N", 1))
+    got_out, got_grad, got_crossed = ort.InferenceSession(g.model_bytes()).run(None, {"x": x})
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ref = TorchMLP(h).logit(xt)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), xt)
+    np.testing.assert_allclose(got_out[:, 0], ref.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got_grad, ref_grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got_crossed[:, 0], ref.detach().numpy() <= 0)  # probes: float32 h, same sign here
+    np.testing.assert_allclose(h.logit(x), got_out[:, 0], rtol=1e-12, atol=1e-12)
+
+
+def assert_matches_the_numpy_solver(h, p):
+    """Same rows carried across, per-row L1 within 1% of the numpy solver's, argmax kept."""
+    before, before_ok = numpy_phase1(h.arrays, p)
+    now, now_ok = Phase1Solver(h)(p)
+    np.testing.assert_array_equal(now_ok, before_ok)
+    assert before_ok.mean() > 0.5
+    l1_before = np.abs(before - p).sum(1)[before_ok]
+    l1_now = np.abs(now - p).sum(1)[now_ok]
+    assert np.all(np.abs(l1_now - l1_before) <= 0.01 * l1_before), np.max(np.abs(l1_now / l1_before - 1))
+    assert np.array_equal(now.argmax(1), p.argmax(1))
+    np.testing.assert_allclose(now[~now_ok], p[~now_ok], rtol=0, atol=1e-12)
+
+
+def test_matches_the_numpy_solver_it_replaced_on_the_digits_target(digits_target):
+    data = FitData.from_target(digits_target)
+    h = MembershipClassifier.train(data.member_probs, data.reference_probs,
+                                   TrainSettings(epochs=20, optimizer="adam"), seed=0)
+    assert_matches_the_numpy_solver(h, np.r_[data.member_probs, data.reference_probs])
+
+
+def test_matches_the_numpy_solver_it_replaced_on_100_classes():
+    h = classifier(100, 11)
+    assert_matches_the_numpy_solver(h, rows(150, 100, 11))

@@ -1,3 +1,5 @@
+from dataclasses import fields
+
 import pytest
 
 from purifier.errors import ConfigError
@@ -102,10 +104,22 @@ def test_generated_flags_parse_into_settings():
     ({"max_queued_rows": 10, "max_request_rows": 20}, r"max_queued_rows: 10 is below 20 \(max_request_rows"),
     ({"max_queued_rows": 300, "max_request_rows": 300}, r"max_queued_rows: 300 is below 556 "),
     ({"max_request_bytes": -1}, "max_request_bytes: must be >= 0"),
+    ({"allow_parameters": ("predict_proba",)}, "allow_parameters: 'predict_proba' is named like the confidence output"),
+    ({"allow_parameters": ("x-Predict-Proba-top",)}, "allow_parameters: 'x-Predict-Proba-top' is named like"),
+    ({"allow_trailers": ("x-predict_proba-bin",)}, "allow_trailers: 'x-predict_proba-bin' is named like"),
+    ({"allow_trailers": ("x-logits",)}, "allow_trailers: 'x-logits' is named like the confidence output"),
+    ({"allow_trailers": ("scores",)}, "a trailer is forwarded verbatim"),
 ])
 def test_operator_mistakes_that_would_fail_open_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         Settings.resolve({**REMOTE, **change}, {})
+
+
+def test_parameters_and_trailers_named_otherwise_are_forwarded_verbatim_as_documented():
+    s = Settings.resolve({**REMOTE, "allow_parameters": ("model_version_hint",), "allow_trailers": ("x-req",)}, {})
+    assert s.allow_parameters == ("model_version_hint",) and s.allow_trailers == ("x-req",)
+    help_texts = {f.name: f.metadata["help"] for f in fields(Settings)}
+    assert "VERBATIM" in help_texts["allow_parameters"] and "VERBATIM" in help_texts["allow_trailers"]
 
 
 def test_defense_dir_alone_is_accepted_and_the_defense_left_to_defense_json(tmp_path):

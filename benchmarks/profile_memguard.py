@@ -1,0 +1,104 @@
+"""Where a MemGuard (fast mode) call spends its CPU on the digits target: per-call CPU at 1, 16 and
+256 rows, and a short cProfile summary per batch size.
+
+Run: `.venv/bin/python -m benchmarks.profile_memguard [--out FILE]` (writes a text summary; the
+target and the defense are built under build/ when missing). One BLAS and one onnxruntime thread,
+as the sidecar runs the defense. The machine is shared: the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from benchmarks.common import ROOT, digits_target
+from purifier.defenses import load_defense
+from purifier.defenses.base import FitData
+
+BATCHES = (1, 16, 256)
+SECRET = b"profile-secret-not-for-production"
+
+
+def fitted_memguard(target_dir: Path, defense_dir: Path):
+    target = digits_target(str(target_dir))
+    if not (defense_dir / "defense.json").is_file():
+        secret_file = defense_dir.parent / "profile-secret"
+        secret_file.parent.mkdir(parents=True, exist_ok=True)
+        secret_file.write_bytes(SECRET)
+        subprocess.run([sys.executable, "-m", "purifier.cli", "fit-defense", "memguard", "--target", str(target_dir),
+                        "--out", str(defense_dir), "--secret-file", str(secret_file)], check=True)
+    data = FitData.from_target(target)
+    rows = np.r_[data.member_probs, data.reference_probs]
+    return load_defense(defense_dir, SECRET, target.model_id), rows
+
+
+def cpu_per_call(defense, rows: np.ndarray, batch: int, min_seconds: float) -> tuple[float, float, int]:
+    """(mean CPU ms per call, p50 wall ms, calls), cycling through different rows."""
+    starts = list(range(0, len(rows) - batch + 1, batch)) or [0]
+    defense.transform(rows[:batch])
+    walls, calls = [], 0
+    cpu0, t_end = time.process_time(), time.perf_counter() + min_seconds
+    while calls < 5 or time.perf_counter() < t_end:
+        start = starts[calls % len(starts)]
+        t0 = time.perf_counter()
+        defense.transform(rows[start:start + batch])
+        walls.append(time.perf_counter() - t0)
+        calls += 1
+    return (time.process_time() - cpu0) / calls * 1e3, float(np.median(walls)) * 1e3, calls
+
+
+def profile(defense, rows: np.ndarray, batch: int, calls: int, top: int) -> str:
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(calls):
+        start = (i * batch) % max(1, len(rows) - batch)
+        defense.transform(rows[start:start + batch])
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [line for line in out.getvalue().splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+    return "\n".join([lines[0].strip(), *lines[start:]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"))
+    parser.add_argument("--defense-dir", default=str(ROOT / "build" / "defenses" / "memguard-digits-profile"))
+    parser.add_argument("--out", help="write the summary here (else stdout only)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size")
+    parser.add_argument("--top", type=int, default=12, help="functions per cProfile table")
+    args = parser.parse_args()
+    threadpool_limits(1)
+    defense, rows = fitted_memguard(Path(args.target), Path(args.defense_dir))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    report = [f"MemGuard fast mode on the digits target ({defense.n_classes} classes, {len(rows)} target rows), "
+              f"commit {commit}, one BLAS/ORT thread", f"load average at start: {os.getloadavg()}"]
+    report.append("rows/call  CPU ms/call  CPU us/row  p50 wall ms  calls")
+    for batch in BATCHES:
+        cpu, p50, calls = cpu_per_call(defense, rows, batch, args.seconds)
+        report.append(f"{batch:9d}  {cpu:11.3f}  {cpu * 1e3 / batch:10.1f}  {p50:11.3f}  {calls:5d}")
+    report.append(f"load average at end: {os.getloadavg()}")
+    for batch in BATCHES:
+        calls = max(3, 600 // batch)
+        report += ["", f"--- cProfile, {calls} calls of {batch} row(s), top {args.top} by own time ---",
+                   profile(defense, rows, batch, calls, args.top)]
+    text = "\n".join(report) + "\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
