@@ -1,4 +1,5 @@
-"""Metadata and W3C trace context through the sidecar (gRPC and REST fronts), and OpenTelemetry spans with --otel.
+"""What the gRPC and REST fronts share through the data plane, against a fake gRPC upstream:
+forwarded metadata and W3C trace context, OpenTelemetry spans with --otel, and admission.
 
 Without --otel the caller's `traceparent`/`tracestate` reach the upstream unchanged. With it, the
 sidecar's SERVER span is a child of the caller's span, its CLIENT span a child of that, and the
@@ -115,3 +116,33 @@ def test_headers_grpc_cannot_carry_stay_behind_and_do_not_fail_the_request(upstr
         seen = upstream.seen_metadata[-1]
     assert seen["x-fine"] == "yes"
     assert not {"x!odd", "x-tab", "x-latin", "x-thing-bin"} & set(seen)
+
+
+def test_admission_counts_grpc_calls_streams_and_rest_requests_together(upstream, flatten_cls):
+    """max_concurrent_rpcs is the data plane's: a REST request finds the slot a gRPC call holds,
+    and a gRPC call the slot a stream holds (429 / RESOURCE_EXHAUSTED, counted)."""
+    import threading
+
+    from fronts import call_stream
+
+    upstream.delay = 1.5
+    try:
+        with BackgroundSidecar(settings(upstream, max_concurrent_rpcs=1), defense=flatten_cls()) as sc:
+            for holder in ("grpc", "stream"):
+                busy = threading.Thread(target=call_grpc if holder == "grpc" else call_stream,
+                                        args=(sc.port, infer_request(X) if holder == "grpc" else [infer_request(X)]))
+                busy.start()
+                try:
+                    deadline = 50
+                    while sc.plane.active == 0 and deadline:
+                        threading.Event().wait(0.02)
+                        deadline -= 1
+                    assert sc.plane.active == 1
+                    body, headers = rest_body(infer_request(X), binary=False)
+                    status, _, answer = http_request(sc.http_port, "POST", "/v2/models/m/infer", body, headers)
+                    assert status == 429 and b"max_concurrent_rpcs" in answer
+                    assert call_grpc(sc.port, infer_request(X)).code.name == "RESOURCE_EXHAUSTED"
+                finally:
+                    busy.join()
+    finally:
+        upstream.delay = 0.0
