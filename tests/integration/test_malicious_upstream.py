@@ -226,7 +226,10 @@ def fault_table() -> str:
              "Generated from `FAULTS` in `tests/integration/test_malicious_upstream.py` (run that file with "
              "python to regenerate). For every mode the suite checks that no clean value (FP32/FP64 bytes in "
              "either byte order, decimal text) appears in anything the client receives: the serialized "
-             "response, every tensor field, parameters, initial and trailing metadata, status details.", "",
+             "response, every tensor field, parameters, initial and trailing metadata, status details. Each "
+             "mode runs through every front: gRPC `ModelInfer`, a gRPC `ModelStreamInfer` stream (an error is "
+             "that request's error message in the stream) and REST with JSON and with binary tensors (an error "
+             "is the HTTP status of the gRPC code: INVALID_ARGUMENT 400, INTERNAL 500, UNAVAILABLE 503).", "",
              "| # | upstream fault | client outcome |", "|---|---|---|"]
     for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
         outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
