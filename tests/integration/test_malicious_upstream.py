@@ -590,3 +590,26 @@ if __name__ == "__main__":
     FAULT_TABLE.parent.mkdir(exist_ok=True)
     FAULT_TABLE.write_text(fault_table())
     print(f"wrote {FAULT_TABLE} ({len(FAULTS)} fault modes)")
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_an_allowed_output_is_rebuilt_through_every_front(labelled_upstream, recording, front):
+    """The leaking label encodings through the REST and streaming fronts too: the client's label is
+    the defended argmax in the model's datatype and shape, nothing clean beside it."""
+    clean = softmax(X)
+    defended = type(recording.defense)().transform(clean)
+    with BackgroundSidecar(label_settings(labelled_upstream), defense=recording.defense) as sc:
+        try:
+            for mode in ("INT32 bit-casts of the probabilities [N, C]", "UINT8 bytes of the probabilities [N, 4C]"):
+                labelled_upstream.fault = labelled(mode, parameters=True)
+                for outputs in (("label",), ("probs", "label")):
+                    request = infer_request(X)
+                    for name in outputs:
+                        request.outputs.add(name=name)
+                    seen = front_call(front, sc.port, sc.http_port, request)
+                    assert_no_clean_value(seen, clean)
+                    assert seen.code is None and list(seen.outputs) == list(outputs) and not seen.extra, seen.texts
+                    label = seen.outputs["label"]
+                    assert label.dtype == np.int64 and np.array_equal(label, defended.argmax(axis=1))
+        finally:
+            labelled_upstream.fault = labelled(HONEST)
