@@ -119,6 +119,11 @@ class Settings:
     upstream_timeout_s: float = setting(30.0, "upstream deadline when the caller sets none, in seconds",
                                         flag="--upstream-timeout")
     health_poll_s: float = setting(1.0, "upstream readiness poll interval, in seconds", flag="--health-poll")
+    identity_check_s: float = setting(60.0, "longest time between two identity probes of a remote upstream's "
+                                      "model, in seconds (each interval is random, up to this)",
+                                      flag="--identity-check")
+    max_waiting_requests: int = setting(128, "requests that wait for a restarting or reconnecting upstream to be "
+                                        "back and verified (each within its own deadline); above: UNAVAILABLE")
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
     otel: bool = setting(False, "record OpenTelemetry spans (the otel extra; exported as the OTEL_* environment "
                          "says unless a TracerProvider is set up); off: trace context is passed upstream as it came")
@@ -189,10 +194,10 @@ class Settings:
         if self.max_queued_rows < needed:
             fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
-        for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
+        for name in ("max_wait_ms", "grace_s", "max_request_bytes", "max_waiting_requests"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s"):
+        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s", "identity_check_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -159,7 +159,7 @@ def sidecar(hostile, flatten_cls):
     try:
         with BackgroundSidecar(settings, defense=defense) as sc:
             deadline = time.monotonic() + 20
-            while sc.refusal() is not None and time.monotonic() < deadline:
+            while sc.readiness.refusal() is not None and time.monotonic() < deadline:
                 time.sleep(0.1)
             yield sc
     finally:
