@@ -18,7 +18,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import TOKEN
 from fronts import call_stream, http_request, rest_body
 from model_servers import ROOT, kserve_rest_client
 from oip_fake import infer_request
@@ -188,12 +187,13 @@ def test_bearer_token_and_tls_hold_on_the_rest_port(digits_target, flatten_cls, 
     s = settings(digits_target, auth_token_file=str(pki / "token"), tls_cert_file=str(pki / "server.pem"),
                  tls_key_file=str(pki / "server.key"))
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    token = (pki / "token").read_text().strip()
     with BackgroundSidecar(s, defense=flatten_cls()) as sc:
         url = f"https://127.0.0.1:{sc.http_port}"
         with urllib.request.urlopen(f"{url}/v2/health/ready", context=context, timeout=10) as r:
             assert r.status == 200                                  # health stays open
         body, headers = rest_body(_named(infer_request(rows, model=sc.model_name)), binary=True)
-        for auth in (None, "Bearer wrong-token-0123456789", f"Basic {TOKEN}"):
+        for auth in (None, "Bearer wrong-token-0123456789", f"Basic {token}"):
             request = urllib.request.Request(f"{url}/v2/models/{sc.model_name}/infer", data=body,
                                              headers={**headers, **({"Authorization": auth} if auth else {})})
             with pytest.raises(urllib.error.HTTPError) as info:
@@ -204,7 +204,7 @@ def test_bearer_token_and_tls_hold_on_the_rest_port(digits_target, flatten_cls, 
         try:
             inp = httpclient.InferInput("input", list(rows.shape), "FP32")
             inp.set_data_from_numpy(rows)
-            got = client.infer(sc.model_name, [inp], headers={"Authorization": f"Bearer {TOKEN}"})
+            got = client.infer(sc.model_name, [inp], headers={"Authorization": f"Bearer {token}"})
             assert got.as_numpy("probabilities").shape == (len(rows), 10)
         finally:
             client.close()
