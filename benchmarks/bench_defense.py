@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from purifier.defenses.base import Defense, FitData, IdentityDefense
 from purifier.defenses.memguard import MemGuard
 from purifier.defenses.purifier_net import PurifierNet
 
-SECRET = b"benchmark-secret-not-for-production"
+SECRET = secrets.token_bytes(32)  # a throwaway key: the timings do not depend on it
 N_FEATURES = 16
 BATCHES = (1, 16, 256, 1024)
 CLASS_COUNTS = (10, 100)

@@ -166,7 +166,7 @@ def main() -> None:
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        secret_file = secret_file_or_throwaway(args.secret_file, work)
+        secret_file = secret_file_or_throwaway(args.secret_file, work, args.defense_dir)
         grpc_port = free_port()
         stack.enter_context(ServerProcess([str(TRITON_PYTHON), str(ROOT / "examples" / "upstreams" / "triton_onnx.py"),
                                            str(target.onnx_path), "--name", MODEL, "--grpc-port", str(grpc_port),

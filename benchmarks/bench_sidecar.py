@@ -206,7 +206,7 @@ def main() -> None:
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp), args.defense_dir)
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:

@@ -9,6 +9,7 @@ as the sidecar runs the defense. The machine is shared: the load average is prin
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import io
 import os
@@ -22,24 +23,22 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from benchmarks.common import ROOT, digits_target
-from purifier.defenses import load_defense
+from purifier.defenses import load_defense, load_secret
 from purifier.defenses.base import FitData
 
 BATCHES = (1, 16, 256)
-SECRET = b"profile-secret-not-for-production"
-
-
 def fitted_memguard(target_dir: Path, defense_dir: Path):
     target = digits_target(str(target_dir))
-    if not (defense_dir / "defense.json").is_file():
-        secret_file = defense_dir.parent / "profile-secret"
+    secret_file = defense_dir.parent / "profile-secret"  # kept beside the defense, which is bound to it
+    if not secret_file.is_file():
         secret_file.parent.mkdir(parents=True, exist_ok=True)
-        secret_file.write_bytes(SECRET)
+        secret_file.write_bytes(base64.b64encode(os.urandom(32)))
+    if not (defense_dir / "defense.json").is_file():
         subprocess.run([sys.executable, "-m", "purifier.cli", "fit-defense", "memguard", "--target", str(target_dir),
                         "--out", str(defense_dir), "--secret-file", str(secret_file)], check=True)
     data = FitData.from_target(target)
     rows = np.r_[data.member_probs, data.reference_probs]
-    return load_defense(defense_dir, SECRET, target.model_id), rows
+    return load_defense(defense_dir, load_secret(file=secret_file), target.model_id), rows
 
 
 def cpu_per_call(defense, rows: np.ndarray, batch: int, min_seconds: float) -> tuple[float, float, int]:

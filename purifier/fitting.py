@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -54,8 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=list(DEVICES), default="cpu", help="torch/ORT device")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--secret-file", default=None,
-                   help="PRF secret (else $PURIFIER_SECRET[_FILE], else a throwaway secret: the swapper index "
-                        "and reported noise will then not match a served secret)")
+                   help="the PRF secret the defense will be served with (else $PURIFIER_SECRET[_FILE]); the "
+                        "fitted defense records its key check value, and serving refuses another secret")
     p.set_defaults(func=run)
     return p
 
@@ -128,12 +126,7 @@ def run(args: argparse.Namespace) -> int:
     out = new_output_dir(args.out, args.force)
     cls = defense_class(args.defense)
     defense = cls(**defense_kwargs(cls, args))  # bad hyper-parameters fail before anything is said or done
-    secret = load_secret(file=args.secret_file, required=False)
-    if secret is None:
-        print("purifier: no PRF secret configured; fitting with a throwaway secret (the swapper index and "
-              "reported noise will not match a served secret)", file=sys.stderr)
-        secret = secrets.token_bytes(32)
-    defense.secret = secret
+    defense.secret = load_secret(file=args.secret_file)  # the fitted defense is bound to it
     members, reference, access, what = _records(args)
     t0 = time.perf_counter()
     try:

@@ -68,7 +68,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", choices=list(DEVICES), default="cpu", help="fitting here: torch/ORT device")
     p.add_argument("--secret-file", default=None,
                    help="PRF secret (else $PURIFIER_SECRET[_FILE], else a throwaway one: the privacy figures hold "
-                        "for any secret)")
+                        "for any secret); required with --write-to, which binds the defense to it")
     p.add_argument("--write-to", default=None, metavar="DEFENSE_DIR",
                    help="write the chosen setting into this fitted defense directory (same defense and model), "
                         "or save the swept defense there at the chosen setting if it does not exist")
@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     _check_write_to(args)
     config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
                          shadow_model=args.shadow_model, n_boot=args.bootstrap, seed=args.seed, progress=False)
-    secret = load_secret(file=args.secret_file, required=False) or secrets.token_bytes(32)
+    # a throwaway secret measures the same privacy; a defense written with --write-to is bound to the served one
+    secret = load_secret(file=args.secret_file, required=args.write_to is not None) or secrets.token_bytes(32)
     access, data, fit = _open(args)
     try:
         _check_write_to(args, access.model_id)

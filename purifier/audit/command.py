@@ -133,8 +133,9 @@ def load_checked_defense(args, model):
         return None
     from purifier.defenses import load_defense, load_secret
 
-    secret = load_secret(file=args.secret_file, required=False) or os.urandom(32).hex().encode()
-    defense = load_defense(args.defense_dir, secret=secret, model_id=model.model_id or None)
+    secret = load_secret(file=args.secret_file, required=False)
+    defense = load_defense(args.defense_dir, secret=secret or os.urandom(32).hex().encode(),
+                           model_id=model.model_id or None, check_secret=secret is not None)
     fp = defense.fingerprint
     why = fp.mismatch(model.query(fp.inputs)) if fp is not None and model.n_features in (None, fp.n_features) else None
     if why is not None:

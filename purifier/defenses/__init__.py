@@ -6,12 +6,15 @@ Heavy defenses are imported lazily so that `purifier.defenses` stays cheap to im
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 
 from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
 from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ArtifactError, ConfigError
+
+log = logging.getLogger(__name__)
 
 # name -> "module:Class"; a defense is listed here only once it is implemented.
 REGISTRY: dict[str, str] = {
@@ -33,12 +36,17 @@ def defense_class(name: str) -> type[Defense]:
 
 
 def load_defense(directory: str | Path, secret: bytes | None = None,
-                 model_id: str | None = None) -> Defense:
-    """Load a fitted defense from `directory` (checks hashes, class count and model identity).
+                 model_id: str | None = None, *, check_secret: bool = True) -> Defense:
+    """Load a fitted defense from `directory` (checks hashes, class count, model identity and secret).
 
     Args:
-        secret: the PRF key for defenses that use keyed randomness.
+        secret: the PRF key for defenses that use keyed randomness; refused (ConfigError) if it is
+            not the secret the defense was fitted with (its key check value in defense.json).
         model_id: if given, the sha256 of the model the defense must have been fitted for.
+        check_secret: False for a throwaway secret that is meant to differ (an audit in process
+            without the served secret: the privacy figures hold for any secret).
+    A defense fitted before defense.json recorded the key check value loads with a WARNING: its
+    secret cannot be checked.
     """
     manifest = read_defense_manifest(directory)
     if model_id is not None and manifest["model_id"] and manifest["model_id"] != model_id:
@@ -46,11 +54,27 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
             f"{directory}: defense was fitted for model {manifest['model_id'][:12]}..., "
             f"not {model_id[:12]}... (refit it for this model)"
         )
+    if manifest["defense"] != "none" and check_secret:
+        _check_secret(directory, manifest, secret)
     cls = defense_class(manifest["defense"])
     defense = cls.from_manifest(Path(directory), manifest, secret)
     if isinstance(manifest.get("fingerprint"), dict):  # defenses fitted before fingerprints have none
         defense.fingerprint = Fingerprint.load(Path(directory), manifest["fingerprint"])
     return defense
+
+
+def _check_secret(directory, manifest: dict, secret: bytes | None) -> None:
+    """Refuse a secret whose key check value differs from the one the defense was fitted with."""
+    from purifier.defenses.keyed import key_check_value
+
+    recorded = manifest.get("secret_check")
+    if recorded is None:
+        log.warning("%s was fitted before defenses recorded their secret's key check value: the secret it is "
+                    "loaded with cannot be checked against the one it was fitted with; refit it to bind it",
+                    directory)
+    elif secret is not None and key_check_value(secret) != recorded:
+        raise ConfigError(f"secret: {directory} was fitted with another PRF secret (its key check value differs); "
+                          "serve it with the secret it was fitted with, or refit it with this one")
 
 
 __all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense",

@@ -32,7 +32,7 @@ from purifier.artifacts import (
     write_json,
 )
 from purifier.defenses.fingerprint import Fingerprint
-from purifier.errors import ArtifactError, InvalidProbabilities
+from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
 
 FORMAT_VERSION = 1
 
@@ -236,9 +236,14 @@ class Defense(abc.ABC):
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write the defense atomically (missing parent directories are created): state files
-        plus `defense.json` with hashes."""
+        plus `defense.json` with hashes and the key check value of the secret (`secret_check`),
+        which binds the defense to that secret. Every defense but `none` needs its secret here."""
         from purifier.artifacts import sha256_file
+        from purifier.defenses.keyed import GENERATE_SECRET, key_check_value
 
+        if self.name != "none" and self.secret is None:
+            raise ConfigError(f"secret: a fitted {self.name} defense is bound to the PRF secret it will be served "
+                              f"with; construct it with secret=load_secret(...) (make one with {GENERATE_SECRET})")
         Path(directory).resolve().parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(directory) as tmp:
             files = self._save_arrays(tmp)
@@ -252,6 +257,7 @@ class Defense(abc.ABC):
                 "config": self.config(),
                 "n_classes": self.n_classes,
                 "model_id": self.model_id,
+                **({"secret_check": key_check_value(self.secret)} if self.name != "none" else {}),
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
                 **identity,

@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier.cli import main
 from purifier.data.records import save_records
@@ -38,12 +39,12 @@ def test_fit_and_audit_through_mutual_tls_with_a_token(locked, digits_target, pk
     endpoint, name = locked
     save_records(tmp_path / "members.npz", *digits_target.role("train"))
     save_records(tmp_path / "reference.npz", *digits_target.role("reference"))
-    (tmp_path / "secret").write_text("access-test-secret-0123456789")
+    write_secret(tmp_path / "secret")
     assert main(["fit-defense", "memguard", "--endpoint", endpoint, "--model-name", name, *_credentials(pki),
                  "--members", str(tmp_path / "members.npz"), "--reference", str(tmp_path / "reference.npz"),
                  "--secret-file", str(tmp_path / "secret"), "--param", "epochs=5", "--out", str(tmp_path / "mg")]) == 0
     # fitted from the endpoint: no model hash to bind to, but the fingerprint holds the model's answers
-    defense = load_defense(tmp_path / "mg", secret=b"access-test-secret-0123456789")
+    defense = load_defense(tmp_path / "mg", secret=SECRET)
     assert defense.model_id == ""
     assert defense.fingerprint.mismatch(digits_target.predict_proba(defense.fingerprint.inputs)) is None
     assert main(["audit", "--endpoint", endpoint, "--model-name", name, *_credentials(pki), "--target",

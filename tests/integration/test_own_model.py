@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strong_secret import write_secret
 
 from purifier.cli import main
 from purifier.data.records import save_records
@@ -44,7 +45,7 @@ def user(tmp_path_factory):
         save_records(d / f"{role}.npz", X[a:b], y[a:b])
     save_records(d / "members.csv", X[:400], y[:400])  # evaluation members: a subset of train, as CSV
     clf = RandomForestClassifier(n_estimators=100, random_state=0).fit(X[:600], y[:600])
-    (d / "secret.txt").write_text("user-secret-0123456789abcdef")
+    write_secret(d / "secret.txt")
     return d, clf, X, y
 
 

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier.serve_process import (
     ServeProcess,
@@ -26,7 +27,6 @@ from purifier.serve_process import (
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
-SECRET = b"0123456789abcdef-slim-serving-test"
 HEAVY = ("torch", "sklearn", "matplotlib", "scipy")  # none is in the slim install
 
 
@@ -45,7 +45,7 @@ def fitted(digits_target, tmp_path_factory):
     faithful.classifier, faithful.n_classes, faithful.model_id = memguard.classifier, 10, memguard.model_id
     faithful.save(root / "memguard-faithful")
     PurifierNet(epochs=2, secret=SECRET).fit(data, progress=False).save(root / "purifier")
-    (root / "secret").write_bytes(SECRET)
+    write_secret(root / "secret")
     return root
 
 

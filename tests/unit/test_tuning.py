@@ -5,19 +5,17 @@ import json
 
 import numpy as np
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier import evaluation as ev
 from purifier.audit import sweep as sw
 from purifier.cli import main
 from purifier.defenses import load_defense, read_defense_manifest
 
-SECRET = b"tuning-test-secret-0123456789abc"
-
 
 @pytest.fixture(scope="module")
 def secret_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret.txt"
-    path.write_bytes(SECRET)
+    path = write_secret(tmp_path_factory.mktemp("secret") / "secret.txt")
     return path
 
 

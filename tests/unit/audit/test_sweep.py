@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from strong_secret import SECRET
 
 from purifier.audit.sweep import (
     KNOBS,
@@ -102,7 +103,7 @@ def test_at_setting_copies_and_checks_with_the_defenses_own_rules():
         at_setting(top, 0)
     with pytest.raises(ConfigError, match=r"decimals: must be an integer in 0\.\.15"):
         at_setting(Rounded(), -1)
-    noise = Noise(kind="gaussian", scale=0.01, secret=b"s" * 16)
+    noise = Noise(kind="gaussian", scale=0.01, secret=SECRET)
     louder = at_setting(noise, 0.1)
     assert (louder.kind, louder.scale, noise.scale) == ("gaussian", 0.1, 0.01)
     assert set(KNOBS) == {"memguard", "purifier", "top_k", "round", "noise"}

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from random_h import random_weights
+from strong_secret import SECRET
 
 from purifier.cli import main as cli_main
 from purifier.defenses import load_defense
@@ -17,7 +18,6 @@ from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, Pha
 from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 
-SECRET = b"0123456789abcdef-memguard-test"
 UNIT_EPOCHS = 20  # short Adam training keeps this file fast; the original schedule is in fit_cli
 
 
