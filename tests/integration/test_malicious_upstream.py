@@ -628,7 +628,7 @@ def watched(recording):
     upstream = HostileUpstream(label=("INT64", [-1]))
     defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "health_poll_s": 0.1, "identity_check_s": INTERVAL_S}, env={})
     try:
         with BackgroundSidecar(settings, defense=defense) as sc, \
@@ -723,7 +723,7 @@ def test_metadata_that_contradicts_the_fitted_model_refuses_at_start(recording):
     defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
     upstream = HostileUpstream()                                # serves no ModelMetadata: cannot be probed
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1},
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1},
                                 env={})
     try:
         with pytest.raises(ConfigError, match="defense: the upstream model contradicts the fitted one: it declares "
