@@ -113,6 +113,7 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
     defense = load_defense(settings.defense_dir, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
+    defense.serve_on(settings.device)
     return defense
 
 
@@ -188,7 +189,8 @@ class Sidecar:
                         extra={"model": self.model_name, "upstream": s.upstream})
         limit, how = request_limit(s, upstream.inputs, self._defense)
 
-        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
+        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows,
+                               slice=s.max_defense_slice_ms / 1e3)
         self.batcher.start()
         tracing = None
         if s.otel:
