@@ -233,11 +233,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def serve_command(args: Sequence[str], python: str | Path = sys.executable) -> list[str]:
+def serve_command(args: Sequence[str], python: str | Path = sys.executable, rest: bool = True) -> list[str]:
     """`python -m purifier.cli serve` on loopback, gRPC and REST on port 0, no metrics port, then
-    `args` (a flag given in `args` overrides these defaults: argparse keeps the last occurrence)."""
+    `args` (a flag given in `args` overrides these defaults: argparse keeps the last occurrence).
+    `rest=False` leaves out `--http-port` (a checkout older than the REST front rejects it)."""
     return [str(python), "-m", "purifier.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--http-port", "0", "--metrics-port", "-1", *map(str, args)]
+            *(("--http-port", "0") if rest else ()), "--metrics-port", "-1", *map(str, args)]
 
 
 class ServeProcess(ServerProcess):
@@ -246,11 +247,12 @@ class ServeProcess(ServerProcess):
     Args:
         args: serve flags, e.g. ["--model", DIR, "--defense", "memguard", "--defense-dir", DIR].
         python: the interpreter whose installation runs it (another virtual environment's, say).
+        rest: start the REST front on a free port too (False for a checkout older than it).
         Other keywords as `ServerProcess`.
     """
 
-    def __init__(self, args: Sequence[str], *, python: str | Path = sys.executable, **kwargs):
-        super().__init__(serve_command(args, python), **kwargs)
+    def __init__(self, args: Sequence[str], *, python: str | Path = sys.executable, rest: bool = True, **kwargs):
+        super().__init__(serve_command(args, python, rest), **kwargs)
 
 
 __all__ = ["ServeProcess", "ServerProcess", "ServerStartError", "clean_env", "free_port", "serve_command"]
