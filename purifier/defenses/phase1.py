@@ -189,7 +189,12 @@ class _Ops:
 
     def crossed(self, vectors: str, h0: str, lead: tuple[int, ...]) -> str:
         """Sorted vectors (N, *lead, C) -> (N, *lead) bool: h's sign flipped versus h0 (N, 1)."""
-        a = self.Cast(self.Reshape(vectors, self.i(-1, self.c)), to=PROBE_ONNX_TYPE)
+        a = self.Reshape(vectors, self.i(-1, self.c))
+        # probabilities below float32's smallest normal (common in confident rows) would become
+        # subnormal numbers, which some CPUs multiply far more slowly: a timing difference
+        # between confident and unsure rows. They go to 0 (a change far below h's resolution).
+        tiny = self.k(float(np.finfo(PROBE_DTYPE).tiny))
+        a = self.Cast(self.Where(self.Less(a, tiny), self.k(0.0), a), to=PROBE_ONNX_TYPE)
         for w, b in zip(self.probe_wt, self.probe_b, strict=True):
             a = self.Relu(self.Gemm(a, w, b))
         out = self.f64(self.Add(self.sum(self.Mul(a, self.probe_w4), 2, HIDDEN[-1]), self.probe_b4))  # (M, 1)
