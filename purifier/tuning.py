@@ -238,14 +238,18 @@ def run(args: argparse.Namespace) -> int:
     result = _result(args, k, grid, baselines, attacks, data, sweep, chosen, best)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["load_average_1_5_15min"] = {"start": list(load_start), "end": list(os.getloadavg())}
+    not_written = "no setting reached the floor" if chosen is None else None
     if args.write_to and chosen is not None:
-        result["written_to"] = str(_write_setting(args, defense, k.param, chosen.setting, result))
+        try:
+            result["written_to"] = str(_write_setting(args, defense, k.param, chosen.setting, result, secret))
+        except ConfigError as e:  # the chosen setting changes nothing: the report still says what was measured
+            result["not_written"] = not_written = str(e)
     _write_report(args.out, result, sweep, chosen)
     print(_summary(result))
-    if args.write_to and chosen is None:
-        print(f"nothing written to {args.write_to}: no setting reached the floor", file=sys.stderr)
+    if args.write_to and not_written:
+        print(f"nothing written to {args.write_to}: {not_written}", file=sys.stderr)
     print(f"report: {args.out}/tune.json, tune.md, tune.png", file=sys.stderr)
-    return 0 if chosen is not None else 1
+    return 0 if chosen is not None and not (args.write_to and not_written) else 1
 
 
 def _result(args, k, grid, baselines, attacks, data, sweep, chosen, best) -> dict:
@@ -339,13 +343,14 @@ def _write_report(out, result: dict, sweep, chosen) -> None:
         plt.close(fig)
 
 
-def _write_setting(args, defense, param: str, value, result: dict) -> Path:
+def _write_setting(args, defense, param: str, value, result: dict, secret: bytes) -> Path:
     """Put `param = value` into the --write-to defense directory: defense.json's config is rewritten
     (atomically) when the directory exists (its state files, hashes and fingerprint are unchanged,
-    as the budget lives in the config only), else the swept defense is saved there."""
+    as the budget lives in the config only), else the swept defense is saved there. Either way the
+    directory must load with `secret` and the new setting must change answers (ConfigError)."""
     from purifier.artifacts import write_json
     from purifier.audit.sweep import at_setting
-    from purifier.defenses import defense_class, read_defense_manifest
+    from purifier.defenses import load_defense, read_defense_manifest
 
     path = Path(args.write_to)
     note = {"param": param, "value": value, "floor": result["floor"],
@@ -357,7 +362,6 @@ def _write_setting(args, defense, param: str, value, result: dict) -> Path:
         tuned.save(path, extra={"tuned": note})
         return path
     manifest = read_defense_manifest(path)
-    config = {**manifest["config"], param: value}
-    defense_class(manifest["defense"])._from_config(config, None)  # the new config must load
-    write_json(path / "defense.json", {**manifest, "config": config, "tuned": note})
+    load_defense(path, secret, config={param: value})  # the new setting must load, with this secret, and change answers
+    write_json(path / "defense.json", {**manifest, "config": {**manifest["config"], param: value}, "tuned": note})
     return path
