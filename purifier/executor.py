@@ -51,6 +51,8 @@ def available_cores() -> int:
 
 
 class Executor(Protocol):
+    """What `ExecutorSpec.open` returns and the shadow cache maps over (`LocalExecutor`, `RayExecutor`)."""
+
     name: str
 
     def map(self, fn: Callable, tasks: Sequence[tuple], shared: tuple = (),
@@ -65,6 +67,10 @@ class Executor(Protocol):
         """JSON-able facts for reports: {"executor": name, "workers": n, ...}."""
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 @contextlib.contextmanager
@@ -392,7 +398,7 @@ class ExecutorSpec:
         return {"executor": "ray", "workers": self.workers if not self.ray_address else None,
                 "cluster": self.ray_address or "local (started by the audit)"}
 
-    def open(self) -> LocalExecutor | RayExecutor:
+    def open(self) -> Executor:
         if self.name == "local":
             return LocalExecutor(self.workers)
         return RayExecutor(self.ray_address, num_cpus=self.workers)

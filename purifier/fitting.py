@@ -26,7 +26,7 @@ SHORTCUTS = {"epsilon": "--epsilon", "mode": "--mode", "label_swap": "--label-sw
 def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.audit.model_flags import add_model_flags
     from purifier.data.records import DEFAULT_LABEL_COLUMN
-    from purifier.defenses import REGISTRY
+    from purifier.defenses import REGISTRY, tunable_defenses
     from purifier.devices import DEVICES
 
     p = sub.add_parser("fit-defense", help="fit a defense for a model from its members and a reference set",
@@ -46,6 +46,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a hyper-parameter of the defense (repeatable; VALUE is JSON or a string), "
                         "e.g. --param epochs=100")
+    p.add_argument("--budget", default=None, metavar="VALUE",
+                   help="the defense's budget, as `purifier tune` sets it: "
+                        + "; ".join(f"{n}: {c.knob.param}" for n, c in tunable_defenses().items()))
     p.add_argument("--epsilon", type=float, default=None, help="memguard: expected L1 utility budget per query")
     p.add_argument("--mode", choices=["fast", "faithful"], default=None, help="memguard: Phase I solver")
     p.add_argument("--label-swap", action="store_true", default=None, help="purifier: enable the label swapper")
@@ -71,6 +74,10 @@ def defense_kwargs(cls, args: argparse.Namespace) -> dict:
             kwargs[name] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[name] = text
+    if getattr(args, "budget", None) is not None:
+        if cls.knob is None:
+            raise ConfigError(f"--budget: the {cls.name} defense has no budget")
+        kwargs[cls.knob.param] = cls.knob.parse(args.budget, "--budget")[0]
     for name, flag in SHORTCUTS.items():
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -95,7 +102,7 @@ def _records(args: argparse.Namespace):
     if args.target:
         if files or args.model or args.endpoint:
             raise ConfigError(f"--target brings its own model and records; drop {', '.join(files) or '--model/--endpoint'}")
-        from purifier.audit.access import InProcessTarget
+        from purifier.models.access import InProcessTarget
         from purifier.models.target import Target
 
         target = Target.load(args.target)

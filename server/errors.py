@@ -63,6 +63,14 @@ class NotServing(RequestError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class WaitedTooLong(NotServing):
+    """A request's deadline passed while it waited for the upstream to be back and verified.
+
+    UNAVAILABLE (retry later) when the deadline was the sidecar's own `upstream_timeout_s`;
+    the servicer answers DEADLINE_EXCEEDED when it was the caller's.
+    """
+
+
 # What a client is told when the upstream answered with an error, per status code. The upstream's
 # own text goes to the log only.
 UPSTREAM_MESSAGES = {

@@ -90,6 +90,9 @@ class SidecarMetrics:
                                  "last poll", registry=r)
         self.defense_active = Gauge("purifier_defense_active", "1 while a defense rewrites the confidence vectors; "
                                     "0 when serving undefended (--defense none)", ["defense"], registry=r)
+        self.identity_probes = Counter("purifier_identity_probes_total", "Identity probes of the upstream model "
+                                       "(fingerprint rows asked again while serving), by outcome: match, mismatch, "
+                                       "failed (no answer)", ["outcome"], registry=r)
         self.queued_rows = Gauge("purifier_defense_queued_rows", "Rows waiting for the defense", registry=r)
         self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
                                          "Upstream answers refused before the defense, by reason", ["reason"],

@@ -41,6 +41,7 @@ probabilities itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Protocol
@@ -68,6 +69,7 @@ from purifier_server.errors import (
     TooLarge,
     UnknownModel,
     UpstreamFailed,
+    WaitedTooLong,
     log_detail,
     status_for,
 )
@@ -75,6 +77,7 @@ from purifier_server.metrics import SidecarMetrics
 from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
 from purifier_server.outputs import ClassIndexOutput
 from purifier_server.settings import Settings
+from purifier_server.upstream import upstream_request_id
 
 log = logging.getLogger("purifier_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -104,17 +107,24 @@ def _refused_parameter(params) -> str | None:
 
 
 class Readiness(Protocol):
-    """What the servicer asks of the sidecar's health logic (app.Sidecar)."""
+    """What the servicer asks of the sidecar's upstream state (readiness.Readiness)."""
+
+    class_outputs: dict[str, ClassIndexOutput]  # the allowed outputs as the last model check found them
 
     def refusal(self) -> RequestError | None:
         """None while requests may go upstream; else the error to answer with."""
 
-    def upstream_suspect(self) -> None:
-        """A request found the upstream unavailable: check readiness now (health follows that check)."""
+    async def wait_verified(self, deadline: float) -> int:
+        """Until the upstream model is verified (loop-time deadline); the connection generation."""
 
-    @property
-    def class_outputs(self) -> dict[str, ClassIndexOutput]:
-        """The allowed outputs as the last model check found them (name -> how to rebuild it)."""
+    async def recheck(self, generation: int, deadline: float) -> bool:
+        """After a failed call: True when the upstream went away (wait and ask again)."""
+
+    def still_verified(self, generation: int) -> bool:
+        """Whether an answer that came over `generation` may be used."""
+
+    def note_request(self, rows: int, version: str, raw: bool) -> None:
+        """A client request goes upstream (identity probes imitate it)."""
 
 
 class Malformed:
@@ -249,30 +259,33 @@ class InferenceServicer:
 
     async def _infer(self, request, context):
         names = await self._validate(request) or [self.confidence_output, *self.keep]
-        if (refusal := self.readiness.refusal()) is not None:
-            raise refusal
         rows = request_rows(request)
         inputs = None
         if self.needs_inputs:
             first = decode_inputs(request)[0]
             inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
         client_id = request.id
-        # Every request to the upstream asks for the same outputs (the confidences and the allowed
-        # outputs, whatever the client asked for): only the confidences are read, and a probe of the
-        # model's identity asks for exactly the same (preflight.ModelCheck.outputs).
+        # What the upstream sees is the same for every request, a client's or an identity probe
+        # (readiness.py): an id the sidecar draws, and the confidence and allowed outputs whatever
+        # the client asked for (only the confidences are read).
+        request.id = upstream_request_id()
         del request.outputs[:]
         for name in self.upstream_outputs:
             request.outputs.add(name=name)
-        t1 = time.perf_counter()
+        raw = len(request.raw_input_contents) > 0
+        self.readiness.note_request(rows, request.model_version, raw)
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
+        timeout = context.time_remaining()
+        deadline = asyncio.get_running_loop().time() + (self.settings.upstream_timeout_s if timeout is None
+                                                       else timeout)
         try:
-            upstream_answer, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
-                                                                  forwardable(context.invocation_metadata()))
-        except UpstreamFailed as e:
-            raise await self._upstream_error(e, request) from None
-        self.metrics.upstream_stage.observe(time.perf_counter() - t1)
-        if (refusal := self.readiness.refusal()) is not None:
-            raise refusal  # the answer came over a new connection: perhaps from another model
+            upstream_answer, trailing = await self._ask_upstream(forwarded, request,
+                                                                 forwardable(context.invocation_metadata()), deadline)
+        except WaitedTooLong as e:
+            if timeout is None:
+                raise  # the sidecar's own bound (upstream_timeout_s): UNAVAILABLE, retry later
+            raise RequestError("deadline exceeded while waiting for the upstream model to be back and verified",
+                               grpc.StatusCode.DEADLINE_EXCEEDED) from e
         try:
             probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
             defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs)
@@ -285,26 +298,39 @@ class InferenceServicer:
         built = self.readiness.class_outputs
         arrays = {n: defended if n == self.confidence_output else built[n].build(defended) for n in names}
         version = self.answer_version(request.model_version, upstream_answer.model_version)
-        answer = build_response(client_id, request.model_name, version, arrays,
-                                raw=len(request.raw_input_contents) > 0)
+        answer = build_response(client_id, request.model_name, version, arrays, raw=raw)
         for key in self.settings.allow_parameters:
             if key in upstream_answer.parameters:
                 answer.parameters[key].CopyFrom(upstream_answer.parameters[key])
         allowed = self.settings.allow_trailers
         return answer, tuple((k, v) for k, v in trailing if k in allowed) if allowed else ()
 
-    async def _upstream_error(self, e: UpstreamFailed, request) -> RequestError:
-        """What to answer for an upstream error (see errors.UPSTREAM_MESSAGES)."""
-        if e.upstream_code == grpc.StatusCode.NOT_FOUND and not await self.upstream.ready(self.model_name,
-                                                                                         self.model_version):
-            # Triton answers NOT_FOUND while it reloads a model; clients take NOT_FOUND as permanent
-            self.readiness.upstream_suspect()
-            return UpstreamFailed(str(e), grpc.StatusCode.UNAVAILABLE)
-        if e.code == grpc.StatusCode.UNAVAILABLE:
-            self.readiness.upstream_suspect()
-        if e.upstream_code in _INPUT_SUSPECT_CODES:
-            _check_finite_inputs(request)
-        return e
+    async def _ask_upstream(self, forwarded, request, metadata, deadline: float):
+        """The upstream's answer over a verified connection: (response, trailing metadata).
+
+        A request that finds the upstream restarting, reconnecting or being verified waits for it
+        (`Readiness.wait_verified`, bounded by `deadline` and max_waiting_requests) instead of
+        failing; a call that fails because the upstream went away, or whose answer came over
+        another connection than the verified one (perhaps another model), is asked again once the
+        upstream is back and verified. ModelInfer is a pure function of the request: safe to repeat.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            generation = await self.readiness.wait_verified(deadline)
+            t1 = time.perf_counter()
+            try:
+                answer = await self.upstream.infer(forwarded, max(deadline - loop.time(), 1e-3), metadata)
+            except UpstreamFailed as e:
+                # Triton answers NOT_FOUND while it reloads a model: the upstream is away as well
+                away = e.code == grpc.StatusCode.UNAVAILABLE or e.upstream_code == grpc.StatusCode.NOT_FOUND
+                if away and await self.readiness.recheck(generation, deadline):
+                    continue
+                if e.upstream_code in _INPUT_SUSPECT_CODES:
+                    _check_finite_inputs(request)
+                raise e from None
+            self.metrics.upstream_stage.observe(time.perf_counter() - t1)
+            if self.readiness.still_verified(generation):
+                return answer
 
     # --- the rest of the protocol ---------------------------------------------------------------
 

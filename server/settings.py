@@ -108,15 +108,25 @@ class Settings:
                                      "RESOURCE_EXHAUSTED")
     watch_max_s: float = setting(300.0, "longest a health Watch stream stays open, in seconds (then it ends and "
                                  "the client watches again)", flag="--watch-max")
-    max_batch_rows: int = setting(256, "rows per defense call (larger requests are defended in chunks, "
+    max_batch_rows: int = setting(256, "most rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
-    device: str = setting("cpu", "embedded model device", choices=DEVICES)
+    max_defense_slice_ms: float = setting(5.0, "longest one defense call should take: rows per call come from the "
+                                          "measured cost per row, so a large request yields to others at "
+                                          "least this often (0 = always max_batch_rows rows)")
+    device: str = setting("cpu", "where the embedded model and the defense's onnxruntime graphs (MemGuard's "
+                          "fast solver, PURIFIER's reformer) run: cuda needs onnxruntime-gpu and a GPU",
+                          choices=DEVICES)
     reflection: bool = setting(False, "enable gRPC server reflection")
     grace_s: float = setting(5.0, "seconds to drain on SIGTERM", flag="--grace")
     upstream_timeout_s: float = setting(30.0, "upstream deadline when the caller sets none, in seconds",
                                         flag="--upstream-timeout")
     health_poll_s: float = setting(1.0, "upstream readiness poll interval, in seconds", flag="--health-poll")
+    identity_check_s: float = setting(60.0, "longest time between two identity probes of a remote upstream's "
+                                      "model, in seconds (each interval is random, up to this)",
+                                      flag="--identity-check")
+    max_waiting_requests: int = setting(128, "requests that wait for a restarting or reconnecting upstream to be "
+                                        "back and verified (each within its own deadline); above: UNAVAILABLE")
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
     tls_cert_file: str | None = setting(None, "PEM certificate chain: serve TLS", flag="--tls-cert")
     tls_key_file: str | None = setting(None, "PEM private key for --tls-cert", flag="--tls-key")
@@ -180,10 +190,10 @@ class Settings:
         if self.max_queued_rows < needed:
             fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
-        for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
+        for name in ("max_wait_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes", "max_waiting_requests"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s"):
+        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s", "identity_check_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

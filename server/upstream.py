@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,16 @@ CHANNEL_OPTIONS = [
 RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"]}
 Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def upstream_request_id() -> str:
+    """The id of a request to the upstream: 16 random hex digits, for a client's request and an
+    identity probe alike (readiness.py), so the upstream cannot tell the two apart by their ids.
+
+    The operating system's randomness: the ids must not be predictable to the upstream, and they
+    are no defense output (those are deterministic keyed functions of the input).
+    """
+    return secrets.token_hex(8)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import importlib
 
-from purifier.attacks.base import FAMILIES, Attack, AttackContext, ConfidenceAttack, LabelOnly
+from purifier.attacks.base import (
+    FAMILIES,
+    Attack,
+    AttackContext,
+    ConfidenceAttack,
+    Coverage,
+    Family,
+    LabelOnly,
+)
 from purifier.errors import ConfigError
 
 # name -> "module:Class", in report order
@@ -61,4 +69,4 @@ def parse_attacks(spec: list[str] | str | None) -> list[str]:
 
 
 __all__ = ["ADAPTIVE", "DEFAULT_ATTACKS", "FAMILIES", "REGISTRY", "Attack", "AttackContext",
-           "ConfidenceAttack", "LabelOnly", "attack_class", "parse_attacks"]
+           "ConfidenceAttack", "Coverage", "Family", "LabelOnly", "attack_class", "parse_attacks"]

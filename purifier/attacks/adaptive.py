@@ -19,7 +19,7 @@ import hashlib
 
 import numpy as np
 
-from purifier.attacks.base import ConfidenceAttack
+from purifier.attacks.base import ConfidenceAttack, Family
 from purifier.attacks.metric import ModifiedEntropyThreshold
 from purifier.attacks.nn import NNLabelAttack
 from purifier.errors import ConfigError
@@ -55,7 +55,7 @@ def defended_shadow_outputs(ctx) -> np.ndarray:
 
 
 class _Adaptive(ConfidenceAttack):
-    family = "adaptive"
+    family = Family.ADAPTIVE
 
     def fit(self, ctx):
         probs, labels, membership = ctx.shadows.stacked(defended_shadow_outputs(ctx))

@@ -145,9 +145,10 @@ def load_checked_defense(args, model):
 
 
 def _open_access(args, target):
-    """(access, baseline, defense_name, info) from the arguments."""
-    from purifier.audit.access import InProcessTarget, OnnxTarget, RemoteTarget
+    """(access, baseline, defense_name, source) from the arguments."""
     from purifier.audit.model_flags import open_model
+    from purifier.audit.results import Source
+    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget
 
     in_process = args.in_process or bool(args.model)
     if args.in_process:
@@ -172,8 +173,8 @@ def _open_access(args, target):
             access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
             baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
-        return access, baseline, args.defense_name or name, {"endpoint": "in-process",
-                                                            **({"model": args.model} if args.model else {})}
+        return access, baseline, args.defense_name or name, Source("in-process", model=args.model,
+                                                                   output_name=access.output_name)
     access = open_model(args, n_classes=target.n_classes if target is not None else None)
     baseline = None
     if args.baseline:
@@ -183,9 +184,8 @@ def _open_access(args, target):
         except BaseException:
             access.close()
             raise
-    info = {"endpoint": args.endpoint, "model_name": args.model_name, "output_name": access.output_name,
-            "baseline_endpoint": args.baseline}
-    return access, baseline, args.defense_name, info
+    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
+                                                       baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -241,18 +241,19 @@ def run(args: argparse.Namespace) -> int:
     elif len(files) < 3:
         raise ConfigError("give the records: --members FILE --nonmembers FILE --attacker-pool FILE "
                           "(or --target DIR)")
-    access, baseline, defense_name, info = _open_access(args, target)
+    access, baseline, defense_name, source = _open_access(args, target)
+    skipped = {}
     try:
         data = audit_data(args, target, access)
         if not defense_name and not explicit:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
-            info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}
+            skipped = {a: "no --defense-name" for a in ADAPTIVE}
         config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
                              n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
                              **shadow_settings)
         data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
-        audit = run_audit(data, access, config, defense_name, baseline, info)
+        audit = run_audit(data, access, config, defense_name, baseline, source, skipped=skipped)
     finally:
         access.close()
         if baseline is not None:
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     out = write_report(audit, args.out)
     print(text_table(audit.report))
-    for warning in audit.report["assumptions"]["warnings"]:
+    for warning in audit.report.assumptions.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out}/report.html (open in a browser), report.md, report.json, roc.png", file=sys.stderr)
     return 0

@@ -9,110 +9,66 @@ calibrated, augmentation and boundary attacks on AUC, on TPR at 1% FPR and on TP
 within the floor's 95% interval.
 
 An attack whose AUC interval lies below 0.5 has found a real signal with the wrong sign; an
-attacker flips it, so its flipped figures (`inverted` in its report entry, computed on the negated
-scores by the runner) count towards the best attack.
+attacker flips it, so its flipped figures (`AttackResult.flipped`, computed on the negated scores
+by the runner) count towards the best attack.
 
-Everything here reads the `report.json` document only, so report.md, report.html and the demo
-print the same sentences.
+Everything here reads the typed `Report` only, so report.md, report.html and the demo print the
+same sentences.
 """
 
 from __future__ import annotations
 
-LABEL_ONLY = "label_only"
-TPR_KEYS = ("0.01", "0.001")
-METRICS = ("auc", *TPR_KEYS)
-
-
-def is_inverted(entry: dict) -> bool:
-    """The attack's AUC 95% interval lies entirely below 0.5."""
-    return entry["ci95"]["auc"][1] < 0.5
-
-
-def strength(entry: dict) -> dict:
-    """The attack's figures as an attacker would use them: flipped when its signal is inverted.
-    Returns {"auc", "auc_ci", "0.01", "0.001" (tpr_at_fpr entries), "tpr_ci" {"0.01": [lo, hi]},
-    "inverted"}."""
-    src = entry.get("inverted") if is_inverted(entry) and "inverted" in entry else entry
-    return {"auc": src["auc"], "auc_ci": src["ci95"]["auc"], **{k: src["tpr_at_fpr"][k] for k in TPR_KEYS},
-            "tpr_ci": {k: src["ci95"][f"tpr_at_{k}"] for k in TPR_KEYS if f"tpr_at_{k}" in src["ci95"]},
-            "inverted": src is not entry}
-
-
-def _value(s: dict, metric: str) -> float:
-    return s["auc"] if metric == "auc" else s[metric]["tpr"]
-
-
-def best_per_metric(attacks: dict, label_only: bool) -> dict | None:
-    """Per metric, the strongest attack of the label-only family (label_only=True) or of all the
-    others: {metric: {"attack", "value", "ci95", ...the tpr entry for TPR metrics}}; None if no
-    attack of that kind ran."""
-    chosen = {n: strength(a) for n, a in attacks.items() if (a["family"] == LABEL_ONLY) == label_only}
-    if not chosen:
-        return None
-    out = {}
-    for metric in METRICS:
-        name = max(chosen, key=lambda n: _value(chosen[n], metric))
-        s = chosen[name]
-        if metric == "auc":
-            out[metric] = {"attack": name, "value": s["auc"], "ci95": s["auc_ci"], "inverted": s["inverted"]}
-        else:
-            out[metric] = {"attack": name, "value": s[metric]["tpr"], "ci95": s["tpr_ci"].get(metric),
-                           "inverted": s["inverted"], **s[metric]}
-    return out
-
-
-def strongest(attacks: dict, metric: str, label_only: bool | None = None) -> dict | None:
-    """The strongest attack on `metric` ("auc", "0.01", "0.001") among all attacks (None), the
-    label-only ones (True) or the others (False): an entry of `best_per_metric`; None if no such
-    attack ran."""
-    flags = (True, False) if label_only is None else (label_only,)
-    found = [b[metric] for b in (best_per_metric(attacks, flag) for flag in flags) if b is not None]
-    return max(found, key=lambda e: e["value"]) if found else None
-
-
-def label_only_floor(attacks: dict) -> dict | None:
-    """The label-only floor: the strongest label-only attack per metric (see module docstring)."""
-    return best_per_metric(attacks, label_only=True)
+from purifier.audit.results import AttackResult, Best, Metric, Report, Strongest, Tpr, Verdict
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _tpr_words(t: dict) -> str:
+def _tpr_words(value: float, t: Tpr) -> str:
     """'7.1% of members (realized FPR 0.10%, 10,000 non-members)' or 'not measurable ...'."""
-    if not t["measurable"]:
-        return f"not measurable with {t['negatives']:,} non-members"
-    return f"{_pct(t['value'])} of members (realized FPR {100 * t['fpr']:.2f}%, {t['negatives']:,} non-members)"
+    if not t.measurable:
+        return f"not measurable with {t.negatives:,} non-members"
+    return f"{_pct(value)} of members (realized FPR {100 * t.fpr:.2f}%, {t.negatives:,} non-members)"
 
 
-def _within(best: dict, floor: dict) -> bool | None:
+def _best_words(b: Best) -> str:
+    return _tpr_words(b.value, b.tpr)
+
+
+def _within(best: Best, floor: Best) -> bool | None:
     """best's value is no higher than the top of floor's 95% interval; None when not measurable."""
-    if not best.get("measurable", True) or not floor.get("measurable", True) or floor["ci95"] is None:
+    if not best.measurable or not floor.measurable or floor.ci95 is None:
         return None
-    return best["value"] <= floor["ci95"][1]
+    return best.value <= floor.ci95[1]
 
 
-def fallback_lines(attacks: dict) -> list[str]:
+def fallback_lines(attacks: dict[str, AttackResult]) -> list[str]:
     """Attacks that ran a weaker variant than they are named for, because of too few shadows."""
     lines = []
     for name, a in attacks.items():
-        reason = a.get("details", {}).get("variant_reason", "")
+        reason = str(a.details.get("variant_reason", ""))
         if reason.startswith("offline: only"):
             lines.append(f"{name} ran its offline variant ({reason.removeprefix('offline: ')}); more shadow "
                          "models (--shadows 8 or more) allow the online one.")
     return lines
 
 
-def verdict(report: dict) -> dict:
-    """The verdict of one audited endpoint, from its report document.
+def inverted_lines(attacks: dict[str, AttackResult]) -> list[str]:
+    lines = []
+    for name, a in attacks.items():
+        if a.flipped is not None:
+            lo, hi = a.ranking.auc_ci95
+            lines.append(f"Inverted signal: {name} scores AUC {a.ranking.auc:.3f} [{lo:.3f}, {hi:.3f}], below a coin "
+                         f"flip; an attacker who flips its score gets AUC {a.flipped.auc:.3f}, counted so.")
+    return lines
 
-    Returns {"lines": [sentences], "protected", "not_protected", "attacker", "cannot_protect":
-    [sentences], "confidence_leakage_removed": True/False/None (None: not decidable)}.
-    """
-    attacks, defense = report["attacks"], report["defense"]
-    floor, best = report.get("label_only_floor"), best_per_metric(attacks, label_only=False)
-    undefended = defense == "none"
+
+def verdict(report: Report) -> Verdict:
+    """The verdict of one audited endpoint, from its report (the `verdict` field is not read)."""
+    attacks, defense = report.attacks, report.defense
+    floor, best = report.label_only_floor, report.strongest(label_only=False)
+    undefended = report.undefended
     lines: list[str] = []
     removed = None
     if floor is None:
@@ -120,53 +76,35 @@ def verdict(report: dict) -> dict:
     elif best is None:
         confidence = "Only label-only attacks were run: the confidence scores were not tested."
     else:
-        b, f = best["auc"], floor["auc"]
-        b1, f1 = best["0.01"], floor["0.01"]
+        b, f = best.auc, floor.auc
+        b1, f1 = best.tpr_1pct, floor.tpr_1pct
         auc_ok, tpr_ok = _within(b, f), _within(b1, f1)
         removed = bool(auc_ok) and tpr_ok is not False
         if removed:
             confidence = (f"Confidence leakage removed: the strongest attacks on the scores reach AUC "
-                          f"{b['value']:.3f} ({b['attack']}) and find {_tpr_words(b1)} at 1% false positives "
-                          f"({b1['attack']}), within the 95% "
-                          f"interval of the label-only floor (AUC {f['value']:.3f} [{f['ci95'][0]:.3f}, "
-                          f"{f['ci95'][1]:.3f}] by {f['attack']}).")
+                          f"{b.value:.3f} ({b.attack}) and find {_best_words(b1)} at 1% false positives "
+                          f"({b1.attack}), within the 95% interval of the label-only floor (AUC {f.value:.3f} "
+                          f"[{f.ci95[0]:.3f}, {f.ci95[1]:.3f}] by {f.attack}).")
             if tpr_ok is None:
                 confidence += " The 1% false-positive comparison is not measurable with these non-members."
         else:
-            more = [f"AUC {b['value']:.3f} against the floor's {f['value']:.3f} ({f['attack']}; "
-                    f"+{b['value'] - f['value']:.3f})"]
+            more = [f"AUC {b.value:.3f} against the floor's {f.value:.3f} ({f.attack}; +{b.value - f.value:.3f})"]
             if tpr_ok is False:
-                more.append(f"{_pct(b1['value'])} of members found at 1% false positives ({b1['attack']}) "
-                            f"against {_pct(f1['value'])} ({f1['attack']})")
-            confidence = (f"Confidence leakage {'present' if undefended else 'remains'}: {b['attack']} leaks more "
+                more.append(f"{_pct(b1.value)} of members found at 1% false positives ({b1.attack}) "
+                            f"against {_pct(f1.value)} ({f1.attack})")
+            confidence = (f"Confidence leakage {'present' if undefended else 'remains'}: {b.attack} leaks more "
                           f"than the predicted label alone: " + "; ".join(more) + ".")
     lines.append(confidence)
-    top = (best or floor or {}).get("0.001")
-    if floor is not None and best is not None and floor["0.001"]["value"] > best["0.001"]["value"]:
-        top = floor["0.001"]
-    record = None
-    if top is not None:
-        if not top["measurable"]:
-            record = (f"Record-level exposure (members found at 0.1% false positives) is not measurable with "
-                      f"{top['negatives']:,} non-members: it needs at least 1,000.")
-        else:
-            record = (f"Record-level exposure remains: the strongest attack ({top['attack']}) finds "
-                      f"{_tpr_words(top)} at 0.1% false positives")
-            if floor is not None and floor["0.001"]["measurable"]:
-                record += f"; the label alone ({floor['0.001']['attack']}) finds {_pct(floor['0.001']['value'])}"
-            record += (". A defense that keeps the predicted label cannot remove what the label reveals.")
+    record = _record_line(best, floor)
+    if record is not None:
         lines.append(record)
-    for name, a in attacks.items():
-        if is_inverted(a) and "inverted" in a:
-            lo, hi = a["ci95"]["auc"]
-            lines.append(f"Inverted signal: {name} scores AUC {a['auc']:.3f} [{lo:.3f}, {hi:.3f}], below a coin "
-                         f"flip; an attacker who flips its score gets AUC {a['inverted']['auc']:.3f}, counted so.")
-    lines += fallback_lines(attacks)
+    notes = inverted_lines(attacks) + fallback_lines(attacks)
+    lines += notes
 
-    s = report["shadows"]
-    queries = sum(a["queries"] for a in attacks.values())
+    s = report.shadows
+    queries = sum(a.queries for a in attacks.values())
     attacker = (f"An outsider who sends the endpoint {queries:,} queries in all, sees its answers (or only their "
-                f"labels), and trains {s['n']} shadow models ({s['recipe']}) on {s['pool_size']:,} records of "
+                f"labels), and trains {s.n} shadow models ({s.recipe}) on {s.pool_size:,} records of "
                 "the same kind; it never sees the training set.")
     if undefended:
         protected = "Nothing: this endpoint returns the model's own confidence scores."
@@ -180,18 +118,34 @@ def verdict(report: dict) -> dict:
     not_protected = " ".join(x for x in (None if removed else confidence, record) if x)
     cannot = []
     if floor is not None:
-        cannot.append(f"What the predicted label reveals: the label-only floor is AUC {floor['auc']['value']:.3f} "
-                      f"({floor['auc']['attack']}), {_tpr_words(floor['0.01'])} at 1% false positives "
-                      f"({floor['0.01']['attack']}) and {_tpr_words(floor['0.001'])} at 0.1% "
-                      f"({floor['0.001']['attack']}); any defense that keeps the label leaves this.")
+        cannot.append(f"What the predicted label reveals: the label-only floor is AUC {floor.auc.value:.3f} "
+                      f"({floor.auc.attack}), {_best_words(floor.tpr_1pct)} at 1% false positives "
+                      f"({floor.tpr_1pct.attack}) and {_best_words(floor.tpr_01pct)} at 0.1% "
+                      f"({floor.tpr_01pct.attack}); any defense that keeps the label leaves this.")
     if record is not None:
         cannot.append(record)
     if "timing" not in attacks:
         cannot.append("Response time was not measured by this audit: run `purifier audit --attacks timing` "
                       "against the endpoint.")
-    return {"lines": lines, "protected": protected, "not_protected": not_protected, "attacker": attacker,
-            "cannot_protect": cannot, "confidence_leakage_removed": removed}
+    return Verdict(tuple(lines), protected, not_protected, attacker, tuple(cannot), removed, tuple(notes))
 
 
-__all__ = ["LABEL_ONLY", "best_per_metric", "fallback_lines", "is_inverted", "label_only_floor", "strength",
-           "strongest", "verdict"]
+def _record_line(best: Strongest | None, floor: Strongest | None) -> str | None:
+    """The record-level sentence: members found at 0.1% false positives by the strongest attack."""
+    top = (best or floor)
+    if top is None:
+        return None
+    top = top.tpr_01pct
+    if floor is not None and best is not None and floor.tpr_01pct.value > best.tpr_01pct.value:
+        top = floor.tpr_01pct
+    if not top.measurable:
+        return (f"Record-level exposure (members found at 0.1% false positives) is not measurable with "
+                f"{top.tpr.negatives:,} non-members: it needs at least 1,000.")
+    record = (f"Record-level exposure remains: the strongest attack ({top.attack}) finds "
+              f"{_best_words(top)} at 0.1% false positives")
+    if floor is not None and floor.tpr_01pct.measurable:
+        record += f"; the label alone ({floor.tpr_01pct.attack}) finds {_pct(floor.tpr_01pct.value)}"
+    return record + ". A defense that keeps the predicted label cannot remove what the label reveals."
+
+
+__all__ = ["Metric", "fallback_lines", "inverted_lines", "verdict"]

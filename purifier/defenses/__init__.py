@@ -9,7 +9,7 @@ import importlib
 import logging
 from pathlib import Path
 
-from purifier.defenses.base import Defense, FitData, IdentityDefense, read_defense_manifest
+from purifier.defenses.base import Defense, FitData, IdentityDefense, Knob, read_defense_manifest
 from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.keyed import load_secret
 from purifier.defenses.no_op import ReferenceSample, refuse_no_op
@@ -34,6 +34,16 @@ def defense_class(name: str) -> type[Defense]:
         raise ConfigError(f"defense: unknown defense {name!r}; choose one of {', '.join(sorted(REGISTRY))}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def tunable_defenses() -> dict[str, type[Defense]]:
+    """name -> class of every registered defense with a budget to tune (`Defense.knob`)."""
+    return {n: c for n, c in ((n, defense_class(n)) for n in REGISTRY) if c.knob is not None}
+
+
+def baseline_defenses() -> dict[str, type[Defense]]:
+    """name -> class of the simple alternatives on every tune curve (`Defense.baseline_grid`)."""
+    return {n: c for n, c in ((n, defense_class(n)) for n in REGISTRY) if c.baseline_grid}
 
 
 def load_defense(directory: str | Path, secret: bytes | None = None,
@@ -95,5 +105,5 @@ def _check_secret(directory, manifest: dict, secret: bytes | None) -> None:
                           "serve it with the secret it was fitted with, or refit it with this one")
 
 
-__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "REGISTRY", "defense_class", "load_defense",
-           "load_secret"]
+__all__ = ["Defense", "FitData", "Fingerprint", "IdentityDefense", "Knob", "REGISTRY", "baseline_defenses",
+           "defense_class", "load_defense", "load_secret", "tunable_defenses"]

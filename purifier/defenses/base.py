@@ -18,6 +18,9 @@ normalized; `transform` wraps it with the checks above (`finalize`).
 from __future__ import annotations
 
 import abc
+import copy
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
@@ -33,6 +36,7 @@ from purifier.artifacts import (
 )
 from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.no_op import ReferenceSample, refuse_no_op
+from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
 
 FORMAT_VERSION = 1
@@ -146,7 +150,7 @@ class FitData:
 
         Args:
             model: anything with `query(X (N, D)) -> (N, C)` probabilities and a `model_id`
-                (`purifier.audit.access.OnnxTarget` or `RemoteTarget`: in process or an endpoint).
+                (`purifier.models.access.OnnxTarget` or `RemoteTarget`: in process or an endpoint).
             members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
         Raises ConfigError if the model does not answer probability vectors.
         """
@@ -168,6 +172,52 @@ class FitData:
                    getattr(model, "model_id", "") or "")
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A defense's budget: the constructor keyword (also the attribute that holds it), the default
+    grid a sweep tries, and which way protects more. `None` as a value means "no cap", the
+    strongest (PURIFIER's L1 budget)."""
+
+    param: str
+    grid: tuple
+    stronger_when: str  # "larger" (MemGuard epsilon, noise scale, PURIFIER budget) or "smaller" (k, decimals)
+    kind: type = float
+    label: str = ""
+
+    def weakest_first(self, values: Iterable) -> list:
+        """The distinct values ordered from the least distortion to the most."""
+        values = list(dict.fromkeys(values))
+        capped = sorted((v for v in values if v is not None), reverse=self.stronger_when == "smaller")
+        return capped + [None] * (None in values)
+
+    def parse(self, text: str, flag: str = "--grid") -> list:
+        """A comma-separated grid from the command line, weakest first (the values themselves are
+        checked by the defense's own constructor, `Defense.with_budget`)."""
+        values = []
+        for item in (s.strip() for s in text.split(",")):
+            if not item:
+                continue
+            if item.lower() == "none" and None in self.grid:
+                values.append(None)
+                continue
+            try:
+                value = self.kind(item)
+            except ValueError:
+                raise ConfigError(f"{flag}: {item!r} is not {'an integer' if self.kind is int else 'a number'} "
+                                  f"({self.param})") from None
+            if self.kind is float and not math.isfinite(value):
+                raise ConfigError(f"{flag}: {item!r} is not a finite number ({self.param})")
+            values.append(value)
+        if not values:
+            raise ConfigError(f"{flag}: give at least one {self.param} value, e.g. "
+                              f"{','.join('none' if v is None else str(v) for v in self.grid)}")
+        return self.weakest_first(values)
+
+    def setting(self, value) -> str:
+        """How a setting is written in tables: "eps 0.1", "k 2", "L1 budget none"."""
+        return f"{self.label or self.param} {'none' if value is None else f'{value:g}'}"
+
+
 class Defense(abc.ABC):
     """Base class: `fit` -> `transform` -> `save` / `load`.
 
@@ -182,10 +232,15 @@ class Defense(abc.ABC):
         reference_sample: reference rows the defense was fitted on (`purifier.defenses.no_op`),
             set by `fit` and saved with the defense, which `save` and `load_defense` apply to
             refuse a setting that changes nothing; None for unfitted ones.
+        knob: the budget a sweep tunes (`Knob`), None for a defense without one.
+        baseline_grid: the settings at which it stands on every tune curve as a simple alternative
+            (`(None,)`: its one setting); empty for a defense that is not a baseline.
     """
 
     name: ClassVar[str]
     needs_inputs: ClassVar[bool] = False
+    knob: ClassVar[Knob | None] = None
+    baseline_grid: ClassVar[tuple] = ()
 
     n_classes: int | None = None
     model_id: str = ""
@@ -224,9 +279,28 @@ class Defense(abc.ABC):
         defended, keep_label = self._transform(p, inputs)
         return finalize(probs, defended, keep_label)
 
+    def serve_on(self, device: str) -> None:
+        """Run what `transform` computes on `device` (`purifier.devices`: cpu, cuda, auto; cuda
+        without a usable CUDA device is a ConfigError). Defenses computed in numpy ignore it."""
+        check_device(device)
+
     @abc.abstractmethod
     def _transform(self, p: np.ndarray, inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """p: (N, C) float64 normalized rows -> (defended (N, C) float64, keep_label (N,) bool | None)."""
+
+    def with_budget(self, value) -> Self:
+        """A copy at budget `value`, sharing the fitted state (nothing is refitted). The value is
+        checked by the defense's own constructor, so a bad one fails with its message
+        (`k: must be an integer >= 1`); `None` for a defense without a knob gives itself."""
+        knob = type(self).knob
+        if knob is None:
+            if value is None:
+                return self
+            raise ConfigError(f"{self.name}: this defense has no budget to set")
+        checked = type(self)(**{**self.config(), knob.param: value})
+        twin = copy.copy(self)
+        setattr(twin, knob.param, getattr(checked, knob.param))
+        return twin
 
     # --- persistence -------------------------------------------------------------------------
 

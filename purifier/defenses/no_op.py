@@ -90,13 +90,16 @@ def unchanged_rows(defense: Defense, probs: np.ndarray, inputs: np.ndarray | Non
 
 
 def changed_settings(defense: Defense) -> str:
-    """The settings that differ from the defense's defaults, e.g. "epsilon=0 (default 1)"."""
+    """The settings that differ from the defense's defaults, its budget (`Defense.knob`) first, e.g.
+    "epsilon=0 (default 1)"."""
     params = inspect.signature(type(defense).__init__).parameters
 
     def text(v):
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    changed = [f"{k}={text(v)} (default {text(params[k].default)})" for k, v in defense.config().items()
+    knob = getattr(type(defense), "knob", None)
+    config = sorted(defense.config().items(), key=lambda kv: knob is None or kv[0] != knob.param)  # the budget first
+    changed = [f"{k}={text(v)} (default {text(params[k].default)})" for k, v in config
                if k in params and params[k].default is not inspect.Parameter.empty and v != params[k].default]
     return ", ".join(changed) if changed else "its default settings"
 

@@ -7,7 +7,6 @@ with tritonclient's generated servicer base class: it serves the digits target's
 
 from __future__ import annotations
 
-import json
 from concurrent import futures
 
 import grpc
@@ -16,6 +15,7 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from purifier.audit.results import Report
 from purifier.cli import main
 from purifier.serve_process import free_port
 
@@ -100,39 +100,36 @@ def test_audit_through_the_endpoint_writes_the_report(endpoint, digits_target, t
     rc = main(_audit_args(addr, digits_target.directory, out, "--baseline", addr,
                           "--attacks", *REPORT_ATTACKS))
     assert rc == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["defense"] == "unknown" and report["dataset"] == "digits"
-    assert set(report["utility"]) >= {"member_accuracy", "nonmember_accuracy", "argmax_agreement", "mean_l1",
-                                      "max_l1"}
+    report = Report.read(out)
+    assert report.defense == "unknown" and report.dataset == "digits"
     # the baseline is the same endpoint: full agreement, no distortion
-    assert report["utility"]["argmax_agreement"] == 1.0 and report["utility"]["max_l1"] == 0.0
-    assert set(report["gap_floor"]) >= {"balanced_accuracy", "auc"}
-    assert set(report["attacks"]) == set(REPORT_ATTACKS)
-    n = report["n_members"] + report["n_nonmembers"]
-    for a in report["attacks"].values():
-        assert set(a) >= {"family", "auc", "balanced_accuracy", "tpr_at_fpr", "ci95", "queries"}
-        assert set(a["tpr_at_fpr"]) == {"0.001", "0.01"}
-        for t in a["tpr_at_fpr"].values():
-            assert set(t) >= {"tpr", "fpr", "negatives"} and t["negatives"] == report["n_nonmembers"]
-        assert a["tpr_at_fpr"]["0.001"]["measurable"] is False  # 400 negatives
-        assert a["ci95"]["auc"][0] <= a["auc"] <= a["ci95"]["auc"][1]
-        assert a["queries"] >= n
-    assert report["attacks"]["label_augment"]["family"] == "label_only"
-    assert report["attacks"]["label_augment"]["queries"] == 11 * n  # original + 8 shifts + 2 rotations
+    cost = report.utility.cost
+    assert cost.argmax_agreement == 1.0 and cost.l1_nonmembers.max == 0.0 == cost.l1_members.max
+    assert set(report.attacks) == set(REPORT_ATTACKS)
+    n = report.n_members + report.n_nonmembers
+    for a in report.attacks.values():
+        r = a.ranking
+        for t in (r.tpr_1pct, r.tpr_01pct):
+            assert t.negatives == report.n_nonmembers
+        assert r.tpr_01pct.measurable is False  # 400 negatives
+        assert r.auc_ci95[0] <= r.auc <= r.auc_ci95[1]
+        assert a.queries >= n
+    assert report.attacks["label_augment"].family == "label_only"
+    assert report.attacks["label_augment"].queries == 11 * n  # original + 8 shifts + 2 rotations
     # every row queried reached the server: eval (x2 with baseline) + every attack's queries but
     # the confidence attacks and the gap attack (label-only), which reuse the single evaluation query
-    reused = sum(a["queries"] for n, a in report["attacks"].items() if a["family"] == "confidence" or n == "gap")
-    assert servicer.rows == 2 * n + sum(a["queries"] for a in report["attacks"].values()) - reused
+    reused = sum(a.queries for n, a in report.attacks.items() if a.family == "confidence" or n == "gap")
+    assert servicer.rows == 2 * n + sum(a.queries for a in report.attacks.values()) - reused
     # the undefended digits target leaks beyond the gap floor
-    strongest = max(report["attacks"][a]["auc"] for a in ("confidence", "nn", "lira_offline"))
-    assert strongest > report["gap_floor"]["auc"] + 0.05
+    strongest = max(report.attacks[a].ranking.auc for a in ("confidence", "nn", "lira_offline"))
+    assert strongest > report.gap_floor.auc + 0.05
     assert (out / "report.md").read_text().startswith("# Membership inference audit: digits")
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "label-only floor" in printed and "lira_offline" in printed and "TPR@1%FPR" in printed
     assert printed.startswith("verdict (unknown):") and "Record-level exposure" in printed
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and report["verdict"]["attacker"] in html
+    assert html.startswith("<!DOCTYPE html>") and report.verdict.attacker in html
 
 
 @pytest.mark.parametrize("case,message", [

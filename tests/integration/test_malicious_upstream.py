@@ -25,8 +25,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_fake import infer_request, softmax
 
+from purifier.defenses import Fingerprint
 from purifier.errors import ConfigError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -39,6 +41,7 @@ SERVICE = "inference.GRPCInferenceService"
 C = 4
 X = np.random.default_rng(7).normal(0, 0.6, size=(3, C)).astype(np.float32)
 INTERNAL, UNAVAILABLE = grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 OK = None
 
 
@@ -211,6 +214,16 @@ FAULTS: dict[str, tuple[Callable[[np.ndarray], Reply], grpc.StatusCode | None]] 
 }
 
 
+# what the identity tests below show (their names say which)
+IDENTITY_FAULTS = {
+    "swaps the model behind the same connection": "NOT_SERVING at the next probe, every request UNAVAILABLE; "
+                                                   "SERVING again when a probe matches",
+    "answers probe-like requests (id `purifier-probe`, right after ModelMetadata, 8 or 64 rows) with the fitted "
+    "model, everything else with another": "NOT_SERVING within one probe interval; no probe lets it back in",
+    "declares no inputs, several inputs, a non-float input or another width (a defense with a fingerprint)":
+        "refused at start-up (unless `--model-id` vouches for the model)",
+    "restarts with another model": "NOT_SERVING, requests that waited for the restart are not answered by it",
+}
 FAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "fault-modes.md"
 
 
@@ -234,6 +247,13 @@ def fault_table() -> str:
     for i, name in enumerate(LABELS, 1):
         start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
         lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
+    lines += ["", "## Another model behind the upstream", "",
+              "The defense carries a fingerprint (64 probe rows and the fitted model's answers); the sidecar asks "
+              "a few of them again at random times (`identity_check_s`, 0.2 s in the tests) in requests that look "
+              "like its clients' (`test_sidecar_model_check.py` covers restarts and metadata).", "",
+              "| # | upstream | outcome |", "|---|---|---|"]
+    for i, (name, outcome) in enumerate(IDENTITY_FAULTS.items(), 1):
+        lines.append(f"| {i} | {name} | {outcome} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +273,9 @@ class HostileUpstream:
     def __init__(self, label: tuple[str, list[int]] | None = None):
         self.fault: Callable[[np.ndarray], Reply] = lambda p: Reply(answer(p))
         self.model: Callable[[np.ndarray, pb.ModelInferRequest], np.ndarray] = lambda x, request: softmax(x)
+        self.on_metadata: Callable[[], None] = lambda: None
         self.calls = 0
+        self.seen: list[tuple[str, int, tuple[str, ...]]] = []   # (id, rows, outputs) of every ModelInfer
         self.label = label
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
         handlers = {
@@ -273,6 +295,7 @@ class HostileUpstream:
         self.server = server
 
     def _metadata(self, request, context):
+        self.on_metadata()
         spec = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name="m", versions=["1"], platform="hostile",
                                         inputs=[spec(name="x", datatype="FP32", shape=[-1, C])],
@@ -282,6 +305,7 @@ class HostileUpstream:
     def _infer(self, request, context):
         self.calls += 1
         x = decode_inputs(request)[0]
+        self.seen.append((request.id, len(x), tuple(o.name for o in request.outputs)))
         reply = self.fault(self.model(x, request))
         if reply.initial:
             context.send_initial_metadata(reply.initial)
@@ -563,6 +587,131 @@ def test_an_allowed_output_of_a_model_that_cannot_be_probed_is_refused(hostile, 
     with pytest.raises(ConfigError, match="allow_outputs: the model cannot be probed and does not declare 'label'"):
         with BackgroundSidecar(label_settings(hostile), defense=recording.defense):
             pass
+
+
+# --- another model behind the upstream: identity probes ---------------------------------------------
+
+PROBE_ROWS = np.random.default_rng(11).normal(0, 1.5, size=(64, C)).astype(np.float32)
+INTERVAL_S = 0.2   # identity_check_s in these tests: consecutive probes at most this far apart
+
+
+def another_model(x: np.ndarray, request) -> np.ndarray:
+    return softmax(x / 3.0)
+
+
+@pytest.fixture
+def watched(recording):
+    """A hostile upstream that declares its input, and a sidecar whose defense carries a 64-row
+    fingerprint of softmax(x), probing at most INTERVAL_S apart: (upstream, sidecar, stub, health)."""
+    defense = recording.defense
+    upstream = HostileUpstream(label=("INT64", [-1]))
+    defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "health_poll_s": 0.1, "identity_check_s": INTERVAL_S}, env={})
+    try:
+        with BackgroundSidecar(settings, defense=defense) as sc, \
+                grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+            yield upstream, sc, pb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+    finally:
+        defense.fingerprint = None
+        upstream.server.stop(0)
+
+
+def probes(sc, outcome: str) -> float:
+    return sc.metrics.registry.get_sample_value("purifier_identity_probes_total", {"outcome": outcome}) or 0.0
+
+
+def until(condition, bound_s: float = 60.0) -> bool:
+    """Poll `condition` for at most `bound_s` (a bound on a hang, not a timing assertion)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def health_is(health, status) -> bool:
+    return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == status
+
+
+def test_a_model_swapped_behind_the_same_connection_is_caught_by_the_next_probe(watched):
+    """Before: the model was checked once per connection; one swapped behind it stayed SERVING."""
+    upstream, sc, stub, health = watched
+    assert call(stub, X).code is None
+    until(lambda: probes(sc, "match") >= 1, bound_s=10)         # a probe while the fitted model serves
+    matched = probes(sc, "match")
+    upstream.model = another_model                              # same process, same connection
+    assert until(lambda: health_is(health, NOT_SERVING))
+    assert matched >= 1 and probes(sc, "mismatch") >= 1         # probes matched, then the next one caught it
+    assert probes(sc, "match") - matched <= 1                   # (one in flight at the swap may still match)
+    refused = call(stub, X)
+    assert refused.code == UNAVAILABLE and "refused by the sidecar's model check" in refused.texts[0]
+    upstream.model = lambda x, request: softmax(x)              # the fitted model is back
+    assert until(lambda: health_is(health, SERVING))
+    assert_defended(call(stub, X), sc.defense, softmax(X))
+
+
+def test_an_upstream_that_answers_probe_like_requests_with_the_fitted_model_is_caught(watched):
+    """Before: the model was probed once, with the id `purifier-probe` and the fingerprint's rows in
+    one request right after ModelMetadata. An upstream that answered requests like that with the
+    fitted model and everything else with another stayed SERVING. Here it also recognises a
+    request with as many rows as a fingerprint stores (8 before, 64 now)."""
+    upstream, sc, stub, health = watched
+    after_metadata = [False]
+
+    def cheat(x, request):
+        probe_like = request.id == "purifier-probe" or after_metadata[0] or len(x) in (8, len(PROBE_ROWS))
+        after_metadata[0] = False
+        return softmax(x) if probe_like else another_model(x, request)
+
+    upstream.on_metadata = lambda: after_metadata.__setitem__(0, True)
+    assert call(stub, X).code is None                           # recent traffic: 3-row requests
+    matched = probes(sc, "match")
+    upstream.model = cheat
+    served = call(stub, X)                                      # answered by the other model (until caught)
+    assert served.code in (None, UNAVAILABLE)
+    assert until(lambda: health_is(health, NOT_SERVING))
+    # caught within one probe interval of the cheat beginning: at most a probe already in flight matched
+    assert probes(sc, "mismatch") >= 1 and probes(sc, "match") - matched <= 1
+    assert call(stub, X).code == UNAVAILABLE                    # and no probe lets it back in
+    assert until(lambda: probes(sc, "mismatch") >= 5) and health_is(health, NOT_SERVING)
+
+
+def test_probes_look_like_client_requests(watched):
+    """Ids: the upstream sees 16 hex digits for every request (the client's own id stays with the
+    client); sizes: those of recent client requests; outputs: the same for probes and clients."""
+    upstream, sc, stub, health = watched
+    sizes = (1, 2, 5)
+    for i in range(30):
+        x = np.random.default_rng(i).normal(0, 1, size=(sizes[i % 3], C)).astype(np.float32)
+        assert call(stub, x).code is None
+    before = len(upstream.seen)
+    assert until(lambda: probes(sc, "match") >= 6)
+    seen = list(upstream.seen)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i, _, _ in seen)         # no "purifier-probe", no "r"
+    assert {outputs for _, _, outputs in seen} == {("probs",)}
+    later = [rows for _, rows, _ in seen[before:]]
+    assert later and set(later) <= set(sizes)                   # probe sizes copy recent client traffic
+
+
+def test_metadata_that_contradicts_the_fitted_model_refuses_at_start(recording):
+    """Before: metadata that lied about the inputs only got an info line ("not probed")."""
+    defense = recording.defense
+    defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
+    upstream = HostileUpstream()                                # serves no ModelMetadata: cannot be probed
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1},
+                                env={})
+    try:
+        with pytest.raises(ConfigError, match="defense: the upstream model contradicts the fitted one: it declares "
+                                              "no inputs .* or vouch for the model with --model-id"):
+            with BackgroundSidecar(settings, defense=defense):
+                pass
+    finally:
+        defense.fingerprint = None
+        upstream.server.stop(0)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@ and one clear line for each way of getting it wrong."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 from strong_secret import SECRET, write_secret
 
+from purifier.audit.results import Report
 from purifier.cli import main
 from purifier.data.records import save_records
 from purifier.defenses import load_defense
@@ -50,7 +50,7 @@ def test_fit_and_audit_through_mutual_tls_with_a_token(locked, digits_target, pk
     assert main(["audit", "--endpoint", endpoint, "--model-name", name, *_credentials(pki), "--target",
                  str(digits_target.directory), "--attacks", "gap", "confidence", "--shadows", "1",
                  "--shadow-epochs", "5", "--bootstrap", "5", "--quiet", "--out", str(tmp_path / "r")]) == 0
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["n_nonmembers"] == 400
+    assert Report.read(tmp_path / "r").n_nonmembers == 400
 
 
 @pytest.mark.parametrize("case,message", [

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from strong_secret import write_secret
 
+from purifier.audit.results import Report
 from purifier.cli import main
 from purifier.data.records import save_records
 
@@ -64,12 +65,12 @@ def _fit_files(d: Path) -> list[str]:
             "--secret-file", str(d / "secret.txt")]
 
 
-def _report(path: Path) -> dict:
-    return json.loads((path / "report.json").read_text())
+def _report(path: Path) -> Report:
+    return Report.read(path)
 
 
-def _strongest(report: dict) -> float:
-    return max(report["attacks"][a]["auc"] for a in CONFIDENCE)
+def _strongest(report: Report) -> float:
+    return max(report.attacks[a].ranking.auc for a in CONFIDENCE)
 
 
 def test_a_sklearn_onnx_embedded(user, tmp_path, serve_process):
@@ -91,17 +92,17 @@ def test_a_sklearn_onnx_embedded(user, tmp_path, serve_process):
              "--shadow-model", "random_forest", "--target-family", "random_forest",
              "--out", str(tmp_path / "defended"), *AUDIT)
     plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
-    a = defended["assumptions"]
-    assert a["sizes"] == {"evaluation_members": 400, "evaluation_nonmembers": 400, "attacker_pool": 1600,
-                          "target_training_set": None}
-    assert a["shadow_recipe"] == "random_forest" and a["recipe_matches_target_family"] is True
-    assert any("TPR at 0.1% FPR is not measurable" in w for w in a["warnings"])
+    a = defended.assumptions
+    assert (a.evaluation_members, a.evaluation_nonmembers, a.attacker_pool, a.target_training_set) == (400, 400, 1600,
+                                                                                                        None)
+    assert a.shadow_recipe == "random_forest" and a.recipe_matches_target_family is True
+    assert any("TPR at 0.1% FPR is not measurable" in w for w in a.warnings)
     md = (tmp_path / "defended" / "report.md").read_text()
     assert md.index("## What the audit assumed") < md.index("| attack |")
     # the overfit forest leaks well beyond its gap floor; the served defense takes most of it away
-    assert _strongest(plain) > plain["gap_floor"]["auc"] + 0.1
+    assert _strongest(plain) > plain.gap_floor.auc + 0.1
     assert _strongest(defended) < _strongest(plain) - 0.05
-    assert defended["gap_floor"] == plain["gap_floor"]  # labels kept: the label-only floor stays
+    assert defended.gap_floor == plain.gap_floor  # labels kept: the label-only floor stays
 
 
 def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_process):
@@ -141,12 +142,12 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
     finally:
         server.stop()
     plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
-    assert defended["assumptions"]["sizes"]["target_training_set"] == 600
-    u = defended["utility"]
-    assert u["argmax_agreement"] == 1.0 and 0 < u["mean_l1"] <= 1.0 + 0.1  # MemGuard's expected-L1 budget 1
-    assert _strongest(plain) > plain["gap_floor"]["auc"] + 0.1
+    assert defended.assumptions.target_training_set == 600
+    cost = defended.utility.cost
+    assert cost.argmax_agreement == 1.0 and 0 < cost.l1_nonmembers.mean <= 1.0 + 0.1  # MemGuard's expected-L1 budget 1
+    assert _strongest(plain) > plain.gap_floor.auc + 0.1
     assert _strongest(defended) < _strongest(plain) - 0.05
-    assert defended["gap_floor"] == plain["gap_floor"]
+    assert defended.gap_floor == plain.gap_floor
 
 
 def test_c_torch_logits_only(user, tmp_path, serve_process):
@@ -174,8 +175,8 @@ def test_c_torch_logits_only(user, tmp_path, serve_process):
              "--shadow-epochs", "60", "--target-family", "mlp", "--defense-name", "memguard",
              "--out", str(tmp_path / "defended"), *AUDIT)
     r = _report(tmp_path / "defended")
-    assert r["output_name"] == "logits" and r["assumptions"]["recipe_matches_target_family"] is True
-    assert r["utility"]["member_accuracy"] == 1.0 > r["utility"]["nonmember_accuracy"]
+    assert r.source.output_name == "logits" and r.assumptions.recipe_matches_target_family is True
+    assert r.utility.member_accuracy == 1.0 > r.utility.nonmember_accuracy
 
 
 def test_bad_exports_are_named_with_the_fix(user, tmp_path, capsys):

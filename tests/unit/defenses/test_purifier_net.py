@@ -393,3 +393,21 @@ def test_fit_cli(digits_target, tmp_path, capsys, monkeypatch):
     assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2"),
                  "--secret-file", str(secret)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_on_moves_the_reformer_session_and_cuda_without_a_gpu_is_one_line(fitted, digits_data):
+    import onnxruntime
+
+    p = digits_data.reference_probs[:32]
+    twin = fitted.with_options()
+    expected = twin.transform(p)
+    twin.serve_on("auto")  # no GPU here: the CPU, the same answers
+    assert twin._session.providers[0] == ("CUDAExecutionProvider" if "CUDAExecutionProvider" in
+                                          onnxruntime.get_available_providers() else "CPUExecutionProvider")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime here has the CUDA provider: test_cuda.py covers --device cuda")
+    np.testing.assert_array_equal(twin.transform(p), expected)
+    with pytest.raises(ConfigError, match="device: cuda was asked for but onnxruntime sees no usable CUDA") as e:
+        twin.serve_on("cuda")
+    assert "\n" not in str(e.value)
+    np.testing.assert_array_equal(fitted.transform(p), expected)  # the twin's move left the original alone
