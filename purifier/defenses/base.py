@@ -154,15 +154,16 @@ class FitData:
             members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
         Raises ConfigError if the model does not answer probability vectors.
         """
+        from purifier.models.access import not_probabilities
+
         probs = []
         for records in (members, reference):
             p = model.query(records.X)
             try:
                 check_probabilities(p)
             except InvalidProbabilities as e:
-                raise ConfigError(f"{getattr(model, 'description', 'the model')} does not answer probabilities on "
-                                  f"{records.source} ({e}); if the output holds logits pass --logits, else choose "
-                                  "the probabilities output with --output-name") from None
+                raise not_probabilities(f"{getattr(model, 'description', 'the model')}, on {records.source},",
+                                        str(e)) from None
             if getattr(model, "logits", False) and softmaxed_probabilities(p):
                 raise ConfigError(f"--logits: {getattr(model, 'description', 'the model')} already answers "
                                   f"probability vectors on {records.source} (rows non-negative and summing to 1 "

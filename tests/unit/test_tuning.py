@@ -50,8 +50,11 @@ def planted_sweep(aucs: dict):
         floor = Strongest(Best("gap", 0.515, (0.507, 0.524), False), Best("gap", 0.0, None, False, tpr),
                           Best("gap", 0.0, None, False, tpr))
         return sw.Sweep(point("none", None, "-", 0.59, (0.55, 0.63), 0.0),
-                        SimpleNamespace(shadows=ShadowInfo(config.n_shadows, "mlp", 150, None, 597, None, False, None,
-                                                           config.n_shadows, 0, {}, (), (), {}, {})), floor, points)
+                        SimpleNamespace(shadows=ShadowInfo(
+                            n=config.n_shadows, recipe="mlp", epochs=150, seed=0, target_family=None, pool_size=597,
+                            train_size=None, reused=False, executor=None, trained=config.n_shadows, from_cache=0,
+                            cache={}, retrained_for_label_queries=(), notes=(), in_shadows_per_record={},
+                            fallbacks={})), floor, points)
     return fake
 
 

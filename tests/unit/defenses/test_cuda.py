@@ -9,7 +9,7 @@ from random_h import random_weights
 from strong_secret import SECRET
 
 from purifier.defenses.membership_classifier import MembershipClassifier
-from purifier.defenses.phase1 import Phase1Solver, levels_per_pass
+from purifier.defenses.phase1 import Phase1Solver
 from purifier.errors import ConfigError
 from purifier.models.onnx_runner import OnnxClassifier
 
@@ -49,7 +49,7 @@ def test_memguard_solver_on_cuda_matches_the_cpu_solver(c):
     p = dirichlet_rows(c, 1)
     h = classifier(c, 1, p)
     gpu, cpu = Phase1Solver(h, device="cuda"), Phase1Solver(h)
-    assert all(s.providers[0] == "CUDAExecutionProvider" for s in gpu.sessions.values())
+    assert gpu.graph.providers[0] == "CUDAExecutionProvider"
     out, ok = gpu(p)
     ref, ref_ok = cpu(p)
     np.testing.assert_array_equal(ok, ref_ok)  # the same rows carried across
@@ -64,7 +64,6 @@ def test_memguard_solver_on_cuda_rows_do_not_depend_on_the_batch(c):
     p = dirichlet_rows(c, 2)
     solver = Phase1Solver(classifier(c, 2, p), device="cuda")
     full, ok = solver(p)
-    assert len({levels_per_pass(n) for n in (1, 7, len(p))}) >= 2
     for i in (0, 5, 150, len(p) - 1):
         one, one_ok = solver(p[i:i + 1])
         np.testing.assert_array_equal(one[0], full[i])
