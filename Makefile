@@ -13,7 +13,7 @@ PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 # everything: serving, training, fitting, auditing, the demo, the tests
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev,ray]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev,ray,otel]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

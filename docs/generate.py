@@ -86,6 +86,10 @@ def _metric_rows(metrics) -> list[str]:
             bounds = [b for b in getattr(obj, "_upper_bounds", []) if b != float("inf")]
         elif hasattr(obj, "observe_many"):  # BatchHistogram: fed whole arrays, exposed as a histogram
             name, kind, labels, doc, bounds = obj.name, "histogram", (), obj.documentation, list(obj.bounds)
+        elif hasattr(obj, "FAMILIES"):  # TritonAliases: Triton's names, derived from the rows above when scraped
+            for name, doc in obj.FAMILIES:
+                rows.append(f"| `{name}` | untyped (a counter) | `model`, `version` | {_cell(doc)} | - |")
+            continue
         else:
             continue
         if name in seen:

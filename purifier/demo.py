@@ -194,8 +194,10 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
              shadow_settings: dict | None = None) -> dict:
     """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
     processes, the default cache)."""
+    from dataclasses import replace
+
     from purifier.artifacts import check_output_dir, write_json
-    from purifier.attacks import DEFAULT_ATTACKS
+    from purifier.attacks import ADAPTIVE, DEFAULT_ATTACKS
     from purifier.audit.report import write_report
     from purifier.audit.results import Source
     from purifier.audit.runner import AuditConfig, run_audit
@@ -227,27 +229,26 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
     model_name = target.directory.name
     X_eval, _ = target.role("eval_nonmembers")
-    audits, latency, shadow_set = {}, {}, None
+    audits, latency = {}, {}
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
         sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),
                                                             secret_file, out / "logs" / f"sidecar-{name}.log"))
                     for name in DEFENSES}
-        baseline = stack.enter_context(contextlib.closing(
-            RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes,
-                         timeout_s=CLIENT_TIMEOUT_S)))
-        for name in DEFENSES:
+        for name in DEFENSES:  # "none" first: the "before" of the others (same shadows and attack models)
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
                 config = AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed, **(shadow_settings or {}))
-                audit = timed(f"audit {name}", run_audit, target, access, config, name,
-                              None if name == "none" else baseline,
-                              Source(sidecars[name].endpoint, model_name, access.output_name), shadows=shadow_set)
-            shadow_set = audit.shadows
+                if name == "none":
+                    config = replace(config, attacks=tuple(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE))
+                source = Source(sidecars[name].endpoint, model_name, access.output_name,
+                                baseline_endpoint=None if name == "none" else sidecars["none"].endpoint)
+                audit = timed(f"audit {name}", run_audit, target, access, config, name, source=source,
+                              before=audits.get("none"))
             audits[name] = audit
             # written at once, so a long run that stops later still leaves its finished reports
-            write_report(audit, out / "reports" / name, undefended=audits.get("none") if name != "none" else None)
+            write_report(audit, out / "reports" / name)
             latency[name] = request_latency_ms(sidecars[name].endpoint, model_name, X_eval)
     t_audited = time.perf_counter()
 
@@ -258,7 +259,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     points = tradeoff_points(sweep, {n: r for n, r in reports.items() if n != "none"})
     for name, audit in audits.items():  # the defended pages again, now with the sweep's picture
         if name != "none":
-            write_report(audit, out / "reports" / name, undefended=audits["none"], tradeoff=points)
+            write_report(audit, out / "reports" / name, tradeoff=points)
     columns, rows = comparison_rows(reports, latency)
     summary = {
         "dataset": dataset, "seed": seed, "model_id": target.model_id,

@@ -1,4 +1,4 @@
-"""Build and run the sidecar: gRPC server, limits, health, model checks, metrics endpoint, graceful stop.
+"""Build and run the sidecar: gRPC and REST fronts, limits, health, model checks, metrics endpoint, graceful stop.
 
 Operations follow the conventions of OIP v2 model servers (docs/design.md#server-conventions):
 grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only while the
@@ -10,7 +10,8 @@ restarts); reflection is
 off unless asked for; SIGTERM marks the server NOT_SERVING, ends health Watch streams (health.py),
 refuses new calls and lets in-flight calls finish within `grace_s`; Prometheus metrics live on their own
 HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual TLS and bearer tokens are
-in security.py.
+in security.py. The REST front (http_front.py) serves the same data plane on `http_port`, on this
+event loop, with the same TLS settings, bearer token and request limit.
 
 Resources are bounded before a byte is parsed: the receive limit is derived from
 `max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
@@ -41,6 +42,7 @@ from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
+from purifier_server.dataplane import DataPlane
 from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
 from purifier_server.logs import configure_logging, install
 from purifier_server.metrics import MetricsServer, SidecarMetrics
@@ -130,7 +132,9 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self._http = None
         self._metrics_server = None
         self.readiness: Readiness | None = None
         self.server: grpc.aio.Server | None = None
@@ -146,9 +150,18 @@ class Sidecar:
         if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
             self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
             self.metrics_port = self._metrics_server.port
+        if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
+            from purifier_server.http_front import HttpServer
+
+            self._http = HttpServer(s)
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
+            elif s.upstream_rest:
+                from purifier_server.rest_upstream import RestUpstream
+
+                self._upstream = RestUpstream(s.upstream, s.upstream_timeout_s, name=s.model_name,
+                                              version=s.model_version, confidence_output=s.confidence_output)
             else:
                 self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s,
                                                 name=s.model_name, version=s.model_version,
@@ -179,8 +192,14 @@ class Sidecar:
         self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows,
                                slice=s.max_defense_slice_ms / 1e3)
         self.batcher.start()
-        self.servicer = InferenceServicer(s, self.model_name, output, upstream, self.batcher, self.metrics,
-                                          self.model_version, readiness=self.readiness)
+        tracing = None
+        if s.otel:
+            from purifier_server.tracing import Tracing
+
+            tracing = Tracing()
+        self.plane = DataPlane(s, self.model_name, output, upstream, self.batcher, self.metrics,
+                               self.model_version, readiness=self.readiness, tracing=tracing)
+        self.servicer = InferenceServicer(self.plane)
         token = read_token(s)
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
@@ -211,12 +230,18 @@ class Sidecar:
             raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host); choose "
                               "another with --port (0 = any free port)")
         await self.server.start()
+        if self._http is not None:
+            from purifier_server.http_front import RestFront
+
+            await self._http.start(RestFront(self.plane, token=token, max_body=limit))
+            self.http_port = self._http.port
         await self._set_health(self.readiness.verified())
         self.readiness.on_health = self._set_health
         self.readiness.start()
         if self.undefended:
             log.warning(UNDEFENDED, extra={"defense": "none"})
-        log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
+        log.info("sidecar started", extra={"port": self.port, "http_port": self.http_port,
+                                           "metrics_port": self.metrics_port,
                                            "model": self.model_name, "defense": self._defense.name,
                                            "upstream": s.upstream or s.model, "max_request_bytes": limit,
                                            "max_request_bytes_from": how})
@@ -245,7 +270,10 @@ class Sidecar:
             await self.readiness.close()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            stopping = [self.server.stop(grace)]
+            if self._http is not None:
+                stopping.append(self._http.stop())
+            await asyncio.gather(*stopping)
         if getattr(self, "batcher", None) is not None:
             await self.batcher.close()
         if self._upstream is not None:
@@ -304,8 +332,8 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await sidecar.start()
-            ready = {"event": "serving", "port": sidecar.port, "metrics_port": sidecar.metrics_port,
-                     "defense": sidecar.defense.name}
+            ready = {"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
+                     "metrics_port": sidecar.metrics_port, "defense": sidecar.defense.name}
             if sidecar.undefended:
                 ready["warning"] = UNDEFENDED
             print(json.dumps(ready), flush=True)

@@ -209,7 +209,7 @@ class Readiness:
             await asyncio.gather(self._poller, return_exceptions=True)
         self._notify()
 
-    # --- what requests ask (servicer.Readiness) -------------------------------------------------
+    # --- what requests ask (dataplane.Readiness) ------------------------------------------------
 
     def refusal(self) -> RequestError | None:
         """None while the upstream model is verified for its current connection; else why not."""

@@ -63,8 +63,9 @@ class Settings:
     """Everything `purifier serve` can be told. Exactly one of `model` / `upstream` is set."""
 
     model: str | None = setting(None, "embedded backend: a target directory or an .onnx file", group="backend")
-    upstream: str | None = setting(None, "an OIP v2 gRPC server (Triton, KServe, MLServer, TorchServe)",
-                                   group="backend", metavar="HOST:PORT")
+    upstream: str | None = setting(None, "an OIP v2 server (Triton, KServe, MLServer, TorchServe): HOST:PORT for "
+                                   "its gRPC front, http://HOST:PORT or https://HOST:PORT for its REST front",
+                                   group="backend", metavar="HOST:PORT|URL")
     upstream_service: str = setting(DEFAULT_UPSTREAM_SERVICE, "upstream gRPC service (TorchServe: "
                                     "org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
     upstream_contents: str = setting("auto", "how inputs travel upstream: raw, typed, or auto (typed for "
@@ -96,6 +97,7 @@ class Settings:
                                               "contents)", flag="--allow-trailer", metavar="KEY")
     host: str = setting("0.0.0.0", "listen address")
     port: int = setting(8001, "gRPC port (0 = any free port)")
+    http_port: int = setting(8000, "REST port (OIP v2 over HTTP; 0 = any free port; -1 = off)")
     metrics_host: str = setting("127.0.0.1", "Prometheus endpoint address")
     metrics_port: int = setting(8002, "Prometheus port (0 = any free port; -1 = off)")
     max_request_rows: int = setting(4096, "rows per request; above: RESOURCE_EXHAUSTED")
@@ -128,6 +130,8 @@ class Settings:
     max_waiting_requests: int = setting(128, "requests that wait for a restarting or reconnecting upstream to be "
                                         "back and verified (each within its own deadline); above: UNAVAILABLE")
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
+    otel: bool = setting(False, "record OpenTelemetry spans (the otel extra; exported as the OTEL_* environment "
+                         "says unless a TracerProvider is set up); off: trace context is passed upstream as it came")
     tls_cert_file: str | None = setting(None, "PEM certificate chain: serve TLS", flag="--tls-cert")
     tls_key_file: str | None = setting(None, "PEM private key for --tls-cert", flag="--tls-key")
     tls_client_ca_file: str | None = setting(None, "PEM CA: require and verify client certificates (mTLS)",
@@ -144,9 +148,12 @@ class Settings:
         if self.model is not None and not Path(self.model).exists():
             fail("model", f"{self.model} does not exist (a target directory or an .onnx file)")
         if self.upstream is not None:
-            host, _, port = self.upstream.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                fail("upstream", f"{self.upstream!r} is not HOST:PORT")
+            scheme, sep, address = self.upstream.partition("://")
+            if sep and scheme not in ("http", "https"):
+                fail("upstream", f"{self.upstream!r}: the scheme must be http or https (or give HOST:PORT for gRPC)")
+            host, _, port = (address if sep else self.upstream).rstrip("/").rpartition(":")
+            if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+                fail("upstream", f"{self.upstream!r} is not HOST:PORT, http://HOST:PORT or https://HOST:PORT")
             if not self.model_name:
                 fail("model_name", "required with --upstream (the upstream model the sidecar defends)")
             if not self.confidence_output:
@@ -180,6 +187,8 @@ class Settings:
             fail("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port < 65536:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
+        if not -1 <= self.http_port < 65536:
+            fail("http_port", f"{self.http_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams"):
@@ -211,6 +220,11 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.model is not None
+
+    @property
+    def upstream_rest(self) -> bool:
+        """The upstream is reached over REST (an http:// or https:// URL)."""
+        return self.upstream is not None and self.upstream.startswith(("http://", "https://"))
 
     @property
     def upstream_encoding(self) -> str | None:

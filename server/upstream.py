@@ -11,7 +11,7 @@ each one.
 
 `EmbeddedUpstream` runs an ONNX model (a target directory from `purifier train-target`, or a bare
 .onnx) with onnxruntime in a worker thread (ORT releases the GIL, so the event loop keeps serving).
-Its answers are raw: they only travel to the servicer, which builds the client's answer.
+Its answers are raw: they only travel to the data plane, which builds the client's answer.
 """
 
 from __future__ import annotations
@@ -89,10 +89,14 @@ class Upstream(Protocol):
     model_id: the ONNX sha256 when the upstream knows it (embedded), else None.
     generation: grows each time the connection to the upstream is (re)established; the model
         behind it must be verified again (embedded: always 0).
+    versions: the versions the upstream's last metadata answer advertised (embedded: its one).
+    backend: the runtime behind the model when known ("onnxruntime"), else "" (ModelConfig).
     """
 
     name: str
     version: str
+    versions: tuple[str, ...]
+    backend: str
     confidence_output: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -129,6 +133,7 @@ class RemoteUpstream:
 
     model_id = None
     versions: tuple[str, ...] = ()
+    backend = ""
 
     def __init__(self, target: str, service: str, default_timeout: float, *, name: str, version: str = "",
                  confidence_output: str = ""):
@@ -289,7 +294,7 @@ class EmbeddedUpstream:
         return out
 
     async def infer(self, request, timeout, metadata):
-        """Run the graph; the answer is always raw (it only travels to the servicer, which builds
+        """Run the graph; the answer is always raw (it only travels to the data plane, which builds
         the client's answer in the client's representation)."""
         arrays = self.decode(request)
         tensors = {s.name for s in self.outputs if s.datatype}

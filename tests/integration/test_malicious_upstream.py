@@ -7,7 +7,10 @@ the test checks what the client can see (the serialized response, every tensor f
 parameters, initial and trailing metadata, status details and debug string) for any clean value,
 as little-endian and big-endian FP32/FP64 bytes and as decimal text, and checks the outcome:
 either the defended answer (constructed from scratch, only the defended output) or the expected
-gRPC error with a fixed message. After each fault a plain request is served correctly.
+gRPC error with a fixed message. After each fault a plain request is served correctly. Every
+fault runs through every front (`fronts.FRONTS`: gRPC unary, gRPC stream, REST JSON, REST
+binary): the same outcome (the HTTP status of the gRPC code over REST, an error message in the
+stream) and nothing clean in any of them.
 
 `python tests/integration/test_malicious_upstream.py` writes the table of fault modes and
 outcomes (from FAULTS) to docs/fault-modes.md; a test keeps that file equal to FAULTS.
@@ -25,6 +28,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fronts import FRONTS, outcome_matches
+from fronts import Seen as FrontSeen
+from fronts import call as front_call
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_fake import infer_request, softmax
 
@@ -233,7 +239,10 @@ def fault_table() -> str:
              "Generated from `FAULTS` in `tests/integration/test_malicious_upstream.py` (run that file with "
              "python to regenerate). For every mode the suite checks that no clean value (FP32/FP64 bytes in "
              "either byte order, decimal text) appears in anything the client receives: the serialized "
-             "response, every tensor field, parameters, initial and trailing metadata, status details.", "",
+             "response, every tensor field, parameters, initial and trailing metadata, status details. Each "
+             "mode runs through every front: gRPC `ModelInfer`, a gRPC `ModelStreamInfer` stream (an error is "
+             "that request's error message in the stream) and REST with JSON and with binary tensors (an error "
+             "is the HTTP status of the gRPC code: INVALID_ARGUMENT 400, INTERNAL 500, UNAVAILABLE 503).", "",
              "| # | upstream fault | client outcome |", "|---|---|---|"]
     for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
         outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
@@ -349,7 +358,7 @@ def recording(flatten_cls):
 @pytest.fixture(scope="module")
 def sidecar(hostile, recording):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1, "health_poll_s": 0.2}, env={})
     with BackgroundSidecar(settings, defense=recording.defense) as sc:
         yield sc
@@ -428,25 +437,37 @@ def test_the_hostile_upstream_really_leaks_and_the_checker_sees_it(hostile):
     hostile.fault = lambda p: Reply(answer(p))
 
 
+def assert_front_defended(seen: FrontSeen, defense, clean: np.ndarray) -> None:
+    assert seen.code is None, seen.texts
+    assert list(seen.outputs) == ["probs"] and not seen.extra, seen.extra
+    assert seen.id == "r" and seen.model_name == "m"
+    got = seen.outputs["probs"]
+    assert got.dtype == np.float32 and got.shape == clean.shape
+    np.testing.assert_allclose(got, type(defense)().transform(clean), rtol=1e-6)
+
+
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_no_clean_value_reaches_the_client(stub, sidecar, hostile, recording, fault):
+def test_no_clean_value_reaches_the_client(sidecar, hostile, recording, fault, front):
+    """Every fault through every front (fronts.FRONTS): the same outcome, nothing clean."""
     make, expected = FAULTS[fault]
     clean = softmax(X)
     hostile.fault = make
     try:
         before, rows_before = hostile.calls, len(recording.rows)
-        seen = call(stub, X)
+        seen = front_call(front, sidecar.port, sidecar.http_port, infer_request(X))
         assert hostile.calls > before   # the fault really was served (UNAVAILABLE is retried)
         assert_no_clean_value(seen, clean)
         if expected is OK:
-            assert_defended(seen, recording.defense, clean)
+            assert_front_defended(seen, recording.defense, clean)
         else:
-            assert seen.code == expected, (seen.code, seen.texts)
+            assert outcome_matches(seen, front, expected), (seen.code, seen.texts)
             assert max(recording.rows[rows_before:], default=0) <= len(X)  # nothing oversized was defended
-        print(f"\n| {fault} | {'defended answer' if expected is OK else expected.name} |")
+        print(f"\n| {fault} | {front} | {'defended answer' if expected is OK else expected.name} |")
     finally:
         hostile.fault = lambda p: Reply(answer(p))
-    assert_defended(call(stub, X), recording.defense, clean)           # still serving
+    assert_front_defended(front_call(front, sidecar.port, sidecar.http_port, infer_request(X)),
+                          recording.defense, clean)                      # still serving
 
 
 def test_an_oversized_answer_does_not_hold_the_defense(stub, hostile, recording):
@@ -515,7 +536,7 @@ def labelled_upstream():
 def label_settings(upstream, **extra) -> Settings:
     return Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
                              "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
-                             "port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+                             "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +628,7 @@ def watched(recording):
     upstream = HostileUpstream(label=("INT64", [-1]))
     defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "health_poll_s": 0.1, "identity_check_s": INTERVAL_S}, env={})
     try:
         with BackgroundSidecar(settings, defense=defense) as sc, \
@@ -702,7 +723,7 @@ def test_metadata_that_contradicts_the_fitted_model_refuses_at_start(recording):
     defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
     upstream = HostileUpstream()                                # serves no ModelMetadata: cannot be probed
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1},
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1},
                                 env={})
     try:
         with pytest.raises(ConfigError, match="defense: the upstream model contradicts the fitted one: it declares "
@@ -718,3 +739,26 @@ if __name__ == "__main__":
     FAULT_TABLE.parent.mkdir(exist_ok=True)
     FAULT_TABLE.write_text(fault_table())
     print(f"wrote {FAULT_TABLE} ({len(FAULTS)} fault modes)")
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_an_allowed_output_is_rebuilt_through_every_front(labelled_upstream, recording, front):
+    """The leaking label encodings through the REST and streaming fronts too: the client's label is
+    the defended argmax in the model's datatype and shape, nothing clean beside it."""
+    clean = softmax(X)
+    defended = type(recording.defense)().transform(clean)
+    with BackgroundSidecar(label_settings(labelled_upstream), defense=recording.defense) as sc:
+        try:
+            for mode in ("INT32 bit-casts of the probabilities [N, C]", "UINT8 bytes of the probabilities [N, 4C]"):
+                labelled_upstream.fault = labelled(mode, parameters=True)
+                for outputs in (("label",), ("probs", "label")):
+                    request = infer_request(X)
+                    for name in outputs:
+                        request.outputs.add(name=name)
+                    seen = front_call(front, sc.port, sc.http_port, request)
+                    assert_no_clean_value(seen, clean)
+                    assert seen.code is None and list(seen.outputs) == list(outputs) and not seen.extra, seen.texts
+                    label = seen.outputs["label"]
+                    assert label.dtype == np.int64 and np.array_equal(label, defended.argmax(axis=1))
+        finally:
+            labelled_upstream.fault = labelled(HONEST)

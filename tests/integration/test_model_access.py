@@ -22,7 +22,7 @@ def locked(digits_target, pki):
     from purifier_server.app import BackgroundSidecar
     from purifier_server.settings import Settings
 
-    s = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1", "port": 0,
+    s = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1", "port": 0, "http_port": 0,
                           "metrics_port": -1, "tls_cert_file": str(pki / "server.pem"),
                           "tls_key_file": str(pki / "server.key"), "tls_client_ca_file": str(pki / "ca.pem"),
                           "auth_token_file": str(pki / "token")}, env={})

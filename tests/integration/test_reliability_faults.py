@@ -33,7 +33,7 @@ CLASSES = 4
 
 def start_sidecar(upstream, defense, **extra):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1, "health_poll_s": 0.1, **extra}, env={})
     return BackgroundSidecar(settings, defense=defense)
 

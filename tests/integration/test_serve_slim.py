@@ -65,6 +65,18 @@ def ask(endpoint: str, x: np.ndarray) -> np.ndarray:
         client.close()
 
 
+def ask_rest(endpoint: str, x: np.ndarray) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(endpoint)
+    try:
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("digits", [inp]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
 def imported_modules(importtime_log: str) -> set[str]:
     """Module names from `python -X importtime` lines ('import time: self | cumulative | name')."""
     return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines()
@@ -107,10 +119,12 @@ def test_memguard_fast_serves_without_torch_and_faithful_says_why_not(digits_tar
     with ServeProcess(serve_args(digits_target, fitted, "memguard"), env=without_heavy_packages,
                       log_path=tmp_path / "fast.log") as sidecar:
         out = ask(sidecar.endpoint, x)
+        rest = ask_rest(sidecar.http_endpoint, x)
     from purifier.defenses import load_defense
 
     expected = load_defense(fitted / "memguard", secret=SECRET).transform(digits_target.predict_proba(x))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)  # the same defense, served slim
+    np.testing.assert_array_equal(rest, out)                           # over REST too
     with pytest.raises(ServerStartError) as info:
         ServeProcess(serve_args(digits_target, fitted, "memguard", "memguard-faithful"), env=without_heavy_packages,
                      log_path=tmp_path / "faithful.log").start()

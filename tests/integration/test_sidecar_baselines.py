@@ -23,7 +23,7 @@ def test_sidecar_serves_a_fitted_baseline(digits_target, tmp_path, name, config,
     write_secret(secret_file)
     defense = defense_class(name)(secret=SECRET, **config).fit(FitData.from_target(digits_target))
     defense.save(tmp_path / name)
-    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1, "defense": name, "defense_dir": str(tmp_path / name),
                                  "secret_file": str(secret_file)}, env={})
     X, _ = digits_target.role("eval_nonmembers")

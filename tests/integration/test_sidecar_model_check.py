@@ -46,7 +46,7 @@ def fingerprinted(flatten_cls, temperature: float = 1.0):
 
 def remote(port: int, **extra) -> Settings:
     return Settings.resolve({"upstream": f"127.0.0.1:{port}", "model_name": "m", "confidence_output": "probs",
-                             "host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_poll_s": 0.1, **extra},
+                             "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.1, **extra},
                             env={})
 
 

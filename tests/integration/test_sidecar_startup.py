@@ -14,7 +14,7 @@ from purifier_server.settings import Settings
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
-BASE = {"host": "127.0.0.1", "port": 0, "metrics_port": -1}
+BASE = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
 NONE = {"defense": "none", **BASE}
 
 

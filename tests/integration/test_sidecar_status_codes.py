@@ -34,7 +34,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 @pytest.fixture
 def sidecar(upstream, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "health_poll_s": 0.1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
