@@ -239,6 +239,7 @@ class Tuning(Result):
     seconds: float
     load_average_1_5_15min: dict
     written_to: str | None = None
+    not_written: str | None = None  # why --write-to wrote nothing although a setting was chosen
     rule: str = RULE
 
     @property
@@ -289,14 +290,19 @@ def run(args: argparse.Namespace) -> int:
                     sweep.undefended, tuple(sweep.points), chosen, best, _saturated(sweep.points, args.defense),
                     round(time.perf_counter() - t0, 1),
                     {"start": list(load_start), "end": list(os.getloadavg())})
+    not_written = None if chosen is not None else "no setting reached the floor"
     if args.write_to and chosen is not None:
-        result = replace(result, written_to=str(_write_setting(args, defense, chosen, result)))
+        try:
+            result = replace(result, written_to=str(_write_setting(args, defense, chosen, result, secret)))
+        except ConfigError as e:  # the chosen setting changes nothing: the report still says what was measured
+            not_written = str(e)
+            result = replace(result, not_written=not_written)
     _write_report(args.out, result, chosen)
     print(_summary(result))
-    if args.write_to and chosen is None:
-        print(f"nothing written to {args.write_to}: no setting reached the floor", file=sys.stderr)
+    if args.write_to and not_written:
+        print(f"nothing written to {args.write_to}: {not_written}", file=sys.stderr)
     print(f"report: {args.out}/tune.json, tune.md, tune.png", file=sys.stderr)
-    return 0 if chosen is not None else 1
+    return 0 if chosen is not None and not (args.write_to and not_written) else 1
 
 
 def _saturated(points, defense_name: str) -> bool:
@@ -375,12 +381,14 @@ def _write_report(out, result: Tuning, chosen) -> None:
         plt.close(fig)
 
 
-def _write_setting(args, defense, chosen: SweepPoint, result: Tuning) -> Path:
+def _write_setting(args, defense, chosen: SweepPoint, result: Tuning, secret: bytes) -> Path:
     """Put the chosen budget into the --write-to defense directory: defense.json's config is
     rewritten (atomically) when the directory exists (its state files, hashes and fingerprint are
-    unchanged, as the budget lives in the config only), else the swept defense is saved there."""
+    unchanged, as the budget lives in the config only), else the swept defense is saved there.
+    Either way the directory must load with `secret` and the setting must change answers
+    (`purifier.defenses.no_op`; ConfigError otherwise)."""
     from purifier.artifacts import write_json
-    from purifier.defenses import read_defense_manifest
+    from purifier.defenses import load_defense, read_defense_manifest
 
     path = Path(args.write_to)
     tuned = defense.with_budget(chosen.setting)  # checked by the defense's own rules
@@ -391,6 +399,7 @@ def _write_setting(args, defense, chosen: SweepPoint, result: Tuning) -> Path:
         tuned.save(path, extra={"tuned": note})
         return path
     manifest = read_defense_manifest(path)
+    load_defense(path, secret, config={param: tuned.config()[param]})  # with this secret, and changing answers
     write_json(path / "defense.json", {**manifest, "config": {**manifest["config"], param: tuned.config()[param]},
                                        "tuned": note})
     return path

@@ -30,6 +30,7 @@ import numpy as np
 from purifier.defenses import label_swap
 from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
+from purifier.defenses.no_op import ReferenceSample
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
@@ -158,6 +159,8 @@ class PurifierNet(Defense):
         self.key_check = label_swap.key_check(prf)
         self.realized_swap_fraction = len(self.member_index) / max(1, len(data.member_inputs))
         self.n_features = int(data.member_inputs.shape[1])
+        # the no-op check applies the defense to reference rows: with the swapper, their inputs too
+        self.reference_sample = ReferenceSample.from_rows(data.reference_probs, data.reference_inputs)
         return self
 
     def with_options(self, *, noise: str | None = None, budget: float | None = None,
@@ -171,8 +174,8 @@ class PurifierNet(Defense):
             if value is not None:
                 cfg[key] = value
         twin = PurifierNet(**cfg, secret=self.secret if secret is None else secret)
-        for attr in ("n_classes", "model_id", "fingerprint", "n_features", "latent_dim", "model", "_session",
-                     "_session_device", "_onnx_bytes",
+        for attr in ("n_classes", "model_id", "fingerprint", "reference_sample", "n_features", "latent_dim", "model",
+                     "_session", "_session_device", "_onnx_bytes",
                      "fit_report", "member_index", "key_check", "realized_swap_fraction"):
             setattr(twin, attr, getattr(self, attr))
         return twin
