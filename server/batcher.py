@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from purifier.defenses import Defense, IdentityDefense
+from purifier.threads import limit_torch_threads
 from purifier_server.errors import TooLarge
 from purifier_server.metrics import SidecarMetrics
 
@@ -83,16 +84,6 @@ class DefenseCost:
             self.per_row += self.rate * (seconds / rows - self.per_row)
 
 
-def _single_threaded_torch() -> None:
-    """Defense calls are hundreds of small torch ops: with torch's default two intra-op threads,
-    one busy core made every op wait for a time slice (MemGuard, one row per request, p50 476 ms
-    with another process spinning on one core vs 11 ms single-threaded; 8 ms either way when idle).
-    """
-    import sys
-
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
 class Batcher:
     """Coalesces `submit` calls into `defense.transform` calls.
 
@@ -120,7 +111,7 @@ class Batcher:
         self.cost = DefenseCost(slice, max_rows)
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
         self._queued_rows = 0
         self._small_turn = False  # whether the last call defended small requests
