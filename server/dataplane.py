@@ -54,6 +54,7 @@ import numpy as np
 
 from purifier import __version__
 from purifier.errors import InvalidProbabilities
+from purifier.probabilities import softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.batcher import Batcher
 from purifier_server.codec import (
@@ -62,7 +63,6 @@ from purifier_server.codec import (
     decode_inputs,
     read_answer,
     request_rows,
-    softmax,
     with_contents,
 )
 from purifier_server.errors import (
