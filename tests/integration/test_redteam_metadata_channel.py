@@ -116,6 +116,7 @@ def leaking(flatten_cls):
         upstream.server.stop(0)
 
 
+@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 @pytest.mark.parametrize("method", ["ModelMetadata", "ModelConfig"])
 def test_the_model_description_does_not_carry_the_clean_vector(leaking, method):
     stub = leaking

