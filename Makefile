@@ -13,7 +13,7 @@ PERF_ANALYZER := build/perf-analyzer/perf_analyzer
 # everything: serving, training, fitting, auditing, the demo, the tests
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev,ray]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,full,dev,ray,otel]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -91,7 +91,7 @@ proto: $(STAMP)
 # 20 Ray shadow models of purchase_like); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
+	$(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset purchase_like
 	$(BIN)/python benchmarks/bench_tune.py

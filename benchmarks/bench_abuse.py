@@ -294,7 +294,7 @@ def main() -> None:
     rows = np.ascontiguousarray(X, np.float32)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp), args.defense_dir)
         baseline = Path(args.baseline_src).resolve() if args.baseline_src else None
         cells = overhead(target.directory, rows[:64], args.overhead_seconds, args.rounds, baseline)
         memory = abuse(target.directory, args.seconds, args.abusers)

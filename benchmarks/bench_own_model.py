@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     audit = ["--shadow-model", "random_forest", "--target-family", "random_forest", "--train-size", "600",
              "--shadows", str(args.shadows), "--quiet"]
     secret = ["--secret-file", str(d / "secret.txt")]
+    from purifier.audit.results import Report
+
     with contextlib.ExitStack() as stack:
         t0 = time.perf_counter()
         stack.enter_context(process([str(Path(sys.executable).with_name("mlserver")), "start", str(d / "models")],
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
             extra = [] if name == "none" else ["--baseline", upstream, "--defense-name", name]
             timing[f"audit_{name}"] = cli("audit", "--endpoint", endpoint, "--model-name", MODEL, *records, *audit,
                                           *extra, "--out", str(d / "reports" / name), log=d / f"audit-{name}.log")
-            reports[name] = json.loads((d / "reports" / name / "report.json").read_text())
+            reports[name] = Report.read(d / "reports" / name)
 
     from purifier.demo import comparison_rows
 
@@ -124,11 +126,15 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     timing = {k: round(v, 1) for k, v in timing.items()}
     steps = [[k, v] for k, v in timing.items()]
-    a = reports["memguard"]["assumptions"]
+    a = reports["memguard"].assumptions
     payload = {
-        "settings": {"shadows": args.shadows, "recipe": "random_forest", "records": a["sizes"]},
+        "settings": {"shadows": args.shadows, "recipe": "random_forest",
+                     "records": {"evaluation_members": a.evaluation_members,
+                                 "evaluation_nonmembers": a.evaluation_nonmembers,
+                                 "attacker_pool": a.attacker_pool, "target_training_set": a.target_training_set}},
         "timing_s": timing, "load_average_1_5_15": [round(x, 2) for x in load],
-        "reports": {n: {k: r[k] for k in ("attacks", "gap_floor", "utility", "assumptions", "timing_s")}
+        "reports": {n: {k: v for k, v in r.to_json().items()
+                        if k in ("attacks", "gap_floor", "utility", "assumptions", "timing")}
                     for n, r in reports.items()},
         "tables": [
             {"title": "Your own model, worked example (b): a scikit-learn RandomForest behind MLServer, undefended vs "

@@ -12,6 +12,10 @@ by two load generators in the same run:
   not serve it yet is recorded with perf_analyzer's error instead of figures.
 * `purifier bench` (purifier.bench.measure.compare: Python threads over one gRPC channel).
 
+The identity sidecar is also measured over its REST front (`sidecar-identity-http`: perf_analyzer
+`-i http`, purifier bench's HTTP connection) and its gRPC stream (`sidecar-identity-stream`:
+perf_analyzer `--streaming`, one stream per concurrent caller), beside its unary gRPC front.
+
     python benchmarks/bench_perf_analyzer.py [--defense-dir DIR ...] [--secret-file F] [--seconds 6]
 
 Writes benchmarks/results/perf_analyzer.json with machine info and load averages. Targets (issue
@@ -52,11 +56,14 @@ TOKEN_HEADER = "triton-grpc-protocol-triton-access-token"
 MODEL = "digits"
 
 
+PROTOCOLS = {"grpc": ("-i", "grpc"), "http": ("-i", "http"), "stream": ("-i", "grpc", "--streaming")}
+
+
 def perf_analyzer_window(port: int, concurrency: int, window_ms: int, data: Path, out: Path,
-                         headers: tuple[str, ...] = ()) -> dict:
+                         headers: tuple[str, ...] = (), protocol: str = "grpc") -> dict:
     """One perf_analyzer run: {"latencies_s": [...], "seconds": span} or {"error": its message}."""
     csv, export = out.with_suffix(".csv"), out.with_suffix(".json")
-    cmd = [str(PERF_ANALYZER), "-m", MODEL, "-u", f"127.0.0.1:{port}", "-i", "grpc", "-b", "1",
+    cmd = [str(PERF_ANALYZER), "-m", MODEL, "-u", f"127.0.0.1:{port}", *PROTOCOLS[protocol], "-b", "1",
            "--input-data", str(data), "--concurrency-range", str(concurrency), "--measurement-mode",
            "time_windows", "-p", str(window_ms), "--max-trials", "3", "--stability-percentage", "1000",
            "-f", str(csv), "--profile-export-file", str(export)]
@@ -80,9 +87,9 @@ def input_data(X: np.ndarray, path: Path) -> Path:
     return path
 
 
-def run_perf_analyzer(endpoints: dict[str, tuple[int, tuple[str, ...]]], concurrency: list[int], seconds: float,
+def run_perf_analyzer(endpoints: dict[str, tuple], concurrency: list[int], seconds: float,
                       rounds: int, data: Path, work: Path) -> dict:
-    """endpoints: label -> (port, headers). Each label x concurrency pooled over `rounds` windows."""
+    """endpoints: label -> (port, headers[, protocol]). Each label x concurrency pooled over `rounds` windows."""
     window_ms = max(200, int(1e3 * seconds / rounds / 3))  # perf_analyzer measures 3 trials per window
     pooled = {(label, c): {"latencies_s": [], "seconds": 0.0, "error": None} for label in endpoints for c in concurrency}
     for k in range(rounds):
@@ -90,11 +97,12 @@ def run_perf_analyzer(endpoints: dict[str, tuple[int, tuple[str, ...]]], concurr
         if k % 2:
             order.reverse()
         for c in concurrency:
-            for label, (port, headers) in order:
+            for label, (port, headers, *protocol) in order:
                 cell = pooled[label, c]
                 if cell["error"]:
                     continue
-                got = perf_analyzer_window(port, c, window_ms, data, work / f"pa-{label}-{c}-{k}", headers)
+                got = perf_analyzer_window(port, c, window_ms, data, work / f"pa-{label}-{c}-{k}", headers,
+                                           *protocol)
                 if "error" in got:
                     cell["error"] = got["error"]
                     print(f"perf_analyzer {label} c{c}: {got['error']}", file=sys.stderr)
@@ -158,7 +166,7 @@ def main() -> None:
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        secret_file = secret_file_or_throwaway(args.secret_file, work)
+        secret_file = secret_file_or_throwaway(args.secret_file, work, args.defense_dir)
         grpc_port = free_port()
         stack.enter_context(ServerProcess([str(TRITON_PYTHON), str(ROOT / "examples" / "upstreams" / "triton_onnx.py"),
                                            str(target.onnx_path), "--name", MODEL, "--grpc-port", str(grpc_port),
@@ -171,9 +179,13 @@ def main() -> None:
         for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
             sc = stack.enter_context(sidecar(backend, d, secret_file, clean_env()))
             ports[f"sidecar-{name}"] = (sc.port, ())
+            if name == "identity":
+                ports["sidecar-identity-http"] = (sc.http_port, (), "http")
+                ports["sidecar-identity-stream"] = (sc.port, (), "stream")
         data = input_data(X, work / "rows.json")
         pa = run_perf_analyzer(ports, args.concurrency, args.seconds, args.rounds, data, work)
-        endpoints = [Endpoint(label, f"127.0.0.1:{port}", MODEL) for label, (port, _) in ports.items()]
+        endpoints = [Endpoint(label, f"127.0.0.1:{port}", MODEL, protocol="http" if protocol == ["http"] else "grpc")
+                     for label, (port, _, *protocol) in ports.items() if protocol != ["stream"]]
         own = compare(endpoints, X, concurrency=args.concurrency, rows=[1], seconds=args.seconds,
                       rounds=args.rounds, output="probabilities")
     load_end = load_average()

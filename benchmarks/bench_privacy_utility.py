@@ -1,7 +1,7 @@
 """Privacy-utility sweep: MemGuard, PURIFIER and the simple baselines on one target, in one run.
 
-MemGuard over its epsilon grid (0, 0.01, 0.03, 0.1, 0.3, 1.0), PURIFIER over its L1 budgets, and
-the baselines a skeptic asks about (`purifier.defenses.baselines`): label only, top-k, rounding,
+MemGuard and PURIFIER over their own budget grids (`Defense.knob`), and the baselines a skeptic
+asks about at their tune-curve settings (`Defense.baseline_grid`): label only, top-k, rounding,
 and keyed Laplace noise whose scale is chosen so that its mean L1 on the defender's reference
 split matches the served MemGuard's and PURIFIER's there (never calibrated on the evaluation
 records). Trains (or reuses) the target and both defenses under --work; the sweep itself is
@@ -28,10 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_result  # noqa: E402
 
-PURIFIER_BUDGETS = (None, 0.5, 0.2, 0.1, 0.05)
-TOP_K = (2, 3)
-DECIMALS = (1, 2, 3)
-
 
 def matched_noise_scale(reference_probs: np.ndarray, target_l1: float, secret: bytes, model_id: str) -> float:
     """The Laplace scale whose mean L1 on the reference rows is `target_l1` (bisection in log scale;
@@ -51,13 +47,13 @@ def matched_noise_scale(reference_probs: np.ndarray, target_l1: float, secret: b
 
 
 def main(argv=None) -> int:
-    from purifier.audit.access import InProcessTarget
     from purifier.audit.data import AuditData
     from purifier.audit.runner import AuditConfig
-    from purifier.audit.sweep import CONFIDENCE_ATTACKS, at_setting, sweep_points
+    from purifier.audit.sweep import CONFIDENCE_ATTACKS, sweep_points
     from purifier.defenses import defense_class, load_defense
     from purifier.defenses.keyed import load_secret
-    from purifier.demo import EPSILON_GRID, prepare_defense, prepare_secret, prepare_target
+    from purifier.demo import prepare_defense, prepare_secret, prepare_target
+    from purifier.models.access import InProcessTarget
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "purchase_like"])
@@ -85,49 +81,47 @@ def main(argv=None) -> int:
     noise_scales = {name: matched_noise_scale(
         reference, float(np.abs(d.transform(reference) - reference).sum(axis=1).mean()), secret, target.model_id)
         for name, d in fitted.items()}
-    variants = [("memguard", float(eps), at_setting(fitted["memguard"], float(eps))) for eps in EPSILON_GRID]
-    variants += [("purifier", b, at_setting(fitted["purifier"], b)) for b in PURIFIER_BUDGETS]
-    variants.append(("label_only", None, baseline("label_only")))
-    variants += [("top_k", k, at_setting(baseline("top_k"), k)) for k in TOP_K]
-    variants += [("round", d, at_setting(baseline("round"), d)) for d in DECIMALS]
-    variants += [("noise", scale, at_setting(baseline("noise"), scale)) for scale in noise_scales.values()]
+    variants = [(name, v, d.with_budget(v)) for name, d in fitted.items() for v in d.knob.weakest_first(d.knob.grid)]
+    for name in ("label_only", "top_k", "round"):
+        variants += [(name, v, baseline(name).with_budget(v)) for v in defense_class(name).baseline_grid]
+    variants += [("noise", scale, baseline("noise").with_budget(scale)) for scale in noise_scales.values()]
     config = AuditConfig(CONFIDENCE_ATTACKS, n_shadows=args.shadows, n_boot=20, seed=args.seed, progress=False)
     sweep = sweep_points(AuditData.from_target(target), InProcessTarget(target), variants, config)
     served = {"memguard": fitted["memguard"].epsilon, "purifier": fitted["purifier"].budget}
     noise_of = {scale: name for name, scale in noise_scales.items()}
-    points = [p.as_dict() for p in sweep.points]
+    floor_auc = sweep.floor.auc.value
 
     def row(p):
-        setting = p["label"]
-        if p["defense"] == "noise":
-            setting = f"laplace {p['setting']:.4g} (L1 of {noise_of[p['setting']]})"
-        if p["defense"] in served and p["setting"] == served[p["defense"]]:
+        setting = p.label
+        if p.defense == "noise":
+            setting = f"laplace {p.setting:.4g} (L1 of {noise_of[p.setting]})"
+        if p.defense in served and p.setting == served[p.defense]:
             setting += " (served default)"
-        t = p["utility"]
-        return [p["defense"], setting, t["l1_nonmembers"]["mean"], t["l1_nonmembers"]["p95"], t["l1_members"]["mean"],
-                p["best_auc"], p["best_tpr_at_1pct_fpr"]["tpr"], sweep.floor.auc, t["brier"]["after"],
-                t["ece"]["after"], t["true_class_rank_agreement"] if t["true_class_rank_agreement"] is not None
-                else "undefined", t["distinct_fraction"]["after"]]
+        t = p.utility
+        return [p.defense, setting, t.l1_nonmembers.mean, t.l1_nonmembers.p95, t.l1_members.mean,
+                p.best_auc, p.best_tpr_1pct.value, floor_auc, t.brier.after, t.ece.after,
+                "undefined" if t.true_class_rank_agreement is None else t.true_class_rank_agreement,
+                t.distinct_fraction.after]
 
-    u = sweep.undefended.as_dict()
-    before = u["utility"]
-    rows = [["undefended", "-", 0.0, 0.0, 0.0, u["best_auc"], u["best_tpr_at_1pct_fpr"]["tpr"], sweep.floor.auc,
-             before["brier"]["before"], before["ece"]["before"], 1.0, before["distinct_fraction"]["before"]]]
-    rows += [row(p) for p in points]
+    u = sweep.undefended
+    rows = [["undefended", "-", 0.0, 0.0, 0.0, u.best_auc, u.best_tpr_1pct.value, floor_auc,
+             u.utility.brier.before, u.utility.ece.before, 1.0, u.utility.distinct_fraction.before]]
+    rows += [row(p) for p in sweep.points]
     report = sweep.undefended_report
     path = write_result(f"privacy_utility_{args.dataset}", {
         "dataset": args.dataset, "model_id": target.model_id, "attacks": list(CONFIDENCE_ATTACKS),
-        "n_shadows": args.shadows, "floor": sweep.floor.as_dict(),
-        "undefended": {"attacks": report["attacks"], "gap_floor": report["gap_floor"], "point": u},
-        "points": points, "noise_scales": noise_scales,
+        "n_shadows": args.shadows, "floor": sweep.floor.to_json(),
+        "undefended": {"attacks": {n: a.to_json() for n, a in report.attacks.items()},
+                       "gap_floor": report.gap_floor.to_json(), "point": u.to_json()},
+        "points": [p.to_json() for p in sweep.points], "noise_scales": noise_scales,
         "seconds": round(time.perf_counter() - t0, 1),
         "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
         "tables": [{
             "title": f"Privacy against real-traffic utility on {args.dataset}: MemGuard, PURIFIER and the simple "
-                     f"baselines ({report['n_members']} + {report['n_nonmembers']} evaluation records, "
+                     f"baselines ({report.n_members} + {report.n_nonmembers} evaluation records, "
                      f"{args.shadows} shadow models)",
             "columns": ["defense", "setting", "real-traffic L1 mean", "real-traffic L1 p95", "members L1 mean",
-                        "best confidence AUC", "best TPR@1%FPR", f"label-only floor AUC ({sweep.floor.attack})",
+                        "best confidence AUC", "best TPR@1%FPR", f"label-only floor AUC ({sweep.floor.auc.attack})",
                         "Brier", "ECE", "true-class rank agreement", "distinct answers"],
             "rows": rows,
             "note": "Real-traffic L1 is measured on non-members, the members' figure beside it. Best confidence "

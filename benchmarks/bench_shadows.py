@@ -56,19 +56,19 @@ def tpr_with_ci(scores: np.ndarray, membership: np.ndarray, fpr: float, n_boot: 
 
 def timed_audit(target, attacks, k: int, executor, cache_dir: Path, n_boot: int):
     """One audit of the undefended target in process; (audit, facts about the run)."""
-    from purifier.audit.access import InProcessTarget
     from purifier.audit.runner import AuditConfig, run_audit
+    from purifier.models.access import InProcessTarget
 
     before = load()
     t0 = time.perf_counter()
     audit = run_audit(target, InProcessTarget(target), AuditConfig(
         tuple(attacks), n_shadows=k, n_boot=n_boot, executor=executor, cache_dir=str(cache_dir)), "none")
     wall = time.perf_counter() - t0
-    sh = audit.report["shadows"]
-    return audit, {"shadows": k, "executor": sh["executor"], "trained": sh["trained"],
-                   "from_cache": sh["from_cache"], "wall_s": round(wall, 1),
-                   "shadow_training_s": audit.report["timing_s"]["shadow_training"],
-                   "attack_s": {a: e["seconds"] for a, e in audit.report["attacks"].items()},
+    sh = audit.report.shadows
+    return audit, {"shadows": k, "executor": sh.executor, "trained": sh.trained,
+                   "from_cache": sh.from_cache, "wall_s": round(wall, 1),
+                   "shadow_training_s": audit.report.timing.shadow_training,
+                   "attack_s": {a: e.seconds for a, e in audit.report.attacks.items()},
                    "load_before": before, "load_after": load()}
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
 
 def lira_power(audit, k: int, n_boot: int) -> list[dict]:
     """LiRA online and offline of one audit: AUC, TPR at each FPR with a bootstrap CI, details."""
-    return [{"shadows": k, "attack": name, "auc": audit.report["attacks"][name]["auc"],
+    return [{"shadows": k, "attack": name, "auc": audit.report.attacks[name].ranking.auc,
              "details": audit.outcomes[name].details,
              **{str(f): tpr_with_ci(audit.outcomes[name].scores, audit.membership, f, n_boot) for f in FPRS}}
             for name in LIRA[1:]]

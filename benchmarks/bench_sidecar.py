@@ -10,6 +10,11 @@ server process over the window / requests answered in it). Every server is a sep
 (`purifier.serve_process`); the client is this process. Compared cells run side by side and are
 measured in interleaved windows, pooled per cell.
 
+The identity sidecar is also measured over its REST front (`-rest` cells: binary tensors over
+keep-alive HTTP/1.1, purifier.bench's HTTP connection) in the same interleaved windows, and
+compared with its gRPC front (issue 23: REST adds at most 0.5 ms p50 at c1 and keeps >= 0.8x the
+gRPC throughput at c16).
+
     python benchmarks/bench_sidecar.py [--target DIR] [--defense-dir DIR ...] [--seconds 3]
 
 Writes benchmarks/results/sidecar.json. Targets (issue 5): identity adds at most 1.0 ms p50 and
@@ -68,16 +73,16 @@ def wait_ready(port: int, model: str, timeout: float = 90.0) -> None:
 
 
 def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds: int) -> dict[str, dict]:
-    """servers: cell name -> (port, model, output name, server pid). Each cell gets `seconds` per
+    """servers: cell name -> (port, model, output name, server pid[, protocol]). Each cell gets `seconds` per
     concurrency (1 and 16) in total, split into `rounds` windows taken in turn with the other cells.
     CPU per request: the server process's CPU time over its windows / the calls it answered."""
     from purifier.bench.measure import Endpoint, compare
 
-    outputs = {out for _, _, out, _ in servers.values()}
+    outputs = {cell[2] for cell in servers.values()}
     if len(outputs) != 1:
         raise ValueError(f"cells compared together must share the output, got {sorted(outputs)}")
-    endpoints = [Endpoint(name, f"127.0.0.1:{port}", model, server_pid=pid)
-                 for name, (port, model, _, pid) in servers.items()]
+    endpoints = [Endpoint(name, f"127.0.0.1:{port}", model, server_pid=pid, protocol=protocol)
+                 for name, (port, model, _, pid, *rest) in servers.items() for protocol in [rest[0] if rest else "grpc"]]
     result = compare(endpoints, x, concurrency=(1, 16), rows=(1,), seconds=seconds, rounds=rounds,
                      output=outputs.pop())
     cells: dict[str, dict] = {}
@@ -159,8 +164,10 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
         c1, c16, cmp = cell["c1"], cell["c16"], comparisons.get(key, {})
         table_rows.append([key, c1["p50_ms"], c1["p99_ms"], c1["throughput_rps"], c1["server_cpu_ms_per_request"],
                            c16["p50_ms"], c16["p99_ms"], c16["throughput_rps"], c16["server_cpu_ms_per_request"],
-                           cmp.get("added_p50_ms_c1", "-"), cmp.get("added_p99_ms_c1", "-"),
-                           cmp.get("throughput_ratio_c16", "-"), cmp.get("throughput_vs_identity_c16", "-")])
+                           cmp.get("added_p50_ms_c1", cmp.get("added_p50_ms_c1_vs_grpc", "-")),
+                           cmp.get("added_p99_ms_c1", cmp.get("added_p99_ms_c1_vs_grpc", "-")),
+                           cmp.get("throughput_ratio_c16", cmp.get("throughput_ratio_c16_vs_grpc", "-")),
+                           cmp.get("throughput_vs_identity_c16", "-")])
     load_text = "not recorded" if load is None else f"{load:.1f}"
     return [{
         "title": "Sidecar overhead: client -> upstream directly vs client -> sidecar -> upstream (1 row per request)",
@@ -171,7 +178,9 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
         "note": f"Servers as separate processes measured side by side in {rounds} interleaved windows of "
                 f"{seconds:g} s; client, sidecar and upstream share the machine's 2 cores (1-minute load average "
                 f"at the end: {load_text}). Server CPU per request: user + system CPU time of the server process over "
-                "its windows / requests answered (warm-up included). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; "
+                "its windows / requests answered (warm-up included). -rest cells: the identity sidecar's REST front "
+                "(binary tensors, keep-alive HTTP/1.1), compared with the same sidecar's gRPC front (targets: "
+                "added p50 <= 0.5 ms at c1, c16 throughput ratio >= 0.8). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; "
                 "c16 throughput ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity; "
                 "MemGuard (10 classes) <= 1.0 ms server CPU per single-row request and c16 throughput >= 0.7x "
                 "the identity sidecar's.",
@@ -197,7 +206,7 @@ def main() -> None:
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp))
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp), args.defense_dir)
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:
@@ -208,6 +217,9 @@ def main() -> None:
             for name, d in [("identity", None), *((n, (n, d)) for n, d in defenses)]:
                 sc = stack.enter_context(sidecar(["--model", str(target.directory)], d, secret_file, env))
                 servers[f"embedded/sidecar-{name}"] = (sc.port, target.directory.name, "probabilities", sc.pid)
+                if name == "identity":
+                    servers["embedded/sidecar-identity-rest"] = (sc.http_port, target.directory.name,
+                                                                 "probabilities", sc.pid, "http")
             cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
@@ -229,6 +241,14 @@ def main() -> None:
         backend, mode = key.split("/")
         if mode == "direct":
             continue
+        if mode.endswith("-rest"):  # REST against the same sidecar's gRPC front
+            grpc_cell = cells[f"{backend}/{mode[:-len('-rest')]}"]
+            comparisons[key] = {
+                "added_p50_ms_c1_vs_grpc": cell["c1"]["p50_ms"] - grpc_cell["c1"]["p50_ms"],
+                "added_p99_ms_c1_vs_grpc": cell["c1"]["p99_ms"] - grpc_cell["c1"]["p99_ms"],
+                "throughput_ratio_c16_vs_grpc": cell["c16"]["throughput_rps"] / grpc_cell["c16"]["throughput_rps"],
+            }
+            continue
         direct = cells[f"{backend}/direct"]
         identity = cells.get(f"{backend}/sidecar-identity")
         comparisons[key] = {
@@ -246,6 +266,7 @@ def main() -> None:
                    "defenses": [d for _, d in defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
         "cells": cells, "comparisons": comparisons,
         "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8,
+                    "rest_added_p50_ms_c1_vs_grpc": 0.5, "rest_throughput_ratio_c16_vs_grpc": 0.8,
                     "memguard_server_cpu_ms_per_request_c1": 1.0, "memguard_throughput_vs_identity_c16": 0.7},
     })
     print(f"{'cell':34s} {'c1 p50':>8s} {'c1 p99':>8s} {'c1 rps':>8s} {'c1 cpu':>8s} {'c16 p50':>8s} {'c16 p99':>8s} "
@@ -256,6 +277,10 @@ def main() -> None:
               f"{c1['server_cpu_ms_per_request']:8.3f} {c16['p50_ms']:8.3f} {c16['p99_ms']:8.3f} "
               f"{c16['throughput_rps']:8.0f} {c16['server_cpu_ms_per_request']:8.3f}")
     for key, c in comparisons.items():
+        if "added_p50_ms_c1_vs_grpc" in c:
+            print(f"{key:34s} vs its gRPC front: added p50 {c['added_p50_ms_c1_vs_grpc']:+.3f} ms, "
+                  f"p99 {c['added_p99_ms_c1_vs_grpc']:+.3f} ms, c16 throughput x{c['throughput_ratio_c16_vs_grpc']:.2f}")
+            continue
         print(f"{key:34s} added p50 {c['added_p50_ms_c1']:+.3f} ms, p99 {c['added_p99_ms_c1']:+.3f} ms, "
               f"c16 throughput x{c['throughput_ratio_c16']:.2f}")
     print(f"wrote {path}")

@@ -63,7 +63,8 @@ def measure(python: Path, source: str | None, serve_args: list[str], x: np.ndarr
     env = clean_env()
     if source:  # `python -m` puts the working directory first on sys.path: run from the old checkout
         env["PYTHONPATH"] = source
-    with ServeProcess(serve_args, python=python, env=env, cwd=source) as sidecar:
+    # the REST front is on (port 0) as in a real start, except for an older checkout that lacks it
+    with ServeProcess(serve_args, python=python, env=env, cwd=source, rest=source is None) as sidecar:
         rss_ready = rss_bytes(sidecar.pid)
         client = grpcclient.InferenceServerClient(sidecar.endpoint)
         try:

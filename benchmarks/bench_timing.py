@@ -47,8 +47,8 @@ def auc_with_ci(scores: np.ndarray, membership: np.ndarray, n_boot: int) -> dict
 def attack_sidecar(endpoint: str, model_name: str, X: np.ndarray, membership: np.ndarray, pool_X: np.ndarray,
                    args) -> dict:
     from purifier.attacks.timing import TimingAttack, aggregate_latencies
-    from purifier.audit.access import RemoteTarget
     from purifier.evaluation import balanced_accuracy
+    from purifier.models.access import RemoteTarget
 
     access = RemoteTarget(endpoint, model_name, batch=1)
     try:

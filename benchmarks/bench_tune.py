@@ -50,18 +50,21 @@ def main(argv=None) -> int:
     if proc.returncode not in (0, 1):
         sys.stderr.write(proc.stderr)
         return proc.returncode
-    result = json.loads((out / "tune.json").read_text())
-    pick = result["chosen"] or result["closest"]
-    l1 = pick["utility"]["l1_nonmembers"]
+    from purifier.tuning import Tuning
+
+    raw = json.loads((out / "tune.json").read_text())
+    result = Tuning.from_json(raw)
+    pick = result.chosen or result.closest
+    l1, floor = pick.utility.l1_nonmembers, result.floor.auc
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    row = ["memguard", "reached" if result["chosen"] else "not reached (closest shown)", pick["label"],
-           round(pick["best_auc"], 4), f"[{pick['best_auc_ci95'][0]:.3f}, {pick['best_auc_ci95'][1]:.3f}]",
-           round(result["floor"]["auc"], 4), f"[{result['floor']['ci95'][0]:.3f}, {result['floor']['ci95'][1]:.3f}]",
-           round(l1["mean"], 4), round(l1["p95"], 4), round(wall, 1), round(cpu, 1),
+    row = ["memguard", "reached" if result.reached_floor else "not reached (closest shown)", pick.label,
+           round(pick.best_auc, 4), f"[{pick.best.ci95[0]:.3f}, {pick.best.ci95[1]:.3f}]",
+           round(floor.value, 4), f"[{floor.ci95[0]:.3f}, {floor.ci95[1]:.3f}]",
+           round(l1.mean, 4), round(l1.p95, 4), round(wall, 1), round(cpu, 1),
            f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}"]
     path = write_result("tune_digits", {
         "command": " ".join(command[1:]), "exit_status": proc.returncode, "wall_seconds": round(wall, 1),
-        "cpu_seconds": round(cpu, 1), "target_seconds": 180, "tune": result,
+        "cpu_seconds": round(cpu, 1), "target_seconds": 180, "tune": raw,
         "load_average_1_5_15min": {"start": load_start, "end": os.getloadavg()},
         "tables": [{
             "title": "purifier tune memguard on digits (defaults: fitted by the command, 9 epsilons, the four "

@@ -79,7 +79,7 @@ def add_sidecar_flags(parser, defense_help: str = "fitted defense directory (rep
     parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"),
                         help="target directory (trained here if missing)")
     parser.add_argument("--defense-dir", action="append", default=[], help=defense_help)
-    parser.add_argument("--secret-file", default=None, help="PRF secret for the defenses (default: throwaway)")
+    parser.add_argument("--secret-file", default=None, help="the PRF secret the defenses were fitted with (required with --defense-dir)")
 
 
 def digits_target(directory: str):
@@ -92,10 +92,15 @@ def digits_target(directory: str):
     return Target.load(directory)
 
 
-def secret_file_or_throwaway(secret_file: str | None, work: Path) -> Path:
-    """The given secret file, or a fresh random secret written into the temporary `work` directory."""
+def secret_file_or_throwaway(secret_file: str | None, work: Path, defense_dirs=()) -> Path:
+    """The given secret file, or (with no fitted defense to serve) a fresh random secret written
+    into the temporary `work` directory: a fitted defense is served with the secret it was fitted
+    with, or not at all."""
     if secret_file:
         return Path(secret_file)
+    if defense_dirs:
+        raise SystemExit("--defense-dir: pass --secret-file, the secret the defenses were fitted with "
+                         "(serving refuses another)")
     path = work / "secret"
     path.write_text(secrets.token_hex(32))
     return path

@@ -9,6 +9,7 @@ as the sidecar runs the defense. The machine is shared: the load average is prin
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import io
 import os
@@ -19,27 +20,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from benchmarks.common import ROOT, digits_target
-from purifier.defenses import load_defense
+from purifier.defenses import load_defense, load_secret
 from purifier.defenses.base import FitData
+from purifier.threads import limit_threads
 
 BATCHES = (1, 16, 256)
-SECRET = b"profile-secret-not-for-production"
-
-
 def fitted_memguard(target_dir: Path, defense_dir: Path):
     target = digits_target(str(target_dir))
-    if not (defense_dir / "defense.json").is_file():
-        secret_file = defense_dir.parent / "profile-secret"
+    secret_file = defense_dir.parent / "profile-secret"  # kept beside the defense, which is bound to it
+    if not secret_file.is_file():
         secret_file.parent.mkdir(parents=True, exist_ok=True)
-        secret_file.write_bytes(SECRET)
+        secret_file.write_bytes(base64.b64encode(os.urandom(32)))
+    if not (defense_dir / "defense.json").is_file():
         subprocess.run([sys.executable, "-m", "purifier.cli", "fit-defense", "memguard", "--target", str(target_dir),
                         "--out", str(defense_dir), "--secret-file", str(secret_file)], check=True)
     data = FitData.from_target(target)
     rows = np.r_[data.member_probs, data.reference_probs]
-    return load_defense(defense_dir, SECRET, target.model_id), rows
+    return load_defense(defense_dir, load_secret(file=secret_file), target.model_id), rows
 
 
 def cpu_per_call(defense, rows: np.ndarray, batch: int, min_seconds: float) -> tuple[float, float, int]:
@@ -79,7 +78,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size")
     parser.add_argument("--top", type=int, default=12, help="functions per cProfile table")
     args = parser.parse_args()
-    threadpool_limits(1)
+    limit_threads()
     defense, rows = fitted_memguard(Path(args.target), Path(args.defense_dir))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()

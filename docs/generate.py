@@ -60,11 +60,15 @@ def configuration_page() -> str:
         f"Generated from the field declarations of `Settings` in `server/settings.py` by `{REGENERATE}`; a test",
         "fails when this page differs from them. Do not edit it by hand.", "",
         "One settings object; precedence, highest first: command-line flags > `PURIFIER_<SETTING>` environment",
-        "variables > a TOML file (`--config FILE` or `$PURIFIER_CONFIG`; keys as below, top level or in a",
-        "`[serve]` table) > the defaults. Every value is checked at start-up: an invalid one stops the",
-        "sidecar with one line naming the setting. Exactly one of `model` and `upstream` is given.",
+        "variables > a TOML file (`--config FILE` or `$PURIFIER_CONFIG`; keys as below, all at the top level",
+        "or all in a `[serve]` table, never both) > the defaults. Every value is checked at start-up: an invalid",
+        "one stops the sidecar with one line naming the setting, and so does an unknown key, a key beside",
+        "`[serve]` or an unknown `PURIFIER_*` variable (a misspelt one would otherwise be ignored; the",
+        "others the project reads are `$PURIFIER_CONFIG`, `$PURIFIER_SECRET`, `$PURIFIER_SECRET_FILE` and",
+        "`$PURIFIER_CACHE_DIR`, the audit's shadow cache). Exactly one of `model` and `upstream` is given.",
         "`purifier serve --help` prints the same flags.", "",
-        "The PRF secret (at least 16 bytes, required with a defense, the same on every replica) is never",
+        "The PRF secret (at least 16 random bytes, required with a defense, the same on every replica, the",
+        "one the defense was fitted with: see [tune.md](tune.md#fit-a-defense)) is never",
         "a setting, so it cannot end up in logs: `--secret-file` names the file that holds it, or the",
         "environment gives it in `$PURIFIER_SECRET` or names its file in `$PURIFIER_SECRET_FILE`.", "",
         "| setting | flag | environment | default | allowed | meaning |",
@@ -85,6 +89,10 @@ def _metric_rows(metrics) -> list[str]:
             bounds = [b for b in getattr(obj, "_upper_bounds", []) if b != float("inf")]
         elif hasattr(obj, "observe_many"):  # BatchHistogram: fed whole arrays, exposed as a histogram
             name, kind, labels, doc, bounds = obj.name, "histogram", (), obj.documentation, list(obj.bounds)
+        elif hasattr(obj, "FAMILIES"):  # TritonAliases: Triton's names, derived from the rows above when scraped
+            for name, doc in obj.FAMILIES:
+                rows.append(f"| `{name}` | untyped (a counter) | `model`, `version` | {_cell(doc)} | - |")
+            continue
         else:
             continue
         if name in seen:

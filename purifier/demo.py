@@ -5,8 +5,8 @@ defense on a free loopback port (embedded ONNX backend), audits each through gRP
 outside attacker would (the harness's `RemoteTarget`, i.e. tritonclient), and prints one
 comparison table next to the label-only floor, then each endpoint's verdict lines. Writes
 `DIR/reports/<defense>/report.{html,md,json}` and `roc.png` (report.html: the defended endpoint
-against the undefended one, with the MemGuard epsilon sweep in its privacy-utility picture) and
-`DIR/demo.json` (with the time of each step).
+against the undefended one, with MemGuard's budget sweep (`purifier.audit.sweep`, over its own
+`Defense.knob` grid) in its privacy-utility picture) and `DIR/demo.json` (with the time of each step).
 Every process it starts is stopped, whatever happens.
 
 The sidecars run as subprocesses (not imported): the library never imports `purifier_server`,
@@ -28,8 +28,6 @@ from purifier.errors import ConfigError, PurifierError
 
 DEFENSES = ("none", "memguard", "purifier")
 DEMO_DATASETS = ("digits", "mnist5k", "purchase_like")
-EPSILON_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)
-SWEEP_ATTACKS = ("gap", "label_calibrated", "confidence", "mentr", "loss", "nn")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
 CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
 
@@ -121,93 +119,70 @@ def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 2
     return {"p50_ms": float(np.median(t)), "p99_ms": float(t[int(0.99 * (len(t) - 1))]), "requests": n}
 
 
-def defense_sweep(target, variants, shadows, seed: int, defense_name: str) -> list[dict]:
-    """Best attack AUC against real-traffic distortion for variants of one fitted defense.
-
-    Args:
-        variants: [(setting value, Defense)], e.g. MemGuard at several epsilons (Phase I does not
-            depend on epsilon, only the Phase II release probability does, so one fitted defense
-            serves the whole grid) or PURIFIER at several L1 budgets.
-        shadows: the attacker's shadow models from an earlier audit of `target`.
-    Attacks run in-process (`SWEEP_ATTACKS`), with thresholds fitted on the shadow models; the
-    label-only floor and the best other attack come from `purifier.audit.verdict`.
-    """
-    from purifier.audit.access import InProcessTarget
-    from purifier.audit.runner import AuditConfig, run_audit
-    from purifier.audit.verdict import strongest
-
-    rows = []
-    baseline = InProcessTarget(target)
-    for value, defense in variants:
-        audit = run_audit(target, InProcessTarget(target, defense),
-                          AuditConfig(SWEEP_ATTACKS, n_boot=20, seed=seed, progress=False),
-                          defense_name, baseline, shadows=shadows)
-        r = audit.report
-        best = strongest(r["attacks"], "auc", label_only=False)
-        rows.append({"setting": value, "best_attack": best["attack"], "best_auc": best["value"],
-                     "floor_auc": r["label_only_floor"]["auc"]["value"],
-                     "auc": {n: a["auc"] for n, a in r["attacks"].items()},
-                     "real_traffic_l1": r["output_utility"]["l1_nonmembers"]["mean"],
-                     "argmax_agreement": r["utility"]["argmax_agreement"]})
-    return rows
-
-
-def memguard_variants(defense_dir: Path, target, secret: bytes, epsilons=EPSILON_GRID):
+def memguard_sweep(target, defense_dir: Path, secret: bytes, undefended, seed: int):
+    """MemGuard at every setting of its own grid (`Defense.knob`), audited in process with the
+    sweep's confidence attacks, beside the undefended audit (its floor, shadows and fitted attacks
+    are reused): `purifier.audit.sweep.Sweep`."""
+    from purifier.audit.data import AuditData
+    from purifier.audit.runner import AuditConfig
+    from purifier.audit.sweep import CONFIDENCE_ATTACKS, sweep_points
     from purifier.defenses import load_defense
+    from purifier.models.access import InProcessTarget
 
-    for eps in epsilons:
-        defense = load_defense(defense_dir, secret=secret, model_id=target.model_id)
-        defense.epsilon = float(eps)
-        yield float(eps), defense
+    defense = load_defense(defense_dir, secret=secret, model_id=target.model_id)
+    grid = defense.knob.weakest_first(defense.knob.grid)
+    variants = [(defense.name, value, defense.with_budget(value)) for value in grid]
+    config = AuditConfig(CONFIDENCE_ATTACKS, n_boot=20, seed=seed, progress=False)
+    return sweep_points(AuditData.from_target(target), InProcessTarget(target), variants, config,
+                        undefended=undefended)
 
 
-def tradeoff_points(sweep: list[dict], served: dict[str, dict]) -> tuple:
-    """`TradeoffPoint`s for report.html: the MemGuard epsilon sweep, and each served defense's
+def tradeoff_points(sweep, served: dict) -> tuple:
+    """`TradeoffPoint`s for report.html: the MemGuard budget sweep, and each served defense's
     audited endpoint (real-traffic L1, best non-label attack AUC), marked served."""
     from purifier.audit.figures import TradeoffPoint
-    from purifier.audit.verdict import strongest
 
-    points = [TradeoffPoint("memguard", f"eps {r['setting']:g}", r["real_traffic_l1"], r["best_auc"]) for r in sweep]
+    points = [TradeoffPoint(p.defense, p.label, p.real_traffic_l1, p.best_auc) for p in sweep.points]
     for name, report in served.items():
-        points.append(TradeoffPoint(name, "served", report["output_utility"]["l1_nonmembers"]["mean"],
-                                    strongest(report["attacks"], "auc", label_only=False)["value"], served=True))
+        points.append(TradeoffPoint(name, "served", report.utility.cost.l1_nonmembers.mean,
+                                    report.strongest(label_only=False).auc.value, served=True))
     return tuple(points)
 
 
-def _tpr(entry: dict) -> str:
-    t = entry
-    return (f"n/m ({t['negatives']})" if not t["measurable"]
-            else f"{t['tpr']:.3f} @{t['fpr']:.4f}/{t['negatives']}")
+def _tpr(t) -> str:
+    return f"n/m ({t.negatives})" if not t.measurable else f"{t.tpr:.3f} @{t.fpr:.4f}/{t.negatives}"
 
 
-def comparison_rows(reports: dict[str, dict], latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
+def _best_tpr(b) -> str:
+    return f"n/m ({b.tpr.negatives})" if not b.measurable else f"{b.value:.3f} @{b.tpr.fpr:.4f}/{b.tpr.negatives}"
+
+
+def comparison_rows(reports: dict, latency: dict[str, dict] | None) -> tuple[list[str], list[list[str]]]:
     """One row per attack, the label-only floor and utility (and latency, if measured), one column
-    per defense. Attack cells: AUC / TPR at 1% FPR / TPR at 0.1% FPR, each TPR with its realized
-    FPR and the number of non-members (Carlini et al. 2022); n/m: not measurable."""
-    def cell(entry):
-        flipped = f" (inv. {entry['inverted']['auc']:.3f})" if "inverted" in entry else ""
-        return (f"{entry['auc']:.3f}{flipped} / {_tpr(entry['tpr_at_fpr']['0.01'])} / "
-                f"{_tpr(entry['tpr_at_fpr']['0.001'])}")
+    per defense (`Report`s). Attack cells: AUC / TPR at 1% FPR / TPR at 0.1% FPR, each TPR with its
+    realized FPR and the number of non-members (Carlini et al. 2022); n/m: not measurable."""
+    def cell(a):
+        r = a.ranking
+        flipped = f" (inv. {a.flipped.auc:.3f})" if a.flipped is not None else ""
+        return f"{r.auc:.3f}{flipped} / {_tpr(r.tpr_1pct)} / {_tpr(r.tpr_01pct)}"
 
     columns = ["attack: AUC / TPR@1%FPR / TPR@0.1%FPR", *reports]
-    names = list(dict.fromkeys(n for r in reports.values() for n in r["attacks"]))
-    rows = [[name, *(cell(r["attacks"][name]) if name in r["attacks"] else "-" for r in reports.values())]
+    names = list(dict.fromkeys(n for r in reports.values() for n in r.attacks))
+    rows = [[name, *(cell(r.attacks[name]) if name in r.attacks else "-" for r in reports.values())]
             for name in names]
-    floors = [r["label_only_floor"] for r in reports.values()]
+    floors = [r.label_only_floor for r in reports.values()]
     rows.append(["label-only floor (best label-only per metric)",
-                 *(f"{f['auc']['value']:.3f} / {_tpr(f['0.01'])} / {_tpr(f['0.001'])}" for f in floors)])
-    rows.append(["floor set by", *(" / ".join(dict.fromkeys(f[m]["attack"] for m in ("auc", "0.01", "0.001")))
+                 *(f"{f.auc.value:.3f} / {_best_tpr(f.tpr_1pct)} / {_best_tpr(f.tpr_01pct)}" for f in floors)])
+    rows.append(["floor set by", *(" / ".join(dict.fromkeys((f.auc.attack, f.tpr_1pct.attack, f.tpr_01pct.attack)))
                                    for f in floors)])
-    acc = [r["utility"] for r in reports.values()]
-    rows.append(["accuracy members / non-members", *(f"{u['member_accuracy']:.3f} / {u['nonmember_accuracy']:.3f}"
+    acc = [r.utility for r in reports.values()]
+    rows.append(["accuracy members / non-members", *(f"{u.member_accuracy:.3f} / {u.nonmember_accuracy:.3f}"
                                                       for u in acc)])
     # the undefended endpoint is its own baseline (no agreement measured): 1 by definition
-    rows.append(["argmax agreement", *(f"{1.0 if u['argmax_agreement'] is None else u['argmax_agreement']:.4f}"
-                                       for u in acc)])
-    users = [r.get("output_utility") for r in reports.values()]
+    rows.append(["argmax agreement", *(f"{1.0 if u.cost is None else u.cost.argmax_agreement:.4f}" for u in acc)])
     rows.append(["real-traffic L1 mean / p95 (non-members)",
-                 *("0 / 0" if u is None else f"{u['l1_nonmembers']['mean']:.4f} / {u['l1_nonmembers']['p95']:.4f}"
-                   for u in users)])
+                 *("0 / 0" if u.cost is None else f"{u.cost.l1_nonmembers.mean:.4f} / {u.cost.l1_nonmembers.p95:.4f}"
+                   for u in acc)])
     if latency is not None:
         rows.append(["latency p50 ms (1 row)", *(f"{latency[d]['p50_ms']:.2f}" for d in reports)])
         base = latency["none"]["p50_ms"]
@@ -219,12 +194,15 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
              shadow_settings: dict | None = None) -> dict:
     """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
     processes, the default cache)."""
+    from dataclasses import replace
+
     from purifier.artifacts import check_output_dir, write_json
-    from purifier.attacks import DEFAULT_ATTACKS
-    from purifier.audit.access import RemoteTarget
+    from purifier.attacks import ADAPTIVE, DEFAULT_ATTACKS
     from purifier.audit.report import write_report
+    from purifier.audit.results import Source
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.defenses.keyed import load_secret
+    from purifier.models.access import RemoteTarget
     from purifier.tables import text_table
 
     if dataset not in DEMO_DATASETS:
@@ -251,52 +229,50 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
     model_name = target.directory.name
     X_eval, _ = target.role("eval_nonmembers")
-    audits, latency, shadow_set = {}, {}, None
+    audits, latency = {}, {}
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
         sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),
                                                             secret_file, out / "logs" / f"sidecar-{name}.log"))
                     for name in DEFENSES}
-        baseline = stack.enter_context(contextlib.closing(
-            RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes,
-                         timeout_s=CLIENT_TIMEOUT_S)))
-        for name in DEFENSES:
+        for name in DEFENSES:  # "none" first: the "before" of the others (same shadows and attack models)
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
                 config = AuditConfig(DEFAULT_ATTACKS, **({"n_shadows": shadows} if shadows else {}), seed=seed,
                                      **(shadow_settings or {}))
-                audit = timed(f"audit {name}", run_audit, target, access, config, name,
-                              None if name == "none" else baseline,
-                              {"endpoint": sidecars[name].endpoint, "model_name": model_name}, shadows=shadow_set)
-            shadow_set = audit.shadows
+                if name == "none":
+                    config = replace(config, attacks=tuple(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE))
+                source = Source(sidecars[name].endpoint, model_name, access.output_name,
+                                baseline_endpoint=None if name == "none" else sidecars["none"].endpoint)
+                audit = timed(f"audit {name}", run_audit, target, access, config, name, source=source,
+                              before=audits.get("none"))
             audits[name] = audit
             # written at once, so a long run that stops later still leaves its finished reports
-            write_report(audit, out / "reports" / name, undefended=audits.get("none") if name != "none" else None)
+            write_report(audit, out / "reports" / name)
             latency[name] = request_latency_ms(sidecars[name].endpoint, model_name, X_eval)
     t_audited = time.perf_counter()
 
-    _log("MemGuard privacy-utility sweep over epsilon (in-process, same shadow models)")
-    sweep = timed("memguard sweep", defense_sweep, target,
-                  memguard_variants(defense_dirs["memguard"], target, secret), shadow_set, seed, "memguard")
+    _log("MemGuard privacy-utility sweep over its budget (in-process, same shadow models)")
+    sweep = timed("memguard sweep", memguard_sweep, target, defense_dirs["memguard"], secret, audits["none"],
+                  seed)
     reports = {name: a.report for name, a in audits.items()}
     points = tradeoff_points(sweep, {n: r for n, r in reports.items() if n != "none"})
     for name, audit in audits.items():  # the defended pages again, now with the sweep's picture
         if name != "none":
-            write_report(audit, out / "reports" / name, undefended=audits["none"], tradeoff=points)
+            write_report(audit, out / "reports" / name, tradeoff=points)
     columns, rows = comparison_rows(reports, latency)
     summary = {
         "dataset": dataset, "seed": seed, "model_id": target.model_id,
         "table": {"columns": columns, "rows": rows},
-        "verdicts": {name: r["verdict"]["lines"] for name, r in reports.items()},
-        "latency": latency, "memguard_sweep": sweep,
-        "shadows": {k: v for k, v in reports[DEFENSES[0]]["shadows"].items()
+        "verdicts": {name: list(r.verdict.lines) for name, r in reports.items()},
+        "latency": latency, "memguard_sweep": [p.to_json() for p in sweep.points],
+        "shadows": {k: v for k, v in reports[DEFENSES[0]].shadows.to_json().items()
                     if k in ("n", "executor", "from_cache", "trained", "cache")},
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
                      "total": round(time.perf_counter() - t_start, 1), "steps": steps,
-                     "attacks": {name: {a: e["seconds"] for a, e in r["attacks"].items()}
-                                 for name, r in reports.items()},
-                     "shadow_training": {name: r["timing_s"]["shadow_training"] for name, r in reports.items()}},
+                     "attacks": {name: {a: e.seconds for a, e in r.attacks.items()} for name, r in reports.items()},
+                     "shadow_training": {name: r.timing.shadow_training for name, r in reports.items()}},
         # timings on a shared machine mean little without the load they ran under
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]},
         "reports": {name: str(out / "reports" / name / "report.html") for name in reports},
@@ -304,13 +280,12 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     write_json(out / "demo.json", summary)
     print(f"\nPurifier demo on {dataset}: undefended vs MemGuard vs PURIFIER, audited through gRPC\n")
     print(text_table(columns, rows))
-    print("\nMemGuard epsilon sweep (best non-label attack AUC / real-traffic L1; floor of the sweep's label-only "
-          f"attacks {', '.join(n for n in SWEEP_ATTACKS if n in ('gap', 'label_calibrated'))}: AUC "
-          f"{sweep[0]['floor_auc']:.3f}): " + ", ".join(
-              f"{r['setting']:g}: {r['best_auc']:.3f}/{r['real_traffic_l1']:.3f}" for r in sweep))
+    print(f"\nMemGuard budget sweep (best confidence attack AUC / real-traffic L1; label-only floor AUC "
+          f"{sweep.floor.auc.value:.3f} by {sweep.floor.auc.attack}): "
+          + ", ".join(f"{p.label}: {p.best_auc:.3f}/{p.real_traffic_l1:.3f}" for p in sweep.points))
     for name in DEFENSES:
         print(f"\nVerdict, {name}:")
-        for line in reports[name]["verdict"]["lines"]:
+        for line in reports[name].verdict.lines:
             print(f"  - {line}")
     print(f"\nopen in a browser: {out}/reports/memguard/report.html, {out}/reports/purifier/report.html "
           f"(also report.md, report.json, roc.png per defense under {out}/reports/)")

@@ -3,8 +3,8 @@
 `cpu` runs on the CPU, `auto` takes CUDA when this process can use it and the CPU otherwise,
 `cuda` insists: without a usable CUDA device it is a one-line `ConfigError` at start-up, never a
 silent fall-back to the CPU (a user who asked for the GPU must learn that they are not on it).
-torch (training, MemGuard's faithful solver) and onnxruntime (models, PURIFIER's reformer) both
-resolve names here; this module imports neither until asked.
+torch (training, MemGuard's faithful solver) and onnxruntime (models, PURIFIER's reformer,
+MemGuard's fast solver) both resolve names here; this module imports neither until asked.
 """
 
 from __future__ import annotations
@@ -36,12 +36,19 @@ def torch_device(device: str):
     return torch.device("cuda" if device == "cuda" or (device == "auto" and cuda) else "cpu")
 
 
-def ort_providers(device: str, available: list[str]) -> list[str]:
-    """onnxruntime execution providers for a device name, given the providers ORT offers."""
+# float32 matrix products in float32: TF32 tensor cores (on by default on Ampere and later) keep 10
+# bits of mantissa, which would move MemGuard's probe decisions and PURIFIER's outputs away from
+# the CPU's far more than float32 rounding does.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def ort_providers(device: str, available: list[str]) -> list:
+    """onnxruntime execution providers for a device name, given the providers ORT offers
+    (the CUDA provider with its options, then the CPU)."""
     check_device(device)
     cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not cuda:
         raise cuda_missing("onnxruntime")
     if device != "cpu" and cuda:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]

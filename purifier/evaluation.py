@@ -97,25 +97,33 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], scores, memb
                  n_boot: int = 200, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of `metric(scores, membership)`, resampling members and
     non-members separately (stratified) so every resample stays balanced."""
+    return bootstrap_intervals(lambda s, m: (metric(s, m),), scores, membership, n_boot, seed, level)[0]
+
+
+def bootstrap_intervals(metrics: Callable[[np.ndarray, np.ndarray], tuple[float, ...]], scores, membership,
+                        n_boot: int = 200, seed: int = 0, level: float = 0.95) -> list[tuple[float, float]]:
+    """`bootstrap_ci` of several figures computed together on each resample (one sort serves an
+    AUC and the TPRs): `metrics(scores, membership)` returns a tuple, one interval comes back per
+    entry. The resamples are those of `bootstrap_ci` with the same seed."""
     scores, membership = _check(scores, membership)
     rng = np.random.default_rng(seed)
-    # Each resample is handed to `metric` in score order: the same records as drawn (the metrics
-    # here do not depend on row order), and the metric's own sort then meets sorted input, which
-    # a stable sort finishes in one pass instead of n log n.
+    # Each resample is handed to `metrics` in score order: the same records as drawn (the metrics
+    # here do not depend on row order), and their own sort then meets sorted input, which a stable
+    # sort finishes in one pass instead of n log n.
     order = np.argsort(scores, kind="stable")
     rank = np.empty(len(scores), np.int64)
     rank[order] = np.arange(len(scores))
     s_sorted, m_sorted = scores[order], membership[order]
     pos, neg = rank[membership], rank[~membership]  # the positions of members / non-members after sorting
     every = np.arange(len(scores))
-    values = np.empty(n_boot)
-    for b in range(n_boot):
+    values = []
+    for _ in range(n_boot):
         drawn = np.r_[pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]]
         idx = np.repeat(every, np.bincount(drawn, minlength=len(scores)))  # sorted, without a sort
-        values[b] = metric(s_sorted[idx], m_sorted[idx])
+        values.append(metrics(s_sorted[idx], m_sorted[idx]))
     alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
+    bounds = np.quantile(np.asarray(values, np.float64), [alpha, 1.0 - alpha], axis=0)
+    return [(float(lo), float(hi)) for lo, hi in bounds.T]
 
 
 def gap_floor(correct, membership) -> dict:
@@ -148,10 +156,57 @@ def argmax_agreement(clean: np.ndarray, defended: np.ndarray) -> float:
     return float((np.asarray(clean).argmax(axis=1) == np.asarray(defended).argmax(axis=1)).mean())
 
 
-def l1_summary(l1: np.ndarray) -> dict:
-    """Mean, 95th percentile (linear interpolation) and max of (N,) distances, with N."""
+@dataclass(frozen=True)
+class L1Summary:
+    """Mean, 95th percentile (linear interpolation) and max of N distances, with N."""
+
+    mean: float
+    p95: float
+    max: float
+    n: int
+
+
+def l1_summary(l1: np.ndarray) -> L1Summary:
     l1 = np.asarray(l1, np.float64)
-    return {"mean": float(l1.mean()), "p95": float(np.percentile(l1, 95)), "max": float(l1.max()), "n": int(len(l1))}
+    return L1Summary(float(l1.mean()), float(np.percentile(l1, 95)), float(l1.max()), int(len(l1)))
+
+
+@dataclass(frozen=True)
+class BeforeAfter:
+    """One quality figure on the clean answers and on the defended ones."""
+
+    before: float
+    after: float
+
+
+@dataclass(frozen=True)
+class OutputUtility:
+    """What a defense costs the people using the model (`output_utility`).
+
+    Attributes:
+        argmax_agreement: share of all rows whose predicted label is unchanged.
+        l1_nonmembers: L1 change on non-members, the real-traffic figure; l1_members: on training
+            members (None without members), never averaged with it.
+        brier, ece: on non-members; auroc: of the class-1 score for 2-class models (None
+            otherwise, or when non-members hold one class only).
+        true_class_rank_agreement: Spearman of the true-class probability before vs after on
+            non-members (None if either side is constant).
+        distinct_fraction: distinct answers / answers on non-members.
+    """
+
+    argmax_agreement: float
+    l1_nonmembers: L1Summary
+    l1_members: L1Summary | None
+    brier: BeforeAfter
+    ece: BeforeAfter
+    auroc: BeforeAfter | None
+    true_class_rank_agreement: float | None
+    distinct_fraction: BeforeAfter
+
+    POPULATION = "quality figures on non-members (real traffic); L1 separately on non-members and members"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def brier_score(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -198,19 +253,13 @@ def distinct_fraction(probs: np.ndarray) -> float:
     return float(len(np.unique(p, axis=0)) / len(p))
 
 
-def output_utility(clean: np.ndarray, defended: np.ndarray, labels: np.ndarray, membership: np.ndarray) -> dict:
-    """What a defense costs the people using the model, as one JSON-ready dict.
+def output_utility(clean: np.ndarray, defended: np.ndarray, labels: np.ndarray,
+                   membership: np.ndarray) -> OutputUtility:
+    """What a defense costs the people using the model (`OutputUtility`).
 
     Args:
         clean: (N, C) undefended confidence vectors; defended: (N, C) the same rows defended.
         labels: (N,) true class indices; membership: (N,) 1 for training members, 0 otherwise.
-    Returns:
-        `argmax_agreement` (all rows); `l1_nonmembers` (the real-traffic figure) and `l1_members`,
-        each {mean, p95, max, n} (`l1_members` None without members); on non-members:
-        `brier` and `ece` {before, after}, `auroc` {before, after} of the class-1 score for
-        2-class models (None otherwise, or when non-members hold one class only),
-        `true_class_rank_agreement` (Spearman of the true-class probability before vs after; None
-        if either side is constant) and `distinct_fraction` {before, after}.
     """
     clean, defended = np.asarray(clean, np.float64), np.asarray(defended)
     labels = np.asarray(labels).astype(np.int64)
@@ -226,16 +275,15 @@ def output_utility(clean: np.ndarray, defended: np.ndarray, labels: np.ndarray, 
     c, d, y = clean[real], defended[real].astype(np.float64), labels[real]
     auroc = None
     if clean.shape[1] == 2 and 0 < y.sum() < len(y):
-        auroc = {"before": roc_auc(c[:, 1], y == 1), "after": roc_auc(d[:, 1], y == 1)}
+        auroc = BeforeAfter(roc_auc(c[:, 1], y == 1), roc_auc(d[:, 1], y == 1))
     rows = np.arange(len(y))
-    return {
-        "argmax_agreement": argmax_agreement(clean, defended),
-        "l1_nonmembers": l1_summary(l1[real]),
-        "l1_members": l1_summary(l1[membership]) if membership.any() else None,
-        "brier": {"before": brier_score(c, y), "after": brier_score(d, y)},
-        "ece": {"before": expected_calibration_error(c, y), "after": expected_calibration_error(d, y)},
-        "auroc": auroc,
-        "true_class_rank_agreement": spearman(c[rows, y], d[rows, y]),
-        "distinct_fraction": {"before": distinct_fraction(c), "after": distinct_fraction(defended[real])},
-        "population": "quality figures on non-members (real traffic); L1 separately on non-members and members",
-    }
+    return OutputUtility(
+        argmax_agreement=argmax_agreement(clean, defended),
+        l1_nonmembers=l1_summary(l1[real]),
+        l1_members=l1_summary(l1[membership]) if membership.any() else None,
+        brier=BeforeAfter(brier_score(c, y), brier_score(d, y)),
+        ece=BeforeAfter(expected_calibration_error(c, y), expected_calibration_error(d, y)),
+        auroc=auroc,
+        true_class_rank_agreement=spearman(c[rows, y], d[rows, y]),
+        distinct_fraction=BeforeAfter(distinct_fraction(c), distinct_fraction(defended[real])),
+    )

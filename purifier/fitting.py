@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import secrets
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ SHORTCUTS = {"epsilon": "--epsilon", "mode": "--mode", "label_swap": "--label-sw
 def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.audit.model_flags import add_model_flags
     from purifier.data.records import DEFAULT_LABEL_COLUMN
-    from purifier.defenses import REGISTRY
+    from purifier.defenses import REGISTRY, tunable_defenses
     from purifier.devices import DEVICES
 
     p = sub.add_parser("fit-defense", help="fit a defense for a model from its members and a reference set",
@@ -48,14 +46,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a hyper-parameter of the defense (repeatable; VALUE is JSON or a string), "
                         "e.g. --param epochs=100")
+    p.add_argument("--budget", default=None, metavar="VALUE",
+                   help="the defense's budget, as `purifier tune` sets it: "
+                        + "; ".join(f"{n}: {c.knob.param}" for n, c in tunable_defenses().items()))
     p.add_argument("--epsilon", type=float, default=None, help="memguard: expected L1 utility budget per query")
     p.add_argument("--mode", choices=["fast", "faithful"], default=None, help="memguard: Phase I solver")
     p.add_argument("--label-swap", action="store_true", default=None, help="purifier: enable the label swapper")
     p.add_argument("--device", choices=list(DEVICES), default="cpu", help="torch/ORT device")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--secret-file", default=None,
-                   help="PRF secret (else $PURIFIER_SECRET[_FILE], else a throwaway secret: the swapper index "
-                        "and reported noise will then not match a served secret)")
+                   help="the PRF secret the defense will be served with (else $PURIFIER_SECRET[_FILE]); the "
+                        "fitted defense records its key check value, and serving refuses another secret")
     p.set_defaults(func=run)
     return p
 
@@ -73,6 +74,10 @@ def defense_kwargs(cls, args: argparse.Namespace) -> dict:
             kwargs[name] = json.loads(text)
         except json.JSONDecodeError:
             kwargs[name] = text
+    if getattr(args, "budget", None) is not None:
+        if cls.knob is None:
+            raise ConfigError(f"--budget: the {cls.name} defense has no budget")
+        kwargs[cls.knob.param] = cls.knob.parse(args.budget, "--budget")[0]
     for name, flag in SHORTCUTS.items():
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -97,7 +102,7 @@ def _records(args: argparse.Namespace):
     if args.target:
         if files or args.model or args.endpoint:
             raise ConfigError(f"--target brings its own model and records; drop {', '.join(files) or '--model/--endpoint'}")
-        from purifier.audit.access import InProcessTarget
+        from purifier.models.access import InProcessTarget
         from purifier.models.target import Target
 
         target = Target.load(args.target)
@@ -128,12 +133,7 @@ def run(args: argparse.Namespace) -> int:
     out = new_output_dir(args.out, args.force)
     cls = defense_class(args.defense)
     defense = cls(**defense_kwargs(cls, args))  # bad hyper-parameters fail before anything is said or done
-    secret = load_secret(file=args.secret_file, required=False)
-    if secret is None:
-        print("purifier: no PRF secret configured; fitting with a throwaway secret (the swapper index and "
-              "reported noise will not match a served secret)", file=sys.stderr)
-        secret = secrets.token_bytes(32)
-    defense.secret = secret
+    defense.secret = load_secret(file=args.secret_file)  # the fitted defense is bound to it
     members, reference, access, what = _records(args)
     t0 = time.perf_counter()
     try:

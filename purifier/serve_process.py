@@ -90,6 +90,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.ready: dict = {}
         self.port: int | None = None
+        self.http_port: int | None = None       # the REST port of `purifier serve`, when it has one
+        self.http_endpoint: str | None = None
         self.endpoint: str | None = None
         self.ready_s: float | None = None
         self.returncode: int | None = None
@@ -127,6 +129,9 @@ class ServerProcess:
         if "port" in self.ready:
             self.port = int(self.ready["port"])
             self.endpoint = f"127.0.0.1:{self.port}"
+        if self.ready.get("http_port") is not None:
+            self.http_port = int(self.ready["http_port"])
+            self.http_endpoint = f"127.0.0.1:{self.http_port}"
         return self
 
     def _poll_ready(self) -> None:
@@ -228,11 +233,12 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def serve_command(args: Sequence[str], python: str | Path = sys.executable) -> list[str]:
-    """`python -m purifier.cli serve` on loopback, port 0, no metrics port, then `args`
-    (a flag given in `args` overrides these defaults: argparse keeps the last occurrence)."""
+def serve_command(args: Sequence[str], python: str | Path = sys.executable, rest: bool = True) -> list[str]:
+    """`python -m purifier.cli serve` on loopback, gRPC and REST on port 0, no metrics port, then
+    `args` (a flag given in `args` overrides these defaults: argparse keeps the last occurrence).
+    `rest=False` leaves out `--http-port` (a checkout older than the REST front rejects it)."""
     return [str(python), "-m", "purifier.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "-1", *map(str, args)]
+            *(("--http-port", "0") if rest else ()), "--metrics-port", "-1", *map(str, args)]
 
 
 class ServeProcess(ServerProcess):
@@ -241,11 +247,12 @@ class ServeProcess(ServerProcess):
     Args:
         args: serve flags, e.g. ["--model", DIR, "--defense", "memguard", "--defense-dir", DIR].
         python: the interpreter whose installation runs it (another virtual environment's, say).
+        rest: start the REST front on a free port too (False for a checkout older than it).
         Other keywords as `ServerProcess`.
     """
 
-    def __init__(self, args: Sequence[str], *, python: str | Path = sys.executable, **kwargs):
-        super().__init__(serve_command(args, python), **kwargs)
+    def __init__(self, args: Sequence[str], *, python: str | Path = sys.executable, rest: bool = True, **kwargs):
+        super().__init__(serve_command(args, python, rest), **kwargs)
 
 
 __all__ = ["ServeProcess", "ServerProcess", "ServerStartError", "clean_env", "free_port", "serve_command"]

@@ -1,14 +1,17 @@
-"""Build and run the sidecar: gRPC server, limits, health, model checks, metrics endpoint, graceful stop.
+"""Build and run the sidecar: gRPC and REST fronts, limits, health, model checks, metrics endpoint, graceful stop.
 
 Operations follow the conventions of OIP v2 model servers (docs/design.md#server-conventions):
 grpc.health.v1 reports SERVING for "" and `inference.GRPCInferenceService` only while the
 defense is loaded, the upstream model answers ModelReady (polled; a request that finds the
 upstream unavailable triggers a poll at once, but one request's failure never flips health by
-itself) and the model passed `preflight.check_model` since its last (re)connection; reflection is
+itself), the model passed `preflight.check_model` since its last (re)connection and no identity
+probe found another model since (readiness.py, which also holds requests while the upstream
+restarts); reflection is
 off unless asked for; SIGTERM marks the server NOT_SERVING, ends health Watch streams (health.py),
 refuses new calls and lets in-flight calls finish within `grace_s`; Prometheus metrics live on their own
 HTTP port, bound to 127.0.0.1 unless configured otherwise. TLS, mutual TLS and bearer tokens are
-in security.py.
+in security.py. The REST front (http_front.py) serves the same data plane on `http_port`, on this
+event loop, with the same TLS settings, bearer token and request limit.
 
 Resources are bounded before a byte is parsed: the receive limit is derived from
 `max_request_rows` x the model's input row size (`request_limit`) and holds for the decompressed
@@ -25,7 +28,6 @@ line naming its flag.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -38,13 +40,15 @@ from grpc_health.v1 import health_pb2_grpc
 from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
+from purifier.threads import limit_threads
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
-from purifier_server.errors import NotServing, RequestError, UpstreamFailed
+from purifier_server.dataplane import DataPlane
 from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
 from purifier_server.logs import configure_logging, install
 from purifier_server.metrics import MetricsServer, SidecarMetrics
-from purifier_server.preflight import ModelCheck, ModelRefused, check_model
+from purifier_server.preflight import ModelCheck
+from purifier_server.readiness import Readiness
 from purifier_server.security import BearerAuth, read_token, server_credentials
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from purifier_server.settings import Settings
@@ -110,6 +114,7 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
     defense = load_defense(settings.defense_dir, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
+    defense.serve_on(settings.device)
     return defense
 
 
@@ -117,8 +122,8 @@ class Sidecar:
     """The sidecar's parts, started and stopped together on the running event loop.
 
     `defense`, `upstream` and `registry` may be injected (tests, embedders); otherwise they are
-    built from `settings`. After `start()`, `port` and `metrics_port` hold the bound ports.
-    Implements the servicer's `Readiness` (`refusal`, `upstream_suspect`).
+    built from `settings`. After `start()`, `port` and `metrics_port` hold the bound ports and
+    `readiness` what the sidecar knows about the upstream model (readiness.py).
     """
 
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
@@ -128,17 +133,14 @@ class Sidecar:
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self._http = None
         self._metrics_server = None
-        self._poller: asyncio.Task | None = None
-        self._poke = asyncio.Event()
+        self.readiness: Readiness | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = False
         self._serving: bool | None = None        # what health says
-        self._verified: int | None = None        # upstream generation the model check passed for
-        self._refused: str | None = None         # why the model was refused, until it is not ready again
-        self.class_outputs: dict = {}            # allowed outputs as the last model check found them
-        self._probe = None                       # how to probe the model's identity (preflight.Probe)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -149,9 +151,18 @@ class Sidecar:
         if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
             self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
             self.metrics_port = self._metrics_server.port
+        if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
+            from purifier_server.http_front import HttpServer
+
+            self._http = HttpServer(s)
         if self._upstream is None:
             if s.embedded:
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
+            elif s.upstream_rest:
+                from purifier_server.rest_upstream import RestUpstream
+
+                self._upstream = RestUpstream(s.upstream, s.upstream_timeout_s, name=s.model_name,
+                                              version=s.model_version, confidence_output=s.confidence_output)
             else:
                 self._upstream = RemoteUpstream(s.upstream, s.upstream_service, s.upstream_timeout_s,
                                                 name=s.model_name, version=s.model_version,
@@ -171,17 +182,25 @@ class Sidecar:
         output = s.confidence_output or upstream.confidence_output
         self.check = ModelCheck(self.model_name, self.model_version, output, s.confidence_kind == "logits",
                                 s.allow_outputs, use_fingerprint=not (s.model_id and not s.embedded))
+        self.readiness = Readiness(s, upstream, self._defense, self.check, self.metrics, s.upstream_encoding)
         if s.embedded or await upstream.ready(self.model_name, self.model_version):
-            await self._check_model(at_start=True)
+            await self.readiness.check_model(at_start=True)
         else:
             log.warning("upstream not ready at start-up: the model is checked when it becomes ready",
                         extra={"model": self.model_name, "upstream": s.upstream})
         limit, how = request_limit(s, upstream.inputs, self._defense)
 
-        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows)
+        self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows,
+                               slice=s.max_defense_slice_ms / 1e3)
         self.batcher.start()
-        self.servicer = InferenceServicer(s, self.model_name, output, upstream, self.batcher, self.metrics,
-                                          self.model_version, readiness=self)
+        tracing = None
+        if s.otel:
+            from purifier_server.tracing import Tracing
+
+            tracing = Tracing()
+        self.plane = DataPlane(s, self.model_name, output, upstream, self.batcher, self.metrics,
+                               self.model_version, readiness=self.readiness, tracing=tracing)
+        self.servicer = InferenceServicer(self.plane)
         token = read_token(s)
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
@@ -212,56 +231,23 @@ class Sidecar:
             raise ConfigError(f"port: cannot listen on {address} (in use, or not an address of this host); choose "
                               "another with --port (0 = any free port)")
         await self.server.start()
-        await self._set_health(self._verified == upstream.generation and self._refused is None)
-        self._poller = asyncio.get_running_loop().create_task(self._poll(), name="upstream-health")
+        if self._http is not None:
+            from purifier_server.http_front import RestFront
+
+            await self._http.start(RestFront(self.plane, token=token, max_body=limit))
+            self.http_port = self._http.port
+        await self._set_health(self.readiness.verified())
+        self.readiness.on_health = self._set_health
+        self.readiness.start()
         if self.undefended:
             log.warning(UNDEFENDED, extra={"defense": "none"})
-        log.info("sidecar started", extra={"port": self.port, "metrics_port": self.metrics_port,
+        log.info("sidecar started", extra={"port": self.port, "http_port": self.http_port,
+                                           "metrics_port": self.metrics_port,
                                            "model": self.model_name, "defense": self._defense.name,
                                            "upstream": s.upstream or s.model, "max_request_bytes": limit,
                                            "max_request_bytes_from": how})
 
-    async def _check_model(self, at_start: bool = False) -> None:
-        """Run the model check; record the generation it passed for, or why it refused the model.
-
-        At start-up a refusal is raised (purifier serve exits 2); later it is logged once and
-        health stays NOT_SERVING. An upstream that does not answer leaves the model unverified.
-        """
-        generation = self._upstream.generation
-        try:
-            checked = await check_model(self._upstream, self._defense, self.check)
-        except ModelRefused as e:
-            if at_start:
-                raise
-            if str(e) != self._refused:
-                log.error(f"upstream model refused: {e}", extra={"model": self.model_name})
-            self._refused, self._verified = str(e), generation
-            return
-        except (UpstreamFailed, TimeoutError) as e:
-            if at_start and self.settings.embedded:
-                raise
-            log.warning("upstream model check did not complete; retrying at the next poll",
-                        extra={"model": self.model_name, "error": str(e)})
-            return
-        self.class_outputs, self._probe = checked.outputs, checked.probe
-        self._refused, self._verified = None, generation
-        log.log(logging.WARNING if checked.warn else logging.INFO, f"upstream model checked: {checked.note}",
-                extra={"model": self.model_name})
-
     # --- health ---------------------------------------------------------------------------------
-
-    def refusal(self) -> RequestError | None:
-        """None while the upstream model is verified for its current connection; else why not."""
-        if self._refused is not None:
-            return NotServing("the upstream model was refused by the sidecar's model check; see the sidecar log")
-        if self._verified != self._upstream.generation:
-            self._poke.set()
-            return NotServing("the upstream model is not verified yet; retry shortly")
-        return None
-
-    def upstream_suspect(self) -> None:
-        """A request found the upstream unavailable: probe readiness now (health follows the probe)."""
-        self._poke.set()
 
     async def _set_health(self, serving: bool) -> None:
         if serving == self._serving:
@@ -273,25 +259,6 @@ class Sidecar:
             await self.health.set(service, status)
         log.info("serving" if serving else "not serving", extra={"model": self.model_name})
 
-    async def _poll_once(self) -> None:
-        upstream = self._upstream
-        ready = await upstream.ready(self.model_name, self.model_version)
-        if not ready:
-            self._verified, self._refused = None, None  # check again when it is back
-        elif self._verified != upstream.generation:
-            await self._check_model()
-        await self._set_health(ready and self._verified == upstream.generation and self._refused is None)
-
-    async def _poll(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.settings.health_poll_s)
-            self._poke.clear()
-            try:
-                await self._poll_once()
-            except Exception:  # the poller must survive anything; health stays as it was
-                log.exception("health poll failed", extra={"model": self.model_name})
-
     # --- shutdown -------------------------------------------------------------------------------
 
     async def stop(self, grace: float | None = None) -> None:
@@ -300,12 +267,14 @@ class Sidecar:
             return
         self._stopped = True
         grace = self.settings.grace_s if grace is None else grace
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        if self.readiness is not None:
+            await self.readiness.close()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(grace)
+            stopping = [self.server.stop(grace)]
+            if self._http is not None:
+                stopping.append(self._http.stop())
+            await asyncio.gather(*stopping)
         if getattr(self, "batcher", None) is not None:
             await self.batcher.close()
         if self._upstream is not None:
@@ -349,12 +318,7 @@ class BackgroundSidecar:
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`."""
     configure_logging(settings.log_level)
-    # One BLAS/OpenMP thread: the defense runs batched on one worker thread, and OpenBLAS's idle
-    # workers spin beside it and the gRPC threads (MemGuard sidecar: 3.7 ms CPU per one-row request
-    # with the default pool, 2.05 ms with one thread). Sized here, in code, not by environment.
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
+    limit_threads()  # in code, not left to the environment (purifier.threads says why)
 
     async def main() -> None:
         sidecar = Sidecar(settings)
@@ -364,8 +328,8 @@ def run(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         try:
             await sidecar.start()
-            ready = {"event": "serving", "port": sidecar.port, "metrics_port": sidecar.metrics_port,
-                     "defense": sidecar.defense.name}
+            ready = {"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
+                     "metrics_port": sidecar.metrics_port, "defense": sidecar.defense.name}
             if sidecar.undefended:
                 ready["warning"] = UNDEFENDED
             print(json.dumps(ready), flush=True)

@@ -2,18 +2,24 @@
 
 An expensive defense (MemGuard's batched boundary search, PURIFIER's ONNX reformer) costs much
 less per row in one large call than in many small ones. One worker task takes queued rows (up to
-`max_rows` per call, optionally waiting `max_wait` seconds for more), concatenates rows of the
-same dtype and width, runs the defense once off the event loop, and hands every request its own
-slice back. Defenses are deterministic per row (the `Defense` contract), so a batched or chunked
-answer is identical to an unbatched one.
+one call's worth, optionally waiting `max_wait` seconds for more), concatenates rows of the same
+dtype and width, runs the defense once off the event loop, and hands every request its own slice
+back. Defenses are deterministic per row (the `Defense` contract), so a batched or chunked answer
+is identical to an unbatched one.
+
+One call's worth is at most `max_rows` rows and at most what the defense gets through in `slice`
+seconds, from the measured cost per row (`DefenseCost`), so a large request holds the defense for
+a few milliseconds at a time whatever the defense costs per row (MemGuard's faithful solver, its
+fast one and PURIFIER differ by orders of magnitude) and however loaded the machine is. Until a
+call has been measured, a call takes `max_rows` rows.
 
 Admission and fairness: at most `max_queued` rows wait (above: RESOURCE_EXHAUSTED at once, not a
-growing queue and a deadline later), and requests larger than one call may fill it only up to
-`max_queued - max_rows`, so there is always room for small ones. Requests of at most `max_rows`
-rows ("small") are defended whole, smallest first, in calls of their own; larger ones in chunks of
-`max_rows` rows. While both kinds wait, calls alternate between the two: a one-row request waits
-for at most the chunk being defended and then its own short call, however many maximum-size
-requests are queued, and large requests still get every other call.
+growing queue and a deadline later), and requests larger than `max_rows` may fill it only up to
+`max_queued - max_rows`, so there is always room for small ones. Requests that fit one call
+("small") are defended whole, smallest first, several to a call; larger ones in chunks of one
+call, fewest rows left first. While both kinds wait, calls alternate between the two: a one-row
+request waits for at most the slice being defended and then its own short call, however many
+maximum-size requests are queued, and large requests still get every other call.
 
 With `max_wait = 0` no request ever waits for company: batches form only from requests that
 arrived while the previous defense call was running, so an idle sidecar adds no latency.
@@ -23,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from purifier.defenses import Defense, IdentityDefense
+from purifier.threads import limit_torch_threads
 from purifier_server.errors import TooLarge
 from purifier_server.metrics import SidecarMetrics
 
@@ -46,38 +54,64 @@ class _Item:
         return len(self.probs) - self.done
 
 
-def _single_threaded_torch() -> None:
-    """Defense calls are hundreds of small torch ops: with torch's default two intra-op threads,
-    one busy core made every op wait for a time slice (MemGuard, one row per request, p50 476 ms
-    with another process spinning on one core vs 11 ms single-threaded; 8 ms either way when idle).
-    """
-    import sys
+class DefenseCost:
+    """Rows per defense call that take about `slice` seconds, from a running estimate of the
+    defense's cost per row (up to `cap` rows; `cap` until a call has been measured or with no slice).
 
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
+    A call of at least half the current rows per call that took t seconds for n rows moves the
+    estimate by `rate` towards t / n; smaller calls, whose fixed cost overstates the cost per row,
+    leave it alone (the first call sets it, whatever its size). A call's cost per row falls as it
+    takes more rows, so the rows per call climb until a call takes about the slice, and follow the
+    machine's load.
+    """
+
+    def __init__(self, slice: float, cap: int, rate: float = 0.3):
+        self.slice, self.cap, self.rate = slice, cap, rate
+        self.per_row: float | None = None  # seconds
+
+    def rows(self) -> int:
+        if self.per_row is None or self.slice <= 0:
+            return self.cap
+        return max(1, min(self.cap, int(self.slice / self.per_row)))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows < 1:
+            return
+        if self.per_row is None:
+            self.per_row = seconds / rows
+            return
+        if 2 * rows >= self.rows():
+            self.per_row += self.rate * (seconds / rows - self.per_row)
+
 
 class Batcher:
     """Coalesces `submit` calls into `defense.transform` calls.
 
     Args:
         defense: a loaded Defense.
-        max_rows: rows per defense call; larger requests are defended in chunks of this size,
+        max_rows: most rows per defense call; larger requests are defended in chunks,
             interleaved with other requests.
         max_wait: seconds to wait for more rows after the first one (0: never wait).
         metrics: where batch sizes, queue length, defense time and distortion are recorded.
         max_queued: rows allowed to wait; a request that would exceed it is refused (TooLarge).
+        slice: longest a call should hold the defense, in seconds: rows per call come from the
+            measured cost (`DefenseCost`); 0 = always `max_rows` rows.
+        clock: measures defense calls (tests inject one).
     """
 
     def __init__(self, defense: Defense, max_rows: int, max_wait: float, metrics: SidecarMetrics,
-                 max_queued: int = 1 << 62):
+                 max_queued: int = 1 << 62, slice: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter):
         self.defense = defense
         self.max_rows = max_rows
         self.max_wait = max_wait
         self.metrics = metrics
         self.max_queued = max_queued
+        self.clock = clock
+        self.cost = DefenseCost(slice, max_rows)
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
         self._queued_rows = 0
         self._small_turn = False  # whether the last call defended small requests
@@ -141,7 +175,7 @@ class Batcher:
                 await self._wakeup.wait()
             if self.max_wait > 0:
                 deadline = loop.time() + self.max_wait
-                while self._queued_rows < self.max_rows and (left := deadline - loop.time()) > 0:
+                while self._queued_rows < self.cost.rows() and (left := deadline - loop.time()) > 0:
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
@@ -157,15 +191,16 @@ class Batcher:
     def _take(self) -> list[tuple[_Item, int, int]]:
         """One call's worth of (item, start, stop) row ranges: small requests whole, smallest
         first, or chunks of large requests (fewest rows left first); alternating while both wait."""
+        limit = self.cost.rows()
         live = sorted((i for i in self._queue if not i.future.done()), key=lambda i: i.left)
-        small = [i for i in live if len(i.probs) <= self.max_rows]
-        large = [i for i in live if len(i.probs) > self.max_rows]
+        small = [i for i in live if len(i.probs) <= limit]
+        large = [i for i in live if len(i.probs) > limit]
         self._small_turn = bool(small) and (not large or not self._small_turn)
         chunks, rows = [], 0
         for item in small if self._small_turn else large:
-            if rows == self.max_rows or (self._small_turn and rows + item.left > self.max_rows):
+            if rows == limit or (self._small_turn and rows + item.left > limit):
                 break
-            take = min(item.left, self.max_rows - rows)
+            take = min(item.left, limit - rows)
             chunks.append((item, item.done, item.done + take))
             rows += take
         return chunks
@@ -211,9 +246,11 @@ class Batcher:
         rows = None
         if self.defense.needs_inputs:
             rows = inputs[0] if single else np.concatenate(inputs)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         defended = self.defense.transform(batch, rows)
-        self.metrics.defense_stage.observe(time.perf_counter() - t0)
+        seconds = self.clock() - t0
+        self.cost.observe(len(batch), seconds)
+        self.metrics.defense_stage.observe(seconds)
         self.metrics.batch_rows.observe(len(batch))
         self.metrics.record_defense(batch, defended)
         if single:

@@ -1,4 +1,4 @@
-"""One map from errors to gRPC status codes and the text a client may see.
+"""One map from errors to gRPC status codes (and those to HTTP statuses) and the text a client may see.
 
 Everything that goes wrong on the request path ends here and becomes a gRPC error; nothing on
 that path may fall back to forwarding the upstream's answer (fail closed). Two kinds of text:
@@ -63,6 +63,14 @@ class NotServing(RequestError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class WaitedTooLong(NotServing):
+    """A request's deadline passed while it waited for the upstream to be back and verified.
+
+    UNAVAILABLE (retry later) when the deadline was the sidecar's own `upstream_timeout_s`;
+    the servicer answers DEADLINE_EXCEEDED when it was the caller's.
+    """
+
+
 # What a client is told when the upstream answered with an error, per status code. The upstream's
 # own text goes to the log only.
 UPSTREAM_MESSAGES = {
@@ -120,6 +128,29 @@ class BadUpstreamOutput(RequestError):
     @property
     def public(self) -> str:
         return f"the upstream's answer was rejected ({self.reason}); see the sidecar log"
+
+
+# gRPC code -> HTTP status for the REST front (gRPC's own mapping, google.rpc.Code): the client's
+# mistakes are 4xx, never 500.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 503,  # the sidecar's configuration or the upstream's state
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:

@@ -5,6 +5,12 @@ default gRPC buckets (from 5 ms up) would put every request in the first bucket.
 quantities (L1 distortion) are recorded batch-wise with numpy into a custom collector, so the hot
 path never loops over rows in Python.
 
+Triton's dashboards key on `nv_inference_*`: `TritonAliases` derives Triton's request counters
+(success, failure, rows inferred, executions, cumulative duration in microseconds, labelled
+model and version) from the `purifier_*` metrics when scraped, so the hot path records nothing
+twice. They are exposed untyped: prometheus_client writes a counter's metadata under a `_total`
+name, which Triton's names lack; PromQL's rate() reads them the same.
+
 The endpoint (`MetricsServer`) answers `GET /metrics` and nothing else: 404 for every other path,
 so nobody mistakes it for the model server (prometheus_client's own server answered every path
 with the metrics text and 200, `GET /v2/models/X/ready` included).
@@ -25,7 +31,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 from purifier.errors import ConfigError
 
@@ -90,13 +96,22 @@ class SidecarMetrics:
                                  "last poll", registry=r)
         self.defense_active = Gauge("purifier_defense_active", "1 while a defense rewrites the confidence vectors; "
                                     "0 when serving undefended (--defense none)", ["defense"], registry=r)
+        self.identity_probes = Counter("purifier_identity_probes_total", "Identity probes of the upstream model "
+                                       "(fingerprint rows asked again while serving), by outcome: match, mismatch, "
+                                       "failed (no answer)", ["outcome"], registry=r)
         self.queued_rows = Gauge("purifier_defense_queued_rows", "Rows waiting for the defense", registry=r)
         self.upstream_rejected = Counter("purifier_upstream_answers_rejected_total",
                                          "Upstream answers refused before the defense, by reason", ["reason"],
                                          registry=r)
+        self.triton = TritonAliases(self)
+        r.register(self.triton)
         self.upstream_stage = self.stage.labels("upstream")
         self.defense_stage = self.stage.labels("defense")
         self.total_stage = self.stage.labels("total")
+
+    def describe_model(self, name: str, version) -> None:
+        """The model (name, and a callable giving the version) the nv_inference_* aliases are labelled with."""
+        self.triton.model, self.triton.version = name, version
 
     def record_defense(self, clean: np.ndarray, defended: np.ndarray) -> None:
         """clean, defended: (N, C). Distortion, released-noise and changed-label counts, batch-wise."""
@@ -108,6 +123,61 @@ class SidecarMetrics:
         changed = int(np.count_nonzero(defended.argmax(axis=1) != clean.argmax(axis=1)))
         if changed:
             self.label_changed.inc(changed)
+
+
+class TritonAliases:
+    """Triton's nv_inference_* request metrics, read from SidecarMetrics when scraped."""
+
+    FAMILIES = (
+        ("nv_inference_request_success", "Number of successful inference requests, all batch sizes"),
+        ("nv_inference_request_failure", "Number of failed inference requests, all batch sizes"),
+        ("nv_inference_count", "Number of inferences performed (rows defended)"),
+        ("nv_inference_exec_count", "Number of model executions performed (defense calls)"),
+        ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds "
+                                             "(successful requests)"),
+    )
+
+    def __init__(self, metrics: SidecarMetrics):
+        self.metrics = metrics
+        self.model: str | None = None
+        self.version = lambda: ""
+
+    def _values(self) -> dict[str, float]:
+        ok = failed = 0.0
+        for family in self.metrics.requests.collect():
+            for s in family.samples:
+                if s.name.endswith("_total") and s.labels.get("model") == self.model:
+                    if s.labels["outcome"] == "OK":
+                        ok += s.value
+                    else:
+                        failed += s.value
+        rows = executions = duration = 0.0
+        for family in self.metrics.batch_rows.collect():
+            for s in family.samples:
+                if s.name.endswith("_sum"):
+                    rows = s.value
+                elif s.name.endswith("_count"):
+                    executions = s.value
+        for family in self.metrics.stage.collect():
+            for s in family.samples:
+                if s.name.endswith("_sum") and s.labels.get("stage") == "total":
+                    duration = s.value
+        return {"nv_inference_request_success": ok, "nv_inference_request_failure": failed,
+                "nv_inference_count": rows, "nv_inference_exec_count": executions,
+                "nv_inference_request_duration_us": round(duration * 1e6)}
+
+    def collect(self):
+        if self.model is None:
+            return
+        values = self._values()
+        labels = {"model": self.model, "version": self.version()}
+        for name, documentation in self.FAMILIES:
+            family = Metric(name, documentation, "unknown")
+            family.add_sample(name, labels, values[name])
+            yield family
+
+    def describe(self):
+        return [Metric(name, documentation, "unknown") for name, documentation in self.FAMILIES]
 
 
 class MetricsServer:

@@ -39,13 +39,13 @@ import numpy as np
 from purifier.defenses import Defense, Fingerprint
 from purifier.defenses.base import check_probabilities
 from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.probabilities import softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.codec import (
     CONFIDENCE_DATATYPES,
     DATATYPE_OF,
     DTYPES,
     read_answer,
-    softmax,
     with_contents,
 )
 from purifier_server.errors import BadUpstreamOutput, UpstreamFailed
@@ -56,7 +56,7 @@ from purifier_server.outputs import (
     class_index_output,
     declared_shape_fits,
 )
-from purifier_server.upstream import TensorSpec, Upstream
+from purifier_server.upstream import TensorSpec, Upstream, upstream_request_id
 
 PROBE_TIMEOUT_S = 10.0
 ZERO_PROBE_ROWS = 2
@@ -306,7 +306,7 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
         return Checked(f"not probed: {how}; the model's identity is not verified", defense.name != "none"
                        and check.use_fingerprint, outputs, None)
     rows = len(next(iter(arrays.values())))
-    probs, outputs = await _ask(upstream, probe_request(arrays, check), check, defense, rows)
+    probs, outputs = await _ask(upstream, probe_request(arrays, check, upstream_request_id()), check, defense, rows)
     _same_as_declared(upstream, outputs)
     if how != "fingerprint":
         if defense.name == "none":

@@ -1,120 +1,36 @@
-"""The sidecar's `inference.GRPCInferenceService`: validate -> upstream -> read -> defend -> construct.
+"""The gRPC front: `inference.GRPCInferenceService` as a thin adapter over the data plane.
 
-Open Inference Protocol (KServe v2) over gRPC, answered for exactly one model (the one whose
-confidence vectors the defense was fitted for). `ModelInfer`:
+Each method turns its protobuf request into a data-plane call (`dataplane.DataPlane`: every rule
+of validation, limits, admission, identity, defense and response construction lives there) and
+the outcome back into a protobuf answer or a gRPC status. Requests are parsed here (an
+undecodable message is INVALID_ARGUMENT, counted and logged like any failed request).
 
-1. parses the request itself (an undecodable message is INVALID_ARGUMENT, counted and logged)
-   and refuses what would bypass the defense (Triton's `classification` parameter, any
-   `shared_memory_*` parameter, outputs that are neither the confidence output nor allowed) or
-   exceed a limit (`max_request_rows`), and anything while the upstream model is unverified;
-2. forwards the request with the caller's deadline and application metadata (re-encoded as typed
-   or raw contents when `upstream_contents` asks for it: TorchServe reads typed contents only),
-   asking for the confidence output and the allowed outputs whatever the client asked for (the
-   model check's probes ask for the same);
-3. reads the upstream's confidences with `codec.read_answer` (one representation per tensor, the
-   request's row count, finite confidences: anything else is an error, nothing of it returned);
-   nothing else of the answer is read;
-4. defends the confidences (MemGuard, Jia et al. CCS 2019; PURIFIER, Yang et al. AAAI 2023)
-   through the batcher, also when the client asked only for an allowed output;
-5. constructs a new response: the defended tensor and the allowed class-index outputs rebuilt
-   from it (`outputs.py`: never the upstream's values) in the request's representation, the
-   request's id, model name and version, the allow-listed response parameters and trailing
-   metadata (forwarded verbatim: the operator vouches for them). Nothing else of the upstream's
-   message.
-
-Any failure is a gRPC error whose text comes from `errors.status_for` (fixed sentences for
-whatever the upstream said): an undefended vector is never returned.
-
-`ModelMetadata` and `ModelConfig` (Triton's extension, which perf_analyzer asks for first) are
-constructed by `model_description` from the upstream's metadata and config, describing the served
-outputs only. A request may name version "" or the one `model_description.accepted_versions`
-allows (the configured `model_version`, else the upstream's only advertised version); answers
-name the version asked for, else the upstream's when accepted.
+`ModelStreamInfer` (bidirectional; tritonclient's `stream_infer`, `perf_analyzer --streaming`)
+runs every request it carries through the same `DataPlane.infer` as a unary `ModelInfer`, so a
+streamed request is defended, limited and refused exactly as a unary one; a failed request is
+answered in the stream by a `ModelStreamInferResponse` holding its error message (and the
+request's id), and the stream goes on. At most `STREAM_WINDOW` requests of one stream are in
+flight at once; further ones wait unread (HTTP/2 flow control pushes back on the client).
+Answers are written as they complete, each carrying its request's id.
 
 To serve another method, implement it here and list it in `METHODS`; methods not listed are
-UNIMPLEMENTED (repository, shared-memory, model-control and streaming RPCs stay that way).
-
-Decision on `classification`: refused with INVALID_ARGUMENT rather than emulated, because top-k
-strings are an alternative encoding of the same vector and a client can sort the defended
-probabilities itself.
+UNIMPLEMENTED (repository, shared-memory, model-control and trace RPCs stay that way).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
-from typing import Protocol
 
 import grpc
-import numpy as np
 
-from purifier import __version__
-from purifier.errors import InvalidProbabilities
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.batcher import Batcher
-from purifier_server.codec import (
-    build_response,
-    check_request_layout,
-    decode_inputs,
-    read_answer,
-    request_rows,
-    softmax,
-    with_contents,
-)
-from purifier_server.errors import (
-    BadRequest,
-    BadUpstreamOutput,
-    RequestError,
-    TooLarge,
-    UnknownModel,
-    UpstreamFailed,
-    log_detail,
-    status_for,
-)
-from purifier_server.metrics import SidecarMetrics
-from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
-from purifier_server.outputs import ClassIndexOutput
-from purifier_server.settings import Settings
+from purifier_server.dataplane import DataPlane, Failure
+from purifier_server.errors import BadRequest, log_detail
 
 log = logging.getLogger("purifier_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-# Request ids are identifiers (a UUID is 36 characters); longer ones are refused, not logged.
-MAX_REQUEST_ID_CHARS = 256
-
-# Metadata gRPC manages itself or that describes the hop, not the application.
-_HOP_METADATA = ("grpc-", ":")
-_HOP_KEYS = frozenset({"user-agent", "te", "content-type", "authorization", "host"})
-# Upstream failures that a client's NaN/Inf input may have caused: answered INVALID_ARGUMENT then.
-_INPUT_SUSPECT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL,
-                                  grpc.StatusCode.UNKNOWN})
-
-
-def forwardable(metadata) -> tuple[tuple[str, str | bytes], ...]:
-    """Application metadata to pass on (authorization is the sidecar's own, never forwarded)."""
-    if not metadata:
-        return ()
-    return tuple((k, v) for k, v in metadata if not k.startswith(_HOP_METADATA) and k not in _HOP_KEYS)
-
-
-def _refused_parameter(params) -> str | None:
-    for key in params:
-        if key.startswith("shared_memory"):
-            return key
-    return None
-
-
-class Readiness(Protocol):
-    """What the servicer asks of the sidecar's health logic (app.Sidecar)."""
-
-    def refusal(self) -> RequestError | None:
-        """None while requests may go upstream; else the error to answer with."""
-
-    def upstream_suspect(self) -> None:
-        """A request found the upstream unavailable: check readiness now (health follows that check)."""
-
-    @property
-    def class_outputs(self) -> dict[str, ClassIndexOutput]:
-        """The allowed outputs as the last model check found them (name -> how to rebuild it)."""
+STREAM_WINDOW = 16
 
 
 class Malformed:
@@ -122,6 +38,7 @@ class Malformed:
 
     def __init__(self, error: Exception):
         self.error = error
+        self.id = None
 
 
 def _parser(message_type):
@@ -134,179 +51,72 @@ def _parser(message_type):
     return parse
 
 
+def _undecodable(plane: DataPlane, request: Malformed) -> Failure:
+    log.warning("undecodable request: %s", log_detail(request.error))
+    return plane.fail(BadRequest("the message is not a valid inference.ModelInferRequest"))
+
+
 class InferenceServicer:
-    """Serves one defended model. `upstream`, `batcher` and `readiness` are injected (see app.py)."""
+    """The gRPC methods over one `DataPlane`."""
 
-    def __init__(self, settings: Settings, model_name: str, confidence_output: str, upstream,
-                 batcher: Batcher, metrics: SidecarMetrics, model_version: str = "", *,
-                 readiness: Readiness):
-        self.settings = settings
-        self.model_name = model_name
-        self.model_version = model_version or settings.model_version  # configured; "" = the upstream's
-        self.encoding = settings.upstream_encoding
-        self.confidence_output = confidence_output
-        self.keep = tuple(settings.allow_outputs)
-        self.upstream_outputs = (confidence_output, *self.keep)
-        self.upstream = upstream
-        self.batcher = batcher
-        self.metrics = metrics
-        self.readiness = readiness
-        self.needs_inputs = batcher.defense.needs_inputs
-        self.logits = settings.confidence_kind == "logits"
-        self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
-        self.active = 0  # inference-service calls in progress (admitted), at most max_concurrent_rpcs
-
-    # --- validation -----------------------------------------------------------------------------
-
-    @property
-    def versions(self) -> tuple[str, ...]:
-        """The versions a request may name besides "" (model_description.accepted_versions)."""
-        return accepted_versions(self.model_version, getattr(self.upstream, "versions", ()))
-
-    async def _check_model(self, name: str, version: str) -> None:
-        if name != self.model_name:
-            raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
-        if not version or version in self.versions:
-            return
-        if not self.model_version:  # perhaps advertised since the upstream's last metadata answer
-            try:
-                await self.upstream.model_metadata(self.model_name, "")
-            except UpstreamFailed:
-                pass
-            if version in self.versions:
-                return
-        accepted = ("", *self.versions)
-        raise UnknownModel(f"model {name!r} version {version!r} is not served here; use "
-                           f"{' or '.join(repr(v) for v in accepted)}"
-                           + ("" if self.model_version else " (or set model_version)"))
-
-    def answer_version(self, requested: str, upstream_answer: str) -> str:
-        """The version an answer names: the requested one, else the upstream's if accepted."""
-        if requested:
-            return requested
-        return upstream_answer if upstream_answer in self.versions else self.model_version
-
-    async def _validate(self, request) -> list[str]:
-        """Check the request; returns the output names of the answer, in order."""
-        if isinstance(request, Malformed):
-            log.warning("undecodable request: %s", log_detail(request.error))
-            raise BadRequest("the message is not a valid inference.ModelInferRequest")
-        if len(request.id) > MAX_REQUEST_ID_CHARS:
-            raise BadRequest(f"the request id has {len(request.id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-        await self._check_model(request.model_name, request.model_version)
-        if (key := _refused_parameter(request.parameters)) is not None:
-            raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
-        if "classification" in request.parameters:
-            raise BadRequest("parameter 'classification' is refused: request the probabilities and take the "
-                             "top-k of the defended vector")
-        if not request.inputs:
-            raise BadRequest("request has no inputs")
-        for t in request.inputs:
-            if (key := _refused_parameter(t.parameters)) is not None:
-                raise BadRequest(f"input {t.name!r}: parameter {key!r} is refused (shared memory is not supported)")
-            rows = t.shape[0] if len(t.shape) else 1
-            if rows > self.settings.max_request_rows:
-                raise TooLarge(f"input {t.name!r} has {rows} rows; the limit is {self.settings.max_request_rows} "
-                               "(max_request_rows)")
-        check_request_layout(request)
-        allowed = (self.confidence_output, *self.keep)
-        names = []
-        for o in request.outputs:
-            if o.name not in allowed:
-                raise BadRequest(f"output {o.name!r} is not served; choose from {', '.join(sorted(allowed))}")
-            if o.name in names:
-                raise BadRequest(f"output {o.name!r} is requested twice")
-            if "classification" in o.parameters:
-                raise BadRequest(f"output {o.name!r}: the 'classification' parameter is refused; "
-                                 "request the probabilities and take the top-k of the defended vector")
-            if (key := _refused_parameter(o.parameters)) is not None:
-                raise BadRequest(f"output {o.name!r}: parameter {key!r} is refused: shared memory would "
-                                 "bypass the defense")
-            names.append(o.name)
-        return names
-
-    # --- ModelInfer -----------------------------------------------------------------------------
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
 
     async def ModelInfer(self, request, context):
-        t0 = time.perf_counter()
+        plane = self.plane
         try:
-            response, trailing = await self._infer(request, context)
-        except Exception as e:
-            code, message, bug = status_for(e)
-            self._outcome[code].inc()
-            log.log(logging.ERROR if bug else logging.WARNING, "request failed: %s", log_detail(e),
-                    exc_info=e if bug else None,
-                    extra={"request_id": getattr(request, "id", None), "code": code.name})
-            await context.abort(code, message)
+            if isinstance(request, Malformed):
+                raise _undecodable(plane, request)
+            response, trailing = await plane.infer(request, context.time_remaining(),
+                                                   context.invocation_metadata())
+        except Failure as f:
+            await context.abort(f.code, f.message)
         if trailing:
             context.set_trailing_metadata(trailing)
-        self._outcome[grpc.StatusCode.OK].inc()
-        self.metrics.total_stage.observe(time.perf_counter() - t0)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("request served", extra={"request_id": request.id, "model": request.model_name,
-                                               "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return response
 
-    async def _infer(self, request, context):
-        names = await self._validate(request) or [self.confidence_output, *self.keep]
-        if (refusal := self.readiness.refusal()) is not None:
-            raise refusal
-        rows = request_rows(request)
-        inputs = None
-        if self.needs_inputs:
-            first = decode_inputs(request)[0]
-            inputs = np.ascontiguousarray(first.reshape(len(first), -1), dtype=np.float32)
-        client_id = request.id
-        # Every request to the upstream asks for the same outputs (the confidences and the allowed
-        # outputs, whatever the client asked for): only the confidences are read, and a probe of the
-        # model's identity asks for exactly the same (preflight.ModelCheck.outputs).
-        del request.outputs[:]
-        for name in self.upstream_outputs:
-            request.outputs.add(name=name)
-        t1 = time.perf_counter()
-        forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
-        try:
-            upstream_answer, trailing = await self.upstream.infer(forwarded, context.time_remaining(),
-                                                                  forwardable(context.invocation_metadata()))
-        except UpstreamFailed as e:
-            raise await self._upstream_error(e, request) from None
-        self.metrics.upstream_stage.observe(time.perf_counter() - t1)
-        if (refusal := self.readiness.refusal()) is not None:
-            raise refusal  # the answer came over a new connection: perhaps from another model
-        try:
-            probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
-            defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs)
-        except (BadUpstreamOutput, InvalidProbabilities) as e:
-            self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
-            if getattr(e, "reason", None) == "non-finite confidences":
-                _check_finite_inputs(request)
-            raise
-        # an allowed output is never the upstream's: it is rebuilt from the defended vector (outputs.py)
-        built = self.readiness.class_outputs
-        arrays = {n: defended if n == self.confidence_output else built[n].build(defended) for n in names}
-        version = self.answer_version(request.model_version, upstream_answer.model_version)
-        answer = build_response(client_id, request.model_name, version, arrays,
-                                raw=len(request.raw_input_contents) > 0)
-        for key in self.settings.allow_parameters:
-            if key in upstream_answer.parameters:
-                answer.parameters[key].CopyFrom(upstream_answer.parameters[key])
-        allowed = self.settings.allow_trailers
-        return answer, tuple((k, v) for k, v in trailing if k in allowed) if allowed else ()
+    async def ModelStreamInfer(self, requests, context):
+        plane = self.plane
+        metadata = context.invocation_metadata()
+        answers: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        running: set[asyncio.Task] = set()
 
-    async def _upstream_error(self, e: UpstreamFailed, request) -> RequestError:
-        """What to answer for an upstream error (see errors.UPSTREAM_MESSAGES)."""
-        if e.upstream_code == grpc.StatusCode.NOT_FOUND and not await self.upstream.ready(self.model_name,
-                                                                                         self.model_version):
-            # Triton answers NOT_FOUND while it reloads a model; clients take NOT_FOUND as permanent
-            self.readiness.upstream_suspect()
-            return UpstreamFailed(str(e), grpc.StatusCode.UNAVAILABLE)
-        if e.code == grpc.StatusCode.UNAVAILABLE:
-            self.readiness.upstream_suspect()
-        if e.upstream_code in _INPUT_SUSPECT_CODES:
-            _check_finite_inputs(request)
-        return e
+        async def one(request) -> None:
+            try:
+                if isinstance(request, Malformed):
+                    raise _undecodable(plane, request)
+                response, _ = await plane.infer(request, context.time_remaining(), metadata)
+                answer = pb.ModelStreamInferResponse(infer_response=response)
+            except Failure as f:
+                answer = pb.ModelStreamInferResponse(error_message=f.message)
+                if request.id is not None:
+                    answer.infer_response.id = request.id
+                    answer.infer_response.model_name = plane.model_name
+            finally:
+                window.release()
+            answers.put_nowait(answer)
 
-    # --- the rest of the protocol ---------------------------------------------------------------
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*running, return_exceptions=True)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # a client's stream that broke off raises here
+        finally:
+            for task in (reader, *running):
+                task.cancel()
 
     async def _refuse_malformed(self, request, context) -> None:
         if isinstance(request, Malformed):
@@ -319,101 +129,76 @@ class InferenceServicer:
 
     async def ServerReady(self, request, context):
         await self._refuse_malformed(request, context)
-        ready = self.readiness.refusal() is None and await self.upstream.ready(self.model_name, "")
-        return pb.ServerReadyResponse(ready=ready)
+        return pb.ServerReadyResponse(ready=await self.plane.server_ready())
 
     async def ModelReady(self, request, context):
         await self._refuse_malformed(request, context)
-        try:
-            await self._check_model(request.name, request.version)
-        except UnknownModel:
-            return pb.ModelReadyResponse(ready=False)
-        ready = self.readiness.refusal() is None and await self.upstream.ready(request.name, request.version)
-        return pb.ModelReadyResponse(ready=ready)
+        return pb.ModelReadyResponse(ready=await self.plane.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request, context):
         await self._refuse_malformed(request, context)
-        return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
-
-    async def _described(self, request, context, config: bool):
-        await self._refuse_malformed(request, context)
-        try:
-            await self._check_model(request.name, request.version)
-            meta = await self.upstream.model_metadata(request.name, request.version)
-            own = await self.upstream.model_config(request.name, request.version) if config else None
-        except Exception as e:
-            code, message, _ = status_for(e)
-            await context.abort(code, message)
-        served = (self.confidence_output, *(k for k in self.keep if k != self.confidence_output))
-        if not config:
-            return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
-        return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
-                             self.settings.max_request_rows, own, platform=meta.platform,
-                             backend=getattr(self.upstream, "backend", ""))
+        return self.plane.server_metadata()
 
     async def ModelMetadata(self, request, context):
-        return await self._described(request, context, config=False)
+        await self._refuse_malformed(request, context)
+        try:
+            return await self.plane.model_metadata(request.name, request.version)
+        except Failure as f:
+            await context.abort(f.code, f.message)
 
     async def ModelConfig(self, request, context):
-        """Triton's ModelConfig (perf_analyzer asks for it first), described by model_description."""
-        return pb.ModelConfigResponse(config=await self._described(request, context, config=True))
+        await self._refuse_malformed(request, context)
+        try:
+            return pb.ModelConfigResponse(config=await self.plane.model_config(request.name, request.version))
+        except Failure as f:
+            await context.abort(f.code, f.message)
 
 
-def _check_finite_inputs(request) -> None:
-    """BadRequest when a floating-point input holds NaN or Inf (the client's mistake, not the model's)."""
-    try:
-        arrays = decode_inputs(request)
-    except RequestError:
-        return
-    for tensor, array in zip(request.inputs, arrays, strict=True):
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            raise BadRequest(f"input {tensor.name!r} holds NaN or Inf, which the model cannot answer; send finite "
-                             "values")
-
-
-# method -> (request type, response type): every method the sidecar serves.
+# method -> (request type, response type, streaming): every method the sidecar serves.
 METHODS = {
-    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse),
-    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse, False),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse, False),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse, False),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse, False),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse, False),
+    "ModelConfig": (pb.ModelConfigRequest, pb.ModelConfigResponse, False),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse, False),
+    "ModelStreamInfer": (pb.ModelInferRequest, pb.ModelStreamInferResponse, True),
 }
 
 
-def admitted(servicer: InferenceServicer, method):
-    """`method` behind the servicer's own admission: at most `max_concurrent_rpcs` calls at once.
+def admitted(plane: DataPlane, method, streaming: bool):
+    """`method` behind the data plane's admission (`DataPlane.admitted`: at most
+    `max_concurrent_rpcs` calls of the service at once, a stream counting as one)."""
+    infer = method.__name__ in ("ModelInfer", "ModelStreamInfer")
+    if streaming:
+        async def stream(requests, context):
+            try:
+                with plane.admitted(infer):
+                    async for answer in method(requests, context):
+                        yield answer
+            except Failure as f:  # refused admission (the method answers its requests' failures itself)
+                await context.abort(f.code, f.message)
 
-    gRPC's `maximum_concurrent_rpcs` counts every call of the server, health Watch streams (which
-    need no token) included: 140 open Watch streams took every slot and each authorized call got
-    RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
-    """
-    limit = servicer.settings.max_concurrent_rpcs
-    infer = method.__name__ == "ModelInfer"
+        return stream
 
-    async def handler(request, context):
-        if servicer.active >= limit:
-            if infer:
-                servicer._outcome[grpc.StatusCode.RESOURCE_EXHAUSTED].inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{servicer.active} calls are in progress "
-                                "(max_concurrent_rpcs); retry later")
-        servicer.active += 1
+    async def unary(request, context):
         try:
-            return await method(request, context)
-        finally:
-            servicer.active -= 1
+            with plane.admitted(infer):
+                return await method(request, context)
+        except Failure as f:
+            await context.abort(f.code, f.message)
 
-    return handler
+    return unary
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the methods of METHODS, each behind the servicer's admission (`admitted`);
+    """Register the methods of METHODS, each behind the data plane's admission (`admitted`);
     requests are parsed by the handlers (see `Malformed`)."""
-    handlers = {name: grpc.unary_unary_rpc_method_handler(admitted(servicer, getattr(servicer, name)),
-                                                          request_deserializer=_parser(req),
-                                                          response_serializer=resp.SerializeToString)
-                for name, (req, resp) in METHODS.items()}
+    handlers = {}
+    for name, (req, resp, streaming) in METHODS.items():
+        make = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+        handlers[name] = make(admitted(servicer.plane, getattr(servicer, name), streaming),
+                              request_deserializer=_parser(req), response_serializer=resp.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)  # gRPC's fast path for known methods

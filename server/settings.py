@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from purifier.attacks.shadow_cache import CACHE_DIR_ENV
 from purifier.defenses import REGISTRY as DEFENSE_REGISTRY
+from purifier.defenses.keyed import SECRET_ENV, SECRET_FILE_ENV
 from purifier.devices import DEVICES
 from purifier.errors import ConfigError
 
@@ -34,6 +36,10 @@ DEFAULT_UPSTREAM_SERVICE = "inference.GRPCInferenceService"
 ENV_PREFIX = "PURIFIER_"
 TORCHSERVE_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 UPSTREAM_CONTENTS = ("auto", "raw", "typed")
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+# PURIFIER_* variables the project reads that are not settings; any other PURIFIER_* is a typo
+# (PURIFIER_AUTH_TOKEN for PURIFIER_AUTH_TOKEN_FILE, say) that would be ignored silently.
+OTHER_VARIABLES = (CONFIG_ENV, SECRET_ENV, SECRET_FILE_ENV, CACHE_DIR_ENV)
 
 
 # Fragments of the names confidence outputs go by: an allowed parameter or trailer named so is refused.
@@ -63,8 +69,9 @@ class Settings:
     """Everything `purifier serve` can be told. Exactly one of `model` / `upstream` is set."""
 
     model: str | None = setting(None, "embedded backend: a target directory or an .onnx file", group="backend")
-    upstream: str | None = setting(None, "an OIP v2 gRPC server (Triton, KServe, MLServer, TorchServe)",
-                                   group="backend", metavar="HOST:PORT")
+    upstream: str | None = setting(None, "an OIP v2 server (Triton, KServe, MLServer, TorchServe): HOST:PORT for "
+                                   "its gRPC front, http://HOST:PORT or https://HOST:PORT for its REST front",
+                                   group="backend", metavar="HOST:PORT|URL")
     upstream_service: str = setting(DEFAULT_UPSTREAM_SERVICE, "upstream gRPC service (TorchServe: "
                                     "org.pytorch.serve.grpc.openinference.GRPCInferenceService)")
     upstream_contents: str = setting("auto", "how inputs travel upstream: raw, typed, or auto (typed for "
@@ -96,6 +103,7 @@ class Settings:
                                               "contents)", flag="--allow-trailer", metavar="KEY")
     host: str = setting("0.0.0.0", "listen address")
     port: int = setting(8001, "gRPC port (0 = any free port)")
+    http_port: int = setting(8000, "REST port (OIP v2 over HTTP; 0 = any free port; -1 = off)")
     metrics_host: str = setting("127.0.0.1", "Prometheus endpoint address")
     metrics_port: int = setting(8002, "Prometheus port (0 = any free port; -1 = off)")
     max_request_rows: int = setting(4096, "rows per request; above: RESOURCE_EXHAUSTED")
@@ -108,16 +116,28 @@ class Settings:
                                      "RESOURCE_EXHAUSTED")
     watch_max_s: float = setting(300.0, "longest a health Watch stream stays open, in seconds (then it ends and "
                                  "the client watches again)", flag="--watch-max")
-    max_batch_rows: int = setting(256, "rows per defense call (larger requests are defended in chunks, "
+    max_batch_rows: int = setting(256, "most rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
-    device: str = setting("cpu", "embedded model device", choices=DEVICES)
+    max_defense_slice_ms: float = setting(5.0, "longest one defense call should take: rows per call come from the "
+                                          "measured cost per row, so a large request yields to others at "
+                                          "least this often (0 = always max_batch_rows rows)")
+    device: str = setting("cpu", "where the embedded model and the defense's onnxruntime graphs (MemGuard's "
+                          "fast solver, PURIFIER's reformer) run: cuda needs onnxruntime-gpu and a GPU",
+                          choices=DEVICES)
     reflection: bool = setting(False, "enable gRPC server reflection")
     grace_s: float = setting(5.0, "seconds to drain on SIGTERM", flag="--grace")
     upstream_timeout_s: float = setting(30.0, "upstream deadline when the caller sets none, in seconds",
                                         flag="--upstream-timeout")
     health_poll_s: float = setting(1.0, "upstream readiness poll interval, in seconds", flag="--health-poll")
+    identity_check_s: float = setting(60.0, "longest time between two identity probes of a remote upstream's "
+                                      "model, in seconds (each interval is random, up to this)",
+                                      flag="--identity-check")
+    max_waiting_requests: int = setting(128, "requests that wait for a restarting or reconnecting upstream to be "
+                                        "back and verified (each within its own deadline); above: UNAVAILABLE")
     log_level: str = setting("info", "log level", choices=LOG_LEVELS)
+    otel: bool = setting(False, "record OpenTelemetry spans (the otel extra; exported as the OTEL_* environment "
+                         "says unless a TracerProvider is set up); off: trace context is passed upstream as it came")
     tls_cert_file: str | None = setting(None, "PEM certificate chain: serve TLS", flag="--tls-cert")
     tls_key_file: str | None = setting(None, "PEM private key for --tls-cert", flag="--tls-key")
     tls_client_ca_file: str | None = setting(None, "PEM CA: require and verify client certificates (mTLS)",
@@ -134,9 +154,12 @@ class Settings:
         if self.model is not None and not Path(self.model).exists():
             fail("model", f"{self.model} does not exist (a target directory or an .onnx file)")
         if self.upstream is not None:
-            host, _, port = self.upstream.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                fail("upstream", f"{self.upstream!r} is not HOST:PORT")
+            scheme, sep, address = self.upstream.partition("://")
+            if sep and scheme not in ("http", "https"):
+                fail("upstream", f"{self.upstream!r}: the scheme must be http or https (or give HOST:PORT for gRPC)")
+            host, _, port = (address if sep else self.upstream).rstrip("/").rpartition(":")
+            if not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
+                fail("upstream", f"{self.upstream!r} is not HOST:PORT, http://HOST:PORT or https://HOST:PORT")
             if not self.model_name:
                 fail("model_name", "required with --upstream (the upstream model the sidecar defends)")
             if not self.confidence_output:
@@ -170,6 +193,8 @@ class Settings:
             fail("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port < 65536:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
+        if not -1 <= self.http_port < 65536:
+            fail("http_port", f"{self.http_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams"):
@@ -180,10 +205,10 @@ class Settings:
         if self.max_queued_rows < needed:
             fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
-        for name in ("max_wait_ms", "grace_s", "max_request_bytes"):
+        for name in ("max_wait_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes", "max_waiting_requests"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s"):
+        for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s", "identity_check_s"):
             if getattr(self, name) <= 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -203,6 +228,11 @@ class Settings:
         return self.model is not None
 
     @property
+    def upstream_rest(self) -> bool:
+        """The upstream is reached over REST (an http:// or https:// URL)."""
+        return self.upstream is not None and self.upstream.startswith(("http://", "https://"))
+
+    @property
     def upstream_encoding(self) -> str | None:
         """How inputs go upstream: "typed", "raw", or None for as the client sent them.
 
@@ -219,7 +249,8 @@ class Settings:
         """Merge defaults < config file < environment < flags (None-valued flags are ignored)."""
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        config = config or env.get(f"{ENV_PREFIX}CONFIG")
+        config = config or env.get(CONFIG_ENV)
+        _refuse_unknown_variables(env)
         merged: dict[str, Any] = {}
         if config:
             merged.update(_read_config(Path(config)))
@@ -238,6 +269,19 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _refuse_unknown_variables(env: Mapping[str, str]) -> None:
+    """A PURIFIER_* variable that is neither a setting nor one the project reads is refused, not ignored."""
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} | set(OTHER_VARIABLES)
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        def closest(name: str) -> str:
+            near = [k for k in sorted(known) if k.startswith(name) or name.startswith(k)]
+            return f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"environment: unknown variable(s) {', '.join(u + closest(u) for u in unknown)}; "
+                          f"unset them, or use one of the PURIFIER_<SETTING> names in docs/configuration.md "
+                          f"or {', '.join(OTHER_VARIABLES)}")
 
 
 def _kind(name: str) -> str:
@@ -296,7 +340,14 @@ def _read_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
-    data = data.get("serve", data)  # either a [serve] table or top-level keys
+    if "serve" in data:  # either a [serve] table or top-level keys, never both (the others would be dropped)
+        beside = sorted(k for k in data if k != "serve")
+        if beside:
+            raise ConfigError(f"config: key(s) {', '.join(beside)} beside the [serve] table in {path} would be "
+                              "ignored; move them into [serve] (or drop the [serve] header)")
+        data = data["serve"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: serve in {path} is not a table; write the settings under [serve]")
     known = {f.name for f in fields(Settings)}
     unknown = set(data) - known
     if unknown:

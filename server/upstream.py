@@ -11,13 +11,14 @@ each one.
 
 `EmbeddedUpstream` runs an ONNX model (a target directory from `purifier train-target`, or a bare
 .onnx) with onnxruntime in a worker thread (ORT releases the GIL, so the event loop keeps serving).
-Its answers are raw: they only travel to the servicer, which builds the client's answer.
+Its answers are raw: they only travel to the data plane, which builds the client's answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,16 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
+def upstream_request_id() -> str:
+    """The id of a request to the upstream: 16 random hex digits, for a client's request and an
+    identity probe alike (readiness.py), so the upstream cannot tell the two apart by their ids.
+
+    The operating system's randomness: the ids must not be predictable to the upstream, and they
+    are no defense output (those are deterministic keyed functions of the input).
+    """
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output: OIP datatype ("" when it is not a tensor) and shape (-1 = any)."""
@@ -78,10 +89,14 @@ class Upstream(Protocol):
     model_id: the ONNX sha256 when the upstream knows it (embedded), else None.
     generation: grows each time the connection to the upstream is (re)established; the model
         behind it must be verified again (embedded: always 0).
+    versions: the versions the upstream's last metadata answer advertised (embedded: its one).
+    backend: the runtime behind the model when known ("onnxruntime"), else "" (ModelConfig).
     """
 
     name: str
     version: str
+    versions: tuple[str, ...]
+    backend: str
     confidence_output: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -118,6 +133,7 @@ class RemoteUpstream:
 
     model_id = None
     versions: tuple[str, ...] = ()
+    backend = ""
 
     def __init__(self, target: str, service: str, default_timeout: float, *, name: str, version: str = "",
                  confidence_output: str = ""):
@@ -278,7 +294,7 @@ class EmbeddedUpstream:
         return out
 
     async def infer(self, request, timeout, metadata):
-        """Run the graph; the answer is always raw (it only travels to the servicer, which builds
+        """Run the graph; the answer is always raw (it only travels to the data plane, which builds
         the client's answer in the client's representation)."""
         arrays = self.decode(request)
         tensors = {s.name for s in self.outputs if s.datatype}

@@ -5,9 +5,12 @@
 Triton binds gRPC and HTTP to 127.0.0.1 only (--address), so nothing reaches the model server
 except through the sidecar on the same host. The model is a Python function running onnxruntime;
 its input is FP32 (-1, D) and every FP32 output of the graph is served (e.g. probabilities and
-logits, (-1, C)). Triton's statistics, repository, shared-memory, trace and logging APIs need
-pytriton's access token (--access-token; perf_analyzer: -H triton-grpc-protocol-triton-access-
-token:TOKEN). One JSON line on stdout once the model is ready: {"event": "serving", ...}.
+logits, (-1, C)); the model's max_batch_size is 4096 (--max-batch-size), the sidecar's default
+max_request_rows, so the audit's 512-row requests pass. Triton's statistics, repository,
+shared-memory, trace and logging APIs need pytriton's access token: give it with --access-token
+(default: a random one nobody learns), and perf_analyzer pointed straight at this Triton, which
+asks for statistics, needs it as `-H triton-grpc-protocol-triton-access-token:TOKEN` (through the
+sidecar it needs none). One JSON line on stdout once the model is ready: {"event": "serving", ...}.
 
 Runs in its own virtual environment (`make venv-triton`): nvidia-pytriton's dependencies
 conflict with the project's. With a pyenv interpreter, Triton's Python backend stub links the
@@ -45,7 +48,9 @@ def main() -> None:
     parser.add_argument("--address", default="127.0.0.1", help="bind address for gRPC and HTTP")
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=256)
+    # purifier audit sends 512-row requests and the sidecar admits up to 4096 (max_request_rows):
+    # Triton refuses larger batches than its model's max_batch_size
+    parser.add_argument("--max-batch-size", type=int, default=4096)
     parser.add_argument("--access-token", default=None,
                         help="token for Triton's restricted APIs (statistics, repository, shared memory, ...), "
                              "sent as header triton-grpc-protocol-triton-access-token; default: a random one")

@@ -12,6 +12,8 @@ from purifier.attacks.base import (
     Attack,
     AttackContext,
     ConfidenceAttack,
+    Coverage,
+    Family,
     LabelOnly,
     RememberedLabels,
 )
@@ -71,4 +73,4 @@ def parse_attacks(spec: list[str] | str | None) -> list[str]:
 
 
 __all__ = ["ADAPTIVE", "DEFAULT_ATTACKS", "FAMILIES", "REGISTRY", "Attack", "AttackContext",
-           "ConfidenceAttack", "LabelOnly", "RememberedLabels", "attack_class", "parse_attacks"]
+           "ConfidenceAttack", "Coverage", "Family", "LabelOnly", "RememberedLabels", "attack_class", "parse_attacks"]

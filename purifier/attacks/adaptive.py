@@ -25,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from purifier.attacks.base import ConfidenceAttack
+from purifier.attacks.base import ConfidenceAttack, Family
 from purifier.attacks.metric import ModifiedEntropyThreshold
 from purifier.attacks.nn import NNLabelAttack
 from purifier.errors import ConfigError
@@ -68,7 +68,7 @@ def defended_reference(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 class _Adaptive(ConfidenceAttack):
-    family = "adaptive"
+    family = Family.ADAPTIVE
 
     def fit(self, ctx):
         probs, labels, membership = defended_reference(ctx)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar, Self
 
 import numpy as np
@@ -17,7 +18,35 @@ import numpy as np
 if TYPE_CHECKING:
     from purifier.attacks.shadow import ShadowSet
 
-FAMILIES = ("confidence", "label_only", "adaptive", "repeated_query", "timing")
+
+
+class Family(StrEnum):
+    """What an attack sees of the target: the confidence vector, the predicted label only, the
+    answers of a named defense it imitates, repeated answers, or response times."""
+
+    CONFIDENCE = "confidence"
+    LABEL_ONLY = "label_only"
+    ADAPTIVE = "adaptive"
+    REPEATED_QUERY = "repeated_query"
+    TIMING = "timing"
+
+
+FAMILIES = tuple(Family)
+
+
+class Coverage(StrEnum):
+    """The kinds of attack the verdict counts when it says which were run (`purifier.audit.verdict`):
+    the label-only family splits by technique, because each finds a different part of what the
+    label reveals (Yeom et al. 2018; Choquette-Choo et al. 2021; Watson et al. 2022)."""
+
+    CONFIDENCE = "confidence"
+    ADAPTIVE = "adaptive"
+    LABEL_GAP = "label_gap"
+    LABEL_CALIBRATED = "label_calibrated"
+    LABEL_AUGMENTATION = "label_augmentation"
+    LABEL_BOUNDARY = "label_boundary"
+    REPEATED_QUERY = "repeated_query"
+    TIMING = "timing"
 
 
 @dataclass
@@ -52,7 +81,7 @@ class AttackContext:
 class LabelOnly:
     """A label-only view of a target: exposes `labels` and the query counter, never scores."""
 
-    def __init__(self, target):  # a purifier.audit.access.TargetAccess
+    def __init__(self, target):  # a purifier.models.access.TargetAccess
         self._target = target
         self.n_classes = target.n_classes
 
@@ -115,14 +144,23 @@ class Attack(abc.ABC):
     """Base class: `fit(ctx)` on shadow data, then `run(target, X, y, outputs) -> (N,)` scores.
 
     Attributes:
-        name: registry name; family: one of FAMILIES.
+        name: registry name; family: a `Family`; coverage: the `Coverage` kind the verdict counts
+            it under (defaults to the family's own, set it on label-only attacks).
         threshold: member iff score >= threshold, fitted on shadow data in `fit`.
         queries: rows this attack asked the target about during `run`.
         details: extra JSON-able facts for the report (e.g. answer spread, budget).
     """
 
     name: ClassVar[str]
-    family: ClassVar[str]
+    family: ClassVar[Family]
+    coverage: ClassVar[Coverage]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__ and "coverage" not in cls.__dict__:
+            if cls.family == Family.LABEL_ONLY:  # the verdict needs to know which label-only technique
+                raise TypeError(f"{cls.__name__}: a label-only attack names its Coverage kind")
+            cls.coverage = Coverage(cls.family.value)
 
     def __init__(self, *, seed: int = 0):
         self.seed = seed
@@ -148,7 +186,7 @@ class ConfidenceAttack(Attack):
     """Attacks on the confidence vector alone: `fit_outputs` on reference outputs with known
     membership, `score(outputs, labels)`; `run` reuses the one query per record."""
 
-    family = "confidence"
+    family = Family.CONFIDENCE
 
     def fit(self, ctx: AttackContext) -> Self:
         probs, labels, membership = ctx.shadows.stacked()

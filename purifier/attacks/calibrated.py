@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import log_ndtr, ndtr
 
-from purifier.attacks.base import Attack, LabelOnly, fit_threshold
+from purifier.attacks.base import Attack, Coverage, Family, LabelOnly, fit_threshold
 from purifier.attacks.lira import PHI_CLIP
 from purifier.attacks.reference_stats import (
     choose_online,
@@ -72,7 +72,8 @@ class CalibratedLabelAttack(Attack):
     """
 
     name = "label_calibrated"
-    family = "label_only"
+    family = Family.LABEL_ONLY
+    coverage = Coverage.LABEL_CALIBRATED
 
     def __init__(self, *, online: bool | None = None, fixed_variance: bool | None = None, seed: int = 0):
         super().__init__(seed=seed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from purifier.attacks.base import Attack, LabelOnly, fit_threshold
+from purifier.attacks.base import Attack, Coverage, Family, LabelOnly, fit_threshold
 from purifier.attacks.reference_stats import leave_one_shadow_out, masked_stats
 
 
@@ -66,7 +66,8 @@ class AugmentationAttack(Attack):
     """Fraction of (original + augmented) copies still labelled correctly."""
 
     name = "label_augment"
-    family = "label_only"
+    family = Family.LABEL_ONLY
+    coverage = Coverage.LABEL_AUGMENTATION
 
     def __init__(self, *, max_shift: int = 1, angles: tuple[float, ...] = (-15.0, 15.0),
                  n_noise: int = 10, radius: float = 0.1, flip_prob: float = 0.03,
@@ -297,7 +298,8 @@ class BoundaryAttack(Attack):
     """Decision-boundary distance with a HopSkipJump-style search and a per-record budget."""
 
     name = "label_boundary"
-    family = "label_only"
+    family = Family.LABEL_ONLY
+    coverage = Coverage.LABEL_BOUNDARY
 
     def __init__(self, *, budget: int = 1000, calibration_size: int = 200, seed: int = 0):
         super().__init__(seed=seed)

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from purifier.attacks.base import ConfidenceAttack
+from purifier.attacks.base import ConfidenceAttack, Coverage, Family
 
 _TINY = 1e-30
 
@@ -56,7 +56,8 @@ class GapAttack(ConfidenceAttack):
     """Member iff correctly classified. Needs labels only; the floor of label-keeping defenses."""
 
     name = "gap"
-    family = "label_only"  # needs the predicted label only: one of the label-only floor's attacks
+    family = Family.LABEL_ONLY  # needs the predicted label only: one of the label-only floor's attacks
+    coverage = Coverage.LABEL_GAP
 
     def fit_outputs(self, probs, labels, membership):
         self.threshold = 0.5  # the rule itself: nothing to fit

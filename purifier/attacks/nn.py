@@ -120,10 +120,10 @@ class NNAttack(ConfidenceAttack):
     def score(self, outputs, labels):
         import torch
 
-        from purifier.models.training import torch_threads
+        from purifier.threads import single_threaded
 
         out = np.empty(len(labels))
-        with torch_threads(1), torch.no_grad():
+        with single_threaded(), torch.no_grad():
             for s in range(0, len(labels), SCORE_CHUNK):  # a loop over chunks of rows
                 f = (self.features(outputs[s:s + SCORE_CHUNK], labels[s:s + SCORE_CHUNK]) - self.mean) / self.std
                 # the logit: keeps the ranking of rows a sigmoid would round to 1.0

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from purifier.attacks.base import Attack, fit_threshold
+from purifier.attacks.base import Attack, Family, fit_threshold
 from purifier.attacks.lira import scaled_confidence
 
 
 class RepeatedQueryAttack(Attack):
     name = "repeated_query"
-    family = "repeated_query"
+    family = Family.REPEATED_QUERY
 
     def __init__(self, *, repeats: int = 4, jitter: float = 1e-3, seed: int = 0):
         super().__init__(seed=seed)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
-from purifier.attacks.base import Attack, fit_threshold
+from purifier.attacks.base import Attack, Family, fit_threshold
 from purifier.attacks.metric import true_class_prob
 from purifier.attacks.reference_stats import choose_online, leave_one_shadow_out
 
@@ -105,7 +105,7 @@ class RMIA(Attack):
     """
 
     name = "rmia"
-    family = "confidence"
+    family = Family.CONFIDENCE
 
     def __init__(self, *, gamma: float = 1.0, n_population: int = 5000, a: float | None = None,
                  temperature: float | None = None, online: bool | None = None, seed: int = 0):

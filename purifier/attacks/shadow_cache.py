@@ -37,12 +37,13 @@ import numpy as np
 
 CACHE_FORMAT = 1
 Expected = Mapping[str, tuple[int, ...]]  # array name -> shape
+CACHE_DIR_ENV = "PURIFIER_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
     """$PURIFIER_CACHE_DIR, else $XDG_CACHE_HOME/purifier/shadows, else ~/.cache/purifier/shadows."""
-    if os.environ.get("PURIFIER_CACHE_DIR"):
-        return Path(os.environ["PURIFIER_CACHE_DIR"])
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "purifier" / "shadows"
 

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from purifier.attacks.base import Attack, AttackContext
+from purifier.attacks.base import Attack, AttackContext, Family
 from purifier.errors import ConfigError
 
 AGGREGATES = ("min", "median")
@@ -41,7 +41,7 @@ class TimingAttack(Attack):
     """
 
     name = "timing"
-    family = "timing"
+    family = Family.TIMING
 
     def __init__(self, *, passes: int = 5, aggregate: str = "median", pool_rows: int = 200,
                  pool_quantile: float = 0.5, warmup: int = 20, seed: int = 0):
@@ -65,7 +65,7 @@ class TimingAttack(Attack):
         return self
 
     def run(self, target, X, y, outputs):
-        from purifier.audit.access import RemoteTarget
+        from purifier.models.access import RemoteTarget
 
         if not isinstance(target, RemoteTarget):
             raise ConfigError("attack timing: needs a remote endpoint (--endpoint HOST:PORT); "

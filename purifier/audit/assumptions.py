@@ -9,40 +9,41 @@ of report.md, so nobody reads a number without its assumptions.
 
 from __future__ import annotations
 
+from purifier.audit.results import Assumptions, Report
+
 # Fewer non-members than this and TPR at 0.1% FPR rests on less than one false positive.
 MIN_NONMEMBERS_LOW_FPR = 1000
 MAX_AUC_CI_HALF_WIDTH = 0.03
 
 
-def assumptions(report: dict, data, defense_name: str | None) -> dict:
-    """The report's `assumptions` entry, from a finished report and its `AuditData`."""
-    sh = report["shadows"]
-    recipe, family = sh["recipe"], data.model_family
+def assumptions(report: Report, data, defense_name: str | None) -> Assumptions:
+    """What a finished report (its `assumptions` not yet filled) assumed, with its `AuditData`."""
+    sh = report.shadows
+    recipe, family = sh.recipe, data.model_family
     same = None if family is None else recipe == family
-    rows = len(data.pool) + report["n_members"] + report["n_nonmembers"]
+    rows = len(data.pool) + report.n_members + report.n_nonmembers
     per_shadow = data.train_size if data.train_size else f"about {rows // 2}"
-    knowledge = [
+    knowledge = (
         "black-box queries: confidence vectors for the confidence attacks, predicted labels only for the "
         "label-only attacks",
         "the evaluation records' features and true labels, not their membership",
         f"{len(data.pool)} records of its own from the training data's distribution, disjoint from the "
         "evaluation records (the shadow models' training data)",
-        f"{sh['n']} shadow model(s) trained with recipe {recipe!r}, {per_shadow} rows each"
+        f"{sh.n} shadow model(s) trained with recipe {recipe!r}, {per_shadow} rows each"
         + (f" (the target's training-set size {data.train_size})" if data.train_size else
            " (half of pool + candidates: the target's training-set size is unknown)"),
         (f"the defense algorithm ({defense_name}) for the adaptive attacks, not its secret or fitted state"
          if defense_name else "no defense algorithm: adaptive attacks not run"),
-    ]
+    )
     warnings = []
-    negatives = report["n_nonmembers"]
+    negatives = report.n_nonmembers
     if negatives < MIN_NONMEMBERS_LOW_FPR:
         warnings.append(f"only {negatives} non-members: TPR at 0.1% FPR is not measurable (needs >= "
                         f"{MIN_NONMEMBERS_LOW_FPR}); read TPR at 1% FPR"
                         + ("" if negatives >= 100 else ", which is not measurable either (needs >= 100)"))
-    half = max((a["ci95"]["auc"][1] - a["ci95"]["auc"][0]) / 2 for a in report["attacks"].values()) \
-        if report["attacks"] else 0.0
+    half = max(((a.ranking.auc_ci95[1] - a.ranking.auc_ci95[0]) / 2 for a in report.attacks.values()), default=0.0)
     if half > MAX_AUC_CI_HALF_WIDTH:
-        warnings.append(f"AUC 95% intervals are up to +-{half:.3f} wide with {report['n_members']} members and "
+        warnings.append(f"AUC 95% intervals are up to +-{half:.3f} wide with {report.n_members} members and "
                         f"{negatives} non-members: differences below that are noise; audit more records")
     if same is False:
         warnings.append(f"shadow recipe {recipe!r} is not the target's model family {family!r}: thresholds fitted "
@@ -50,29 +51,20 @@ def assumptions(report: dict, data, defense_name: str | None) -> dict:
     elif same is None:
         warnings.append("the target's model family is unknown: the shadow recipe may not mimic it "
                         "(name it with --target-family)")
-    return {
-        "sizes": {"evaluation_members": report["n_members"], "evaluation_nonmembers": negatives,
-                  "attacker_pool": len(data.pool), "target_training_set": data.train_size},
-        "shadow_recipe": recipe,
-        "target_family": family,
-        "recipe_matches_target_family": same,
-        "attacker_knows": knowledge,
-        "warnings": warnings,
-    }
+    return Assumptions(report.n_members, negatives, len(data.pool), data.train_size, recipe, family, same,
+                       knowledge, tuple(warnings))
 
 
-def markdown_lines(entry: dict | None) -> list[str]:
-    """The "What the audit assumed" section of report.md (empty for reports without it)."""
-    if not entry:
+def markdown_lines(a: Assumptions | None) -> list[str]:
+    """The "What the audit assumed" section of report.md."""
+    if a is None:
         return []
-    s = entry["sizes"]
-    train = s["target_training_set"]
-    family = entry["target_family"] or "unknown"
+    train = a.target_training_set
     md = ["## What the audit assumed", "",
-          f"- records: {s['evaluation_members']} evaluation members, {s['evaluation_nonmembers']} evaluation "
-          f"non-members, {s['attacker_pool']} in the attacker's pool; target training set "
+          f"- records: {a.evaluation_members} evaluation members, {a.evaluation_nonmembers} evaluation "
+          f"non-members, {a.attacker_pool} in the attacker's pool; target training set "
           f"{train if train else 'unknown'}",
-          f"- shadow recipe `{entry['shadow_recipe']}`; target model family `{family}`",
-          "- the attacker has: " + "; ".join(entry["attacker_knows"])]
-    md += [f"- **warning:** {w}" for w in entry["warnings"]]
+          f"- shadow recipe `{a.shadow_recipe}`; target model family `{a.target_family or 'unknown'}`",
+          "- the attacker has: " + "; ".join(a.attacker_knows)]
+    md += [f"- **warning:** {w}" for w in a.warnings]
     return [*md, ""]

@@ -30,8 +30,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
                    help=f"attacks to run (names or comma lists, 'all'); default: all but label_boundary. "
                         f"Choices: {', '.join(REGISTRY)}")
-    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint, queried in plaintext "
-                                                    "without a token (utility: argmax agreement, L1 distortion)")
+    p.add_argument("--baseline", default=None, metavar="HOST:PORT|REPORT",
+                   help="the undefended model, for the report's \"before\": its endpoint (queried in plaintext "
+                        "without a token; the same attacks and shadow models run against it, and the defense's "
+                        "cost to users is measured), or the directory or report.json of its earlier audit on the "
+                        "same records")
     p.add_argument("--baseline-model-name", default=None, help="model name at --baseline (default --model-name)")
     p.add_argument("--defense-name", default=None,
                    help="defense algorithm the attacker assumes, for the adaptive attacks (e.g. memguard)")
@@ -161,8 +164,9 @@ def load_checked_defense(args, model):
         return None
     from purifier.defenses import load_defense, load_secret
 
-    secret = load_secret(file=args.secret_file, required=False) or os.urandom(32).hex().encode()
-    defense = load_defense(args.defense_dir, secret=secret, model_id=model.model_id or None)
+    secret = load_secret(file=args.secret_file, required=False)
+    defense = load_defense(args.defense_dir, secret=secret or os.urandom(32).hex().encode(),
+                           model_id=model.model_id or None, check_secret=secret is not None)
     fp = defense.fingerprint
     why = fp.mismatch(model.query(fp.inputs)) if fp is not None and model.n_features in (None, fp.n_features) else None
     if why is not None:
@@ -172,9 +176,12 @@ def load_checked_defense(args, model):
 
 
 def _open_access(args, target):
-    """(access, baseline, defense_name, info) from the arguments."""
-    from purifier.audit.access import InProcessTarget, OnnxTarget, RemoteTarget
+    """(access, baseline, defense_name, source) from the arguments: `baseline` is the undefended
+    model's access (in process: the model without --defense-dir), a `Report` of an earlier audit
+    of it (--baseline REPORT), or None."""
     from purifier.audit.model_flags import open_model
+    from purifier.audit.results import Source
+    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget
 
     in_process = args.in_process or bool(args.model)
     if args.in_process:
@@ -199,20 +206,27 @@ def _open_access(args, target):
             access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
             baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
-        return access, baseline, args.defense_name or name, {"endpoint": "in-process",
-                                                            **({"model": args.model} if args.model else {})}
+        if args.baseline:
+            raise ConfigError("--baseline names the undefended model of an endpoint audit; in process the model "
+                              "without --defense-dir is the baseline already")
+        return access, baseline, args.defense_name or name, Source("in-process", model=args.model,
+                                                                   output_name=access.output_name)
+    earlier = None
+    if args.baseline and Path(args.baseline).exists():
+        from purifier.audit.results import Report
+
+        earlier = Report.read(args.baseline)
     access = open_model(args, n_classes=target.n_classes if target is not None else None)
-    baseline = None
-    if args.baseline:
+    baseline = earlier
+    if args.baseline and earlier is None:
         try:
             baseline = RemoteTarget(args.baseline, args.baseline_model_name or args.model_name, None,
                                     n_classes=access.n_classes, logits=args.logits)
         except BaseException:
             access.close()
             raise
-    info = {"endpoint": args.endpoint, "model_name": args.model_name, "output_name": access.output_name,
-            "baseline_endpoint": args.baseline}
-    return access, baseline, args.defense_name, info
+    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
+                                                       baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -250,7 +264,8 @@ def run(args: argparse.Namespace) -> int:
     from purifier.artifacts import new_output_dir
     from purifier.attacks import ADAPTIVE, parse_attacks
     from purifier.audit.report import text_table, write_report
-    from purifier.audit.runner import AuditConfig, run_audit
+    from purifier.audit.results import Report
+    from purifier.audit.runner import AuditConfig, run_audit, run_before_after
     from purifier.models.target import Target
 
     new_output_dir(args.out, args.force)
@@ -268,26 +283,33 @@ def run(args: argparse.Namespace) -> int:
     elif len(files) < 3:
         raise ConfigError("give the records: --members FILE --nonmembers FILE --attacker-pool FILE "
                           "(or --target DIR)")
-    access, baseline, defense_name, info = _open_access(args, target)
+    access, baseline, defense_name, source = _open_access(args, target)
+    skipped = {}
     try:
         data = audit_data(args, target, access)
-        if not defense_name and not explicit:
+        if defense_name in (None, "none") and not explicit:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
-            info["skipped"] = {a: "no --defense-name" for a in ADAPTIVE}
+            why = "undefended: nothing to adapt to" if defense_name else "no --defense-name"
+            skipped = {a: why for a in ADAPTIVE}
         config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
                              n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
                              **shadow_settings)
         data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
-        audit = run_audit(data, access, config, defense_name, baseline, info)
+        if isinstance(baseline, Report):
+            audit = run_audit(data, access, config, defense_name, source=source, skipped=skipped, before=baseline)
+        elif baseline is not None:
+            audit = run_before_after(data, access, baseline, config, defense_name, source, skipped)[1]
+        else:
+            audit = run_audit(data, access, config, defense_name, source=source, skipped=skipped)
     finally:
         access.close()
-        if baseline is not None:
+        if baseline is not None and not isinstance(baseline, Report):
             baseline.close()
     Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     out = write_report(audit, args.out)
     print(text_table(audit.report))
-    for warning in audit.report["assumptions"]["warnings"]:
+    for warning in audit.report.assumptions.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out}/report.html (open in a browser), report.md, report.json, roc.png", file=sys.stderr)
     return 0

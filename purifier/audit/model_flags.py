@@ -30,7 +30,7 @@ def add_model_flags(p: argparse.ArgumentParser, *, endpoint_help: str) -> None:
 
 def open_model(args: argparse.Namespace, n_classes: int | None = None, defense=None):
     """A `TargetAccess` from the flags: OnnxTarget for --model, RemoteTarget for --endpoint."""
-    from purifier.audit.access import OnnxTarget, RemoteTarget
+    from purifier.models.access import OnnxTarget, RemoteTarget
 
     if args.model and args.endpoint:
         raise ConfigError("give either --model (in process) or --endpoint (a served model), not both")

@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
                                    "windows; prints p50/p99/throughput and the latency the sidecar adds.")
     p.add_argument("--direct", metavar="HOST:PORT", help="the baseline endpoint, e.g. the model server")
     p.add_argument("--sidecar", metavar="HOST:PORT", help="the endpoint compared with it, e.g. purifier serve")
+    p.add_argument("--sidecar-rest", metavar="HOST:PORT",
+                   help="also the sidecar's REST front (plaintext, binary tensors over keep-alive HTTP/1.1), "
+                        "compared with the first endpoint like --sidecar")
     p.add_argument("--model-name", required=True, help="the model both endpoints serve")
     p.add_argument("--model-version", default="", help="model version to request (default '')")
     p.add_argument("--output-name", default=None,
@@ -77,11 +80,11 @@ def add_parser(sub) -> None:
 
 def bench_cli(args) -> int:
     from purifier.artifacts import write_json
-    from purifier.bench.measure import Connection, Endpoint, compare, random_rows
+    from purifier.bench.measure import Endpoint, compare, connect, random_rows
     from purifier.machine import load_average, machine_info
 
-    if not args.direct and not args.sidecar:
-        raise ConfigError("give --direct HOST:PORT and/or --sidecar HOST:PORT")
+    if not args.direct and not args.sidecar and not args.sidecar_rest:
+        raise ConfigError("give --direct HOST:PORT and/or --sidecar HOST:PORT (or --sidecar-rest HOST:PORT)")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError(f"--json: directory {Path(args.json).resolve().parent} does not exist")
     security = {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
@@ -92,13 +95,16 @@ def bench_cli(args) -> int:
                                   **({} if args.direct_plaintext else security)))
     if args.sidecar:
         endpoints.append(Endpoint("sidecar", args.sidecar, args.model_name, args.model_version, **security))
+    if args.sidecar_rest:
+        endpoints.append(Endpoint("sidecar-rest", args.sidecar_rest, args.model_name, args.model_version,
+                                  protocol="http"))
     width = args.features
     if args.records:
         from purifier.data.records import load_records
 
         X, data = load_records(args.records, flag="--records").X, f"records from {args.records}"
     elif width is None:
-        conn = Connection(endpoints[0], args.timeout)
+        conn = connect(endpoints[0], args.timeout)
         try:
             width = conn.describe(args.input_name).n_features
         finally:

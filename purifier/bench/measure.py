@@ -13,10 +13,18 @@ threads then call back to back over one gRPC channel per endpoint with the bytes
 the client's own cost per call is one unary call and no protobuf work. The first answer of every
 window is decoded and checked (the requested output, one row per input row); an error status
 stops the run with that status.
+
+An endpoint with `protocol="http"` is measured over the protocol's REST front instead: the same
+requests as binary tensors (Triton's extension, outputs asked for binary), POSTed to
+`/v2/models/{name}/infer` over one keep-alive HTTP/1.1 connection per thread (http.client), so
+REST and gRPC fronts of one server can be compared cell by cell.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -67,8 +75,13 @@ class Endpoint:
     tls_key: str | None = None
     token_file: str | None = None
     server_pid: int | None = None  # a local server process: its CPU time per request is reported
+    protocol: str = "grpc"         # or "http": the REST front at the same HOST:PORT form (plaintext)
 
     def __post_init__(self):
+        if self.protocol not in ("grpc", "http"):
+            raise ConfigError(f"{self.label}: protocol {self.protocol!r} is not grpc or http")
+        if self.protocol == "http" and (self.tls_ca or self.token_file):
+            raise ConfigError(f"{self.label}: the REST measurement speaks plaintext without a token")
         host, _, port = self.address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{self.label}: {self.address!r} is not HOST:PORT (e.g. 127.0.0.1:8001)")
@@ -152,8 +165,88 @@ class Connection:
         self.channel.close()
 
 
+class CallFailed(Exception):
+    """A REST call answered with an HTTP error status."""
+
+
+class HttpConnection:
+    """The REST counterpart of `Connection`: one keep-alive HTTP/1.1 connection per calling thread.
+    `infer(payload)` POSTs a body from `build_requests` and returns the answer's body."""
+
+    def __init__(self, endpoint: Endpoint, timeout_s: float = 30.0):
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.host, _, port = endpoint.address.rpartition(":")
+        self.port = int(port)
+        version = f"/versions/{endpoint.model_version}" if endpoint.model_version else ""
+        self.path = f"/v2/models/{endpoint.model_name}{version}"
+        self._local = threading.local()
+
+    def _request(self, method: str, path: str, body: bytes | None = None, headers=None) -> tuple[int, dict, bytes]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            conn.connect()
+            # http.client sends the headers and the body in two writes: without TCP_NODELAY the body
+            # waits for the server's delayed ACK (40 ms), which curl and tritonclient never do
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._local.conn = None
+            raise
+
+    def failure(self, what: str, e: Exception) -> ConfigError:
+        ep = self.endpoint
+        return ConfigError(f"{ep.label} http://{ep.address}: {what} failed: {e}")
+
+    def describe(self, input_name: str | None = None) -> InputSpec:
+        try:
+            status, _, body = self._request("GET", self.path)
+        except (OSError, http.client.HTTPException) as e:
+            raise self.failure("model metadata", e) from None
+        if status != 200:
+            raise self.failure("model metadata", CallFailed(f"HTTP {status}: {body[:200]!r}"))
+        meta = json.loads(body)
+        outputs = tuple(o["name"] for o in meta.get("outputs") or ())
+        inputs = meta.get("inputs") or []
+        if not inputs and input_name:
+            return InputSpec(input_name, "FP32", None, outputs)
+        if len(inputs) != 1:
+            raise ConfigError(f"{self.endpoint.label}: the benchmark builds requests for exactly one (N, D) input")
+        shape = inputs[0]["shape"]
+        width = int(shape[-1]) if len(shape) >= 2 and shape[-1] > 0 else None
+        return InputSpec(inputs[0]["name"], inputs[0]["datatype"], width, outputs)
+
+    def infer(self, payload: tuple[bytes, dict]) -> bytes:
+        status, headers, body = self._request("POST", self.path + "/infer", *payload)
+        if status != 200:
+            raise CallFailed(f"HTTP {status}: {body[:300]!r}")
+        length = headers.get("Inference-Header-Content-Length") or headers.get("inference-header-content-length")
+        return body[:int(length)] if length else body
+
+    def close(self) -> None:
+        pass  # the threads' connections close with them
+
+
+def connect(endpoint: Endpoint, timeout_s: float = 30.0) -> Connection | HttpConnection:
+    return HttpConnection(endpoint, timeout_s) if endpoint.protocol == "http" else Connection(endpoint, timeout_s)
+
+
+def _rest_payload(request, blob: bytes) -> tuple[bytes, dict]:
+    tensor = request.inputs[0]
+    head = json.dumps({"id": request.id, "parameters": {"binary_data_output": True},
+                       "inputs": [{"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                                   "parameters": {"binary_data_size": len(blob)}}],
+                       "outputs": [{"name": o.name} for o in request.outputs]}).encode()
+    return head + blob, {"Inference-Header-Content-Length": str(len(head)),
+                         "Content-Type": "application/octet-stream"}
+
+
 def build_requests(endpoint: Endpoint, spec: InputSpec, output: str, X: np.ndarray, rows: int,
-                   typed: bool = False, limit: int = 64) -> list[bytes]:
+                   typed: bool = False, limit: int = 64) -> list:
     """Up to `limit` serialized requests of `rows` rows each, taken in turn from X (M, D)."""
     if spec.datatype not in INPUT_DTYPES:
         raise ConfigError(f"{endpoint.label}: input {spec.name!r} is {spec.datatype}; the benchmark builds "
@@ -175,17 +268,23 @@ def build_requests(endpoint: Endpoint, spec: InputSpec, output: str, X: np.ndarr
         else:
             request.raw_input_contents.append(batch.tobytes())
         request.outputs.add(name=output)
-        payloads.append(request.SerializeToString())
+        if endpoint.protocol == "http":
+            payloads.append(_rest_payload(request, batch.tobytes()))
+        else:
+            payloads.append(request.SerializeToString())
     return payloads
 
 
 def check_response(endpoint: Endpoint, data: bytes, output: str, rows: int) -> None:
     """The answer holds `output` with one row per request row (else ConfigError)."""
-    response = _messages().ModelInferResponse.FromString(data)
-    names = [t.name for t in response.outputs]
+    if endpoint.protocol == "http":
+        tensors = [(t["name"], t["shape"]) for t in json.loads(data)["outputs"]]
+    else:
+        tensors = [(t.name, list(t.shape)) for t in _messages().ModelInferResponse.FromString(data).outputs]
+    names = [name for name, _ in tensors]
     if output not in names:
         raise ConfigError(f"{endpoint.label}: the answer lacks output {output!r} (it has {names})")
-    shape = list(response.outputs[names.index(output)].shape)
+    shape = list(tensors[names.index(output)][1])
     if not shape or shape[0] != rows:
         raise ConfigError(f"{endpoint.label}: output {output!r} has shape {shape} for {rows} row(s)")
 
@@ -207,13 +306,13 @@ class Cell:
                 "server_cpu_ms_per_request": cpu}
 
 
-def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, seconds: float,
+def run_window(conn: Connection | HttpConnection, payloads: Sequence, concurrency: int, seconds: float,
                warmup_s: float) -> tuple[list[float], float, bytes, int]:
     """`concurrency` threads calling back to back: (per-call seconds, elapsed, one answer, calls made
     including the untimed ones)."""
     per_thread: list[list[float]] = [[] for _ in range(concurrency)]
     untimed = [0] * concurrency
-    errors: list[grpc.RpcError] = []
+    errors: list[Exception] = []
     answer: list[bytes] = []
     probed, started = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
     bounds = {}
@@ -226,7 +325,7 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
             data = conn.infer(payloads[i % len(payloads)])
             if k == 0:
                 answer.append(data)
-        except grpc.RpcError as e:
+        except (grpc.RpcError, CallFailed, OSError, http.client.HTTPException) as e:
             errors.append(e)
         probed.wait()
         started.wait()
@@ -242,7 +341,7 @@ def run_window(conn: Connection, payloads: Sequence[bytes], concurrency: int, se
                 i += 1
                 conn.infer(payloads[i % len(payloads)])
                 times.append(time.perf_counter() - t0)
-        except grpc.RpcError as e:
+        except (grpc.RpcError, CallFailed, OSError, http.client.HTTPException) as e:
             errors.append(e)
             bounds["warm"] = bounds["stop"] = 0.0  # the other threads stop too
 
@@ -284,7 +383,7 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
         raise ConfigError("give at least one endpoint")
     if min(concurrency) < 1 or min(rows) < 1 or seconds <= 0 or rounds < 1:
         raise ConfigError("--concurrency and --rows must be >= 1, --seconds > 0, --rounds >= 1")
-    conns = [Connection(e, timeout_s) for e in endpoints]
+    conns = [connect(e, timeout_s) for e in endpoints]
     try:
         specs = [c.describe(input_name) for c in conns]
         output = output or _default_output(endpoints[0], specs[0].outputs)

@@ -18,6 +18,9 @@ normalized; `transform` wraps it with the checks above (`finalize`).
 from __future__ import annotations
 
 import abc
+import copy
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Self
@@ -32,7 +35,9 @@ from purifier.artifacts import (
     write_json,
 )
 from purifier.defenses.fingerprint import Fingerprint
-from purifier.errors import ArtifactError, InvalidProbabilities
+from purifier.defenses.no_op import ReferenceSample, refuse_no_op
+from purifier.devices import check_device
+from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
 
 FORMAT_VERSION = 1
 
@@ -97,6 +102,20 @@ def finalize(clean: np.ndarray, defended: np.ndarray, keep_label: np.ndarray | N
     return out
 
 
+def softmaxed_probabilities(q: np.ndarray, tol: float = 1e-6) -> bool:
+    """True if every row of `q` (N, C), a softmax output, is the softmax of a probability vector:
+    what `--logits` makes of an output that already holds probabilities.
+
+    A softmax drops one constant per row, so its input z comes back as log q + c; z can have been
+    a probability vector iff log q - mean(log q) + 1/C (the candidate with the sum 1) is
+    non-negative. Real logits, which spread by far more than 1/C below their mean, never pass on
+    every row."""
+    if not len(q):
+        return False
+    logq = np.log(np.clip(np.asarray(q, np.float64), np.finfo(np.float64).tiny, None))
+    return bool((logq - logq.mean(axis=1, keepdims=True) + 1.0 / q.shape[1] >= -tol).all())
+
+
 @dataclass(frozen=True)
 class FitData:
     """What a defense may be fitted on: the target's outputs with known membership.
@@ -131,11 +150,11 @@ class FitData:
 
         Args:
             model: anything with `query(X (N, D)) -> (N, C)` probabilities and a `model_id`
-                (`purifier.audit.access.OnnxTarget` or `RemoteTarget`: in process or an endpoint).
+                (`purifier.models.access.OnnxTarget` or `RemoteTarget`: in process or an endpoint).
             members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
         Raises ConfigError if the model does not answer probability vectors.
         """
-        from purifier.errors import ConfigError
+        from purifier.models.access import not_probabilities
 
         probs = []
         for records in (members, reference):
@@ -143,12 +162,61 @@ class FitData:
             try:
                 check_probabilities(p)
             except InvalidProbabilities as e:
-                raise ConfigError(f"{getattr(model, 'description', 'the model')} does not answer probabilities on "
-                                  f"{records.source} ({e}); if the output holds logits pass --logits, else choose "
-                                  "the probabilities output with --output-name") from None
+                raise not_probabilities(f"{getattr(model, 'description', 'the model')}, on {records.source},",
+                                        str(e)) from None
+            if getattr(model, "logits", False) and softmaxed_probabilities(p):
+                raise ConfigError(f"--logits: {getattr(model, 'description', 'the model')} already answers "
+                                  f"probability vectors on {records.source} (rows non-negative and summing to 1 "
+                                  "before the softmax), which --logits would flatten toward uniform; drop --logits")
             probs.append(p)
         return cls(probs[0], probs[1], members.X, reference.X, members.y, reference.y,
                    getattr(model, "model_id", "") or "")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A defense's budget: the constructor keyword (also the attribute that holds it), the default
+    grid a sweep tries, and which way protects more. `None` as a value means "no cap", the
+    strongest (PURIFIER's L1 budget)."""
+
+    param: str
+    grid: tuple
+    stronger_when: str  # "larger" (MemGuard epsilon, noise scale, PURIFIER budget) or "smaller" (k, decimals)
+    kind: type = float
+    label: str = ""
+
+    def weakest_first(self, values: Iterable) -> list:
+        """The distinct values ordered from the least distortion to the most."""
+        values = list(dict.fromkeys(values))
+        capped = sorted((v for v in values if v is not None), reverse=self.stronger_when == "smaller")
+        return capped + [None] * (None in values)
+
+    def parse(self, text: str, flag: str = "--grid") -> list:
+        """A comma-separated grid from the command line, weakest first (the values themselves are
+        checked by the defense's own constructor, `Defense.with_budget`)."""
+        values = []
+        for item in (s.strip() for s in text.split(",")):
+            if not item:
+                continue
+            if item.lower() == "none" and None in self.grid:
+                values.append(None)
+                continue
+            try:
+                value = self.kind(item)
+            except ValueError:
+                raise ConfigError(f"{flag}: {item!r} is not {'an integer' if self.kind is int else 'a number'} "
+                                  f"({self.param})") from None
+            if self.kind is float and not math.isfinite(value):
+                raise ConfigError(f"{flag}: {item!r} is not a finite number ({self.param})")
+            values.append(value)
+        if not values:
+            raise ConfigError(f"{flag}: give at least one {self.param} value, e.g. "
+                              f"{','.join('none' if v is None else str(v) for v in self.grid)}")
+        return self.weakest_first(values)
+
+    def setting(self, value) -> str:
+        """How a setting is written in tables: "eps 0.1", "k 2", "L1 budget none"."""
+        return f"{self.label or self.param} {'none' if value is None else f'{value:g}'}"
 
 
 class Defense(abc.ABC):
@@ -162,14 +230,23 @@ class Defense(abc.ABC):
         model_id: identity of the protected model (the ONNX sha256), or "" if unbound.
         fingerprint: probe inputs and the fitted model's answers (`purifier.defenses.fingerprint`),
             set by `fit` from the reference set and saved with the defense; None for unfitted ones.
+        reference_sample: reference rows the defense was fitted on (`purifier.defenses.no_op`),
+            set by `fit` and saved with the defense, which `save` and `load_defense` apply to
+            refuse a setting that changes nothing; None for unfitted ones.
+        knob: the budget a sweep tunes (`Knob`), None for a defense without one.
+        baseline_grid: the settings at which it stands on every tune curve as a simple alternative
+            (`(None,)`: its one setting); empty for a defense that is not a baseline.
     """
 
     name: ClassVar[str]
     needs_inputs: ClassVar[bool] = False
+    knob: ClassVar[Knob | None] = None
+    baseline_grid: ClassVar[tuple] = ()
 
     n_classes: int | None = None
     model_id: str = ""
     fingerprint: Fingerprint | None = None
+    reference_sample: ReferenceSample | None = None
 
     def __init__(self, *, secret: bytes | None = None):
         """Every defense is constructible with keyword hyper-parameters that all have defaults,
@@ -181,6 +258,8 @@ class Defense(abc.ABC):
         self.n_classes = data.n_classes
         self.model_id = data.model_id
         self.fingerprint = Fingerprint.from_rows(data.reference_inputs, data.reference_probs)
+        self.reference_sample = ReferenceSample.from_rows(data.reference_probs,
+                                                          data.reference_inputs if self.needs_inputs else None)
         return self
 
     def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
@@ -201,9 +280,28 @@ class Defense(abc.ABC):
         defended, keep_label = self._transform(p, inputs)
         return finalize(probs, defended, keep_label)
 
+    def serve_on(self, device: str) -> None:
+        """Run what `transform` computes on `device` (`purifier.devices`: cpu, cuda, auto; cuda
+        without a usable CUDA device is a ConfigError). Defenses computed in numpy ignore it."""
+        check_device(device)
+
     @abc.abstractmethod
     def _transform(self, p: np.ndarray, inputs: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """p: (N, C) float64 normalized rows -> (defended (N, C) float64, keep_label (N,) bool | None)."""
+
+    def with_budget(self, value) -> Self:
+        """A copy at budget `value`, sharing the fitted state (nothing is refitted). The value is
+        checked by the defense's own constructor, so a bad one fails with its message
+        (`k: must be an integer >= 1`); `None` for a defense without a knob gives itself."""
+        knob = type(self).knob
+        if knob is None:
+            if value is None:
+                return self
+            raise ConfigError(f"{self.name}: this defense has no budget to set")
+        checked = type(self)(**{**self.config(), knob.param: value})
+        twin = copy.copy(self)
+        setattr(twin, knob.param, getattr(checked, knob.param))
+        return twin
 
     # --- persistence -------------------------------------------------------------------------
 
@@ -236,9 +334,17 @@ class Defense(abc.ABC):
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write the defense atomically (missing parent directories are created): state files
-        plus `defense.json` with hashes."""
+        plus `defense.json` with hashes and the key check value of the secret (`secret_check`),
+        which binds the defense to that secret. Every defense but `none` needs its secret here.
+        A setting that leaves the reference sample unchanged is refused (`no_op.refuse_no_op`)."""
         from purifier.artifacts import sha256_file
+        from purifier.defenses.keyed import GENERATE_SECRET, key_check_value
 
+        if self.name != "none" and self.secret is None:
+            raise ConfigError(f"secret: a fitted {self.name} defense is bound to the PRF secret it will be served "
+                              f"with; construct it with secret=load_secret(...) (make one with {GENERATE_SECRET})")
+        refuse_no_op(self, self.reference_sample, str(directory),
+                     f"choose a setting that changes them (purifier tune {self.name} measures what each costs and buys)")
         Path(directory).resolve().parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(directory) as tmp:
             files = self._save_arrays(tmp)
@@ -246,12 +352,16 @@ class Defense(abc.ABC):
             if self.fingerprint is not None:
                 written, identity["fingerprint"] = self.fingerprint.save(tmp)
                 files = [*files, *written]
+            if self.reference_sample is not None:
+                written, identity["reference_sample"] = self.reference_sample.save(tmp)
+                files = [*files, *written]
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "defense": self.name,
                 "config": self.config(),
                 "n_classes": self.n_classes,
                 "model_id": self.model_id,
+                **({"secret_check": key_check_value(self.secret)} if self.name != "none" else {}),
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
                 **identity,

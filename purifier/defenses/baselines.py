@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from purifier.defenses.base import Defense
+from purifier.defenses.base import Defense, Knob
 from purifier.defenses.keyed import KeyedPRF
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.errors import ConfigError
@@ -34,6 +34,7 @@ class LabelOnly(Defense):
     strongest privacy any label-keeping defense can reach, at the largest utility cost."""
 
     name = "label_only"
+    baseline_grid = (None,)
 
     def _transform(self, p, inputs):
         out = np.zeros_like(p)
@@ -50,6 +51,8 @@ class TopK(Defense):
     """
 
     name = "top_k"
+    knob = Knob("k", (5, 3, 2, 1), "smaller", int, "k")
+    baseline_grid = (3, 2)  # k = 1 is label_only
 
     def __init__(self, *, k: int = 3, secret: bytes | None = None):
         super().__init__(secret=secret)
@@ -86,6 +89,8 @@ class Rounded(Defense):
     """
 
     name = "round"
+    knob = Knob("decimals", (3, 2, 1, 0), "smaller", int, "decimals")
+    baseline_grid = (3, 2, 1)  # 0 decimals is label_only
 
     def __init__(self, *, decimals: int = 1, secret: bytes | None = None):
         super().__init__(secret=secret)
@@ -148,6 +153,8 @@ class Noise(Defense):
     """
 
     name = "noise"
+    knob = Knob("scale", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2), "larger", float, "scale")
+    baseline_grid = (0.003, 0.01, 0.03)
 
     def __init__(self, *, kind: str = "laplace", scale: float = 0.05, budget: float | None = None,
                  secret: bytes | None = None):

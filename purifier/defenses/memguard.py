@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from purifier.defenses.base import Defense, FitData
+from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
 from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClassifier, TrainSettings
 from purifier.defenses.phase1 import Phase1Solver
@@ -58,7 +58,7 @@ class MemGuard(Defense):
         epsilon: expected L1 distortion budget per query (Phase II), >= 0.
         mode: "fast" (default, for serving) or "faithful" (the original Phase I).
         device: "cpu" (default), "cuda" or "auto" (`purifier.devices`) for training `h` and for
-            the faithful solver; the fast solver runs on the CPU.
+            the faithful solver; the fast solver runs on the CPU unless `serve_on` says otherwise.
         epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
             schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
             for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
@@ -68,6 +68,8 @@ class MemGuard(Defense):
     """
 
     name = "memguard"
+    # epsilon 2 releases Phase I's noise on every row (no L1 distance exceeds 2): the strongest setting
+    knob = Knob("epsilon", (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0), "larger", float, "eps")
 
     def __init__(self, *, epsilon: float = DEFAULT_EPSILON, mode: str = "fast", device: str = "cpu",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
@@ -93,7 +95,8 @@ class MemGuard(Defense):
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
         self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
-        self._solver: Phase1Solver | None = None  # the fast solver's graphs of h, built on first use
+        self._solver: Phase1Solver | None = None  # the fast solver's graphs of h (built on load or first use)
+        self.serve_device = "cpu"  # where the fast solver runs (serve_on)
 
     # --- fitting ---------------------------------------------------------------------------
 
@@ -161,7 +164,7 @@ class MemGuard(Defense):
 
     def _fast(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._solver is None or self._solver.h is not h:
-            self._solver = Phase1Solver(h)
+            self._solver = Phase1Solver(h, self.serve_device)
         return self._solver(p)
 
     def _faithful(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +214,17 @@ class MemGuard(Defense):
             _require_torch()
         self.classifier = MembershipClassifier(weights)
         self._torch_mlp = None
+        # a loaded defense is about to serve: build the solver's sessions now, not on the first request
+        self._solver = Phase1Solver(self.classifier, self.serve_device) if self.mode == "fast" else None
+
+    def serve_on(self, device: str) -> None:
+        """The fast solver's graph on `device` (onnxruntime's CUDA provider for cuda); the faithful
+        solver and training keep `device`."""
+        check_device(device)
+        if device != self.serve_device:
+            self.serve_device = device
+            if self.classifier is not None and self.mode == "fast":
+                self._solver = Phase1Solver(self.classifier, device)
 
 
 def _require_torch() -> None:

@@ -33,12 +33,10 @@ graph has no control flow (no If/Loop/Scan) and no operator whose work depends o
 beyond sorting; all three paths, the full grid and every bisection level run for rows that cross
 early, late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: no noise) alike,
 and results are selected with masks. MemGuard's running time therefore carries no trace of its
-membership verdict (benchmarks/bench_timing.py). The only schedule choice is how many bisection
-levels share one pass of h (speculatively: 2**k - 1 probes settle k levels): it depends on the
-batch size alone (`levels_per_pass`), and the probe points are integer multiples of 2**-LEVELS
-of the bracket, so every schedule computes bit-identical results. Rows are independent of the
-batch around them (every operator is row-wise; onnxruntime's float64 MatMul rounds a row the same
-way whatever the row count, checked by tests/unit/defenses/test_memguard_fast.py).
+membership verdict (benchmarks/bench_timing.py). The schedule is the same for every batch size
+too (one graph, one session). Rows are independent of the batch around them (every operator is
+row-wise; onnxruntime's float64 MatMul rounds a row the same way whatever the row count, and the
+SIMD-packet padding below does the rest; checked by tests/unit/defenses/test_memguard_fast.py).
 
 `phase1_faithful` (torch) is the original algorithm, the reference this solver is checked against.
 Arrays: p (N, C); sorted probabilities s (N, C); paths P = 3; probes (N, P, K).
@@ -65,15 +63,17 @@ GRID_ABSOLUTE = np.geomspace(1e-2 / T_MAX, 1.0, 4)
 N_GRID = len(GRID_PREDICTED) + len(GRID_ABSOLUTE)
 # Bisection levels on the chosen path: the crossing to 2**-8 of its grid bracket (~0.6% of t).
 LEVELS = 8
-# Small batches settle SPECULATE_LEVELS bisection levels per pass of h (2**k - 1 probes settle k
-# levels: fewer passes, more probe rows) while a pass stays within SPECULATE_ROWS probe rows; more
-# levels per pass measured no faster in onnxruntime, and every schedule is one more session to build.
-SPECULATE_LEVELS, SPECULATE_ROWS = 2, 16
+# Bisection levels settled per pass of h: 3 speculative probes settle 2 levels, so 4 passes of 3
+# probes instead of 8 passes of 1. Each pass has a fixed cost in onnxruntime (about 40 nodes), so
+# this is the faster schedule for the small batches that dominate serving, at a few percent more
+# work on large ones; one schedule for every batch size is one session to build at start-up.
+LEVELS_PER_PASS = 2
 N_PATHS = 3
 F64 = np.float64
-# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the probes are most of the work); h0, its gradient, the paths and the released vectors
-# are float64. A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the
-# EARLY_EXIT band (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
+# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the
+# probes are most of the work); h0, its gradient, the paths and the released vectors are float64.
+# A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the EARLY_EXIT band
+# (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
 PROBE_DTYPE, PROBE_ONNX_TYPE = np.float32, 1
 
 
@@ -92,14 +92,6 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
     out = np.empty_like(sorted_rows)
     np.put_along_axis(out, order, sorted_rows, axis=1)
     return out
-
-
-def levels_per_pass(n: int) -> int:
-    """Bisection levels settled per pass of h for a batch of n rows (batch size alone decides)."""
-    k = 1
-    while k < SPECULATE_LEVELS and n * (2 ** (k + 1) - 1) <= SPECULATE_ROWS:
-        k += 1
-    return k
 
 
 class _Ops:
@@ -198,7 +190,12 @@ class _Ops:
 
     def crossed(self, vectors: str, h0: str, lead: tuple[int, ...]) -> str:
         """Sorted vectors (N, *lead, C) -> (N, *lead) bool: h's sign flipped versus h0 (N, 1)."""
-        a = self.Cast(self.Reshape(vectors, self.i(-1, self.c)), to=PROBE_ONNX_TYPE)
+        a = self.Reshape(vectors, self.i(-1, self.c))
+        # probabilities below float32's smallest normal (common in confident rows) would become
+        # subnormal numbers, which some CPUs multiply far more slowly: a timing difference
+        # between confident and unsure rows. They go to 0 (a change far below h's resolution).
+        tiny = self.k(float(np.finfo(PROBE_DTYPE).tiny))
+        a = self.Cast(self.Where(self.Less(a, tiny), self.k(0.0), a), to=PROBE_ONNX_TYPE)
         for w, b in zip(self.probe_wt, self.probe_b, strict=True):
             a = self.Relu(self.Gemm(a, w, b))
         out = self.f64(self.Add(self.sum(self.Mul(a, self.probe_w4), 2, HIDDEN[-1]), self.probe_b4))  # (M, 1)
@@ -207,8 +204,8 @@ class _Ops:
         return self.LessOrEqual(self.Mul(out, h0b), self.k(0.0))
 
 
-def build_graph(h: MembershipClassifier, per_pass: int) -> GraphBuilder:
-    """The whole search for one fitted h, settling `per_pass` bisection levels per pass of h.
+def build_graph(h: MembershipClassifier) -> GraphBuilder:
+    """The whole search for one fitted h.
 
     Graph input `sorted_probs` (N, C) float64 (rows sorted ascending, stable: `sort_rows`);
     outputs `noised` (N, C) float64 in sorted order and `success` (N,) bool.
@@ -302,7 +299,7 @@ def build_graph(h: MembershipClassifier, per_pass: int) -> GraphBuilder:
     zeros = o.rows(o.k(np.zeros((1, 1)), np.int64), 1)  # (N, 1)
     k_lo, done = zeros, 0
     while done < LEVELS:
-        levels = min(per_pass, LEVELS - done)
+        levels = min(LEVELS_PER_PASS, LEVELS - done)
         unit = 2 ** (LEVELS - done - levels)  # spacing of this pass's probes, in steps of k
         count = 2 ** levels - 1
         ks = o.Add(k_lo, o.k(unit * np.arange(1, count + 1)[None, :], np.int64))  # (N, count)
@@ -326,20 +323,19 @@ def build_graph(h: MembershipClassifier, per_pass: int) -> GraphBuilder:
 class Phase1Solver:
     """The constant-work boundary search for one fitted h, on onnxruntime.
 
-    `solver(p)` maps p (N, C) float64 in class order to (noised (N, C), success (N,)) in one
-    session run. One session per bisection schedule (`levels_per_pass`), built here so that no
-    request pays for it; sessions are thread-safe and release the GIL while they run.
+    `solver(p)` maps p (N, C) float64 in class order to (noised (N, C), success (N,)) in one run of
+    one session, built here so that no request pays for it; the session is thread-safe and
+    releases the GIL while it runs.
     """
 
     def __init__(self, h: MembershipClassifier, device: str = "cpu"):
         from purifier.models.onnx_runner import OnnxClassifier
 
         self.h, self.device = h, device
-        self.sessions = {k: OnnxClassifier(build_graph(h, k).model_bytes(), device=device)
-                         for k in range(1, SPECULATE_LEVELS + 1)}
+        self.graph = OnnxClassifier(build_graph(h).model_bytes(), device=device)
 
     def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(p, axis=1, kind="stable")
         sorted_p = np.ascontiguousarray(np.take_along_axis(p, order, axis=1), F64)
-        noised, success = self.sessions[levels_per_pass(len(p))].session.run(None, {"sorted_probs": sorted_p})
+        noised, success = self.graph.session.run(None, {"sorted_probs": sorted_p})
         return unsort_rows(noised, order), success

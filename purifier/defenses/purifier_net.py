@@ -28,9 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from purifier.defenses import label_swap
-from purifier.defenses.base import Defense, FitData
+from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
+from purifier.defenses.no_op import ReferenceSample
 from purifier.defenses.repair import blend_to_budget, repair_top
+from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
 
 ONNX_FILE, INDEX_FILE = "reformer.onnx", "member_index.npy"
@@ -50,11 +52,13 @@ class PurifierNet(Defense):
         label_swap: enable the label swapper (needs the request's input rows).
         swap_fraction: fraction of correctly classified members to swap (None = q* from data).
         holdout: fraction of the reference set kept out of training to report on.
-        device: "cpu" | "cuda" | "auto" for training and the ORT session.
+        device: "cpu" | "cuda" | "auto" for training and the ORT session (`serve_on` moves the
+            session).
         secret: the PRF key (required for `noise="keyed"` and the swapper).
     """
 
     name = "purifier"
+    knob = Knob("budget", (0.02, 0.05, 0.1, 0.2, 0.5, None), "larger", float, "L1 budget")  # None: no cap
 
     def __init__(self, *, epochs: int = 300, lr: float = 3e-3, batch_size: int = 64, seed: int = 0,
                  lam: float = 1.0, kl_weight: float = 1.0, beta: float = 0.0, noise: str = "keyed",
@@ -87,6 +91,7 @@ class PurifierNet(Defense):
         self.latent_dim = 0
         self.model = None  # the torch CVAE, present only after fit (parity checks)
         self._session = None
+        self._session_device = device
         self._onnx_bytes: bytes | None = None
         self.fit_report: dict = {}
 
@@ -154,6 +159,8 @@ class PurifierNet(Defense):
         self.key_check = label_swap.key_check(prf)
         self.realized_swap_fraction = len(self.member_index) / max(1, len(data.member_inputs))
         self.n_features = int(data.member_inputs.shape[1])
+        # the no-op check applies the defense to reference rows: with the swapper, their inputs too
+        self.reference_sample = ReferenceSample.from_rows(data.reference_probs, data.reference_inputs)
         return self
 
     def with_options(self, *, noise: str | None = None, budget: float | None = None,
@@ -167,7 +174,8 @@ class PurifierNet(Defense):
             if value is not None:
                 cfg[key] = value
         twin = PurifierNet(**cfg, secret=self.secret if secret is None else secret)
-        for attr in ("n_classes", "model_id", "fingerprint", "n_features", "latent_dim", "model", "_session", "_onnx_bytes",
+        for attr in ("n_classes", "model_id", "fingerprint", "reference_sample", "n_features", "latent_dim", "model",
+                     "_session", "_session_device", "_onnx_bytes",
                      "fit_report", "member_index", "key_check", "realized_swap_fraction"):
             setattr(twin, attr, getattr(self, attr))
         return twin
@@ -186,6 +194,15 @@ class PurifierNet(Defense):
                 "mean_l1": float(l1.mean()), "max_l1": float(l1.max())}
 
     # --- serving -----------------------------------------------------------------------------
+
+    def serve_on(self, device: str) -> None:
+        """The reformer's onnxruntime session on `device` (the CUDA provider for cuda)."""
+        from purifier.models.onnx_runner import OnnxClassifier
+
+        check_device(device)
+        if self._onnx_bytes is not None and device != self._session_device:
+            self._session = OnnxClassifier(self._onnx_bytes, device=device)
+        self._session_device = device
 
     def _noise(self, p: np.ndarray) -> np.ndarray:
         if self.noise == "mean":

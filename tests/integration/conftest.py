@@ -51,8 +51,9 @@ class MLServerProcess(ModelServer):
         self.endpoint = f"127.0.0.1:{self.grpc_port}"
 
     def write_settings(self) -> None:
+        self.http_port = free_port()
         (self.root / "settings.json").write_text(json.dumps({
-            "host": "127.0.0.1", "http_port": free_port(), "grpc_port": self.grpc_port,
+            "host": "127.0.0.1", "http_port": self.http_port, "grpc_port": self.grpc_port,
             "metrics_port": free_port(), "parallel_workers": 0}))
 
     def write_repository(self) -> None:
@@ -68,7 +69,8 @@ class MLServerProcess(ModelServer):
         (model_dir / "model-settings.json").write_text(json.dumps({
             "name": self.model_name, "implementation": "mlserver_sklearn.SKLearnModel",
             "parameters": {"uri": "./model.joblib", "extra": {"predict_fn": "predict_proba"}},
-            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}]}))
+            "inputs": [{"name": "input-0", "datatype": "FP32", "shape": [-1, 64]}],
+            "outputs": [{"name": "predict_proba", "datatype": "FP64", "shape": [-1, 10]}]}))
         self.write_settings()
 
     def start(self) -> MLServerProcess:

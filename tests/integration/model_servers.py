@@ -12,9 +12,11 @@ ends the whole group (Triton's server outlives its Python parent by seconds othe
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 from purifier.serve_process import ServerProcess, free_port  # noqa: F401 - the tests import free_port here
@@ -64,4 +66,16 @@ def sidecar_settings(server: ModelServer, **extra) -> Settings:
     """A loopback sidecar (any free port, no metrics) defending `server`'s `probabilities`."""
     return Settings.resolve({"upstream": f"127.0.0.1:{server.grpc_port}", "upstream_service": server.service,
                              "model_name": server.model, "confidence_output": "probabilities", "host": "127.0.0.1",
-                             "port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+                             "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+
+
+def kserve_rest_client(port: int, model: str, x: np.ndarray, tmp_path: Path) -> dict:
+    """KServe's InferenceRESTClient (in .venv-kserve, clients/kserve_rest_client.py) against the REST
+    front at 127.0.0.1:port: readiness, then `x` as JSON and as binary tensors; the saved answers."""
+    rows_file, out = tmp_path / "rows.npy", tmp_path / "answer.npz"
+    np.save(rows_file, x)
+    cmd = [str(venv_python("kserve")), str(ROOT / "tests" / "integration" / "clients" / "kserve_rest_client.py"),
+           f"http://127.0.0.1:{port}", model, "input", str(rows_file), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(np.load(out))

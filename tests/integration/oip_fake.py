@@ -56,6 +56,7 @@ class FakeUpstream:
         self.calls: list[str] = []          # method names, in arrival order
         self.infer_count = 0
         self.seen_parameters: list[set[str]] = []
+        self.seen_metadata: list[dict] = []     # the invocation metadata of every ModelInfer
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
 
@@ -74,6 +75,7 @@ class FakeUpstream:
         with self._lock:
             self.infer_count += 1
             self.seen_parameters.append(set(request.parameters) | {k for o in request.outputs for k in o.parameters})
+            self.seen_metadata.append(dict(context.invocation_metadata()))
         if self.delay:
             time.sleep(self.delay)
         t = request.inputs[0]

@@ -3,48 +3,49 @@ bad executor settings fail in one line before anything is queried or written."""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from purifier.audit.results import Report
 from purifier.cli import main
 
 ATTACKS = "gap,mentr,lira_online,lira_offline,label_augment"
 
 
-def audit(target, out, cache, *extra) -> dict:
+def audit(target, out, cache, *extra) -> Report:
     """Run the CLI in its own process (as a user does; a local Ray is started and stopped there)."""
     cmd = [sys.executable, "-m", "purifier.cli", "audit", "--target", str(target.directory), "--in-process",
            "--out", str(out), "--attacks", ATTACKS, "--shadows", "4", "--shadow-epochs", "20",
            "--bootstrap", "20", "--cache-dir", str(cache), "--quiet", *extra]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads((out / "report.json").read_text())
+    return Report.read(out)
 
 
-def attack_numbers(report: dict) -> dict:
-    return {name: {k: v for k, v in a.items() if k != "seconds"} for name, a in report["attacks"].items()}
+def attack_numbers(report: Report) -> dict:
+    return {name: replace(a, seconds=0.0) for name, a in report.attacks.items()}
 
 
 def test_ray_cache_and_local_processes_give_the_same_audit(digits_target, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed here (the purifier[ray] extra; make venv installs it)")
     cache = tmp_path / "cache"
     on_ray = audit(digits_target, tmp_path / "ray", cache, "--executor", "ray", "--workers", "2")
-    sh = on_ray["shadows"]
-    assert sh["executor"]["executor"] == "ray" and sh["executor"]["opened"] and sh["trained"] == 4
-    assert sh["cache"]["written"] == 4 and sh["from_cache"] == 0
+    sh = on_ray.shadows
+    assert sh.executor["executor"] == "ray" and sh.executor["opened"] and sh.trained == 4
+    assert sh.cache["written"] == 4 and sh.from_cache == 0
 
     warm = audit(digits_target, tmp_path / "warm", cache, "--executor", "ray")
-    assert warm["shadows"]["from_cache"] == 4 and warm["shadows"]["trained"] == 0
-    assert warm["shadows"]["executor"]["opened"] is False  # nothing to train: no Ray started
-    assert warm["shadows"]["retrained_for_label_queries"] == []  # oracles rebuilt from cached weights
+    assert warm.shadows.from_cache == 4 and warm.shadows.trained == 0
+    assert warm.shadows.executor["opened"] is False  # nothing to train: no Ray started
+    assert warm.shadows.retrained_for_label_queries == ()  # oracles rebuilt from cached weights
 
     local = audit(digits_target, tmp_path / "local", cache, "--executor", "local", "--workers", "2", "--no-cache")
-    assert local["shadows"]["executor"]["executor"] == "local" and local["shadows"]["trained"] == 4
-    assert local["shadows"]["cache"]["enabled"] is False and not (tmp_path / "local-cache").exists()
+    assert local.shadows.executor["executor"] == "local" and local.shadows.trained == 4
+    assert local.shadows.cache["enabled"] is False and not (tmp_path / "local-cache").exists()
 
     assert attack_numbers(on_ray) == attack_numbers(warm) == attack_numbers(local)
     assert "4 trained on ray" in (tmp_path / "ray" / "report.md").read_text()

@@ -40,7 +40,7 @@ TYPED_FIELDS = sorted(set(TYPED_FIELD.values()) | {"bytes_contents"})
 @pytest.fixture(scope="module")
 def sidecar(digits_target, flatten_cls):
     settings_ = Settings.resolve({"model": str(digits_target.directory), "model_name": "digits",
-                                  "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                  "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                   "max_request_rows": MAX_ROWS}, env={})
     with BackgroundSidecar(settings_, defense=flatten_cls()) as sc:
         yield sc

@@ -7,7 +7,10 @@ the test checks what the client can see (the serialized response, every tensor f
 parameters, initial and trailing metadata, status details and debug string) for any clean value,
 as little-endian and big-endian FP32/FP64 bytes and as decimal text, and checks the outcome:
 either the defended answer (constructed from scratch, only the defended output) or the expected
-gRPC error with a fixed message. After each fault a plain request is served correctly.
+gRPC error with a fixed message. After each fault a plain request is served correctly. Every
+fault runs through every front (`fronts.FRONTS`: gRPC unary, gRPC stream, REST JSON, REST
+binary): the same outcome (the HTTP status of the gRPC code over REST, an error message in the
+stream) and nothing clean in any of them.
 
 `python tests/integration/test_malicious_upstream.py` writes the table of fault modes and
 outcomes (from FAULTS) to docs/fault-modes.md; a test keeps that file equal to FAULTS.
@@ -25,8 +28,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fronts import FRONTS, outcome_matches
+from fronts import Seen as FrontSeen
+from fronts import call as front_call
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_fake import infer_request, softmax
 
+from purifier.defenses import Fingerprint
 from purifier.errors import ConfigError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -39,6 +47,7 @@ SERVICE = "inference.GRPCInferenceService"
 C = 4
 X = np.random.default_rng(7).normal(0, 0.6, size=(3, C)).astype(np.float32)
 INTERNAL, UNAVAILABLE = grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 OK = None
 
 
@@ -211,6 +220,16 @@ FAULTS: dict[str, tuple[Callable[[np.ndarray], Reply], grpc.StatusCode | None]] 
 }
 
 
+# what the identity tests below show (their names say which)
+IDENTITY_FAULTS = {
+    "swaps the model behind the same connection": "NOT_SERVING at the next probe, every request UNAVAILABLE; "
+                                                   "SERVING again when a probe matches",
+    "answers probe-like requests (id `purifier-probe`, right after ModelMetadata, 8 or 64 rows) with the fitted "
+    "model, everything else with another": "NOT_SERVING within one probe interval; no probe lets it back in",
+    "declares no inputs, several inputs, a non-float input or another width (a defense with a fingerprint)":
+        "refused at start-up (unless `--model-id` vouches for the model)",
+    "restarts with another model": "NOT_SERVING, requests that waited for the restart are not answered by it",
+}
 FAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "fault-modes.md"
 
 
@@ -220,7 +239,10 @@ def fault_table() -> str:
              "Generated from `FAULTS` in `tests/integration/test_malicious_upstream.py` (run that file with "
              "python to regenerate). For every mode the suite checks that no clean value (FP32/FP64 bytes in "
              "either byte order, decimal text) appears in anything the client receives: the serialized "
-             "response, every tensor field, parameters, initial and trailing metadata, status details.", "",
+             "response, every tensor field, parameters, initial and trailing metadata, status details. Each "
+             "mode runs through every front: gRPC `ModelInfer`, a gRPC `ModelStreamInfer` stream (an error is "
+             "that request's error message in the stream) and REST with JSON and with binary tensors (an error "
+             "is the HTTP status of the gRPC code: INVALID_ARGUMENT 400, INTERNAL 500, UNAVAILABLE 503).", "",
              "| # | upstream fault | client outcome |", "|---|---|---|"]
     for i, (name, (_, expected)) in enumerate(FAULTS.items(), 1):
         outcome = "OK: defended answer, constructed (only the defended output)" if expected is OK else expected.name
@@ -234,6 +256,13 @@ def fault_table() -> str:
     for i, name in enumerate(LABELS, 1):
         start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
         lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
+    lines += ["", "## Another model behind the upstream", "",
+              "The defense carries a fingerprint (64 probe rows and the fitted model's answers); the sidecar asks "
+              "a few of them again at random times (`identity_check_s`, 0.2 s in the tests) in requests that look "
+              "like its clients' (`test_sidecar_model_check.py` covers restarts and metadata).", "",
+              "| # | upstream | outcome |", "|---|---|---|"]
+    for i, (name, outcome) in enumerate(IDENTITY_FAULTS.items(), 1):
+        lines.append(f"| {i} | {name} | {outcome} |")
     return "\n".join(lines) + "\n"
 
 
@@ -253,7 +282,9 @@ class HostileUpstream:
     def __init__(self, label: tuple[str, list[int]] | None = None):
         self.fault: Callable[[np.ndarray], Reply] = lambda p: Reply(answer(p))
         self.model: Callable[[np.ndarray, pb.ModelInferRequest], np.ndarray] = lambda x, request: softmax(x)
+        self.on_metadata: Callable[[], None] = lambda: None
         self.calls = 0
+        self.seen: list[tuple[str, int, tuple[str, ...]]] = []   # (id, rows, outputs) of every ModelInfer
         self.label = label
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
         handlers = {
@@ -273,6 +304,7 @@ class HostileUpstream:
         self.server = server
 
     def _metadata(self, request, context):
+        self.on_metadata()
         spec = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name="m", versions=["1"], platform="hostile",
                                         inputs=[spec(name="x", datatype="FP32", shape=[-1, C])],
@@ -282,6 +314,7 @@ class HostileUpstream:
     def _infer(self, request, context):
         self.calls += 1
         x = decode_inputs(request)[0]
+        self.seen.append((request.id, len(x), tuple(o.name for o in request.outputs)))
         reply = self.fault(self.model(x, request))
         if reply.initial:
             context.send_initial_metadata(reply.initial)
@@ -325,7 +358,7 @@ def recording(flatten_cls):
 @pytest.fixture(scope="module")
 def sidecar(hostile, recording):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{hostile.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1, "health_poll_s": 0.2}, env={})
     with BackgroundSidecar(settings, defense=recording.defense) as sc:
         yield sc
@@ -404,25 +437,37 @@ def test_the_hostile_upstream_really_leaks_and_the_checker_sees_it(hostile):
     hostile.fault = lambda p: Reply(answer(p))
 
 
+def assert_front_defended(seen: FrontSeen, defense, clean: np.ndarray) -> None:
+    assert seen.code is None, seen.texts
+    assert list(seen.outputs) == ["probs"] and not seen.extra, seen.extra
+    assert seen.id == "r" and seen.model_name == "m"
+    got = seen.outputs["probs"]
+    assert got.dtype == np.float32 and got.shape == clean.shape
+    np.testing.assert_allclose(got, type(defense)().transform(clean), rtol=1e-6)
+
+
+@pytest.mark.parametrize("front", FRONTS)
 @pytest.mark.parametrize("fault", list(FAULTS))
-def test_no_clean_value_reaches_the_client(stub, sidecar, hostile, recording, fault):
+def test_no_clean_value_reaches_the_client(sidecar, hostile, recording, fault, front):
+    """Every fault through every front (fronts.FRONTS): the same outcome, nothing clean."""
     make, expected = FAULTS[fault]
     clean = softmax(X)
     hostile.fault = make
     try:
         before, rows_before = hostile.calls, len(recording.rows)
-        seen = call(stub, X)
+        seen = front_call(front, sidecar.port, sidecar.http_port, infer_request(X))
         assert hostile.calls > before   # the fault really was served (UNAVAILABLE is retried)
         assert_no_clean_value(seen, clean)
         if expected is OK:
-            assert_defended(seen, recording.defense, clean)
+            assert_front_defended(seen, recording.defense, clean)
         else:
-            assert seen.code == expected, (seen.code, seen.texts)
+            assert outcome_matches(seen, front, expected), (seen.code, seen.texts)
             assert max(recording.rows[rows_before:], default=0) <= len(X)  # nothing oversized was defended
-        print(f"\n| {fault} | {'defended answer' if expected is OK else expected.name} |")
+        print(f"\n| {fault} | {front} | {'defended answer' if expected is OK else expected.name} |")
     finally:
         hostile.fault = lambda p: Reply(answer(p))
-    assert_defended(call(stub, X), recording.defense, clean)           # still serving
+    assert_front_defended(front_call(front, sidecar.port, sidecar.http_port, infer_request(X)),
+                          recording.defense, clean)                      # still serving
 
 
 def test_an_oversized_answer_does_not_hold_the_defense(stub, hostile, recording):
@@ -491,7 +536,7 @@ def labelled_upstream():
 def label_settings(upstream, **extra) -> Settings:
     return Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
                              "confidence_output": "probs", "allow_outputs": ("label",), "host": "127.0.0.1",
-                             "port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
+                             "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.2, **extra}, env={})
 
 
 @pytest.fixture(scope="module")
@@ -565,7 +610,155 @@ def test_an_allowed_output_of_a_model_that_cannot_be_probed_is_refused(hostile, 
             pass
 
 
+# --- another model behind the upstream: identity probes ---------------------------------------------
+
+PROBE_ROWS = np.random.default_rng(11).normal(0, 1.5, size=(64, C)).astype(np.float32)
+INTERVAL_S = 0.2   # identity_check_s in these tests: consecutive probes at most this far apart
+
+
+def another_model(x: np.ndarray, request) -> np.ndarray:
+    return softmax(x / 3.0)
+
+
+@pytest.fixture
+def watched(recording):
+    """A hostile upstream that declares its input, and a sidecar whose defense carries a 64-row
+    fingerprint of softmax(x), probing at most INTERVAL_S apart: (upstream, sidecar, stub, health)."""
+    defense = recording.defense
+    upstream = HostileUpstream(label=("INT64", [-1]))
+    defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
+                                 "health_poll_s": 0.1, "identity_check_s": INTERVAL_S}, env={})
+    try:
+        with BackgroundSidecar(settings, defense=defense) as sc, \
+                grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+            yield upstream, sc, pb_grpc.GRPCInferenceServiceStub(channel), health_pb2_grpc.HealthStub(channel)
+    finally:
+        defense.fingerprint = None
+        upstream.server.stop(0)
+
+
+def probes(sc, outcome: str) -> float:
+    return sc.metrics.registry.get_sample_value("purifier_identity_probes_total", {"outcome": outcome}) or 0.0
+
+
+def until(condition, bound_s: float = 60.0) -> bool:
+    """Poll `condition` for at most `bound_s` (a bound on a hang, not a timing assertion)."""
+    deadline = time.monotonic() + bound_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def health_is(health, status) -> bool:
+    return health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == status
+
+
+def test_a_model_swapped_behind_the_same_connection_is_caught_by_the_next_probe(watched):
+    """Before: the model was checked once per connection; one swapped behind it stayed SERVING."""
+    upstream, sc, stub, health = watched
+    assert call(stub, X).code is None
+    until(lambda: probes(sc, "match") >= 1, bound_s=10)         # a probe while the fitted model serves
+    matched = probes(sc, "match")
+    upstream.model = another_model                              # same process, same connection
+    assert until(lambda: health_is(health, NOT_SERVING))
+    assert matched >= 1 and probes(sc, "mismatch") >= 1         # probes matched, then the next one caught it
+    assert probes(sc, "match") - matched <= 1                   # (one in flight at the swap may still match)
+    refused = call(stub, X)
+    assert refused.code == UNAVAILABLE and "refused by the sidecar's model check" in refused.texts[0]
+    upstream.model = lambda x, request: softmax(x)              # the fitted model is back
+    assert until(lambda: health_is(health, SERVING))
+    assert_defended(call(stub, X), sc.defense, softmax(X))
+
+
+def test_an_upstream_that_answers_probe_like_requests_with_the_fitted_model_is_caught(watched):
+    """Before: the model was probed once, with the id `purifier-probe` and the fingerprint's rows in
+    one request right after ModelMetadata. An upstream that answered requests like that with the
+    fitted model and everything else with another stayed SERVING. Here it also recognises a
+    request with as many rows as a fingerprint stores (8 before, 64 now)."""
+    upstream, sc, stub, health = watched
+    after_metadata = [False]
+
+    def cheat(x, request):
+        probe_like = request.id == "purifier-probe" or after_metadata[0] or len(x) in (8, len(PROBE_ROWS))
+        after_metadata[0] = False
+        return softmax(x) if probe_like else another_model(x, request)
+
+    upstream.on_metadata = lambda: after_metadata.__setitem__(0, True)
+    assert call(stub, X).code is None                           # recent traffic: 3-row requests
+    matched = probes(sc, "match")
+    upstream.model = cheat
+    served = call(stub, X)                                      # answered by the other model (until caught)
+    assert served.code in (None, UNAVAILABLE)
+    assert until(lambda: health_is(health, NOT_SERVING))
+    # caught within one probe interval of the cheat beginning: at most a probe already in flight matched
+    assert probes(sc, "mismatch") >= 1 and probes(sc, "match") - matched <= 1
+    assert call(stub, X).code == UNAVAILABLE                    # and no probe lets it back in
+    assert until(lambda: probes(sc, "mismatch") >= 5) and health_is(health, NOT_SERVING)
+
+
+def test_probes_look_like_client_requests(watched):
+    """Ids: the upstream sees 16 hex digits for every request (the client's own id stays with the
+    client); sizes: those of recent client requests; outputs: the same for probes and clients."""
+    upstream, sc, stub, health = watched
+    sizes = (1, 2, 5)
+    for i in range(30):
+        x = np.random.default_rng(i).normal(0, 1, size=(sizes[i % 3], C)).astype(np.float32)
+        assert call(stub, x).code is None
+    before = len(upstream.seen)
+    assert until(lambda: probes(sc, "match") >= 6)
+    seen = list(upstream.seen)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i, _, _ in seen)         # no "purifier-probe", no "r"
+    assert {outputs for _, _, outputs in seen} == {("probs",)}
+    later = [rows for _, rows, _ in seen[before:]]
+    assert later and set(later) <= set(sizes)                   # probe sizes copy recent client traffic
+
+
+def test_metadata_that_contradicts_the_fitted_model_refuses_at_start(recording):
+    """Before: metadata that lied about the inputs only got an info line ("not probed")."""
+    defense = recording.defense
+    defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
+    upstream = HostileUpstream()                                # serves no ModelMetadata: cannot be probed
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1},
+                                env={})
+    try:
+        with pytest.raises(ConfigError, match="defense: the upstream model contradicts the fitted one: it declares "
+                                              "no inputs .* or vouch for the model with --model-id"):
+            with BackgroundSidecar(settings, defense=defense):
+                pass
+    finally:
+        defense.fingerprint = None
+        upstream.server.stop(0)
+
+
 if __name__ == "__main__":
     FAULT_TABLE.parent.mkdir(exist_ok=True)
     FAULT_TABLE.write_text(fault_table())
     print(f"wrote {FAULT_TABLE} ({len(FAULTS)} fault modes)")
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_an_allowed_output_is_rebuilt_through_every_front(labelled_upstream, recording, front):
+    """The leaking label encodings through the REST and streaming fronts too: the client's label is
+    the defended argmax in the model's datatype and shape, nothing clean beside it."""
+    clean = softmax(X)
+    defended = type(recording.defense)().transform(clean)
+    with BackgroundSidecar(label_settings(labelled_upstream), defense=recording.defense) as sc:
+        try:
+            for mode in ("INT32 bit-casts of the probabilities [N, C]", "UINT8 bytes of the probabilities [N, 4C]"):
+                labelled_upstream.fault = labelled(mode, parameters=True)
+                for outputs in (("label",), ("probs", "label")):
+                    request = infer_request(X)
+                    for name in outputs:
+                        request.outputs.add(name=name)
+                    seen = front_call(front, sc.port, sc.http_port, request)
+                    assert_no_clean_value(seen, clean)
+                    assert seen.code is None and list(seen.outputs) == list(outputs) and not seen.extra, seen.texts
+                    label = seen.outputs["label"]
+                    assert label.dtype == np.int64 and np.array_equal(label, defended.argmax(axis=1))
+        finally:
+            labelled_upstream.fault = labelled(HONEST)

@@ -3,11 +3,12 @@ and one clear line for each way of getting it wrong."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
+from strong_secret import SECRET, write_secret
 
+from purifier.audit.results import Report
 from purifier.cli import main
 from purifier.data.records import save_records
 from purifier.defenses import load_defense
@@ -21,7 +22,7 @@ def locked(digits_target, pki):
     from purifier_server.app import BackgroundSidecar
     from purifier_server.settings import Settings
 
-    s = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1", "port": 0,
+    s = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1", "port": 0, "http_port": 0,
                           "metrics_port": -1, "tls_cert_file": str(pki / "server.pem"),
                           "tls_key_file": str(pki / "server.key"), "tls_client_ca_file": str(pki / "ca.pem"),
                           "auth_token_file": str(pki / "token")}, env={})
@@ -38,18 +39,18 @@ def test_fit_and_audit_through_mutual_tls_with_a_token(locked, digits_target, pk
     endpoint, name = locked
     save_records(tmp_path / "members.npz", *digits_target.role("train"))
     save_records(tmp_path / "reference.npz", *digits_target.role("reference"))
-    (tmp_path / "secret").write_text("access-test-secret-0123456789")
+    write_secret(tmp_path / "secret")
     assert main(["fit-defense", "memguard", "--endpoint", endpoint, "--model-name", name, *_credentials(pki),
                  "--members", str(tmp_path / "members.npz"), "--reference", str(tmp_path / "reference.npz"),
                  "--secret-file", str(tmp_path / "secret"), "--param", "epochs=5", "--out", str(tmp_path / "mg")]) == 0
     # fitted from the endpoint: no model hash to bind to, but the fingerprint holds the model's answers
-    defense = load_defense(tmp_path / "mg", secret=b"access-test-secret-0123456789")
+    defense = load_defense(tmp_path / "mg", secret=SECRET)
     assert defense.model_id == ""
     assert defense.fingerprint.mismatch(digits_target.predict_proba(defense.fingerprint.inputs)) is None
     assert main(["audit", "--endpoint", endpoint, "--model-name", name, *_credentials(pki), "--target",
                  str(digits_target.directory), "--attacks", "gap", "confidence", "--shadows", "1",
                  "--shadow-epochs", "5", "--bootstrap", "5", "--quiet", "--out", str(tmp_path / "r")]) == 0
-    assert json.loads((tmp_path / "r" / "report.json").read_text())["n_nonmembers"] == 400
+    assert Report.read(tmp_path / "r").n_nonmembers == 400
 
 
 @pytest.mark.parametrize("case,message", [

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strong_secret import write_secret
 
+from purifier.audit.results import Report
 from purifier.cli import main
 from purifier.data.records import save_records
 
@@ -44,7 +46,7 @@ def user(tmp_path_factory):
         save_records(d / f"{role}.npz", X[a:b], y[a:b])
     save_records(d / "members.csv", X[:400], y[:400])  # evaluation members: a subset of train, as CSV
     clf = RandomForestClassifier(n_estimators=100, random_state=0).fit(X[:600], y[:600])
-    (d / "secret.txt").write_text("user-secret-0123456789abcdef")
+    write_secret(d / "secret.txt")
     return d, clf, X, y
 
 
@@ -63,12 +65,12 @@ def _fit_files(d: Path) -> list[str]:
             "--secret-file", str(d / "secret.txt")]
 
 
-def _report(path: Path) -> dict:
-    return json.loads((path / "report.json").read_text())
+def _report(path: Path) -> Report:
+    return Report.read(path)
 
 
-def _strongest(report: dict) -> float:
-    return max(report["attacks"][a]["auc"] for a in CONFIDENCE)
+def _strongest(report: Report) -> float:
+    return max(report.attacks[a].ranking.auc for a in CONFIDENCE)
 
 
 def test_a_sklearn_onnx_embedded(user, tmp_path, serve_process):
@@ -88,19 +90,20 @@ def test_a_sklearn_onnx_embedded(user, tmp_path, serve_process):
                       "--secret-file", str(d / "secret.txt"), log=tmp_path / "serve.log") as sidecar:
         _cli("audit", "--endpoint", sidecar, "--model-name", "rf", *_records(d), "--defense-name", "purifier",
              "--shadow-model", "random_forest", "--target-family", "random_forest",
-             "--out", str(tmp_path / "defended"), *AUDIT)
+             "--baseline", str(tmp_path / "undefended"), "--out", str(tmp_path / "defended"), *AUDIT)
     plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
-    a = defended["assumptions"]
-    assert a["sizes"] == {"evaluation_members": 400, "evaluation_nonmembers": 400, "attacker_pool": 1600,
-                          "target_training_set": None}
-    assert a["shadow_recipe"] == "random_forest" and a["recipe_matches_target_family"] is True
-    assert any("TPR at 0.1% FPR is not measurable" in w for w in a["warnings"])
+    assert plain.undefended and defended.baseline == plain  # the in-process audit is the "before"
+    a = defended.assumptions
+    assert (a.evaluation_members, a.evaluation_nonmembers, a.attacker_pool, a.target_training_set) == (400, 400, 1600,
+                                                                                                        None)
+    assert a.shadow_recipe == "random_forest" and a.recipe_matches_target_family is True
+    assert any("TPR at 0.1% FPR is not measurable" in w for w in a.warnings)
     md = (tmp_path / "defended" / "report.md").read_text()
     assert md.index("## What the audit assumed") < md.index("| attack |")
     # the overfit forest leaks well beyond its gap floor; the served defense takes most of it away
-    assert _strongest(plain) > plain["gap_floor"]["auc"] + 0.1
+    assert _strongest(plain) > plain.gap_floor.auc + 0.1
     assert _strongest(defended) < _strongest(plain) - 0.05
-    assert defended["gap_floor"] == plain["gap_floor"]  # labels kept: the label-only floor stays
+    assert defended.gap_floor == plain.gap_floor  # labels kept: the label-only floor stays
 
 
 def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_process):
@@ -127,9 +130,6 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
              "--out", str(tmp_path / "mg"))
         fingerprint = np.load(tmp_path / "mg" / "fingerprint.npz")
         np.testing.assert_allclose(fingerprint["probs"], clf.predict_proba(fingerprint["inputs"]), atol=1e-6)
-        _cli("audit", "--endpoint", upstream, "--model-name", "tabular-rf", *_records(d),
-             "--shadow-model", "random_forest", "--target-family", "random_forest", "--train-size", "600",
-             "--out", str(tmp_path / "undefended"), *AUDIT)
         with serve_process("--upstream", upstream, "--model-name", "tabular-rf", "--confidence-output",
                           "predict_proba", "--defense", "memguard", "--defense-dir", str(tmp_path / "mg"),
                           "--secret-file", str(d / "secret.txt"), log=tmp_path / "serve.log") as sidecar:
@@ -139,13 +139,17 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
                  *AUDIT)
     finally:
         server.stop()
-    plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
-    assert defended["assumptions"]["sizes"]["target_training_set"] == 600
-    u = defended["utility"]
-    assert u["argmax_agreement"] == 1.0 and 0 < u["mean_l1"] <= 1.0 + 0.1  # MemGuard's expected-L1 budget 1
-    assert _strongest(plain) > plain["gap_floor"]["auc"] + 0.1
+    defended = _report(tmp_path / "defended")
+    plain = defended.baseline  # the same attacks and shadow models against MLServer itself, in the same report
+    assert plain.undefended and plain.source.endpoint == upstream and set(plain.attacks) == set(defended.attacks)
+    html = (tmp_path / "defended" / "report.html").read_text()
+    assert "not audited" not in html and "No undefended baseline" not in html
+    assert defended.assumptions.target_training_set == 600
+    cost = defended.utility.cost
+    assert cost.argmax_agreement == 1.0 and 0 < cost.l1_nonmembers.mean <= 1.0 + 0.1  # MemGuard's expected-L1 budget 1
+    assert _strongest(plain) > plain.gap_floor.auc + 0.1
     assert _strongest(defended) < _strongest(plain) - 0.05
-    assert defended["gap_floor"] == plain["gap_floor"]
+    assert defended.gap_floor == plain.gap_floor
 
 
 def test_c_torch_logits_only(user, tmp_path, serve_process):
@@ -165,16 +169,20 @@ def test_c_torch_logits_only(user, tmp_path, serve_process):
                       dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
 
     _cli("fit-defense", "memguard", "--model", str(model), "--logits", *_fit_files(d), "--out", str(tmp_path / "mg"))
+    mlp = ["--shadow-model", "mlp", "--shadow-epochs", "60", "--target-family", "mlp"]
+    _cli("audit", "--model", str(model), "--logits", *_records(d), *mlp, "--out", str(tmp_path / "undefended"),
+         *AUDIT)
     with serve_process("--model", str(model), "--model-name", "net", "--logits", "--defense", "memguard",
                       "--defense-dir", str(tmp_path / "mg"), "--secret-file", str(d / "secret.txt"),
                       log=tmp_path / "serve.log") as sidecar:
         # the sidecar answers defended probabilities (under the output's own name): no --logits here
-        _cli("audit", "--endpoint", sidecar, "--model-name", "net", *_records(d), "--shadow-model", "mlp",
-             "--shadow-epochs", "60", "--target-family", "mlp", "--defense-name", "memguard",
-             "--out", str(tmp_path / "defended"), *AUDIT)
+        _cli("audit", "--endpoint", sidecar, "--model-name", "net", *_records(d), *mlp, "--defense-name", "memguard",
+             "--baseline", str(tmp_path / "undefended"), "--out", str(tmp_path / "defended"), *AUDIT)
     r = _report(tmp_path / "defended")
-    assert r["output_name"] == "logits" and r["assumptions"]["recipe_matches_target_family"] is True
-    assert r["utility"]["member_accuracy"] == 1.0 > r["utility"]["nonmember_accuracy"]
+    assert r.baseline == _report(tmp_path / "undefended") and r.baseline.undefended
+    assert _strongest(r) < _strongest(r.baseline)
+    assert r.source.output_name == "logits" and r.assumptions.recipe_matches_target_family is True
+    assert r.utility.member_accuracy == 1.0 > r.utility.nonmember_accuracy
 
 
 def test_bad_exports_are_named_with_the_fix(user, tmp_path, capsys):

@@ -9,7 +9,6 @@ audit is pointed at those ports; `kill %1 %2` becomes stopping them in `finally`
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from purifier.audit.results import Report
 from purifier.serve_process import ServerProcess, clean_env
 
 pytestmark = pytest.mark.integration
@@ -81,9 +81,9 @@ def test_the_five_minute_path_runs_as_printed(tmp_path):
 
     assert set(ports) == {"8001", "9001"}
     out = tmp_path / "build" / "audit" / "memguard"
-    report = json.loads((out / "report.json").read_text())
-    assert (out / "report.html").is_file() and "gap" in report["attacks"]
+    report = Report.read(out)
+    assert (out / "report.html").is_file() and "gap" in report.attacks
     # the audited endpoint was the defended sidecar, the baseline the undefended one
-    assert report["endpoint"].endswith(f":{ports['8001']}")
-    assert report["baseline_endpoint"].endswith(f":{ports['9001']}")
+    assert report.source.endpoint.endswith(f":{ports['8001']}")
+    assert report.source.baseline_endpoint.endswith(f":{ports['9001']}")
     assert "defense inferred from defense.json" in (tmp_path / "serve-8001.log").read_text()

@@ -42,7 +42,7 @@ class PerRowCost(Defense):
 
 def test_a_one_row_client_is_served_while_four_clients_send_maximum_size_requests(upstream):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "max_request_rows": LARGE, "max_batch_rows": CHUNK,
                                  "max_queued_rows": 2 * LARGE + CHUNK}, env={})
     large_codes: collections.Counter = collections.Counter()

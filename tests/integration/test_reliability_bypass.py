@@ -7,7 +7,6 @@ client and as a recorded call at the upstream. Each test checks both.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 
 import grpc
@@ -38,7 +37,7 @@ def upstream():
 def sidecar(upstream, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
                                  "model_version": "1", "confidence_output": "probs", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
 
@@ -179,22 +178,29 @@ def test_the_fake_upstream_would_answer_those_rpcs(upstream):
         c.close()
 
 
-def test_streaming_infer_is_refused_and_not_forwarded(client, stub, sidecar, upstream):
+def test_streamed_requests_are_defended_and_never_forwarded_as_a_stream(client, stub, sidecar, upstream):
+    """ModelStreamInfer is served (tritonclient stream_infer, perf_analyzer --streaming), each request
+    through the data plane as a unary one: the upstream sees ModelInfer calls, never a stream (whose
+    answers the sidecar could not read one by one), and the client gets the defended vector; a
+    refused request (a logits output) is an error in the stream, not forwarded."""
     since = len(upstream.calls)
     answers: queue.Queue = queue.Queue()
     inp = grpcclient.InferInput("x", list(X.shape), "FP32")
     inp.set_data_from_numpy(X)
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
     try:
-        # the refusal may already have ended the stream: then enqueueing raises, the callback has it
-        with contextlib.suppress(InferenceServerException):
-            client.async_stream_infer("m", [inp], request_id="s1")
-        result, error = answers.get(timeout=10)
+        client.async_stream_infer("m", [inp], request_id="s1")
+        client.async_stream_infer("m", [inp], request_id="s2", outputs=[grpcclient.InferRequestedOutput("logits")])
+        got = [answers.get(timeout=10) for _ in range(2)]
     finally:
         client.stop_stream()
-    assert result is None and error is not None
-    assert "UNIMPLEMENTED" in str(error.status()), error
-    assert upstream.forwarded(since) == []
+    results = [r for r, e in got if e is None]
+    errors = [e for _, e in got if e is not None]
+    assert len(results) == 1 and len(errors) == 1 and "logits" in errors[0].message()
+    expected = type(sidecar.defense)().transform(softmax(X))
+    np.testing.assert_allclose(results[0].as_numpy("probs"), expected, rtol=1e-6)
+    assert results[0].get_response().id == "s1"
+    assert upstream.forwarded(since) == ["ModelInfer"]
     assert_defended(stub, sidecar)
 
 

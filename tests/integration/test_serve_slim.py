@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier.serve_process import (
     ServeProcess,
@@ -26,7 +27,6 @@ from purifier.serve_process import (
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
-SECRET = b"0123456789abcdef-slim-serving-test"
 HEAVY = ("torch", "sklearn", "matplotlib", "scipy")  # none is in the slim install
 
 
@@ -45,7 +45,7 @@ def fitted(digits_target, tmp_path_factory):
     faithful.classifier, faithful.n_classes, faithful.model_id = memguard.classifier, 10, memguard.model_id
     faithful.save(root / "memguard-faithful")
     PurifierNet(epochs=2, secret=SECRET).fit(data, progress=False).save(root / "purifier")
-    (root / "secret").write_bytes(SECRET)
+    write_secret(root / "secret")
     return root
 
 
@@ -59,6 +59,18 @@ def ask(endpoint: str, x: np.ndarray) -> np.ndarray:
     client = grpcclient.InferenceServerClient(endpoint)
     try:
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer("digits", [inp]).as_numpy("probabilities")
+    finally:
+        client.close()
+
+
+def ask_rest(endpoint: str, x: np.ndarray) -> np.ndarray:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(endpoint)
+    try:
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
         return client.infer("digits", [inp]).as_numpy("probabilities")
     finally:
@@ -107,10 +119,12 @@ def test_memguard_fast_serves_without_torch_and_faithful_says_why_not(digits_tar
     with ServeProcess(serve_args(digits_target, fitted, "memguard"), env=without_heavy_packages,
                       log_path=tmp_path / "fast.log") as sidecar:
         out = ask(sidecar.endpoint, x)
+        rest = ask_rest(sidecar.http_endpoint, x)
     from purifier.defenses import load_defense
 
     expected = load_defense(fitted / "memguard", secret=SECRET).transform(digits_target.predict_proba(x))
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)  # the same defense, served slim
+    np.testing.assert_array_equal(rest, out)                           # over REST too
     with pytest.raises(ServerStartError) as info:
         ServeProcess(serve_args(digits_target, fitted, "memguard", "memguard-faithful"), env=without_heavy_packages,
                      log_path=tmp_path / "faithful.log").start()

@@ -36,7 +36,7 @@ def test_open_health_watch_streams_never_take_the_slots_inference_needs(digits_t
     every authorized ModelInfer got RESOURCE_EXHAUSTED until they closed."""
     (tmp_path / "token").write_text(TOKEN)
     settings = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1, "auth_token_file": str(tmp_path / "token")}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": -1, "auth_token_file": str(tmp_path / "token")}, env={})
     opened, refused, lock = [], [], threading.Lock()
 
     def watch(stream):
@@ -74,7 +74,7 @@ def test_open_health_watch_streams_never_take_the_slots_inference_needs(digits_t
 
 def test_a_watch_stream_ends_after_its_lifetime(digits_target):
     settings = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": -1, "watch_max_s": 0.5}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": -1, "watch_max_s": 0.5}, env={})
     with BackgroundSidecar(settings) as sc, grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
         stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
         statuses = [r.status for r in stream]         # ends by itself, status OK (no exception)
@@ -120,7 +120,7 @@ def test_long_request_ids_are_refused_and_repeated_failures_do_not_flood_the_log
 def test_the_metrics_port_answers_metrics_only(digits_target):
     """Before: any path gave 200 and the metrics text, so GET /v2/models/X/ready there "was ready"."""
     settings = Settings.resolve({"model": str(digits_target.directory), "defense": "none", "host": "127.0.0.1",
-                                 "port": 0, "metrics_port": 0}, env={})
+                                 "port": 0, "http_port": 0, "metrics_port": 0}, env={})
     with BackgroundSidecar(settings) as sc:
         base = f"http://127.0.0.1:{sc.metrics_port}"
         with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:

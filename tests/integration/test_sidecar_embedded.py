@@ -25,7 +25,7 @@ MAX_ROWS = 64
 
 @pytest.fixture(scope="module")
 def sidecar(digits_target, flatten_cls):
-    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": 0, "health_poll_s": 0.2, "max_request_rows": MAX_ROWS,
                                  "reflection": True}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:

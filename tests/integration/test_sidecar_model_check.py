@@ -24,6 +24,7 @@ from oip_fake import FakeUpstream, infer_request, softmax
 
 from purifier.defenses import Fingerprint
 from purifier.errors import ConfigError
+from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
@@ -45,7 +46,7 @@ def fingerprinted(flatten_cls, temperature: float = 1.0):
 
 def remote(port: int, **extra) -> Settings:
     return Settings.resolve({"upstream": f"127.0.0.1:{port}", "model_name": "m", "confidence_output": "probs",
-                             "host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_poll_s": 0.1, **extra},
+                             "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.1, **extra},
                             env={})
 
 
@@ -162,6 +163,34 @@ def test_model_id_overrides_the_fingerprint(upstream, flatten_cls, caplog):
         assert wait_health(sc.port, SERVING)
         assert infer(sc.port)[1] is None
     assert "identity vouched for by --model-id" in caplog.text
+
+
+@pytest.mark.parametrize("inputs,why", [
+    ([("x", "FP32", [-1, C + 1])], r"its input 'x' takes \[-1, 5\]"),
+    ([("x", "INT32", [-1, C])], "its input 'x' is INT32"),
+    ([("x", "FP32", [-1, C]), ("mask", "FP32", [-1, 1])], "it declares 2 inputs"),
+    ([], r"it declares no inputs \(ModelMetadata\)"),
+])
+def test_metadata_that_contradicts_the_fitted_model_is_refused_at_start_up(upstream, flatten_cls, inputs, why):
+    """Before: inputs the fingerprint could not be sent to (another datatype, several inputs, none
+    declared) only gave the info line "not probed", and the upstream was served unverified."""
+    spec = pb.ModelMetadataResponse.TensorMetadata
+
+    def metadata(request, context):
+        return pb.ModelMetadataResponse(name="m", versions=["1"], platform="fake",
+                                        inputs=[spec(name=n, datatype=d, shape=sh) for n, d, sh in inputs],
+                                        outputs=[spec(name="probs", datatype="FP32", shape=[-1, C])])
+
+    upstream._model_metadata = metadata
+    upstream.start()
+    with pytest.raises(ConfigError, match=f"defense: the upstream model contradicts the fitted one: {why}, the "
+                                          "defense was fitted for one floating-point input of 4 features"):
+        with BackgroundSidecar(remote(upstream.port), defense=fingerprinted(flatten_cls)):
+            pass
+    defense = fingerprinted(flatten_cls)                        # the operator vouches for the model instead
+    defense.model_id = "ab" * 32
+    with BackgroundSidecar(remote(upstream.port, model_id="ab" * 32), defense=defense) as sc:
+        assert wait_health(sc.port, SERVING)
 
 
 def test_a_defense_without_fingerprint_is_accepted_with_a_warning(upstream, flatten_cls, caplog):

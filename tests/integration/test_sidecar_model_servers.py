@@ -22,7 +22,15 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from model_servers import EXAMPLES, ROOT, ModelServer, free_port, sidecar_settings, venv_python
+from model_servers import (
+    EXAMPLES,
+    ROOT,
+    ModelServer,
+    free_port,
+    kserve_rest_client,
+    sidecar_settings,
+    venv_python,
+)
 
 from purifier_server.app import BackgroundSidecar
 
@@ -40,7 +48,9 @@ def server_process(kind: str, onnx, root) -> ModelServer:
     script = {"triton": "triton_onnx.py", "kserve": "kserve_onnx.py"}[kind]
     cmd = [str(venv_python(kind)), str(EXAMPLES / script), str(onnx), "--name", MODEL,
            "--grpc-port", str(grpc_port), "--http-port", str(http_port)]
-    return ModelServer(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
+    server = ModelServer(kind, cmd, grpc_port, MODEL, root / f"{kind}.log")
+    server.http_port = http_port
+    return server
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -52,6 +62,14 @@ def upstream(request, digits_target, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sidecar(upstream, flatten_cls):
     with BackgroundSidecar(sidecar_settings(upstream), defense=flatten_cls()) as sc:
+        yield sc
+
+
+@pytest.fixture(scope="module")
+def rest_sidecar(upstream, flatten_cls):
+    """A sidecar reaching the same server over its REST front (`--upstream http://...`)."""
+    settings = sidecar_settings(upstream, upstream=f"http://127.0.0.1:{upstream.http_port}")
+    with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
 
 
@@ -255,3 +273,100 @@ def test_perf_analyzer_measures_through_the_sidecar(upstream, sidecar, tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     requests = json.loads(export.read_text())["experiments"][0]["requests"]
     assert len(requests) >= 50 and all(r.get("response_timestamps") for r in requests)
+
+
+def http_infer(port, x, binary: bool):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        return client.infer(MODEL, [inp], outputs=[httpclient.InferRequestedOutput("probabilities",
+                                                                                  binary_data=binary)])
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_rest_clients_get_the_defended_answer(upstream, sidecar, target_rows, binary):
+    """tritonclient.http through the sidecar's REST front, gRPC upstream: the gRPC client's answer."""
+    expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    got = http_infer(sidecar.http_port, target_rows, binary).as_numpy("probabilities")
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_rest_upstream_is_defended_alike(upstream, sidecar, rest_sidecar, target_rows):
+    """--upstream http://...: the same defended answers over gRPC, REST and streams, metadata
+    and readiness from the REST upstream, logits still refused."""
+    expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    np.testing.assert_allclose(infer(rest_sidecar.port, target_rows).as_numpy("probabilities"), expected, rtol=1e-6)
+    np.testing.assert_allclose(http_infer(rest_sidecar.http_port, target_rows, True).as_numpy("probabilities"),
+                               expected, rtol=1e-6)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{rest_sidecar.port}")
+    try:
+        assert client.is_model_ready(MODEL)
+        meta = client.get_model_metadata(MODEL)
+        assert [o.name for o in meta.outputs] == ["probabilities"] and meta.inputs[0].name == "input"
+        assert client.get_model_config(MODEL).config.max_batch_size > 0
+    finally:
+        client.close()
+    with pytest.raises(InferenceServerException, match="logits"):
+        infer(rest_sidecar.port, target_rows, ["logits"])
+
+
+def test_stream_infer_through_real_servers(upstream, sidecar, target_rows):
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
+    try:
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        for i in range(4):
+            inp = grpcclient.InferInput("input", [1, 64], "FP32")
+            inp.set_data_from_numpy(target_rows[i:i + 1])
+            client.async_stream_infer(MODEL, [inp], request_id=str(i))
+        got = [answers.get(timeout=60) for _ in range(4)]
+    finally:
+        client.stop_stream()
+        client.close()
+    expected = infer(sidecar.port, target_rows[:4]).as_numpy("probabilities")
+    assert all(e is None for _, e in got), [str(e) for _, e in got]
+    for result, _ in got:
+        i = int(result.get_response().id)
+        np.testing.assert_allclose(result.as_numpy("probabilities")[0], expected[i], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["http", "grpc-streaming"])
+def test_perf_analyzer_over_http_and_streaming(upstream, sidecar, tmp_path, mode):
+    """perf_analyzer -i http (through the REST front) and -i grpc --streaming (ModelStreamInfer)."""
+    if not PERF_ANALYZER.exists():
+        pytest.skip(f"{PERF_ANALYZER} is missing: run `make perf-analyzer`")
+    export = tmp_path / "export.json"
+    port = sidecar.http_port if mode == "http" else sidecar.port
+    protocol = ["-i", "http"] if mode == "http" else ["-i", "grpc", "--streaming"]
+    done = subprocess.run([str(PERF_ANALYZER), "-m", MODEL, "-u", f"127.0.0.1:{port}", *protocol,
+                           "-b", "2", "--concurrency-range", "2", "--measurement-mode", "count_windows",
+                           "--measurement-request-count", "50", "--max-trials", "3", "--stability-percentage", "1000",
+                           "--profile-export-file", str(export)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    requests = json.loads(export.read_text())["experiments"][0]["requests"]
+    assert len(requests) >= 50 and all(r.get("response_timestamps") for r in requests)
+
+
+def test_kserve_rest_client_gets_the_defended_answer(sidecar, target_rows, tmp_path):
+    expected = infer(sidecar.port, target_rows).as_numpy("probabilities")
+    answer = kserve_rest_client(sidecar.http_port, MODEL, target_rows, tmp_path)
+    assert bool(answer["ready"])
+    assert sorted(k for k in answer if k.endswith("probabilities")) == ["binary_probabilities", "json_probabilities"]
+    assert not any(k.endswith("logits") for k in answer)
+    for kind in ("json", "binary"):
+        assert str(answer[f"{kind}_id"]) == f"kserve-{kind}"
+        np.testing.assert_allclose(answer[f"{kind}_probabilities"].reshape(expected.shape), expected, rtol=1e-6)
+
+
+def test_audit_sized_requests_pass(upstream, sidecar, digits_target):
+    """The recipes' servers take the audit's 512-row requests (Triton's max batch was 256)."""
+    X, _ = digits_target.role("eval_members")
+    rows = np.ascontiguousarray(np.resize(X, (512, X.shape[1])), np.float32)
+    assert infer(sidecar.port, rows).as_numpy("probabilities").shape == (512, 10)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def settings(target, **extra):
-    return Settings.resolve({"model": str(target.directory), "defense": "none", "host": "127.0.0.1", "port": 0,
+    return Settings.resolve({"model": str(target.directory), "defense": "none", "host": "127.0.0.1", "port": 0, "http_port": 0,
                              "metrics_port": -1, **extra}, env={})
 
 

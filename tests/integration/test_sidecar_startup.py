@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from strong_secret import write_secret
 
 from purifier.defenses import IdentityDefense
 from purifier.errors import ArtifactError, ConfigError
@@ -13,7 +14,7 @@ from purifier_server.settings import Settings
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
 pytestmark = pytest.mark.integration
-BASE = {"host": "127.0.0.1", "port": 0, "metrics_port": -1}
+BASE = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
 NONE = {"defense": "none", **BASE}
 
 
@@ -31,8 +32,7 @@ def test_defense_dir_needs_a_secret_the_right_kind_and_the_right_model(digits_ta
     with pytest.raises(ConfigError, match="secret: no PRF secret configured"):
         with BackgroundSidecar(Settings.resolve(flags, env={})):
             pass
-    secret = tmp_path / "secret"
-    secret.write_text("0123456789abcdef0123456789abcdef")
+    secret = write_secret(tmp_path / "secret")
     flags["secret_file"] = str(secret)
     with pytest.raises(ConfigError, match="holds a 'none' defense, not 'memguard'"):
         with BackgroundSidecar(Settings.resolve(flags, env={})):
@@ -95,8 +95,7 @@ def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(di
     from purifier.defenses.memguard import MemGuard
 
     caplog.set_level(logging.INFO, logger="purifier_server")
-    secret = tmp_path / "secret"
-    secret.write_text("0123456789abcdef0123456789abcdef")
+    secret = write_secret(tmp_path / "secret")
     memguard = MemGuard(epsilon=1.0, epochs=5, optimizer="adam", secret=secret.read_bytes().strip())
     memguard.fit(FitData.from_target(digits_target)).save(tmp_path / "memguard")
     flags = {"model": str(digits_target.directory), "defense_dir": str(tmp_path / "memguard"),

@@ -1,8 +1,9 @@
 """Health follows the upstream's readiness probe only, and every status code names who must act.
 
 Against `oip_fake.FakeUpstream`: an UNAVAILABLE caused by one request (TorchServe reports handler
-errors that way) must not make health flap; an upstream NOT_FOUND while the model reloads is
-UNAVAILABLE (clients treat NOT_FOUND as permanent); a dropped first attempt is retried within the
+errors that way) must not make health flap; a request that meets an upstream NOT_FOUND while the
+model reloads waits for the reload within its deadline (clients treat NOT_FOUND as permanent, so
+it is never passed on then); a dropped first attempt is retried within the
 caller's deadline; a client's NaN/Inf input is INVALID_ARGUMENT even when the upstream is the
 one that chokes on it; an undecodable message is INVALID_ARGUMENT, counted and logged.
 """
@@ -33,7 +34,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 @pytest.fixture
 def sidecar(upstream, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "health_poll_s": 0.1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
@@ -86,24 +87,32 @@ def test_one_requests_unavailable_does_not_flip_health(sidecar, stub, upstream, 
     assert upstream.calls.count("ModelReady") > 0
 
 
-def test_upstream_not_found_while_the_model_reloads_is_unavailable(sidecar, stub, upstream, monkeypatch):
-    monkeypatch.setattr(upstream, "_model_infer", failing_for(upstream, 666.0, grpc.StatusCode.NOT_FOUND))
+def test_upstream_not_found_while_the_model_reloads_waits_for_the_reload(sidecar, stub, upstream, monkeypatch,
+                                                                        flatten_cls):
+    """Triton answers NOT_FOUND while it reloads a model (ModelReady false): a request waits for the
+    reload within its deadline and is answered after it; one whose deadline ends first gets
+    DEADLINE_EXCEEDED. Never NOT_FOUND, which clients take as permanent."""
+    original = upstream._model_infer
+
+    def reloading(request, context):
+        upstream._record("ModelInfer")
+        context.abort(grpc.StatusCode.NOT_FOUND, "handler error: model reloading")
+
+    monkeypatch.setattr(upstream, "_model_infer", reloading)
     upstream.ready = False                                            # reloading: ModelReady says no
     try:
+        waiting = stub.ModelInfer.future(infer_request(X), timeout=30)
         with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(infer_request(POISON), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-        assert "retry later" in info.value.details()
+            stub.ModelInfer(infer_request(X), timeout=1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert not waiting.done()
     finally:
+        monkeypatch.setattr(upstream, "_model_infer", original)      # reloaded
         upstream.ready = True
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:                                 # ready again: NOT_FOUND is NOT_FOUND
-        try:
-            stub.ModelInfer(infer_request(X), timeout=5)
-            break
-        except grpc.RpcError:
-            time.sleep(0.05)
-    with pytest.raises(grpc.RpcError) as info:
+    got = np.frombuffer(waiting.result().raw_output_contents[0], np.float32).reshape(X.shape)
+    np.testing.assert_allclose(got, flatten_cls().transform(softmax(X)), rtol=1e-6)
+    monkeypatch.setattr(upstream, "_model_infer", failing_for(upstream, 666.0, grpc.StatusCode.NOT_FOUND))
+    with pytest.raises(grpc.RpcError) as info:                       # ready: NOT_FOUND is the upstream's answer
         stub.ModelInfer(infer_request(POISON), timeout=5)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "handler error" not in info.value.details()               # the upstream's own text stays in the log

@@ -72,7 +72,7 @@ def test_only_allow_listed_trailers_and_parameters_come_back(fake, flatten_cls):
     servicer.parameters = {"sequence_id": 7, "internal": 8}
     servicer.trailers = (("x-upstream", "yes"), ("x-internal", "no"))
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
-                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1,
                                  "allow_parameters": ("sequence_id",), "allow_trailers": ("x-upstream",)}, env={})
     try:
         with BackgroundSidecar(settings, defense=flatten_cls()) as sc, \
@@ -88,7 +88,7 @@ def test_only_allow_listed_trailers_and_parameters_come_back(fake, flatten_cls):
 @pytest.fixture(scope="module")
 def sidecar(fake, flatten_cls):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
-                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_poll_s": 0.1}, env={})
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1, "health_poll_s": 0.1}, env={})
     with BackgroundSidecar(settings, defense=flatten_cls()) as sc:
         yield sc
 
@@ -161,7 +161,7 @@ class RecordsInputs(Defense):
 
 def test_defenses_that_need_inputs_get_the_request_rows(fake):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
-                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     defense = RecordsInputs()
     with BackgroundSidecar(settings, defense=defense) as sc, grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
         req = request()
@@ -172,7 +172,7 @@ def test_defenses_that_need_inputs_get_the_request_rows(fake):
 
 
 def test_defense_fitted_for_another_model_is_refused_at_start_up(digits_target):
-    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0, "http_port": 0,
                                  "metrics_port": -1}, env={})
     defense = RecordsInputs()
     defense.model_id = "0" * 64
@@ -198,7 +198,7 @@ class Raises(Defense):
 ])
 def test_a_failing_defense_is_internal_and_counted_never_the_clean_vector(fake, error, message):
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
-                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     with BackgroundSidecar(settings, defense=Raises(error=error)) as sc, \
             grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
         with pytest.raises(grpc.RpcError) as info:
@@ -226,7 +226,7 @@ def test_upstream_service_name_is_configurable_for_torchserve(flatten_cls):
     server.start()
     try:
         settings = Settings.resolve({"upstream": f"127.0.0.1:{port}", "upstream_service": service, "model_name": "m",
-                                     "confidence_output": "probs", "host": "127.0.0.1", "port": 0,
+                                     "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
                                      "metrics_port": -1}, env={})
         with BackgroundSidecar(settings, defense=flatten_cls()) as sc, \
                 grpc.insecure_channel(f"127.0.0.1:{sc.port}") as ch:
@@ -240,7 +240,7 @@ def test_upstream_service_name_is_configurable_for_torchserve(flatten_cls):
 def test_graceful_stop_finishes_in_flight_calls_and_refuses_new_ones(fake, flatten_cls):
     servicer = fake[0]
     settings = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",
-                                 "host": "127.0.0.1", "port": 0, "metrics_port": -1}, env={})
+                                 "host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}, env={})
     background = BackgroundSidecar(settings, defense=flatten_cls())
     sc = background.__enter__()
     servicer.delay = 0.8
@@ -295,7 +295,7 @@ def test_upstream_answers_that_are_not_probabilities_are_errors(fake, sidecar, c
 
 
 def test_start_up_refuses_a_busy_port_and_a_class_count_mismatch(digits_target, fake, flatten_cls):
-    base = {"host": "127.0.0.1", "port": 0, "metrics_port": -1}
+    base = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
     with BackgroundSidecar(Settings.resolve({"model": str(digits_target.directory), "defense": "none", **base},
                                             env={})) as first:
         busy = Settings.resolve({"upstream": f"127.0.0.1:{fake[2]}", "model_name": "m", "confidence_output": "probs",

@@ -15,8 +15,8 @@ def test_unknown_device_names_the_choices():
 
 
 @pytest.mark.parametrize("device,available,expected", [
-    ("cpu", [CUDA, CPU], [CPU]), ("auto", [CPU], [CPU]), ("auto", [CUDA, CPU], [CUDA, CPU]),
-    ("cuda", [CUDA, CPU], [CUDA, CPU]),
+    ("cpu", [CUDA, CPU], [CPU]), ("auto", [CPU], [CPU]), ("auto", [CUDA, CPU], [(CUDA, {"use_tf32": "0"}), CPU]),
+    ("cuda", [CUDA, CPU], [(CUDA, {"use_tf32": "0"}), CPU]),
 ])
 def test_onnxruntime_providers(device, available, expected):
     assert ort_providers(device, available) == expected

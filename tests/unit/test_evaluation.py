@@ -135,7 +135,7 @@ def test_distinct_fraction_and_l1_summary():
     assert ev.distinct_fraction(np.array([[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]])) == pytest.approx(2 / 3)
     s = ev.l1_summary(np.array([0.2, 0.5, 0.2, 0.4]))
     # p95 with linear interpolation: position 0.95 * 3 = 2.85 in [0.2, 0.2, 0.4, 0.5]
-    assert s == {"mean": pytest.approx(0.325), "p95": pytest.approx(0.485), "max": 0.5, "n": 4}
+    assert s == ev.L1Summary(pytest.approx(0.325), pytest.approx(0.485), 0.5, 4)
 
 
 def test_output_utility_hand_computed_two_class():
@@ -146,23 +146,32 @@ def test_output_utility_hand_computed_two_class():
     labels = np.array([0, 1, 1, 1, 0, 1])
     membership = np.array([0, 0, 0, 0, 1, 1])
     u = ev.output_utility(clean, defended, labels, membership)
-    assert u["argmax_agreement"] == pytest.approx(5 / 6)
-    assert u["l1_nonmembers"] == {"mean": pytest.approx(0.325), "p95": pytest.approx(0.485), "max": 0.5, "n": 4}
-    assert u["l1_members"] == {"mean": pytest.approx(0.51), "p95": pytest.approx(0.951), "max": 1.0, "n": 2}
+    assert u.argmax_agreement == pytest.approx(5 / 6)
+    assert u.l1_nonmembers == ev.L1Summary(pytest.approx(0.325), pytest.approx(0.485), 0.5, 4)
+    assert u.l1_members == ev.L1Summary(pytest.approx(0.51), pytest.approx(0.951), 1.0, 2)
     # Brier on non-members: (0.02 + 0.72 + 0.18 + 0.08) / 4 before, (0.08 + 1.445 + 0.32 + 0.32) / 4 after
-    assert u["brier"] == {"before": pytest.approx(0.25), "after": pytest.approx(0.54125)}
+    assert u.brier == ev.BeforeAfter(pytest.approx(0.25), pytest.approx(0.54125))
     # class-1 score on non-members: before every positive outranks the negative (0.1); after, 0.15 < 0.2
-    assert u["auroc"] == {"before": 1.0, "after": pytest.approx(2 / 3)}
+    assert u.auroc == ev.BeforeAfter(1.0, pytest.approx(2 / 3))
     # true-class probability 0.9, 0.4, 0.7, 0.8 -> 0.8, 0.15, 0.6, 0.6: ranks 4,1,2,3 vs 4,1,2.5,2.5
-    assert u["true_class_rank_agreement"] == pytest.approx(np.sqrt(0.9))
-    assert u["distinct_fraction"] == {"before": 1.0, "after": 0.75}
-    assert u["ece"]["after"] == pytest.approx(ev.expected_calibration_error(defended[:4], labels[:4]))
+    assert u.true_class_rank_agreement == pytest.approx(np.sqrt(0.9))
+    assert u.distinct_fraction == ev.BeforeAfter(1.0, 0.75)
+    assert u.ece.after == pytest.approx(ev.expected_calibration_error(defended[:4], labels[:4]))
 
 
 def test_output_utility_multiclass_has_no_auroc_and_rejects_members_only():
     rng = np.random.default_rng(6)
     p = rng.dirichlet(np.ones(5), size=20)
     u = ev.output_utility(p, p.astype(np.float32), rng.integers(0, 5, 20), np.arange(20) < 10)
-    assert u["auroc"] is None and u["l1_nonmembers"]["max"] < 1e-6 and u["true_class_rank_agreement"] > 0.99
+    assert u.auroc is None and u.l1_nonmembers.max < 1e-6 and u.true_class_rank_agreement > 0.99
     with pytest.raises(ValueError, match="non-members"):
         ev.output_utility(p, p, np.zeros(20, int), np.ones(20))
+
+
+def test_bootstrap_intervals_resample_like_bootstrap_ci():
+    rng = np.random.default_rng(7)
+    m = np.r_[np.ones(200, bool), np.zeros(200, bool)]
+    s = rng.normal(size=400) + 0.5 * m
+    both = ev.bootstrap_intervals(lambda x, y: (ev.roc_auc(x, y), ev.tpr_at_fpr(x, y, 0.01).tpr), s, m, 40, 3)
+    assert both[0] == ev.bootstrap_ci(ev.roc_auc, s, m, 40, 3)
+    assert both[1] == ev.bootstrap_ci(lambda x, y: ev.tpr_at_fpr(x, y, 0.01).tpr, s, m, 40, 3)

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier.cli import main
 from purifier.data.records import save_records
 from purifier.defenses import load_defense
 
-SECRET = b"fitting-test-secret-0123456789"
 QUICK = ["--param", "epochs=5"]
 
 
@@ -22,7 +22,7 @@ def files(digits_target, tmp_path_factory):
     d = tmp_path_factory.mktemp("records")
     for role, name in (("train", "members.npz"), ("reference", "reference.csv")):
         save_records(d / name, *digits_target.role(role))
-    (d / "secret.txt").write_bytes(SECRET)
+    write_secret(d / "secret.txt")
     return d
 
 
@@ -68,8 +68,12 @@ def test_a_logits_model_needs_logits(digits_target, files, tmp_path, capsys):
     ("no-model", "name the model: --model MODEL.onnx, or --endpoint"),
     ("both", "give either --model .* or --endpoint .*, not both"),
     ("zipless", "is not an .onnx file or a target directory"),
+    ("no-secret", r"secret: no PRF secret configured; set .* --secret-file \(e.g. head -c 32 /dev/urandom"),
+    ("weak-secret", r"secret: the secret in .* is guessable: .*; make a strong one with head -c 32 /dev/urandom"),
+    ("no-op", r"the memguard defense with epsilon=0 \(default 1\), epochs=5 \(default 50\) leaves 256 of 256 reference "
+              r"vectors unchanged .*; choose a setting that changes them \(purifier tune memguard"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path, capsys, case, message):
+def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path, capsys, monkeypatch, case, message):
     out = tmp_path / "out"
     args = ["memguard", "--model", str(digits_target.onnx_path), "--members", str(files / "members.npz"),
             "--reference", str(files / "reference.csv"), "--out", str(out), *quick(files)]
@@ -93,6 +97,15 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path
         args += ["--endpoint", "127.0.0.1:1", "--model-name", "m"]
     elif case == "zipless":
         args[args.index("--model") + 1] = str(files / "members.npz")
+    elif case == "no-secret":  # the fitted defense is bound to the served secret: no throwaway one
+        monkeypatch.delenv("PURIFIER_SECRET", raising=False)
+        monkeypatch.delenv("PURIFIER_SECRET_FILE", raising=False)
+        args = args[:-2]
+    elif case == "no-op":
+        args += ["--epsilon", "0"]
+    elif case == "weak-secret":
+        (tmp_path / "weak.txt").write_text("changemechangeme\n")
+        args[-1] = str(tmp_path / "weak.txt")
     assert _fit(*args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err

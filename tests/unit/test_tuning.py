@@ -5,19 +5,17 @@ import json
 
 import numpy as np
 import pytest
+from strong_secret import SECRET, write_secret
 
 from purifier import evaluation as ev
 from purifier.audit import sweep as sw
 from purifier.cli import main
 from purifier.defenses import load_defense, read_defense_manifest
 
-SECRET = b"tuning-test-secret-0123456789abc"
-
 
 @pytest.fixture(scope="module")
 def secret_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("secret") / "secret.txt"
-    path.write_bytes(SECRET)
+    path = write_secret(tmp_path_factory.mktemp("secret") / "secret.txt")
     return path
 
 
@@ -32,18 +30,31 @@ def memguard_dir(digits_target, secret_file, tmp_path_factory):
 def planted_sweep(aucs: dict):
     """A stand-in for `sweep_points`: every variant's best attack AUC from `aucs[(defense, setting)]`
     (0.58 if absent), the floor at 0.515 [0.507, 0.524]."""
-    def fake(data, access, variants, config, progress=None, shadows=None):
-        points = [sw.SweepPoint(name, setting, sw.setting_label(name, setting), "loss",
-                                aucs.get((name, setting), 0.58), (0.5, 0.6),
-                                {"tpr": 0.01, "fpr": 0.01, "negatives": 400, "attack": "loss"}, {},
-                                {"argmax_agreement": 1.0, "l1_nonmembers": {"mean": 0.1, "p95": 0.2, "max": 0.3},
-                                 "l1_members": {"mean": 0.05}})
-                  for name, setting, _ in variants]
-        undefended = sw.SweepPoint("none", None, "-", "loss", 0.59, (0.55, 0.63), points[0].best_tpr_at_1pct_fpr, {},
-                                   {"argmax_agreement": 1.0, "l1_nonmembers": {"mean": 0.0, "p95": 0.0, "max": 0.0},
-                                    "l1_members": {"mean": 0.0}})
-        return sw.Sweep(undefended, {"shadows": {"n": config.n_shadows}}, sw.Floor("gap", 0.515, (0.507, 0.524), 0.0),
-                        points)
+    from types import SimpleNamespace
+
+    from purifier.audit.results import Best, ShadowInfo, Strongest, Tpr
+
+    tpr = Tpr(0.01, 0.01, 400, True, (0.0, 0.02))
+
+    def utility(mean):
+        s, ba = ev.L1Summary(mean, 2 * mean, 3 * mean, 400), ev.BeforeAfter(0.1, 0.1)
+        return ev.OutputUtility(1.0, s, ev.L1Summary(mean / 2, mean, mean, 400), ba, ba, None, 1.0, ba)
+
+    def point(name, setting, label, auc, ci, mean):
+        return sw.SweepPoint(name, setting, label, Best("loss", auc, ci, False), Best("loss", 0.01, None, False, tpr),
+                             {}, utility(mean))
+
+    def fake(data, access, variants, config, progress=None, shadows_=None):
+        points = [point(name, setting, sw.setting_label(name, setting), aucs.get((name, setting), 0.58), (0.5, 0.6),
+                        0.1) for name, setting, _ in variants]
+        floor = Strongest(Best("gap", 0.515, (0.507, 0.524), False), Best("gap", 0.0, None, False, tpr),
+                          Best("gap", 0.0, None, False, tpr))
+        return sw.Sweep(point("none", None, "-", 0.59, (0.55, 0.63), 0.0),
+                        SimpleNamespace(shadows=ShadowInfo(
+                            n=config.n_shadows, recipe="mlp", epochs=150, seed=0, target_family=None, pool_size=597,
+                            train_size=None, reused=False, executor=None, trained=config.n_shadows, from_cache=0,
+                            cache={}, retrained_for_label_queries=(), notes=(), in_shadows_per_record={},
+                            fallbacks={})), floor, points)
     return fake
 
 
@@ -72,6 +83,25 @@ def test_planted_results_choose_the_weakest_passing_epsilon_and_write_it(
     assert after["files"] == before["files"] and after["fingerprint"] == before["fingerprint"]
     assert after["tuned"]["value"] == 0.3
     assert load_defense(memguard_dir, secret=SECRET, model_id=digits_target.model_id).epsilon == 0.3
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_a_chosen_setting_that_changes_nothing_is_not_written(
+        digits_target, memguard_dir, secret_file, tmp_path, monkeypatch, capsys, where):
+    """epsilon 0 releases nothing; if it reaches the floor (a model that leaks no more than its labels),
+    --write-to still refuses it: the report says what was measured, the directory is left as it was."""
+    monkeypatch.setattr(sw, "sweep_points", planted_sweep({("memguard", 0.0): 0.515, ("memguard", 1.0): 0.515}))
+    before = (memguard_dir / "defense.json").read_bytes()
+    target = memguard_dir if where == "existing" else tmp_path / "new"
+    out = tmp_path / "report"
+    assert tune("memguard", "--target", str(digits_target.directory), "--defense-dir", str(memguard_dir),
+                "--grid", "0,1", "--out", str(out), "--write-to", str(target), "--secret-file", str(secret_file),
+                "--quiet") == 1
+    err = capsys.readouterr().err
+    assert f"nothing written to {target}: " in err and "epsilon=0 (default 1)" in err and "unchanged" in err
+    result = json.loads((out / "tune.json").read_text())
+    assert result["chosen"]["setting"] == 0.0 and "unchanged" in result["not_written"] and result.get("written_to") is None
+    assert (memguard_dir / "defense.json").read_bytes() == before and not (tmp_path / "new").exists()
 
 
 def test_a_grid_that_never_reaches_the_floor_says_so_and_writes_nothing(
@@ -151,6 +181,7 @@ def test_end_to_end_on_the_digits_target(digits_target, secret_file, tmp_path, c
     assert code == (0 if result["reached_floor"] else 1)
     assert {f.name for f in out.iterdir()} == {"tune.json", "tune.md", "tune.png"}
     points = {(p["defense"], p["setting"]): p for p in result["points"]}
+    floor = result["floor"]["auc"]
     assert set(points) == {("memguard", 0.05), ("memguard", 2.0), ("label_only", None), ("round", 3), ("round", 2),
                            ("round", 1)}
     # the same keyed coin per row: a larger epsilon releases the noise on a superset of rows
@@ -166,8 +197,8 @@ def test_end_to_end_on_the_digits_target(digits_target, secret_file, tmp_path, c
     Xn, yn = digits_target.role("eval_nonmembers")
     correct = np.r_[digits_target.predict_proba(Xm).argmax(1) == ym, digits_target.predict_proba(Xn).argmax(1) == yn]
     gap = ev.gap_floor(correct, np.r_[np.ones(len(ym), bool), np.zeros(len(yn), bool)])["auc"]
-    assert result["floor"]["auc"] >= gap - 1e-12
-    assert result["floor"]["ci95"][0] <= result["floor"]["auc"] <= result["floor"]["ci95"][1]
+    assert floor["value"] >= gap - 1e-12
+    assert floor["ci95"][0] <= floor["value"] <= floor["ci95"][1]
     assert all(p["utility"]["argmax_agreement"] == 1.0 for p in result["points"])
     printed = capsys.readouterr().out
     assert "label-only floor" in printed

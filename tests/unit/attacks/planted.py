@@ -10,7 +10,7 @@ import torch
 
 from purifier.attacks.base import AttackContext
 from purifier.attacks.shadow import ShadowSet, balanced_in_masks
-from purifier.audit.access import TargetAccess
+from purifier.models.access import TargetAccess
 
 
 def planted_probs(labels: np.ndarray, member: np.ndarray, rng: np.random.Generator, n_classes: int,

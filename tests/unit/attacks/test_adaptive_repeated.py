@@ -9,10 +9,10 @@ from planted import context, planted_shadows
 
 from purifier import evaluation as ev
 from purifier.attacks import attack_class
-from purifier.audit.access import TargetAccess
 from purifier.defenses import REGISTRY as DEFENSES
 from purifier.defenses.base import Defense
 from purifier.errors import ConfigError
+from purifier.models.access import TargetAccess
 
 
 class Flatten(Defense):

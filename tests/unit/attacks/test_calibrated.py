@@ -16,7 +16,7 @@ from purifier.attacks.label_only import (
 )
 from purifier.attacks.reference_stats import gaussian_fits
 from purifier.attacks.shadow import ShadowSet
-from purifier.audit.access import TargetAccess
+from purifier.models.access import TargetAccess
 from purifier.models.training import predict_proba
 
 

@@ -13,8 +13,8 @@ from purifier.attacks.label_only import (
     image_augmentations,
 )
 from purifier.attacks.shadow import ShadowSet
-from purifier.audit.access import TargetAccess
 from purifier.errors import ConfigError
+from purifier.models.access import TargetAccess
 from purifier.models.training import predict_proba
 
 D = 8

@@ -11,9 +11,9 @@ import pytest
 
 from purifier.attacks import DEFAULT_ATTACKS, FAMILIES, REGISTRY, attack_class
 from purifier.attacks.timing import TimingAttack, aggregate_latencies, single_row_latencies
-from purifier.audit.access import RemoteTarget
 from purifier.errors import ConfigError
 from purifier.evaluation import roc_auc
+from purifier.models.access import RemoteTarget
 
 
 def busy(seconds: float) -> None:
@@ -82,7 +82,7 @@ def test_aggregates():
 
 
 def test_in_process_target_is_refused_in_one_line(digits_target):
-    from purifier.audit.access import InProcessTarget
+    from purifier.models.access import InProcessTarget
 
     attack = TimingAttack()
     attack.pool_X = np.zeros((2, 64), np.float32)

@@ -2,13 +2,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strong_secret import SECRET
 
 from purifier.defenses import IdentityDefense, load_defense
 from purifier.defenses.base import check_probabilities, finalize
 from purifier.defenses.keyed import KeyedPRF
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
-
-SECRET = b"0123456789abcdef-test-secret"
 
 
 def dirichlet(n, c, seed=0, dtype=np.float64):

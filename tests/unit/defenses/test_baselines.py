@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strong_secret import SECRET
 
 from purifier.defenses import FitData, defense_class, load_defense
 from purifier.defenses.baselines import LabelOnly, Noise, Rounded, TopK
 from purifier.errors import ConfigError
 
-SECRET = b"0123456789abcdef-test-secret"
 DTYPES = [np.float16, np.float32, np.float64]
 
 
@@ -23,7 +23,8 @@ def rows(n, c, seed=0, dtype=np.float64, ties=False):
 
 
 def all_baselines():
-    return [LabelOnly(), TopK(k=2), TopK(k=1), Rounded(decimals=0), Rounded(decimals=1), Rounded(decimals=2),
+    return [LabelOnly(secret=SECRET), TopK(k=2, secret=SECRET), TopK(k=1, secret=SECRET),
+            Rounded(decimals=0, secret=SECRET), Rounded(decimals=1, secret=SECRET), Rounded(decimals=2, secret=SECRET),
             Noise(kind="laplace", scale=0.1, secret=SECRET), Noise(kind="gaussian", scale=0.3, budget=0.2,
                                                                   secret=SECRET)]
 

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from random_h import random_weights
+from strong_secret import SECRET
 
 from purifier.cli import main as cli_main
 from purifier.defenses import load_defense
@@ -17,7 +18,6 @@ from purifier.defenses.phase1 import EARLY_EXIT, LOG_FLOOR, MAX_STEPS, STEP, Pha
 from purifier.defenses.phase1_faithful import C3_LEVELS, TorchMLP, faithful_phase1
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 
-SECRET = b"0123456789abcdef-memguard-test"
 UNIT_EPOCHS = 20  # short Adam training keeps this file fast; the original schedule is in fit_cli
 
 
@@ -270,3 +270,33 @@ def test_fit_cli(digits_target, tmp_path, capsys):
     report = json.loads((tmp_path / "mg" / "defense.json").read_text())
     assert report["defender_accuracy"]["train_balanced"] > 0.55  # h learned something
     assert report["reference_set"]["realized_mean_l1"] <= 0.5 + 0.1
+
+
+# --- serving device --------------------------------------------------------------------------
+
+def _onnxruntime_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def test_sidecar_device_moves_the_fast_solver_and_cuda_without_a_gpu_is_one_line(memguard, rows, tmp_path,
+                                                                                 digits_target):
+    """`purifier serve --device` reaches the loaded defense: auto without a GPU serves on the CPU,
+    the same answers; cuda without a GPU refuses in one line (tests/unit/defenses/test_cuda.py
+    runs the GPU side where there is one)."""
+    from purifier_server.app import load_configured_defense
+    from purifier_server.settings import Settings
+
+    memguard.save(tmp_path / "mg")
+    (tmp_path / "secret").write_bytes(SECRET)
+    base = {"model": str(digits_target.directory), "defense_dir": str(tmp_path / "mg"),
+            "secret_file": str(tmp_path / "secret")}
+    auto = load_configured_defense(Settings.resolve({**base, "device": "auto"}, {}), digits_target.model_id)
+    assert auto.serve_device == "auto"
+    np.testing.assert_array_equal(auto.transform(rows), memguard.transform(rows))
+    if _onnxruntime_cuda():
+        pytest.skip("onnxruntime here has the CUDA provider: test_cuda.py covers --device cuda")
+    with pytest.raises(ConfigError, match="device: cuda was asked for but onnxruntime sees no usable CUDA") as e:
+        load_configured_defense(Settings.resolve({**base, "device": "cuda"}, {}), digits_target.model_id)
+    assert "\n" not in str(e.value)

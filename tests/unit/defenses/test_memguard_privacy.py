@@ -11,12 +11,11 @@ Non-adaptive: the attacker does not know the defense; an adaptive attacker is th
 
 import numpy as np
 import pytest
+from strong_secret import SECRET
 
 from purifier.defenses.base import FitData
 from purifier.defenses.memguard import DEFAULT_EPSILON, MemGuard
 from purifier.evaluation import balanced_accuracy, best_balanced_accuracy, gap_floor
-
-SECRET = b"0123456789abcdef-memguard-privacy"
 
 
 def metric_scores(probs, labels):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strong_secret import SECRET
 
 from purifier.defenses import load_defense
 from purifier.defenses.base import FitData, finalize
@@ -17,8 +18,6 @@ from purifier.defenses.purifier_net import PurifierNet
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.errors import ArtifactError, ConfigError, DefenseError, InvalidProbabilities
 from purifier.evaluation import balanced_accuracy
-
-SECRET = b"0123456789abcdef-purifier-test"
 
 
 def dirichlet(n, c, seed=0, alpha=0.3):
@@ -230,7 +229,7 @@ def test_index_holds_no_raw_rows(swapper, digits_target, tmp_path):
     loaded = load_defense(tmp_path / "d", secret=SECRET)
     np.testing.assert_array_equal(loaded.transform(digits_target.predict_proba(Xm[:40]), Xm[:40]),
                                   swapper.transform(digits_target.predict_proba(Xm[:40]), Xm[:40]))
-    with pytest.raises(ArtifactError, match="another PRF secret"):
+    with pytest.raises(ConfigError, match="another PRF secret"):
         load_defense(tmp_path / "d", secret=SECRET + b"x")
 
 
@@ -391,5 +390,24 @@ def test_fit_cli(digits_target, tmp_path, capsys, monkeypatch):
     assert "purifier cvae" in printed.err  # the progress bar
     loaded = load_defense(out, secret=SECRET, model_id=digits_target.model_id)
     assert loaded.needs_inputs and len(loaded.member_index) > 0
-    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2")]) == 2
+    assert main(["fit-defense", "purifier", "--target", str(tmp_path / "nope"), "--out", str(tmp_path / "d2"),
+                 "--secret-file", str(secret)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_on_moves_the_reformer_session_and_cuda_without_a_gpu_is_one_line(fitted, digits_data):
+    import onnxruntime
+
+    p = digits_data.reference_probs[:32]
+    twin = fitted.with_options()
+    expected = twin.transform(p)
+    twin.serve_on("auto")  # no GPU here: the CPU, the same answers
+    assert twin._session.providers[0] == ("CUDAExecutionProvider" if "CUDAExecutionProvider" in
+                                          onnxruntime.get_available_providers() else "CPUExecutionProvider")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime here has the CUDA provider: test_cuda.py covers --device cuda")
+    np.testing.assert_array_equal(twin.transform(p), expected)
+    with pytest.raises(ConfigError, match="device: cuda was asked for but onnxruntime sees no usable CUDA") as e:
+        twin.serve_on("cuda")
+    assert "\n" not in str(e.value)
+    np.testing.assert_array_equal(fitted.transform(p), expected)  # the twin's move left the original alone

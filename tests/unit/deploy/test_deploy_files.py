@@ -32,7 +32,8 @@ def test_dockerfile_runs_the_sidecar_with_known_settings():
     purifier_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
     assert set(purifier_env) <= SETTING_ENV, set(purifier_env) - SETTING_ENV
     exposed = {int(p) for k, v in ins if k == "EXPOSE" for p in v.split()}
-    assert {int(purifier_env["PURIFIER_PORT"]), int(purifier_env["PURIFIER_METRICS_PORT"])} == exposed
+    assert {int(purifier_env["PURIFIER_PORT"]), int(purifier_env["PURIFIER_HTTP_PORT"]),
+            int(purifier_env["PURIFIER_METRICS_PORT"])} == exposed
     assert any(k == "USER" and not v.startswith("0") for k, v in ins), "the sidecar must not run as root"
 
 
@@ -84,3 +85,36 @@ def test_kserve_example_admits_ingress_to_the_sidecar_only(tmp_path):
     assert [p["targetPort"] for p in kinds["Service"]["spec"]["ports"]] == ["grpc"]
     env = {**env, "PURIFIER_DEFENSE_DIR": str(tmp_path), "PURIFIER_SECRET_FILE": str(tmp_path / "s")}
     assert Settings.resolve(env=env).upstream == f"127.0.0.1:{kserve_grpc}"
+
+
+def test_kserve_inferenceservice_puts_purifier_in_front_of_the_predictor(tmp_path):
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/kserve-inferenceservice.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"InferenceService", "NetworkPolicy"}
+    isvc = kinds["InferenceService"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    predictor = isvc["spec"]["predictor"]
+    first, *others = predictor["containers"]
+    # KServe routes to the first container, kserve-container: it must be the sidecar, on its REST port
+    assert first["name"] == "kserve-container" and first["image"].startswith("purifier-sidecar")
+    env = {e["name"]: e["value"] for e in first["env"]}
+    assert set(env) <= SETTING_ENV, set(env) - SETTING_ENV
+    rest_port = int(env["PURIFIER_HTTP_PORT"])
+    assert [p["containerPort"] for p in first["ports"]] == [rest_port]
+    assert first["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": rest_port}
+    assert first["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    (model,) = others
+    assert "ports" not in model  # the undefended server declares nothing
+    model_grpc = int(model["args"][model["args"].index("--grpc-port") + 1])
+    model_http = int(model["args"][model["args"].index("--http-port") + 1])
+    # the real settings parser accepts the environment: a defense, the model server over loopback
+    env = {**env, "PURIFIER_DEFENSE_DIR": str(tmp_path), "PURIFIER_SECRET_FILE": str(tmp_path / "s")}
+    settings = Settings.resolve(env=env)
+    assert settings.upstream == f"127.0.0.1:{model_grpc}" and settings.defense not in (None, "none")
+    assert settings.http_port == rest_port and settings.http_port not in (model_grpc, model_http)
+    assert {settings.port, settings.metrics_port}.isdisjoint({model_grpc, model_http})
+    policy = kinds["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    admitted = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert all(rule.get("ports") for rule in policy["ingress"])
+    assert admitted == {settings.http_port, settings.port, settings.metrics_port}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from purifier.errors import InvalidProbabilities
-from purifier_server.batcher import Batcher
+from purifier_server.batcher import Batcher, DefenseCost
 from purifier_server.metrics import SidecarMetrics
 
 
@@ -162,3 +162,126 @@ def test_a_full_queue_refuses_at_once_and_keeps_room_for_small_requests(probs):
     first, second, small = asyncio.run(body())
     assert np.array_equal(first, probs[:16]) and np.array_equal(second, probs[16:32])
     assert np.array_equal(small, probs[40:41])
+
+
+# --- rows per call from the measured cost --------------------------------------------------
+
+def test_rows_per_call_converge_to_the_slice_from_the_measured_cost():
+    """Calls that cost a + b * rows: rows per call climb to the most that fit the slice, from a
+    first call far too slow (a warm-up) or far too large, and one-row calls barely move them."""
+    a, b, slice_s = 300e-6, 60e-6, 0.005
+    best = int((slice_s - a) / b)  # 78
+    assert DefenseCost(slice_s, 256).rows() == 256  # nothing measured yet: the cap
+    assert DefenseCost(0.0, 256).rows() == 256  # no slice: the cap
+    for first_rows, first_seconds in ((256, 0.060), (256, a + 256 * b), (1, a + b)):
+        cost = DefenseCost(slice_s, 256)
+        cost.observe(first_rows, first_seconds)
+        sizes = []
+        for _ in range(40):
+            n = cost.rows()
+            sizes.append(n)
+            cost.observe(n, a + b * n)
+            for _ in range(5):  # one-row requests between the chunks
+                cost.observe(1, a + b)
+        assert sizes[-10:] == [best] * 10, sizes
+        assert all(a + b * n <= 1.05 * slice_s for n in sizes[1:] if n > best)  # overshoots are small
+    slow = DefenseCost(slice_s, 256)
+    slow.observe(4, 0.100)  # 25 ms a row (a faithful solver): one row per call, not zero
+    assert slow.rows() == 1
+    assert DefenseCost(slice_s, 50).rows() == 50
+
+
+class Clock:
+    """A clock that moves only when the defense works: a + b * rows per call."""
+
+    def __init__(self, a: float, b: float):
+        self.now, self.a, self.b = 0.0, a, b
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed(clock: Clock, gate=None):
+    """A deterministic defense whose calls take clock.a + clock.b * rows on `clock`, recorded as
+    (start time, rows, first row) and, with `gate`, released one at a time by the test."""
+    from purifier.defenses import IdentityDefense
+
+    calls: list[tuple[float, int, np.ndarray]] = []
+
+    class Timed(IdentityDefense):
+        name = "test-timed"
+
+        def _transform(self, p, inputs):
+            calls.append((clock.now, len(p), p[0].copy()))
+            if gate is not None:
+                gate.acquire(timeout=10)
+            clock.now += clock.a + clock.b * len(p)
+            return p ** 0.5 / (p ** 0.5).sum(axis=1, keepdims=True), None
+
+    return Timed(), calls
+
+
+def test_large_requests_are_cut_into_slices_of_the_measured_cost(probs):
+    clock = Clock(a=300e-6, b=60e-6)
+    defense, calls = timed(clock)
+    big = np.random.default_rng(1).dirichlet(np.ones(10), size=2000).astype(np.float32)
+
+    async def body():
+        b = Batcher(defense, 256, 0.0, SidecarMetrics(), slice=0.005, clock=clock)
+        b.start()
+        try:
+            return await b.submit(big)
+        finally:
+            await b.close()
+
+    got = asyncio.run(body())
+    rows = [n for _, n, _ in calls]
+    assert rows[0] == 256 and sum(rows) == len(big)  # nothing measured yet: max rows
+    # from the second call on, calls take about the slice (78 rows: 4.98 ms)
+    assert all(clock.a + clock.b * n <= 1.05 * 0.005 for n in rows[1:])
+    assert set(rows[10:-1]) == {78} and rows[-1] <= 78
+    assert np.array_equal(got, defense.transform(big))  # chunks reassembled: the unbatched answer
+
+
+def test_a_one_row_request_waits_one_slice_beside_four_maximum_size_requests(probs):
+    """Four clients with 1,000-row requests queued, a one-row request arrives while the first
+    chunk is defended: it is in the very next call, and no call after the first holds the
+    defense longer than the slice."""
+    import threading
+
+    clock = Clock(a=300e-6, b=60e-6)
+    gate = threading.Semaphore(0)
+    defense, calls = timed(clock, gate)
+    rng = np.random.default_rng(2)
+    large = [rng.dirichlet(np.ones(10), size=1000).astype(np.float32) for _ in range(4)]
+    one = probs[:1]
+
+    async def body():
+        b = Batcher(defense, 256, 0.0, SidecarMetrics(), max_queued=8192, slice=0.005, clock=clock)
+        b.cost.observe(50, clock.a + 50 * clock.b)  # a sidecar that has served before
+        b.cost.observe(1, clock.a + clock.b)
+        b.start()
+        try:
+            big = [asyncio.ensure_future(b.submit(x)) for x in large]
+            while not calls:
+                await asyncio.sleep(0.01)  # the first chunk is being defended
+            submitted = clock.now
+            small = asyncio.ensure_future(b.submit(one))
+            await asyncio.sleep(0.05)
+            while not all(f.done() for f in [small, *big]):
+                gate.release()
+                await asyncio.sleep(0.005)
+            return submitted, await small, await asyncio.gather(*big)
+        finally:
+            for _ in range(200):
+                gate.release()
+            await b.close()
+
+    submitted, got_one, got_large = asyncio.run(body())
+    start, rows, first = calls[1]
+    assert rows == 1 and np.allclose(first, one[0], atol=1e-6)  # the one-row call comes second
+    assert start - submitted <= 0.005  # it waited at most one slice
+    assert all(clock.a + clock.b * n <= 0.005 for _, n, _ in calls)
+    assert np.array_equal(got_one, defense.transform(one))
+    for got, x in zip(got_large, large, strict=True):
+        assert np.array_equal(got, defense.transform(x))

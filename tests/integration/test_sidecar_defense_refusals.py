@@ -1,0 +1,61 @@
+"""`purifier serve` refuses a defense directory it cannot vouch for, before it serves anything:
+one that changes nothing, one fitted with another secret, and a guessable secret (issue 21,
+items 2 and 4: the checks live in `load_defense` / `load_secret`, which start-up calls)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from strong_secret import SECRET, strong_secret, write_secret
+
+from purifier.defenses import FitData, defense_class
+from purifier.errors import ConfigError
+from purifier_server.app import BackgroundSidecar
+from purifier_server.settings import Settings
+
+pytest.importorskip("tritonclient.grpc")
+pytestmark = pytest.mark.integration
+
+
+def _settings(digits_target, defense_dir, secret_file) -> Settings:
+    return Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+                             "metrics_port": -1, "defense_dir": str(defense_dir), "secret_file": str(secret_file)},
+                            env={})
+
+
+@pytest.fixture(scope="module")
+def top_k_dir(digits_target, tmp_path_factory):
+    d = tmp_path_factory.mktemp("fitted") / "top_k"
+    defense_class("top_k")(k=2, secret=SECRET).fit(FitData.from_target(digits_target)).save(d)
+    return d
+
+
+def _start(settings) -> None:
+    with BackgroundSidecar(settings):
+        pass
+
+
+def test_a_directory_whose_setting_changes_nothing_does_not_start(digits_target, top_k_dir, tmp_path):
+    secret = write_secret(tmp_path / "secret")
+    _start(_settings(digits_target, top_k_dir, secret))  # the fitted setting starts
+    manifest = json.loads((top_k_dir / "defense.json").read_text())
+    (top_k_dir / "defense.json").write_text(json.dumps({**manifest, "config": {"k": 10}}))
+    try:
+        with pytest.raises(ConfigError, match=r"the top_k defense with k=10 \(default 3\) leaves 256 of 256 reference "
+                                              r"vectors unchanged .* purifier tune top_k --write-to .* --defense none"):
+            _start(_settings(digits_target, top_k_dir, secret))
+    finally:
+        (top_k_dir / "defense.json").write_text(json.dumps(manifest))
+
+
+def test_another_secret_or_a_guessable_one_does_not_start(digits_target, top_k_dir, tmp_path):
+    other = write_secret(tmp_path / "other", "another deployment")
+    with pytest.raises(ConfigError, match=r"fitted with another PRF secret .* serve it with the secret it was fitted "
+                                          r"with, or refit it"):
+        _start(_settings(digits_target, top_k_dir, other))
+    weak = tmp_path / "weak"
+    weak.write_text("changemechangeme\n")
+    with pytest.raises(ConfigError, match=r"secret: the secret in .* is guessable: .* head -c 32 /dev/urandom"):
+        _start(_settings(digits_target, top_k_dir, weak))
+    assert strong_secret("another deployment") != SECRET
