@@ -29,7 +29,7 @@ from purifier.errors import ConfigError, PurifierError
 DEFENSES = ("none", "memguard", "purifier")
 DEMO_DATASETS = ("digits", "mnist5k", "purchase_like")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
-CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
+CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous, for small shared machines
 
 
 def _log(msg: str) -> None:
