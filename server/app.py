@@ -205,8 +205,8 @@ class Sidecar:
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
                    # the HTTP/2 receive window stays at its initial 64 KiB per stream: with BDP probing
-                   # it grew to megabytes, and 8 MB payloads from callers without the token were
-                   # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
+                   # it grows to megabytes, and large payloads from callers without the token would be
+                   # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
         self.server = grpc.aio.server(options=options,
