@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.defenses import defense_class, load_secret
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "tune.json")
     k, grid, baselines, attacks = _plan(args)
     _check_write_to(args)
     config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from purifier.errors import ConfigError
+from purifier.untrusted import printable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -197,8 +198,9 @@ def _open_access(args, target):
         except BaseException:
             access.close()
             raise
-    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
-                                                       baseline_endpoint=args.baseline)
+    # the output name may come from the endpoint's metadata: plain characters only (purifier.untrusted)
+    return access, baseline, args.defense_name, Source(*(v if v is None else printable(v) for v in (
+        args.endpoint, args.model_name, access.output_name)), baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -219,7 +221,7 @@ def audit_data(args, target, access):
         for r in records:
             r.check_model(access.n_features, access.n_classes)
         shape = _image_shape(args.image_shape)
-        name = args.model_name or Path(args.model).stem  # what the report's title names
+        name = printable(args.model_name or Path(args.model).stem)  # what the report's title names
         data = AuditData(*records, access.n_classes, name=name, kind="image" if shape else "tabular",
                          image_shape=shape, model_id=access.model_id or None)
         data.check_disjoint()
@@ -240,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.audit.runner import AuditConfig, run_audit, run_before_after
     from purifier.models.target import Target
 
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "report.json")
     shadow_settings = executor_settings(args)  # before any query
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
