@@ -39,13 +39,13 @@ import numpy as np
 from purifier.defenses import Defense, Fingerprint
 from purifier.defenses.base import check_probabilities
 from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.probabilities import softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.codec import (
     CONFIDENCE_DATATYPES,
     DATATYPE_OF,
     DTYPES,
     read_answer,
-    softmax,
     with_contents,
 )
 from purifier_server.errors import BadUpstreamOutput, UpstreamFailed

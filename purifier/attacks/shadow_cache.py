@@ -49,12 +49,13 @@ from purifier.untrusted import printable
 CACHE_FORMAT = 2  # 2: the metadata records the entry's size
 MAX_ENTRY_BYTES = 1 << 30  # a shadow's outputs and weights are megabytes; more is not an entry of ours
 Expected = Mapping[str, tuple[int, ...]]  # array name -> shape
+CACHE_DIR_ENV = "PURIFIER_CACHE_DIR"
 
 
 def default_cache_dir() -> Path:
     """$PURIFIER_CACHE_DIR, else $XDG_CACHE_HOME/purifier/shadows, else ~/.cache/purifier/shadows."""
-    if os.environ.get("PURIFIER_CACHE_DIR"):
-        return Path(os.environ["PURIFIER_CACHE_DIR"])
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "purifier" / "shadows"
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from purifier.errors import ConfigError
+from purifier.probabilities import softmax
 from purifier.untrusted import printable
 
 DEFAULT_BATCH = 512
@@ -88,12 +89,6 @@ def not_probabilities(where: str, problem: str) -> ConfigError:
     """The one message for a model output that is not probability vectors, with both fixes."""
     return ConfigError(f"{where} does not answer probability vectors ({problem}); if the output holds logits pass "
                        "--logits, else choose the probabilities output with --output-name")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(np.asarray(logits, np.float64), axis=1)
 
 
 class OnnxTarget(TargetAccess):
@@ -167,7 +162,7 @@ class OnnxTarget(TargetAccess):
         for i in range(0, len(X), self.batch):
             xb = X[i:i + self.batch]
             p = self._clf.run(xb.astype(self._in_dtype, copy=False), outputs=[self.output_name])[self.output_name]
-            p = _softmax(p) if self.logits else p
+            p = softmax(p) if self.logits else p
             if self.defense is not None:
                 p = self.defense.transform(p, xb if self.defense.needs_inputs else None)
             outs.append(np.asarray(p, np.float64))
@@ -356,7 +351,7 @@ class RemoteTarget(TargetAccess):
         if arr is None:
             raise ConfigError(f"{self.description}: response lacks output {self.output_name!r}")
         arr = arr.reshape(len(X), -1)
-        return _softmax(arr) if self.logits else arr
+        return softmax(arr) if self.logits else arr
 
     def _query(self, X):
         """Requests of at most `batch` rows; a request refused for its size (INVALID_ARGUMENT or
