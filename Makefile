@@ -91,7 +91,7 @@ proto: $(STAMP)
 # 20 Ray shadow models of purchase_like); run on a quiet machine.
 BENCH_WORK := build/bench-privacy/digits
 bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.bench_defense
+	$(BIN)/python -m benchmarks.bench_defense
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset digits
 	$(BIN)/python benchmarks/bench_privacy_utility.py --dataset purchase_like
 	$(BIN)/python benchmarks/bench_tune.py

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "purchase_like"],
-                   help="default digits; purchase_like is the leaky benchmark (members 100%%, non-members ~77%%)")
+                   help="default digits; purchase_like is the leaky benchmark (its target is right on every "
+                        "member and far less often on non-members)")
     p.add_argument("--seed", type=int, default=0, help="target, defense and attacker seed (default 0)")
     p.add_argument("--shadows", type=int, default=4, help="attacker shadow models (default 4)")
     add_executor_flags(p)

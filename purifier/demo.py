@@ -29,7 +29,7 @@ from purifier.errors import ConfigError, PurifierError
 DEFENSES = ("none", "memguard", "purifier")
 DEMO_DATASETS = ("digits", "mnist5k", "purchase_like")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
-CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
+CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous, for small shared machines
 
 
 def _log(msg: str) -> None:
@@ -100,8 +100,11 @@ def start_sidecar(target_dir: Path, defense: str, defense_dir: Path | None, secr
 
 
 def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 200) -> dict:
-    """Client-observed latency of single-row requests (tritonclient, raw FP32), p50/p99 in ms."""
+    """Client-observed latency of single-row requests (tritonclient, raw FP32): `latency_summary`'s
+    calls, mean, p50 and p99 in ms."""
     import tritonclient.grpc as grpcclient
+
+    from purifier.bench.measure import latency_summary
 
     client = grpcclient.InferenceServerClient(endpoint)
     try:
@@ -115,8 +118,7 @@ def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 2
                 times.append(time.perf_counter() - t0)
     finally:
         client.close()
-    t = np.sort(np.array(times)) * 1e3
-    return {"p50_ms": float(np.median(t)), "p99_ms": float(t[int(0.99 * (len(t) - 1))]), "requests": n}
+    return latency_summary(times)
 
 
 def memguard_sweep(target, defense_dir: Path, secret: bytes, undefended, seed: int):

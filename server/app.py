@@ -40,6 +40,7 @@ from grpc_health.v1 import health_pb2_grpc
 from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
+from purifier.threads import limit_threads
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
 from purifier_server.dataplane import DataPlane
@@ -208,8 +209,8 @@ class Sidecar:
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
                    # the HTTP/2 receive window stays at its initial 64 KiB per stream: with BDP probing
-                   # it grew to megabytes, and 8 MB payloads from callers without the token were
-                   # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
+                   # it grows to megabytes, and large payloads from callers without the token would be
+                   # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
         self.server = grpc.aio.server(options=options,
@@ -321,12 +322,7 @@ class BackgroundSidecar:
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`."""
     configure_logging(settings.log_level)
-    # One BLAS/OpenMP thread: the defense runs batched on one worker thread, and OpenBLAS's idle
-    # workers spin beside it and the gRPC threads (MemGuard sidecar: 3.7 ms CPU per one-row request
-    # with the default pool, 2.05 ms with one thread). Sized here, in code, not by environment.
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
+    limit_threads()  # in code, not left to the environment (purifier.threads says why)
 
     async def main() -> None:
         sidecar = Sidecar(settings)

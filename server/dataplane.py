@@ -241,8 +241,8 @@ class DataPlane:
         (across fronts; a stream is one call); else Failure RESOURCE_EXHAUSTED (counted when `infer`).
 
         gRPC's own `maximum_concurrent_rpcs` counts every call of the server, health Watch streams
-        (which need no token) included: 140 open Watch streams took every slot and each authorized
-        call got RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
+        (which need no token) included, so open Watch streams alone could take every slot and leave
+        authorized calls RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
         """
         if self.active >= self.settings.max_concurrent_rpcs:
             if infer:

@@ -202,9 +202,9 @@ def train_one_shadow(train_X: np.ndarray, train_y: np.ndarray, query_X: np.ndarr
     Returns:
         (probs (Q, C) float64, predict_proba callable of the trained shadow).
     """
-    from purifier.models.training import torch_threads
+    from purifier.threads import single_threaded
 
-    with torch_threads(1):
+    with single_threaded():
         predict = recipe.train(train_X, train_y, n_classes, shadow_seed(seed, index))
         return check_shadow_outputs(predict(query_X), len(query_X), n_classes, recipe.name), predict
 

@@ -35,8 +35,8 @@ from purifier.errors import ConfigError
 from purifier.models.access import TargetAccess
 
 # the confidence attacks of a sweep, fitted once on the shadows: the metric attacks and NN cost no
-# extra query per setting, RMIA (the strongest on digits: AUC 0.606 undefended, 0.542 under MemGuard
-# at epsilon 1, where the best of the others reads 0.524) asks about its population records too
+# extra query per setting, RMIA (the strongest of them on digits: docs/tune.md's example output,
+# docs/results.md#demo_digits) asks about its population records too
 CONFIDENCE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn", "rmia")
 
 

@@ -15,8 +15,8 @@ Without the secret the outputs are unpredictable; with it they are reproducible.
 strong (`load_secret` refuses short, repeated, sequential or dictionary-like ones), and a fitted
 defense is bound to it: its `defense.json` records the secret's key check value
 (`key_check_value`), and loading it with another secret is refused. The per-row HMAC
-is a Python-level loop over rows (about 1 microsecond each), which is the price of a standard,
-auditable PRF; everything after the digests is vectorized.
+is a Python-level loop over rows, which is the price of a standard, auditable PRF; everything
+after the digests is vectorized.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import numpy as np
 
 from purifier.devices import cuda_missing, ort_providers
 from purifier.errors import ArtifactError, ConfigError
+from purifier.threads import THREADS
 
 
 def _ort():
@@ -34,11 +35,10 @@ def providers_for(device: str) -> list[str]:
 class OnnxClassifier:
     """A loaded ONNX graph. `run(x)` -> {output name: array}; `__call__` returns the first output."""
 
-    def __init__(self, model: str | Path | bytes, device: str = "cpu", intra_op_threads: int = 1):
+    def __init__(self, model: str | Path | bytes, device: str = "cpu"):
         ort = _ort()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = opts.inter_op_num_threads = THREADS
         opts.log_severity_level = 3
         source = model if isinstance(model, bytes) else str(model)
         if not isinstance(model, bytes) and not Path(model).is_file():
