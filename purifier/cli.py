@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from purifier.errors import PurifierError
+from purifier.untrusted import printable
 
 
 def _train_target(args: argparse.Namespace) -> int:
@@ -115,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except PurifierError as e:
-        print(f"purifier: error: {e}", file=sys.stderr)
+    except PurifierError as e:  # may quote an endpoint's text: plain characters only (purifier.untrusted)
+        print(f"purifier: error: {printable(e, None)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in FULL_INSTALL_MODULES:

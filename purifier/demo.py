@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,8 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
     from purifier.defenses import FitData, defense_class, read_defense_manifest
 
     directory = out / "defenses" / name
-    wanted = json.loads(json.dumps(defense_class(name)(seed=seed).config()))
+    seeded: dict[str, Any] = {"seed": seed}  # the demo's defenses (memguard, purifier) train with a seed
+    wanted = json.loads(json.dumps(defense_class(name)(**seeded).config()))
     with contextlib.suppress(PurifierError):
         manifest = read_defense_manifest(directory)
         if (manifest["defense"] == name and manifest["model_id"] == target.model_id
@@ -82,7 +84,7 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
             return directory
     _log(f"fitting {name}")
     t0 = time.perf_counter()
-    defense = defense_class(name)(seed=seed, secret=secret).fit(FitData.from_target(target))
+    defense = defense_class(name)(**seeded, secret=secret).fit(FitData.from_target(target))
     defense.save(directory)
     _log(f"fitted {name} in {time.perf_counter() - t0:.1f}s")
     return directory
@@ -132,7 +134,9 @@ def memguard_sweep(target, defense_dir: Path, secret: bytes, undefended, seed: i
     from purifier.models.access import InProcessTarget
 
     defense = load_defense(defense_dir, secret=secret, model_id=target.model_id)
-    grid = defense.knob.weakest_first(defense.knob.grid)
+    knob = defense.knob
+    assert knob is not None  # memguard has a budget
+    grid = knob.weakest_first(knob.grid)
     variants = [(defense.name, value, defense.with_budget(value)) for value in grid]
     config = AuditConfig(CONFIDENCE_ATTACKS, n_boot=20, seed=seed, progress=False)
     return sweep_points(AuditData.from_target(target), InProcessTarget(target), variants, config,
@@ -231,7 +235,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
     model_name = target.directory.name
     X_eval, _ = target.role("eval_nonmembers")
-    audits, latency = {}, {}
+    audits: dict[str, Any] = {}
+    latency: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
         sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),

@@ -42,8 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.defenses import REGISTRY, baseline_defenses, tunable_defenses
     from purifier.devices import DEVICES
 
-    grids = "; ".join(f"{n}: {c.knob.param} {','.join('none' if v is None else f'{v:g}' for v in c.knob.grid)}"
-                      for n, c in tunable_defenses().items())
+    grids = "; ".join(f"{n}: {k.param} {','.join('none' if v is None else f'{v:g}' for v in k.grid)}"
+                      for n, c in tunable_defenses().items() if (k := c.knob))
     p = sub.add_parser("tune", help="sweep a defense's budget and pick the smallest setting that reaches the "
                                     "label-only floor; write tune.json, tune.md, tune.png",
                        description="Records come from --target DIR (train-target splits) or from files: "
@@ -142,6 +142,7 @@ def _open(args):
 
     files = [f for f, v in (("--members", args.members), ("--nonmembers", args.nonmembers),
                             ("--attacker-pool", args.attacker_pool), ("--reference", args.reference)) if v]
+    fit: tuple[Records, Records] | None
     if args.target:
         if files or args.model or args.endpoint:
             raise ConfigError(f"--target brings its own model and records; drop "
@@ -260,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.defenses import defense_class, load_secret
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "tune.json")
     k, grid, baselines, attacks = _plan(args)
     _check_write_to(args)
     config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
@@ -339,7 +340,7 @@ def table_rows(result: Tuning) -> tuple[list[str], list[list[str]]]:
               "TPR@1%FPR", "within floor"]
 
     def row(p: SweepPoint):
-        u, t = p.utility, p.best_tpr_1pct.tpr
+        u, t = p.utility, p.best_tpr_1pct.rate
         mark = " <- chosen" if p == result.chosen else ""
         ok = "yes" if p.within(result.floor) and p.keeps_labels else "no"
         lo, hi = p.best.ci95
@@ -351,7 +352,7 @@ def table_rows(result: Tuning) -> tuple[list[str], list[list[str]]]:
     return header, [row(result.undefended), *(row(p) for p in result.points)]
 
 
-def _summary(result: dict) -> str:
+def _summary(result: Tuning) -> str:
     from purifier.tables import text_table
 
     return "\n".join([text_table(*table_rows(result)), "", *_verdict(result)])
@@ -393,7 +394,9 @@ def _write_setting(args, defense, chosen: SweepPoint, result: Tuning, secret: by
 
     path = Path(args.write_to)
     tuned = defense.with_budget(chosen.setting)  # checked by the defense's own rules
-    param = type(defense).knob.param
+    knob = type(defense).knob
+    assert knob is not None  # a tunable defense
+    param = knob.param
     note = {"param": param, "value": chosen.setting, "floor": result.floor.to_json(), "best_auc": chosen.best_auc,
             "real_traffic_l1_mean": chosen.real_traffic_l1, "report": str(Path(args.out).resolve() / "tune.json")}
     if not path.exists():

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from purifier.errors import ConfigError
+from purifier.untrusted import printable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -180,8 +181,8 @@ def _open_access(args, target):
     model's access (in process: the model without --defense-dir), a `Report` of an earlier audit
     of it (--baseline REPORT), or None."""
     from purifier.audit.model_flags import open_model
-    from purifier.audit.results import Source
-    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget
+    from purifier.audit.results import Report, Source
+    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget, TargetAccess
 
     in_process = args.in_process or bool(args.model)
     if args.in_process:
@@ -195,6 +196,8 @@ def _open_access(args, target):
     if not (in_process or args.endpoint):
         raise ConfigError("name the model under audit: --endpoint HOST:PORT --model-name NAME, or --model "
                           "MODEL.onnx (or --target DIR --in-process)")
+    access: OnnxTarget | RemoteTarget
+    baseline: TargetAccess | Report | None
     if in_process:
         if args.in_process:
             defense = load_checked_defense(args, InProcessTarget(target))
@@ -211,11 +214,7 @@ def _open_access(args, target):
                               "without --defense-dir is the baseline already")
         return access, baseline, args.defense_name or name, Source("in-process", model=args.model,
                                                                    output_name=access.output_name)
-    earlier = None
-    if args.baseline and Path(args.baseline).exists():
-        from purifier.audit.results import Report
-
-        earlier = Report.read(args.baseline)
+    earlier = Report.read(args.baseline) if args.baseline and Path(args.baseline).exists() else None
     access = open_model(args, n_classes=target.n_classes if target is not None else None)
     baseline = earlier
     if args.baseline and earlier is None:
@@ -225,8 +224,9 @@ def _open_access(args, target):
         except BaseException:
             access.close()
             raise
-    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
-                                                       baseline_endpoint=args.baseline)
+    # the output name may come from the endpoint's metadata: plain characters only (purifier.untrusted)
+    return access, baseline, args.defense_name, Source(*(v if v is None else printable(v) for v in (
+        args.endpoint, args.model_name, access.output_name)), baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -247,8 +247,9 @@ def audit_data(args, target, access):
         for r in records:
             r.check_model(access.n_features, access.n_classes)
         shape = _image_shape(args.image_shape)
-        name = args.model_name or Path(args.model).stem  # what the report's title names
-        data = AuditData(*records, access.n_classes, name=name, kind="image" if shape else "tabular",
+        name = printable(args.model_name or Path(args.model).stem)  # what the report's title names
+        members, nonmembers, pool = records
+        data = AuditData(members, nonmembers, pool, access.n_classes, name=name, kind="image" if shape else "tabular",
                          image_shape=shape, model_id=access.model_id or None)
         data.check_disjoint()
     if args.target_family:
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.audit.runner import AuditConfig, run_audit, run_before_after
     from purifier.models.target import Target
 
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "report.json")
     shadow_settings = executor_settings(args)  # before any query
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
@@ -309,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     out = write_report(audit, args.out)
     print(text_table(audit.report))
-    for warning in audit.report.assumptions.warnings:
+    for warning in audit.report.assumptions.warnings if audit.report.assumptions else ():
         print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out}/report.html (open in a browser), report.md, report.json, roc.png", file=sys.stderr)
     return 0

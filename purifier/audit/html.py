@@ -20,7 +20,7 @@ from html import escape
 import numpy as np
 
 from purifier.audit.figures import RocCurve, TradeoffPoint, roc_figure, to_svg, tradeoff_figure
-from purifier.audit.results import TPR_METRICS, Best, Metric, Report, Tpr
+from purifier.audit.results import FPR_TARGETS, TPR_METRICS, Best, Metric, Report, Tpr
 from purifier.evaluation import OutputUtility
 from purifier.tables import html_table
 
@@ -94,7 +94,7 @@ def _auc_cell(report: Report | None, label_only: bool | None = None) -> tuple[st
     return f"{b.value:.3f}", f"attack: {b.attack}" + (" (score flipped)" if b.flipped else "")
 
 
-def _tpr_text(t: Tpr, value: float | None = None) -> tuple[str, str] | str:
+def _tpr_text(t: Tpr, value: float | None = None) -> tuple[str, str]:
     """(share of members found, what it was measured at); no number when not measurable."""
     if not t.measurable:
         return "not measurable", f"{t.negatives} non-members are too few for this false-positive rate"
@@ -108,7 +108,7 @@ def _tpr_cell(report: Report | None, metric: Metric, label_only: bool | None = N
     b = _best(report, metric, label_only)
     if b is None:
         return "no such attack run"
-    value, where = _tpr_text(b.tpr, b.value)
+    value, where = _tpr_text(b.rate, b.value)
     return value, f"{where}; attack: {b.attack}"
 
 
@@ -119,8 +119,8 @@ def headline_rows(page: ReportPage) -> list[list]:
     rows = [[("Best attack AUC", "How well the strongest attack tells training records from others: "
                                  "0.5 is a coin flip, 1 is certainty."),
              *(_auc_cell(rep, flag) for _, rep, flag in columns)]]
-    for metric, words in zip(TPR_METRICS, ("1 in 100", "1 in 1,000"), strict=True):
-        rows.append([(f"Members found at {100 * metric.fpr:g}% false positives",
+    for metric, fpr, words in zip(TPR_METRICS, FPR_TARGETS, ("1 in 100", "1 in 1,000"), strict=True):
+        rows.append([(f"Members found at {100 * fpr:g}% false positives",
                       f"Share of training records the strongest attack exposes while wrongly accusing {words} "
                       "people who were not in the training set."),
                      *(_tpr_cell(rep, metric, flag) for _, rep, flag in columns)])
@@ -158,7 +158,7 @@ def _utility_rows(page: ReportPage) -> list[list[str]]:
     return rows
 
 
-def _attack_rows(page: ReportPage) -> list[list[str]]:
+def _attack_rows(page: ReportPage) -> list[list]:
     before = {} if page.report.baseline is None else page.report.baseline.attacks
     rows = []
     for name, a in page.report.attacks.items():
@@ -194,8 +194,7 @@ def _setup_items(r: Report) -> list[str]:
 
 
 def _curve(report: Report, b: Best | None, role: str, column: str, points=()) -> RocCurve | None:
-    pts = None if b is None else report.curves.get(b.attack)
-    if pts is None:
+    if b is None or (pts := report.curves.get(b.attack)) is None:
         return None
     return RocCurve(f"{column}: {b.label}", np.asarray(pts.fpr), np.asarray(pts.tpr), role, tuple(points))
 
@@ -217,7 +216,7 @@ def roc_curves(page: ReportPage) -> tuple[list[RocCurve], list[RocCurve]]:
         tprs = [b for m in TPR_METRICS if (b := _best(rep, m, flag)) is not None and b.measurable]
         if not tprs:
             continue
-        points = [(b.tpr.fpr, b.value, f"{column}: {b.label}, {100 * b.value:.1f}% at {100 * b.tpr.fpr:.2f}% FPR")
+        points = [(b.rate.fpr, b.value, f"{column}: {b.label}, {100 * b.value:.1f}% at {100 * b.rate.fpr:.2f}% FPR")
                   for b in tprs]
         if (c := _curve(rep, tprs[-1], role, column, points)) is not None:
             corner.append(c)
@@ -245,6 +244,7 @@ def _figures(page: ReportPage) -> str:
 def render_html(page: ReportPage) -> str:
     """The whole page as one string (UTF-8 HTML5)."""
     r, v = page.report, page.report.verdict
+    assert v is not None  # an assembled report has its verdict
     heading = f"Privacy audit: {title(r)}"
     e = escape
     cannot = "".join(f"<li>{e(line)}</li>" for line in v.cannot_protect)

@@ -42,10 +42,10 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     for name, a in report.attacks.items():
         r = a.ranking
         (lo, hi), (blo, bhi) = r.auc_ci95, a.balanced_accuracy_ci95
-        auc = f"{r.auc:.3f} [{lo:.3f}, {hi:.3f}]{_versus(r.auc, floor and floor.auc)}"
+        auc = f"{r.auc:.3f} [{lo:.3f}, {hi:.3f}]{_versus(r.auc, None if floor is None else floor.auc)}"
         if a.flipped is not None:
             auc += f"; inverted, flipped {a.flipped.auc:.3f}"
-        tprs = [tpr_cell(r.tpr(m)) + (_versus(r.value(m), floor and floor.of(m)) if r.tpr(m).measurable else "")
+        tprs = [tpr_cell(r.tpr(m)) + (_versus(r.value(m), None if floor is None else floor.of(m)) if r.tpr(m).measurable else "")
                 for m in TPR_METRICS]
         rows.append([name, a.family.value, auc, *tprs, f"{a.balanced_accuracy:.3f} [{blo:.3f}, {bhi:.3f}]",
                      f"{a.oracle_balanced_accuracy:.3f}", str(a.queries), f"{a.seconds:.1f}"])
@@ -62,7 +62,7 @@ def floor_lines(report: Report) -> list[str]:
              f"[{auc.ci95[0]:.3f}, {auc.ci95[1]:.3f}] ({auc.attack})"]
     for metric, words in zip(TPR_METRICS, ("1%", "0.1%"), strict=True):
         b = floor.of(metric)
-        lines.append(f"  TPR at {words} FPR: {tpr_cell(b.tpr, b.value)} ({b.attack})")
+        lines.append(f"  TPR at {words} FPR: {tpr_cell(b.rate, b.value)} ({b.attack})")
     return lines
 
 
@@ -123,6 +123,15 @@ def verdict_lines(report: Report) -> list[str]:
 
 
 def markdown(report: Report) -> str:
+    """report.md; what came from outside (the endpoint's names, the records' name) shows as the
+    characters it is (`purifier.untrusted.markdown_text`)."""
+    from dataclasses import fields, replace
+
+    from purifier.untrusted import markdown_text
+
+    source = replace(report.source, **{f.name: markdown_text(v) for f in fields(report.source)
+                                       if isinstance(v := getattr(report.source, f.name), str)})
+    report = replace(report, dataset=markdown_text(report.dataset), source=source)
     md = [f"# Membership inference audit: {title(report)}", ""]
     if report.verdict is not None:
         md += ["## Verdict" + (" (provisional)" if report.verdict.provisional else ""), "",
@@ -159,7 +168,7 @@ def plot_roc(audit, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=110)
     grid = np.logspace(np.log10(floor_fpr), 0, 50)
     ax.plot(grid, grid, color="grey", ls=":", lw=1, label="chance")
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10")(np.arange(10))
     for i, (name, o) in enumerate(audit.outcomes.items()):
         fpr, tpr, _ = ev.roc_curve(o.scores, m)
         # more attacks than colours: the second ten are dashed

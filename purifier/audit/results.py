@@ -43,7 +43,7 @@ class Metric(StrEnum):
 
 
 TPR_METRICS = (Metric.TPR_1PCT, Metric.TPR_01PCT)
-FPR_TARGETS = tuple(m.fpr for m in TPR_METRICS)
+FPR_TARGETS = tuple(fpr for m in TPR_METRICS if (fpr := m.fpr) is not None)
 
 
 class Result:
@@ -67,7 +67,7 @@ class Tpr(Result):
     fpr: float
     negatives: int
     measurable: bool
-    ci95: tuple[float, float] | None = None
+    ci95: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Ranking(Result):
     def value(self, metric: Metric) -> float:
         return self.auc if metric == Metric.AUC else self.tpr(metric).tpr
 
-    def ci95(self, metric: Metric) -> tuple[float, float] | None:
+    def ci95(self, metric: Metric) -> tuple[float, float]:
         return self.auc_ci95 if metric == Metric.AUC else self.tpr(metric).ci95
 
 
@@ -146,13 +146,20 @@ class Best(Result):
 
     attack: str
     value: float
-    ci95: tuple[float, float] | None
+    ci95: tuple[float, float]
     flipped: bool
     tpr: Tpr | None = None
 
     @property
     def measurable(self) -> bool:
         return self.tpr is None or self.tpr.measurable
+
+    @property
+    def rate(self) -> Tpr:
+        """`tpr` of a TPR metric's figure (an AUC's has none: ValueError)."""
+        if self.tpr is None:
+            raise ValueError(f"{self.attack}: an AUC figure has no TPR")
+        return self.tpr
 
     @property
     def label(self) -> str:

@@ -193,6 +193,7 @@ def run_attacks(data: AuditData, access, q: Queried, shadows: ShadowSet, config:
                 defense_name: str | None, fitted: dict | None) -> tuple[dict[str, AttackOutcome], dict]:
     """Step 3: every attack of `config`, fitted on the shadows (or taken fitted from `fitted`,
     except the adaptive ones), run against `access`. Returns (outcomes, the fitted attacks)."""
+    assert data.feature_range is not None  # AuditData fills it in
     ctx = AttackContext(shadows, data.n_classes, data.kind, data.image_shape, data.feature_range,
                         candidate_labels=q.y, defense_name=defense_name, seed=config.seed)
     outcomes: dict[str, AttackOutcome] = {}
@@ -311,7 +312,7 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
     q = query(data, access, baseline, before.outputs if isinstance(before, Audit) else None)
     t0 = time.perf_counter()
     reused = shadows is not None
-    if not reused:
+    if shadows is None:
         shadows = shadow_models(data, q, recipe, config)
     shadow_seconds = time.perf_counter() - t0
     outcomes, fitted_now = run_attacks(data, access, q, shadows, config, defense_name, fitted if reused else None)

@@ -142,6 +142,7 @@ def point_from_audit(audit: Audit, defense_name: str, setting, clean: np.ndarray
     if not conf:
         raise ConfigError("the sweep ran no confidence attack")
     strongest = Strongest.among(conf)
+    assert strongest is not None  # among attacks, not none
     return SweepPoint(defense_name, setting, setting_label(defense_name, setting), strongest.auc,
                       strongest.tpr_1pct, {a.name: a.attacker.auc for a in conf},
                       ev.output_utility(clean, defended, labels, audit.membership))

@@ -45,7 +45,7 @@ def _pct(x: float) -> str:
 
 def _words(b: Best) -> str:
     """'7.1% of members (realized FPR 0.10%, 10,000 non-members)' or 'not measurable ...'."""
-    t = b.tpr
+    t = b.rate
     if not t.measurable:
         return f"not measurable with {t.negatives:,} non-members"
     return f"{_pct(b.value)} of members (realized FPR {100 * t.fpr:.2f}%, {t.negatives:,} non-members)"
@@ -53,7 +53,7 @@ def _words(b: Best) -> str:
 
 def within(best: Best, floor: Best) -> bool | None:
     """best's value is no higher than the top of floor's 95% interval; None when not measurable."""
-    if not best.measurable or not floor.measurable or floor.ci95 is None:
+    if not best.measurable or not floor.measurable:
         return None
     return best.value <= floor.ci95[1]
 
@@ -146,7 +146,7 @@ def _skipped(checks: dict[Metric, bool | None], floor: Strongest) -> str:
     if not gone:
         return ""
     return (" " + " and ".join(m.words for m in gone) + f" not judged: not measurable with "
-            f"{floor.tpr_1pct.tpr.negatives:,} non-members.")
+            f"{floor.tpr_1pct.rate.negatives:,} non-members.")
 
 
 def criteria(report: Report) -> dict[Metric, bool | None]:
@@ -193,10 +193,12 @@ def _record_sentence(report: Report) -> str | None:
     if not real:
         return ("No attack in this audit beats a coin flip (every AUC 95% interval reaches 0.5, and no TPR at 0.1% "
                 "false positives lies above it): no record-level exposure was found by the attacks run.")
-    top = Strongest.among(real).tpr_01pct
+    strongest = Strongest.among(real)
+    assert strongest is not None  # among attacks, not none
+    top = strongest.tpr_01pct
     if not top.measurable:
         return (f"Record-level exposure (members found at 0.1% false positives) is not measurable with "
-                f"{top.tpr.negatives:,} non-members: it needs at least 1,000.")
+                f"{top.rate.negatives:,} non-members: it needs at least 1,000.")
     line = (f"Record-level exposure remains: the strongest attack ({top.label}) finds {_words(top)} at 0.1% "
             "false positives")
     label = Strongest.among(a for a in real if a.label_only)
