@@ -361,7 +361,7 @@ class Defense(abc.ABC):
                 "config": self.config(),
                 "n_classes": self.n_classes,
                 "model_id": self.model_id,
-                **({"secret_check": key_check_value(self.secret)} if self.name != "none" else {}),
+                **({"secret_check": key_check_value(self.secret)} if self.secret is not None and self.name != "none" else {}),
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
                 **identity,
