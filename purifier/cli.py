@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
-    from purifier.audit.command import add_executor_flags
+    from purifier.audit.command import add_executor_flags, add_shadow_count_flags
     from purifier.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default digits; purchase_like is the leaky benchmark (its target is right on every "
                         "member and far less often on non-members)")
     p.add_argument("--seed", type=int, default=0, help="target, defense and attacker seed (default 0)")
-    p.add_argument("--shadows", type=int, default=4, help="attacker shadow models (default 4)")
+    add_shadow_count_flags(p)
     add_executor_flags(p)
     p.set_defaults(func=_demo)
     return parser
