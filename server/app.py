@@ -109,8 +109,12 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
         return IdentityDefense()
     if name is None:
         name = read_defense_manifest(settings.defense_dir)["defense"]
+        if name == "none":  # one line of defense.json must not stand in for the flag
+            raise ConfigError(f"defense: {settings.defense_dir} holds the 'none' defense, which serves the model's "
+                              "clean confidence vectors; serve undefended on purpose with --defense none (without "
+                              "--defense-dir), or give a directory from purifier fit-defense")
         log.info("defense inferred from defense.json", extra={"defense": name, "defense_dir": settings.defense_dir})
-    secret = load_secret(file=settings.secret_file) if name != "none" else None
+    secret = load_secret(file=settings.secret_file)
     defense = load_defense(settings.defense_dir, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")

@@ -84,10 +84,16 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
 
 
 def _reference_sample(directory: Path, manifest: dict, defense: Defense) -> ReferenceSample | None:
-    """The saved reference sample; for directories fitted before it existed, the fingerprint's rows."""
+    """The saved reference sample; for directories fitted before it existed, the fingerprint's rows.
+    A defense (other than `none`) with neither is refused: the no-op rule must not be skipped by
+    deleting the rows it is checked on."""
     if isinstance(manifest.get("reference_sample"), dict):
         return ReferenceSample.load(directory, manifest["reference_sample"])
     fp = defense.fingerprint
+    if fp is None and defense.name != "none":
+        raise ConfigError(f"{directory}: defense.json lists no reference sample (nor fingerprint) to check that the "
+                          f"{defense.name} defense changes the model's answers (written by hand, or edited); refit it "
+                          f"with purifier fit-defense {defense.name}")
     return None if fp is None else ReferenceSample(fp.probs, fp.inputs if defense.needs_inputs else None)
 
 

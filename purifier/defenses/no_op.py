@@ -20,7 +20,12 @@ measure, not for this rule. The clean row is compared after the renormalization 
 applies, so renormalization alone is never a change.
 
 Directories fitted before the sample existed fall back to the rows of their model fingerprint
-(`purifier.defenses.fingerprint`, a handful of reference rows); with neither, nothing is checked.
+(`purifier.defenses.fingerprint`, a handful of reference rows); a directory with neither is refused
+by `load_defense`, so the rule cannot be skipped by deleting the rows it is checked on. Rows the
+library would draw itself (seeded probability vectors of the class count) were considered as a
+floor and left out: they are not the model's answers, and on them MemGuard at its smallest tuned
+epsilon leaves most rows unchanged (its release coin depends on how far a row is from the
+membership classifier's boundary), so they would refuse settings the real sample accepts.
 """
 
 from __future__ import annotations
@@ -66,8 +71,10 @@ class ReferenceSample:
 
     def save(self, directory: Path) -> tuple[list[str], dict]:
         """Write SAMPLE_FILE into `directory`; returns (files written, the manifest entry)."""
-        arrays = {"probs": self.probs} if self.inputs is None else {"probs": self.probs, "inputs": self.inputs}
-        np.savez(directory / SAMPLE_FILE, allow_pickle=False, **arrays)
+        if self.inputs is None:
+            np.savez(directory / SAMPLE_FILE, probs=self.probs)
+        else:
+            np.savez(directory / SAMPLE_FILE, probs=self.probs, inputs=self.inputs)
         return [SAMPLE_FILE], {"file": SAMPLE_FILE, "rows": int(len(self.probs))}
 
     @classmethod

@@ -9,7 +9,7 @@ import json
 import pytest
 from strong_secret import SECRET, strong_secret, write_secret
 
-from purifier.defenses import FitData, defense_class
+from purifier.defenses import FitData, IdentityDefense, defense_class
 from purifier.errors import ConfigError
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
@@ -59,3 +59,22 @@ def test_another_secret_or_a_guessable_one_does_not_start(digits_target, top_k_d
     with pytest.raises(ConfigError, match=r"secret: the secret in .* is guessable: .* head -c 32 /dev/urandom"):
         _start(_settings(digits_target, top_k_dir, weak))
     assert strong_secret("another deployment") != SECRET
+
+
+def test_a_directory_that_says_none_is_not_served_without_defense_none(digits_target, tmp_path):
+    """`--defense none` is the only way to serve undefended: a directory whose defense.json says
+    none (IdentityDefense().save, or one line edited by hand: none needs no key check value and no
+    files) is refused with --defense-dir alone, naming the flag, before anything is served."""
+    directory = IdentityDefense().save(tmp_path / "defense")
+    assert json.loads((directory / "defense.json").read_text())["defense"] == "none"
+    secret = write_secret(tmp_path / "secret")
+    with pytest.raises(ConfigError, match=r"holds the 'none' defense, which serves the model's clean confidence "
+                                          r"vectors; serve undefended on purpose with --defense none"):
+        _start(_settings(digits_target, directory, secret))
+    # the same edit in a fitted directory: still refused, not served as none
+    fitted = tmp_path / "edited"
+    defense_class("top_k")(k=2, secret=SECRET).fit(FitData.from_target(digits_target)).save(fitted)
+    manifest = json.loads((fitted / "defense.json").read_text())
+    (fitted / "defense.json").write_text(json.dumps({**manifest, "defense": "none", "config": {}}))
+    with pytest.raises(ConfigError, match="holds the 'none' defense"):
+        _start(_settings(digits_target, fitted, secret))

@@ -109,3 +109,25 @@ def test_logits_on_an_output_that_holds_probabilities_is_refused_at_fit(digits_t
     assert "already answers probability vectors" in err and "drop --logits" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "p").exists()
     assert main([*base, "--logits", "--output-name", "logits", "--out", str(tmp_path / "l")]) == 0
+
+
+def test_a_no_op_written_by_hand_is_refused_even_without_sample_and_fingerprint(digits_fit, tmp_path):
+    """The rule must not be skippable by deleting its evidence: scale 0 written into defense.json
+    with the reference sample and fingerprint dropped from the directory and the manifest (no
+    hash left to recompute) is refused, naming purifier fit-defense."""
+    directory = tmp_path / "noise"
+    defense_class("noise")(scale=0.05, secret=SECRET).fit(digits_fit).save(directory)
+    manifest = json.loads((directory / "defense.json").read_text())
+    manifest["config"]["scale"] = 0.0
+    for key in ("reference_sample", "fingerprint"):
+        entry = manifest.pop(key)
+        manifest["files"].pop(entry["file"])
+        (directory / entry["file"]).unlink()
+    (directory / "defense.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"lists no reference sample \(nor fingerprint\) to check that the noise "
+                                          r"defense changes .* refit it with purifier fit-defense noise"):
+        load_defense(directory, SECRET)
+    manifest["config"]["scale"] = 0.05  # whatever the setting: a directory without its rows is not vouched for
+    (directory / "defense.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="lists no reference sample"):
+        load_defense(directory, SECRET)
