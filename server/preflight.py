@@ -187,13 +187,12 @@ def _unprobeable(inputs: list[TensorSpec], fingerprint: Fingerprint) -> str | No
     return None
 
 
-def fingerprint_probe(inputs: list[TensorSpec], defense: Defense, check: ModelCheck) -> Probe | None:
+def fingerprint_probe(inputs: list[TensorSpec], fingerprint: Fingerprint, check: ModelCheck) -> Probe | None:
     """The probe for a defense with a fingerprint; None when the operator vouches with --model-id.
 
     Raises ModelRefused when the declared inputs contradict the fitted model or give no way to
     probe it: an upstream must not escape the identity check by what its metadata says.
     """
-    fingerprint = defense.fingerprint
     why = _unprobeable(inputs, fingerprint)
     if why is None:
         spec = inputs[0]
@@ -295,9 +294,10 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
         # a server without ModelMetadata: nothing to check the outputs against, nothing to probe with
     _check_outputs(upstream, defense, check)
     probe = None
-    if defense.fingerprint is not None:
-        probe = fingerprint_probe(upstream.inputs, defense, check)
-        arrays, how = (probe.arrays(np.arange(probe.batch or len(defense.fingerprint.inputs))), "fingerprint") \
+    fingerprint = defense.fingerprint
+    if fingerprint is not None:
+        probe = fingerprint_probe(upstream.inputs, fingerprint, check)
+        arrays, how = (probe.arrays(np.arange(probe.batch or len(fingerprint.inputs))), "fingerprint") \
             if probe is not None else (None, "--model-id vouches for the model and its inputs cannot be probed")
     else:
         arrays, how = zero_inputs(upstream.inputs)
@@ -318,7 +318,8 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
     if not check.use_fingerprint:
         return Checked(f"outputs checked on {rows} probe rows; identity vouched for by --model-id (fingerprint not "
                        "compared)", False, outputs, None)
-    why = defense.fingerprint.mismatch(probs, np.arange(rows))
+    assert fingerprint is not None  # probed with its rows
+    why = fingerprint.mismatch(probs, np.arange(rows))
     if why:
         raise ModelRefused(f"defense: fitted for another model: {why}; serve the model it was fitted for or refit "
                            "it for this one (purifier fit-defense)")

@@ -135,7 +135,9 @@ class Readiness:
         that matches serves again: the full model check (a ModelMetadata call, then all stored
         rows at once) is easy to recognise, so it does not clear what a probe found.
         """
-        probe = self._checked.probe
+        probe = None if self._checked is None else self._checked.probe
+        if probe is None:  # `_probe_due` asks only when there is one
+            return
         self._schedule_probe()
         stored = len(probe.fingerprint.inputs)
         if self._recent:
@@ -255,9 +257,10 @@ class Readiness:
         too many requests wait already.
         """
         await self._wait(self.verified, deadline)
-        if self._refused is not None:
-            raise self.refusal()
-        return self._verified
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
+        return self.upstream.generation  # the generation the check passed for
 
     async def recheck(self, generation: int, deadline: float) -> bool:
         """After an upstream call over `generation` failed as if the upstream were away: True when
