@@ -196,7 +196,7 @@ def comparison_rows(reports: dict, latency: dict[str, dict] | None) -> tuple[lis
     return columns, rows
 
 
-def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4,
+def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int | None = None,
              shadow_settings: dict | None = None) -> dict:
     """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
     processes, the default cache)."""
@@ -246,7 +246,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                config = AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed, **(shadow_settings or {}))
+                settings: dict[str, Any] = {"n_shadows": shadows} if shadows else {}
+                config = AuditConfig(DEFAULT_ATTACKS, **settings, seed=seed, **(shadow_settings or {}))
                 if name == "none":
                     config = replace(config, attacks=tuple(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE))
                 source = Source(sidecars[name].endpoint, model_name, access.output_name,
@@ -276,7 +277,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
         "shadows": {k: v for k, v in reports[DEFENSES[0]].shadows.to_json().items()
                     if k in ("n", "executor", "from_cache", "trained", "cache")},
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
-                     "total": round(time.perf_counter() - t_start, 1), "steps": steps},
+                     "total": round(time.perf_counter() - t_start, 1), "steps": steps,
+                     "attacks": {name: {a: e.seconds for a, e in r.attacks.items()} for name, r in reports.items()},
+                     "shadow_training": {name: r.timing.shadow_training for name, r in reports.items()}},
         # timings on a shared machine mean little without the load they ran under
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]},
         "reports": {name: str(out / "reports" / name / "report.html") for name in reports},
@@ -298,9 +301,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
 
 def demo_cli(args) -> int:
-    from purifier.audit.command import executor_settings
+    from purifier.audit.command import executor_settings, shadow_count
 
-    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=args.shadows,
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=shadow_count(args),
              shadow_settings=executor_settings(args))
     return 0
 

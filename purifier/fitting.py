@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.artifacts import new_output_dir
     from purifier.defenses import FitData, defense_class, load_secret
 
-    out = new_output_dir(args.out, args.force)
+    out = new_output_dir(args.out, args.force, "defense.json")
     cls = defense_class(args.defense)
     defense = cls(**defense_kwargs(cls, args))  # bad hyper-parameters fail before anything is said or done
     defense.secret = load_secret(file=args.secret_file)  # the fitted defense is bound to it

@@ -255,15 +255,16 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from purifier.artifacts import new_output_dir
+    from purifier.audit.command import shadow_count
     from purifier.audit.runner import AuditConfig
     from purifier.audit.sweep import choose, sweep_points
     from purifier.defenses import defense_class, load_secret
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "tune.json")
     k, grid, baselines, attacks = _plan(args)
     _check_write_to(args)
-    config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+    config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                          shadow_model=args.shadow_model, n_boot=args.bootstrap, seed=args.seed, progress=False)
     # a throwaway secret measures the same privacy; a defense written with --write-to is bound to the served one
     secret = load_secret(file=args.secret_file, required=args.write_to is not None) or secrets.token_bytes(32)

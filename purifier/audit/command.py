@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from purifier.errors import ConfigError
+from purifier.untrusted import printable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -79,12 +80,40 @@ def add_attacker_flags(p: argparse.ArgumentParser) -> None:
                    help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
                         "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
                         "target's family if known, else mlp")
-    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4; LiRA is at its "
-                                                           "strongest with 16 or more)")
+    add_shadow_count_flags(p)
     add_executor_flags(p)
     p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% CIs (default 200)")
     p.add_argument("--seed", type=int, default=0, help="attacker seed (default 0)")
+
+
+def add_shadow_count_flags(p: argparse.ArgumentParser) -> None:
+    """--shadows and --quick (audit, tune, demo); `shadow_count` reads them."""
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+
+    p.add_argument("--shadows", type=int, default=None,
+                   help=f"number of shadow models (default {DEFAULT_SHADOWS}: enough for the online LiRA, RMIA and "
+                        "calibrated label attacks; the shadow cache keeps them for later audits of the same records)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a quick audit with {QUICK_SHADOWS} shadow models: LiRA, RMIA and the calibrated label attack "
+                        "fall back to weaker variants and understate TPR at low FPR")
+
+
+def shadow_count(args) -> int:
+    """The shadow count from --shadows / --quick; --quick says once what it gives up."""
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+
+    if args.quick and args.shadows is not None:
+        raise ConfigError("--quick means --shadows " f"{QUICK_SHADOWS}; give one of them")
+    if args.shadows is not None and args.shadows < 1:
+        raise ConfigError(f"--shadows: need at least 1 shadow model, got {args.shadows}")
+    if not args.quick:
+        return DEFAULT_SHADOWS if args.shadows is None else args.shadows
+    if not getattr(args, "quiet", False):
+        print(f"purifier: quick audit: {QUICK_SHADOWS} shadow models instead of {DEFAULT_SHADOWS}; attacks that need "
+              "more fall back to weaker variants (the report lists them), so TPR at low FPR is understated; "
+              "drop --quick for the full-strength audit", file=sys.stderr, flush=True)
+    return QUICK_SHADOWS
 
 
 def add_executor_flags(p: argparse.ArgumentParser) -> None:
@@ -195,8 +224,12 @@ def _open_access(args, target):
         except BaseException:
             access.close()
             raise
-    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
-                                                       baseline_endpoint=args.baseline)
+    # the output name may come from the endpoint's metadata: plain characters only (purifier.untrusted)
+    def shown(v: str | None) -> str | None:
+        return v if v is None else printable(v)
+
+    return access, baseline, args.defense_name, Source(shown(args.endpoint), shown(args.model_name),
+                                                       shown(access.output_name), baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -217,7 +250,7 @@ def audit_data(args, target, access):
         for r in records:
             r.check_model(access.n_features, access.n_classes)
         shape = _image_shape(args.image_shape)
-        name = args.model_name or Path(args.model).stem  # what the report's title names
+        name = printable(args.model_name or Path(args.model).stem)  # what the report's title names
         members, nonmembers, pool = records
         data = AuditData(members, nonmembers, pool, access.n_classes, name=name, kind="image" if shape else "tabular",
                          image_shape=shape, model_id=access.model_id or None)
@@ -239,7 +272,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.audit.runner import AuditConfig, run_audit, run_before_after
     from purifier.models.target import Target
 
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "report.json")
     shadow_settings = executor_settings(args)  # before any query
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
@@ -262,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
             why = "undefended: nothing to adapt to" if defense_name else "no --defense-name"
             skipped = {a: why for a in ADAPTIVE}
-        config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+        config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
                              n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
                              **shadow_settings)

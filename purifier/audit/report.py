@@ -123,6 +123,15 @@ def verdict_lines(report: Report) -> list[str]:
 
 
 def markdown(report: Report) -> str:
+    """report.md; what came from outside (the endpoint's names, the records' name) shows as the
+    characters it is (`purifier.untrusted.markdown_text`)."""
+    from dataclasses import fields, replace
+
+    from purifier.untrusted import markdown_text
+
+    source = replace(report.source, **{f.name: markdown_text(v) for f in fields(report.source)
+                                       if isinstance(v := getattr(report.source, f.name), str)})
+    report = replace(report, dataset=markdown_text(report.dataset), source=source)
     md = [f"# Membership inference audit: {title(report)}", ""]
     if report.verdict is not None:
         md += ["## Verdict" + (" (provisional)" if report.verdict.provisional else ""), "",

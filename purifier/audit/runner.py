@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from purifier import evaluation as ev
-from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, RememberedLabels, attack_class
 from purifier.attacks.base import Coverage, Family
-from purifier.attacks.shadow import ShadowRecipe, ShadowSet, train_shadows
+from purifier.attacks.shadow import DEFAULT_SHADOWS, ShadowRecipe, ShadowSet, train_shadows
 from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
@@ -57,7 +57,7 @@ NOTES = (
 @dataclass(frozen=True)
 class AuditConfig:
     attacks: tuple[str, ...]
-    n_shadows: int = 4
+    n_shadows: int = DEFAULT_SHADOWS
     shadow_epochs: int | None = None  # default: the recipe's
     shadow_model: str | None = None  # a recipe name (purifier.attacks.shadow); default: the data's
     boundary_budget: int = 1000
@@ -198,6 +198,7 @@ def run_attacks(data: AuditData, access, q: Queried, shadows: ShadowSet, config:
                         candidate_labels=q.y, defense_name=defense_name, seed=config.seed)
     outcomes: dict[str, AttackOutcome] = {}
     fitted_now: dict = {}
+    asked = RememberedLabels(access)  # the augmentation attacks ask the same copies: sent once
     with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:
         for name in config.attacks:
             cls = attack_class(name)
@@ -208,7 +209,7 @@ def run_attacks(data: AuditData, access, q: Queried, shadows: ShadowSet, config:
                 attack = cls(seed=config.seed, **kwargs)
                 attack.fit(ctx)
             fitted_now[name] = attack
-            scores = np.asarray(attack.run(access, q.X, q.y, q.outputs), np.float64)
+            scores = np.asarray(attack.run(asked, q.X, q.y, q.outputs), np.float64)
             outcomes[name] = AttackOutcome(name, cls.family, cls.coverage, scores, attack.predict(scores),
                                            attack.threshold, attack.queries, time.perf_counter() - t0, attack.details)
             bar.update(1, last=name)

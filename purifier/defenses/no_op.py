@@ -71,8 +71,10 @@ class ReferenceSample:
 
     def save(self, directory: Path) -> tuple[list[str], dict]:
         """Write SAMPLE_FILE into `directory`; returns (files written, the manifest entry)."""
-        arrays = {"probs": self.probs} if self.inputs is None else {"probs": self.probs, "inputs": self.inputs}
-        np.savez(directory / SAMPLE_FILE, **arrays)
+        if self.inputs is None:
+            np.savez(directory / SAMPLE_FILE, probs=self.probs)
+        else:
+            np.savez(directory / SAMPLE_FILE, probs=self.probs, inputs=self.inputs)
         return [SAMPLE_FILE], {"file": SAMPLE_FILE, "rows": int(len(self.probs))}
 
     @classmethod

@@ -25,6 +25,7 @@ import numpy as np
 
 from purifier.errors import ConfigError
 from purifier.probabilities import softmax
+from purifier.untrusted import printable
 
 DEFAULT_BATCH = 512
 # a refusal for size names its limit: Triton "batch-size must be <= 256", the sidecar "the limit is 4096"
@@ -126,7 +127,7 @@ class OnnxTarget(TargetAccess):
             raise ConfigError(f"--model {path}: the graph has {len(inputs)} inputs; Purifier needs one (N, D) input")
         width = inputs[0].shape[-1] if inputs[0].shape else None
         self.n_features = width if isinstance(width, int) and width > 0 else None
-        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type), np.float32)
+        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type, ""), np.float32)
         outputs = {o.name: o for o in session.get_outputs()}
         floats = [n for n, o in outputs.items() if o.type in FLOAT_TYPES]
         if output_name is None:
@@ -290,10 +291,10 @@ class RemoteTarget(TargetAccess):
                 next(iter(outputs)) if len(outputs) == 1 else None)
             if output_name is None:
                 raise ConfigError(f"model {self.model_name!r} has several outputs; choose one with "
-                                  f"--output-name from: {', '.join(outputs)}")
+                                  f"--output-name from: {', '.join(printable(o, 80) for o in outputs)}")
         if outputs and output_name not in outputs:
             raise ConfigError(f"output {output_name!r} is not an output of model {self.model_name!r}; "
-                              f"choose one of: {', '.join(outputs)}")
+                              f"choose one of: {', '.join(printable(o, 80) for o in outputs)}")
         self.output_name = output_name  # None: the model declares no outputs; take the only one answered
         self.max_batch_size = self._max_batch_size()
         if self.max_batch_size:
@@ -320,7 +321,7 @@ class RemoteTarget(TargetAccess):
     def _served_models(self) -> str:
         try:
             index = self._client.get_model_repository_index(headers=self._headers, client_timeout=self.timeout_s)
-            names = sorted({m.name for m in index.models})
+            names = sorted({printable(m.name, 80) for m in index.models})
             return ", ".join(names) if names else "(none listed)"
         except self._exc:
             return "(the server does not list its models)"
@@ -342,7 +343,8 @@ class RemoteTarget(TargetAccess):
         if self.output_name is None:
             answered = [o.name for o in res.get_response().outputs]
             if len(answered) != 1:
-                raise ConfigError(f"model {self.model_name!r} declares no outputs and answered {answered}; "
+                raise ConfigError(f"model {self.model_name!r} declares no outputs and answered "
+                                  f"{[printable(a, 80) for a in answered]}; "
                                   "choose the confidence output with --output-name")
             self.output_name = answered[0]
         arr = res.as_numpy(self.output_name)
@@ -389,5 +391,6 @@ def _port_open(endpoint: str, timeout_s: float = 2.0) -> bool:
 
 
 def _first_line(e: Exception) -> str:
+    """The first line of an endpoint's error text, as plain characters (`purifier.untrusted`)."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return printable(text.splitlines()[0], 200) if text else type(e).__name__

@@ -91,6 +91,17 @@ def train_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, config: Train
 
 
 @torch.no_grad()
+def predict_labels(model: nn.Module, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """(N, D) -> (N,) int64 argmax of a torch classifier's logits (first index on ties), on one
+    thread like the rest of the attack phase (docs/design.md#threads)."""
+    out = np.empty(len(X), np.int64)
+    with single_threaded():
+        for i in range(0, len(X), batch):
+            out[i:i + batch] = model(torch.from_numpy(np.array(X[i:i + batch], np.float32))).argmax(1).numpy()
+    return out
+
+
+@torch.no_grad()
 def predict_proba(model: nn.Module, X: np.ndarray, batch: int = 4096) -> np.ndarray:
     """(N, D) -> (N, C) float64 softmax probabilities from a torch model."""
     outs = [torch.softmax(model(torch.from_numpy(np.array(X[i:i + batch], np.float32))), 1)

@@ -275,3 +275,18 @@ def test_an_older_report_json_fails_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"report.json: schema version 1 is not supported \(this purifier reads "
                                           r"version 2\); audit again with this purifier"):
         Report.read(tmp_path)
+
+
+def test_quick_audits_with_four_shadows_and_says_what_it_gives_up_once(digits_target, tmp_path, capsys):
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+    from purifier.audit.command import shadow_count
+    from purifier.cli import build_parser
+
+    args = ["audit", "--in-process", "--target", str(digits_target.directory), "--out", str(tmp_path / "rep")]
+    assert shadow_count(build_parser().parse_args(args)) == DEFAULT_SHADOWS == 32
+    assert main([*args, "--quick", "--shadows", "8", "--quiet"]) == 2
+    assert "--quick means --shadows 4" in capsys.readouterr().err
+    rc = main([*args, "--quick", "--attacks", "gap", "lira_online", "--shadow-epochs", "20", "--bootstrap", "10"])
+    assert rc == 0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["shadows"]["n"] == QUICK_SHADOWS
+    assert capsys.readouterr().err.count("quick audit: 4 shadow models instead of 32") == 1
