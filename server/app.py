@@ -194,7 +194,7 @@ class Sidecar:
         self.model_version = upstream.version
         output = s.confidence_output or upstream.confidence_output
         self.check = ModelCheck(self.model_name, self.model_version, output, s.confidence_kind == "logits",
-                                s.allow_outputs, use_fingerprint=not (s.model_id and not s.embedded))
+                                s.allow_outputs, vouched=bool(s.model_id and not s.embedded))
         self.readiness = Readiness(s, upstream, self._defense, self.check, self.metrics, s.upstream_encoding)
         if s.embedded or await upstream.ready(self.model_name, self.model_version):
             await self.readiness.check_model(at_start=True)
