@@ -246,8 +246,8 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                config = AuditConfig(DEFAULT_ATTACKS, **({"n_shadows": shadows} if shadows else {}), seed=seed,
-                                     **(shadow_settings or {}))
+                settings: dict[str, Any] = {"n_shadows": shadows} if shadows else {}
+                config = AuditConfig(DEFAULT_ATTACKS, **settings, seed=seed, **(shadow_settings or {}))
                 if name == "none":
                     config = replace(config, attacks=tuple(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE))
                 source = Source(sidecars[name].endpoint, model_name, access.output_name,

@@ -96,7 +96,9 @@ def _init_worker(fn: Callable, shared: tuple) -> None:
 
 
 def _run_task(task: tuple) -> Any:
-    return _Worker.fn(*_Worker.shared, *task)
+    fn = _Worker.fn
+    assert fn is not None  # set by _init_worker
+    return fn(*_Worker.shared, *task)
 
 
 class LocalExecutor:

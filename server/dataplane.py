@@ -130,7 +130,7 @@ class Readiness(Protocol):
     def still_verified(self, generation: int) -> bool:
         """Whether an answer that came over `generation` may be used."""
 
-    def note_request(self, rows: int, version: str, raw: bool) -> None:
+    def note_request(self, rows: int, version: str, raw: bool, timeout: float | None) -> None:
         """A client request goes upstream (identity probes imitate it)."""
 
 
@@ -311,7 +311,7 @@ class DataPlane:
         for name in self.upstream_outputs:
             request.outputs.add(name=name)
         raw = len(request.raw_input_contents) > 0
-        self.readiness.note_request(rows, request.model_version, raw)
+        self.readiness.note_request(rows, request.model_version, raw, timeout)
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         deadline = asyncio.get_running_loop().time() + (self.settings.upstream_timeout_s if timeout is None
                                                        else timeout)

@@ -81,7 +81,8 @@ class Settings:
                                      "embedded: the directory name or file stem)")
     model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
     model_id: str | None = setting(None, "with --upstream: sha256 of the ONNX file the defense was fitted for; "
-                                   "overrides the fingerprint check")
+                                   "vouches for a model that cannot be probed (no input the fingerprint's rows fit); "
+                                   "one that can is always probed")
     defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json); "
                                   "'none' serves undefended on purpose, the only way to do so", choices=DEFENSES)
     defense_dir: str | None = setting(None, "fitted defense directory (from purifier fit-defense)")
@@ -373,7 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(Settings):
         meta = f.metadata
-        target = parser
+        target: argparse._ActionsContainer = parser
         if "group" in meta:
             if meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()

@@ -58,13 +58,12 @@ class NNAttack(ConfidenceAttack):
                  lr: float | None = None, max_epochs: int | None = None, patience: int = 5, seed: int = 0):
         super().__init__(seed=seed)
         d = self.DEFAULTS
-        validation = d["validation"] if validation is None else validation
-        batch_size = d["batch_size"] if batch_size is None else batch_size
-        lr = d["lr"] if lr is None else lr
-        max_epochs = d["max_epochs"] if max_epochs is None else max_epochs
+        self.validation = float(d["validation"] if validation is None else validation)
+        self.batch_size = int(d["batch_size"] if batch_size is None else batch_size)
+        self.lr = float(d["lr"] if lr is None else lr)
+        self.max_epochs = int(d["max_epochs"] if max_epochs is None else max_epochs)
         self.top_k, self.hidden, self.max_train = top_k, hidden, max_train
-        self.validation, self.max_validation = validation, max_validation
-        self.batch_size, self.lr, self.max_epochs, self.patience = batch_size, lr, max_epochs, patience
+        self.max_validation, self.patience = max_validation, patience
 
     def features(self, probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
         k = min(self.top_k, probs.shape[1])

@@ -41,12 +41,12 @@ class RepeatedQueryAttack(Attack):
         before = target.queries
         # one pass of N rows at a time (r unchanged, then r jittered): the (2r, N, D) block of
         # queries is never built; the noise is drawn in the same order as one (r, N, D) draw
-        answers = [target.query(X32) for _ in range(r)]
+        passes = [target.query(X32) for _ in range(r)]
         for _ in range(r):
             noise = rng.standard_normal(X.shape)
-            answers.append(target.query(np.clip(X + self.jitter * self.scale * noise, self.lo, self.hi)))
+            passes.append(target.query(np.clip(X + self.jitter * self.scale * noise, self.lo, self.hi)))
         self.queries = target.queries - before
-        answers = np.stack(answers)  # (2r, N, C)
+        answers = np.stack(passes)  # (2r, N, C)
         phi = np.stack([scaled_confidence(answers[i], y) for i in range(2 * r)])  # 2r batched calls
         spread = np.abs(answers[1:r] - answers[:1]).sum(axis=2)
         self.details = {"repeats": r, "jittered_repeats": r,

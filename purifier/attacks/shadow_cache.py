@@ -218,7 +218,7 @@ class ShadowCache:
             fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".npz", dir=npz.parent)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    np.savez(f, **arrays)
+                    np.savez(f, allow_pickle=False, **arrays)
                 digest = sha256_file(tmp)
                 os.replace(tmp, npz)
             finally:

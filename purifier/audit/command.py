@@ -225,8 +225,11 @@ def _open_access(args, target):
             access.close()
             raise
     # the output name may come from the endpoint's metadata: plain characters only (purifier.untrusted)
-    return access, baseline, args.defense_name, Source(*(v if v is None else printable(v) for v in (
-        args.endpoint, args.model_name, access.output_name)), baseline_endpoint=args.baseline)
+    def shown(v: str | None) -> str | None:
+        return v if v is None else printable(v)
+
+    return access, baseline, args.defense_name, Source(shown(args.endpoint), shown(args.model_name),
+                                                       shown(access.output_name), baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):

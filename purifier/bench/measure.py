@@ -324,7 +324,7 @@ def run_window(conn: Connection | HttpConnection, payloads: Sequence, concurrenc
     errors: list[Exception] = []
     answer: list[bytes] = []
     probed, started = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
-    bounds = {}
+    bounds: dict[str, float] = {}
 
     def worker(k: int) -> None:
         times = per_thread[k]
@@ -414,7 +414,8 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
             for c in concurrency:
                 for r in rows:
                     for e, conn in order:
-                        cpu0 = None if e.server_pid is None else process_cpu_seconds(e.server_pid)
+                        pid = e.server_pid
+                        cpu0 = None if pid is None else process_cpu_seconds(pid)
                         times, elapsed, answer, calls = run_window(conn, payloads[e.label, r], c, window,
                                                                    warmup_s if k == 0 else min(warmup_s, 0.2))
                         check_response(e, answer, output, r)
@@ -422,8 +423,8 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                         cell.times += times
                         cell.elapsed += elapsed
                         cell.calls += calls
-                        if cpu0 is not None:
-                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_cpu_seconds(e.server_pid) - cpu0
+                        if pid is not None and cpu0 is not None:
+                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_cpu_seconds(pid) - cpu0
                         if progress is not None:
                             progress(k, e.label, c, r, times)
     finally:

@@ -194,7 +194,7 @@ class Knob:
     def parse(self, text: str, flag: str = "--grid") -> list:
         """A comma-separated grid from the command line, weakest first (the values themselves are
         checked by the defense's own constructor, `Defense.with_budget`)."""
-        values = []
+        values: list = []
         for item in (s.strip() for s in text.split(",")):
             if not item:
                 continue
@@ -239,7 +239,6 @@ class Defense(abc.ABC):
     """
 
     name: ClassVar[str]
-    needs_inputs: ClassVar[bool] = False
     knob: ClassVar[Knob | None] = None
     baseline_grid: ClassVar[tuple] = ()
 
@@ -247,6 +246,10 @@ class Defense(abc.ABC):
     model_id: str = ""
     fingerprint: Fingerprint | None = None
     reference_sample: ReferenceSample | None = None
+
+    @property
+    def needs_inputs(self) -> bool:
+        return False
 
     def __init__(self, *, secret: bytes | None = None):
         """Every defense is constructible with keyword hyper-parameters that all have defaults,
@@ -361,7 +364,7 @@ class Defense(abc.ABC):
                 "config": self.config(),
                 "n_classes": self.n_classes,
                 "model_id": self.model_id,
-                **({"secret_check": key_check_value(self.secret)} if self.name != "none" else {}),
+                **({"secret_check": key_check_value(self.secret)} if self.secret is not None and self.name != "none" else {}),
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
                 **identity,

@@ -62,7 +62,7 @@ class KeyedPRF:
         prefix.update(purpose.encode() + b"\x00" + str(rows.shape[1]).encode() + b"\x00")
         n = rows.shape[0]
         out = bytearray(32 * blocks * n)
-        view = memoryview(rows).cast("B")
+        view = rows.data.cast("B")
         width = rows.shape[1] * 8
         pos = 0
         for i in range(n):

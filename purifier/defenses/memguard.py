@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,6 +36,9 @@ from purifier.defenses.membership_classifier import LAYER_NAMES, MembershipClass
 from purifier.defenses.phase1 import Phase1Solver
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
+
+if TYPE_CHECKING:
+    from purifier.defenses.phase1_faithful import TorchMLP
 
 MODES = ("fast", "faithful")
 OPTIMIZERS = ("sgd", "adam")
@@ -93,7 +97,7 @@ class MemGuard(Defense):
         self.seed = int(seed)
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
-        self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
+        self._torch_mlp: TorchMLP | None = None  # the faithful solver's torch copy of h, built on first use
         self._solver: Phase1Solver | None = None  # the fast solver's graphs of h (built on load or first use)
         self.serve_device = "cpu"  # where the fast solver runs (serve_on)
 
@@ -110,6 +114,8 @@ class MemGuard(Defense):
         """The defender classifier's accuracy on its training data and what the defense does to the
         reference set (Phase I success, distortion, release rate): for defense.json and the CLI."""
         h = self.classifier
+        if h is None:
+            raise DefenseError("MemGuard is not fitted: call fit() first")
         member_ok = h.predict_member(data.member_probs)
         reference_ok = ~h.predict_member(data.reference_probs)
         train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
@@ -196,7 +202,7 @@ class MemGuard(Defense):
     def _save_arrays(self, directory: Path) -> list[str]:
         if self.classifier is None:
             raise DefenseError("MemGuard is not fitted: nothing to save")
-        np.savez(directory / WEIGHTS_FILE, **self.classifier.arrays)
+        np.savez(directory / WEIGHTS_FILE, allow_pickle=False, **self.classifier.arrays)
         return [WEIGHTS_FILE]
 
     def _load_arrays(self, directory: Path) -> None:

@@ -97,8 +97,11 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
 class _Ops:
     """The graph vocabulary the search is written in: numpy-like helpers over a GraphBuilder."""
 
+    n: str  # the row count N as a graph value, once `build_graph` has the input
+
     def __init__(self, g: GraphBuilder, h: MembershipClassifier):
-        self.g, self.c, self._consts = g, h.n_classes, {}
+        self.g, self.c = g, h.n_classes
+        self._consts: dict[tuple, str] = {}
         a = h.arrays
         # h0 and its gradient in float64; the probes in PROBE_DTYPE (x @ W.T + b as Gemm)
         self.wt = [self.k(a[f"w{i}"].T) for i in (1, 2, 3)]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,10 @@ from purifier.defenses.no_op import ReferenceSample
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
+
+if TYPE_CHECKING:
+    from purifier.defenses.cvae import CVAE
+    from purifier.models.onnx_runner import OnnxClassifier
 
 ONNX_FILE, INDEX_FILE = "reformer.onnx", "member_index.npy"
 NOISE_MODES = ("keyed", "mean")
@@ -77,9 +82,9 @@ class PurifierNet(Defense):
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ConfigError(f"{field}: must be a positive integer, got {value}")
-        for field, value in (("lr", lr), ("lam", lam), ("kl_weight", kl_weight), ("beta", beta)):
-            if not value >= 0:
-                raise ConfigError(f"{field}: must be >= 0, got {value}")
+        for field, rate in (("lr", lr), ("lam", lam), ("kl_weight", kl_weight), ("beta", beta)):
+            if not rate >= 0:
+                raise ConfigError(f"{field}: must be >= 0, got {rate}")
         self.epochs, self.lr, self.batch_size, self.seed = int(epochs), float(lr), int(batch_size), int(seed)
         self.lam, self.kl_weight, self.beta = float(lam), float(kl_weight), float(beta)
         self.noise, self.budget, self.label_swap = noise, budget, bool(label_swap)
@@ -89,8 +94,8 @@ class PurifierNet(Defense):
         self.realized_swap_fraction: float | None = None
         self.member_index = np.zeros(0, np.uint64)
         self.latent_dim = 0
-        self.model = None  # the torch CVAE, present only after fit (parity checks)
-        self._session = None
+        self.model: CVAE | None = None  # the torch CVAE, present only after fit (parity checks)
+        self._session: OnnxClassifier | None = None
         self._session_device = device
         self._onnx_bytes: bytes | None = None
         self.fit_report: dict = {}

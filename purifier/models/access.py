@@ -127,7 +127,7 @@ class OnnxTarget(TargetAccess):
             raise ConfigError(f"--model {path}: the graph has {len(inputs)} inputs; Purifier needs one (N, D) input")
         width = inputs[0].shape[-1] if inputs[0].shape else None
         self.n_features = width if isinstance(width, int) and width > 0 else None
-        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type), np.float32)
+        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type, ""), np.float32)
         outputs = {o.name: o for o in session.get_outputs()}
         floats = [n for n, o in outputs.items() if o.type in FLOAT_TYPES]
         if output_name is None:

@@ -77,6 +77,7 @@ def export_onnx(module, example_inputs: tuple, input_names: list[str], output_na
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
     with torch.no_grad():
-        torch.onnx.export(module, example_inputs, buf, input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        # torch annotates `f` as a path; its TorchScript exporter writes to file objects as well
+        torch.onnx.export(module, example_inputs, buf, input_names=input_names,  # type: ignore[arg-type]
+                          output_names=output_names, dynamic_axes=dynamic, opset_version=17, dynamo=False)
     return buf.getvalue()

@@ -1,18 +1,21 @@
-"""Red-team: an upstream that tells identity probes from client requests escapes the identity check.
+"""An upstream that tells identity probes from client requests must not escape the identity check.
 
-docs/serving.md promises that "an upstream cannot tell a probe from a client request by its id,
-size, version, representation, requested outputs or timing". Each test below runs a hostile
-upstream that answers what it takes for a probe with the fitted model (softmax(x)) and every other
-request with another model with the same classes (softmax(x / 3)), while a client sends ordinary
-traffic through the sidecar. The expected behaviour: the identity check catches it (a probe
-mismatch, then NOT_SERVING). Each cheat needs one observation the upstream always has:
+docs/serving.md promises that an upstream cannot tell a probe from a client request by its id,
+size, version, representation, requested outputs, deadline or timing, nor by what the model check
+asked. Each test runs a hostile upstream that answers what it takes for a probe with the fitted
+model (softmax(x)) and every other request with another model with the same classes
+(softmax(x / 3)), while a client sends ordinary traffic through the sidecar; the identity check
+must catch it (a probe mismatch, then NOT_SERVING). Each cheat uses one observation the upstream
+always has, and each worked before (a red-team review):
 
-* the deadline: a probe is sent with PROBE_TIMEOUT_S (10 s), a client request with the client's
-  deadline or upstream_timeout_s (30 s), so the upstream reads the probe off `time_remaining()`;
-* the poll: a probe is sent by the health poller right after its ModelReady call, so a ModelInfer
-  that arrives a few milliseconds after a ModelReady is a probe;
-* the rows: the model check after every (re)connection sends all 64 stored rows in one request
-  right after ModelMetadata, so the upstream knows every row a later probe can draw from.
+* the deadline: probes went out with PROBE_TIMEOUT_S (10 s), client requests with the client's
+  deadline or upstream_timeout_s (30 s), so the upstream read the probe off `time_remaining()`;
+  now a probe carries the deadline of a recent client request;
+* the poll: probes were sent by the health poller right after its ModelReady call, so a
+  ModelInfer a few milliseconds after a ModelReady was a probe; now probes run on their own clock;
+* the rows: the model check after every (re)connection sent all 64 stored rows right after
+  ModelMetadata, so the upstream knew every row a later probe could draw from; now the check asks
+  a few rows (`Fingerprint.check_rows`) and probes draw from the others.
 """
 
 from __future__ import annotations
@@ -132,38 +135,34 @@ def cheated(flatten_cls):
         upstream.server.stop(0)
 
 
-@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 def test_a_probe_cannot_be_told_by_its_deadline(cheated):
-    """Probes go out with a 10 s deadline (preflight.PROBE_TIMEOUT_S); clients' requests with the
-    client's deadline (here 30 s, also upstream_timeout_s's default)."""
+    """Before: probes went out with a 10 s deadline (preflight.PROBE_TIMEOUT_S), clients' requests
+    with the client's deadline (here 30 s, also upstream_timeout_s's default)."""
     upstream, run = cheated
     mismatched, matched, other = run(lambda request, context, x: context.time_remaining() < 20)
-    assert other > 0 and matched >= 5                            # the cheat ran, the probes ran
+    assert other > 0 and matched + mismatched >= 1               # the cheat ran, the probes ran
     assert mismatched >= 1, (f"{matched:.0f} probes matched while {other} client rows were answered by another "
                              "model: probes are told apart by their deadline")
 
 
-@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 def test_a_probe_cannot_be_told_by_following_the_health_poll(cheated):
-    """Every probe is sent by readiness.poll_once right after its ModelReady call."""
+    """Before: every probe was sent by readiness.poll_once right after its ModelReady call."""
     upstream, run = cheated
 
     def right_after_model_ready(request, context, x):
         with upstream.lock:
-            return time.monotonic() - upstream.last_ready < 0.1
+            return time.monotonic() - upstream.last_ready < 0.25
 
     mismatched, matched, other = run(right_after_model_ready, health_poll_s=1.0)
-    assert other > 0 and matched >= 5
+    assert other > 0 and matched + mismatched >= 1
     assert mismatched >= 1, (f"{matched:.0f} probes matched while {other} client rows were answered by another "
                              "model: probes are told apart by following a ModelReady call")
 
 
-@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
 def test_the_model_check_does_not_hand_the_upstream_every_probe_row(cheated):
-    """The check at start-up (and after every reconnect) sends all 64 stored rows right after
-    ModelMetadata; an upstream that remembers them answers every later probe with the fitted model.
-    docs/serving.md concedes that remembered rows are not caught; here the sidecar gives them all
-    away before the first probe, so the memorising upstream is never caught."""
+    """Before: the check at start-up (and after every reconnect) sent all 64 stored rows right after
+    ModelMetadata; an upstream that remembered them answered every later probe with the fitted
+    model and was never caught."""
     upstream, run = cheated
     remembered: set[bytes] = set()
 
@@ -176,7 +175,7 @@ def test_the_model_check_does_not_hand_the_upstream_every_probe_row(cheated):
         return np.array([r in remembered for r in rows])
 
     mismatched, matched, other = run(remember_the_check)
-    assert other > 0 and matched >= 5
+    assert other > 0 and matched + mismatched >= 1
     assert mismatched >= 1, (f"{matched:.0f} probes matched while {other} client rows were answered by another "
                              f"model: the start-up check revealed {len(remembered)} of the {len(PROBE_ROWS)} "
                              "probe rows")
