@@ -33,14 +33,26 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 
 from purifier.errors import ArtifactError, ConfigError
 
-if TYPE_CHECKING:
-    from purifier.defenses.base import Defense
+
+class Defense(Protocol):
+    """What the no-op rule asks of a defense (`purifier.defenses.base.Defense` has it); a protocol
+    here because `base` calls this module, so importing `base` back would make a cycle."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_inputs(self) -> bool: ...
+
+    def transform(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray: ...
+
+    def config(self) -> dict[str, Any]: ...
 
 SAMPLE_FILE = "reference_sample.npz"
 SAMPLE_ROWS = 256
