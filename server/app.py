@@ -33,6 +33,7 @@ import logging
 import math
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -53,6 +54,9 @@ from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_ser
 from purifier_server.settings import Settings
 from purifier_server.upstream import EmbeddedUpstream, RemoteUpstream, TensorSpec
 
+if TYPE_CHECKING:
+    from purifier_server.http_front import HttpServer
+
 log = logging.getLogger("purifier_server")
 # Request size when nothing says how wide a row is (a remote upstream that is down at start-up and
 # a defense without a fingerprint); --max-request-bytes sets it explicitly.
@@ -61,9 +65,10 @@ HEADROOM_BYTES = 64 << 10
 # Streams one client connection may hold at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): room
 # for every inference call and Watch stream, for the health calls that may wait for their message
 # (health.MAX_PENDING) and this much for everything else (answered Checks, refused calls,
-# reflection), so that one connection (a proxy's, say) carries what every caller needs. Admission is not gRPC's server-wide cap (maximum_concurrent_rpcs):
-# that counts a call from its headers, so calls that never send their message (health needs no
-# token) would take the slots authorized inference needs. Inference calls are admitted by the data
+# reflection), so that one connection (a proxy's, say) carries what every caller needs. Admission
+# is not gRPC's server-wide cap (maximum_concurrent_rpcs): that counts a call from its headers, so
+# calls that never send their message (health needs no token) would take the slots authorized
+# inference needs. Inference calls are admitted by the data
 # plane, health by its own limits (health.py); the streams all callers can hold at once are
 # bounded by max_connections x this.
 OTHER_RPCS = 64
@@ -111,15 +116,18 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
     name = settings.defense
     if name == "none":
         return IdentityDefense()
+    directory = settings.defense_dir
+    if directory is None:  # Settings requires it with any other --defense
+        raise ConfigError(NO_DEFENSE)
     if name is None:
-        name = read_defense_manifest(settings.defense_dir)["defense"]
+        name = read_defense_manifest(directory)["defense"]
         if name == "none":  # one line of defense.json must not stand in for the flag
             raise ConfigError(f"defense: {settings.defense_dir} holds the 'none' defense, which serves the model's "
                               "clean confidence vectors; serve undefended on purpose with --defense none (without "
                               "--defense-dir), or give a directory from purifier fit-defense")
         log.info("defense inferred from defense.json", extra={"defense": name, "defense_dir": settings.defense_dir})
     secret = load_secret(file=settings.secret_file)
-    defense = load_defense(settings.defense_dir, secret, model_id)
+    defense = load_defense(directory, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
     defense.serve_on(settings.device)
@@ -143,8 +151,8 @@ class Sidecar:
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
-        self._http = None
-        self._metrics_server = None
+        self._http: HttpServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self.readiness: Readiness | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = False
@@ -157,15 +165,18 @@ class Sidecar:
         if self._defense is None:
             require_defense_choice(s)  # before the model is loaded or the upstream dialled
         if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
-            self._metrics_server = await MetricsServer.open(s.metrics_host, s.metrics_port, self.metrics.registry)
-            self.metrics_port = self._metrics_server.port
+            self._metrics_server = metrics_server = await MetricsServer.open(s.metrics_host, s.metrics_port,
+                                                                             self.metrics.registry)
+            self.metrics_port = metrics_server.port
         if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
             from purifier_server.http_front import HttpServer
 
             self._http = HttpServer(s)
         if self._upstream is None:
-            if s.embedded:
+            if s.model is not None:  # embedded
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
+            elif s.upstream is None or s.model_name is None or s.confidence_output is None:
+                raise ConfigError("upstream: give --upstream with --model-name and --confidence-output, or --model")
             elif s.upstream_rest:
                 from purifier_server.rest_upstream import RestUpstream
 
@@ -217,7 +228,8 @@ class Sidecar:
                    # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0),  # port 0 and fixed ports must never be shared with another process
-                   ("grpc.max_concurrent_streams", s.max_concurrent_rpcs + s.max_watch_streams + MAX_PENDING + OTHER_RPCS),
+                   ("grpc.max_concurrent_streams",
+                    s.max_concurrent_rpcs + s.max_watch_streams + MAX_PENDING + OTHER_RPCS),
                    ("grpc.max_allowed_incoming_connections", s.max_connections)]
         self.server = grpc.aio.server(options=options,
                                       interceptors=[BearerAuth(token)] if token is not None else None)

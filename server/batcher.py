@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -115,7 +116,7 @@ class Batcher:
         self._queue: list[_Item] = []
         self._queued_rows = 0
         self._small_turn = False  # whether the last call defended small requests
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # bound to the running loop on first use; start() makes a fresh one
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -244,8 +245,8 @@ class Batcher:
         single = len(probs) == 1
         batch = probs[0] if single else np.concatenate(probs)
         rows = None
-        if self.defense.needs_inputs:
-            rows = inputs[0] if single else np.concatenate(inputs)
+        if self.defense.needs_inputs:  # then the data plane passes every request's rows
+            rows = inputs[0] if single else np.concatenate(cast(list[np.ndarray], inputs))
         t0 = self.clock()
         defended = self.defense.transform(batch, rows)
         seconds = self.clock() - t0

@@ -199,14 +199,13 @@ def _unprobeable(inputs: list[TensorSpec], fingerprint: Fingerprint) -> str | No
     return None
 
 
-def fingerprint_probe(inputs: list[TensorSpec], defense: Defense, check: ModelCheck) -> Probe | None:
+def fingerprint_probe(inputs: list[TensorSpec], fingerprint: Fingerprint, check: ModelCheck) -> Probe | None:
     """The probe for a defense with a fingerprint, whenever the declared inputs can take its rows;
     None when they cannot and the operator vouches for the model with --model-id.
 
     Raises ModelRefused when the declared inputs contradict the fitted model or give no way to
     probe it: an upstream must not escape the identity check by what its metadata says.
     """
-    fingerprint = defense.fingerprint
     why = _unprobeable(inputs, fingerprint)
     if why is None:
         spec = inputs[0]
@@ -309,7 +308,7 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
     _check_outputs(upstream, defense, check)
     probe = None
     if defense.fingerprint is not None:
-        probe = fingerprint_probe(upstream.inputs, defense, check)
+        probe = fingerprint_probe(upstream.inputs, defense.fingerprint, check)
         arrays, how = (probe.arrays(probe.check_rows), "fingerprint") if probe is not None \
             else (None, "--model-id vouches for the model and its inputs cannot be probed")
     else:
@@ -328,7 +327,8 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
         return Checked(f"outputs checked on {rows} rows of zeros; the defense has no fingerprint (fitted before "
                        "fingerprints), so the model's identity is not verified: refit it or pass --model-id", True,
                        outputs, None)
-    why = defense.fingerprint.mismatch(probs, probe.check_rows)
+    assert probe is not None  # how == "fingerprint"
+    why = probe.fingerprint.mismatch(probs, probe.check_rows)
     if why:
         raise ModelRefused(f"defense: fitted for another model: {why}; serve the model it was fitted for or refit "
                            "it for this one (purifier fit-defense)")

@@ -157,7 +157,9 @@ class Readiness:
     async def _probe_identity(self) -> None:
         """Ask a few fingerprint questions in a request shaped like a recent client's (its rows,
         version, representation and deadline)."""
-        probe = self._checked.probe
+        probe = None if self._checked is None else self._checked.probe
+        if probe is None:  # `_can_probe` asks only when there is one
+            return
         pool = probe.probe_rows
         if self._recent:
             rows, version, raw, timeout = self._random.choice(self._recent)
@@ -298,9 +300,10 @@ class Readiness:
         too many requests wait already.
         """
         await self._wait(self.verified, deadline)
-        if self._refused is not None or self._mismatch is not None:
-            raise self.refusal()
-        return self._verified
+        refused = self.refusal()
+        if refused is not None:
+            raise refused
+        return self.upstream.generation  # the generation the check passed for
 
     async def recheck(self, generation: int, deadline: float) -> bool:
         """After an upstream call over `generation` failed as if the upstream were away: True when

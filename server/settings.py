@@ -378,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(Settings):
         meta = f.metadata
-        target = parser
+        target: argparse._ActionsContainer = parser
         if "group" in meta:
             if meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()
