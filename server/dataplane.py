@@ -68,6 +68,7 @@ from purifier_server.codec import (
 from purifier_server.errors import (
     BadRequest,
     BadUpstreamOutput,
+    NotServing,
     RequestError,
     TooLarge,
     UnknownModel,
@@ -77,7 +78,12 @@ from purifier_server.errors import (
     status_for,
 )
 from purifier_server.metrics import SidecarMetrics
-from purifier_server.model_description import accepted_versions, config_answer, metadata_answer
+from purifier_server.model_description import (
+    Description,
+    accepted_versions,
+    config_answer,
+    metadata_answer,
+)
 from purifier_server.outputs import ClassIndexOutput
 from purifier_server.settings import Settings
 from purifier_server.tracing import Tracing
@@ -117,6 +123,7 @@ class Readiness(Protocol):
     """What the data plane asks of the sidecar's upstream state (readiness.Readiness)."""
 
     class_outputs: dict[str, ClassIndexOutput]  # the allowed outputs as the last model check found them
+    description: Description | None  # what clients are told about the model (None: no check passed yet)
 
     def refusal(self) -> RequestError | None:
         """None while requests may go upstream; else the error to answer with."""
@@ -170,8 +177,10 @@ class DataPlane:
 
     @property
     def versions(self) -> tuple[str, ...]:
-        """The versions a request may name besides "" (model_description.accepted_versions)."""
-        return accepted_versions(self.model_version, self.upstream.versions)
+        """The versions a request may name besides "" (model_description.accepted_versions), of
+        those the model check saw advertised."""
+        described = self.readiness.description
+        return accepted_versions(self.model_version, described.versions if described is not None else ())
 
     async def check_model(self, name: str, version: str) -> None:
         """UnknownModel unless (name, version) is the model served here."""
@@ -179,13 +188,6 @@ class DataPlane:
             raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
         if not version or version in self.versions:
             return
-        if not self.model_version:  # perhaps advertised since the upstream's last metadata answer
-            try:
-                await self.upstream.model_metadata(self.model_name, "")
-            except UpstreamFailed:
-                pass
-            if version in self.versions:
-                return
         accepted = ("", *self.versions)
         raise UnknownModel(f"model {name!r} version {version!r} is not served here; use "
                            f"{' or '.join(repr(v) for v in accepted)}"
@@ -390,19 +392,19 @@ class DataPlane:
         return pb.ServerMetadataResponse(name="purifier", version=__version__, extensions=[])
 
     async def _described(self, name: str, version: str, config: bool):
+        """Never asks the upstream: what it says now may carry the clean vector of the request it
+        just answered (model_description); the description the model check took is answered."""
         try:
             await self.check_model(name, version)
-            meta = await self.upstream.model_metadata(name, version)
-            own = await self.upstream.model_config(name, version) if config else None
+            described = self.readiness.description
+            if described is None:
+                raise self.readiness.refusal() or NotServing("the upstream model is not verified yet; retry shortly")
         except Exception as e:
             code, message, _ = status_for(e)
             raise Failure(code, message) from None
-        served = (self.confidence_output, *(k for k in self.keep if k != self.confidence_output))
         if not config:
-            return metadata_answer(self.model_name, self.versions, meta.platform, meta.inputs, meta.outputs, served)
-        return config_answer(self.model_name, self.versions, meta.inputs, meta.outputs, served,
-                             self.settings.max_request_rows, own, platform=meta.platform,
-                             backend=self.upstream.backend)
+            return metadata_answer(self.model_name, self.versions, described)
+        return config_answer(self.model_name, self.versions, described, self.settings.max_request_rows)
 
     async def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
         """The model's metadata, served outputs only; raises Failure."""

@@ -6,25 +6,40 @@ would pass on whatever else the upstream put there, including outputs the sideca
 Only the tensors the sidecar returns (the confidence output and the allowed outputs) are
 described.
 
+And never from what the upstream says now: a hostile upstream can write the clean vector of the
+request it just answered into its metadata (input names, datatype strings, extra dims, platform,
+versions) for the client to read back with one more call. So the description is taken once, when
+the model check passes (`describe`: names must be identifiers, datatypes OIP's, dims integers,
+the served outputs rebuilt in the shapes the check verified, free text dropped unless it is a
+short token), kept by readiness.py, compared with the metadata of every later check (a
+description that changes refuses the model), and every ModelMetadata and ModelConfig answer,
+over gRPC and REST, is built from it.
+
 ModelConfig is Triton's extension of the Open Inference Protocol (model_config.proto), which
-perf_analyzer and Triton users' tools ask for before anything else. The answer is built from the
-upstream's own ModelConfig when it serves one (Triton) and synthesized from its ModelMetadata
-otherwise (KServe, MLServer, TorchServe, the embedded model): a model whose every input and
-served output has a variable first dimension is a batching model with `max_batch_size` rows and
-dims without that dimension, as in Triton's convention; else `max_batch_size` is 0 and dims are
+perf_analyzer and Triton users' tools ask for before anything else. It is synthesized from the
+description, as Triton would write it: a model whose every input and served output has a
+variable first dimension is a batching model with `max_batch_size` rows (the upstream's own,
+when it serves a config) and dims without that dimension; else `max_batch_size` is 0 and dims are
 full shapes. `max_batch_size` never exceeds the sidecar's `max_request_rows`, because larger
-requests are refused (RESOURCE_EXHAUSTED).
+requests are refused (RESOURCE_EXHAUSTED). Of the upstream's own config only max_batch_size is
+read: its other fields (parameters, label files, instance groups, free text) are not the
+sidecar's to pass on.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from purifier_server._proto import grpc_service_pb2 as pb
+from purifier_server.upstream import TensorSpec
 
 _TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_DATA_TYPES = frozenset(pb.DataType.values())
+_NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")  # ONNX and TensorFlow tensor names use : and /
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+             "FP64", "BF16", "BYTES")
+MAX_DIMS = 8
 
 
 def token(text: str) -> str:
@@ -47,18 +62,74 @@ def accepted_versions(configured: str, advertised: Sequence[str]) -> tuple[str, 
     return ()
 
 
-def _tensor_metadata(spec) -> pb.ModelMetadataResponse.TensorMetadata:
+class NotDescribable(ValueError):
+    """The upstream's metadata holds something no client should be told (see `describe`)."""
+
+
+@dataclass(frozen=True)
+class Description:
+    """What clients are told about the model, fixed when the model check passes (`describe`).
+
+    inputs: the model's inputs; outputs: the served outputs (the confidence output, then the
+    allowed ones) that the upstream declares, rebuilt from what the check verified;
+    max_batch_size: the upstream's own ModelConfig's (Triton), None when it serves none.
+    """
+
+    platform: str = ""
+    backend: str = ""
+    versions: tuple[str, ...] = ()
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    max_batch_size: int | None = None
+
+
+def _checked(spec, what: str) -> TensorSpec:
+    """A TensorSpec of `spec` with a name that is an identifier, an OIP datatype and integer dims."""
+    name, datatype, shape = str(spec.name), str(spec.datatype), tuple(spec.shape)
+    if not _NAME.fullmatch(name):
+        raise NotDescribable(f"an {what} is named {name[:80]!r}, not an identifier (letters, digits, _ . : / -; "
+                             "at most 128)")
+    if datatype not in DATATYPES:
+        raise NotDescribable(f"{what} {name!r} has datatype {datatype[:80]!r}, not one of {', '.join(DATATYPES)}")
+    if len(shape) > MAX_DIMS or not all(isinstance(d, int) and -1 <= d < 2 ** 31 for d in shape):
+        raise NotDescribable(f"{what} {name!r} has shape {list(shape)[:12]}, not at most {MAX_DIMS} dims of -1 or more")
+    return TensorSpec(name, datatype, shape)
+
+
+def describe(*, platform: str, backend: str, versions: Sequence[str], inputs: Sequence, outputs: Sequence,
+             served: Sequence[str], classes: int | None, max_batch_size: int | None) -> Description:
+    """The Description of an upstream model that passed the model check, from its metadata.
+
+    Nothing is copied as text: names must be identifiers, datatypes OIP's, dims integers (else
+    NotDescribable), platform, backend and versions short tokens (else left out); the confidence
+    output (served[0]) is described as [batch, classes] and an allowed class index as [batch] or
+    [batch, 1], the shapes the check verified, whatever else the declaration said.
+    """
+    declared = {str(s.name): s for s in outputs}
+    described = []
+    for i, name in enumerate(served):
+        if name not in declared:
+            continue  # the server declares no such output (MLServer without a signature): not described
+        spec = _checked(declared[name], "output")
+        batch = spec.shape[0] if spec.shape else -1
+        if i == 0:
+            described.append(TensorSpec(name, spec.datatype, (batch, classes) if classes else spec.shape))
+        else:
+            described.append(TensorSpec(name, spec.datatype, (batch, 1) if len(spec.shape) == 2 else (batch,)))
+    return Description(token(platform), token(backend), tuple(v for v in versions if token(v)),
+                       tuple(_checked(s, "input") for s in inputs), tuple(described),
+                       None if max_batch_size is None else max(int(max_batch_size), 0))
+
+
+def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 
 
-def metadata_answer(name: str, versions: Sequence[str], platform: str, inputs: Sequence, outputs: Sequence,
-                    served: Sequence[str]) -> pb.ModelMetadataResponse:
-    """ModelMetadata for the sidecar's model; inputs/outputs: TensorSpecs from the upstream's metadata,
-    of which only the outputs named in `served` are described (in that order)."""
-    by_name = {s.name: s for s in outputs}
-    return pb.ModelMetadataResponse(name=name, versions=list(versions), platform=token(platform),
-                                    inputs=[_tensor_metadata(s) for s in inputs],
-                                    outputs=[_tensor_metadata(by_name[n]) for n in served if n in by_name])
+def metadata_answer(name: str, versions: Sequence[str], described: Description) -> pb.ModelMetadataResponse:
+    """ModelMetadata for the sidecar's model, from what the model check described."""
+    return pb.ModelMetadataResponse(name=name, versions=list(versions), platform=described.platform,
+                                    inputs=[_tensor_metadata(s) for s in described.inputs],
+                                    outputs=[_tensor_metadata(s) for s in described.outputs])
 
 
 def data_type(datatype: str) -> int:
@@ -73,44 +144,23 @@ def _version_policy(versions: Sequence[str]) -> pb.ModelVersionPolicy | None:
     return None
 
 
-def config_answer(name: str, versions: Sequence[str], inputs: Sequence, outputs: Sequence, served: Sequence[str],
-                  max_request_rows: int, upstream: pb.ModelConfig | None = None, platform: str = "",
-                  backend: str = "") -> pb.ModelConfig:
-    """The ModelConfig of what the sidecar serves.
+def config_answer(name: str, versions: Sequence[str], described: Description, max_request_rows: int) -> pb.ModelConfig:
+    """The ModelConfig of what the sidecar serves, built from what the model check described.
 
-    Args:
-        name, versions: the sidecar's model name and accepted versions.
-        inputs, outputs: TensorSpecs (name, datatype, shape with -1 for any) from the upstream's metadata.
-        served: the outputs the sidecar returns, in order.
-        max_request_rows: the sidecar's row limit per request.
-        upstream: the upstream's own ModelConfig, if it serves one.
-        platform, backend: used when the upstream's config names none.
+    A model whose inputs and served outputs all have a variable first dimension is a batching
+    model (unless the upstream's own config says max_batch_size 0): `max_batch_size` rows (the
+    upstream's, at most `max_request_rows`), dims without that dimension, as in Triton's
+    convention; else `max_batch_size` is 0 and dims are full shapes.
     """
-    config = pb.ModelConfig(name=name, platform=token(platform), backend=token(backend))
+    config = pb.ModelConfig(name=name, platform=described.platform, backend=described.backend)
     if (policy := _version_policy(versions)) is not None:
         config.version_policy.CopyFrom(policy)
-    by_name = {s.name: s for s in outputs}
-    served_outputs = [by_name[n] for n in served if n in by_name]
-    if upstream is not None and upstream.input and all(o.name in {u.name for u in upstream.output}
-                                                       for o in served_outputs):
-        config.platform = token(upstream.platform) or config.platform
-        config.backend = token(upstream.backend) or config.backend
-        config.max_batch_size = min(max(upstream.max_batch_size, 0), max_request_rows)
-        for i in upstream.input:
-            config.input.add(name=i.name, dims=list(i.dims), optional=i.optional, is_shape_tensor=i.is_shape_tensor,
-                             data_type=i.data_type if i.data_type in _DATA_TYPES else pb.TYPE_INVALID,
-                             format=i.format if i.format in pb.ModelInput.Format.values() else pb.ModelInput.FORMAT_NONE)
-        upstream_outputs = {o.name: o for o in upstream.output}
-        for spec in served_outputs:
-            o = upstream_outputs[spec.name]
-            config.output.add(name=o.name, dims=list(o.dims), is_shape_tensor=o.is_shape_tensor,
-                              data_type=o.data_type if o.data_type in _DATA_TYPES else pb.TYPE_INVALID)
-        return config
-    tensors = [*inputs, *served_outputs]
-    batching = bool(tensors) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in tensors)
-    config.max_batch_size = max_request_rows if batching else 0
-    for s in inputs:
+    tensors = (*described.inputs, *described.outputs)
+    batching = bool(tensors) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in tensors) \
+        and described.max_batch_size != 0
+    config.max_batch_size = min(described.max_batch_size or max_request_rows, max_request_rows) if batching else 0
+    for s in described.inputs:
         config.input.add(name=s.name, data_type=data_type(s.datatype), dims=list(s.shape[1:] if batching else s.shape))
-    for s in served_outputs:
+    for s in described.outputs:
         config.output.add(name=s.name, data_type=data_type(s.datatype), dims=list(s.shape[1:] if batching else s.shape))
     return config

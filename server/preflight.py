@@ -32,6 +32,7 @@ with it (code 2) at start-up; later, the sidecar logs it and stays NOT_SERVING.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ from purifier_server.codec import (
     with_contents,
 )
 from purifier_server.errors import BadUpstreamOutput, UpstreamFailed
+from purifier_server.model_description import Description, NotDescribable, describe
 from purifier_server.outputs import (
     ClassIndexOutput,
     NotAClassIndex,
@@ -119,12 +121,14 @@ class Probe:
 @dataclass(frozen=True)
 class Checked:
     """What the model check found: a note for the log (warn: the operator should look), how the
-    allowed outputs are served, and how to probe the model's identity later (None: it cannot be)."""
+    allowed outputs are served, how to probe the model's identity later (None: it cannot be), and
+    what clients may be told about the model (`model_description.describe`)."""
 
     note: str
     warn: bool
     outputs: dict[str, ClassIndexOutput]
     probe: Probe | None
+    description: Description = Description()
 
 
 def _is_zipmap(spec: TensorSpec) -> bool:
@@ -299,13 +303,31 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
     Raises ModelRefused (the model must not be served) or UpstreamFailed (the upstream did not
     answer: try again later).
     """
+    meta = None
     try:
-        await upstream.model_metadata(check.name, check.version)
+        meta = await upstream.model_metadata(check.name, check.version)
     except UpstreamFailed as e:
         if e.upstream_code != grpc.StatusCode.UNIMPLEMENTED:
             raise
         # a server without ModelMetadata: nothing to check the outputs against, nothing to probe with
     _check_outputs(upstream, defense, check)
+    checked = await _checked_model(upstream, defense, check)
+    own = await upstream.model_config(check.name, check.version) if meta is not None else None
+    try:
+        described = describe(platform=meta.platform if meta is not None else "",
+                             backend=own.backend if own is not None and own.backend else upstream.backend,
+                             versions=upstream.versions if meta is not None else (),
+                             inputs=upstream.inputs if meta is not None else (),
+                             outputs=upstream.outputs if meta is not None else (), served=check.outputs,
+                             classes=defense.n_classes, max_batch_size=None if own is None else own.max_batch_size)
+    except NotDescribable as e:
+        raise ModelRefused(f"model metadata: {e}; the sidecar tells clients only what it can vouch for: fix the "
+                           "model's metadata") from None
+    return dataclasses.replace(checked, description=described)
+
+
+async def _checked_model(upstream: Upstream, defense: Defense, check: ModelCheck) -> Checked:
+    """Steps 2 to 5 of the check, after ModelMetadata."""
     probe = None
     if defense.fingerprint is not None:
         probe = fingerprint_probe(upstream.inputs, defense.fingerprint, check)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -51,6 +52,7 @@ import numpy as np
 from purifier.defenses import Defense
 from purifier_server.errors import NotServing, RequestError, UpstreamFailed, WaitedTooLong
 from purifier_server.metrics import SidecarMetrics
+from purifier_server.model_description import Description
 from purifier_server.outputs import ClassIndexOutput
 from purifier_server.preflight import Checked, ModelCheck, ModelRefused, check_model, identity_probe
 from purifier_server.settings import Settings
@@ -82,6 +84,8 @@ class Readiness:
         self._matches_needed = 0                # matching probes in a row still needed to clear _mismatch
         self._ready = False                     # the last ModelReady answer
         self._checked: Checked | None = None
+        # what clients are told about the model: from the first check that passed, never refreshed
+        self.description: Description | None = None
         self._changed = asyncio.Event()         # replaced after every poll and state change
         self._poke = asyncio.Event()
         self._polls_started = self._polls_done = 0
@@ -116,6 +120,18 @@ class Readiness:
                 raise
             log.warning("upstream model check did not complete; retrying at the next poll",
                         extra={"model": self.check.name, "error": str(e)})
+            return
+        if self.description is None:
+            self.description = checked.description
+        elif checked.description != self.description:
+            changed = [f.name for f in dataclasses.fields(Description)
+                       if getattr(checked.description, f.name) != getattr(self.description, f.name)]
+            why = (f"model metadata: the upstream's description of the model ({', '.join(changed)}) changed since "
+                   "the sidecar first checked it, and clients are told only that one; restart the sidecar to serve "
+                   "the new one")
+            if at_start:
+                raise ModelRefused(why)
+            self._refuse(why, generation)
             return
         self.class_outputs, self._checked = checked.outputs, checked
         was_refused = self._refused is not None

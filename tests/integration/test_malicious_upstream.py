@@ -236,6 +236,14 @@ IDENTITY_FAULTS = {
         "refused at start-up (unless `--model-id` vouches for the model)",
     "restarts with another model": "NOT_SERVING, requests that waited for the restart are not answered by it",
 }
+# other ways out than ModelInfer, each shown by the test file named
+OTHER_CHANNELS = {
+    "writes the clean vector of the request it just answered into its ModelMetadata or ModelConfig (input names, "
+    "datatype strings, extra dims, platform) for the client to read back (`test_model_description_channel.py`)":
+        "not repeated, over gRPC or REST: both answer the description the model check took, every field checked",
+    "restarts and describes the model differently (the same payload) at the check after the reconnect "
+    "(`test_model_description_channel.py`)": "refused: NOT_SERVING, requests UNAVAILABLE, metadata unchanged",
+}
 FAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "fault-modes.md"
 
 
@@ -269,6 +277,9 @@ def fault_table() -> str:
               "(`test_sidecar_model_check.py` covers restarts, metadata and `--model-id`).", "",
               "| # | upstream | outcome |", "|---|---|---|"]
     for i, (name, outcome) in enumerate(IDENTITY_FAULTS.items(), 1):
+        lines.append(f"| {i} | {name} | {outcome} |")
+    lines += ["", "## Other channels", "", "| # | upstream | outcome |", "|---|---|---|"]
+    for i, (name, outcome) in enumerate(OTHER_CHANNELS.items(), 1):
         lines.append(f"| {i} | {name} | {outcome} |")
     return "\n".join(lines) + "\n"
 

@@ -6,9 +6,12 @@ import pytest
 
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.model_description import (
+    Description,
+    NotDescribable,
     accepted_versions,
     config_answer,
     data_type,
+    describe,
     metadata_answer,
 )
 from purifier_server.upstream import TensorSpec
@@ -19,65 +22,74 @@ INPUTS = [TensorSpec("input", "FP32", (-1, 64))]
 OUTPUTS = [TensorSpec("logits", "FP32", (-1, 10)), TensorSpec("probabilities", "FP32", (-1, 10))]
 
 
-def triton_config(max_batch_size: int = 256) -> pb.ModelConfig:
-    """A Triton ModelConfig as Triton sends it (with fields the sidecar must not pass on), read as ours."""
-    full = mc.ModelConfig(name="digits", platform="", backend="python", max_batch_size=max_batch_size,
-                          input=[mc.ModelInput(name="input", data_type=mc.TYPE_FP32, dims=[64])],
-                          output=[mc.ModelOutput(name="logits", data_type=mc.TYPE_FP32, dims=[10]),
-                                  mc.ModelOutput(name="probabilities", data_type=mc.TYPE_FP32, dims=[10],
-                                                 label_filename="labels.txt")],
-                          instance_group=[mc.ModelInstanceGroup(count=2, kind=mc.ModelInstanceGroup.KIND_CPU)],
-                          parameters={"secret": mc.ModelParameter(string_value="do not leak")})
-    return pb.ModelConfig.FromString(full.SerializeToString())
+def described(inputs=INPUTS, outputs=OUTPUTS, served=("probabilities",), classes=10, max_batch_size=None,
+              platform="onnxruntime_onnx", backend="", versions=("1",)) -> Description:
+    return describe(platform=platform, backend=backend, versions=versions, inputs=inputs, outputs=outputs,
+                    served=served, classes=classes, max_batch_size=max_batch_size)
 
 
 def as_triton(config: pb.ModelConfig):
     return mc.ModelConfig.FromString(config.SerializeToString())
 
 
-def test_config_from_the_upstreams_keeps_only_served_outputs_and_known_fields():
-    answer = as_triton(config_answer("digits", ["1"], INPUTS, OUTPUTS, ["probabilities"], 4096, triton_config()))
-    assert [o.name for o in answer.output] == ["probabilities"]
-    assert list(answer.output[0].dims) == [10] and answer.output[0].data_type == mc.TYPE_FP32
-    assert [(i.name, list(i.dims), i.data_type) for i in answer.input] == [("input", [64], mc.TYPE_FP32)]
-    assert answer.max_batch_size == 256 and answer.backend == "python"
-    # nothing else of the upstream's message: no instance groups, parameters or label file
-    assert not answer.instance_group and not answer.parameters and not answer.output[0].label_filename
-    assert list(answer.version_policy.specific.versions) == [1]
-
-
-@pytest.mark.parametrize(("upstream", "rows", "expected"), [(256, 100, 100), (256, 4096, 256), (0, 100, 0)])
-def test_max_batch_size_never_exceeds_the_sidecars_row_limit(upstream, rows, expected):
-    answer = config_answer("digits", ["1"], INPUTS, OUTPUTS, ["probabilities"], rows, triton_config(upstream))
+@pytest.mark.parametrize(("upstream", "rows", "expected"), [(256, 100, 100), (256, 4096, 256), (0, 100, 0),
+                                                            (None, 512, 512)])
+def test_max_batch_size_is_the_upstreams_and_never_exceeds_the_sidecars_row_limit(upstream, rows, expected):
+    answer = config_answer("digits", ["1"], described(max_batch_size=upstream), rows)
     assert answer.max_batch_size == expected
 
 
-def test_config_synthesized_from_metadata_for_a_batching_model():
-    answer = as_triton(config_answer("digits", [], INPUTS, OUTPUTS, ["probabilities"], 512, platform="onnxruntime_onnx"))
+def test_config_synthesized_from_the_description_for_a_batching_model():
+    answer = as_triton(config_answer("digits", ["1"], described(backend="python"), 512))
     assert answer.max_batch_size == 512
-    assert [(i.name, list(i.dims)) for i in answer.input] == [("input", [64])]
+    assert [(i.name, list(i.dims), i.data_type) for i in answer.input] == [("input", [64], mc.TYPE_FP32)]
     assert [(o.name, list(o.dims)) for o in answer.output] == [("probabilities", [10])]
-    assert answer.platform == "onnxruntime_onnx" and not answer.HasField("version_policy")
+    assert answer.platform == "onnxruntime_onnx" and answer.backend == "python"
+    assert list(answer.version_policy.specific.versions) == [1]
+    assert not as_triton(config_answer("digits", [], described(), 512)).HasField("version_policy")
 
 
 def test_config_synthesized_with_full_shapes_when_the_first_dimension_is_fixed():
-    answer = config_answer("m", [], [TensorSpec("x", "FP64", (1, 8))], [TensorSpec("p", "FP64", (1, 3))], ["p"], 512)
+    d = described([TensorSpec("x", "FP64", (1, 8))], [TensorSpec("p", "FP64", (1, 3))], ("p",), classes=3)
+    answer = config_answer("m", [], d, 512)
     assert answer.max_batch_size == 0
     assert list(answer.input[0].dims) == [1, 8] and answer.input[0].data_type == pb.TYPE_FP64
-
-
-def test_an_upstream_config_without_the_served_output_falls_back_to_metadata():
-    partial = triton_config()
-    del partial.output[1]
-    answer = config_answer("digits", [], INPUTS, OUTPUTS, ["probabilities"], 64, partial)
-    assert [o.name for o in answer.output] == ["probabilities"] and answer.max_batch_size == 64
+    assert list(answer.output[0].dims) == [1, 3]
 
 
 def test_metadata_is_constructed_with_only_the_served_outputs():
-    answer = metadata_answer("digits", ["1"], "python\nplatform text", INPUTS, OUTPUTS, ["probabilities"])
+    answer = metadata_answer("digits", ["1"], described(platform="python\nplatform text"))
     assert [o.name for o in answer.outputs] == ["probabilities"] and list(answer.outputs[0].shape) == [-1, 10]
     assert answer.platform == ""  # not an identifier: not repeated
     assert list(answer.versions) == ["1"]
+
+
+def test_the_description_rebuilds_the_served_outputs_in_the_verified_shapes():
+    """Extra dims on a declared output, or another class count, are not repeated: the confidence
+    output is [batch, classes], an allowed class index [batch] or [batch, 1]."""
+    outputs = [TensorSpec("probabilities", "FP32", (-1, 10, 123456, 7)), TensorSpec("label", "INT64", (-1, 1))]
+    d = described(outputs=outputs, served=("probabilities", "label"))
+    assert d.outputs == (TensorSpec("probabilities", "FP32", (-1, 10)), TensorSpec("label", "INT64", (-1, 1)))
+    assert described(outputs=outputs[:1], served=("probabilities", "label")).outputs[1:] == ()  # undeclared
+
+
+@pytest.mark.parametrize("inputs,why", [
+    ([TensorSpec("x;0.123456,0.876544", "FP32", (-1, 64))], "not an identifier"),
+    ([TensorSpec("x" * 129, "FP32", (-1, 64))], "not an identifier"),
+    ([TensorSpec("x", "FP32;0.123456", (-1, 64))], "datatype"),
+    ([TensorSpec("x", "FP32", (-1, 64, *range(8)))], "shape"),
+    ([TensorSpec("x", "FP32", (-2, 64))], "shape"),
+])
+def test_metadata_that_could_carry_values_is_not_describable(inputs, why):
+    with pytest.raises(NotDescribable, match=why):
+        described(inputs)
+    ok = described([TensorSpec("serving_default/input_1:0", "FP32", (-1, 64))])   # TensorFlow's names pass
+    assert ok.inputs[0].name == "serving_default/input_1:0"
+
+
+def test_free_text_is_left_out_unless_it_is_a_short_token():
+    d = described(platform="p" + "_123456" * 20, backend="b;x", versions=("1", "2;x", "v" * 65))
+    assert (d.platform, d.backend, d.versions) == ("", "", ("1",))
 
 
 def test_accepted_versions():

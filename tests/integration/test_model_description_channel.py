@@ -1,23 +1,23 @@
-"""Red-team: a hostile upstream hands the clean vector of a client's last request to that client
-through ModelMetadata and ModelConfig.
+"""A hostile upstream must not hand the clean vector of a client's last request to that client
+through ModelMetadata and ModelConfig, over gRPC or REST.
 
-The malicious-upstream suite checks every byte of ModelInfer answers. But the sidecar answers a
-client's ModelMetadata (and ModelConfig) by asking the upstream again and describing what it
-says: the input's name, datatype and dims, and the confidence output's datatype and dims, are
-passed on as the upstream wrote them (model_description "constructs" them, from typed values,
-but any string and any list of int64 is a typed value), and `platform` as any 64-character
-token. So the upstream answers ModelInfer honestly, then writes the clean probabilities of the
-request it just answered into its metadata; the client reads them with one more call. The model
-check verified the metadata once, at start-up, and nothing checks it again.
-
-Expected: the description a client gets is the one the model check verified (or at least one
-whose names, datatypes and dims agree with it), so no clean value reaches the client by this
-route either.
+The malicious-upstream suite checks every byte of ModelInfer answers. Before (a red-team review),
+the sidecar answered a client's ModelMetadata (and ModelConfig) by asking the upstream again and
+describing what it said: the input's name, datatype and dims, and the confidence output's
+datatype and dims, were passed on as the upstream wrote them (constructed from typed values, but
+any string and any list of int64 is a typed value), and `platform` as any 64-character token. So
+the upstream answered ModelInfer honestly, then wrote the clean probabilities of the request it
+just answered into its metadata; the client read them with one more call. Now every answer is
+built from the description the model check took (model_description.describe), and a later check
+that finds another description refuses the model.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -43,7 +43,7 @@ class LeakingMetadata:
     """Honest ModelInfer; ModelMetadata and ModelConfig that carry the last answered clean row once
     a client request has been answered (before that: the honest description)."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.last: np.ndarray | None = None
         self.lock = threading.Lock()
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
@@ -59,7 +59,7 @@ class LeakingMetadata:
                 self._infer, pb.ModelInferRequest.FromString, pb.ModelInferResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-        self.port = server.add_insecure_port("127.0.0.1:0")
+        self.port = server.add_insecure_port(f"127.0.0.1:{port}")
         server.start()
         self.server = server
 
@@ -106,28 +106,61 @@ def leaking(flatten_cls):
     defense.n_classes = C
     defense.fingerprint = Fingerprint(PROBE_ROWS, softmax(PROBE_ROWS).astype(np.float64))
     settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
-                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": -1},
-                                env={})
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": 0,
+                                 "metrics_port": -1, "health_poll_s": 0.1}, env={})
     try:
         with BackgroundSidecar(settings, defense=defense) as sc, \
                 grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
+            yield upstream, sc, pb_grpc.GRPCInferenceServiceStub(channel)
     finally:
         upstream.server.stop(0)
 
 
-@pytest.mark.xfail(strict=True, reason="red-team break open; fixed on branch hardening")
+def described_through(sc, stub, front: str, method: str) -> str:
+    """What a client reads of the model's description through one front, as text."""
+    if front == "grpc":
+        if method == "ModelMetadata":
+            return str(stub.ModelMetadata(pb.ModelMetadataRequest(name="m"), timeout=10))
+        return str(stub.ModelConfig(pb.ModelConfigRequest(name="m"), timeout=10))
+    route = "/v2/models/m" + ("" if method == "ModelMetadata" else "/config")
+    with urllib.request.urlopen(f"http://127.0.0.1:{sc.http_port}{route}", timeout=10) as r:
+        return json.dumps(json.loads(r.read()))
+
+
+def leaked_in(seen: str, clean: np.ndarray) -> list[str]:
+    millionths = [str(int(round(float(p) * 1e6))) for p in clean]
+    return [m for m in millionths if m in seen] + [f"{p:.6f}" for p in clean if f"{p:.6f}" in seen]
+
+
+@pytest.mark.parametrize("front", ["grpc", "rest"])
 @pytest.mark.parametrize("method", ["ModelMetadata", "ModelConfig"])
-def test_the_model_description_does_not_carry_the_clean_vector(leaking, method):
-    stub = leaking
+def test_the_model_description_does_not_carry_the_clean_vector(leaking, method, front):
+    upstream, sc, stub = leaking
+    honest = described_through(sc, stub, front, method)
     defended = stub.ModelInfer(infer_request(X, model="m"), timeout=10)
     clean = softmax(X)[0]
     assert not np.allclose(np.frombuffer(defended.raw_output_contents[0], np.float32), clean, atol=1e-4)
-    if method == "ModelMetadata":
-        described = stub.ModelMetadata(pb.ModelMetadataRequest(name="m"), timeout=10)
-    else:
-        described = stub.ModelConfig(pb.ModelConfigRequest(name="m"), timeout=10)
-    seen = str(described)
-    millionths = [str(int(round(float(p) * 1e6))) for p in clean]
-    leaked = [m for m in millionths if m in seen] + [f"{p:.6f}" for p in clean if f"{p:.6f}" in seen]
+    seen = described_through(sc, stub, front, method)
+    leaked = leaked_in(seen, clean)
     assert not leaked, f"{method} through the sidecar carries the clean vector of the last request: {seen!r}"
+    assert seen == honest                               # what the model check took, word for word
+
+
+def test_a_description_that_changes_after_the_check_refuses_the_model(leaking):
+    """The upstream restarts (a new connection, so the model check runs again) and now describes
+    the model with the clean vector in it: the check refuses the changed description."""
+    upstream, sc, stub = leaking
+    stub.ModelInfer(infer_request(X, model="m"), timeout=10)          # the upstream now has a vector to leak
+    port = upstream.port
+    upstream.server.stop(0)
+    upstream.__init__(port=port)
+    upstream.last = softmax(X)[0]
+    deadline = time.monotonic() + 30                                    # a bound on the test
+    while "refused" not in str(sc.readiness.refusal()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refusal = sc.readiness.refusal()
+    assert refusal is not None and "refused by the sidecar's model check" in str(refusal)
+    assert not leaked_in(described_through(sc, stub, "grpc", "ModelMetadata"), softmax(X)[0])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(infer_request(X, model="m"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
