@@ -34,7 +34,7 @@ import orjson
 from purifier_server import rest_codec
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.errors import BadUpstreamOutput, UpstreamFailed
-from purifier_server.upstream import MAX_RESPONSE_BYTES, TensorSpec, _specs
+from purifier_server.upstream import MAX_RESPONSE_BYTES, TRANSIENT_CODES, TensorSpec, _specs
 
 # HTTP status -> the gRPC code the data plane reasons with (gRPC's HTTP mapping)
 GRPC_CODE = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
@@ -266,7 +266,11 @@ class RestUpstream:
         try:
             doc = await self._json(self._path(name, version, "config"), 5.0)
             return json_format.ParseDict(doc.get("config", doc), pb.ModelConfig(), ignore_unknown_fields=True)
-        except (UpstreamFailed, json_format.ParseError, AttributeError, TypeError, ValueError):
+        except UpstreamFailed as e:
+            if e.upstream_code in TRANSIENT_CODES:  # away for now: see upstream.RemoteUpstream.model_config
+                raise
+            return None
+        except (BadUpstreamOutput, json_format.ParseError, AttributeError, TypeError, ValueError):
             return None
 
     async def close(self):

@@ -60,6 +60,11 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
+# the upstream is away for now: ask again later rather than take the failure as its answer
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+
+
 def upstream_request_id() -> str:
     """The id of a request to the upstream: 16 random hex digits, for a client's request and an
     identity probe alike (readiness.py), so the upstream cannot tell the two apart by their ids.
@@ -207,10 +212,14 @@ class RemoteUpstream:
         return meta
 
     async def model_config(self, name, version):
-        # KServe, MLServer and TorchServe do not implement it (UNIMPLEMENTED): then None
+        # KServe, MLServer and TorchServe do not implement it (UNIMPLEMENTED): then None. An
+        # upstream that is away for now raises: None would describe the model without its
+        # max_batch_size, and a description that changes refuses the model (readiness.py).
         try:
             return (await self._config(pb.ModelConfigRequest(name=name, version=version), timeout=5.0)).config
-        except grpc.aio.AioRpcError:
+        except grpc.aio.AioRpcError as e:
+            if e.code() in TRANSIENT_CODES:
+                raise UpstreamFailed(f"upstream {e.code().name}: {e.details()}", e.code()) from None
             return None
 
     async def close(self):

@@ -14,6 +14,7 @@ that finds another description refuses the model.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -43,8 +44,9 @@ class LeakingMetadata:
     """Honest ModelInfer; ModelMetadata and ModelConfig that carry the last answered clean row once
     a client request has been answered (before that: the honest description)."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, config_failure: grpc.StatusCode | None = None):
         self.last: np.ndarray | None = None
+        self.config_failure = config_failure
         self.lock = threading.Lock()
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
         handlers = {
@@ -92,6 +94,8 @@ class LeakingMetadata:
                                         outputs=[spec(name="probs", datatype=out_type, shape=out_shape)])
 
     def _config(self, request, context):
+        if self.config_failure is not None:
+            context.abort(self.config_failure, "away")
         name, _, in_shape, _, out_shape, platform = self._payload()
         config = pb.ModelConfig(name="m", platform=platform, max_batch_size=8)
         config.input.add(name=name, data_type=pb.TYPE_FP32, dims=in_shape[1:])
@@ -164,3 +168,32 @@ def test_a_description_that_changes_after_the_check_refuses_the_model(leaking):
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(infer_request(X, model="m"), timeout=10)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(("code", "answered"), [(grpc.StatusCode.UNAVAILABLE, False),
+                                                 (grpc.StatusCode.DEADLINE_EXCEEDED, False),
+                                                 (grpc.StatusCode.UNIMPLEMENTED, True)])
+def test_an_upstream_away_for_now_is_not_taken_to_serve_no_config(code, answered):
+    """A ModelConfig that fails because the upstream is away for now is asked again (the check
+    does not complete), not taken as "no config": that would describe the model without its
+    max_batch_size, and a changed description refuses the model."""
+    from purifier_server.errors import UpstreamFailed
+    from purifier_server.upstream import RemoteUpstream
+
+    upstream = LeakingMetadata(config_failure=code)
+
+    async def ask():
+        remote = RemoteUpstream(f"127.0.0.1:{upstream.port}", SERVICE, 5.0, name="m")
+        try:
+            return await remote.model_config("m", "")
+        finally:
+            await remote.close()
+
+    try:
+        if answered:
+            assert asyncio.run(ask()) is None
+        else:
+            with pytest.raises(UpstreamFailed):
+                asyncio.run(ask())
+    finally:
+        upstream.server.stop(0)
