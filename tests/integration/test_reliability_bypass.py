@@ -154,15 +154,17 @@ def test_repository_shared_memory_and_control_rpcs_are_unimplemented(client, stu
 
 
 def test_model_config_is_answered_by_the_sidecar_itself(client, stub, sidecar, upstream):
-    """ModelConfig is served (perf_analyzer asks for it first) and constructed: the upstream's own
-    config is read, but the answer names the sidecar's model and only outputs it serves (the
-    construction is unit-tested in test_server_model_description; real Triton in
-    test_sidecar_model_servers)."""
+    """ModelConfig and ModelMetadata are served (perf_analyzer asks for them first) and constructed
+    from the description the model check took: the upstream is not asked when a client asks, the
+    answer names the sidecar's model and only outputs it serves (the construction is unit-tested
+    in test_server_model_description; real Triton in test_sidecar_model_servers; a hostile
+    upstream's metadata in test_model_description_channel)."""
     since = len(upstream.calls)
     config = client.get_model_config("m").config
-    assert config.name == "m"
-    assert {o.name for o in config.output} <= {"probs"}
-    assert set(upstream.forwarded(since)) <= {"ModelMetadata", "ModelConfig"}
+    meta = client.get_model_metadata("m")
+    assert config.name == meta.name == "m"
+    assert {o.name for o in config.output} <= {"probs"} and {o.name for o in meta.outputs} <= {"probs"}
+    assert not {"ModelMetadata", "ModelConfig"} & set(upstream.forwarded(since))  # an identity probe may come
     assert_defended(stub, sidecar)
 
 

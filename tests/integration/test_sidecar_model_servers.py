@@ -198,8 +198,9 @@ def test_upstream_outage_is_unavailable_then_recovers(upstream, sidecar, target_
 
 def test_perf_analyzers_call_sequence_with_tritonclient(upstream, sidecar, target_rows):
     """What perf_analyzer does before it measures (ServerLive, ModelMetadata, ModelConfig, then
-    ModelInfer with its shapes), with tritonclient; against Triton, the sidecar's ModelConfig is
-    Triton's own reduced to the served output, elsewhere it is synthesized from the metadata."""
+    ModelInfer with its shapes), with tritonclient; the sidecar's ModelConfig is synthesized from
+    the description the model check took, and against Triton it agrees with Triton's own (its
+    max_batch_size, inputs and dims) reduced to the served output."""
     client = grpcclient.InferenceServerClient(f"127.0.0.1:{sidecar.port}")
     direct = grpcclient.InferenceServerClient(f"127.0.0.1:{upstream.grpc_port}")
     try:
