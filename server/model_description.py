@@ -139,7 +139,7 @@ def data_type(datatype: str) -> int:
 
 
 def _version_policy(versions: Sequence[str]) -> pb.ModelVersionPolicy | None:
-    if versions and all(v.isdigit() for v in versions):
+    if versions and all(v.isdigit() and len(v) <= 18 for v in versions):  # int64, as model_config.proto's
         return pb.ModelVersionPolicy(specific=pb.ModelVersionPolicy.Specific(versions=[int(v) for v in versions]))
     return None
 

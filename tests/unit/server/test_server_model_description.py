@@ -92,6 +92,11 @@ def test_free_text_is_left_out_unless_it_is_a_short_token():
     assert (d.platform, d.backend, d.versions) == ("", "", ("1",))
 
 
+def test_a_version_too_large_for_int64_gets_no_version_policy():
+    answer = config_answer("digits", ["9" * 19], described(versions=("9" * 19,)), 512)
+    assert not answer.HasField("version_policy") and answer.max_batch_size == 512
+
+
 def test_accepted_versions():
     assert accepted_versions("", ["1"]) == ("1",)           # Triton's one version
     assert accepted_versions("", []) == ()                 # KServe advertises none
