@@ -254,7 +254,8 @@ class Readiness:
         deadline: loop time. NotServing when the model is refused, past the deadline, or when
         too many requests wait already.
         """
-        await self._wait(self.verified, deadline)
+        if not self.verified():
+            await self._wait(self.verified, deadline)
         if self._refused is not None:
             raise self.refusal()
         return self._verified

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,9 +66,23 @@ def upstream_request_id() -> str:
     identity probe alike (readiness.py), so the upstream cannot tell the two apart by their ids.
 
     The operating system's randomness: the ids must not be predictable to the upstream, and they
-    are no defense output (those are deterministic keyed functions of the input).
+    are no defense output (those are deterministic keyed functions of the input). Drawn 4 KiB at
+    a time (one system call per 512 ids instead of one per request).
     """
-    return secrets.token_hex(8)
+    global _random, _random_at
+    if _random_at >= len(_random):
+        _random, _random_at = secrets.token_bytes(4096), 0
+    _random_at += 8
+    return _random[_random_at - 8:_random_at].hex()
+
+
+def _forget_random() -> None:
+    global _random, _random_at
+    _random, _random_at = b"", 0
+
+
+_forget_random()
+os.register_at_fork(after_in_child=_forget_random)  # a forked process never repeats its parent's ids
 
 
 @dataclass(frozen=True)
