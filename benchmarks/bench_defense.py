@@ -9,9 +9,8 @@ in one process, so the ratios compare like with like. To add a defense, append a
 Workload: no target with 100 classes trains in seconds here, so both class counts use synthetic
 confidence vectors: softmax of N(0, 1) logits with the true class raised by 7 (members, sharper)
 or 4 (non-members); MemGuard's classifier is trained on 1,000 of each (Adam, 10 epochs; the training
-schedule changes the classifier, not the cost per Phase I step). torch runs at 1 thread and ORT
-sessions are created with 1 intra-op thread, numpy's BLAS is limited to 1 thread
-(threadpoolctl): the "one CPU core" figures of the issue.
+schedule changes the classifier, not the cost per Phase I step). torch, ORT and numpy's BLAS run on
+one thread each (`purifier.threads`): the "one CPU core" figures of the issue.
 The faithful solver takes seconds per call on big batches: above 16 rows it is timed on
 `Case.max_rows` (16) rows per call and its vectors/s computed from those rows (flagged in the
 JSON as bounded).
@@ -35,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 from benchmarks.common import summarize, time_calls, write_result
 from purifier.defenses.base import Defense, FitData, IdentityDefense
 from purifier.defenses.memguard import MemGuard
 from purifier.defenses.purifier_net import PurifierNet
+from purifier.threads import THREADS, limit_threads
 
 SECRET = secrets.token_bytes(32)  # a throwaway key: the timings do not depend on it
 N_FEATURES = 16
@@ -245,8 +245,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="an earlier defense.json to compare memguard-fast against")
     args = parser.parse_args()
     baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-    torch.set_num_threads(1)
-    threadpool_limits(1)  # numpy's BLAS on one thread, like torch and ORT here
+    limit_threads()  # every pool on one thread, as in the sidecar and the audit
     load_start = os.getloadavg()  # the machine is shared: timings are only comparable at like loads
     results, quality, verdicts = [], {}, {}
     for c in CLASS_COUNTS:
@@ -275,7 +274,7 @@ def main() -> None:
               f"mean L1 (both crossed) faithful {q['mean_l1_faithful_both']:.4f}, fast {q['mean_l1_fast_both']:.4f} "
               f"(ratio {q['l1_ratio_fast_over_faithful']:.3f})")
     path = write_result("defense", {
-        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1,
+        "threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": THREADS,
                     "blas": [p["num_threads"] for p in threadpool_info()]},
         "workload": "synthetic softmax outputs, members boost 7, non-members boost 4; MemGuard h: Adam 10 epochs on 1000 + 1000 rows",
         "note": ("memguard-faithful above batch 16 is timed on its first 16 rows per call (bounded: "

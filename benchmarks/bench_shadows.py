@@ -68,6 +68,7 @@ def timed_audit(target, attacks, k: int, executor, cache_dir: Path, n_boot: int)
     return audit, {"shadows": k, "executor": sh.executor, "trained": sh.trained,
                    "from_cache": sh.from_cache, "wall_s": round(wall, 1),
                    "shadow_training_s": audit.report.timing.shadow_training,
+                   "attack_s": {a: e.seconds for a, e in audit.report.attacks.items()},
                    "load_before": before, "load_after": load()}
 
 
@@ -278,6 +279,11 @@ def tables(p: dict) -> list[dict]:
                               f"{r['load_before']} -> {r['load_after']}"] for name, r in (("cold", f["cold"]),
                                                                                           ("warm", f["warm"]))],
                     "note": f"Warm / cold = {f['warm_over_cold']}. Attacks: {', '.join(f['attacks'])}."})
+        if "attack_s" in f["cold"]:
+            out.append({"title": "Seconds per attack in that audit (wall, fit and run)",
+                        "columns": ["attack", "cold", "warm"],
+                        "rows": [[a, s, f["warm"].get("attack_s", {}).get(a, "-")]
+                                 for a, s in f["cold"]["attack_s"].items()]})
     if p["projection"]:
         pr = p["projection"]
         out.append({"title": "Projected wall time on N machines (projection, not measured)",

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from benchmarks.common import ROOT, digits_target
 from purifier.defenses import load_defense, load_secret
 from purifier.defenses.base import FitData
+from purifier.threads import limit_threads
 
 BATCHES = (1, 16, 256)
 def fitted_memguard(target_dir: Path, defense_dir: Path):
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="timing per batch size")
     parser.add_argument("--top", type=int, default=12, help="functions per cProfile table")
     args = parser.parse_args()
-    threadpool_limits(1)
+    limit_threads()
     defense, rows = fitted_memguard(Path(args.target), Path(args.defense_dir))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()

@@ -54,14 +54,23 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def new_output_dir(out: str | os.PathLike, force: bool) -> Path:
-    """Validate an `--out` that a command will create: refuse an existing one unless `force`.
-    Missing parent directories are fine (the writer creates them)."""
+def new_output_dir(out: str | os.PathLike, force: bool, marker: str | None = None) -> Path:
+    """Validate an `--out` that a command will create: refuse an existing one unless `force`, and
+    even then unless it is empty or holds `marker`, the file that says it is an earlier output of
+    the same command (report.json, tune.json, defense.json): `--force` replaces an earlier output,
+    never a directory of other files. Missing parent directories are fine (the writer creates them)."""
+    from purifier.untrusted import printable
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a directory")
     if out.exists() and not force:
         raise ConfigError(f"--out: {out} already exists; choose a new directory or pass --force to replace it")
+    if out.exists() and marker is not None and not (out / marker).is_file():
+        other = next(out.iterdir(), None)
+        if other is not None:
+            raise ConfigError(f"--out: {out} holds other files (e.g. {printable(other.name, 80)}) and no {marker}, so it "
+                              "is not an earlier output that --force may replace; choose a new directory")
     return out
 
 

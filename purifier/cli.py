@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from purifier.errors import PurifierError
+from purifier.untrusted import printable
 
 
 def _train_target(args: argparse.Namespace) -> int:
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(sub)
 
-    from purifier.audit.command import add_executor_flags
+    from purifier.audit.command import add_executor_flags, add_shadow_count_flags
     from purifier.audit.command import add_parser as add_audit_parser
 
     add_audit_parser(sub)
@@ -92,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="end to end: train, fit MemGuard and PURIFIER, serve, audit through gRPC")
     p.add_argument("--out", default="build/demo", help="working directory (reused by a rerun; default build/demo)")
     p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k", "purchase_like"],
-                   help="default digits; purchase_like is the leaky benchmark (members 100%%, non-members ~77%%)")
+                   help="default digits; purchase_like is the leaky benchmark (its target is right on every "
+                        "member and far less often on non-members)")
     p.add_argument("--seed", type=int, default=0, help="target, defense and attacker seed (default 0)")
-    p.add_argument("--shadows", type=int, default=4, help="attacker shadow models (default 4)")
+    add_shadow_count_flags(p)
     add_executor_flags(p)
     p.set_defaults(func=_demo)
     return parser
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except PurifierError as e:
-        print(f"purifier: error: {e}", file=sys.stderr)
+    except PurifierError as e:  # may quote an endpoint's text: plain characters only (purifier.untrusted)
+        print(f"purifier: error: {printable(e, None)}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in FULL_INSTALL_MODULES:

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from purifier.errors import ConfigError, PurifierError
 DEFENSES = ("none", "memguard", "purifier")
 DEMO_DATASETS = ("digits", "mnist5k", "purchase_like")
 VERSION_KEYS = ("purifier", "torch", "onnxruntime", "numpy")
-CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous for a busy 2-core machine
+CLIENT_TIMEOUT_S = 300.0  # per batch of up to 4096 audited rows; generous, for small shared machines
 
 
 def _log(msg: str) -> None:
@@ -73,7 +74,8 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
     from purifier.defenses import FitData, defense_class, read_defense_manifest
 
     directory = out / "defenses" / name
-    wanted = json.loads(json.dumps(defense_class(name)(seed=seed).config()))
+    seeded: dict[str, Any] = {"seed": seed}  # the demo's defenses (memguard, purifier) train with a seed
+    wanted = json.loads(json.dumps(defense_class(name)(**seeded).config()))
     with contextlib.suppress(PurifierError):
         manifest = read_defense_manifest(directory)
         if (manifest["defense"] == name and manifest["model_id"] == target.model_id
@@ -82,7 +84,7 @@ def prepare_defense(name: str, target, out: Path, secret: bytes, seed: int) -> P
             return directory
     _log(f"fitting {name}")
     t0 = time.perf_counter()
-    defense = defense_class(name)(seed=seed, secret=secret).fit(FitData.from_target(target))
+    defense = defense_class(name)(**seeded, secret=secret).fit(FitData.from_target(target))
     defense.save(directory)
     _log(f"fitted {name} in {time.perf_counter() - t0:.1f}s")
     return directory
@@ -100,8 +102,11 @@ def start_sidecar(target_dir: Path, defense: str, defense_dir: Path | None, secr
 
 
 def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 200) -> dict:
-    """Client-observed latency of single-row requests (tritonclient, raw FP32), p50/p99 in ms."""
+    """Client-observed latency of single-row requests (tritonclient, raw FP32): `latency_summary`'s
+    calls, mean, p50 and p99 in ms."""
     import tritonclient.grpc as grpcclient
+
+    from purifier.bench.measure import latency_summary
 
     client = grpcclient.InferenceServerClient(endpoint)
     try:
@@ -115,8 +120,7 @@ def request_latency_ms(endpoint: str, model_name: str, X: np.ndarray, n: int = 2
                 times.append(time.perf_counter() - t0)
     finally:
         client.close()
-    t = np.sort(np.array(times)) * 1e3
-    return {"p50_ms": float(np.median(t)), "p99_ms": float(t[int(0.99 * (len(t) - 1))]), "requests": n}
+    return latency_summary(times)
 
 
 def memguard_sweep(target, defense_dir: Path, secret: bytes, undefended, seed: int):
@@ -130,7 +134,9 @@ def memguard_sweep(target, defense_dir: Path, secret: bytes, undefended, seed: i
     from purifier.models.access import InProcessTarget
 
     defense = load_defense(defense_dir, secret=secret, model_id=target.model_id)
-    grid = defense.knob.weakest_first(defense.knob.grid)
+    knob = defense.knob
+    assert knob is not None  # memguard has a budget
+    grid = knob.weakest_first(knob.grid)
     variants = [(defense.name, value, defense.with_budget(value)) for value in grid]
     config = AuditConfig(CONFIDENCE_ATTACKS, n_boot=20, seed=seed, progress=False)
     return sweep_points(AuditData.from_target(target), InProcessTarget(target), variants, config,
@@ -190,12 +196,14 @@ def comparison_rows(reports: dict, latency: dict[str, dict] | None) -> tuple[lis
     return columns, rows
 
 
-def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int = 4,
+def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: int | None = None,
              shadow_settings: dict | None = None) -> dict:
     """The whole demo; `shadow_settings` are AuditConfig's executor/cache fields (default: local
     processes, the default cache)."""
+    from dataclasses import replace
+
     from purifier.artifacts import check_output_dir, write_json
-    from purifier.attacks import DEFAULT_ATTACKS
+    from purifier.attacks import ADAPTIVE, DEFAULT_ATTACKS
     from purifier.audit.report import write_report
     from purifier.audit.results import Source
     from purifier.audit.runner import AuditConfig, run_audit
@@ -227,27 +235,28 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
     model_name = target.directory.name
     X_eval, _ = target.role("eval_nonmembers")
-    audits, latency, shadow_set = {}, {}, None
+    audits: dict[str, Any] = {}
+    latency: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         _log("starting one sidecar per defense on loopback")
         sidecars = {name: stack.enter_context(start_sidecar(target.directory, name, defense_dirs.get(name),
                                                             secret_file, out / "logs" / f"sidecar-{name}.log"))
                     for name in DEFENSES}
-        baseline = stack.enter_context(contextlib.closing(
-            RemoteTarget(sidecars["none"].endpoint, model_name, n_classes=target.n_classes,
-                         timeout_s=CLIENT_TIMEOUT_S)))
-        for name in DEFENSES:
+        for name in DEFENSES:  # "none" first: the "before" of the others (same shadows and attack models)
             _log(f"auditing the {name} sidecar at {sidecars[name].endpoint}")
             with contextlib.closing(RemoteTarget(sidecars[name].endpoint, model_name, n_classes=target.n_classes,
                                                  timeout_s=CLIENT_TIMEOUT_S)) as access:
-                config = AuditConfig(DEFAULT_ATTACKS, n_shadows=shadows, seed=seed, **(shadow_settings or {}))
-                audit = timed(f"audit {name}", run_audit, target, access, config, name,
-                              None if name == "none" else baseline,
-                              Source(sidecars[name].endpoint, model_name, access.output_name), shadows=shadow_set)
-            shadow_set = audit.shadows
+                settings: dict[str, Any] = {"n_shadows": shadows} if shadows else {}
+                config = AuditConfig(DEFAULT_ATTACKS, **settings, seed=seed, **(shadow_settings or {}))
+                if name == "none":
+                    config = replace(config, attacks=tuple(a for a in DEFAULT_ATTACKS if a not in ADAPTIVE))
+                source = Source(sidecars[name].endpoint, model_name, access.output_name,
+                                baseline_endpoint=None if name == "none" else sidecars["none"].endpoint)
+                audit = timed(f"audit {name}", run_audit, target, access, config, name, source=source,
+                              before=audits.get("none"))
             audits[name] = audit
             # written at once, so a long run that stops later still leaves its finished reports
-            write_report(audit, out / "reports" / name, undefended=audits.get("none") if name != "none" else None)
+            write_report(audit, out / "reports" / name)
             latency[name] = request_latency_ms(sidecars[name].endpoint, model_name, X_eval)
     t_audited = time.perf_counter()
 
@@ -258,7 +267,7 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
     points = tradeoff_points(sweep, {n: r for n, r in reports.items() if n != "none"})
     for name, audit in audits.items():  # the defended pages again, now with the sweep's picture
         if name != "none":
-            write_report(audit, out / "reports" / name, undefended=audits["none"], tradeoff=points)
+            write_report(audit, out / "reports" / name, tradeoff=points)
     columns, rows = comparison_rows(reports, latency)
     summary = {
         "dataset": dataset, "seed": seed, "model_id": target.model_id,
@@ -268,7 +277,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
         "shadows": {k: v for k, v in reports[DEFENSES[0]].shadows.to_json().items()
                     if k in ("n", "executor", "from_cache", "trained", "cache")},
         "timing_s": {"prepare": round(t_prepared - t_start, 1), "audits": round(t_audited - t_prepared, 1),
-                     "total": round(time.perf_counter() - t_start, 1), "steps": steps},
+                     "total": round(time.perf_counter() - t_start, 1), "steps": steps,
+                     "attacks": {name: {a: e.seconds for a, e in r.attacks.items()} for name, r in reports.items()},
+                     "shadow_training": {name: r.timing.shadow_training for name, r in reports.items()}},
         # timings on a shared machine mean little without the load they ran under
         "load_average": {"start": [round(v, 2) for v in load_start], "end": [round(v, 2) for v in os.getloadavg()]},
         "reports": {name: str(out / "reports" / name / "report.html") for name in reports},
@@ -290,9 +301,9 @@ def run_demo(out: str | Path, dataset: str = "digits", seed: int = 0, shadows: i
 
 
 def demo_cli(args) -> int:
-    from purifier.audit.command import executor_settings
+    from purifier.audit.command import executor_settings, shadow_count
 
-    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=args.shadows,
+    run_demo(args.out, dataset=args.dataset, seed=args.seed, shadows=shadow_count(args),
              shadow_settings=executor_settings(args))
     return 0
 

@@ -107,11 +107,20 @@ def bootstrap_intervals(metrics: Callable[[np.ndarray, np.ndarray], tuple[float,
     entry. The resamples are those of `bootstrap_ci` with the same seed."""
     scores, membership = _check(scores, membership)
     rng = np.random.default_rng(seed)
-    pos, neg = np.nonzero(membership)[0], np.nonzero(~membership)[0]
+    # Each resample is handed to `metrics` in score order: the same records as drawn (the metrics
+    # here do not depend on row order), and their own sort then meets sorted input, which a stable
+    # sort finishes in one pass instead of n log n.
+    order = np.argsort(scores, kind="stable")
+    rank = np.empty(len(scores), np.int64)
+    rank[order] = np.arange(len(scores))
+    s_sorted, m_sorted = scores[order], membership[order]
+    pos, neg = rank[membership], rank[~membership]  # the positions of members / non-members after sorting
+    every = np.arange(len(scores))
     values = []
     for _ in range(n_boot):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        values.append(metrics(scores[idx], membership[idx]))
+        drawn = np.r_[pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]]
+        idx = np.repeat(every, np.bincount(drawn, minlength=len(scores)))  # sorted, without a sort
+        values.append(metrics(s_sorted[idx], m_sorted[idx]))
     alpha = (1.0 - level) / 2
     bounds = np.quantile(np.asarray(values, np.float64), [alpha, 1.0 - alpha], axis=0)
     return [(float(lo), float(hi)) for lo, hi in bounds.T]

@@ -23,19 +23,16 @@ import logging
 import multiprocessing
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from purifier.errors import ConfigError, PurifierError
+from purifier.threads import limit_threads, single_threaded
 
 EXECUTORS = ("local", "ray")
 RAY_INSTALL_HINT = "install the extra: pip install 'purifier[ray]' (a checkout's make venv includes it)"
-# Thread pools of libraries a task may load after it started (torch's OpenMP, a second OpenBLAS)
-# read these when they initialise; pools already loaded are sized by threadpoolctl.
-THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 LOCAL_RAY_OBJECT_STORE_BYTES = 1 << 30  # Ray's default takes 30% of RAM; spill to disk instead
 RAY_CONNECT_TIMEOUT_S = 10.0
 RAY_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -73,23 +70,6 @@ class Executor(Protocol):
     def __exit__(self, *exc) -> None: ...
 
 
-@contextlib.contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run the block with every BLAS/OpenMP pool and torch on one thread, then restore them."""
-    from threadpoolctl import threadpool_limits
-
-    torch = sys.modules.get("torch")
-    before = torch.get_num_threads() if torch is not None else None
-    with threadpool_limits(1):
-        if torch is not None:
-            torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            if torch is not None:
-                torch.set_num_threads(before)
-
-
 def _read_only(shared: tuple) -> tuple:
     """Read-only views of the ndarray arguments, as Ray's object store hands them out."""
     import numpy as np
@@ -111,14 +91,14 @@ class _Worker:
 
 
 def _init_worker(fn: Callable, shared: tuple) -> None:
-    for var in THREAD_ENV:  # before any task imports torch or sklearn
-        os.environ[var] = "1"
+    limit_threads()  # before any task imports torch or sklearn
     _Worker.fn, _Worker.shared = fn, _read_only(shared)
 
 
 def _run_task(task: tuple) -> Any:
-    with single_threaded():
-        return _Worker.fn(*_Worker.shared, *task)
+    fn = _Worker.fn
+    assert fn is not None  # set by _init_worker
+    return fn(*_Worker.shared, *task)
 
 
 class LocalExecutor:
@@ -180,10 +160,8 @@ def import_ray():
 
 
 def _ray_call(fn: Callable, *args) -> Any:
-    for var in THREAD_ENV:
-        os.environ.setdefault(var, "1")
-    with single_threaded():
-        return fn(*args)
+    limit_threads()
+    return fn(*args)
 
 
 def _host_port(address: str) -> tuple[str, int] | None:

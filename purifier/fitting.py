@@ -16,6 +16,7 @@ import inspect
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from purifier.errors import ConfigError
 
@@ -48,7 +49,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "e.g. --param epochs=100")
     p.add_argument("--budget", default=None, metavar="VALUE",
                    help="the defense's budget, as `purifier tune` sets it: "
-                        + "; ".join(f"{n}: {c.knob.param}" for n, c in tunable_defenses().items()))
+                        + "; ".join(f"{n}: {k.param}" for n, c in tunable_defenses().items() if (k := c.knob)))
     p.add_argument("--epsilon", type=float, default=None, help="memguard: expected L1 utility budget per query")
     p.add_argument("--mode", choices=["fast", "faithful"], default=None, help="memguard: Phase I solver")
     p.add_argument("--label-swap", action="store_true", default=None, help="purifier: enable the label swapper")
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from purifier.artifacts import new_output_dir
     from purifier.defenses import FitData, defense_class, load_secret
 
-    out = new_output_dir(args.out, args.force)
+    out = new_output_dir(args.out, args.force, "defense.json")
     cls = defense_class(args.defense)
     defense = cls(**defense_kwargs(cls, args))  # bad hyper-parameters fail before anything is said or done
     defense.secret = load_secret(file=args.secret_file)  # the fitted defense is bound to it
@@ -141,10 +142,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         access.close()
     query_s = time.perf_counter() - t0
-    if "progress" in inspect.signature(defense.fit).parameters:
-        defense.fit(data, progress=True)
-    else:
-        defense.fit(data)
+    options: dict[str, Any] = {"progress": True} if "progress" in inspect.signature(defense.fit).parameters else {}
+    defense.fit(data, **options)
     extra, lines = defense.fit_summary(data)
     fit_s = time.perf_counter() - t0 - query_s
     extra = {**extra, "fitted_on": {"model": what, "members": members.source, "reference": reference.source,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+from typing import Any
 
 from purifier.artifacts import library_versions
 
@@ -24,7 +25,7 @@ def machine_info(*versions: str) -> dict:
     `versions` names extra distributions to record besides python, purifier, numpy, torch,
     onnxruntime, grpcio and protobuf.
     """
-    info = {
+    info: dict[str, Any] = {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),

@@ -98,14 +98,20 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self._started().pid
+
+    def _started(self) -> subprocess.Popen:
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} has not been started")
+        return self.proc
 
     def start(self) -> ServerProcess:
-        if self._own_log and self.log_path is None:
+        if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="server-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        with open(self.log_path, "ab") as log:  # a restart appends
+        log_path = self.log_path
+        with open(log_path, "ab") as log:  # a restart appends
             t0 = time.perf_counter()
             self.proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE if self.ready_line else log,
@@ -124,7 +130,7 @@ class ServerProcess:
             self.stop()
             if self._own_log:  # the error carries the log text
                 with contextlib.suppress(OSError):
-                    self.log_path.unlink()
+                    log_path.unlink()
             raise
         if "port" in self.ready:
             self.port = int(self.ready["port"])
@@ -135,14 +141,16 @@ class ServerProcess:
         return self
 
     def _poll_ready(self) -> None:
+        proc, ready = self._started(), self.ready_check
+        assert ready is not None
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
+            if proc.poll() is not None:
+                code = proc.returncode
                 self.stop()  # its children may live on
                 raise ServerStartError(f"{self.name} exited with {code} before it was ready: "
                                        f"{self._last_log_line()}", code, self.log_text())
-            if self.ready_check():
+            if ready():
                 return
             time.sleep(self.poll_s)
         self.stop()
@@ -150,17 +158,20 @@ class ServerProcess:
                                f"{self._last_log_line()}", None, self.log_text())
 
     def _read_line(self) -> str:
+        proc = self._started()
+        stdout = proc.stdout
+        assert stdout is not None  # started with stdout=PIPE when a ready line is expected
         deadline = time.monotonic() + self.ready_timeout_s
         with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            sel.register(stdout, selectors.EVENT_READ)
             while time.monotonic() < deadline:
                 if sel.select(timeout=0.1):
-                    line = self.proc.stdout.readline()
+                    line = stdout.readline()
                     if line.strip():
                         return line
-                if self.proc.poll() is not None:
-                    raise ServerStartError(f"{self.name} exited with {self.proc.returncode} before serving: "
-                                           f"{self._last_log_line()}", self.proc.returncode, self.log_text())
+                if proc.poll() is not None:
+                    raise ServerStartError(f"{self.name} exited with {proc.returncode} before serving: "
+                                           f"{self._last_log_line()}", proc.returncode, self.log_text())
         raise ServerStartError(f"{self.name} printed no ready line within {self.ready_timeout_s:g} s "
                                f"(log: {self.log_path})", None, self.log_text())
 
@@ -172,7 +183,9 @@ class ServerProcess:
 
     def log_text(self) -> str:
         """What the server wrote on stderr so far."""
-        with contextlib.suppress(OSError, TypeError):
+        if self.log_path is None:
+            return ""
+        with contextlib.suppress(OSError):
             return self.log_path.read_text(errors="replace")
         return ""
 
@@ -187,7 +200,7 @@ class ServerProcess:
                 os.killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float) -> int:
-        self.returncode = self.proc.wait(timeout=timeout)
+        self.returncode = self._started().wait(timeout=timeout)
         return self.returncode
 
     def stop(self, timeout_s: float = 15.0) -> int | None:

@@ -42,8 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     from purifier.defenses import REGISTRY, baseline_defenses, tunable_defenses
     from purifier.devices import DEVICES
 
-    grids = "; ".join(f"{n}: {c.knob.param} {','.join('none' if v is None else f'{v:g}' for v in c.knob.grid)}"
-                      for n, c in tunable_defenses().items())
+    grids = "; ".join(f"{n}: {k.param} {','.join('none' if v is None else f'{v:g}' for v in k.grid)}"
+                      for n, c in tunable_defenses().items() if (k := c.knob))
     p = sub.add_parser("tune", help="sweep a defense's budget and pick the smallest setting that reaches the "
                                     "label-only floor; write tune.json, tune.md, tune.png",
                        description="Records come from --target DIR (train-target splits) or from files: "
@@ -142,6 +142,7 @@ def _open(args):
 
     files = [f for f, v in (("--members", args.members), ("--nonmembers", args.nonmembers),
                             ("--attacker-pool", args.attacker_pool), ("--reference", args.reference)) if v]
+    fit: tuple[Records, Records] | None
     if args.target:
         if files or args.model or args.endpoint:
             raise ConfigError(f"--target brings its own model and records; drop "
@@ -239,6 +240,7 @@ class Tuning(Result):
     seconds: float
     load_average_1_5_15min: dict
     written_to: str | None = None
+    not_written: str | None = None  # why --write-to wrote nothing although a setting was chosen
     rule: str = RULE
 
     @property
@@ -253,15 +255,16 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from purifier.artifacts import new_output_dir
+    from purifier.audit.command import shadow_count
     from purifier.audit.runner import AuditConfig
     from purifier.audit.sweep import choose, sweep_points
     from purifier.defenses import defense_class, load_secret
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "tune.json")
     k, grid, baselines, attacks = _plan(args)
     _check_write_to(args)
-    config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+    config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                          shadow_model=args.shadow_model, n_boot=args.bootstrap, seed=args.seed, progress=False)
     # a throwaway secret measures the same privacy; a defense written with --write-to is bound to the served one
     secret = load_secret(file=args.secret_file, required=args.write_to is not None) or secrets.token_bytes(32)
@@ -289,14 +292,19 @@ def run(args: argparse.Namespace) -> int:
                     sweep.undefended, tuple(sweep.points), chosen, best, _saturated(sweep.points, args.defense),
                     round(time.perf_counter() - t0, 1),
                     {"start": list(load_start), "end": list(os.getloadavg())})
+    not_written = None if chosen is not None else "no setting reached the floor"
     if args.write_to and chosen is not None:
-        result = replace(result, written_to=str(_write_setting(args, defense, chosen, result)))
+        try:
+            result = replace(result, written_to=str(_write_setting(args, defense, chosen, result, secret)))
+        except ConfigError as e:  # the chosen setting changes nothing: the report still says what was measured
+            not_written = str(e)
+            result = replace(result, not_written=not_written)
     _write_report(args.out, result, chosen)
     print(_summary(result))
-    if args.write_to and chosen is None:
-        print(f"nothing written to {args.write_to}: no setting reached the floor", file=sys.stderr)
+    if args.write_to and not_written:
+        print(f"nothing written to {args.write_to}: {not_written}", file=sys.stderr)
     print(f"report: {args.out}/tune.json, tune.md, tune.png", file=sys.stderr)
-    return 0 if chosen is not None else 1
+    return 0 if chosen is not None and not (args.write_to and not_written) else 1
 
 
 def _saturated(points, defense_name: str) -> bool:
@@ -332,7 +340,7 @@ def table_rows(result: Tuning) -> tuple[list[str], list[list[str]]]:
               "TPR@1%FPR", "within floor"]
 
     def row(p: SweepPoint):
-        u, t = p.utility, p.best_tpr_1pct.tpr
+        u, t = p.utility, p.best_tpr_1pct.rate
         mark = " <- chosen" if p == result.chosen else ""
         ok = "yes" if p.within(result.floor) and p.keeps_labels else "no"
         lo, hi = p.best.ci95
@@ -344,7 +352,7 @@ def table_rows(result: Tuning) -> tuple[list[str], list[list[str]]]:
     return header, [row(result.undefended), *(row(p) for p in result.points)]
 
 
-def _summary(result: dict) -> str:
+def _summary(result: Tuning) -> str:
     from purifier.tables import text_table
 
     return "\n".join([text_table(*table_rows(result)), "", *_verdict(result)])
@@ -375,22 +383,27 @@ def _write_report(out, result: Tuning, chosen) -> None:
         plt.close(fig)
 
 
-def _write_setting(args, defense, chosen: SweepPoint, result: Tuning) -> Path:
+def _write_setting(args, defense, chosen: SweepPoint, result: Tuning, secret: bytes) -> Path:
     """Put the chosen budget into the --write-to defense directory: defense.json's config is
     rewritten (atomically) when the directory exists (its state files, hashes and fingerprint are
-    unchanged, as the budget lives in the config only), else the swept defense is saved there."""
+    unchanged, as the budget lives in the config only), else the swept defense is saved there.
+    Either way the directory must load with `secret` and the setting must change answers
+    (`purifier.defenses.no_op`; ConfigError otherwise)."""
     from purifier.artifacts import write_json
-    from purifier.defenses import read_defense_manifest
+    from purifier.defenses import load_defense, read_defense_manifest
 
     path = Path(args.write_to)
     tuned = defense.with_budget(chosen.setting)  # checked by the defense's own rules
-    param = type(defense).knob.param
+    knob = type(defense).knob
+    assert knob is not None  # a tunable defense
+    param = knob.param
     note = {"param": param, "value": chosen.setting, "floor": result.floor.to_json(), "best_auc": chosen.best_auc,
             "real_traffic_l1_mean": chosen.real_traffic_l1, "report": str(Path(args.out).resolve() / "tune.json")}
     if not path.exists():
         tuned.save(path, extra={"tuned": note})
         return path
     manifest = read_defense_manifest(path)
+    load_defense(path, secret, config={param: tuned.config()[param]})  # with this secret, and changing answers
     write_json(path / "defense.json", {**manifest, "config": {**manifest["config"], param: tuned.config()[param]},
                                        "tuned": note})
     return path

@@ -33,6 +33,7 @@ import logging
 import math
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -40,6 +41,7 @@ from grpc_health.v1 import health_pb2_grpc
 from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
 from purifier.errors import ConfigError
+from purifier.threads import limit_threads
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
 from purifier_server.dataplane import DataPlane
@@ -52,6 +54,9 @@ from purifier_server.security import BearerAuth, read_token, server_credentials
 from purifier_server.servicer import SERVICE_NAME, InferenceServicer, add_to_server
 from purifier_server.settings import Settings
 from purifier_server.upstream import EmbeddedUpstream, RemoteUpstream, TensorSpec
+
+if TYPE_CHECKING:
+    from purifier_server.http_front import HttpServer
 
 log = logging.getLogger("purifier_server")
 # Request size when nothing says how wide a row is (a remote upstream that is down at start-up and
@@ -106,11 +111,18 @@ def load_configured_defense(settings: Settings, model_id: str | None) -> Defense
     name = settings.defense
     if name == "none":
         return IdentityDefense()
+    directory = settings.defense_dir
+    if directory is None:  # Settings requires it with any other --defense
+        raise ConfigError(NO_DEFENSE)
     if name is None:
-        name = read_defense_manifest(settings.defense_dir)["defense"]
+        name = read_defense_manifest(directory)["defense"]
+        if name == "none":  # one line of defense.json must not stand in for the flag
+            raise ConfigError(f"defense: {settings.defense_dir} holds the 'none' defense, which serves the model's "
+                              "clean confidence vectors; serve undefended on purpose with --defense none (without "
+                              "--defense-dir), or give a directory from purifier fit-defense")
         log.info("defense inferred from defense.json", extra={"defense": name, "defense_dir": settings.defense_dir})
-    secret = load_secret(file=settings.secret_file) if name != "none" else None
-    defense = load_defense(settings.defense_dir, secret, model_id)
+    secret = load_secret(file=settings.secret_file)
+    defense = load_defense(directory, secret, model_id)
     if defense.name != name:
         raise ConfigError(f"defense: {settings.defense_dir} holds a {defense.name!r} defense, not {name!r}")
     defense.serve_on(settings.device)
@@ -134,8 +146,8 @@ class Sidecar:
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
-        self._http = None
-        self._metrics_server = None
+        self._http: HttpServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self.readiness: Readiness | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = False
@@ -148,15 +160,17 @@ class Sidecar:
         if self._defense is None:
             require_defense_choice(s)  # before the model is loaded or the upstream dialled
         if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
-            self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
-            self.metrics_port = self._metrics_server.port
+            self._metrics_server = metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
+            self.metrics_port = metrics_server.port
         if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
             from purifier_server.http_front import HttpServer
 
             self._http = HttpServer(s)
         if self._upstream is None:
-            if s.embedded:
+            if s.model is not None:  # embedded
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
+            elif s.upstream is None or s.model_name is None or s.confidence_output is None:
+                raise ConfigError("upstream: give --upstream with --model-name and --confidence-output, or --model")
             elif s.upstream_rest:
                 from purifier_server.rest_upstream import RestUpstream
 
@@ -180,7 +194,7 @@ class Sidecar:
         self.model_version = upstream.version
         output = s.confidence_output or upstream.confidence_output
         self.check = ModelCheck(self.model_name, self.model_version, output, s.confidence_kind == "logits",
-                                s.allow_outputs, use_fingerprint=not (s.model_id and not s.embedded))
+                                s.allow_outputs, vouched=bool(s.model_id and not s.embedded))
         self.readiness = Readiness(s, upstream, self._defense, self.check, self.metrics, s.upstream_encoding)
         if s.embedded or await upstream.ready(self.model_name, self.model_version):
             await self.readiness.check_model(at_start=True)
@@ -204,8 +218,8 @@ class Sidecar:
         credentials = server_credentials(s)
         options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", limit),
                    # the HTTP/2 receive window stays at its initial 64 KiB per stream: with BDP probing
-                   # it grew to megabytes, and 8 MB payloads from callers without the token were
-                   # buffered (peak RSS 317 MB from 82 MB) although their calls are never read
+                   # it grows to megabytes, and large payloads from callers without the token would be
+                   # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
                    ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
         self.server = grpc.aio.server(options=options,
@@ -317,12 +331,7 @@ class BackgroundSidecar:
 def run(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`."""
     configure_logging(settings.log_level)
-    # One BLAS/OpenMP thread: the defense runs batched on one worker thread, and OpenBLAS's idle
-    # workers spin beside it and the gRPC threads (MemGuard sidecar: 3.7 ms CPU per one-row request
-    # with the default pool, 2.05 ms with one thread). Sized here, in code, not by environment.
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(limits=1)
+    limit_threads()  # in code, not left to the environment (purifier.threads says why)
 
     async def main() -> None:
         sidecar = Sidecar(settings)

@@ -32,10 +32,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
 from purifier.defenses import Defense, IdentityDefense
+from purifier.threads import limit_torch_threads
 from purifier_server.errors import TooLarge
 from purifier_server.metrics import SidecarMetrics
 
@@ -83,16 +85,6 @@ class DefenseCost:
             self.per_row += self.rate * (seconds / rows - self.per_row)
 
 
-def _single_threaded_torch() -> None:
-    """Defense calls are hundreds of small torch ops: with torch's default two intra-op threads,
-    one busy core made every op wait for a time slice (MemGuard, one row per request, p50 476 ms
-    with another process spinning on one core vs 11 ms single-threaded; 8 ms either way when idle).
-    """
-    import sys
-
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-
 class Batcher:
     """Coalesces `submit` calls into `defense.transform` calls.
 
@@ -120,11 +112,11 @@ class Batcher:
         self.cost = DefenseCost(slice, max_rows)
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=_single_threaded_torch)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
         self._queued_rows = 0
         self._small_turn = False  # whether the last call defended small requests
-        self._wakeup: asyncio.Event | None = None
+        self._wakeup = asyncio.Event()  # bound to the running loop on first use; start() makes a fresh one
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -149,8 +141,8 @@ class Batcher:
             raise RuntimeError("batcher is not running")
         if self._inline and self.max_wait == 0 and len(probs) <= self.max_rows:
             # The identity costs less than the two event-loop hops a trip through the queue
-            # takes; measured: coalescing it did not raise throughput at concurrency 16. Larger
-            # requests go through the queue: 4096 rows held the event loop for ~10 ms.
+            # takes, and coalescing copies saves nothing. Larger requests go through the queue,
+            # so that copying them does not hold the event loop.
             return self._defend([probs], [inputs])
         # requests larger than one call leave one call's worth of room for small ones
         room = self.max_queued - (self.max_rows if len(probs) > self.max_rows else 0)
@@ -253,8 +245,8 @@ class Batcher:
         single = len(probs) == 1
         batch = probs[0] if single else np.concatenate(probs)
         rows = None
-        if self.defense.needs_inputs:
-            rows = inputs[0] if single else np.concatenate(inputs)
+        if self.defense.needs_inputs:  # then the data plane passes every request's rows
+            rows = inputs[0] if single else np.concatenate(cast(list[np.ndarray], inputs))
         t0 = self.clock()
         defended = self.defense.transform(batch, rows)
         seconds = self.clock() - t0

@@ -149,15 +149,6 @@ def request_rows(request) -> int:
     return int(shape[0]) if len(shape) else 1
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """(N, C) logits -> (N, C) probabilities in the same dtype (computed in float64)."""
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z.astype(logits.dtype)
-
-
 def read_answer(response, confidence: str | None, wanted: list[str], rows: int) -> dict[str, np.ndarray]:
     """Validate an upstream ModelInferResponse and decode the outputs the client gets.
 

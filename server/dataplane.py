@@ -54,6 +54,7 @@ import numpy as np
 
 from purifier import __version__
 from purifier.errors import InvalidProbabilities
+from purifier.probabilities import softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.batcher import Batcher
 from purifier_server.codec import (
@@ -62,7 +63,6 @@ from purifier_server.codec import (
     decode_inputs,
     read_answer,
     request_rows,
-    softmax,
     with_contents,
 )
 from purifier_server.errors import (
@@ -130,7 +130,7 @@ class Readiness(Protocol):
     def still_verified(self, generation: int) -> bool:
         """Whether an answer that came over `generation` may be used."""
 
-    def note_request(self, rows: int, version: str, raw: bool) -> None:
+    def note_request(self, rows: int, version: str, raw: bool, timeout: float | None) -> None:
         """A client request goes upstream (identity probes imitate it)."""
 
 
@@ -243,8 +243,8 @@ class DataPlane:
         (across fronts; a stream is one call); else Failure RESOURCE_EXHAUSTED (counted when `infer`).
 
         gRPC's own `maximum_concurrent_rpcs` counts every call of the server, health Watch streams
-        (which need no token) included: 140 open Watch streams took every slot and each authorized
-        call got RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
+        (which need no token) included, so open Watch streams alone could take every slot and leave
+        authorized calls RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
         """
         if self.active >= self.settings.max_concurrent_rpcs:
             if infer:
@@ -313,7 +313,7 @@ class DataPlane:
         for name in self.upstream_outputs:
             request.outputs.add(name=name)
         raw = len(request.raw_input_contents) > 0
-        self.readiness.note_request(rows, request.model_version, raw)
+        self.readiness.note_request(rows, request.model_version, raw, timeout)
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         deadline = asyncio.get_running_loop().time() + (self.settings.upstream_timeout_s if timeout is None
                                                        else timeout)

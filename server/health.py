@@ -2,7 +2,7 @@
 
 The reference asyncio servicer (`grpc_health.v1.health.aio`) keeps a Watch stream open until the
 server cancels it at the end of the grace period, so a SIGTERM with an orchestrator's Watch open
-always took the whole grace period (and more under load) even with no request in flight, and it
+takes the whole grace period (and more under load) even with no request in flight, and it
 drops the shared per-service condition when any one watcher leaves, so the other watchers of that
 service stop hearing about changes. Here every watcher waits on one condition with a version
 counter (no update is missed between a write and the next wait), and `enter_graceful_shutdown`

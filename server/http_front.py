@@ -32,6 +32,7 @@ import re
 import socket
 import ssl
 import zlib
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import orjson
@@ -42,6 +43,9 @@ from purifier_server.dataplane import DataPlane, Failure
 from purifier_server.errors import HTTP_STATUS, BadRequest, RequestError, TooLarge
 from purifier_server.logs import LOGGER, install
 from purifier_server.settings import Settings
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("purifier_server")
 EXTENSIONS = ["binary_tensor_data"]
@@ -235,7 +239,7 @@ class HttpServer:
         self.settings = settings
         self._socket = self._bind()
         self.port: int = self._socket.getsockname()[1]
-        self._server = None
+        self._server: uvicorn.Server | None = None
         self._ticker: asyncio.Task | None = None
 
     def _bind(self) -> socket.socket:
@@ -268,11 +272,11 @@ class HttpServer:
             ssl_cert_reqs=ssl.CERT_REQUIRED if s.tls_client_ca_file else ssl.CERT_NONE)
         config.load()
         _route_uvicorn_logs()
-        self._server = uvicorn.Server(config)
-        self._server.lifespan = config.lifespan_class(config)
-        await self._server.startup(sockets=[self._socket])
+        self._server = server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[self._socket])
         # keeps the Date header current (uvicorn's main loop), until stop()
-        self._ticker = asyncio.get_running_loop().create_task(self._server.main_loop(), name="http-ticker")
+        self._ticker = asyncio.get_running_loop().create_task(server.main_loop(), name="http-ticker")
 
     async def stop(self) -> None:
         if self._server is None:

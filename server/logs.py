@@ -1,8 +1,8 @@
 """The sidecar's log: one JSON object per line, every string bounded, repeated warnings rate-limited.
 
 Log lines quote what callers and the upstream sent (request ids, tensor names, error text), so
-an unauthenticated or hostile peer decides how much is written: a failing request with a 1 MB
-id wrote 1 MB per request. `BoundedRecords` (a filter on the `purifier_server` logger, installed
+an unauthenticated or hostile peer decides how much is written: a failing request with a
+megabyte-long id would write a megabyte per request. `BoundedRecords` (a filter on the `purifier_server` logger, installed
 by the sidecar whatever handler the host application configures) cuts every string a record
 carries to `MAX_FIELD_CHARS` and lets at most `BURST` WARNING-or-worse lines of one kind (same
 message template and status code) through, then one per `1 / RATE` seconds; the next line of that

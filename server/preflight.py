@@ -13,16 +13,18 @@ another model). In order:
    class index of shape [N] or [N, 1] (`outputs`: the sidecar rebuilds it, never forwards it);
 3. the declared inputs agree with the defense's fingerprint (one floating-point input of its
    width): metadata that contradicts the fitted model, or gives no way to probe it, is refused
-   unless `--model-id` vouches for the model;
-4. a probe request (the fingerprint's rows, or zeros of the declared input shape when the defense
-   has no fingerprint) is answered with finite probability rows (rows that are not on the simplex
-   suggest `--logits`; rows that already are, with `--logits` set, are refused) of the defense's
-   class count, and every allowed output is the argmax of those rows;
-5. the answers match the fingerprint (`purifier.defenses.fingerprint`) unless `--model-id`
-   overrides it.
+   unless `--model-id` vouches for the model (the only case `--model-id` stands in for probes);
+4. a probe request (the fingerprint's check rows, `Fingerprint.check_rows`, or zeros of the
+   declared input shape when the defense has no fingerprint) is answered with finite probability
+   rows (rows that are not on the simplex suggest `--logits`; rows that already are, with
+   `--logits` set, are refused) of the defense's class count, and every allowed output is the
+   argmax of those rows;
+5. the answers match the fingerprint (`purifier.defenses.fingerprint`), whenever the model can be
+   probed, `--model-id` or not.
 
-While it serves, the sidecar repeats 4 and 5 on a few fingerprint rows at random times
-(`identity_probe`, scheduled by app.py), in requests that look like any client's.
+While it serves, the sidecar repeats 4 and 5 on a few of the fingerprint's other rows
+(`Fingerprint.probe_rows`, which no check sends) at random times (`identity_probe`, scheduled by
+readiness.py), in requests that look like any client's.
 
 Each failure is a `ModelRefused` (a ConfigError): one line naming the fix. `purifier serve` exits
 with it (code 2) at start-up; later, the sidecar logs it and stays NOT_SERVING.
@@ -39,13 +41,13 @@ import numpy as np
 from purifier.defenses import Defense, Fingerprint
 from purifier.defenses.base import check_probabilities
 from purifier.errors import ConfigError, InvalidProbabilities
+from purifier.probabilities import softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.codec import (
     CONFIDENCE_DATATYPES,
     DATATYPE_OF,
     DTYPES,
     read_answer,
-    softmax,
     with_contents,
 )
 from purifier_server.errors import BadUpstreamOutput, UpstreamFailed
@@ -78,7 +80,7 @@ class ModelCheck:
     output: str
     logits: bool
     allow_outputs: tuple[str, ...]
-    use_fingerprint: bool  # False when --model-id vouches for the model instead
+    vouched: bool = False  # --model-id vouches for a remote model, which counts only where it cannot be probed
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -96,6 +98,16 @@ class Probe:
     input: TensorSpec
     fingerprint: Fingerprint
     batch: int | None = None
+
+    @property
+    def check_rows(self) -> np.ndarray:
+        """The rows the model check after a (re)connection asks."""
+        return self.fingerprint.check_rows(self.batch)
+
+    @property
+    def probe_rows(self) -> np.ndarray:
+        """The rows identity probes draw from (none of the check's unless the batch needs them)."""
+        return self.fingerprint.probe_rows(self.batch)
 
     def arrays(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         rest = self.input.shape[1:]
@@ -187,18 +199,18 @@ def _unprobeable(inputs: list[TensorSpec], fingerprint: Fingerprint) -> str | No
     return None
 
 
-def fingerprint_probe(inputs: list[TensorSpec], defense: Defense, check: ModelCheck) -> Probe | None:
-    """The probe for a defense with a fingerprint; None when the operator vouches with --model-id.
+def fingerprint_probe(inputs: list[TensorSpec], fingerprint: Fingerprint, check: ModelCheck) -> Probe | None:
+    """The probe for a defense with a fingerprint, whenever the declared inputs can take its rows;
+    None when they cannot and the operator vouches for the model with --model-id.
 
     Raises ModelRefused when the declared inputs contradict the fitted model or give no way to
     probe it: an upstream must not escape the identity check by what its metadata says.
     """
-    fingerprint = defense.fingerprint
     why = _unprobeable(inputs, fingerprint)
     if why is None:
         spec = inputs[0]
         return Probe(spec, fingerprint, spec.shape[0] if spec.shape[0] > 0 else None)
-    if not check.use_fingerprint:
+    if check.vouched:
         return None
     raise ModelRefused(f"defense: the upstream model contradicts the fitted one: {why}, the defense was fitted "
                        f"for one floating-point input of {fingerprint.n_features} features; serve the model it was "
@@ -233,10 +245,10 @@ def probe_request(arrays: dict[str, np.ndarray], check: ModelCheck, request_id: 
     return request if raw else with_contents(request, typed=True)
 
 
-async def _ask(upstream: Upstream, request, check: ModelCheck, defense: Defense,
-               rows: int) -> tuple[np.ndarray, dict[str, ClassIndexOutput]]:
+async def _ask(upstream: Upstream, request, check: ModelCheck, defense: Defense, rows: int,
+               timeout: float = PROBE_TIMEOUT_S) -> tuple[np.ndarray, dict[str, ClassIndexOutput]]:
     """Send a probe; (the confidence rows, the allowed outputs verified on them)."""
-    response, _ = await upstream.infer(request, PROBE_TIMEOUT_S, ())
+    response, _ = await upstream.infer(request, timeout, ())
     try:
         probs = read_answer(response, check.output, [], rows)[check.output]
     except BadUpstreamOutput as e:
@@ -296,15 +308,15 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
     _check_outputs(upstream, defense, check)
     probe = None
     if defense.fingerprint is not None:
-        probe = fingerprint_probe(upstream.inputs, defense, check)
-        arrays, how = (probe.arrays(np.arange(probe.batch or len(defense.fingerprint.inputs))), "fingerprint") \
-            if probe is not None else (None, "--model-id vouches for the model and its inputs cannot be probed")
+        probe = fingerprint_probe(upstream.inputs, defense.fingerprint, check)
+        arrays, how = (probe.arrays(probe.check_rows), "fingerprint") if probe is not None \
+            else (None, "--model-id vouches for the model and its inputs cannot be probed")
     else:
         arrays, how = zero_inputs(upstream.inputs)
     if arrays is None:
         outputs = _declared_outputs(upstream, check)
         return Checked(f"not probed: {how}; the model's identity is not verified", defense.name != "none"
-                       and check.use_fingerprint, outputs, None)
+                       and not check.vouched, outputs, None)
     rows = len(next(iter(arrays.values())))
     probs, outputs = await _ask(upstream, probe_request(arrays, check, upstream_request_id()), check, defense, rows)
     _same_as_declared(upstream, outputs)
@@ -315,10 +327,8 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
         return Checked(f"outputs checked on {rows} rows of zeros; the defense has no fingerprint (fitted before "
                        "fingerprints), so the model's identity is not verified: refit it or pass --model-id", True,
                        outputs, None)
-    if not check.use_fingerprint:
-        return Checked(f"outputs checked on {rows} probe rows; identity vouched for by --model-id (fingerprint not "
-                       "compared)", False, outputs, None)
-    why = defense.fingerprint.mismatch(probs, np.arange(rows))
+    assert probe is not None  # how == "fingerprint"
+    why = probe.fingerprint.mismatch(probs, probe.check_rows)
     if why:
         raise ModelRefused(f"defense: fitted for another model: {why}; serve the model it was fitted for or refit "
                            "it for this one (purifier fit-defense)")
@@ -326,16 +336,17 @@ async def check_model(upstream: Upstream, defense: Defense, check: ModelCheck) -
 
 
 async def identity_probe(upstream: Upstream, defense: Defense, check: ModelCheck, probe: Probe, rows: np.ndarray,
-                         request_id: str, version: str, raw: bool, encoding: str | None) -> None:
+                         request_id: str, version: str, raw: bool, encoding: str | None, timeout: float) -> None:
     """Ask the fingerprint's questions `rows` (k,) again, in a request shaped like a client's
-    (its id, version and representation); ModelRefused when the answers are another model's.
+    (its id, version, representation and deadline); ModelRefused when the answers are another model's.
 
     encoding: the sidecar's upstream_contents re-encoding ("typed", "raw" or None), as for clients.
+    timeout: the deadline the upstream sees, in seconds (a recent client request's).
     """
     request = probe_request(probe.arrays(rows), check, request_id, version, raw)
     if encoding is not None:
         request = with_contents(request, encoding == "typed")
-    probs, _ = await _ask(upstream, request, check, defense, len(rows))
+    probs, _ = await _ask(upstream, request, check, defense, len(rows), timeout)
     why = probe.fingerprint.mismatch(probs, rows)
     if why:
         raise ModelRefused(f"defense: the upstream now answers like another model: {why}; serve the model the "

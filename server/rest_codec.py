@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import orjson
@@ -380,7 +381,7 @@ def message_json(message) -> dict:
             return known[v].name if v in known else v
         return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
-    out = {}
+    out: dict[str, Any] = {}
     for field, v in message.ListFields():
         if field.type == field.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
             entry = field.message_type.fields_by_name["value"]

@@ -33,6 +33,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS credentials from settings, or None for a plaintext listener."""
     if not settings.tls_cert_file:
         return None
+    assert settings.tls_key_file is not None  # Settings takes the certificate only with its key
     cert = _read(settings.tls_cert_file, "tls_cert_file")
     key = _read(settings.tls_key_file, "tls_key_file")
     ca = _read(settings.tls_client_ca_file, "tls_client_ca_file") if settings.tls_client_ca_file else None

@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from purifier.attacks.shadow_cache import CACHE_DIR_ENV
 from purifier.defenses import REGISTRY as DEFENSE_REGISTRY
+from purifier.defenses.keyed import SECRET_ENV, SECRET_FILE_ENV
 from purifier.devices import DEVICES
 from purifier.errors import ConfigError
 
@@ -34,6 +36,10 @@ DEFAULT_UPSTREAM_SERVICE = "inference.GRPCInferenceService"
 ENV_PREFIX = "PURIFIER_"
 TORCHSERVE_SERVICE = "org.pytorch.serve.grpc.openinference.GRPCInferenceService"
 UPSTREAM_CONTENTS = ("auto", "raw", "typed")
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+# PURIFIER_* variables the project reads that are not settings; any other PURIFIER_* is a typo
+# (PURIFIER_AUTH_TOKEN for PURIFIER_AUTH_TOKEN_FILE, say) that would be ignored silently.
+OTHER_VARIABLES = (CONFIG_ENV, SECRET_ENV, SECRET_FILE_ENV, CACHE_DIR_ENV)
 
 
 # Fragments of the names confidence outputs go by: an allowed parameter or trailer named so is refused.
@@ -75,7 +81,8 @@ class Settings:
                                      "embedded: the directory name or file stem)")
     model_version: str = setting("", "model version accepted besides '' (embedded: 1)")
     model_id: str | None = setting(None, "with --upstream: sha256 of the ONNX file the defense was fitted for; "
-                                   "overrides the fingerprint check")
+                                   "vouches for a model that cannot be probed (no input the fingerprint's rows fit); "
+                                   "one that can is always probed")
     defense: str | None = setting(None, "defense to serve (default: the one in --defense-dir's defense.json); "
                                   "'none' serves undefended on purpose, the only way to do so", choices=DEFENSES)
     defense_dir: str | None = setting(None, "fitted defense directory (from purifier fit-defense)")
@@ -243,7 +250,8 @@ class Settings:
         """Merge defaults < config file < environment < flags (None-valued flags are ignored)."""
         env = os.environ if env is None else env
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        config = config or env.get(f"{ENV_PREFIX}CONFIG")
+        config = config or env.get(CONFIG_ENV)
+        _refuse_unknown_variables(env)
         merged: dict[str, Any] = {}
         if config:
             merged.update(_read_config(Path(config)))
@@ -262,6 +270,19 @@ class Settings:
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _refuse_unknown_variables(env: Mapping[str, str]) -> None:
+    """A PURIFIER_* variable that is neither a setting nor one the project reads is refused, not ignored."""
+    known = {ENV_PREFIX + f.name.upper() for f in fields(Settings)} | set(OTHER_VARIABLES)
+    unknown = sorted(k for k in env if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        def closest(name: str) -> str:
+            near = [k for k in sorted(known) if k.startswith(name) or name.startswith(k)]
+            return f" (did you mean {near[0]}?)" if near else ""
+        raise ConfigError(f"environment: unknown variable(s) {', '.join(u + closest(u) for u in unknown)}; "
+                          f"unset them, or use one of the PURIFIER_<SETTING> names in docs/configuration.md "
+                          f"or {', '.join(OTHER_VARIABLES)}")
 
 
 def _kind(name: str) -> str:
@@ -320,7 +341,14 @@ def _read_config(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config: {path} is not valid TOML ({e})") from None
-    data = data.get("serve", data)  # either a [serve] table or top-level keys
+    if "serve" in data:  # either a [serve] table or top-level keys, never both (the others would be dropped)
+        beside = sorted(k for k in data if k != "serve")
+        if beside:
+            raise ConfigError(f"config: key(s) {', '.join(beside)} beside the [serve] table in {path} would be "
+                              "ignored; move them into [serve] (or drop the [serve] header)")
+        data = data["serve"]
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: serve in {path} is not a table; write the settings under [serve]")
     known = {f.name for f in fields(Settings)}
     unknown = set(data) - known
     if unknown:
@@ -346,7 +374,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
     for f in fields(Settings):
         meta = f.metadata
-        target = parser
+        target: argparse._ActionsContainer = parser
         if "group" in meta:
             if meta["group"] not in groups:
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()

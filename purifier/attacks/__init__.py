@@ -15,6 +15,7 @@ from purifier.attacks.base import (
     Coverage,
     Family,
     LabelOnly,
+    RememberedLabels,
 )
 from purifier.errors import ConfigError
 
@@ -25,6 +26,9 @@ REGISTRY: dict[str, str] = {
     "entropy": "purifier.attacks.metric:EntropyThreshold",
     "mentr": "purifier.attacks.metric:ModifiedEntropyThreshold",
     "loss": "purifier.attacks.metric:LossThreshold",
+    "entropy_global": "purifier.attacks.metric:GlobalEntropyThreshold",
+    "mentr_global": "purifier.attacks.metric:GlobalModifiedEntropyThreshold",
+    "loss_global": "purifier.attacks.metric:GlobalLossThreshold",
     "nn": "purifier.attacks.nn:NNAttack",
     "nn_label": "purifier.attacks.nn:NNLabelAttack",
     "lira_online": "purifier.attacks.lira:LiRA",
@@ -69,4 +73,4 @@ def parse_attacks(spec: list[str] | str | None) -> list[str]:
 
 
 __all__ = ["ADAPTIVE", "DEFAULT_ATTACKS", "FAMILIES", "REGISTRY", "Attack", "AttackContext",
-           "ConfidenceAttack", "Coverage", "Family", "LabelOnly", "attack_class", "parse_attacks"]
+           "ConfidenceAttack", "Coverage", "Family", "LabelOnly", "RememberedLabels", "attack_class", "parse_attacks"]

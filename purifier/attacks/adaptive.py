@@ -11,6 +11,12 @@ real defense and are scored as they come.
 Simplification: one defense copy (fitted for shadow 0) defends all shadows' outputs, rather than
 one fitted copy per shadow model; for defenses whose fit is a function of the outputs' profile
 (not of a single model's weights) this is close, and it costs one fit instead of K.
+
+The copy defends a random sample of the shadows' pool rows (`REFERENCE_ROWS`, drawn over all
+shadows), not all K x P of them: a defense's cost grows with the rows it defends (MemGuard does
+the same work for every row), and the attacks fitted on them use no more than the sample (the NN
+attack trains on 20,000 rows; the class-wise thresholds get 400 rows per class of 100, as the
+whole pool of the earlier 4-shadow default gave them).
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ def attacker_secret(seed: int) -> bytes:
     return hashlib.sha256(f"purifier-audit-attacker-{seed}".encode()).hexdigest().encode()
 
 
-def defended_shadow_outputs(ctx) -> np.ndarray:
-    """(K, P, C) shadow pool outputs passed through the attacker's copy of the defense; cached."""
-    if ctx.defended_pool is not None:
-        return ctx.defended_pool
+REFERENCE_ROWS = 40_000
+
+
+def defended_reference(ctx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shadow pool outputs through the attacker's copy of the defense, cached on `ctx`: a seeded
+    sample of at most REFERENCE_ROWS (shadow, record) pairs, in stacked order.
+
+    Returns (probs (M, C) float64, labels (M,), membership (M,) bool)."""
+    if ctx.defended_reference is not None:
+        return ctx.defended_reference
     from purifier.defenses import FitData, defense_class
 
     if not ctx.defense_name:
@@ -47,19 +59,20 @@ def defended_shadow_outputs(ctx) -> np.ndarray:
                   member_labels=sh.pool_y[m], reference_labels=sh.pool_y[~m],
                   model_id="attacker-shadow-0")
     defense.fit(fit)
-    inputs = sh.pool_X if defense.needs_inputs else None
-    defended = np.stack([defense.transform(sh.pool_probs[k], inputs).astype(np.float64)
-                         for k in range(sh.n_shadows)])  # one batched call per shadow model
-    ctx.defended_pool = defended
-    return defended
+    probs, labels, membership = sh.stacked()
+    rows = np.sort(np.random.default_rng([ctx.seed, 7]).permutation(len(labels))[:REFERENCE_ROWS])
+    inputs = sh.pool_X[rows % len(sh.pool_y)] if defense.needs_inputs else None
+    defended = defense.transform(probs[rows], inputs).astype(np.float64)  # one batched call
+    ctx.defended_reference = (defended, labels[rows], membership[rows])
+    return ctx.defended_reference
 
 
 class _Adaptive(ConfidenceAttack):
     family = Family.ADAPTIVE
 
     def fit(self, ctx):
-        probs, labels, membership = ctx.shadows.stacked(defended_shadow_outputs(ctx))
-        self.details = {"defense_copy": ctx.defense_name}
+        probs, labels, membership = defended_reference(ctx)
+        self.details = {"defense_copy": ctx.defense_name, "defended_shadow_rows": len(labels)}
         return self.fit_outputs(probs, labels, membership)
 
 

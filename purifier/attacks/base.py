@@ -62,8 +62,9 @@ class AttackContext:
             (the records the shadow models were built around, for per-record attacks).
         defense_name: the defense algorithm the attacker assumes (adaptive attacks), or None.
         seed: the attacker's seed.
-        defended_pool: (K, P, C) shadow pool outputs passed through the attacker's own copy of
-            the defense, computed once per audit by `adaptive.defended_shadow_outputs`.
+        defended_reference: shadow pool outputs passed through the attacker's own copy of the
+            defense, with their labels and membership, computed once per audit by
+            `adaptive.defended_reference`.
     """
 
     shadows: ShadowSet
@@ -74,7 +75,7 @@ class AttackContext:
     candidate_labels: np.ndarray | None = None
     defense_name: str | None = None
     seed: int = 0
-    defended_pool: np.ndarray | None = field(default=None, repr=False)
+    defended_reference: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
 
 class LabelOnly:
@@ -90,6 +91,45 @@ class LabelOnly:
 
     def labels(self, X: np.ndarray) -> np.ndarray:
         return self._target.labels(X)
+
+
+class RememberedLabels:
+    """The target as one audit's attacks see it: a label query for exactly the rows of an earlier
+    label query in this audit is answered from memory instead of asked again.
+
+    The augmentation attacks and their calibrated variant ask the same copies of every record
+    (same seed, same chunks); label answers are a function of the input for the defenses audited
+    here (they keep the argmax), and an attacker may reuse an answer it holds. `query` always
+    reaches the target: repeating a query is what some attacks measure. `queries` counts every
+    row the attacks asked, answered from memory or not, so each attack reports its own cost;
+    `rows_sent` counts the rows that reached the target.
+    """
+
+    def __init__(self, target):  # a purifier.audit.access.TargetAccess
+        self._target = target
+        self._answers: dict[bytes, np.ndarray] = {}
+        self.queries = 0
+
+    def __getattr__(self, name):  # n_classes, description, ... of the target
+        return getattr(self._target, name)
+
+    @property
+    def rows_sent(self) -> int:
+        return self._target.queries
+
+    def query(self, X: np.ndarray) -> np.ndarray:
+        self.queries += len(X)
+        return self._target.query(X)
+
+    def labels(self, X: np.ndarray) -> np.ndarray:
+        import hashlib
+
+        X = np.ascontiguousarray(X, np.float32)
+        self.queries += len(X)
+        key = hashlib.blake2b(X.tobytes(), digest_size=20, person=str(X.shape).encode()[:16]).digest()
+        if key not in self._answers:
+            self._answers[key] = self._target.labels(X)
+        return self._answers[key].copy()
 
 
 def fit_threshold(scores: np.ndarray, membership: np.ndarray) -> float:

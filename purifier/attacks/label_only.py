@@ -88,14 +88,22 @@ class AugmentationAttack(Attack):
                                         self.binary, self.flip_prob)
         return np.concatenate([X[None].astype(np.float32), aug])
 
-    def _score_with(self, labels_fn, X, y) -> np.ndarray:
-        """(N,) fraction of each record's copies that `labels_fn` labels y, a chunk at a time."""
-        out = np.empty(len(X))
+    def _fractions(self, labels_fns, X, y, skip: np.ndarray | None = None) -> np.ndarray:
+        """(F, N): per label function X (M, D) -> (M,), the fraction of each record's copies it
+        labels y. Each chunk of records is augmented once and its copies shown to every function.
+        skip (F, N) bool: records a function need not label (their fraction is left NaN)."""
+        out = np.full((len(labels_fns), len(X)), np.nan)
         for s in range(0, len(X), self.CHUNK):  # a loop over chunks of records, not rows
-            xs = X[s:s + self.CHUNK]
-            copies = self.augment(xs, s)
-            pred = labels_fn(copies.reshape(-1, X.shape[1])).reshape(len(copies), len(xs))
-            out[s:s + len(xs)] = (pred == y[None, s:s + len(xs)]).mean(axis=0)
+            n = min(self.CHUNK, len(X) - s)
+            copies = self.augment(X[s:s + n], s)
+            want_y = y[None, s:s + n]
+            for j, fn in enumerate(labels_fns):  # a loop over models
+                keep = np.ones(n, bool) if skip is None else ~skip[j, s:s + n]
+                if not keep.any():
+                    continue
+                rows = copies[:, keep] if not keep.all() else copies
+                pred = fn(rows.reshape(-1, X.shape[1])).reshape(len(copies), -1)
+                out[j, s + np.nonzero(keep)[0]] = (pred == want_y[:, keep]).mean(axis=0)
         return out
 
     def _fit_augmentation(self, ctx) -> None:
@@ -107,17 +115,15 @@ class AugmentationAttack(Attack):
     def fit(self, ctx):
         sh = ctx.shadows
         self._fit_augmentation(ctx)
-        scores, members = [], []
-        for k in range(min(self.calibration_shadows, sh.n_shadows)):
-            scores.append(self._score_with(sh.labels_fn(k), sh.pool_X, sh.pool_y))
-            members.append(sh.pool_in[k])
-        self.threshold = fit_threshold(np.concatenate(scores), np.concatenate(members))
+        k = min(self.calibration_shadows, sh.n_shadows)
+        scores = self._fractions([sh.labels_fn(i) for i in range(k)], sh.pool_X, sh.pool_y)
+        self.threshold = fit_threshold(scores.reshape(-1), sh.pool_in[:k].reshape(-1))
         return self
 
     def run(self, target, X, y, outputs):
         view = LabelOnly(target)
         before = view.queries
-        scores = self._score_with(view.labels, X, y)
+        scores = self._fractions([view.labels], X, y)[0]
         self.queries = view.queries - before
         self.details = {"copies_per_record": int(self.queries // max(len(X), 1))}
         return scores
@@ -139,10 +145,6 @@ class CalibratedAugmentationAttack(AugmentationAttack):
         super().__init__(**kwargs)
         self.max_shadows, self.calibration_size = max_shadows, calibration_size
 
-    def _shadow_fractions(self, X, y) -> np.ndarray:
-        """(k, N) fraction of copies of X each of the first k shadows labels y."""
-        return np.stack([self._score_with(fn, X, y) for fn in self._labels_fns])
-
     def fit(self, ctx):
         sh = ctx.shadows
         if ctx.candidate_labels is None:
@@ -153,7 +155,7 @@ class CalibratedAugmentationAttack(AugmentationAttack):
         self._cand_y, self._cand_in = np.asarray(ctx.candidate_labels), sh.cand_in[:k]
         rng = np.random.default_rng(self.seed)
         pick = np.sort(rng.permutation(len(sh.pool_y))[: self.calibration_size])
-        frac = self._shadow_fractions(sh.pool_X[pick], sh.pool_y[pick])
+        frac = self._fractions(self._labels_fns, sh.pool_X[pick], sh.pool_y[pick])
         pool_in = sh.pool_in[:k, pick]
         loo = leave_one_shadow_out(k, pool_in, lambda i, rest: frac[i] - out_mean(frac[rest], pool_in[rest]))
         self.threshold = fit_threshold(*loo) if loo is not None else 0.0
@@ -165,9 +167,15 @@ class CalibratedAugmentationAttack(AugmentationAttack):
     def run(self, target, X, y, outputs):
         if len(y) != len(self._cand_y) or not np.array_equal(y, self._cand_y):
             raise ValueError(f"{self.name} scores only the candidates its shadow models were trained for")
-        raw = super().run(target, X, y, outputs)
-        self.details = {**self.details, **self._fit_details}
-        return raw - out_mean(self._shadow_fractions(X, y), self._cand_in)
+        view = LabelOnly(target)
+        before = view.queries
+        # the target and the shadows label the same copies, made once; a shadow's fraction is only
+        # needed where it did not train on the record (the expected fraction is an OUT mean)
+        skip = np.r_[np.zeros((1, len(X)), bool), self._cand_in]
+        frac = self._fractions([view.labels, *self._labels_fns], X, y, skip)
+        self.queries = view.queries - before
+        self.details = {"copies_per_record": int(self.queries // max(len(X), 1)), **self._fit_details}
+        return frac[0] - out_mean(np.nan_to_num(frac[1:]), self._cand_in)
 
 
 def out_mean(values: np.ndarray, in_mask: np.ndarray) -> np.ndarray:

@@ -36,14 +36,17 @@ class RepeatedQueryAttack(Attack):
 
     def run(self, target, X, y, outputs):
         rng = np.random.default_rng(self.seed)
-        n, r = len(X), self.repeats
-        same = np.broadcast_to(X, (r, *X.shape))
-        jittered = np.clip(X[None] + self.jitter * self.scale * rng.standard_normal((r, *X.shape)),
-                           self.lo, self.hi)
+        r = self.repeats
+        X32 = np.ascontiguousarray(X, np.float32)
         before = target.queries
-        answers = target.query(np.concatenate([same, jittered]).reshape(-1, X.shape[1]).astype(np.float32))
+        # one pass of N rows at a time (r unchanged, then r jittered): the (2r, N, D) block of
+        # queries is never built; the noise is drawn in the same order as one (r, N, D) draw
+        passes = [target.query(X32) for _ in range(r)]
+        for _ in range(r):
+            noise = rng.standard_normal(X.shape)
+            passes.append(target.query(np.clip(X + self.jitter * self.scale * noise, self.lo, self.hi)))
         self.queries = target.queries - before
-        answers = answers.reshape(2 * r, n, -1)
+        answers = np.stack(passes)  # (2r, N, C)
         phi = np.stack([scaled_confidence(answers[i], y) for i in range(2 * r)])  # 2r batched calls
         spread = np.abs(answers[1:r] - answers[:1]).sum(axis=2)
         self.details = {"repeats": r, "jittered_repeats": r,

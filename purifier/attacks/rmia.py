@@ -65,7 +65,7 @@ def reference_prob(p: np.ndarray, in_mask: np.ndarray, a: float, online: bool) -
     return _reference_from_sums(*_in_out_sums(p, in_mask), a, online)
 
 
-def _in_out_sums(p: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+def _in_out_sums(p: np.ndarray, in_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """p, in_mask (K, N) -> (N,) sum and count over IN models, then over OUT models."""
     sum_in = np.where(in_mask, p, 0.0).sum(axis=0)
     n_in = in_mask.sum(axis=0)
@@ -159,7 +159,7 @@ class RMIA(Attack):
                 scores, membership = held_out(p_t, a)
                 tuned[t, a] = (tpr_at_fpr(scores, membership, TUNE_FPR).tpr if by_tpr else 0.0,
                                roc_auc(scores, membership))
-            self.t_used, self.a_used = max(tuned, key=tuned.get)
+            self.t_used, self.a_used = max(tuned, key=lambda ta: tuned[ta])
             tuning = (f"best leave-one-shadow-out {'TPR at 1% FPR' if by_tpr else 'AUC'} on the attacker pool "
                       f"over T in {sorted({t for t, _ in grid})}, a in {sorted({a for _, a in grid})}")
         p_pool = tempered_true_prob(sh.pool_probs, sh.pool_y, self.t_used)

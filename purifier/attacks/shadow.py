@@ -45,6 +45,12 @@ TORCH_RECIPES = ("mlp", "cnn")
 SKLEARN_RECIPES = ("logistic", "random_forest", "gradient_boosting")
 BUILTIN_RECIPES = (*TORCH_RECIPES, *SKLEARN_RECIPES)
 DEFAULT_TORCH_EPOCHS = 100
+# The default audit's shadow count: enough for LiRA, RMIA and the calibrated label attack to run
+# their online variants on the evaluation records, and for the leaky benchmark's TPR at 0.1% FPR
+# to read what 64 shadows find (measured by benchmarks/bench_shadow_count.py; the figures are in
+# docs/audit.md, "The default count"). QUICK_SHADOWS is `--quick`'s.
+DEFAULT_SHADOWS = 32
+QUICK_SHADOWS = 4
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,13 @@ class TorchPredictor:
 
         return predict_proba(self.model, X)
 
+    def labels(self, X: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N,) predicted labels: the argmax of the logits (what the softmax's argmax
+        is), without the softmax and float64 copy that label-only queries do not need."""
+        from purifier.models.training import predict_labels
+
+        return predict_labels(self.model, X)
+
 
 class SklearnPredictor:
     """predict_proba of a fitted scikit-learn classifier, widened to all `n_classes` columns (a
@@ -202,9 +215,9 @@ def train_one_shadow(train_X: np.ndarray, train_y: np.ndarray, query_X: np.ndarr
     Returns:
         (probs (Q, C) float64, predict_proba callable of the trained shadow).
     """
-    from purifier.models.training import torch_threads
+    from purifier.threads import single_threaded
 
-    with torch_threads(1):
+    with single_threaded():
         predict = recipe.train(train_X, train_y, n_classes, shadow_seed(seed, index))
         return check_shadow_outputs(predict(query_X), len(query_X), n_classes, recipe.name), predict
 
@@ -285,20 +298,19 @@ class ShadowSet:
     def n_shadows(self) -> int:
         return int(self.pool_probs.shape[0])
 
-    def stacked(self, probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All shadows' pool outputs as one reference set with known membership.
 
-        probs: optional (K, P, C) replacement outputs (e.g. defended by the attacker's copy).
-        Returns (probs (K*P, C), labels (K*P,), membership (K*P,) bool).
+        Returns (probs (K*P, C), labels (K*P,), membership (K*P,) bool); probs is a view when
+        pool_probs is contiguous (as `train_shadows` makes it).
         """
-        probs = self.pool_probs if probs is None else probs
-        k = probs.shape[0]
-        return probs.reshape(-1, probs.shape[-1]), np.tile(self.pool_y, k), self.pool_in.reshape(-1)
+        k, _, c = self.pool_probs.shape
+        return self.pool_probs.reshape(-1, c), np.tile(self.pool_y, k), self.pool_in.reshape(-1)
 
     def labels_fn(self, k: int):
         """A label oracle for shadow model k: X (N, D) -> (N,) predicted labels."""
         model = self.models[k]
-        return lambda X: model(X).argmax(axis=1)
+        return model.labels if hasattr(model, "labels") else lambda X: model(X).argmax(axis=1)
 
 
 def balanced_in_masks(n_shadows: int, n_examples: int, rng: np.random.Generator) -> np.ndarray:
@@ -341,7 +353,7 @@ def shadow_key_parts(X_all: np.ndarray, y_all: np.ndarray, n_pool: int, n_classe
 
 
 def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, cand_y: np.ndarray,
-                  n_classes: int, recipe: ShadowRecipe, n_shadows: int = 4, seed: int = 0,
+                  n_classes: int, recipe: ShadowRecipe, n_shadows: int = DEFAULT_SHADOWS, seed: int = 0,
                   progress: bool = True, train_size: int | None = None, executor: ExecutorSpec | None = None,
                   cache: ShadowCache | None = None) -> ShadowSet:
     """Train `n_shadows` models with `recipe`, model k on its IN half of pool + candidates.
@@ -371,12 +383,13 @@ def train_shadows(pool_X: np.ndarray, pool_y: np.ndarray, cand_X: np.ndarray, ca
         entries, used = cached_map(cache, executor, shadow_entry, [(m, k) for k, m in enumerate(masks)], keys,
                                    shared=(X_all, y_all, n_classes, recipe, seed),
                                    expected={"probs": (len(y_all), n_classes)}, parts=parts, progress=bar)
-    probs = np.empty((n_shadows, len(y_all), n_classes))  # filled in place: no second (K, Q, C) copy
+    # filled in place, pool and candidates apart: each contiguous, so `stacked` is a view, not a copy
+    pool_probs, cand_probs = np.empty((n_shadows, n_pool, n_classes)), np.empty((n_shadows, len(cand_y), n_classes))
     for k, e in enumerate(entries):
-        probs[k] = e["probs"]
+        pool_probs[k], cand_probs[k] = e["probs"][:n_pool], e["probs"][n_pool:]
     models = ShadowModels(entries, X_all, y_all, masks, n_classes, recipe, seed)
     del entries
     provenance = {"executor": used, "from_cache": cache.stats.hits - hits_before,
                   "trained": n_shadows - (cache.stats.hits - hits_before)}
-    return ShadowSet(models, pool_X.astype(np.float32), pool_y.astype(np.int64), probs[:, :n_pool],
-                     masks[:, :n_pool], probs[:, n_pool:], masks[:, n_pool:], provenance)
+    return ShadowSet(models, pool_X.astype(np.float32), pool_y.astype(np.int64), pool_probs,
+                     masks[:, :n_pool], cand_probs, masks[:, n_pool:], provenance)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from purifier.errors import ConfigError
+from purifier.untrusted import printable
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,8 +31,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--attacks", nargs="+", default=None, metavar="NAME",
                    help=f"attacks to run (names or comma lists, 'all'); default: all but label_boundary. "
                         f"Choices: {', '.join(REGISTRY)}")
-    p.add_argument("--baseline", default=None, help="HOST:PORT of the undefended endpoint, queried in plaintext "
-                                                    "without a token (utility: argmax agreement, L1 distortion)")
+    p.add_argument("--baseline", default=None, metavar="HOST:PORT|REPORT",
+                   help="the undefended model, for the report's \"before\": its endpoint (queried in plaintext "
+                        "without a token; the same attacks and shadow models run against it, and the defense's "
+                        "cost to users is measured), or the directory or report.json of its earlier audit on the "
+                        "same records")
     p.add_argument("--baseline-model-name", default=None, help="model name at --baseline (default --model-name)")
     p.add_argument("--defense-name", default=None,
                    help="defense algorithm the attacker assumes, for the adaptive attacks (e.g. memguard)")
@@ -76,12 +80,40 @@ def add_attacker_flags(p: argparse.ArgumentParser) -> None:
                    help=f"how shadow models are trained: {', '.join(BUILTIN_RECIPES)}, or module:function "
                         "(your code: train(X, y, n_classes, seed) -> predict_proba callable); default: the "
                         "target's family if known, else mlp")
-    p.add_argument("--shadows", type=int, default=4, help="number of shadow models (default 4; LiRA is at its "
-                                                           "strongest with 16 or more)")
+    add_shadow_count_flags(p)
     add_executor_flags(p)
     p.add_argument("--shadow-epochs", type=int, default=None, help="torch recipes: override the epochs")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for 95%% CIs (default 200)")
     p.add_argument("--seed", type=int, default=0, help="attacker seed (default 0)")
+
+
+def add_shadow_count_flags(p: argparse.ArgumentParser) -> None:
+    """--shadows and --quick (audit, tune, demo); `shadow_count` reads them."""
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+
+    p.add_argument("--shadows", type=int, default=None,
+                   help=f"number of shadow models (default {DEFAULT_SHADOWS}: enough for the online LiRA, RMIA and "
+                        "calibrated label attacks; the shadow cache keeps them for later audits of the same records)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a quick audit with {QUICK_SHADOWS} shadow models: LiRA, RMIA and the calibrated label attack "
+                        "fall back to weaker variants and understate TPR at low FPR")
+
+
+def shadow_count(args) -> int:
+    """The shadow count from --shadows / --quick; --quick says once what it gives up."""
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+
+    if args.quick and args.shadows is not None:
+        raise ConfigError("--quick means --shadows " f"{QUICK_SHADOWS}; give one of them")
+    if args.shadows is not None and args.shadows < 1:
+        raise ConfigError(f"--shadows: need at least 1 shadow model, got {args.shadows}")
+    if not args.quick:
+        return DEFAULT_SHADOWS if args.shadows is None else args.shadows
+    if not getattr(args, "quiet", False):
+        print(f"purifier: quick audit: {QUICK_SHADOWS} shadow models instead of {DEFAULT_SHADOWS}; attacks that need "
+              "more fall back to weaker variants (the report lists them), so TPR at low FPR is understated; "
+              "drop --quick for the full-strength audit", file=sys.stderr, flush=True)
+    return QUICK_SHADOWS
 
 
 def add_executor_flags(p: argparse.ArgumentParser) -> None:
@@ -145,10 +177,12 @@ def load_checked_defense(args, model):
 
 
 def _open_access(args, target):
-    """(access, baseline, defense_name, source) from the arguments."""
+    """(access, baseline, defense_name, source) from the arguments: `baseline` is the undefended
+    model's access (in process: the model without --defense-dir), a `Report` of an earlier audit
+    of it (--baseline REPORT), or None."""
     from purifier.audit.model_flags import open_model
-    from purifier.audit.results import Source
-    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget
+    from purifier.audit.results import Report, Source
+    from purifier.models.access import InProcessTarget, OnnxTarget, RemoteTarget, TargetAccess
 
     in_process = args.in_process or bool(args.model)
     if args.in_process:
@@ -162,6 +196,8 @@ def _open_access(args, target):
     if not (in_process or args.endpoint):
         raise ConfigError("name the model under audit: --endpoint HOST:PORT --model-name NAME, or --model "
                           "MODEL.onnx (or --target DIR --in-process)")
+    access: OnnxTarget | RemoteTarget
+    baseline: TargetAccess | Report | None
     if in_process:
         if args.in_process:
             defense = load_checked_defense(args, InProcessTarget(target))
@@ -173,19 +209,27 @@ def _open_access(args, target):
             access = OnnxTarget(args.model, args.output_name, args.logits, defense) if defense else plain
             baseline = plain if defense is not None else None
         name = defense.name if defense is not None else "none"
+        if args.baseline:
+            raise ConfigError("--baseline names the undefended model of an endpoint audit; in process the model "
+                              "without --defense-dir is the baseline already")
         return access, baseline, args.defense_name or name, Source("in-process", model=args.model,
                                                                    output_name=access.output_name)
+    earlier = Report.read(args.baseline) if args.baseline and Path(args.baseline).exists() else None
     access = open_model(args, n_classes=target.n_classes if target is not None else None)
-    baseline = None
-    if args.baseline:
+    baseline = earlier
+    if args.baseline and earlier is None:
         try:
             baseline = RemoteTarget(args.baseline, args.baseline_model_name or args.model_name, None,
                                     n_classes=access.n_classes, logits=args.logits)
         except BaseException:
             access.close()
             raise
-    return access, baseline, args.defense_name, Source(args.endpoint, args.model_name, access.output_name,
-                                                       baseline_endpoint=args.baseline)
+    # the output name may come from the endpoint's metadata: plain characters only (purifier.untrusted)
+    def shown(v: str | None) -> str | None:
+        return v if v is None else printable(v)
+
+    return access, baseline, args.defense_name, Source(shown(args.endpoint), shown(args.model_name),
+                                                       shown(access.output_name), baseline_endpoint=args.baseline)
 
 
 def audit_data(args, target, access):
@@ -206,8 +250,9 @@ def audit_data(args, target, access):
         for r in records:
             r.check_model(access.n_features, access.n_classes)
         shape = _image_shape(args.image_shape)
-        name = args.model_name or Path(args.model).stem  # what the report's title names
-        data = AuditData(*records, access.n_classes, name=name, kind="image" if shape else "tabular",
+        name = printable(args.model_name or Path(args.model).stem)  # what the report's title names
+        members, nonmembers, pool = records
+        data = AuditData(members, nonmembers, pool, access.n_classes, name=name, kind="image" if shape else "tabular",
                          image_shape=shape, model_id=access.model_id or None)
         data.check_disjoint()
     if args.target_family:
@@ -223,10 +268,11 @@ def run(args: argparse.Namespace) -> int:
     from purifier.artifacts import new_output_dir
     from purifier.attacks import ADAPTIVE, parse_attacks
     from purifier.audit.report import text_table, write_report
-    from purifier.audit.runner import AuditConfig, run_audit
+    from purifier.audit.results import Report
+    from purifier.audit.runner import AuditConfig, run_audit, run_before_after
     from purifier.models.target import Target
 
-    new_output_dir(args.out, args.force)
+    new_output_dir(args.out, args.force, "report.json")
     shadow_settings = executor_settings(args)  # before any query
     explicit = args.attacks is not None
     attacks = parse_attacks(args.attacks)
@@ -245,23 +291,29 @@ def run(args: argparse.Namespace) -> int:
     skipped = {}
     try:
         data = audit_data(args, target, access)
-        if not defense_name and not explicit:
+        if defense_name in (None, "none") and not explicit:
             attacks = [a for a in attacks if a not in ADAPTIVE]  # nothing to adapt to
-            skipped = {a: "no --defense-name" for a in ADAPTIVE}
-        config = AuditConfig(tuple(attacks), n_shadows=args.shadows, shadow_epochs=args.shadow_epochs,
+            why = "undefended: nothing to adapt to" if defense_name else "no --defense-name"
+            skipped = {a: why for a in ADAPTIVE}
+        config = AuditConfig(tuple(attacks), n_shadows=shadow_count(args), shadow_epochs=args.shadow_epochs,
                              shadow_model=args.shadow_model, boundary_budget=args.boundary_budget,
                              n_boot=args.bootstrap, seed=args.seed, progress=not args.quiet,
                              **shadow_settings)
         data.recipe(config.shadow_model, config.shadow_epochs)  # a bad recipe fails before any query
-        audit = run_audit(data, access, config, defense_name, baseline, source, skipped=skipped)
+        if isinstance(baseline, Report):
+            audit = run_audit(data, access, config, defense_name, source=source, skipped=skipped, before=baseline)
+        elif baseline is not None:
+            audit = run_before_after(data, access, baseline, config, defense_name, source, skipped)[1]
+        else:
+            audit = run_audit(data, access, config, defense_name, source=source, skipped=skipped)
     finally:
         access.close()
-        if baseline is not None:
+        if baseline is not None and not isinstance(baseline, Report):
             baseline.close()
     Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     out = write_report(audit, args.out)
     print(text_table(audit.report))
-    for warning in audit.report.assumptions.warnings:
+    for warning in audit.report.assumptions.warnings if audit.report.assumptions else ():
         print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {out}/report.html (open in a browser), report.md, report.json, roc.png", file=sys.stderr)
     return 0

@@ -21,14 +21,20 @@ FAMILY_STYLES = (("#1f77b4", "o"), ("#ff7f0e", "s"), ("#2ca02c", "^"), ("#9467bd
                  ("#8c564b", "P"), ("#e377c2", "X"), ("#bcbd22", "*"))
 
 
+ROLES = {"before": (UNDEFENDED, "-", 1.6, 2), "after": (DEFENDED, "-", 2.2, 3), "floor": (FLOOR, "--", 1.8, 5)}
+
+
 @dataclass(frozen=True)
 class RocCurve:
-    """One attack's ROC: (K,) fpr and tpr from `purifier.evaluation.roc_curve`, and its AUC."""
+    """One attack's ROC, (K,) fpr and tpr, drawn in the style of its `role` ("before", "after",
+    "floor": the floor last and dashed, so it stays visible under a curve it equals); `points` are
+    the headline operating points taken from it, (fpr, tpr, label) each."""
 
     label: str
     fpr: np.ndarray
     tpr: np.ndarray
-    auc: float
+    role: str
+    points: tuple[tuple[float, float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,36 +70,38 @@ def _pyplot():
     return plt
 
 
-def roc_figure(undefended: RocCurve | None, defended: RocCurve, floor: RocCurve, negatives: int):
-    """Two panels of the same three curves: the whole ROC on linear axes (area = AUC), and the
-    low false-positive corner on log axes from 1/negatives, where a few confidently exposed
-    members show up. The floor is drawn as a curve, not a point hidden on the frame."""
+def roc_figure(whole: Sequence[RocCurve], corner: Sequence[RocCurve], negatives: int):
+    """Two panels: the whole ROC on linear axes (`whole`: the attacks behind the AUC figures,
+    area = AUC), and the low false-positive corner on log axes from 1/negatives (`corner`: the
+    attacks behind the TPR figures, their headline operating points marked), where a few
+    confidently exposed members show up. The floor is drawn as a curve, on top."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     lo = 1.0 / max(negatives, 1)
-    curves = [(floor, FLOOR, "--", 1.6), (defended, DEFENDED, "-", 2.2)]
-    if undefended is not None:
-        curves.insert(0, (undefended, UNDEFENDED, "-", 1.6))
-    for ax, log in zip(axes, (False, True), strict=True):
+    for ax, log, curves in zip(axes, (False, True), (whole, corner), strict=True):
         grid = np.logspace(np.log10(lo), 0, 60) if log else np.linspace(0, 1, 2)
         ax.plot(grid, grid, color="#999999", ls=":", lw=1, label="coin flip")
-        for c, color, ls, lw in curves:
+        for c in curves:
+            color, ls, lw, z = ROLES[c.role]
             fpr, tpr = (np.maximum(c.fpr, lo), np.maximum(c.tpr, lo)) if log else (c.fpr, c.tpr)
-            ax.plot(fpr, tpr, color=color, ls=ls, lw=lw, label=f"{c.label} (AUC {c.auc:.3f})")
+            ax.plot(fpr, tpr, color=color, ls=ls, lw=lw, zorder=z, label=c.label)
+            for x, y, words in c.points if log else ():
+                ax.plot([max(x, lo)], [max(y, lo)], marker="o", ms=7, mfc="white", mec=color, mew=2, ls="none",
+                        zorder=z + 1, label=words)
         if log:
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlim(lo, 1)
             ax.set_ylim(lo, 1.05)
-            ax.set_title("Low false-positive corner (log axes)", fontsize=10)
+            ax.set_title("Low false-positive corner (log axes): the attacks behind the TPR figures", fontsize=9)
         else:
             ax.set_xlim(0, 1)
             ax.set_ylim(0, 1.01)
-            ax.set_title("Whole curve", fontsize=10)
+            ax.set_title("Whole curve: the attacks behind the AUC figures", fontsize=9)
         ax.set_xlabel("non-members wrongly flagged (false-positive rate)")
         ax.set_ylabel("members found (true-positive rate)")
         ax.grid(alpha=0.25)
-    axes[0].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 

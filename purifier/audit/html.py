@@ -17,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
+import numpy as np
+
 from purifier.audit.figures import RocCurve, TradeoffPoint, roc_figure, to_svg, tradeoff_figure
-from purifier.audit.results import TPR_METRICS, Best, Metric, Report, Tpr
+from purifier.audit.results import FPR_TARGETS, TPR_METRICS, Best, Metric, Report, Tpr
 from purifier.evaluation import OutputUtility
 from purifier.tables import html_table
 
@@ -44,21 +46,38 @@ td small{color:#555;font-size:12px;line-height:1.25;display:inline-block}
 
 @dataclass(frozen=True)
 class ReportPage:
-    """Everything the page shows.
-
-    Attributes:
-        report: the defended endpoint's `Report` (its verdict, utility and attacks).
-        undefended: the undefended endpoint's `Report` (the "without defense" column), if audited.
-        roc_undefended, roc_defended, roc_floor: the best attack before and after, and the floor.
-        tradeoff: audited settings of this and other defenses (the baselines), one marked served.
-    """
+    """Everything the page shows: the `Report` (with its `baseline`, the undefended model's report
+    on the same records, when audited) and the audited settings of this and other defenses for the
+    privacy-utility picture (one marked served)."""
 
     report: Report
-    undefended: Report | None = None
-    roc_undefended: RocCurve | None = None
-    roc_defended: RocCurve | None = None
-    roc_floor: RocCurve | None = None
     tradeoff: tuple[TradeoffPoint, ...] = ()
+
+    @property
+    def before(self) -> Report | None:
+        return self.report if self.report.undefended else self.report.baseline
+
+    def columns(self) -> list[tuple[str, Report | None, bool | None]]:
+        """(header, report, label_only) per figure column: before, after (a defended report's own
+        column), the label-only floor."""
+        r = self.report
+        if r.undefended:
+            return [("Undefended", r, None), ("Label-only floor", r, True)]
+        return [("Without defense", r.baseline, None), (f"With {defense_words(r)}", r, None),
+                ("Label-only floor", r, True)]
+
+
+def defense_words(r: Report) -> str:
+    """The audited endpoint's defense as a column header says it: "memguard", "the endpoint's defense"."""
+    if r.undefended:
+        return "no defense"
+    return "the endpoint's defense" if r.defense == "unknown" else r.defense
+
+
+def title(r: Report) -> str:
+    """What was audited, for titles: "digits, undefended", "digits, defense memguard", "..., defense not named"."""
+    what = "undefended" if r.undefended else "defense not named" if r.defense == "unknown" else f"defense {r.defense}"
+    return f"{r.source.model_name or r.dataset}, {what}"
 
 
 def _best(report: Report, metric: Metric, label_only: bool | None = None) -> Best | None:
@@ -68,50 +87,55 @@ def _best(report: Report, metric: Metric, label_only: bool | None = None) -> Bes
 
 def _auc_cell(report: Report | None, label_only: bool | None = None) -> tuple[str, str] | str:
     if report is None:
-        return "not audited"
+        return "not audited", "audit with --baseline (the undefended endpoint, or its earlier report)"
     b = _best(report, Metric.AUC, label_only)
     if b is None:
         return "no such attack run"
     return f"{b.value:.3f}", f"attack: {b.attack}" + (" (score flipped)" if b.flipped else "")
 
 
-def _tpr_text(t: Tpr, value: float | None = None) -> tuple[str, str] | str:
+def _tpr_text(t: Tpr, value: float | None = None) -> tuple[str, str]:
     """(share of members found, what it was measured at); no number when not measurable."""
     if not t.measurable:
         return "not measurable", f"{t.negatives} non-members are too few for this false-positive rate"
-    return f"{100 * (t.tpr if value is None else value):.1f}%", f"at {100 * t.fpr:.2f}% false positives, {t.negatives} non-members"
+    return (f"{100 * (t.tpr if value is None else value):.1f}%",
+            f"at {100 * t.fpr:.2f}% false positives, {t.negatives} non-members")
 
 
 def _tpr_cell(report: Report | None, metric: Metric, label_only: bool | None = None) -> tuple[str, str] | str:
     if report is None:
-        return "not audited"
+        return "not audited", "audit with --baseline"
     b = _best(report, metric, label_only)
     if b is None:
         return "no such attack run"
-    value, where = _tpr_text(b.tpr, b.value)
+    value, where = _tpr_text(b.rate, b.value)
     return value, f"{where}; attack: {b.attack}"
 
 
 def headline_rows(page: ReportPage) -> list[list]:
-    """The four headline numbers: without defense, with it, and the label-only floor (the strongest
+    """The headline numbers per column (before, after, the label-only floor: the strongest
     label-only attack per metric). Cells are text or (text, note) pairs."""
-    r, before = page.report, page.undefended
+    columns = page.columns()
     rows = [[("Best attack AUC", "How well the strongest attack tells training records from others: "
                                  "0.5 is a coin flip, 1 is certainty."),
-             _auc_cell(before), _auc_cell(r), _auc_cell(r, label_only=True)]]
-    for metric, words in zip(TPR_METRICS, ("1 in 100", "1 in 1,000"), strict=True):
-        rows.append([(f"Members found at {100 * metric.fpr:g}% false positives",
+             *(_auc_cell(rep, flag) for _, rep, flag in columns)]]
+    for metric, fpr, words in zip(TPR_METRICS, FPR_TARGETS, ("1 in 100", "1 in 1,000"), strict=True):
+        rows.append([(f"Members found at {100 * fpr:g}% false positives",
                       f"Share of training records the strongest attack exposes while wrongly accusing {words} "
                       "people who were not in the training set."),
-                     _tpr_cell(before, metric), _tpr_cell(r, metric), _tpr_cell(r, metric, label_only=True)])
-    cost = r.utility.cost
-    l1 = None if cost is None else cost.l1_nonmembers
-    rows.append([("Real-traffic distortion (mean L1)",
-                  "How much the confidence scores that ordinary users (non-members) receive change: "
-                  "0 = unchanged, 2 = completely different. The predicted label never changes."),
-                 "0", ("not measured", "audit with --baseline to compare with the undefended answers") if l1 is None
-                 else (f"{l1.mean:.3f}", f"95% of answers move at most {l1.p95:.3f}, the worst {l1.max:.3f}"),
-                 ("n/a", "needs no change to the scores")])
+                     *(_tpr_cell(rep, metric, flag) for _, rep, flag in columns)])
+    cost = page.report.utility.cost
+    if not page.report.undefended:
+        rows.append([("Real-traffic distortion (mean L1, non-members)",
+                      "How much the confidence scores that ordinary users (non-members) receive change: "
+                      "0 = unchanged, 2 = completely different. The predicted label never changes."),
+                     "0", ("not measured", "audit with --baseline to compare with the undefended answers")
+                     if cost is None else
+                     (f"{cost.l1_nonmembers.mean:.3f}", f"95% of answers move at most {cost.l1_nonmembers.p95:.3f}, "
+                      f"the worst {cost.l1_nonmembers.max:.3f}"
+                      + ("" if cost.l1_members is None else
+                         f"; training members move {cost.l1_members.mean:.3f} on average")),
+                     ("n/a", "needs no change to the scores")])
     return rows
 
 
@@ -134,8 +158,8 @@ def _utility_rows(page: ReportPage) -> list[list[str]]:
     return rows
 
 
-def _attack_rows(page: ReportPage) -> list[list[str]]:
-    before = {} if page.undefended is None else page.undefended.attacks
+def _attack_rows(page: ReportPage) -> list[list]:
+    before = {} if page.report.baseline is None else page.report.baseline.attacks
     rows = []
     for name, a in page.report.attacks.items():
         r = a.ranking
@@ -158,17 +182,57 @@ def _setup_items(r: Report) -> list[str]:
              f"Time: {t.audit_without_boundary:.0f} s (shadow training {t.shadow_training:.0f} s)."]
     if r.source.endpoint:
         items.insert(1, f"Audited through the endpoint {r.source.endpoint} (model {r.source.model_name or '?'}).")
+    if r.baseline is not None:
+        b = r.baseline
+        same = (b.shadows.n, b.shadows.recipe, b.shadows.seed) == (s.n, s.recipe, s.seed)
+        items.insert(2, f"Without defense: the undefended model ({b.source.endpoint or r.source.baseline_endpoint}), "
+                        "the same records" + (", attacks and shadow models" if same else
+                                              f"; its attacker had {b.shadows.n} shadow models ({b.shadows.recipe}, "
+                                              f"seed {b.shadows.seed})") + ".")
     warnings = [f"Warning: {w}" for w in (r.assumptions.warnings if r.assumptions else ())]
     return items + warnings + list(r.notes)
 
 
+def _curve(report: Report, b: Best | None, role: str, column: str, points=()) -> RocCurve | None:
+    if b is None or (pts := report.curves.get(b.attack)) is None:
+        return None
+    return RocCurve(f"{column}: {b.label}", np.asarray(pts.fpr), np.asarray(pts.tpr), role, tuple(points))
+
+
+def roc_curves(page: ReportPage) -> tuple[list[RocCurve], list[RocCurve]]:
+    """(whole, corner): per column, the curve of the attack behind its AUC figure, and the curve
+    behind its lowest measurable TPR figure with every headline TPR point marked, so the picture
+    shows the attacks the table names."""
+    roles = {"Undefended": "before", "Without defense": "before", "Label-only floor": "floor"}
+    whole, corner = [], []
+    for header, rep, flag in page.columns():
+        if rep is None:
+            continue
+        role = roles.get(header, "after")
+        column = "label-only floor" if role == "floor" else header.lower()
+        auc = _best(rep, Metric.AUC, flag)
+        if (c := _curve(rep, auc, role, f"{column}, AUC {auc.value:.3f}" if auc else column)) is not None:
+            whole.append(c)
+        tprs = [b for m in TPR_METRICS if (b := _best(rep, m, flag)) is not None and b.measurable]
+        if not tprs:
+            continue
+        points = [(b.rate.fpr, b.value, f"{column}: {b.label}, {100 * b.value:.1f}% at {100 * b.rate.fpr:.2f}% FPR")
+                  for b in tprs]
+        if (c := _curve(rep, tprs[-1], role, column, points)) is not None:
+            corner.append(c)
+    order = {"before": 0, "after": 1, "floor": 2}  # the floor drawn last: visible on top of an equal curve
+    return sorted(whole, key=lambda c: order[c.role]), sorted(corner, key=lambda c: order[c.role])
+
+
 def _figures(page: ReportPage) -> str:
     parts = []
-    if page.roc_defended is not None and page.roc_floor is not None:
-        fig = roc_figure(page.roc_undefended, page.roc_defended, page.roc_floor, page.report.n_nonmembers)
-        parts.append("<h3>The strongest attack before and after, against the label-only floor</h3>" + to_svg(fig))
+    whole, corner = roc_curves(page)
+    if whole:
+        fig = roc_figure(whole, corner, page.report.n_nonmembers)
+        parts.append("<h3>The attacks behind the headline figures, before and after, against the label-only floor</h3>"
+                     + to_svg(fig))
     if page.tradeoff:
-        before = None if page.undefended is None else _best(page.undefended, Metric.AUC)
+        before = None if page.before is None else _best(page.before, Metric.AUC)
         floor = _best(page.report, Metric.AUC, label_only=True)
         fig = tradeoff_figure(page.tradeoff, None if floor is None else floor.value,
                               None if before is None else before.value)
@@ -180,12 +244,13 @@ def _figures(page: ReportPage) -> str:
 def render_html(page: ReportPage) -> str:
     """The whole page as one string (UTF-8 HTML5)."""
     r, v = page.report, page.report.verdict
-    title = f"Privacy audit: {r.source.model_name or r.dataset}, defense {r.defense}"
+    assert v is not None  # an assembled report has its verdict
+    heading = f"Privacy audit: {title(r)}"
     e = escape
     cannot = "".join(f"<li>{e(line)}</li>" for line in v.cannot_protect)
-    header = ["", "Without defense", f"With {r.defense}", "Label-only floor"]
+    header = ["", *(h for h, _, _ in page.columns())]
     body = [
-        f"<h1>{e(title)}</h1>",
+        f"<h1>{e(heading)}</h1>",
         f'<p class="sub">Membership inference audit: can an outsider tell whether a person\'s record was used '
         f"to train this model? Dataset {e(r.dataset)}, {r.n_members} members and {r.n_nonmembers} "
         "non-members evaluated.</p>",
@@ -210,5 +275,5 @@ def render_html(page: ReportPage) -> str:
         "<ul>" + "".join(f"<li>{e(item)}</li>" for item in _setup_items(r)) + "</ul>",
     ]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{e(heading)}</title>"
             f"<style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

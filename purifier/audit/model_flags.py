@@ -9,8 +9,12 @@ flags into one `TargetAccess`, and nothing after it knows which it was.
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from purifier.errors import ConfigError
+
+if TYPE_CHECKING:
+    from purifier.models.access import OnnxTarget, RemoteTarget
 
 
 def add_model_flags(p: argparse.ArgumentParser, *, endpoint_help: str) -> None:
@@ -28,9 +32,12 @@ def add_model_flags(p: argparse.ArgumentParser, *, endpoint_help: str) -> None:
                    help="with --endpoint: file holding the bearer token the endpoint requires")
 
 
-def open_model(args: argparse.Namespace, n_classes: int | None = None, defense=None):
+def open_model(args: argparse.Namespace, n_classes: int | None = None,
+               defense=None) -> OnnxTarget | RemoteTarget:
     """A `TargetAccess` from the flags: OnnxTarget for --model, RemoteTarget for --endpoint."""
     from purifier.models.access import OnnxTarget, RemoteTarget
+
+    access: OnnxTarget | RemoteTarget
 
     if args.model and args.endpoint:
         raise ConfigError("give either --model (in process) or --endpoint (a served model), not both")
@@ -47,7 +54,7 @@ def open_model(args: argparse.Namespace, n_classes: int | None = None, defense=N
                               tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               token_file=args.token_file)
     else:
-        return None
+        raise ConfigError("name the model: --model MODEL.onnx, or --endpoint HOST:PORT --model-name NAME")
     if n_classes is not None and access.n_classes != n_classes:
         access.close()
         raise ConfigError(f"class-count mismatch: the model answers {access.n_classes} classes, the records "

@@ -16,6 +16,7 @@ import numpy as np
 from purifier import tables
 from purifier.artifacts import atomic_directory, write_json
 from purifier.audit.assumptions import markdown_lines as assumptions_markdown
+from purifier.audit.html import ReportPage, headline_rows, title
 from purifier.audit.results import TPR_METRICS, Best, Report, Tpr
 
 
@@ -41,10 +42,10 @@ def table_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     for name, a in report.attacks.items():
         r = a.ranking
         (lo, hi), (blo, bhi) = r.auc_ci95, a.balanced_accuracy_ci95
-        auc = f"{r.auc:.3f} [{lo:.3f}, {hi:.3f}]{_versus(r.auc, floor and floor.auc)}"
+        auc = f"{r.auc:.3f} [{lo:.3f}, {hi:.3f}]{_versus(r.auc, None if floor is None else floor.auc)}"
         if a.flipped is not None:
             auc += f"; inverted, flipped {a.flipped.auc:.3f}"
-        tprs = [tpr_cell(r.tpr(m)) + (_versus(r.value(m), floor and floor.of(m)) if r.tpr(m).measurable else "")
+        tprs = [tpr_cell(r.tpr(m)) + (_versus(r.value(m), None if floor is None else floor.of(m)) if r.tpr(m).measurable else "")
                 for m in TPR_METRICS]
         rows.append([name, a.family.value, auc, *tprs, f"{a.balanced_accuracy:.3f} [{blo:.3f}, {bhi:.3f}]",
                      f"{a.oracle_balanced_accuracy:.3f}", str(a.queries), f"{a.seconds:.1f}"])
@@ -61,14 +62,14 @@ def floor_lines(report: Report) -> list[str]:
              f"[{auc.ci95[0]:.3f}, {auc.ci95[1]:.3f}] ({auc.attack})"]
     for metric, words in zip(TPR_METRICS, ("1%", "0.1%"), strict=True):
         b = floor.of(metric)
-        lines.append(f"  TPR at {words} FPR: {tpr_cell(b.tpr, b.value)} ({b.attack})")
+        lines.append(f"  TPR at {words} FPR: {tpr_cell(b.rate, b.value)} ({b.attack})")
     return lines
 
 
 def summary_lines(report: Report) -> list[str]:
     u, g, s = report.utility, report.gap_floor, report.shadows
     lines = [
-        f"dataset {report.dataset}  defense {report.defense}  "
+        f"dataset {report.dataset}  defense {report.defense if not report.undefended else 'none (undefended)'}  "
         f"members {report.n_members}  non-members {report.n_nonmembers}  shadows {s.n}",
         f"utility: member acc {u.member_accuracy:.4f}  non-member acc {u.nonmember_accuracy:.4f}"
         + ("" if u.cost is None else f"  argmax agreement {u.cost.argmax_agreement:.4f}"),
@@ -79,9 +80,6 @@ def summary_lines(report: Report) -> list[str]:
         lines.append(f"shadow models: {origin}")
     if u.cost is not None:
         lines.append(distortion_line(u.cost))
-    if s.fallbacks:
-        lines.append(f"too few shadow models for full strength: {', '.join(s.fallbacks)} fell back "
-                     f"({next(iter(s.fallbacks.values()))}; more under Attack details)")
     t = report.timing
     lines.append(f"time: audit without boundary attack {t.audit_without_boundary:.1f}s "
                  f"(shadow training {t.shadow_training:.1f}s)"
@@ -96,25 +94,49 @@ def distortion_line(cost) -> str:
     return line + ("" if m is None else f"; members: L1 mean {m.mean:.4f}")
 
 
+def headline_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """report.html's headline numbers (before, after, floor) as plain cells."""
+    page = ReportPage(report)
+
+    def flat(cell) -> str:
+        return cell if isinstance(cell, str) else f"{cell[0]} ({cell[1]})"
+
+    return ["", *(h for h, _, _ in page.columns())], [[flat(row[0][0]), *map(flat, row[1:])]
+                                                     for row in headline_rows(page)]
+
+
 def text_table(report: Report) -> str:
-    """The summary lines, the attack table and its legend, as printed by `purifier audit`."""
+    """The verdict, the headline figures, the summary lines, the attack table and its legend, as
+    printed by `purifier audit`."""
     legend = ("TPR cells: tpr @realized-FPR/negatives; 'not measurable' = fewer non-members than 1/FPR. "
               "(vs floor): difference from the label-only floor. bal.acc uses the attack's shadow-fitted "
               "threshold; oracle b.a. sees the evaluation labels.")
-    return "\n".join([*verdict_lines(report), "", *summary_lines(report), "", tables.text_table(*table_rows(report)),
-                      "", legend])
+    return "\n".join([*verdict_lines(report), "", tables.text_table(*headline_table(report)), "",
+                      *summary_lines(report), "", tables.text_table(*table_rows(report)), "", legend])
 
 
 def verdict_lines(report: Report) -> list[str]:
-    """The verdict sentences (`purifier.audit.verdict`), headed by the endpoint's defense."""
+    """The verdict sentences (`purifier.audit.verdict`), headed by what was audited."""
     v = report.verdict
-    return [] if v is None else [f"verdict ({report.defense}):", *(f"- {line}" for line in v.lines)]
+    head = "verdict" + (" (provisional)" if v is not None and v.provisional else "")
+    return [] if v is None else [f"{head}, {title(report)}:", *(f"- {line}" for line in v.lines)]
 
 
 def markdown(report: Report) -> str:
-    md = [f"# Membership inference audit: {report.dataset}, defense `{report.defense}`", ""]
+    """report.md; what came from outside (the endpoint's names, the records' name) shows as the
+    characters it is (`purifier.untrusted.markdown_text`)."""
+    from dataclasses import fields, replace
+
+    from purifier.untrusted import markdown_text
+
+    source = replace(report.source, **{f.name: markdown_text(v) for f in fields(report.source)
+                                       if isinstance(v := getattr(report.source, f.name), str)})
+    report = replace(report, dataset=markdown_text(report.dataset), source=source)
+    md = [f"# Membership inference audit: {title(report)}", ""]
     if report.verdict is not None:
-        md += ["## Verdict", "", *(f"- {line}" for line in report.verdict.lines), "",
+        md += ["## Verdict" + (" (provisional)" if report.verdict.provisional else ""), "",
+               *(f"- {line}" for line in report.verdict.lines), "",
+               tables.markdown_table(*headline_table(report)), "",
                "What this defense cannot protect:", "",
                *(f"- {line}" for line in report.verdict.cannot_protect), ""]
     md += assumptions_markdown(report.assumptions)
@@ -146,7 +168,7 @@ def plot_roc(audit, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=110)
     grid = np.logspace(np.log10(floor_fpr), 0, 50)
     ax.plot(grid, grid, color="grey", ls=":", lw=1, label="chance")
-    colors = plt.get_cmap("tab10").colors
+    colors = plt.get_cmap("tab10")(np.arange(10))
     for i, (name, o) in enumerate(audit.outcomes.items()):
         fpr, tpr, _ = ev.roc_curve(o.scores, m)
         # more attacks than colours: the second ten are dashed
@@ -170,42 +192,16 @@ def plot_roc(audit, path: Path) -> None:
     plt.close(fig)
 
 
-def best_roc(audit, label: str, label_only: bool | None = None):
-    """The ROC of the audit's strongest attack by AUC (score negated when its signal is inverted)
-    among all attacks (None), the label-only ones (True) or the others; None if there is none."""
-    from purifier import evaluation as ev
-    from purifier.audit.figures import RocCurve
-
-    strongest = audit.report.strongest(label_only)
-    if strongest is None:
-        return None
-    b = strongest.auc
-    scores = audit.outcomes[b.attack].scores
-    fpr, tpr, _ = ev.roc_curve(-scores if b.flipped else scores, audit.membership)
-    return RocCurve(f"{label}: {b.label}", fpr, tpr, b.value)
-
-
-def report_page(audit, undefended=None, tradeoff=()):
-    """The `ReportPage` of a defended audit, beside the undefended audit of the same model if any."""
-    from purifier.audit.html import ReportPage
-
-    r = audit.report
-    return ReportPage(r, None if undefended is None else undefended.report,
-                      None if undefended is None else best_roc(undefended, "no defense"),
-                      best_roc(audit, f"defense {r.defense}"), best_roc(audit, "label-only floor", True),
-                      tuple(tradeoff))
-
-
-def write_report(audit, out: str | Path, undefended=None, tradeoff=()) -> Path:
+def write_report(audit, out: str | Path, tradeoff=()) -> Path:
     """Write report.json, report.md, report.html and roc.png into `out` atomically.
 
-    undefended: the `Audit` of the same model without defense (report.html's "before" column and
-    curve); tradeoff: `TradeoffPoint`s for report.html's privacy-utility picture."""
+    The "before" column and curves come from the report's own `baseline`; tradeoff:
+    `TradeoffPoint`s for report.html's privacy-utility picture."""
     from purifier.audit.html import render_html
 
     with atomic_directory(out) as tmp:
         write_json(tmp / "report.json", audit.report.to_json())
         (tmp / "report.md").write_text(markdown(audit.report))
-        (tmp / "report.html").write_text(render_html(report_page(audit, undefended, tradeoff)), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(ReportPage(audit.report, tuple(tradeoff))), encoding="utf-8")
         plot_roc(audit, tmp / "roc.png")
     return Path(out)

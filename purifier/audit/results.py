@@ -43,7 +43,7 @@ class Metric(StrEnum):
 
 
 TPR_METRICS = (Metric.TPR_1PCT, Metric.TPR_01PCT)
-FPR_TARGETS = tuple(m.fpr for m in TPR_METRICS)
+FPR_TARGETS = tuple(fpr for m in TPR_METRICS if (fpr := m.fpr) is not None)
 
 
 class Result:
@@ -67,7 +67,7 @@ class Tpr(Result):
     fpr: float
     negatives: int
     measurable: bool
-    ci95: tuple[float, float] | None = None
+    ci95: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Ranking(Result):
     def value(self, metric: Metric) -> float:
         return self.auc if metric == Metric.AUC else self.tpr(metric).tpr
 
-    def ci95(self, metric: Metric) -> tuple[float, float] | None:
+    def ci95(self, metric: Metric) -> tuple[float, float]:
         return self.auc_ci95 if metric == Metric.AUC else self.tpr(metric).ci95
 
 
@@ -130,19 +130,36 @@ class AttackResult(Result):
 
 
 @dataclass(frozen=True)
+class RocPoints(Result):
+    """An attack's ROC (as an attacker uses it: flipped when inverted), sampled for plots: the
+    (fpr, tpr) steps at a log-spaced grid of false-positive rates from 1/negatives, plus a linear
+    one, so both the whole curve and its low-FPR corner redraw without the scores."""
+
+    fpr: tuple[float, ...]
+    tpr: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Best(Result):
     """The strongest attack on one metric, as an attacker uses it; `tpr` (TPR metrics) carries
     the FPR realized and the non-members."""
 
     attack: str
     value: float
-    ci95: tuple[float, float] | None
+    ci95: tuple[float, float]
     flipped: bool
     tpr: Tpr | None = None
 
     @property
     def measurable(self) -> bool:
         return self.tpr is None or self.tpr.measurable
+
+    @property
+    def rate(self) -> Tpr:
+        """`tpr` of a TPR metric's figure (an AUC's has none: ValueError)."""
+        if self.tpr is None:
+            raise ValueError(f"{self.attack}: an AUC figure has no TPR")
+        return self.tpr
 
     @property
     def label(self) -> str:
@@ -213,6 +230,7 @@ class ShadowInfo(Result):
     n: int
     recipe: str
     epochs: int | None
+    seed: int
     target_family: str | None
     pool_size: int
     train_size: int | None
@@ -279,8 +297,13 @@ class Verdict(Result):
     Attributes:
         lines: the sentences, in order (report.md, the CLI and the demo print these).
         protected, not_protected, attacker, cannot_protect: report.html's first screen.
-        confidence_leakage_removed: True / False, or None when the audit cannot decide.
-        notes: inverted signals and weaker variants, said once.
+        confidence_leakage_removed: True / False, or None when the audit cannot decide (no floor,
+            or within it with an attack family missing: `provisional`).
+        notes: inverted signals, the distortion asymmetry, weaker variants and what is missing, said once.
+        coverage: the attack families (`Coverage` kinds) run; missing: those a "removed" needs and
+            that did not run.
+        criteria: per `Metric`, the strongest non-label attack within the floor's 95% interval
+            (true), above it (false), or not judged (null: not measurable).
     """
 
     lines: tuple[str, ...]
@@ -290,6 +313,10 @@ class Verdict(Result):
     cannot_protect: tuple[str, ...]
     confidence_leakage_removed: bool | None
     notes: tuple[str, ...] = ()
+    coverage: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    provisional: bool = False
+    criteria: dict[str, bool | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -315,6 +342,9 @@ class Report(Result):
         attacks: name -> result, in the order run; label_only_floor: the strongest label-only
             attack per metric (None when none ran).
         skipped: attacks left out and why.
+        curves: the ROC of every attack a headline figure comes from (`RocPoints`, by attack name).
+        baseline: the report of the same records on the undefended model (the "before"), when
+            audited with `--baseline`; None otherwise.
     """
 
     dataset: str
@@ -334,6 +364,8 @@ class Report(Result):
     verdict: Verdict | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    curves: dict[str, RocPoints] = field(default_factory=dict)
+    baseline: Report | None = None
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -343,6 +375,12 @@ class Report(Result):
     def strongest(self, label_only: bool | None = None) -> Strongest | None:
         """Per metric, the strongest attack among all (None), the label-only ones (True) or the others."""
         return Strongest.among(a for a in self.attacks.values() if label_only is None or a.label_only == label_only)
+
+    def headline(self) -> list[Best]:
+        """Every `Best` a headline figure or the verdict reads: per metric over all attacks, the
+        non-label ones and the label-only floor."""
+        groups = (self.strongest(), self.strongest(label_only=False), self.label_only_floor)
+        return [g.of(m) for g in groups if g is not None for m in Metric]
 
     @classmethod
     def from_json(cls, data: dict, where: str = "report.json") -> Report:
@@ -411,5 +449,5 @@ def _decode(tp, value):
 
 
 __all__ = ["FPR_TARGETS", "SCHEMA_VERSION", "TPR_METRICS", "Assumptions", "AttackResult", "Best", "GapFloor",
-           "Metric", "Ranking", "Report", "Result", "ShadowInfo", "Source", "Strongest", "Timing", "Tpr", "Utility",
-           "Verdict"]
+           "Metric", "Ranking", "Report", "Result", "RocPoints", "ShadowInfo", "Source", "Strongest", "Timing", "Tpr",
+           "Utility", "Verdict"]

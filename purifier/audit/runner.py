@@ -15,17 +15,15 @@ models, run the attacks, assemble the report. Attack catalogue: docs/design.md#a
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from purifier import evaluation as ev
-from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, attack_class
+from purifier.attacks import ADAPTIVE, REGISTRY, AttackContext, RememberedLabels, attack_class
 from purifier.attacks.base import Coverage, Family
-from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
-from purifier.attacks.shadow import ShadowRecipe, ShadowSet, train_shadows
+from purifier.attacks.shadow import DEFAULT_SHADOWS, ShadowRecipe, ShadowSet, train_shadows
 from purifier.attacks.shadow_cache import ShadowCache
 from purifier.audit.assumptions import assumptions
 from purifier.audit.data import AuditData
@@ -35,6 +33,7 @@ from purifier.audit.results import (
     GapFloor,
     Ranking,
     Report,
+    RocPoints,
     ShadowInfo,
     Source,
     Strongest,
@@ -58,7 +57,7 @@ NOTES = (
 @dataclass(frozen=True)
 class AuditConfig:
     attacks: tuple[str, ...]
-    n_shadows: int = 4
+    n_shadows: int = DEFAULT_SHADOWS
     shadow_epochs: int | None = None  # default: the recipe's
     shadow_model: str | None = None  # a recipe name (purifier.attacks.shadow); default: the data's
     boundary_budget: int = 1000
@@ -93,13 +92,16 @@ class AttackOutcome:
 
 @dataclass
 class Audit:
-    """The result: the typed `report`; outcomes and membership feed the plots."""
+    """The result: the typed `report`; outcomes and membership feed the plots; `outputs` (N, C)
+    are the endpoint's answers to the evaluation records (an undefended audit's are the clean
+    answers a later audit of a defended endpoint compares with)."""
 
     report: Report
     membership: np.ndarray
     outcomes: dict[str, AttackOutcome]
     shadows: ShadowSet | None = None  # the ShadowSet used, reusable by a later audit of the same target
     fitted: dict = field(default_factory=dict)  # name -> Attack fitted on `shadows`, reusable likewise
+    outputs: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -142,12 +144,12 @@ def attack_result(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: i
 
 def _check_outputs(outputs: np.ndarray, where: str) -> None:
     from purifier.defenses.base import check_probabilities
+    from purifier.models.access import not_probabilities
 
     try:
         check_probabilities(outputs)
     except InvalidProbabilities as e:
-        raise ConfigError(f"{where} does not answer probability vectors ({e}); "
-                          "choose the probabilities output with --output-name") from None
+        raise not_probabilities(where, str(e)) from None
 
 
 def records_digest(X: np.ndarray, y: np.ndarray, membership: np.ndarray) -> str:
@@ -159,14 +161,19 @@ def records_digest(X: np.ndarray, y: np.ndarray, membership: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def query(data: AuditData, access, baseline=None) -> Queried:
-    """Step 1: the endpoint's answers to every evaluation record (and the baseline's, if given)."""
+def evaluation_records(data: AuditData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """X (N, D), y (N,) and membership (N,) of the evaluation records, members first."""
     X, y = np.concatenate([data.members.X, data.nonmembers.X]), np.concatenate([data.members.y, data.nonmembers.y])
-    membership = np.r_[np.ones(len(data.members), bool), np.zeros(len(data.nonmembers), bool)]
+    return X, y, np.r_[np.ones(len(data.members), bool), np.zeros(len(data.nonmembers), bool)]
+
+
+def query(data: AuditData, access, baseline=None, clean: np.ndarray | None = None) -> Queried:
+    """Step 1: the endpoint's answers to every evaluation record, and the undefended ones: `clean`
+    as given (an earlier audit's), or asked of `baseline`."""
+    X, y, membership = evaluation_records(data)
     outputs = access.query(X)
     _check_outputs(outputs, access.description or "the endpoint")
-    clean = None
-    if baseline is not None:
+    if clean is None and baseline is not None:
         clean = baseline.query(X)
         _check_outputs(clean, "the baseline endpoint")
     return Queried(X, y, membership, outputs, clean)
@@ -186,10 +193,12 @@ def run_attacks(data: AuditData, access, q: Queried, shadows: ShadowSet, config:
                 defense_name: str | None, fitted: dict | None) -> tuple[dict[str, AttackOutcome], dict]:
     """Step 3: every attack of `config`, fitted on the shadows (or taken fitted from `fitted`,
     except the adaptive ones), run against `access`. Returns (outcomes, the fitted attacks)."""
+    assert data.feature_range is not None  # AuditData fills it in
     ctx = AttackContext(shadows, data.n_classes, data.kind, data.image_shape, data.feature_range,
                         candidate_labels=q.y, defense_name=defense_name, seed=config.seed)
     outcomes: dict[str, AttackOutcome] = {}
     fitted_now: dict = {}
+    asked = RememberedLabels(access)  # the augmentation attacks ask the same copies: sent once
     with Progress("attacks", len(config.attacks), enabled=config.progress) as bar:
         for name in config.attacks:
             cls = attack_class(name)
@@ -200,18 +209,36 @@ def run_attacks(data: AuditData, access, q: Queried, shadows: ShadowSet, config:
                 attack = cls(seed=config.seed, **kwargs)
                 attack.fit(ctx)
             fitted_now[name] = attack
-            scores = np.asarray(attack.run(access, q.X, q.y, q.outputs), np.float64)
+            scores = np.asarray(attack.run(asked, q.X, q.y, q.outputs), np.float64)
             outcomes[name] = AttackOutcome(name, cls.family, cls.coverage, scores, attack.predict(scores),
                                            attack.threshold, attack.queries, time.perf_counter() - t0, attack.details)
             bar.update(1, last=name)
     return outcomes, fitted_now
 
 
+def roc_points(scores: np.ndarray, membership: np.ndarray) -> RocPoints:
+    """The ROC of `scores` sampled at a log grid of false-positive rates from 1/negatives and a
+    linear one: at each, the last ROC point whose FPR does not exceed it (a step of the curve)."""
+    fpr, tpr, _ = ev.roc_curve(scores, membership)
+    negatives = int((~membership).sum())
+    grid = np.r_[0.0, np.logspace(np.log10(1.0 / negatives), 0.0, 80), np.linspace(0.0, 1.0, 41)]
+    idx = np.unique(np.searchsorted(fpr, np.sort(grid) + 1e-12, side="right") - 1)
+    return RocPoints(tuple(round(float(v), 6) for v in fpr[idx]), tuple(round(float(v), 6) for v in tpr[idx]))
+
+
+def headline_curves(report: Report, outcomes: dict[str, AttackOutcome], membership: np.ndarray) -> dict:
+    """The ROC of every attack a headline figure comes from, as an attacker uses it."""
+    names = dict.fromkeys(b.attack for b in report.headline())
+    return {n: roc_points(-outcomes[n].scores if report.attacks[n].inverted else outcomes[n].scores, membership)
+            for n in names}
+
+
 def assemble(data: AuditData, q: Queried, config: AuditConfig, recipe: ShadowRecipe, shadows: ShadowSet,
              outcomes: dict[str, AttackOutcome], defense_name: str | None, source: Source, reused: bool,
-             timing: Timing, skipped: dict[str, str] | None = None) -> Report:
+             timing: Timing, skipped: dict[str, str] | None = None, baseline: Report | None = None) -> Report:
     """Step 4: the report: metrics of every attack, the floor, utility, provenance, assumptions,
-    and the verdict computed once from them."""
+    the headline curves, the undefended audit's report beside it (`baseline`), and the verdict
+    computed once from them."""
     attacks = {name: attack_result(o, q.membership, config.n_boot, config.seed) for name, o in outcomes.items()}
     correct = q.outputs.argmax(axis=1) == q.y
     cost = None if q.clean is None else ev.output_utility(q.clean, q.outputs, q.y, q.membership)
@@ -221,6 +248,7 @@ def assemble(data: AuditData, q: Queried, config: AuditConfig, recipe: ShadowRec
     prov = shadows.provenance
     info = ShadowInfo(
         n=config.n_shadows if not reused else shadows.n_shadows, recipe=desc["recipe"], epochs=desc.get("epochs"),
+        seed=config.seed,
         target_family=data.model_family, pool_size=len(data.pool), train_size=data.train_size, reused=reused,
         executor=prov.get("executor"), trained=prov.get("trained", 0), from_cache=prov.get("from_cache", 0),
         cache=prov.get("cache", {}), retrained_for_label_queries=tuple(getattr(models, "retrained", ())),
@@ -234,14 +262,16 @@ def assemble(data: AuditData, q: Queried, config: AuditConfig, recipe: ShadowRec
         utility=Utility(float(correct[q.membership].mean()), float(correct[~q.membership].mean()), cost),
         gap_floor=GapFloor(**ev.gap_floor(correct, q.membership)), attacks=attacks,
         label_only_floor=Strongest.among(a for a in attacks.values() if a.label_only), shadows=info,
-        timing=timing, assumptions=None, skipped=dict(skipped or {}), notes=NOTES)
-    report = replace(report, assumptions=assumptions(report, data, defense_name))
+        timing=timing, assumptions=None, skipped=dict(skipped or {}), notes=NOTES, baseline=baseline)
+    report = replace(report, assumptions=assumptions(report, data, defense_name),
+                     curves=headline_curves(report, outcomes, q.membership))
     return replace(report, verdict=verdict(report))
 
 
 def run_audit(data, access, config: AuditConfig, defense_name: str | None = None,
               baseline=None, source: Source | None = None, shadows: ShadowSet | None = None,
-              fitted: dict | None = None, skipped: dict[str, str] | None = None) -> Audit:
+              fitted: dict | None = None, skipped: dict[str, str] | None = None,
+              before: Audit | Report | None = None) -> Audit:
     """Audit `access` (a TargetAccess answering for the model behind `data`).
 
     Args:
@@ -258,9 +288,18 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
             are reused instead of fitted again, except the adaptive ones (they fit on the shadows'
             outputs through the defense under audit). A budget sweep fits each attack once.
         skipped: attacks left out and why, for the report.
+        before: the undefended model's audit on the same records: its report becomes this one's
+            `baseline` (the "before"); an `Audit` also lends its answers (the cost to users), its
+            shadows and its fitted attacks; a `Report` (read from an earlier report.json) only
+            itself. Either is checked to be on the same records.
     """
     if not isinstance(data, AuditData):
         data = AuditData.from_target(data)
+    before_report = before.report if isinstance(before, Audit) else before
+    if before_report is not None:
+        check_same_records(before_report, data)
+    if isinstance(before, Audit):
+        shadows, fitted = shadows or before.shadows, fitted or before.fitted
     t_start = time.perf_counter()
     if access.n_classes != data.n_classes:
         raise ConfigError(f"class-count mismatch: the endpoint answers {access.n_classes} classes, "
@@ -270,24 +309,47 @@ def run_audit(data, access, config: AuditConfig, defense_name: str | None = None
         raise ConfigError(f"attacks {', '.join(wanted_adaptive)} need --defense-name (the defense "
                           "algorithm the attacker assumes)")
     recipe = data.recipe(config.shadow_model, config.shadow_epochs)
-    q = query(data, access, baseline)
+    q = query(data, access, baseline, before.outputs if isinstance(before, Audit) else None)
     t0 = time.perf_counter()
     reused = shadows is not None
-    if not reused:
+    if shadows is None:
         shadows = shadow_models(data, q, recipe, config)
     shadow_seconds = time.perf_counter() - t0
     outcomes, fitted_now = run_attacks(data, access, q, shadows, config, defense_name, fitted if reused else None)
-    fallbacks = shadow_fallbacks(outcomes)
-    if fallbacks and config.progress:  # the report and its summary always say so; sweeps run quiet
-        print(f"purifier: {shadows.n_shadows} shadow models are too few for {', '.join(fallbacks)} at full strength, "
-              f"which fell back ({next(iter(fallbacks.values()))}); more --shadows lift this (LiRA needs "
-              f"{PER_EXAMPLE_VARIANCE_MIN} or more; report: shadows.fallbacks)", file=sys.stderr, flush=True)
     boundary_s = outcomes["label_boundary"].seconds if "label_boundary" in outcomes else None
     timing = Timing(round(shadow_seconds, 2), round(time.perf_counter() - t_start - (boundary_s or 0.0), 2),
                     None if boundary_s is None else round(boundary_s, 2))
     report = assemble(data, q, config, recipe, shadows, outcomes, defense_name, source or Source(), reused, timing,
-                      skipped)
-    return Audit(report, q.membership, outcomes, shadows, fitted_now)
+                      skipped, before_report)
+    return Audit(report, q.membership, outcomes, shadows, fitted_now, q.outputs)
+
+
+def check_same_records(before: Report, data: AuditData) -> None:
+    """The undefended report was made on these evaluation records (by digest), else one line."""
+    digest = records_digest(*evaluation_records(data))
+    if before.records != digest:
+        raise ConfigError(f"--baseline: that report was audited on other evaluation records (digest "
+                          f"{before.records[:12]}..., these records {digest[:12]}...); audit the undefended model on "
+                          "these records, or give its report on them")
+    if not before.undefended:
+        raise ConfigError(f"--baseline: that report audited an endpoint with defense {before.defense!r}, not the "
+                          "undefended model (its report says defense none)")
+
+
+def run_before_after(data, access, undefended, config: AuditConfig, defense_name: str | None,
+                     source: Source | None = None, skipped: dict[str, str] | None = None) -> tuple[Audit, Audit]:
+    """The undefended model (`undefended`, a TargetAccess) and the defended endpoint (`access`),
+    the same attacks with the same shadow models: (before, after); after's report holds before's
+    as its `baseline`. The adaptive attacks run on the defended endpoint only (there is nothing
+    to adapt to before)."""
+    source = source or Source()
+    plain = replace(config, attacks=tuple(a for a in config.attacks if a not in ADAPTIVE))
+    where = source.endpoint if source.endpoint == "in-process" else source.baseline_endpoint
+    before = run_audit(data, undefended, plain, "none", source=Source(
+        where, getattr(undefended, "model_name", source.model_name), getattr(undefended, "output_name", None),
+        source.model))
+    after = run_audit(data, access, config, defense_name, source=source, skipped=skipped, before=before)
+    return before, after
 
 
 def shadow_fallbacks(outcomes: dict[str, AttackOutcome]) -> dict[str, str]:
@@ -309,5 +371,6 @@ def shadow_fallbacks(outcomes: dict[str, AttackOutcome]) -> dict[str, str]:
     return out
 
 
-__all__ = ["REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "Queried", "assemble", "attack_result", "query",
-           "ranking", "records_digest", "run_attacks", "run_audit", "shadow_models"]
+__all__ = ["REGISTRY", "Audit", "AuditConfig", "AttackOutcome", "Queried", "assemble", "attack_result",
+           "check_same_records", "evaluation_records", "headline_curves", "query", "ranking", "records_digest",
+           "roc_points", "run_attacks", "run_audit", "run_before_after", "shadow_models"]

@@ -35,8 +35,8 @@ from purifier.errors import ConfigError
 from purifier.models.access import TargetAccess
 
 # the confidence attacks of a sweep, fitted once on the shadows: the metric attacks and NN cost no
-# extra query per setting, RMIA (the strongest on digits: AUC 0.606 undefended, 0.542 under MemGuard
-# at epsilon 1, where the best of the others reads 0.524) asks about its population records too
+# extra query per setting, RMIA (the strongest of them on digits: docs/tune.md's example output,
+# docs/results.md#demo_digits) asks about its population records too
 CONFIDENCE_ATTACKS = ("confidence", "entropy", "mentr", "loss", "nn", "rmia")
 
 
@@ -142,6 +142,7 @@ def point_from_audit(audit: Audit, defense_name: str, setting, clean: np.ndarray
     if not conf:
         raise ConfigError("the sweep ran no confidence attack")
     strongest = Strongest.among(conf)
+    assert strongest is not None  # among attacks, not none
     return SweepPoint(defense_name, setting, setting_label(defense_name, setting), strongest.auc,
                       strongest.tpr_1pct, {a.name: a.attacker.auc for a in conf},
                       ev.output_utility(clean, defended, labels, audit.membership))

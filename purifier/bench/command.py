@@ -122,7 +122,7 @@ def bench_cli(args) -> int:
                      input_name=args.input_name)
     print(format_table(result))
     load_end = load_average()
-    if load_end is not None:
+    if load_start is not None and load_end is not None:
         print(f"load average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end: "
               "other work on this machine inflates latencies", file=sys.stderr)
     if args.json:

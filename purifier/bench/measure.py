@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import threading
 import time
@@ -44,14 +45,22 @@ INPUT_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 TYPED_FIELDS = {"FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 
-def latency_summary(times: Sequence[float]) -> dict:
-    """Per-call seconds -> calls, mean_ms, p50_ms, p99_ms (nearest-rank percentiles)."""
-    ordered = np.sort(np.asarray(times, np.float64))
-    n = len(ordered)
+def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
+    """The nearest-rank q-th percentile (0 < q <= 100): the smallest of the values with at least q%
+    of them at or below it (numpy's `method="inverted_cdf"`), so always a latency that was observed."""
+    ordered = np.sort(np.asarray(values, np.float64))
+    if not 0 < q <= 100 or not len(ordered):
+        raise ValueError(f"percentile {q} of {len(ordered)} values")
+    return float(ordered[max(math.ceil(q * len(ordered) / 100), 1) - 1])
+
+
+def latency_summary(times: Sequence[float] | np.ndarray) -> dict:
+    """Per-call seconds -> calls, mean_ms, p50_ms, p99_ms (`percentile`: nearest rank)."""
+    n = len(times)
     if n == 0:
         return {"calls": 0, "mean_ms": None, "p50_ms": None, "p99_ms": None}
-    return {"calls": n, "mean_ms": 1e3 * float(ordered.mean()), "p50_ms": 1e3 * float(ordered[n // 2]),
-            "p99_ms": 1e3 * float(ordered[min(n - 1, int(0.99 * n))])}
+    return {"calls": n, "mean_ms": 1e3 * float(np.mean(times)), "p50_ms": 1e3 * percentile(times, 50),
+            "p99_ms": 1e3 * percentile(times, 99)}
 
 
 def _messages():
@@ -315,7 +324,7 @@ def run_window(conn: Connection | HttpConnection, payloads: Sequence, concurrenc
     errors: list[Exception] = []
     answer: list[bytes] = []
     probed, started = threading.Barrier(concurrency + 1), threading.Barrier(concurrency + 1)
-    bounds = {}
+    bounds: dict[str, float] = {}
 
     def worker(k: int) -> None:
         times = per_thread[k]
@@ -405,7 +414,8 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
             for c in concurrency:
                 for r in rows:
                     for e, conn in order:
-                        cpu0 = None if e.server_pid is None else process_cpu_seconds(e.server_pid)
+                        pid = e.server_pid
+                        cpu0 = None if pid is None else process_cpu_seconds(pid)
                         times, elapsed, answer, calls = run_window(conn, payloads[e.label, r], c, window,
                                                                    warmup_s if k == 0 else min(warmup_s, 0.2))
                         check_response(e, answer, output, r)
@@ -413,8 +423,8 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                         cell.times += times
                         cell.elapsed += elapsed
                         cell.calls += calls
-                        if cpu0 is not None:
-                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_cpu_seconds(e.server_pid) - cpu0
+                        if pid is not None and cpu0 is not None:
+                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_cpu_seconds(pid) - cpu0
                         if progress is not None:
                             progress(k, e.label, c, r, times)
     finally:

@@ -9,7 +9,11 @@ One format for "a set of labelled records" (fit-defense, audit, and later tune a
 Both are read with numpy and the standard library's csv module (no pandas). Features become
 float32 rows, the datatype every model here is queried with. Validation names the file, the
 row and the fix: shapes, finite values, integer labels, and (`check_model`) a feature count equal
-to the model's input and labels inside the model's classes. Files that must not share a record
+to the model's input and labels inside the model's classes. A record file may come from anyone,
+so reading it is bounded: an `.npz`'s members are size-checked from the zip directory and the
+arrays' own headers before anything is decompressed (a 1.5 MB zip can expand to gigabytes), and
+every way a file can fail to parse (not a zip, a corrupt member, a huge CSV field, bytes that are
+not UTF-8) is one line naming the file and the fix. Files that must not share a record
 (members and non-members; the attacker pool and the evaluation records) are compared by the exact
 bytes of their float32 rows (`shared_rows`); a built-in dataset split is just another `Records`.
 """
@@ -18,15 +22,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from purifier.errors import ConfigError
+from purifier.untrusted import printable
 
 DEFAULT_LABEL_COLUMN = "label"
 FORMATS = (".npz", ".csv")
+# An .npz member may expand past its stored size by at most this factor once it is larger than
+# FREE_BYTES: np.savez stores members uncompressed (factor 1), and real features compressed with
+# np.savez_compressed shrink far less than this, while a zip bomb expands by a thousand or more.
+MAX_EXPANSION, FREE_BYTES = 100, 64 << 20
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,9 @@ def load_records(path: str | Path, label_column: str = DEFAULT_LABEL_COLUMN, fla
         X, y = _read_npz(path, source) if path.suffix.lower() == ".npz" else _read_csv(path, source, label_column)
     except OSError as e:
         raise ConfigError(f"{source}: cannot read the file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: byte {e.start} is not UTF-8 text; save the file as UTF-8 CSV "
+                          "(or as .npz)") from None
     return Records(_features(X, source), _labels(y, source), source)
 
 
@@ -127,19 +140,56 @@ def save_records(path: str | Path, X: np.ndarray, y: np.ndarray, label_column: s
 
 def _read_npz(path: Path, source: str) -> tuple[np.ndarray, np.ndarray]:
     try:
+        _check_npz_sizes(path, source)
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("X", "y") if k not in z.files]
             if missing:
                 raise ConfigError(f"{source}: no array named {' or '.join(missing)} (found: "
                                   f"{', '.join(z.files) or 'none'}); save with np.savez(path, X=features, y=labels)")
             return z["X"], z["y"]
-    except ValueError as e:  # not a zip, or object arrays that would need pickle
-        raise ConfigError(f"{source}: not a readable .npz of numeric arrays ({e})") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # the file is anyone's: numpy's zip and .npy parsers raise many
+        # types on hostile bytes (ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+        # SyntaxError, ...): every one is a file that cannot be read, said in one line
+        raise ConfigError(f"{source}: not a readable .npz of numeric arrays ({type(e).__name__}: {printable(e, 200)}); "
+                          "save with np.savez(path, X=features, y=labels)") from None
+
+
+def _check_npz_sizes(path: Path, source: str) -> None:
+    """Refuse, before decompressing anything, an .npz whose members expand past MAX_EXPANSION times
+    their stored size (beyond FREE_BYTES), or whose array header declares more data than the member holds."""
+    if not zipfile.is_zipfile(path):
+        return  # np.load names what it is instead
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if info.file_size > max(FREE_BYTES, MAX_EXPANSION * info.compress_size):
+                raise ConfigError(f"{source}: member {printable(info.filename, 80)} would expand from "
+                                  f"{info.compress_size:,} to {info.file_size:,} bytes; refused as a likely zip bomb. "
+                                  "Genuine records: save them uncompressed with np.savez(path, X=features, y=labels)")
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as member:  # only the header is decompressed
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            if dtype.hasobject:
+                continue  # np.load refuses it without reading the data
+            declared = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if declared > info.file_size:
+                raise ConfigError(f"{source}: member {printable(info.filename, 80)} declares shape {shape} "
+                                  f"({declared:,} bytes) but holds {info.file_size:,}; the file is corrupt")
 
 
 def _read_csv(path: Path, source: str, label_column: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            rows = list(reader)
+        except csv.Error as e:  # a field beyond the csv module's limit (128 KiB), a NUL byte, ...
+            raise ConfigError(f"{source}: line {reader.line_num}: {printable(e, 200)}; record files hold one "
+                              "number per field") from None
     if not rows:
         raise ConfigError(f"{source}: empty file; expected a header row naming the columns")
     header = [h.strip() for h in rows[0]]

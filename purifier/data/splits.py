@@ -83,7 +83,7 @@ class Splits:
 
     def save(self, directory: Path) -> None:
         npz = directory / "splits.npz"
-        np.savez(npz, **self.indices)
+        np.savez(npz, allow_pickle=False, **self.indices)
         write_json(directory / "splits.json", {
             "dataset": self.dataset,
             "seed": self.seed,

@@ -12,6 +12,7 @@ from pathlib import Path
 from purifier.defenses.base import Defense, FitData, IdentityDefense, Knob, read_defense_manifest
 from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.keyed import load_secret
+from purifier.defenses.no_op import ReferenceSample, refuse_no_op
 from purifier.errors import ArtifactError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ def baseline_defenses() -> dict[str, type[Defense]]:
 
 
 def load_defense(directory: str | Path, secret: bytes | None = None,
-                 model_id: str | None = None, *, check_secret: bool = True) -> Defense:
-    """Load a fitted defense from `directory` (checks hashes, class count, model identity and secret).
+                 model_id: str | None = None, *, check_secret: bool = True, config: dict | None = None) -> Defense:
+    """Load a fitted defense from `directory` (checks hashes, class count, model identity and secret),
+    and refuse it if it changes nothing (`purifier.defenses.no_op`).
 
     Args:
         secret: the PRF key for defenses that use keyed randomness; refused (ConfigError) if it is
@@ -55,6 +57,8 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
         model_id: if given, the sha256 of the model the defense must have been fitted for.
         check_secret: False for a throwaway secret that is meant to differ (an audit in process
             without the served secret: the privacy figures hold for any secret).
+        config: settings to load it with instead of the saved ones (what `purifier tune --write-to`
+            is about to write), checked like the saved ones.
     A defense fitted before defense.json recorded the key check value loads with a WARNING: its
     secret cannot be checked.
     """
@@ -66,11 +70,31 @@ def load_defense(directory: str | Path, secret: bytes | None = None,
         )
     if manifest["defense"] != "none" and check_secret:
         _check_secret(directory, manifest, secret)
+    if config:
+        manifest = {**manifest, "config": {**manifest["config"], **config}}
     cls = defense_class(manifest["defense"])
     defense = cls.from_manifest(Path(directory), manifest, secret)
     if isinstance(manifest.get("fingerprint"), dict):  # defenses fitted before fingerprints have none
         defense.fingerprint = Fingerprint.load(Path(directory), manifest["fingerprint"])
+    defense.reference_sample = _reference_sample(Path(directory), manifest, defense)
+    refuse_no_op(defense, defense.reference_sample, str(directory),
+                 f"refit it with a setting that changes them, or write one into it with purifier tune "
+                 f"{defense.name} --write-to {directory}")
     return defense
+
+
+def _reference_sample(directory: Path, manifest: dict, defense: Defense) -> ReferenceSample | None:
+    """The saved reference sample; for directories fitted before it existed, the fingerprint's rows.
+    A defense (other than `none`) with neither is refused: the no-op rule must not be skipped by
+    deleting the rows it is checked on."""
+    if isinstance(manifest.get("reference_sample"), dict):
+        return ReferenceSample.load(directory, manifest["reference_sample"])
+    fp = defense.fingerprint
+    if fp is None and defense.name != "none":
+        raise ConfigError(f"{directory}: defense.json lists no reference sample (nor fingerprint) to check that the "
+                          f"{defense.name} defense changes the model's answers (written by hand, or edited); refit it "
+                          f"with purifier fit-defense {defense.name}")
+    return None if fp is None else ReferenceSample(fp.probs, fp.inputs if defense.needs_inputs else None)
 
 
 def _check_secret(directory, manifest: dict, secret: bytes | None) -> None:

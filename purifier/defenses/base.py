@@ -36,6 +36,7 @@ from purifier.artifacts import (
     write_json,
 )
 from purifier.defenses.fingerprint import Fingerprint
+from purifier.defenses.no_op import ReferenceSample, refuse_no_op
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
 
@@ -136,6 +137,20 @@ def finalize(clean: np.ndarray, defended: np.ndarray, keep_label: np.ndarray | N
     return out
 
 
+def softmaxed_probabilities(q: np.ndarray, tol: float = 1e-6) -> bool:
+    """True if every row of `q` (N, C), a softmax output, is the softmax of a probability vector:
+    what `--logits` makes of an output that already holds probabilities.
+
+    A softmax drops one constant per row, so its input z comes back as log q + c; z can have been
+    a probability vector iff log q - mean(log q) + 1/C (the candidate with the sum 1) is
+    non-negative. Real logits, which spread by far more than 1/C below their mean, never pass on
+    every row."""
+    if not len(q):
+        return False
+    logq = np.log(np.clip(np.asarray(q, np.float64), np.finfo(np.float64).tiny, None))
+    return bool((logq - logq.mean(axis=1, keepdims=True) + 1.0 / q.shape[1] >= -tol).all())
+
+
 @dataclass(frozen=True)
 class FitData:
     """What a defense may be fitted on: the target's outputs with known membership.
@@ -174,7 +189,7 @@ class FitData:
             members, reference: `purifier.data.records.Records` (X (N, D), y (N,)).
         Raises ConfigError if the model does not answer probability vectors.
         """
-        from purifier.errors import ConfigError
+        from purifier.models.access import not_probabilities
 
         probs = []
         for records in (members, reference):
@@ -182,9 +197,12 @@ class FitData:
             try:
                 check_probabilities(p)
             except InvalidProbabilities as e:
-                raise ConfigError(f"{getattr(model, 'description', 'the model')} does not answer probabilities on "
-                                  f"{records.source} ({e}); if the output holds logits pass --logits, else choose "
-                                  "the probabilities output with --output-name") from None
+                raise not_probabilities(f"{getattr(model, 'description', 'the model')}, on {records.source},",
+                                        str(e)) from None
+            if getattr(model, "logits", False) and softmaxed_probabilities(p):
+                raise ConfigError(f"--logits: {getattr(model, 'description', 'the model')} already answers "
+                                  f"probability vectors on {records.source} (rows non-negative and summing to 1 "
+                                  "before the softmax), which --logits would flatten toward uniform; drop --logits")
             probs.append(p)
         return cls(probs[0], probs[1], members.X, reference.X, members.y, reference.y,
                    getattr(model, "model_id", "") or "")
@@ -211,7 +229,7 @@ class Knob:
     def parse(self, text: str, flag: str = "--grid") -> list:
         """A comma-separated grid from the command line, weakest first (the values themselves are
         checked by the defense's own constructor, `Defense.with_budget`)."""
-        values = []
+        values: list = []
         for item in (s.strip() for s in text.split(",")):
             if not item:
                 continue
@@ -247,19 +265,26 @@ class Defense(abc.ABC):
         model_id: identity of the protected model (the ONNX sha256), or "" if unbound.
         fingerprint: probe inputs and the fitted model's answers (`purifier.defenses.fingerprint`),
             set by `fit` from the reference set and saved with the defense; None for unfitted ones.
+        reference_sample: reference rows the defense was fitted on (`purifier.defenses.no_op`),
+            set by `fit` and saved with the defense, which `save` and `load_defense` apply to
+            refuse a setting that changes nothing; None for unfitted ones.
         knob: the budget a sweep tunes (`Knob`), None for a defense without one.
         baseline_grid: the settings at which it stands on every tune curve as a simple alternative
             (`(None,)`: its one setting); empty for a defense that is not a baseline.
     """
 
     name: ClassVar[str]
-    needs_inputs: ClassVar[bool] = False
     knob: ClassVar[Knob | None] = None
     baseline_grid: ClassVar[tuple] = ()
 
     n_classes: int | None = None
     model_id: str = ""
     fingerprint: Fingerprint | None = None
+    reference_sample: ReferenceSample | None = None
+
+    @property
+    def needs_inputs(self) -> bool:
+        return False
 
     def __init__(self, *, secret: bytes | None = None):
         """Every defense is constructible with keyword hyper-parameters that all have defaults,
@@ -271,6 +296,8 @@ class Defense(abc.ABC):
         self.n_classes = data.n_classes
         self.model_id = data.model_id
         self.fingerprint = Fingerprint.from_rows(data.reference_inputs, data.reference_probs)
+        self.reference_sample = ReferenceSample.from_rows(data.reference_probs,
+                                                          data.reference_inputs if self.needs_inputs else None)
         return self
 
     def fit_summary(self, data: FitData) -> tuple[dict, list[str]]:
@@ -345,13 +372,16 @@ class Defense(abc.ABC):
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write the defense atomically (missing parent directories are created): state files
         plus `defense.json` with hashes and the key check value of the secret (`secret_check`),
-        which binds the defense to that secret. Every defense but `none` needs its secret here."""
+        which binds the defense to that secret. Every defense but `none` needs its secret here.
+        A setting that leaves the reference sample unchanged is refused (`no_op.refuse_no_op`)."""
         from purifier.artifacts import sha256_file
         from purifier.defenses.keyed import GENERATE_SECRET, key_check_value
 
         if self.name != "none" and self.secret is None:
             raise ConfigError(f"secret: a fitted {self.name} defense is bound to the PRF secret it will be served "
                               f"with; construct it with secret=load_secret(...) (make one with {GENERATE_SECRET})")
+        refuse_no_op(self, self.reference_sample, str(directory),
+                     f"choose a setting that changes them (purifier tune {self.name} measures what each costs and buys)")
         Path(directory).resolve().parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(directory) as tmp:
             files = self._save_arrays(tmp)
@@ -359,13 +389,16 @@ class Defense(abc.ABC):
             if self.fingerprint is not None:
                 written, identity["fingerprint"] = self.fingerprint.save(tmp)
                 files = [*files, *written]
+            if self.reference_sample is not None:
+                written, identity["reference_sample"] = self.reference_sample.save(tmp)
+                files = [*files, *written]
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "defense": self.name,
                 "config": self.config(),
                 "n_classes": self.n_classes,
                 "model_id": self.model_id,
-                **({"secret_check": key_check_value(self.secret)} if self.name != "none" else {}),
+                **({"secret_check": key_check_value(self.secret)} if self.secret is not None and self.name != "none" else {}),
                 "files": {f: sha256_file(tmp / f) for f in files},
                 "versions": library_versions(),
                 **identity,

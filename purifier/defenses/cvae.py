@@ -118,7 +118,7 @@ def train_cvae(probs: np.ndarray, *, epochs: int, lr: float, lam: float, kl_weig
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if disc is not None:
+            if disc is not None and opt_d is not None:
                 real, fake = torch.sort(s, dim=1).values, fake.detach()
                 d_loss = bce(disc(real), torch.ones(len(s), 1, device=dev)) + \
                     bce(disc(fake), torch.zeros(len(s), 1, device=dev))

@@ -8,8 +8,15 @@ vectors on them. Whoever serves the defense asks the model the same questions an
 answers; a different model with the same class count answers differently and is refused.
 
 The sidecar asks these questions again at random times while it serves, a few rows at a time,
-in requests that look like any client's: the more rows are stored, the less an upstream can
-learn which inputs are questions. Defenses fit 64 rows; those fitted before kept 8 and still load.
+in requests that look like any client's. The rows are split in two (`check_rows`, `probe_rows`):
+the check after every (re)connection, which an upstream can recognise (it follows a ModelMetadata
+call), asks only the first few; the probes while serving draw from the others, which no check
+ever hands over, so an upstream that remembers what the check asked learns nothing about the
+probes. Probes take each probe row once before any row comes back, so an upstream that remembers
+inputs and answers the ones it sees again with the fitted model is still caught by each row's
+first use: the more rows are stored, the longer that lasts. Defenses fit 256 rows (8 for the
+check, 248 for probes); those fitted before kept 64 (8 and 56) or 8 (4 and 4) and still load,
+with a probe pool that is used up (every row seen once) 4 or 60 times sooner.
 
 Arrays: inputs (K, D) float32; probs (K, C) float64 probability rows (after a softmax when the
 model answers logits).
@@ -25,7 +32,8 @@ import numpy as np
 from purifier.errors import ArtifactError
 
 FILE = "fingerprint.npz"
-DEFAULT_ROWS = 64
+DEFAULT_ROWS = 256
+CHECK_ROWS = 8  # rows the (re)connect check asks; at most half of a fingerprint's
 # Largest absolute difference between stored and fresh probabilities that still counts as the same
 # model: FP32 versus FP64 serving of one model differs by ~1e-7; another model with the same
 # classes (even the same recipe retrained with another seed) differs by far more than 1e-3.
@@ -50,6 +58,18 @@ class Fingerprint:
         """Pick `rows` evenly spaced rows of (R, D) inputs and their (R, C) model outputs."""
         idx = np.unique(np.linspace(0, len(inputs) - 1, min(rows, len(inputs))).round().astype(np.int64))
         return cls(np.ascontiguousarray(inputs[idx], np.float32), np.asarray(probs[idx], np.float64), tolerance)
+
+    def check_rows(self, batch: int | None = None) -> np.ndarray:
+        """(k,) indices of the rows the model check after a (re)connection asks: the first
+        CHECK_ROWS (at most half of them), or `batch` rows for a model with a fixed batch size."""
+        k = max(min(CHECK_ROWS, len(self.inputs) // 2), 1)
+        return np.arange(min(max(k, batch or 0), len(self.inputs)))
+
+    def probe_rows(self, batch: int | None = None) -> np.ndarray:
+        """(m,) indices the identity probes draw from: every row the check does not ask, unless
+        they are fewer than a fixed `batch` (then all rows, the check's too)."""
+        rest = np.arange(len(self.check_rows(batch)), len(self.inputs))
+        return rest if len(rest) >= (batch or 1) else np.arange(len(self.inputs))
 
     @property
     def n_features(self) -> int:

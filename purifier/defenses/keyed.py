@@ -15,16 +15,19 @@ Without the secret the outputs are unpredictable; with it they are reproducible.
 strong (`load_secret` refuses short, repeated, sequential or dictionary-like ones), and a fitted
 defense is bound to it: its `defense.json` records the secret's key check value
 (`key_check_value`), and loading it with another secret is refused. The per-row HMAC
-is a Python-level loop over rows (about 1 microsecond each), which is the price of a standard,
-auditable PRF; everything after the digests is vectorized.
+is a Python-level loop over rows, which is the price of a standard, auditable PRF; everything
+after the digests is vectorized.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import hmac
 import math
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +62,7 @@ class KeyedPRF:
         prefix.update(purpose.encode() + b"\x00" + str(rows.shape[1]).encode() + b"\x00")
         n = rows.shape[0]
         out = bytearray(32 * blocks * n)
-        view = memoryview(rows).cast("B")
+        view = rows.data.cast("B")
         width = rows.shape[1] * 8
         pos = 0
         for i in range(n):
@@ -99,8 +102,8 @@ MIN_SECRET_BITS = 72
 GENERATE_SECRET = "head -c 32 /dev/urandom | base64 > secret.txt"
 KEY_CHECK_LABEL = b"purifier-key-check-v1"
 
-# Words people put in secrets they choose by hand (matched case-insensitively); a longer,
-# general English word is caught by the letter-run rule of `guess_bits`.
+# Words people put in secrets they choose by hand (matched case-insensitively, in any script); a
+# longer word of a language is caught by the letter-run rule of `guess_bits`.
 COMMON_WORDS = frozenset("""
 password passwd pass secret secrets changeme change default admin root user login letmein welcome hello
 master monkey dragon qwerty qwertz azerty iloveyou princess sunshine shadow football baseball superman
@@ -108,24 +111,72 @@ batman trustno1 test testing example sample demo key keys token private purifier
 production prod staging dev local localhost abc xyz foo bar baz qux hunter summer winter spring autumn
 love god money freedom whatever nothing access company secure security internal dummy temp insecure
 unsafe please notsecret mysecret mykey apikey api hmac prf salt pepper sha256 base64 random
+passwort geheim kennwort motdepasse contraseña segreto senha wachtwoord hasło пароль секрет ключ
 """.split())
+# Sentences everyone knows (pangrams, placeholder text, quotations, the passphrase of the xkcd comic):
+# each is one guess from a short list, however many words it has. Matched case-insensitively with
+# any separators between the words (or none).
+WELL_KNOWN_PHRASES = (
+    "the quick brown fox jumps over the lazy dog", "the five boxing wizards jump quickly",
+    "pack my box with five dozen liquor jugs", "sphinx of black quartz judge my vow",
+    "how vexingly quick daft zebras jump", "jackdaws love my big sphinx of quartz",
+    "lorem ipsum dolor sit amet consectetur adipiscing elit", "correct horse battery staple",
+    "to be or not to be that is the question", "may the force be with you", "hello world",
+    "all your base are belong to us", "open sesame", "i am the walrus", "the cake is a lie",
+    "franz jagt im komplett verwahrlosten taxi quer durch bayern",
+    "voix ambiguë d'un cœur qui au zéphyr préfère les jattes de kiwis",
+    "съешь же ещё этих мягких французских булок да выпей чаю",
+)
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm", "1234567890", "qazwsxedcrfvtgbyhnujmikolp",
-                 "1qaz2wsx3edc4rfv5tgb6yhn")
+                 "1qaz2wsx3edc4rfv5tgb6yhn", "йцукенгшщзхъ", "фывапролджэ", "ячсмитьбю")
 _VOWELS = frozenset("aeiouyAEIOUY")
 _SEPARATORS = frozenset(" -_.")
 _MAX_PATTERN = 32      # longest single pattern considered (bounds the work)
 _MAX_ANALYZED = 128    # characters analyzed; a longer secret is judged by its first 128
+_PHRASES = re.compile("|".join(r"[\W_]*".join(map(re.escape, re.findall(r"\w+", phrase)))
+                               for phrase in WELL_KNOWN_PHRASES), re.IGNORECASE)
+# Letters of one script (per Unicode name's first word) a random string over that script draws from:
+# about 64 for an alphabet (both cases, accents), the common ideographs or syllables otherwise.
+_SCRIPT_SIZES = {"CJK": 2**14, "HANGUL": 11172}
+
+
+def _as_text(secret: bytes) -> str | None:
+    """The characters a person wrote, whatever the file's encoding (a BOM, UTF-16 as Windows tools
+    write it, UTF-8), or None for bytes that are not printable text (random binary secrets)."""
+    candidates = []
+    for bom, codec in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+                       (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
+                       (codecs.BOM_UTF16_BE, "utf-16")):
+        if secret.startswith(bom):
+            candidates = [codec]
+            break
+    else:
+        # UTF-16 without a BOM: text of one or two scripts keeps the high byte of every character
+        # within two values (NUL for ASCII); random bytes almost never do.
+        for codec, high in (("utf-16-le", secret[1::2]), ("utf-16-be", secret[0::2])):
+            if len(secret) % 2 == 0 and len(set(high)) <= 2:
+                candidates.append(codec)
+        candidates.append("utf-8")
+    for codec in candidates:
+        try:
+            text = secret.decode(codec).strip()
+        except UnicodeDecodeError:
+            continue
+        if text and text.isprintable():
+            return text
+    return None
 
 
 def _alphabet_bits(text: str) -> float:
     """Bits per character of a random string over the character classes `text` uses."""
-    if any(not 32 <= ord(c) <= 126 for c in text):
-        return 8.0  # binary
-    if all(c in "0123456789abcdef" for c in text) or all(c in "0123456789ABCDEF" for c in text):
+    if all(32 <= ord(c) <= 126 for c in text) and (
+            all(c in "0123456789abcdef" for c in text) or all(c in "0123456789ABCDEF" for c in text)):
         return 4.0  # hex
     size = sum(n for chars, n in (("0123456789", 10), ("abcdefghijklmnopqrstuvwxyz", 26),
                                   ("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 26)) if any(c in chars for c in text))
-    size += 33 * any(not c.isalnum() for c in text)
+    size += 33 * any(ord(c) < 127 and not c.isalnum() for c in text)
+    scripts = {unicodedata.name(c, "OTHER").split()[0] for c in text if ord(c) > 126}
+    size += sum(_SCRIPT_SIZES.get(script, 64) for script in scripts)
     return math.log2(max(size, 2))
 
 
@@ -133,16 +184,20 @@ def guess_bits(secret: bytes) -> tuple[float, list[str]]:
     """A conservative estimate of how many bits an attacker needs to guess `secret`, and the
     patterns that lowered it.
 
-    The cheapest split of the secret into pieces, each priced by the simplest way to produce it
-    (the minimum-description idea behind password-strength meters such as zxcvbn): a character
-    at the bits of its character classes (4 for hex, about 6 for base64, 8 for binary); a run of
-    one character, a piece seen earlier in the secret, a sequence ("0123", "fedc"), a common
-    word, a keyboard row: a few bits each; an English-looking letter run (one case pattern, with
-    a vowel): 2 bits a letter; a separator (space, "-", "_", "."): 2 bits. Random secrets lose
-    little to chance patterns; chosen ones lose most of their length.
+    The secret is judged as the characters a person wrote (decoded from UTF-8, or UTF-16 with or
+    without a BOM), so an encoding adds nothing; bytes that are not text are judged as bytes. The
+    cheapest split of it into pieces, each priced by the simplest way to produce it (the
+    minimum-description idea behind password-strength meters such as zxcvbn): a character at the
+    bits of its character classes (4 for hex, about 6 for base64, 8 for binary bytes, more for a
+    script's letters); a run of one character, a piece seen earlier in the secret, a sequence
+    ("0123", "fedc"), a common word, a keyboard row, a well-known sentence: a few bits each; a
+    letter run that reads like a word (one case pattern, with a vowel when in ASCII; any script):
+    2 bits a letter; a separator (space, "-", "_", "."): 2 bits. Random secrets lose little to
+    chance patterns; chosen ones lose most of their length.
     """
-    text = secret[:_MAX_ANALYZED].decode("latin-1")
-    n, per = len(text), _alphabet_bits(text)
+    decoded = _as_text(secret)
+    text = (decoded if decoded is not None else secret.decode("latin-1"))[:_MAX_ANALYZED]
+    n, per = len(text), (8.0 if decoded is None else _alphabet_bits(text))
     best = [0.0] + [math.inf] * n
     how: list[tuple[int, str]] = [(0, "")] * (n + 1)  # (start of the last piece, its pattern)
     for i in range(n):
@@ -157,14 +212,25 @@ def guess_bits(secret: bytes) -> tuple[float, list[str]]:
     return best[n], kinds[::-1]
 
 
+def _reads_like_a_word(piece: str) -> bool:
+    if not piece.isalpha():
+        return False
+    if piece.isascii() and not any(c in _VOWELS for c in piece):
+        return False
+    uncased = not any(c.islower() or c.isupper() for c in piece)
+    return uncased or piece.islower() or piece.isupper() or (piece[0].isupper() and piece[1:].islower())
+
+
 def _pieces(text: str, i: int, per: float):
     """(end, bits, pattern) of every priced piece of `text` starting at i (`guess_bits`)."""
     yield i + 1, (2.0 if text[i] in _SEPARATORS and per < 8 else per), ""
+    phrase = _PHRASES.match(text, i)
+    if phrase and phrase.end() > i:
+        yield phrase.end(), math.log2(len(WELL_KNOWN_PHRASES)) + 2, "well-known sentences"
     low = text.lower()
     for j in range(i + 3, min(len(text), i + _MAX_PATTERN) + 1):
         piece, length = text[i:j], j - i
-        if piece.isalpha() and any(c in _VOWELS for c in piece) and (
-                piece.islower() or piece.isupper() or (piece[0].isupper() and piece[1:].islower())):
+        if _reads_like_a_word(piece):
             yield j, 2.0 * length + (not piece.islower()), "words"
         if len(set(piece)) == 1:
             yield j, per + math.log2(length), "repeats"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,15 +37,17 @@ from purifier.defenses.phase1 import Phase1Solver
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
 
+if TYPE_CHECKING:
+    from purifier.defenses.phase1_faithful import TorchMLP
+
 MODES = ("fast", "faithful")
 OPTIMIZERS = ("sgd", "adam")
 WEIGHTS_FILE = "membership_classifier.npz"
-# Default utility budget, chosen by measurement (benchmarks/bench_privacy_utility.py, digits, 4
-# shadow models): balanced accuracy with shadow-fitted thresholds already reads 0.500 from eps
-# 0.03, but only because the noise breaks the attacker's thresholds; the threshold-free AUC of the
-# best attack is 0.588 undefended, 0.550 at eps 0.1, 0.531 at 0.3 and 0.522 at 1.0 (gap floor
-# 0.515). 1.0 is the setting that brings the signal itself to the floor, at a realized mean L1 of
-# 0.041 (Phase I distortion is small, so a large budget rarely binds).
+# Default utility budget, chosen by measurement (benchmarks/bench_privacy_utility.py,
+# docs/results.md#privacy_utility_digits): the setting that brings the best attack's threshold-free
+# AUC to the label-only floor on digits. Balanced accuracy with shadow-fitted thresholds reaches 0.5
+# at far smaller budgets, but only because the noise breaks the attacker's thresholds, not the
+# signal. Phase I's distortion is small, so a large budget rarely binds.
 DEFAULT_EPSILON = 1.0
 # Rows per Phase I call: bounds the solver's working memory (onnxruntime keeps its arena at the
 # largest call's size) at 1,000 classes and 100,000-row batches; past ~64 rows a row costs the same.
@@ -61,8 +64,8 @@ class MemGuard(Defense):
             the faithful solver; the fast solver runs on the CPU unless `serve_on` says otherwise.
         epochs, batch_size, lr, optimizer: training of the defender's classifier. The original
             schedule is `optimizer="sgd", epochs=400` (lr 0.001, batch 64); the default is Adam
-            for 50 epochs (same lr and batch), 8x fewer steps: on the shared, loaded 2-core
-            development machine the original schedule did not finish a digits fit in 5 minutes.
+            for 50 epochs (same lr and batch), 8x fewer steps, because the original schedule
+            makes a fit too slow to run on a small, shared machine.
         seed: initialisation and shuffling seed of the classifier.
         secret: the PRF key for the release coin (required before `transform`).
     """
@@ -94,7 +97,7 @@ class MemGuard(Defense):
         self.seed = int(seed)
         self.classifier: MembershipClassifier | None = None
         self._prf: KeyedPRF | None = None
-        self._torch_mlp = None  # the faithful solver's torch copy of h, built on first use
+        self._torch_mlp: TorchMLP | None = None  # the faithful solver's torch copy of h, built on first use
         self._solver: Phase1Solver | None = None  # the fast solver's graphs of h (built on load or first use)
         self.serve_device = "cpu"  # where the fast solver runs (serve_on)
 
@@ -111,6 +114,8 @@ class MemGuard(Defense):
         """The defender classifier's accuracy on its training data and what the defense does to the
         reference set (Phase I success, distortion, release rate): for defense.json and the CLI."""
         h = self.classifier
+        if h is None:
+            raise DefenseError("MemGuard is not fitted: call fit() first")
         member_ok = h.predict_member(data.member_probs)
         reference_ok = ~h.predict_member(data.reference_probs)
         train_acc = 0.5 * (member_ok.mean() + reference_ok.mean())
@@ -197,7 +202,7 @@ class MemGuard(Defense):
     def _save_arrays(self, directory: Path) -> list[str]:
         if self.classifier is None:
             raise DefenseError("MemGuard is not fitted: nothing to save")
-        np.savez(directory / WEIGHTS_FILE, **self.classifier.arrays)
+        np.savez(directory / WEIGHTS_FILE, allow_pickle=False, **self.classifier.arrays)
         return [WEIGHTS_FILE]
 
     def _load_arrays(self, directory: Path) -> None:

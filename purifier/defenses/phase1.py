@@ -64,15 +64,16 @@ N_GRID = len(GRID_PREDICTED) + len(GRID_ABSOLUTE)
 # Bisection levels on the chosen path: the crossing to 2**-8 of its grid bracket (~0.6% of t).
 LEVELS = 8
 # Bisection levels settled per pass of h: 3 speculative probes settle 2 levels, so 4 passes of 3
-# probes instead of 8 passes of 1. A pass's fixed cost in onnxruntime (about 40 nodes) makes this
-# the faster schedule for the small batches that dominate serving (about 15% at one row, 5-10%
-# slower from 64 rows); one schedule for every batch size is one session to build at start-up.
+# probes instead of 8 passes of 1. Each pass has a fixed cost in onnxruntime (about 40 nodes), so
+# this is the faster schedule for the small batches that dominate serving, at a few percent more
+# work on large ones; one schedule for every batch size is one session to build at start-up.
 LEVELS_PER_PASS = 2
 N_PATHS = 3
 F64 = np.float64
-# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the probes are most of the work); h0, its gradient, the paths and the released vectors
-# are float64. A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the
-# EARLY_EXIT band (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
+# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the
+# probes are most of the work); h0, its gradient, the paths and the released vectors are float64.
+# A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the EARLY_EXIT band
+# (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
 PROBE_DTYPE, PROBE_ONNX_TYPE = np.float32, 1
 
 
@@ -96,8 +97,11 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
 class _Ops:
     """The graph vocabulary the search is written in: numpy-like helpers over a GraphBuilder."""
 
+    n: str  # the row count N as a graph value, once `build_graph` has the input
+
     def __init__(self, g: GraphBuilder, h: MembershipClassifier):
-        self.g, self.c, self._consts = g, h.n_classes, {}
+        self.g, self.c = g, h.n_classes
+        self._consts: dict[tuple, str] = {}
         a = h.arrays
         # h0 and its gradient in float64; the probes in PROBE_DTYPE (x @ W.T + b as Gemm)
         self.wt = [self.k(a[f"w{i}"].T) for i in (1, 2, 3)]
@@ -189,7 +193,12 @@ class _Ops:
 
     def crossed(self, vectors: str, h0: str, lead: tuple[int, ...]) -> str:
         """Sorted vectors (N, *lead, C) -> (N, *lead) bool: h's sign flipped versus h0 (N, 1)."""
-        a = self.Cast(self.Reshape(vectors, self.i(-1, self.c)), to=PROBE_ONNX_TYPE)
+        a = self.Reshape(vectors, self.i(-1, self.c))
+        # probabilities below float32's smallest normal (common in confident rows) would become
+        # subnormal numbers, which some CPUs multiply far more slowly: a timing difference
+        # between confident and unsure rows. They go to 0 (a change far below h's resolution).
+        tiny = self.k(float(np.finfo(PROBE_DTYPE).tiny))
+        a = self.Cast(self.Where(self.Less(a, tiny), self.k(0.0), a), to=PROBE_ONNX_TYPE)
         for w, b in zip(self.probe_wt, self.probe_b, strict=True):
             a = self.Relu(self.Gemm(a, w, b))
         out = self.f64(self.Add(self.sum(self.Mul(a, self.probe_w4), 2, HIDDEN[-1]), self.probe_b4))  # (M, 1)

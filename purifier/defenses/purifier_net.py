@@ -24,15 +24,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from purifier.defenses import label_swap
 from purifier.defenses.base import Defense, FitData, Knob
 from purifier.defenses.keyed import KeyedPRF
+from purifier.defenses.no_op import ReferenceSample
 from purifier.defenses.repair import blend_to_budget, repair_top
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, DefenseError
+
+if TYPE_CHECKING:
+    from purifier.defenses.cvae import CVAE
+    from purifier.models.onnx_runner import OnnxClassifier
 
 ONNX_FILE, INDEX_FILE = "reformer.onnx", "member_index.npy"
 NOISE_MODES = ("keyed", "mean")
@@ -76,9 +82,9 @@ class PurifierNet(Defense):
         for field, value in (("epochs", epochs), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ConfigError(f"{field}: must be a positive integer, got {value}")
-        for field, value in (("lr", lr), ("lam", lam), ("kl_weight", kl_weight), ("beta", beta)):
-            if not value >= 0:
-                raise ConfigError(f"{field}: must be >= 0, got {value}")
+        for field, rate in (("lr", lr), ("lam", lam), ("kl_weight", kl_weight), ("beta", beta)):
+            if not rate >= 0:
+                raise ConfigError(f"{field}: must be >= 0, got {rate}")
         self.epochs, self.lr, self.batch_size, self.seed = int(epochs), float(lr), int(batch_size), int(seed)
         self.lam, self.kl_weight, self.beta = float(lam), float(kl_weight), float(beta)
         self.noise, self.budget, self.label_swap = noise, budget, bool(label_swap)
@@ -88,8 +94,8 @@ class PurifierNet(Defense):
         self.realized_swap_fraction: float | None = None
         self.member_index = np.zeros(0, np.uint64)
         self.latent_dim = 0
-        self.model = None  # the torch CVAE, present only after fit (parity checks)
-        self._session = None
+        self.model: CVAE | None = None  # the torch CVAE, present only after fit (parity checks)
+        self._session: OnnxClassifier | None = None
         self._session_device = device
         self._onnx_bytes: bytes | None = None
         self.fit_report: dict = {}
@@ -158,6 +164,8 @@ class PurifierNet(Defense):
         self.key_check = label_swap.key_check(prf)
         self.realized_swap_fraction = len(self.member_index) / max(1, len(data.member_inputs))
         self.n_features = int(data.member_inputs.shape[1])
+        # the no-op check applies the defense to reference rows: with the swapper, their inputs too
+        self.reference_sample = ReferenceSample.from_rows(data.reference_probs, data.reference_inputs)
         return self
 
     def with_options(self, *, noise: str | None = None, budget: float | None = None,
@@ -171,8 +179,8 @@ class PurifierNet(Defense):
             if value is not None:
                 cfg[key] = value
         twin = PurifierNet(**cfg, secret=self.secret if secret is None else secret)
-        for attr in ("n_classes", "model_id", "fingerprint", "n_features", "latent_dim", "model", "_session",
-                     "_session_device", "_onnx_bytes",
+        for attr in ("n_classes", "model_id", "fingerprint", "reference_sample", "n_features", "latent_dim", "model",
+                     "_session", "_session_device", "_onnx_bytes",
                      "fit_report", "member_index", "key_check", "realized_swap_fraction"):
             setattr(twin, attr, getattr(self, attr))
         return twin

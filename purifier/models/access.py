@@ -17,14 +17,21 @@ inference threat model: Shokri et al. 2017; label-only access: Choquette-Choo et
 from __future__ import annotations
 
 import abc
+import re
 import socket
 from pathlib import Path
 
 import numpy as np
 
 from purifier.errors import ConfigError
+from purifier.probabilities import softmax
+from purifier.untrusted import printable
 
 DEFAULT_BATCH = 512
+# a refusal for size names its limit: Triton "batch-size must be <= 256", the sidecar "the limit is 4096"
+SIZE_LIMIT = re.compile(r"(?:<=|limit is|at most|maximum(?: batch size)?(?: is)?|max_batch_size(?: is)?)\s*(\d+)",
+                        re.IGNORECASE)
+SIZE_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
 FLOAT_TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16"}
 WIRE_DTYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 
@@ -78,10 +85,10 @@ class TargetAccess(abc.ABC):
         self.close()
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    from scipy.special import softmax
-
-    return softmax(np.asarray(logits, np.float64), axis=1)
+def not_probabilities(where: str, problem: str) -> ConfigError:
+    """The one message for a model output that is not probability vectors, with both fixes."""
+    return ConfigError(f"{where} does not answer probability vectors ({problem}); if the output holds logits pass "
+                       "--logits, else choose the probabilities output with --output-name")
 
 
 class OnnxTarget(TargetAccess):
@@ -120,7 +127,7 @@ class OnnxTarget(TargetAccess):
             raise ConfigError(f"--model {path}: the graph has {len(inputs)} inputs; Purifier needs one (N, D) input")
         width = inputs[0].shape[-1] if inputs[0].shape else None
         self.n_features = width if isinstance(width, int) and width > 0 else None
-        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type), np.float32)
+        self._in_dtype = WIRE_DTYPES.get(FLOAT_TYPES.get(inputs[0].type, ""), np.float32)
         outputs = {o.name: o for o in session.get_outputs()}
         floats = [n for n, o in outputs.items() if o.type in FLOAT_TYPES]
         if output_name is None:
@@ -155,7 +162,7 @@ class OnnxTarget(TargetAccess):
         for i in range(0, len(X), self.batch):
             xb = X[i:i + self.batch]
             p = self._clf.run(xb.astype(self._in_dtype, copy=False), outputs=[self.output_name])[self.output_name]
-            p = _softmax(p) if self.logits else p
+            p = softmax(p) if self.logits else p
             if self.defense is not None:
                 p = self.defense.transform(p, xb if self.defense.needs_inputs else None)
             outs.append(np.asarray(p, np.float64))
@@ -213,6 +220,7 @@ class RemoteTarget(TargetAccess):
         self._grpcclient, self._exc = grpcclient, InferenceServerException
         self.endpoint, self.model_name, self.batch, self.timeout_s = parse_endpoint(endpoint), model_name, batch, timeout_s
         self.logits = logits
+        self.refused: list[str] = []  # requests the server refused for their size, and why
         self.description = f"endpoint {endpoint} model {model_name!r}"
         if (tls_cert is None) != (tls_key is None):
             raise ConfigError("--tls-cert and --tls-key: mutual TLS needs both the client certificate and its key")
@@ -283,11 +291,14 @@ class RemoteTarget(TargetAccess):
                 next(iter(outputs)) if len(outputs) == 1 else None)
             if output_name is None:
                 raise ConfigError(f"model {self.model_name!r} has several outputs; choose one with "
-                                  f"--output-name from: {', '.join(outputs)}")
+                                  f"--output-name from: {', '.join(printable(o, 80) for o in outputs)}")
         if outputs and output_name not in outputs:
             raise ConfigError(f"output {output_name!r} is not an output of model {self.model_name!r}; "
-                              f"choose one of: {', '.join(outputs)}")
+                              f"choose one of: {', '.join(printable(o, 80) for o in outputs)}")
         self.output_name = output_name  # None: the model declares no outputs; take the only one answered
+        self.max_batch_size = self._max_batch_size()
+        if self.max_batch_size:
+            self.batch = min(self.batch, self.max_batch_size)
         shape = outputs.get(output_name)
         served = int(shape[-1]) if shape and int(shape[-1]) > 0 else None
         if served is None:  # dynamic or undeclared class axis: ask once
@@ -297,10 +308,20 @@ class RemoteTarget(TargetAccess):
                               f"the records have {n_classes}")
         self.n_classes = served
 
+    def _max_batch_size(self) -> int | None:
+        """The model's `max_batch_size` from ModelConfig (Triton, the sidecar), None when the server
+        has no such call (MLServer) or declares none (0)."""
+        try:
+            cfg = self._client.get_model_config(self.model_name, headers=self._headers, client_timeout=self.timeout_s)
+        except self._exc:
+            return None
+        size = int(getattr(getattr(cfg, "config", None), "max_batch_size", 0) or 0)
+        return size if size > 0 else None
+
     def _served_models(self) -> str:
         try:
             index = self._client.get_model_repository_index(headers=self._headers, client_timeout=self.timeout_s)
-            names = sorted({m.name for m in index.models})
+            names = sorted({printable(m.name, 80) for m in index.models})
             return ", ".join(names) if names else "(none listed)"
         except self._exc:
             return "(the server does not list its models)"
@@ -313,25 +334,51 @@ class RemoteTarget(TargetAccess):
             res = self._client.infer(self.model_name, [inp], outputs=outs, headers=self._headers,
                                      client_timeout=self.timeout_s)
         except self._exc as e:
-            raise ConfigError(f"{self.description}: inference failed ({_first_line(e)})") from None
+            text = _first_line(e)
+            if len(X) > 1 and any(code in str(e.status() or "") for code in SIZE_CODES):
+                m = SIZE_LIMIT.search(text)
+                limit = int(m.group(1)) if m and 0 < int(m.group(1)) < len(X) else len(X) // 2
+                raise _TooLarge(limit, text) from None
+            raise ConfigError(f"{self.description}: inference failed ({text})") from None
         if self.output_name is None:
             answered = [o.name for o in res.get_response().outputs]
             if len(answered) != 1:
-                raise ConfigError(f"model {self.model_name!r} declares no outputs and answered {answered}; "
+                raise ConfigError(f"model {self.model_name!r} declares no outputs and answered "
+                                  f"{[printable(a, 80) for a in answered]}; "
                                   "choose the confidence output with --output-name")
             self.output_name = answered[0]
         arr = res.as_numpy(self.output_name)
         if arr is None:
             raise ConfigError(f"{self.description}: response lacks output {self.output_name!r}")
         arr = arr.reshape(len(X), -1)
-        return _softmax(arr) if self.logits else arr
+        return softmax(arr) if self.logits else arr
 
     def _query(self, X):
-        return np.concatenate([self._infer(X[i:i + self.batch]).astype(np.float64)
-                               for i in range(0, len(X), self.batch)])
+        """Requests of at most `batch` rows; a request refused for its size (INVALID_ARGUMENT or
+        RESOURCE_EXHAUSTED) is sent again smaller (the limit the answer names, else half), and
+        `batch` keeps the size that passed. A refusal at one row is the server's own answer."""
+        out, i = [], 0
+        while i < len(X):
+            rows = X[i:i + self.batch]
+            try:
+                out.append(self._infer(rows).astype(np.float64))
+            except _TooLarge as e:
+                self.batch = e.limit
+                self.refused.append(f"{len(rows)} rows: {e.text}")
+                continue
+            i += len(rows)
+        return np.concatenate(out)
 
     def close(self) -> None:
         self._client.close()
+
+
+class _TooLarge(Exception):
+    """A request refused for its size: `limit` rows to try next."""
+
+    def __init__(self, limit: int, text: str):
+        super().__init__(text)
+        self.limit, self.text = max(1, limit), text
 
 
 def _port_open(endpoint: str, timeout_s: float = 2.0) -> bool:
@@ -344,5 +391,6 @@ def _port_open(endpoint: str, timeout_s: float = 2.0) -> bool:
 
 
 def _first_line(e: Exception) -> str:
+    """The first line of an endpoint's error text, as plain characters (`purifier.untrusted`)."""
     text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return printable(text.splitlines()[0], 200) if text else type(e).__name__

@@ -14,6 +14,7 @@ import numpy as np
 
 from purifier.devices import cuda_missing, ort_providers
 from purifier.errors import ArtifactError, ConfigError
+from purifier.threads import THREADS
 
 
 def _ort():
@@ -34,11 +35,10 @@ def providers_for(device: str) -> list[str]:
 class OnnxClassifier:
     """A loaded ONNX graph. `run(x)` -> {output name: array}; `__call__` returns the first output."""
 
-    def __init__(self, model: str | Path | bytes, device: str = "cpu", intra_op_threads: int = 1):
+    def __init__(self, model: str | Path | bytes, device: str = "cpu"):
         ort = _ort()
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = intra_op_threads
-        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = opts.inter_op_num_threads = THREADS
         opts.log_severity_level = 3
         source = model if isinstance(model, bytes) else str(model)
         if not isinstance(model, bytes) and not Path(model).is_file():
@@ -77,6 +77,7 @@ def export_onnx(module, example_inputs: tuple, input_names: list[str], output_na
     buf = io.BytesIO()
     dynamic = {name: {0: "batch"} for name in [*input_names, *output_names]}
     with torch.no_grad():
-        torch.onnx.export(module, example_inputs, buf, input_names=input_names, output_names=output_names,
-                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        # torch annotates `f` as a path; its TorchScript exporter writes to file objects as well
+        torch.onnx.export(module, example_inputs, buf, input_names=input_names,  # type: ignore[arg-type]
+                          output_names=output_names, dynamic_axes=dynamic, opset_version=17, dynamo=False)
     return buf.getvalue()

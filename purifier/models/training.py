@@ -18,23 +18,7 @@ from torch import nn
 
 from purifier.models.architectures import build_model
 from purifier.progress import Progress
-
-
-@contextlib.contextmanager
-def torch_threads(n: int = 1):
-    """Run small torch work on `n` intra-op threads, restoring the setting afterwards.
-
-    Every model Purifier trains is small (targets, shadow and attack models, MemGuard's defender
-    classifier, PURIFIER's reformer): on a busy machine torch's intra-op threads spin against each
-    other and cost more than they parallelise, so training runs single-threaded
-    (docs/design.md#threads).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from purifier.threads import single_threaded
 
 
 @contextlib.contextmanager
@@ -45,7 +29,7 @@ def seeded(seed: int):
     other draw of the training (e.g. reparameterisation noise) should use. The caller's global RNG
     state is untouched; the same seed gives the same model on one machine.
     """
-    with torch.random.fork_rng(devices=[]), torch_threads(1):
+    with torch.random.fork_rng(devices=[]), single_threaded():
         torch.manual_seed(seed)
         yield torch.Generator().manual_seed(seed + 1)
 
@@ -104,6 +88,17 @@ def train_classifier(X: np.ndarray, y: np.ndarray, n_classes: int, config: Train
                      label=label, progress=progress)
     model.eval()
     return model
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, X: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """(N, D) -> (N,) int64 argmax of a torch classifier's logits (first index on ties), on one
+    thread like the rest of the attack phase (docs/design.md#threads)."""
+    out = np.empty(len(X), np.int64)
+    with single_threaded():
+        for i in range(0, len(X), batch):
+            out[i:i + batch] = model(torch.from_numpy(np.array(X[i:i + batch], np.float32))).argmax(1).numpy()
+    return out
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ outcomes (from FAULTS) to docs/fault-modes.md; a test keeps that file equal to F
 
 from __future__ import annotations
 
+import logging
 import struct
 import time
 from collections.abc import Callable
@@ -223,7 +224,12 @@ FAULTS: dict[str, tuple[Callable[[np.ndarray], Reply], grpc.StatusCode | None]] 
 # what the identity tests below show (their names say which)
 IDENTITY_FAULTS = {
     "swaps the model behind the same connection": "NOT_SERVING at the next probe, every request UNAVAILABLE; "
-                                                   "SERVING again when a probe matches",
+                                                   "SERVING again when 5 probes in a row match",
+    "answers a share of all requests (every third) with another model": "NOT_SERVING at the first probe it "
+    "answers so; one matching probe does not serve it again (5 in a row at short random intervals are needed)",
+    "tells probes by their deadline, by following a ModelReady call, or by the rows the (re)connect check asked, "
+    "and answers only those with the fitted model (`test_identity_probe_tells.py`)": "NOT_SERVING at its first "
+    "probe: probes carry a recent client's deadline, run on their own clock and draw rows no check sends",
     "answers probe-like requests (id `purifier-probe`, right after ModelMetadata, 8 or 64 rows) with the fitted "
     "model, everything else with another": "NOT_SERVING within one probe interval; no probe lets it back in",
     "declares no inputs, several inputs, a non-float input or another width (a defense with a fingerprint)":
@@ -257,9 +263,10 @@ def fault_table() -> str:
         start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
         lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
     lines += ["", "## Another model behind the upstream", "",
-              "The defense carries a fingerprint (64 probe rows and the fitted model's answers); the sidecar asks "
-              "a few of them again at random times (`identity_check_s`, 0.2 s in the tests) in requests that look "
-              "like its clients' (`test_sidecar_model_check.py` covers restarts and metadata).", "",
+              "The defense carries a fingerprint (64 stored rows and the fitted model's answers: 8 for the model "
+              "check after each (re)connection, 56 for probes); the sidecar asks a few of the probe rows at random "
+              "times (`identity_check_s`, 0.2 s in the tests) in requests that look like its clients' "
+              "(`test_sidecar_model_check.py` covers restarts, metadata and `--model-id`).", "",
               "| # | upstream | outcome |", "|---|---|---|"]
     for i, (name, outcome) in enumerate(IDENTITY_FAULTS.items(), 1):
         lines.append(f"| {i} | {name} | {outcome} |")
@@ -698,6 +705,31 @@ def test_an_upstream_that_answers_probe_like_requests_with_the_fitted_model_is_c
     assert probes(sc, "mismatch") >= 1 and probes(sc, "match") - matched <= 1
     assert call(stub, X).code == UNAVAILABLE                    # and no probe lets it back in
     assert until(lambda: probes(sc, "mismatch") >= 5) and health_is(health, NOT_SERVING)
+
+
+def test_one_matching_probe_does_not_serve_an_upstream_that_answers_a_share_with_another_model(watched, caplog):
+    """Before: after a mismatch the first matching probe served again, so an upstream answering
+    every third request with another model stayed SERVING two thirds of the time."""
+    upstream, sc, stub, health = watched
+    caplog.set_level(logging.INFO, logger="purifier_server")
+    assert call(stub, X).code is None
+    calls = [0]
+
+    def every_third(x, request):
+        calls[0] += 1
+        return another_model(x, request) if calls[0] % 3 == 0 else softmax(x)
+
+    upstream.model = every_third
+    assert until(lambda: probes(sc, "mismatch") >= 1)
+    caught_at = len(caplog.records)
+    matched = probes(sc, "match")
+    assert until(lambda: probes(sc, "mismatch") >= 4)           # probes go on: two match for each that does not
+    assert probes(sc, "match") - matched >= 2
+    served_again = [r for r in caplog.records[caught_at:] if r.getMessage() == "serving"]
+    assert not served_again and health_is(health, NOT_SERVING)
+    assert call(stub, X).code == UNAVAILABLE
+    upstream.model = lambda x, request: softmax(x)              # the fitted model alone again
+    assert until(lambda: health_is(health, SERVING))
 
 
 def test_probes_look_like_client_requests(watched):

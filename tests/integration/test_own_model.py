@@ -90,8 +90,9 @@ def test_a_sklearn_onnx_embedded(user, tmp_path, serve_process):
                       "--secret-file", str(d / "secret.txt"), log=tmp_path / "serve.log") as sidecar:
         _cli("audit", "--endpoint", sidecar, "--model-name", "rf", *_records(d), "--defense-name", "purifier",
              "--shadow-model", "random_forest", "--target-family", "random_forest",
-             "--out", str(tmp_path / "defended"), *AUDIT)
+             "--baseline", str(tmp_path / "undefended"), "--out", str(tmp_path / "defended"), *AUDIT)
     plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
+    assert plain.undefended and defended.baseline == plain  # the in-process audit is the "before"
     a = defended.assumptions
     assert (a.evaluation_members, a.evaluation_nonmembers, a.attacker_pool, a.target_training_set) == (400, 400, 1600,
                                                                                                         None)
@@ -129,9 +130,6 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
              "--out", str(tmp_path / "mg"))
         fingerprint = np.load(tmp_path / "mg" / "fingerprint.npz")
         np.testing.assert_allclose(fingerprint["probs"], clf.predict_proba(fingerprint["inputs"]), atol=1e-6)
-        _cli("audit", "--endpoint", upstream, "--model-name", "tabular-rf", *_records(d),
-             "--shadow-model", "random_forest", "--target-family", "random_forest", "--train-size", "600",
-             "--out", str(tmp_path / "undefended"), *AUDIT)
         with serve_process("--upstream", upstream, "--model-name", "tabular-rf", "--confidence-output",
                           "predict_proba", "--defense", "memguard", "--defense-dir", str(tmp_path / "mg"),
                           "--secret-file", str(d / "secret.txt"), log=tmp_path / "serve.log") as sidecar:
@@ -141,7 +139,11 @@ def test_b_joblib_behind_mlserver(user, tmp_path, serve_process, mlserver_proces
                  *AUDIT)
     finally:
         server.stop()
-    plain, defended = _report(tmp_path / "undefended"), _report(tmp_path / "defended")
+    defended = _report(tmp_path / "defended")
+    plain = defended.baseline  # the same attacks and shadow models against MLServer itself, in the same report
+    assert plain.undefended and plain.source.endpoint == upstream and set(plain.attacks) == set(defended.attacks)
+    html = (tmp_path / "defended" / "report.html").read_text()
+    assert "not audited" not in html and "No undefended baseline" not in html
     assert defended.assumptions.target_training_set == 600
     cost = defended.utility.cost
     assert cost.argmax_agreement == 1.0 and 0 < cost.l1_nonmembers.mean <= 1.0 + 0.1  # MemGuard's expected-L1 budget 1
@@ -167,14 +169,18 @@ def test_c_torch_logits_only(user, tmp_path, serve_process):
                       dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
 
     _cli("fit-defense", "memguard", "--model", str(model), "--logits", *_fit_files(d), "--out", str(tmp_path / "mg"))
+    mlp = ["--shadow-model", "mlp", "--shadow-epochs", "60", "--target-family", "mlp"]
+    _cli("audit", "--model", str(model), "--logits", *_records(d), *mlp, "--out", str(tmp_path / "undefended"),
+         *AUDIT)
     with serve_process("--model", str(model), "--model-name", "net", "--logits", "--defense", "memguard",
                       "--defense-dir", str(tmp_path / "mg"), "--secret-file", str(d / "secret.txt"),
                       log=tmp_path / "serve.log") as sidecar:
         # the sidecar answers defended probabilities (under the output's own name): no --logits here
-        _cli("audit", "--endpoint", sidecar, "--model-name", "net", *_records(d), "--shadow-model", "mlp",
-             "--shadow-epochs", "60", "--target-family", "mlp", "--defense-name", "memguard",
-             "--out", str(tmp_path / "defended"), *AUDIT)
+        _cli("audit", "--endpoint", sidecar, "--model-name", "net", *_records(d), *mlp, "--defense-name", "memguard",
+             "--baseline", str(tmp_path / "undefended"), "--out", str(tmp_path / "defended"), *AUDIT)
     r = _report(tmp_path / "defended")
+    assert r.baseline == _report(tmp_path / "undefended") and r.baseline.undefended
+    assert _strongest(r) < _strongest(r.baseline)
     assert r.source.output_name == "logits" and r.assumptions.recipe_matches_target_family is True
     assert r.utility.member_accuracy == 1.0 > r.utility.nonmember_accuracy
 

@@ -6,7 +6,8 @@ another model with the same classes) and a test defense carrying a fingerprint o
 a matching model serves; a mismatched one is refused at start-up, or, when it appears later (the
 upstream was down at start, or restarted with another model), keeps health NOT_SERVING with one
 log line and every request refused; the right model coming back serves again; `--model-id`
-overrides the fingerprint; a defense without a fingerprint is accepted with a warning.
+vouches only for a model that cannot be probed (as the Triton recipe passes it, it switches no
+probe off); a defense without a fingerprint is accepted with a warning.
 Embedded: skl2onnx's default export (int64 label + ZipMap), a logits-only model, a class count that
 differs from the defense's, and `--defense-dir` without `--defense` (inferred from defense.json).
 """
@@ -93,13 +94,13 @@ def test_the_model_the_defense_was_fitted_for_is_served(upstream, flatten_cls, c
         got, error = infer(sc.port)
     assert error is None
     np.testing.assert_allclose(got, flatten_cls().transform(softmax(X)), rtol=1e-6)
-    assert "upstream model checked: fingerprint matched on 8 probe rows" in caplog.text
+    assert "upstream model checked: fingerprint matched on 4 probe rows" in caplog.text   # half of 8: the rest probe
 
 
 def test_another_model_is_refused_at_start_up_in_one_line(upstream, flatten_cls):
     upstream.temperature = 2.0
     upstream.start()
-    with pytest.raises(ConfigError, match=r"defense: fitted for another model: the model's answers to the 8 probe "
+    with pytest.raises(ConfigError, match=r"defense: fitted for another model: the model's answers to the 4 probe "
                                           r"inputs differ .* refit it for this one") as info:
         with BackgroundSidecar(remote(upstream.port), defense=fingerprinted(flatten_cls)):
             pass
@@ -154,15 +155,48 @@ def test_a_restart_with_another_model_is_never_served(upstream, flatten_cls, cap
     assert served_wrong == 0
 
 
-def test_model_id_overrides_the_fingerprint(upstream, flatten_cls, caplog):
+def test_model_id_does_not_override_the_fingerprint_of_a_model_that_can_be_probed(upstream, flatten_cls):
+    """Before: --model-id switched the fingerprint comparison off, and another model was served."""
     upstream.temperature = 2.0
     upstream.start()
     defense = fingerprinted(flatten_cls)
     defense.model_id = "ab" * 32
-    with BackgroundSidecar(remote(upstream.port, model_id="ab" * 32), defense=defense) as sc:
-        assert wait_health(sc.port, SERVING)
-        assert infer(sc.port)[1] is None
-    assert "identity vouched for by --model-id" in caplog.text
+    with pytest.raises(ConfigError, match="defense: fitted for another model"):
+        with BackgroundSidecar(remote(upstream.port, model_id="ab" * 32), defense=defense):
+            pass
+
+
+def test_model_id_as_in_the_triton_recipe_does_not_switch_off_the_identity_probes(upstream, flatten_cls):
+    """docs/serving.md's Triton recipe passes --model-id "$(sha256sum model.onnx ...)". Before, that
+    switched off the fingerprint and with it every identity probe: a model swapped behind Triton
+    was served for as long as it stayed, although the upstream declares the fitted input."""
+    upstream.start()
+    probe_rows = np.random.default_rng(11).normal(0, 1.5, size=(64, C)).astype(np.float32)
+    defense = flatten_cls()
+    defense.n_classes = C
+    defense.model_id = "ab" * 32                         # what fit-defense records: the ONNX file's sha256
+    defense.fingerprint = Fingerprint(probe_rows, softmax(probe_rows).astype(np.float64))
+    settings = remote(upstream.port, model_id="ab" * 32, identity_check_s=0.2, health_poll_s=0.1)
+    with BackgroundSidecar(settings, defense=defense) as sc, \
+            grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(infer_request(X), timeout=10)
+        upstream.temperature = 3.0                       # another model behind the same connection
+        deadline = time.monotonic() + 10                 # a bound on the test (50 probe intervals)
+        served_by_another = 0
+        while time.monotonic() < deadline:
+            try:
+                stub.ModelInfer(infer_request(X), timeout=10)
+                served_by_another += 1
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAVAILABLE
+                break
+            time.sleep(0.05)
+        mismatches = sc.metrics.registry.get_sample_value("purifier_identity_probes_total",
+                                                          {"outcome": "mismatch"}) or 0.0
+        assert wait_health(sc.port, NOT_SERVING, timeout=2)
+    assert mismatches >= 1, (f"with --model-id the swapped model was served {served_by_another} times and never "
+                             "probed: the upstream declares the fitted input, so it can be")
 
 
 @pytest.mark.parametrize("inputs,why", [

@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,42 @@ def _code_files():
                     and "_proto" not in path.parts and "__pycache__" not in path.parts:
                 yield path
     yield from (ROOT / name for name in ("Makefile", "Dockerfile", "pyproject.toml"))
+
+
+# git's conflict markers (diff3 style included), built so that this file holds none itself
+CONFLICT_MARKERS = re.compile("^(?:" + "|".join([re.escape("<" * 7) + " ", re.escape("|" * 7) + " ",
+                                                  re.escape(">" * 7) + " ", "=" * 7 + "$"]) + ")", re.M)
+
+
+def _tracked_text_files():
+    """Every file git tracks (untracked ones too, and outside git every file but venvs and builds),
+    that reads as text."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+        paths = [ROOT / name for name in listed if name]
+    except (OSError, subprocess.CalledProcessError):
+        paths = [p for p in ROOT.rglob("*") if not any(part.startswith((".", "build", "__pycache__"))
+                                                       for part in p.relative_to(ROOT).parts)]
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            if b"\0" not in data[:8192]:
+                yield path, data.decode(errors="replace")
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    """A merge left docs/serving.md with one paragraph twice between conflict markers once; the
+    link and generated-page checks did not notice."""
+    found = [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+             for path, text in _tracked_text_files() for m in CONFLICT_MARKERS.finditer(text)]
+    assert not found, f"unresolved merge conflict at {', '.join(found)}"
+
+
+def test_the_conflict_check_catches_each_marker():
+    conflict = "\n".join(["a", "<" * 7 + " HEAD", "b", "|" * 7 + " base", "=" * 7, "c", ">" * 7 + " main", ""])
+    assert len(CONFLICT_MARKERS.findall(conflict)) == 4
+    assert not CONFLICT_MARKERS.findall("a\n" + "=" * 8 + "\n<< not one\n")
 
 
 def test_code_cites_only_files_in_the_repository():

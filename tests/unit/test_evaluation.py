@@ -76,6 +76,25 @@ def test_bootstrap_ci_brackets_estimate_and_is_seeded():
     assert (lo, hi) == ev.bootstrap_ci(ev.roc_auc, scores, membership, n_boot=200, seed=7)
 
 
+def test_bootstrap_ci_is_the_percentile_interval_of_stratified_resamples():
+    """The interval equals the textbook loop (members and non-members resampled with replacement
+    from the same seeded draws, the metric on each resample), also with ties in the scores."""
+    rng = np.random.default_rng(5)
+    membership = np.r_[np.ones(400, bool), np.zeros(700, bool)]
+    scores = np.round(rng.normal(size=1100) + 0.6 * membership, 1)  # many ties
+    tpr = lambda s, m: ev.tpr_at_fpr(s, m, 0.01).tpr  # noqa: E731
+    for metric in (ev.roc_auc, tpr):
+        draws = np.random.default_rng(3)
+        pos, neg = np.nonzero(membership)[0], np.nonzero(~membership)[0]
+        values = []
+        for _ in range(100):
+            idx = np.r_[pos[draws.integers(0, len(pos), len(pos))], neg[draws.integers(0, len(neg), len(neg))]]
+            values.append(metric(scores[idx], membership[idx]))
+        expected = np.quantile(values, [0.025, 0.975])
+        np.testing.assert_allclose(ev.bootstrap_ci(metric, scores, membership, n_boot=100, seed=3), expected,
+                                   rtol=0, atol=1e-12)
+
+
 def test_rejects_one_class_and_nan():
     with pytest.raises(ValueError, match="both members and non-members"):
         ev.roc_auc([0.1, 0.2], [1, 1])

@@ -70,6 +70,8 @@ def test_a_logits_model_needs_logits(digits_target, files, tmp_path, capsys):
     ("zipless", "is not an .onnx file or a target directory"),
     ("no-secret", r"secret: no PRF secret configured; set .* --secret-file \(e.g. head -c 32 /dev/urandom"),
     ("weak-secret", r"secret: the secret in .* is guessable: .*; make a strong one with head -c 32 /dev/urandom"),
+    ("no-op", r"the memguard defense with epsilon=0 \(default 1\), epochs=5 \(default 50\) leaves 256 of 256 reference "
+              r"vectors unchanged .*; choose a setting that changes them \(purifier tune memguard"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path, capsys, monkeypatch, case, message):
     out = tmp_path / "out"
@@ -99,6 +101,8 @@ def test_bad_input_is_one_line_and_writes_nothing(digits_target, files, tmp_path
         monkeypatch.delenv("PURIFIER_SECRET", raising=False)
         monkeypatch.delenv("PURIFIER_SECRET_FILE", raising=False)
         args = args[:-2]
+    elif case == "no-op":
+        args += ["--epsilon", "0"]
     elif case == "weak-secret":
         (tmp_path / "weak.txt").write_text("changemechangeme\n")
         args[-1] = str(tmp_path / "weak.txt")

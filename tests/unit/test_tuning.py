@@ -50,8 +50,11 @@ def planted_sweep(aucs: dict):
         floor = Strongest(Best("gap", 0.515, (0.507, 0.524), False), Best("gap", 0.0, None, False, tpr),
                           Best("gap", 0.0, None, False, tpr))
         return sw.Sweep(point("none", None, "-", 0.59, (0.55, 0.63), 0.0),
-                        SimpleNamespace(shadows=ShadowInfo(config.n_shadows, "mlp", 150, None, 597, None, False, None,
-                                                           config.n_shadows, 0, {}, (), (), {}, {})), floor, points)
+                        SimpleNamespace(shadows=ShadowInfo(
+                            n=config.n_shadows, recipe="mlp", epochs=150, seed=0, target_family=None, pool_size=597,
+                            train_size=None, reused=False, executor=None, trained=config.n_shadows, from_cache=0,
+                            cache={}, retrained_for_label_queries=(), notes=(), in_shadows_per_record={},
+                            fallbacks={})), floor, points)
     return fake
 
 
@@ -80,6 +83,25 @@ def test_planted_results_choose_the_weakest_passing_epsilon_and_write_it(
     assert after["files"] == before["files"] and after["fingerprint"] == before["fingerprint"]
     assert after["tuned"]["value"] == 0.3
     assert load_defense(memguard_dir, secret=SECRET, model_id=digits_target.model_id).epsilon == 0.3
+
+
+@pytest.mark.parametrize("where", ["existing", "new"])
+def test_a_chosen_setting_that_changes_nothing_is_not_written(
+        digits_target, memguard_dir, secret_file, tmp_path, monkeypatch, capsys, where):
+    """epsilon 0 releases nothing; if it reaches the floor (a model that leaks no more than its labels),
+    --write-to still refuses it: the report says what was measured, the directory is left as it was."""
+    monkeypatch.setattr(sw, "sweep_points", planted_sweep({("memguard", 0.0): 0.515, ("memguard", 1.0): 0.515}))
+    before = (memguard_dir / "defense.json").read_bytes()
+    target = memguard_dir if where == "existing" else tmp_path / "new"
+    out = tmp_path / "report"
+    assert tune("memguard", "--target", str(digits_target.directory), "--defense-dir", str(memguard_dir),
+                "--grid", "0,1", "--out", str(out), "--write-to", str(target), "--secret-file", str(secret_file),
+                "--quiet") == 1
+    err = capsys.readouterr().err
+    assert f"nothing written to {target}: " in err and "epsilon=0 (default 1)" in err and "unchanged" in err
+    result = json.loads((out / "tune.json").read_text())
+    assert result["chosen"]["setting"] == 0.0 and "unchanged" in result["not_written"] and result.get("written_to") is None
+    assert (memguard_dir / "defense.json").read_bytes() == before and not (tmp_path / "new").exists()
 
 
 def test_a_grid_that_never_reaches_the_floor_says_so_and_writes_nothing(

@@ -68,7 +68,25 @@ def test_adaptive_with_identity_defense_and_inputs(registered):
     np.testing.assert_allclose(a.class_thresholds, b.class_thresholds)  # identity: same fit
     NeedsInputs.seen.clear()
     attack_class("adaptive_mentr")().fit(context(sh, defense_name="test_needs_inputs"))
-    assert NeedsInputs.seen and all(s == (len(sh.pool_y), 4) for s in NeedsInputs.seen)
+    assert NeedsInputs.seen == [(sh.n_shadows * len(sh.pool_y), 4)]  # every shadow row, one batched call
+
+
+def test_adaptive_reference_is_a_seeded_sample_of_every_shadows_rows(registered, monkeypatch):
+    """Past REFERENCE_ROWS the copy defends a sample drawn over all shadows (not the first ones),
+    the same for the same seed, with each row's own label and membership."""
+    from purifier.attacks import adaptive
+
+    monkeypatch.setattr(adaptive, "REFERENCE_ROWS", 1000)
+    sh, *_ = planted_shadows(n_shadows=8, seed=6)
+    probs, labels, member = adaptive.defended_reference(context(sh, defense_name="test_flatten"))
+    all_probs, all_labels, all_member = sh.stacked()
+    rows = np.nonzero((Flatten().transform(all_probs)[:, None] == probs[None]).all(axis=2))[0]
+    assert len(probs) == 1000 and len(np.unique(rows)) == 1000
+    np.testing.assert_array_equal(labels, all_labels[rows])
+    np.testing.assert_array_equal(member, all_member[rows])
+    assert len(np.unique(rows // len(sh.pool_y))) == 8  # drawn from every shadow
+    again, *_ = adaptive.defended_reference(context(sh, defense_name="test_flatten"))
+    np.testing.assert_array_equal(again, probs)
 
 
 def test_adaptive_needs_a_defense_name():

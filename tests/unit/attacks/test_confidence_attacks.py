@@ -3,7 +3,7 @@ thresholds that come from shadow data only."""
 
 import numpy as np
 import pytest
-from planted import context, planted_shadows
+from planted import context, planted_probs, planted_shadows
 
 from purifier import evaluation as ev
 from purifier.attacks import DEFAULT_ATTACKS, FAMILIES, REGISTRY, attack_class, parse_attacks
@@ -35,8 +35,8 @@ def test_scaled_confidence_stays_finite_and_ordered_for_confident_rows():
     assert np.isfinite(phi).all() and phi[0] > phi[1] > 25
 
 
-@pytest.mark.parametrize("name", ["gap", "confidence", "entropy", "mentr", "loss", "nn", "nn_label",
-                                  "lira_online", "lira_offline"])
+@pytest.mark.parametrize("name", ["gap", "confidence", "entropy", "mentr", "loss", "entropy_global",
+                                  "mentr_global", "loss_global", "nn", "nn_label", "lira_online", "lira_offline"])
 def test_confidence_attack_beats_chance_on_planted_leakage(name):
     sh, cand_y, member, target = planted_shadows()
     attack = attack_class(name)(seed=0).fit(context(sh, cand_y=cand_y))
@@ -66,6 +66,32 @@ def test_classwise_thresholds_follow_each_class():
     assert ev.balanced_accuracy(a.predict(a.score(probs, y)), member) > 0.95
     # one global threshold cannot separate both classes this well
     assert ev.best_balanced_accuracy(py, member)[0] < 0.8
+
+
+@pytest.mark.parametrize("name", ["loss", "mentr", "entropy"])
+def test_global_threshold_variant_ranks_by_the_metric_and_beats_noisy_class_thresholds(name):
+    """Many classes with few shadow rows each: class-wise thresholds fitted on a handful of rows
+    are noisy and scramble the ranking of a signal that is the same for every class; the global
+    variant ranks by the metric itself and keeps it."""
+    rng = np.random.default_rng(3)
+    n_classes, n = 50, 4000
+
+    def rows(member):
+        y = rng.integers(0, n_classes, len(member))
+        return planted_probs(y, member, rng, n_classes), y  # the same signal in every class
+    shadow_member = rng.random(600) < 0.5  # 12 shadow rows per class
+    probs, y = rows(shadow_member)
+    member = rng.random(n) < 0.5
+    target, ty = rows(member)
+    wise = attack_class(name)().fit_outputs(probs, y, shadow_member)
+    glob = attack_class(f"{name}_global")().fit_outputs(probs, y, shadow_member)
+    assert attack_class(f"{name}_global").family == "confidence" and f"{name}_global" in DEFAULT_ATTACKS
+    s_glob = glob.score(target, ty)
+    metric = type(wise).metric
+    assert ev.roc_auc(s_glob, member) == pytest.approx(ev.roc_auc(metric(target, ty), member))
+    auc_wise, auc_glob = ev.roc_auc(wise.score(target, ty), member), ev.roc_auc(s_glob, member)
+    assert auc_glob > auc_wise + 0.02, (auc_glob, auc_wise)
+    assert np.isfinite(s_glob).all()
 
 
 def test_threshold_comes_from_shadows_not_from_evaluation_membership():

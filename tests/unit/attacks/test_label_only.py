@@ -86,3 +86,71 @@ def test_image_augmentations_shift_and_rotate():
     moved = aug[:8, 0].reshape(8, 5, 5)
     assert all(m.sum() == 1.0 and m[2, 2] == 0.0 for m in moved)  # every shift moves the pixel
     np.testing.assert_allclose(aug[8, 0].reshape(5, 5), img[0, 0], atol=1e-6)  # centre is rotation-invariant
+
+
+def _calibrated_world(seed=2, n=300, k=4):
+    """k linear shadows (the target's hyperplane, tilted) with IN/OUT masks over the candidates."""
+    from purifier.attacks.shadow import balanced_in_masks
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=D)
+    member = np.arange(n) % 2 == 0
+    pool_X, pool_y, _ = planted_margin_data(n, D, member, rng, w)
+    X, y, _ = planted_margin_data(n, D, ~member, rng, w)
+    shadows = [LinearLabeler(w + rng.normal(0, 0.3, D)) for _ in range(k)]
+    probs = np.stack([predict_proba(m, pool_X) for m in shadows])
+    cand = np.stack([predict_proba(m, X) for m in shadows])
+    sh = ShadowSet([lambda Z, m=m: predict_proba(m, Z) for m in shadows], pool_X, pool_y, probs,
+                   balanced_in_masks(k, n, rng), cand, balanced_in_masks(k, n, rng))
+    ctx = context(sh, n_classes=2, cand_y=y)
+    ctx.feature_range = (np.full(D, -8.0), np.full(D, 8.0))
+    return LinearLabeler(w), sh, ctx, X, y, ~member
+
+
+def test_calibrated_augmentation_is_the_target_fraction_minus_the_out_shadows_fraction():
+    """Copies made once per chunk and shown to the target and every shadow, shadows skipped where
+    they are IN: the same scores as labelling each model's copies on its own."""
+    from purifier.attacks.label_only import CalibratedAugmentationAttack
+
+    model, sh, ctx, X, y, member = _calibrated_world()
+    attack = CalibratedAugmentationAttack(radius=0.8, calibration_size=200)
+    attack.CHUNK = 64  # several chunks, so offsets and per-chunk skips matter
+    attack.fit(ctx)
+    scores = attack.run(TorchTarget(model, 2), X, y, None)
+
+    def fraction(fn):
+        out = []
+        for s in range(0, len(X), attack.CHUNK):
+            copies = attack.augment(X[s:s + attack.CHUNK], s)
+            pred = fn(copies.reshape(-1, D)).reshape(len(copies), -1)
+            out.append((pred == y[None, s:s + attack.CHUNK]).mean(axis=0))
+        return np.concatenate(out)
+
+    target_frac = fraction(lambda Z: predict_proba(model, Z).argmax(1))
+    shadow_frac = np.stack([fraction(sh.labels_fn(k)) for k in range(sh.n_shadows)])
+    out = ~sh.cand_in
+    expected = target_frac - (shadow_frac * out).sum(0) / out.sum(0)
+    np.testing.assert_allclose(scores, expected)
+    assert attack.queries == 11 * len(X) and np.isfinite(scores).all()
+
+
+def test_augmentation_attacks_of_one_audit_send_their_common_copies_once():
+    from purifier.attacks.base import RememberedLabels
+    from purifier.attacks.label_only import CalibratedAugmentationAttack
+
+    model, sh, ctx, X, y, member = _calibrated_world()
+    target = TorchTarget(model, 2)
+    asked = RememberedLabels(target)
+    plain = AugmentationAttack(radius=0.8).fit(ctx)
+    calibrated = CalibratedAugmentationAttack(radius=0.8, calibration_size=200).fit(ctx)
+    raw = plain.run(asked, X, y, None)
+    calibrated.run(asked, X, y, None)
+    # each attack reports the rows it asked; the target saw them once
+    assert plain.queries == calibrated.queries == 11 * len(X)
+    assert asked.queries == 22 * len(X) and asked.rows_sent == target.queries == 11 * len(X)
+    np.testing.assert_array_equal(raw, AugmentationAttack(radius=0.8).fit(ctx).run(TorchTarget(model, 2), X, y, None))
+    # other rows are asked anew; probability queries always reach the target
+    np.testing.assert_array_equal(asked.labels(X[:7] + 1.0), predict_proba(model, X[:7] + 1.0).argmax(1))
+    asked.query(X[:5])
+    asked.query(X[:5])
+    assert target.queries == 11 * len(X) + 7 + 10 and asked.n_classes == 2

@@ -13,7 +13,7 @@ import pytest
 from planted_reports import entry, planted_report
 
 from purifier import evaluation as ev
-from purifier.audit.figures import DEFENDED, UNDEFENDED, RocCurve, TradeoffPoint
+from purifier.audit.figures import DEFENDED, UNDEFENDED, TradeoffPoint
 from purifier.audit.html import ReportPage, headline_rows, render_html
 from purifier.audit.results import Verdict
 
@@ -36,6 +36,8 @@ def sample_report(membership, shift: float, defense: str, seed: int, cost=None):
 def page():
     from dataclasses import replace
 
+    from purifier.audit.runner import roc_points
+
     rng = np.random.default_rng(1)
     membership = np.r_[np.ones(400, bool), np.zeros(400, bool)]
     clean = rng.dirichlet(np.ones(10) * 0.2, size=800)
@@ -43,11 +45,7 @@ def page():
     utility = ev.output_utility(clean, defended, clean.argmax(1), membership)
     before, s_before = sample_report(membership, 1.0, "none", 0)
     after, s_after = sample_report(membership, 0.1, "memguard", 0, cost=utility)
-
-    def curve(label, scores, report, name):
-        fpr, tpr, _ = ev.roc_curve(scores[name], membership)
-        return RocCurve(label, fpr, tpr, report.attacks[name].ranking.auc)
-
+    before = replace(before, curves={n: roc_points(s, membership) for n, s in s_before.items()})
     verdict = Verdict(
         lines=("planted",),
         protected="Confidence scores no longer tell members apart beyond what the predicted label reveals.",
@@ -56,12 +54,11 @@ def page():
         cannot_protect=("Label-only attacks: no defense that keeps the label changes them.",
                         "Records that are also outliers <script>alert(1)</script>."),
         confidence_leakage_removed=True)
-    after = replace(after, verdict=verdict)
+    after = replace(after, verdict=verdict, baseline=before,
+                    curves={n: roc_points(s, membership) for n, s in s_after.items()})
     tradeoff = (TradeoffPoint("memguard", "eps 0.1", 0.02, 0.56), TradeoffPoint("memguard", "eps 1", 0.04, 0.53, True),
                 TradeoffPoint("round", "d=1", 0.05, 0.55), TradeoffPoint("label_only", "", 0.09, 0.52))
-    return ReportPage(after, before, curve("no defense: mentr", s_before, before, "mentr"),
-                      curve("memguard: mentr", s_after, after, "mentr"), curve("label-only floor: gap", s_after,
-                                                                              after, "gap"), tradeoff)
+    return ReportPage(after, tradeoff)
 
 
 class ExternalReferences(HTMLParser):
@@ -104,12 +101,12 @@ def test_page_is_self_contained_and_escaped(page):
 
 def test_headline_numbers_come_from_the_reports(page):
     rows = {r[0][0]: r for r in headline_rows(page)}
-    best_before = max(a.ranking.auc for a in page.undefended.attacks.values())
+    best_before = max(a.ranking.auc for a in page.report.baseline.attacks.values())
     assert rows["Best attack AUC"][1] == (f"{best_before:.3f}", "attack: mentr")
     # the floor column: the strongest label-only attack (here the gap attack, the only one)
     assert rows["Best attack AUC"][3] == (f"{page.report.attacks['gap'].ranking.auc:.3f}", "attack: gap")
     l1 = page.report.utility.cost.l1_nonmembers
-    assert rows["Real-traffic distortion (mean L1)"][2][0] == f"{l1.mean:.3f}"
+    assert rows["Real-traffic distortion (mean L1, non-members)"][2][0] == f"{l1.mean:.3f}"
     t = page.report.attacks["mentr"].ranking.tpr_01pct  # 400 non-members: 0.1% is not measurable
     assert not t.measurable
     for column in (1, 2, 3):  # before, after, floor: no number where there is none to give
@@ -164,3 +161,26 @@ def test_renders_in_headless_chromium(page, tmp_path):
     below = img[900:]
     for rgb in (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in (UNDEFENDED, DEFENDED)):
         assert color_share(below, rgb, tol=40) > 1e-4, rgb
+
+
+def test_the_pictures_show_the_attacks_behind_the_headline_figures(page):
+    """Each curve is the attack its column's figure comes from, labelled so; the floor is drawn
+    last (on top), and the corner panel marks each headline TPR at its realized FPR."""
+    from purifier.audit.html import roc_curves
+
+    whole, corner = roc_curves(page)
+    assert [c.role for c in whole] == ["before", "after", "floor"] and whole[-1].role == "floor"
+    before, after = page.report.baseline, page.report
+    assert whole[0].label.endswith(before.strongest().auc.label) and whole[1].label.endswith(after.strongest().auc.label)
+    assert whole[2].label.endswith(after.label_only_floor.auc.label)
+    # 400 non-members: only TPR at 1% is measurable, and the corner shows the attack behind it
+    for c, rep, flag in zip(corner, (before, after, after), (None, None, True), strict=True):
+        b = rep.strongest(flag).tpr_1pct
+        assert [(x, y) for x, y, _ in c.points] == [(b.tpr.fpr, b.value)] and b.label in c.label
+
+
+def test_an_undefended_report_is_titled_as_such(page):
+    html = render_html(ReportPage(page.report.baseline))
+    assert "<title>Privacy audit: digits, undefended</title>" in html and "With unknown" not in html
+    rows = headline_rows(ReportPage(page.report.baseline))
+    assert len(rows[0]) == 3  # the figure, undefended, the floor: no "with defense" column to fill

@@ -69,7 +69,7 @@ def test_report_numbers_follow_from_scores(audits):
     table = text_table(r)
     assert "shadow models: " in table and "from the cache" in table
     assert "label-only floor" in table and "nn_label" in table and "not measurable (400 neg.)" in table
-    assert "too few shadow models for full strength: lira_online fell back" in table
+    assert table.count("Too few shadow models for full strength: with 2, lira_online ran a weaker variant") == 1
     assert "| lira_online | confidence |" in markdown(r)
 
 
@@ -85,7 +85,7 @@ def test_undefended_digits_leaks_beyond_the_floor(audits):
     assert max(r.attacks[n].balanced_accuracy for n in names) > r.gap_floor.balanced_accuracy
     # 2 shadows give no record 2 IN and 2 OUT shadows: lira_online runs offline and the report says so
     assert r.attacks["lira_online"].details["variant"] == "offline"
-    assert any(line.startswith("lira_online ran its offline variant") for line in r.verdict.lines)
+    assert any(line.startswith("Too few shadow models") and "lira_online" in line for line in r.verdict.lines)
     # the label-only floor here is the gap attack (the only label-only attack run)
     gap = r.attacks["gap"].ranking
     assert r.label_only_floor.auc == Best("gap", gap.auc, gap.auc_ci95, False)
@@ -124,6 +124,8 @@ def test_cli_in_process_with_a_defense_dir(digits_target, tmp_path, capsys):
     assert r.defense == "none" and r.source.endpoint == "in-process"
     assert r.attacks["adaptive_mentr"].family == "adaptive"
     assert r.utility.cost.argmax_agreement == 1.0 and r.utility.cost.l1_nonmembers.max < 1e-6
+    # in process the model without --defense-dir is the "before": the same attacks but the adaptive one
+    assert r.baseline is not None and r.baseline.undefended and set(r.baseline.attacks) == {"gap"}
     assert "adaptive_mentr" in capsys.readouterr().out
 
 
@@ -228,3 +230,63 @@ def test_attacks_fitted_once_score_a_later_audit_like_freshly_fitted_ones(digits
     for name in config.attacks:
         np.testing.assert_array_equal(reused.outcomes[name].scores, fresh.outcomes[name].scores)
         assert reused.report.attacks[name].ranking == fresh.report.attacks[name].ranking
+
+
+def test_before_and_after_run_the_same_attacks_with_the_same_shadows(digits_target, audits):
+    from purifier.audit.html import ReportPage, headline_rows
+    from purifier.audit.runner import run_before_after
+
+    attacks = ("gap", "mentr", "nn_label", "lira_online")
+    before, after = run_before_after(digits_target, InProcessTarget(digits_target, Flatten()),
+                                     InProcessTarget(digits_target), AuditConfig(attacks, **FAST), "test_flatten")
+    r = after.report
+    assert r.baseline == before.report and before.report.undefended and r.defense == "test_flatten"
+    assert after.shadows is before.shadows and all(after.fitted[n] is before.fitted[n] for n in attacks)
+    # the "before" is the plain audit's: same shadows (from the cache), same attacks, same numbers
+    plain = audits[0].report
+    assert {n: a.ranking for n, a in before.report.attacks.items()} == {n: a.ranking for n, a in plain.attacks.items()}
+    # the defended side: its cost to users measured against the undefended answers, labels kept
+    assert r.utility.cost.argmax_agreement == 1.0 and r.utility.cost.l1_nonmembers.mean > 0
+    np.testing.assert_array_equal(before.outcomes["gap"].scores, after.outcomes["gap"].scores)
+    # one report: both columns, both sets of curves, read back whole
+    rows = headline_rows(ReportPage(r))
+    assert rows[0][1][0] == f"{before.report.strongest().auc.value:.3f}" != "not audited"
+    assert rows[0][2][0] == f"{r.strongest().auc.value:.3f}"
+    assert set(before.report.curves) >= {b.attack for b in before.report.headline()}
+    assert Report.from_json(json.loads(json.dumps(r.to_json()))) == r
+    assert not any(line.startswith("No undefended baseline") for line in r.verdict.lines)
+
+
+def test_an_earlier_report_on_other_records_is_refused(digits_target, audits):
+    from purifier.audit.data import AuditData
+    from purifier.data.records import Records
+
+    roles = [Records(*digits_target.role(r), r) for r in ("eval_members", "eval_nonmembers", "attacker")]
+    fewer = AuditData(Records(roles[0].X[:300], roles[0].y[:300], "m"), *roles[1:], n_classes=10)
+    with pytest.raises(ConfigError, match="--baseline: that report was audited on other evaluation records"):
+        run_audit(fewer, InProcessTarget(digits_target), AuditConfig(("gap",), **FAST), "x", before=audits[0].report)
+    with pytest.raises(ConfigError, match="not the undefended model"):
+        run_audit(digits_target, InProcessTarget(digits_target), AuditConfig(("gap",), **FAST), "x",
+                  before=replace(audits[0].report, defense="memguard"))
+
+
+def test_an_older_report_json_fails_in_one_line(tmp_path):
+    (tmp_path / "report.json").write_text(json.dumps({"defense": "none", "attacks": {}}))
+    with pytest.raises(ConfigError, match=r"report.json: schema version 1 is not supported \(this purifier reads "
+                                          r"version 2\); audit again with this purifier"):
+        Report.read(tmp_path)
+
+
+def test_quick_audits_with_four_shadows_and_says_what_it_gives_up_once(digits_target, tmp_path, capsys):
+    from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
+    from purifier.audit.command import shadow_count
+    from purifier.cli import build_parser
+
+    args = ["audit", "--in-process", "--target", str(digits_target.directory), "--out", str(tmp_path / "rep")]
+    assert shadow_count(build_parser().parse_args(args)) == DEFAULT_SHADOWS == 32
+    assert main([*args, "--quick", "--shadows", "8", "--quiet"]) == 2
+    assert "--quick means --shadows 4" in capsys.readouterr().err
+    rc = main([*args, "--quick", "--attacks", "gap", "lira_online", "--shadow-epochs", "20", "--bootstrap", "10"])
+    assert rc == 0
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["shadows"]["n"] == QUICK_SHADOWS
+    assert capsys.readouterr().err.count("quick audit: 4 shadow models instead of 32") == 1

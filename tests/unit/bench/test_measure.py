@@ -10,6 +10,7 @@ from purifier.bench.measure import (
     build_requests,
     check_response,
     latency_summary,
+    percentile,
 )
 from purifier.errors import ConfigError
 
@@ -20,9 +21,40 @@ def test_latency_summary_uses_nearest_rank_percentiles():
     times = np.arange(1, 201) / 1e3  # 1..200 ms
     s = latency_summary(np.random.default_rng(0).permutation(times))
     assert s["calls"] == 200
-    assert s["p50_ms"] == pytest.approx(101.0) and s["p99_ms"] == pytest.approx(199.0)
+    # ranks ceil(0.50 * 200) = 100 and ceil(0.99 * 200) = 198 of the sorted calls
+    assert s["p50_ms"] == pytest.approx(100.0) and s["p99_ms"] == pytest.approx(198.0)
     assert s["mean_ms"] == pytest.approx(100.5)
     assert latency_summary([])["p50_ms"] is None
+
+
+@pytest.mark.parametrize("values, q, expected", [
+    ([4.0, 1.0, 3.0, 2.0], 50, 2.0),     # rank ceil(2.0) = 2: the lower middle, not the mean 2.5
+    ([1.0, 2.0, 3.0], 50, 2.0),          # rank ceil(1.5) = 2
+    ([5.0], 99, 5.0),
+    (list(range(1, 101)), 99, 99.0),     # rank 99 of 100
+    (list(range(1, 101)), 99.5, 100.0),  # rank ceil(99.5) = 100
+    (list(range(1, 11)), 7, 1.0),        # rank ceil(0.7) = 1
+    (list(range(1, 11)), 100, 10.0),
+])
+def test_percentile_is_the_nearest_rank(values, q, expected):
+    assert percentile(values, q) == expected
+    assert percentile(values, q) == np.percentile(values, q, method="inverted_cdf")
+
+
+def test_percentile_agrees_with_numpy_on_random_latencies():
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 100, 999):
+        x = rng.lognormal(size=n)
+        for q in (1, 7, 50, 90, 99, 99.9, 100):
+            if q * n % 100 == 0 and q != 100:
+                continue  # an exact rank: numpy's float rank may overshoot it (below)
+            assert percentile(x, q) == np.percentile(x, q, method="inverted_cdf"), (n, q)
+    # the rank in exact arithmetic: 7% of 100 is rank 7 (numpy: 0.07 * 100 = 7.000000000000001 -> 8)
+    assert percentile(np.arange(1.0, 101.0), 7) == 7.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 0)
 
 
 @pytest.mark.parametrize("typed", [False, True])

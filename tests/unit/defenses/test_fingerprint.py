@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from purifier.defenses import FitData, IdentityDefense, load_defense
-from purifier.defenses.fingerprint import DEFAULT_ROWS, Fingerprint
+from purifier.defenses.fingerprint import CHECK_ROWS, DEFAULT_ROWS, Fingerprint
 from purifier.errors import ArtifactError
 
 
-def _fit_data(rng, n=200, d=5, c=3):
+def _fit_data(rng, n=600, d=5, c=3):
     probs = rng.dirichlet(np.ones(c), size=n)
     X = rng.normal(size=(n, d)).astype(np.float32)
     y = probs.argmax(1)
@@ -67,3 +67,19 @@ def test_tampered_fingerprint_is_refused(tmp_path):
     np.savez(tmp_path / "d" / "fingerprint.npz", inputs=np.zeros((1, 5), np.float32), probs=np.ones((1, 3)) / 3)
     with pytest.raises(ArtifactError, match="sha256"):
         load_defense(tmp_path / "d")
+
+
+@pytest.mark.parametrize("stored,check", [(DEFAULT_ROWS, CHECK_ROWS), (64, CHECK_ROWS), (8, 4), (2, 1)])
+def test_the_check_asks_a_few_rows_and_probes_draw_only_from_the_others(stored, check):
+    """What a (re)connect check asks (an upstream can recognise it: it follows ModelMetadata) is
+    never a probe row, so remembering the check teaches the upstream nothing about the probes;
+    fingerprints of 64 and 8 rows fitted before keep 56 and 4 probe rows."""
+    rng = np.random.default_rng(5)
+    fp = Fingerprint(rng.normal(size=(stored, 3)).astype(np.float32), rng.dirichlet(np.ones(4), size=stored))
+    asked, probed = fp.check_rows(), fp.probe_rows()
+    assert list(asked) == list(range(check)) and list(probed) == list(range(check, stored))
+    # a model with a fixed batch of b rows: the check asks b rows, probes need b others (else all rows)
+    assert len(fp.check_rows(batch=stored // 2)) == max(stored // 2, check)
+    if stored >= 2 * max(check, 1) + 2:
+        assert set(fp.probe_rows(batch=2)).isdisjoint(fp.check_rows(batch=2))
+    assert list(fp.probe_rows(batch=stored)) == list(range(stored))

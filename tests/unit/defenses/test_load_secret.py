@@ -74,6 +74,30 @@ def test_weak_secrets_are_refused_with_the_generation_command(secret, tmp_path, 
         load_secret()
 
 
+# Written in another encoding than ASCII, or in another script: judged as the characters a person
+# wrote (PowerShell 5's `echo changemechangeme > secret.txt` writes UTF-16 with a BOM).
+WEAK_ENCODED = {
+    "changemechangeme, UTF-16 with BOM (PowerShell 5 echo >)": "changemechangeme".encode("utf-16"),
+    "passwordpassword, UTF-16-LE": "passwordpassword".encode("utf-16-le"),
+    "passwordpassword, UTF-16-BE": "passwordpassword".encode("utf-16-be"),
+    "changemechangeme, UTF-8 with BOM": "changemechangeme".encode("utf-8-sig"),
+    "парольпароль (password twice, Russian), UTF-8": "парольпароль".encode(),
+    "парольпароль, UTF-16 with BOM": "парольпароль".encode("utf-16"),
+    "the best-known pangram": b"The quick brown fox jumps over the lazy dog",
+    "the pangram without spaces": b"thequickbrownfoxjumpsoverthelazydog",
+    "a Russian pangram": "Съешь же ещё этих мягких французских булок да выпей чаю".encode(),
+}
+
+
+@pytest.mark.parametrize("secret", WEAK_ENCODED.values(), ids=WEAK_ENCODED.keys())
+def test_guessable_secrets_are_refused_whatever_their_encoding(secret, tmp_path):
+    (tmp_path / "secret.txt").write_bytes(secret)
+    with pytest.raises(ConfigError) as refused:
+        load_secret(file=tmp_path / "secret.txt")
+        pytest.fail(f"accepted: estimated at {guess_bits(secret.strip())[0]:.0f} bits")
+    assert GENERATE_SECRET in str(refused.value) and "guessable" in str(refused.value)
+
+
 GENERATED = {
     "README command (32 bytes, base64)": lambda: base64.b64encode(os.urandom(32)),
     "openssl rand -hex 16": lambda: os.urandom(16).hex().encode(),

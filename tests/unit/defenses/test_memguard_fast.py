@@ -24,7 +24,7 @@ from purifier.models.onnx_graph import GraphBuilder
 # depends on values (NonZero, Compress, Unique).
 FIXED_WORK_OPS = {
     "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Concat", "Div", "Equal", "Exp", "Expand",
-    "GatherElements", "Gemm", "Greater", "Identity", "LessOrEqual", "Log", "MatMul", "Max", "Min", "Mul",
+    "GatherElements", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "Log", "MatMul", "Max", "Min", "Mul",
     "Neg", "Pad", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Shape", "Sign", "Slice", "Sqrt",
     "Squeeze", "Sub", "TopK", "Unsqueeze", "Where",
 }
@@ -106,6 +106,30 @@ def test_every_row_executes_the_same_nodes_whatever_h_says(c, tmp_path):
         traces = executed_nodes(build_graph(h).model_bytes(), batches, tmp_path)
         assert len(traces[0]) > 100
         assert all(t == traces[0] for t in traces)
+
+
+def test_float32_probes_carry_no_subnormal_numbers():
+    """Confident rows hold probabilities far below float32's smallest normal; as subnormal numbers
+    they would make h's float32 products slower on some CPUs for exactly the rows a member-like
+    target answers. Every float32 tensor the graph makes is normal or zero."""
+    import onnx
+
+    c = 10
+    h = classifier(c, 4)
+    rng = np.random.default_rng(4)
+    p = np.full((16, c), 1e-40) * rng.uniform(0.5, 2.0, (16, c))
+    p[np.arange(16), rng.integers(0, c, 16)] = 1.0
+    p = np.r_[p / p.sum(1, keepdims=True), rows(4, c, 4)]
+    assert (p < np.finfo(np.float32).tiny).any()
+    model = onnx.load_from_string(build_graph(h).model_bytes())
+    cast32 = [n.output[0] for n in model.graph.node
+              if n.op_type == "Cast" and onnx.helper.get_attribute_value(n.attribute[0]) == 1]
+    assert cast32
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in cast32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for probes in session.run(cast32, {"sorted_probs": np.sort(p, axis=1)}):
+        assert np.all((probes == 0) | (np.abs(probes) >= np.finfo(np.float32).tiny))
 
 
 class RecordingSession:

@@ -125,3 +125,25 @@ def test_parameters_and_trailers_named_otherwise_are_forwarded_verbatim_as_docum
 def test_defense_dir_alone_is_accepted_and_the_defense_left_to_defense_json(tmp_path):
     s = Settings.resolve({**REMOTE, "defense_dir": str(tmp_path)}, {})
     assert s.defense is None and s.defense_dir == str(tmp_path)
+
+
+def test_top_level_keys_beside_a_serve_table_are_refused_not_dropped(tmp_path):
+    """A config keeping its access settings at the top and the rest under [serve] would otherwise
+    start a sidecar without its bearer token, listening on 0.0.0.0."""
+    (tmp_path / "token").write_text("a-token-of-24-characters\n")
+    config = tmp_path / "purifier.toml"
+    config.write_text(f'auth_token_file = "{tmp_path / "token"}"\nhost = "127.0.0.1"\n\n[serve]\nport = 9001\n')
+    with pytest.raises(ConfigError, match=r"auth_token_file, host beside the \[serve\] table .* move them into"):
+        Settings.resolve({**REMOTE, "defense": "none"}, env={}, config=config)
+    config.write_text(f'auth_token_file = "{tmp_path / "token"}"\nhost = "127.0.0.1"\nport = 9001\n')
+    s = Settings.resolve({**REMOTE, "defense": "none"}, env={}, config=config)
+    assert (s.auth_token_file, s.host, s.port) == (str(tmp_path / "token"), "127.0.0.1", 9001)
+
+
+def test_an_unknown_purifier_variable_is_refused_naming_the_likely_one():
+    """PURIFIER_AUTH_TOKEN (the token itself, misspelt) must not leave the sidecar without one."""
+    with pytest.raises(ConfigError, match="PURIFIER_AUTH_TOKEN .did you mean PURIFIER_AUTH_TOKEN_FILE"):
+        Settings.resolve({**REMOTE, "defense": "none"}, env={"PURIFIER_AUTH_TOKEN": "a-token-of-24-characters"})
+    # the variables the project reads besides the settings are not refused
+    Settings.resolve({**REMOTE, "defense": "none"}, env={"PURIFIER_SECRET": "x", "PURIFIER_SECRET_FILE": "y",
+                                                          "PURIFIER_CACHE_DIR": "z", "PURIFIER_PORT": "7001"})
