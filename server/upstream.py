@@ -61,28 +61,35 @@ RETRY_POLICY = {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "0.5s
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
+class _RandomIds:
+    """Ids of 16 hex digits from the operating system's randomness, drawn 4 KiB (512 ids) at a time:
+    one system call per 512 requests instead of one per request."""
+
+    def __init__(self) -> None:
+        self.forget()
+
+    def forget(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        if self._at >= len(self._pool):
+            self._pool, self._at = secrets.token_bytes(4096), 0
+        self._at += 8
+        return self._pool[self._at - 8:self._at].hex()
+
+
+_ids = _RandomIds()
+os.register_at_fork(after_in_child=_ids.forget)  # a forked process never repeats its parent's ids
+
+
 def upstream_request_id() -> str:
     """The id of a request to the upstream: 16 random hex digits, for a client's request and an
     identity probe alike (readiness.py), so the upstream cannot tell the two apart by their ids.
 
     The operating system's randomness: the ids must not be predictable to the upstream, and they
-    are no defense output (those are deterministic keyed functions of the input). Drawn 4 KiB at
-    a time (one system call per 512 ids instead of one per request).
+    are no defense output (those are deterministic keyed functions of the input).
     """
-    global _random, _random_at
-    if _random_at >= len(_random):
-        _random, _random_at = secrets.token_bytes(4096), 0
-    _random_at += 8
-    return _random[_random_at - 8:_random_at].hex()
-
-
-def _forget_random() -> None:
-    global _random, _random_at
-    _random, _random_at = b"", 0
-
-
-_forget_random()
-os.register_at_fork(after_in_child=_forget_random)  # a forked process never repeats its parent's ids
+    return _ids()
 
 
 @dataclass(frozen=True)
