@@ -89,12 +89,11 @@ def profile_summary(prof: cProfile.Profile, top: int) -> str:
     return out.getvalue()
 
 
-def strength(entry: dict) -> dict:
-    return {"auc": round(entry["auc"], 4), "auc_ci95": [round(v, 4) for v in entry["ci95"]["auc"]],
-            **{f"tpr_at_{f}": round(entry["tpr_at_fpr"][f]["tpr"], 4) for f in ("0.01", "0.001")},
-            "tpr_at_0.01_ci95": [round(v, 4) for v in entry["ci95"]["tpr_at_0.01"]],
-            **({"tpr_at_0.001_ci95": [round(v, 4) for v in entry["ci95"]["tpr_at_0.001"]]}
-               if "tpr_at_0.001" in entry["ci95"] else {})}
+def strength(r) -> dict:
+    """AUC and TPR at 1% and 0.1% FPR with their 95% intervals, from a results.Ranking."""
+    return {"auc": round(r.auc, 4), "auc_ci95": [round(v, 4) for v in r.auc_ci95],
+            "tpr_at_0.01": round(r.tpr_1pct.tpr, 4), "tpr_at_0.01_ci95": [round(v, 4) for v in r.tpr_1pct.ci95],
+            "tpr_at_0.001": round(r.tpr_01pct.tpr, 4), "tpr_at_0.001_ci95": [round(v, 4) for v in r.tpr_01pct.ci95]}
 
 
 def main(argv=None) -> int:
@@ -102,11 +101,11 @@ def main(argv=None) -> int:
 
     from purifier.attacks import ADAPTIVE, DEFAULT_ATTACKS, parse_attacks
     from purifier.audit import runner
-    from purifier.audit.access import RemoteTarget
+    from purifier.audit.results import Source
     from purifier.audit.runner import AuditConfig, run_audit
     from purifier.demo import prepare_defense, prepare_secret, prepare_target, start_sidecar
-    from purifier.evaluation import bootstrap_ci, tpr_at_fpr
     from purifier.executor import ExecutorSpec
+    from purifier.models.access import RemoteTarget
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="purchase_like")
@@ -165,8 +164,8 @@ def main(argv=None) -> int:
                                                  n_classes=target.n_classes, timeout_s=600.0)) as access:
                 if prof is not None:
                     prof.enable()
-                audit = run_audit(target, access, config, None if args.defense == "none" else args.defense,
-                                  info={"endpoint": sidecar.endpoint})
+                audit = run_audit(target, access, config, args.defense,
+                                  source=Source(sidecar.endpoint, target.directory.name))
                 if prof is not None:
                     prof.disable()
         finally:
@@ -178,32 +177,25 @@ def main(argv=None) -> int:
                   "load_before": before, "load_after": load()}
 
     report = audit.report
-    if args.warm and report["shadows"]["trained"]:
-        raise SystemExit(f"--warm: {report['shadows']['trained']} shadows were trained, not read from the cache")
-    k = report["shadows"]["n"]
+    if args.warm and report.shadows.trained:
+        raise SystemExit(f"--warm: {report.shadows.trained} shadows were trained, not read from the cache")
+    k = report.shadows.n
     name = args.name or f"audit_{args.dataset}_{args.defense}_k{k}"
     np.savez_compressed(work / f"{name}-scores.npz", membership=audit.membership,
                         **{a: o.scores for a, o in audit.outcomes.items()})
-    (work / f"{name}-report.json").write_text(json.dumps(report, indent=1, default=str))
+    (work / f"{name}-report.json").write_text(json.dumps(report.to_json(), indent=1, default=str))
     if prof is not None:
         prof.dump_stats(work / f"{name}.prof")
         (work / f"{name}-profile.txt").write_text(profile_summary(prof, 40))
 
-    per_attack = {}
-    for a, entry in report["attacks"].items():
-        row = {"seconds": entry["seconds"], **clock.rows.get(a, {}), **strength(entry),
-               "queries": entry["queries"], "details": entry.get("details", {})}
-        scores = audit.outcomes[a].scores
-        if "tpr_at_0.001_ci95" not in row:  # older reports carry no 0.1% interval
-            lo, hi = bootstrap_ci(lambda s, m: tpr_at_fpr(s, m, 0.001).tpr, scores, audit.membership,
-                                  args.bootstrap, args.seed)
-            row["tpr_at_0.001_ci95"] = [round(lo, 4), round(hi, 4)]
-        per_attack[a] = row
+    per_attack = {a: {"seconds": round(entry.seconds, 2), **clock.rows.get(a, {}), **strength(entry.ranking),
+                      "queries": entry.queries, "details": entry.details}
+                  for a, entry in report.attacks.items()}
     payload = {"dataset": args.dataset, "defense": args.defense, "shadows": k, "seed": args.seed,
                "attacks": attacks, "target_prepare_s": round(target_s, 1),
-               "shadow_training_s": report["timing_s"]["shadow_training"],
-               "shadows_trained": report["shadows"]["trained"], "shadows_from_cache": report["shadows"]["from_cache"],
-               "executor": report["shadows"]["executor"], "fallbacks": report["shadows"].get("fallbacks", {}),
+               "shadow_training_s": report.timing.shadow_training,
+               "shadows_trained": report.shadows.trained, "shadows_from_cache": report.shadows.from_cache,
+               "executor": report.shadows.executor, "fallbacks": report.shadows.fallbacks,
                "totals": totals, "per_attack": per_attack, "profiled": bool(args.profile)}
     path = write_result(name, payload)
     print(f"{'attack':26s} {'wall s':>8s} {'cpu s':>8s} {'side s':>8s} {'AUC':>7s} {'TPR1%':>7s} {'TPR.1%':>7s}")

@@ -64,10 +64,10 @@ def main(argv=None) -> int:
     from purifier.attacks import AttackContext, attack_class
     from purifier.attacks.shadow import train_shadows
     from purifier.attacks.shadow_cache import ShadowCache
-    from purifier.audit.access import InProcessTarget
     from purifier.audit.data import AuditData
     from purifier.demo import prepare_target
     from purifier.executor import ExecutorSpec
+    from purifier.models.access import InProcessTarget
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="purchase_like")

@@ -36,7 +36,6 @@ import threading
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
 from purifier.defenses import Defense, IdentityDefense, load_defense, read_defense_manifest
 from purifier.defenses.keyed import load_secret
@@ -45,7 +44,7 @@ from purifier.threads import limit_threads
 from purifier_server.batcher import Batcher
 from purifier_server.codec import DTYPES
 from purifier_server.dataplane import DataPlane
-from purifier_server.health import NOT_SERVING, SERVING, HealthServicer
+from purifier_server.health import MAX_PENDING, NOT_SERVING, SERVING, HealthServicer
 from purifier_server.logs import configure_logging, install
 from purifier_server.metrics import MetricsServer, SidecarMetrics
 from purifier_server.preflight import ModelCheck
@@ -63,9 +62,15 @@ log = logging.getLogger("purifier_server")
 # a defense without a fingerprint); --max-request-bytes sets it explicitly.
 FALLBACK_REQUEST_BYTES = 64 << 20
 HEADROOM_BYTES = 64 << 10
-# gRPC's own cap on calls at once is server-wide: inference calls and health Watch streams have
-# their own limits (servicer, health), and this much room is left for everything else (health
-# Check, refused calls, reflection) so that neither can take the other's slots.
+# Streams one client connection may hold at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS): room
+# for every inference call and Watch stream, for the health calls that may wait for their message
+# (health.MAX_PENDING) and this much for everything else (answered Checks, refused calls,
+# reflection), so that one connection (a proxy's, say) carries what every caller needs. Admission
+# is not gRPC's server-wide cap (maximum_concurrent_rpcs): that counts a call from its headers, so
+# calls that never send their message (health needs no token) would take the slots authorized
+# inference needs. Inference calls are admitted by the data
+# plane, health by its own limits (health.py); the streams all callers can hold at once are
+# bounded by max_connections x this.
 OTHER_RPCS = 64
 # Upper bound on the bytes one element takes in a typed (InferTensorContents) request: varints of
 # negative int8/16/32 values take 10 bytes, packed floats their own size.
@@ -160,7 +165,8 @@ class Sidecar:
         if self._defense is None:
             require_defense_choice(s)  # before the model is loaded or the upstream dialled
         if s.metrics_port >= 0:  # bound first: a port in use is one line, before anything is loaded
-            self._metrics_server = metrics_server = MetricsServer(s.metrics_host, s.metrics_port, self.metrics.registry)
+            self._metrics_server = metrics_server = await MetricsServer.open(s.metrics_host, s.metrics_port,
+                                                                             self.metrics.registry)
             self.metrics_port = metrics_server.port
         if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
             from purifier_server.http_front import HttpServer
@@ -221,13 +227,15 @@ class Sidecar:
                    # it grows to megabytes, and large payloads from callers without the token would be
                    # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
-                   ("grpc.so_reuseport", 0)]  # port 0 and fixed ports must never be shared with another process
+                   ("grpc.so_reuseport", 0),  # port 0 and fixed ports must never be shared with another process
+                   ("grpc.max_concurrent_streams",
+                    s.max_concurrent_rpcs + s.max_watch_streams + MAX_PENDING + OTHER_RPCS),
+                   ("grpc.max_allowed_incoming_connections", s.max_connections)]
         self.server = grpc.aio.server(options=options,
-                                      maximum_concurrent_rpcs=s.max_concurrent_rpcs + s.max_watch_streams + OTHER_RPCS,
                                       interceptors=[BearerAuth(token)] if token is not None else None)
         add_to_server(self.servicer, self.server)
         self.health = HealthServicer(s.max_watch_streams, s.watch_max_s)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health.add_to(self.server)
         if s.reflection:
             from purifier_server.reflection import enable_reflection
 
@@ -293,7 +301,7 @@ class Sidecar:
         if self._upstream is not None:
             await self._upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.close()
+            await self._metrics_server.close()
         if self.port:
             log.info("sidecar stopped")
 

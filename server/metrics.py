@@ -18,9 +18,10 @@ with the metrics text and 200, `GET /v2/models/X/ready` included).
 
 from __future__ import annotations
 
-import socket
+import asyncio
+import contextlib
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from prometheus_client import (
@@ -290,44 +291,86 @@ class TritonAliases:
 
 
 class MetricsServer:
-    """`GET /metrics` on (host, port) in a daemon thread; every other path is 404.
+    """`GET /metrics` on (host, port), served on the sidecar's event loop; every other path is 404.
 
-    Binding happens in the constructor: a port in use is a ConfigError naming --metrics-port.
-    After construction `port` is the bound port (port 0 picks a free one).
+    The endpoint is often bound beyond loopback (the Dockerfile's 0.0.0.0) and needs no token, so
+    what a caller can hold is bounded: a connection costs a coroutine, not a thread (idle ones used
+    to hold a thread each, with no timeout); its request head must arrive within READ_TIMEOUT_S
+    and fit in MAX_HEAD_BYTES; at most MAX_CONNECTIONS are open, and a new one closes the oldest
+    that is still waiting for its head (a scraper sends its request with the connection, so idle
+    callers cannot keep it out); one answer per connection. The metrics text is generated on one
+    thread of its own, off the loop.
+
+    `await MetricsServer.open(host, port, registry)` binds: a port in use is a ConfigError naming
+    --metrics-port. `port` is the bound port (port 0 picks a free one).
     """
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry):
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                if self.path.partition("?")[0] != "/metrics":
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                body = generate_latest(registry)
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
+    READ_TIMEOUT_S = 10.0
+    MAX_HEAD_BYTES = 16 << 10
+    MAX_CONNECTIONS = 64
 
-            do_HEAD = do_GET
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+        self._server: asyncio.Server | None = None
+        self._render = ThreadPoolExecutor(1, thread_name_prefix="metrics")
+        self._open: set[asyncio.StreamWriter] = set()
+        self._waiting: dict[asyncio.StreamWriter, None] = {}  # open and still reading their head, oldest first
+        self.port = 0
 
-            def log_message(self, *args):  # scrapes are not log lines
-                pass
+    @property
+    def connections(self) -> int:
+        return len(self._open)
 
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-
+    @classmethod
+    async def open(cls, host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
+        self = cls(registry)
         try:
-            self._server = Server((host, port), Handler)
+            self._server = await asyncio.start_server(self._serve, host, port, limit=self.MAX_HEAD_BYTES,
+                                                      reuse_port=False)
         except OSError as e:
+            self._render.shutdown(wait=False)
             raise ConfigError(f"metrics_port: cannot listen on {host}:{port} ({e.strerror or e}); choose another "
                               "with --metrics-port (0 = any free port, -1 = no metrics endpoint)") from None
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
-        self._thread.start()
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
 
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._open) >= self.MAX_CONNECTIONS:
+            if not self._waiting:
+                writer.close()
+                return
+            oldest = next(iter(self._waiting))  # its read ends when its transport closes
+            del self._waiting[oldest]
+            oldest.close()
+        self._open.add(writer)
+        self._waiting[writer] = None
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.READ_TIMEOUT_S)
+            finally:
+                self._waiting.pop(writer, None)
+            method, path, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + [""]
+            if method not in ("GET", "HEAD"):
+                status, kind, body = "405 Method Not Allowed", "text/plain", b"only GET /metrics is served here\n"
+            elif path.partition("?")[0] != "/metrics":
+                status, kind, body = "404 Not Found", "text/plain", b"only /metrics is served here\n"
+            else:
+                body = await asyncio.get_running_loop().run_in_executor(self._render, generate_latest, self._registry)
+                status, kind = "200 OK", CONTENT_TYPE_LATEST
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: close\r\n\r\n".encode("latin-1") + (b"" if method == "HEAD" else body))
+            await asyncio.wait_for(writer.drain(), self.READ_TIMEOUT_S)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass  # a slow, idle, oversized or vanished caller: the connection just ends
+        finally:
+            self._open.discard(writer)
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._open):  # idle callers must not hold the shutdown
+                writer.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        self._render.shutdown(wait=False)

@@ -113,6 +113,9 @@ class Settings:
     max_queued_rows: int = setting(16384, "rows waiting for the defense; above: RESOURCE_EXHAUSTED")
     max_concurrent_rpcs: int = setting(128, "inference-service calls handled at once (health Watch streams are "
                                        "counted apart); above: RESOURCE_EXHAUSTED")
+    max_connections: int = setting(1024, "gRPC client connections open at once (each carries at most "
+                                   "max_concurrent_rpcs + max_watch_streams + 128 streams: together they bound the "
+                                   "calls all callers, with or without the token, can hold open); above: refused")
     max_watch_streams: int = setting(16, "health Watch streams open at once (they need no token); above: "
                                      "RESOURCE_EXHAUSTED")
     watch_max_s: float = setting(300.0, "longest a health Watch stream stays open, in seconds (then it ends and "
@@ -198,7 +201,8 @@ class Settings:
             fail("http_port", f"{self.http_port} is not a port (0-65535; 0 = any free port; -1 = off)")
         if not -1 <= self.metrics_port < 65536:
             fail("metrics_port", f"{self.metrics_port} is not a port (0-65535; 0 = any free port; -1 = off)")
-        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams"):
+        for name in ("max_request_rows", "max_batch_rows", "max_concurrent_rpcs", "max_watch_streams",
+                     "max_connections"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
         # a request larger than one defense call must leave one call's worth of room (batcher.py)

@@ -25,7 +25,7 @@ same sentences.
 from __future__ import annotations
 
 from purifier.attacks.base import Coverage
-from purifier.attacks.reference_stats import PER_EXAMPLE_VARIANCE_MIN
+from purifier.attacks.shadow import DEFAULT_SHADOWS, QUICK_SHADOWS
 from purifier.audit.results import AttackResult, Best, Metric, Report, Strongest, Verdict
 
 # the attack families a "removed" verdict needs (adaptive only where there is a defense to adapt to)
@@ -81,8 +81,8 @@ def shadow_advice(report: Report) -> str | None:
     if not fallbacks:
         return None
     return (f"Too few shadow models for full strength: with {report.shadows.n}, {', '.join(fallbacks)} ran a weaker "
-            f"variant ({next(iter(fallbacks.values()))}); --shadows {PER_EXAMPLE_VARIANCE_MIN} or more runs them at "
-            "full strength.")
+            f"variant ({next(iter(fallbacks.values()))}); more shadow models run them at full strength (--shadows; "
+            f"the default is {DEFAULT_SHADOWS}, --quick uses {QUICK_SHADOWS}).")
 
 
 def inverted_lines(attacks: dict[str, AttackResult]) -> list[str]:

@@ -129,7 +129,9 @@ WELL_KNOWN_PHRASES = (
 )
 KEYBOARD_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm", "1234567890", "qazwsxedcrfvtgbyhnujmikolp",
                  "1qaz2wsx3edc4rfv5tgb6yhn", "йцукенгшщзхъ", "фывапролджэ", "ячсмитьбю")
-_VOWELS = frozenset("aeiouyAEIOUY")
+_MIN_WORD = 5  # shortest ASCII letter run priced as a word (`_reads_like_a_word`)
+_CONSONANTS_4 = re.compile("[^aeiouy]{4,}")
+_VOWELS_3 = re.compile("[aeiouy]{3,}")
 _SEPARATORS = frozenset(" -_.")
 _MAX_PATTERN = 32      # longest single pattern considered (bounds the work)
 _MAX_ANALYZED = 128    # characters analyzed; a longer secret is judged by its first 128
@@ -213,10 +215,16 @@ def guess_bits(secret: bytes) -> tuple[float, list[str]]:
 
 
 def _reads_like_a_word(piece: str) -> bool:
+    """A letter run of one case pattern that could be a word. In ASCII it must also be
+    pronounceable (a vowel in every four letters, no three vowels in a row) and five letters or
+    longer: random strings are full of short letter runs, and pricing those as words refused one in
+    four random 16-character letters-and-digits secrets (shorter real words are in COMMON_WORDS)."""
     if not piece.isalpha():
         return False
-    if piece.isascii() and not any(c in _VOWELS for c in piece):
-        return False
+    if piece.isascii():
+        low = piece.lower()
+        if len(piece) < _MIN_WORD or _CONSONANTS_4.search(low) or _VOWELS_3.search(low):
+            return False
     uncased = not any(c.islower() or c.isupper() for c in piece)
     return uncased or piece.islower() or piece.isupper() or (piece[0].isupper() and piece[1:].islower())
 

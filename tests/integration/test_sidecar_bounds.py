@@ -1,9 +1,12 @@
-"""Callers without the token are bounded: health Watch streams, request ids, log lines, the
-metrics port, and port clashes at start-up (issue 21, item 6)."""
+"""Callers without the token are bounded: health Watch streams, health calls that never send their
+message, request ids, log lines, the metrics port (its paths, idle connections), and port clashes
+at start-up (issue 21, item 6)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -13,11 +16,14 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from oip_fake import FakeUpstream, infer_request
 
 from purifier.serve_process import ServeProcess, ServerStartError, free_port
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
 from purifier_server.app import BackgroundSidecar
+from purifier_server.health import MAX_PENDING
+from purifier_server.metrics import MetricsServer
 from purifier_server.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -152,3 +158,97 @@ def test_a_port_in_use_is_one_line_naming_the_flag(digits_target, tmp_path, whic
     flag = "--metrics-port" if which == "metrics" else "--port"
     assert line.startswith(f"purifier: error: {'metrics_port' if which == 'metrics' else 'port'}: cannot listen on "
                            "127.0.0.1:") and f"choose another with {flag}" in line
+
+
+@pytest.fixture
+def guarded(tmp_path, flatten_cls):
+    """A sidecar with a bearer token and small limits (4 inference calls, 2 Watch streams) in front
+    of a fake upstream, with a metrics endpoint; yields the Sidecar."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    upstream = FakeUpstream(width=4).start()
+    defense = flatten_cls()
+    defense.n_classes = 4
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "metrics_port": 0,
+                                 "auth_token_file": str(tmp_path / "token"), "max_concurrent_rpcs": 4,
+                                 "max_watch_streams": 2}, env={})
+    try:
+        with BackgroundSidecar(settings, defense=defense) as sc:
+            yield sc
+    finally:
+        upstream.stop()
+
+
+async def _header_only_streams_then_authorized_calls(sc, method: str, streams: int) -> tuple[list[str], int]:
+    """Open `streams` calls of `method` that send headers and never a message (no token), on the
+    connection authorized callers use too; then three authorized ModelInfer calls and one health
+    Check: (the outcomes, "OK" or the status; the most health calls waiting for a message)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+        never = asyncio.Event()
+
+        async def no_message():
+            await never.wait()
+            yield b""
+
+        open_stream = channel.stream_stream(f"/grpc.health.v1.Health/{method}")
+        held = [open_stream(no_message()) for _ in range(streams)]
+        await asyncio.sleep(1.0)                        # let the server see every stream's headers
+        pending = sc.health.pending
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b,
+                                    response_deserializer=lambda b: b)
+        outcomes = []
+        for _ in range(3):
+            try:
+                await infer(infer_request(np.ones((1, 4), np.float32), model="m"),
+                            metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
+                outcomes.append("OK")
+            except grpc.aio.AioRpcError as e:
+                outcomes.append(e.code().name)
+        try:
+            await check(b"", timeout=10)
+            outcomes.append("health OK")
+        except grpc.aio.AioRpcError as e:
+            outcomes.append(f"health {e.code().name}")
+        for call in held:
+            call.cancel()
+        return outcomes, pending
+
+
+@pytest.mark.parametrize("method", ["Check", "Watch"])
+def test_header_only_health_streams_without_the_token_do_not_take_the_inference_slots(guarded, method):
+    """Before (a red-team review): gRPC reads a unary-request method's message before any handler
+    runs, so health Check and Watch streams that send headers and never a message sat in gRPC's
+    server-wide cap (max_concurrent_rpcs + max_watch_streams + 64, here 70) forever, never reaching
+    the Watch limit or lifetime, and every authorized ModelInfer and health Check got
+    RESOURCE_EXHAUSTED. Now health reads its own message (at most MAX_PENDING callers wait for one)
+    and inference is admitted by the data plane alone."""
+    outcomes, pending = asyncio.run(_header_only_streams_then_authorized_calls(guarded, method, streams=80))
+    assert outcomes == ["OK", "OK", "OK", "health OK"], (
+        f"80 health {method} streams without a token or a message left authorized callers with {outcomes}")
+    assert pending <= MAX_PENDING
+
+
+def test_idle_metrics_connections_do_not_hold_a_thread_each_nor_keep_a_scraper_out(guarded):
+    """Before (a red-team review): the metrics endpoint (bound to 0.0.0.0 by the Dockerfile) answered
+    each connection on a thread of its own, with no read timeout and no cap. Now idle connections
+    cost no thread, and past MetricsServer.MAX_CONNECTIONS a new one closes the oldest idle one."""
+    before = threading.active_count()
+    idle = []
+    try:
+        for _ in range(MetricsServer.MAX_CONNECTIONS + 36):
+            sock = socket.create_connection(("127.0.0.1", guarded.metrics_port), timeout=5)
+            sock.sendall(b"GET /metr")                  # a request line that never ends
+            idle.append(sock)
+        scrape = socket.create_connection(("127.0.0.1", guarded.metrics_port), timeout=5)
+        with scrape:
+            scrape.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert scrape.recv(12).startswith(b"HTTP/1.0 200")
+        held = threading.active_count() - before
+        assert guarded._metrics_server.connections <= MetricsServer.MAX_CONNECTIONS
+    finally:
+        for sock in idle:
+            sock.close()
+    assert held < 8, f"{len(idle)} idle connections to the metrics port hold {held} threads of the sidecar"

@@ -1,6 +1,7 @@
 """The audit runner and its reports, in-process against the real digits target."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_cli_refuses_a_defense_fitted_for_another_model(digits_target, tmp_path,
                str(digits_target.directory), "--out", str(tmp_path / "rep"), "--attacks", "gap", "--quiet"])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "was fitted for another model: the model's answers to the 64 probe inputs differ" in err
+    assert re.search(r"was fitted for another model: the model's answers to the \d+ probe inputs differ", err)
     assert not (tmp_path / "rep").exists()
 
 

@@ -98,7 +98,7 @@ def test_too_few_negatives_give_no_number_and_fallbacks_are_said():
     assert record == ("Record-level exposure (members found at 0.1% false positives) is not measurable with "
                       "300 non-members: it needs at least 1,000.")
     assert any(line.startswith("Too few shadow models") and "lira_online ran a weaker variant" in line
-               and "--shadows 16" in line for line in v.lines)
+               and "the default is 32, --quick uses 4" in line for line in v.lines)
     assert any("not measurable with 300 non-members at 0.1%" in c for c in v.cannot_protect)
 
 
@@ -218,7 +218,8 @@ def test_fallback_advice_is_said_once_and_the_same_everywhere():
     r = rule_report(fallbacks=fallbacks)
     advice = [line for line in r.verdict.lines if "--shadows" in line]
     assert advice == ["Too few shadow models for full strength: with 4, lira_online, rmia ran a weaker variant "
-                      "(4 shadows < 16: one global variance); --shadows 16 or more runs them at full strength."]
+                      "(4 shadows < 16: one global variance); more shadow models run them at full strength "
+                      "(--shadows; the default is 32, --quick uses 4)."]
     from purifier.audit.report import markdown, text_table
 
     for text in (text_table(r), markdown(r)):
