@@ -207,3 +207,23 @@ def test_workers_whose_supervisor_is_killed_exit_on_their_own(digits_target, mem
         sidecar.proc.wait(timeout=60)
         # checked before the context's group kill would clean up what is left
         assert wait_gone(pids) == []
+
+
+@pytest.mark.parametrize("per_thread", [True, False], ids=["connection-per-thread", "one-connection"])
+def test_the_bench_reaches_every_worker_with_a_connection_per_thread(digits_target, memguard_dir, tmp_path,
+                                                                     per_thread):
+    """purifier.bench's client shares one gRPC connection between its threads unless asked, and one
+    connection reaches one worker: measured that way, `--workers 2` would look like one worker."""
+    from purifier.bench.measure import Endpoint, compare
+
+    x = np.ascontiguousarray(digits_target.role("eval_nonmembers")[0][:8], np.float32)
+    with ServeProcess(serve_args(digits_target, memguard_dir), log_path=tmp_path / "serve.log",
+                      ready_timeout_s=180) as sidecar:
+        endpoint = Endpoint("sidecar", sidecar.endpoint, "digits", server_pid=sidecar.pid,
+                            channel_per_thread=per_thread)
+        result = compare([endpoint], x, concurrency=(CONNECTIONS,), seconds=0.5, rounds=1, warmup_s=0.1)
+        assert result["cells"][0]["server_cpu_ms_per_request"] > 0
+        ok = per_worker(scrape(sidecar.ready["metrics_port"]), "purifier_requests", outcome="OK")
+    # 16 connections of their own all land on one worker with probability 2**-15
+    answered = {worker for worker, n in ok.items() if n > 0}
+    assert len(answered) == (2 if per_thread else 1), ok
