@@ -227,3 +227,48 @@ def test_the_bench_reaches_every_worker_with_a_connection_per_thread(digits_targ
     # 16 connections of their own all land on one worker with probability 2**-15
     answered = {worker for worker, n in ok.items() if n > 0}
     assert len(answered) == (2 if per_thread else 1), ok
+
+
+def test_a_refusal_by_another_worker_refuses_here_too_and_is_not_echoed(digits_target, flatten_cls):
+    """What a worker does with the supervisor's `peer_refusal`: while another worker refuses the
+    upstream model (its identity probe caught another model on its own connection), requests here
+    are refused and health says NOT_SERVING; this worker does not report the refusal as its own
+    (the supervisor would relay it back for ever); once none refuses, it serves again."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from tritonclient.utils import InferenceServerException
+
+    from purifier_server.app import BackgroundSidecar
+    from purifier_server.settings import Settings
+
+    settings = Settings.resolve({"model": str(digits_target.directory), "host": "127.0.0.1", "port": 0,
+                                 "http_port": -1, "metrics_port": -1}, env={})
+    x = np.ascontiguousarray(digits_target.role("eval_nonmembers")[0][:2], np.float32)
+    background = BackgroundSidecar(settings, defense=flatten_cls())
+    with background as sc:
+        reported: list = []
+        sc.on_refusal = reported.append
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
+        channel = grpc.insecure_channel(f"127.0.0.1:{sc.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        try:
+            def peer(why):
+                asyncio.run_coroutine_threadsafe(sc.readiness.set_peer_refusal(why), background.loop).result(10)
+
+            assert ask(client, x).shape == (2, 10)
+            peer("an identity probe found another model")
+            with pytest.raises(InferenceServerException) as refused:
+                ask(client, x)
+            assert "UNAVAILABLE" in str(refused.value.status()) and "another worker" in refused.value.message()
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            assert all(why is None for why in reported), reported
+            peer(None)
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert ask(client, x).shape == (2, 10)
+        finally:
+            client.close()
+            channel.close()
