@@ -64,6 +64,19 @@ def setting(default: Any, help: str, **meta: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may use: its affinity mask, lowered to a cgroup v2 CPU quota
+    (`cpu.max`, a container's CPU limit, rounded up), which the affinity mask does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `purifier serve` can be told. Exactly one of `model` / `upstream` is set."""
@@ -200,6 +213,9 @@ class Settings:
             fail("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
         if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
             fail("workers", f"{self.workers!r} is not a number of processes (an integer >= 1, or auto)")
+        if self.device != "cpu" and self.worker_count > 1:  # untested: no GPU here; N contexts on one device
+            fail("workers", f"several workers serve on the CPU only (each would hold its own {self.device} context "
+                            f"and copy of the model); run --device {self.device} with --workers 1")
         if not 0 <= self.port < 65536:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
         if not -1 <= self.http_port < 65536:
@@ -235,9 +251,9 @@ class Settings:
 
     @property
     def worker_count(self) -> int:
-        """How many serving processes `workers` asks for (auto: the CPU cores this process may use)."""
+        """How many serving processes `workers` asks for (auto: `usable_cpus()`)."""
         if self.workers == "auto":
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return usable_cpus()
         return int(self.workers)
 
     @property

@@ -47,6 +47,7 @@ import socket
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -208,10 +209,10 @@ class _Supervisor:
             await self._start(child, index, http)
         if not await self._until_ready(list(range(1, n))):
             return self._failed_status()
-        metrics.ports = [w.ready["metrics_port"] for w in self.workers if w.ready.get("metrics_port")]
+        readies = [w.ready or {} for w in self.workers]  # every one set by _until_ready
+        metrics.ports = [r["metrics_port"] for r in readies if r.get("metrics_port")]
         check_port_owners(self.settings, port, [w.process.pid for w in self.workers])
-        first = self.workers[0].ready
-        ready = {k: v for k, v in first.items() if k not in ("worker", "pid")}
+        ready = {k: v for k, v in readies[0].items() if k not in ("worker", "pid")}
         announce({**ready, "port": port, "metrics_port": metrics_server.port if metrics_server else None,
                   "workers": n, "pids": [w.process.pid for w in self.workers]})
         log.info("workers serving", extra={"workers": n, "port": port})
@@ -323,8 +324,10 @@ class _Supervisor:
 # --- a worker ------------------------------------------------------------------------------------
 
 
-def _settings_from(fields: dict) -> Settings:
-    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+def _settings_from(fields: dict[str, Any]) -> Settings:
+    """The Settings the supervisor sent as JSON (its tuples arrive as lists)."""
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return Settings(**values)
 
 
 class _WorkerField(logging.Filter):
