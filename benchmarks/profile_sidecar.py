@@ -238,7 +238,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--calls", type=int, default=3000, help="calls per in-process measurement")
     parser.add_argument("--top", type=int, default=12, help="frames and functions listed per table")
-    parser.add_argument("--workers", type=int, default=1, help="sidecar --workers (default 1)")
     parser.add_argument("--out", help="also write the summary to this file")
     args = parser.parse_args()
 
@@ -263,9 +262,8 @@ def main() -> None:
         served = [("identity", ["--defense", "none"])]
         served += [("memguard", ["--defense-dir", d, "--secret-file", str(secret)]) for d in args.defense_dir]
         for name, flags in served:
-            workers = ["--workers", str(args.workers)] if args.workers != 1 else []
             sc = stack.enter_context(ServeProcess(["--model", str(target.directory), "--log-level", "warning",
-                                                   *workers, *flags], env=env))
+                                                   *flags], env=env))
             model = target.directory.name
             cells.append((f"sidecar {name} (gRPC)", Endpoint(name, f"127.0.0.1:{sc.port}", model, server_pid=sc.pid)))
             if name == "identity":
