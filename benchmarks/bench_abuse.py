@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,13 +49,15 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_sidecar import wait_ready  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     add_sidecar_flags,
+    baseline_server,
+    commit_of,
     digits_target,
     secret_file_or_throwaway,
     write_result,
 )
 from purifier.bench import measure  # noqa: E402
 from purifier.errors import ConfigError  # noqa: E402
-from purifier.serve_process import ServeProcess, ServerProcess, serve_command  # noqa: E402
+from purifier.serve_process import ServeProcess, ServerProcess  # noqa: E402
 
 BARE_SERVER = [sys.executable, str(ROOT / "benchmarks" / "bench_sidecar.py"), "--bare-server"]
 
@@ -65,18 +66,6 @@ def memory_mb(pid: int, key: str) -> float:
     """VmRSS (resident now) or VmHWM (peak resident) of a process, in MB."""
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
-
-
-def baseline_server(src: Path, args: list[str]) -> ServerProcess:
-    """`purifier serve ARGS` from the checkout at `src` (a shim directory maps its `server/` to the
-    `purifier_server` import name), in this interpreter."""
-    shim = Path(tempfile.mkdtemp(prefix="purifier-baseline-"))
-    (shim / "purifier").symlink_to(src / "purifier")
-    (shim / "purifier_server").symlink_to(src / "server")
-    argv = serve_command(args)[3:]                     # after `python -m purifier.cli`
-    code = (f"import runpy, sys; sys.path.insert(0, {str(shim)!r}); sys.argv = ['purifier', *{argv!r}]; "
-            "runpy.run_module('purifier.cli', run_name='__main__')")
-    return ServerProcess([sys.executable, "-c", code])
 
 
 def started_bound_bytes(sidecar: ServerProcess) -> int:
@@ -305,8 +294,7 @@ def main() -> None:
     load = load_end[0]
     baseline_commit = None
     if baseline is not None:
-        baseline_commit = subprocess.run(["git", "-C", str(baseline), "rev-parse", "--short", "HEAD"],
-                                         capture_output=True, text=True).stdout.strip() or None
+        baseline_commit = commit_of(baseline)
     loads = (f"Load average (1, 5, 15 min) start {tuple(round(v, 1) for v in load_start)}, "
              f"end {tuple(round(v, 1) for v in load_end)}")
     tables = [

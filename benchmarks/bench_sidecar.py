@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import (  # noqa: E402
     add_sidecar_flags,
+    baseline_server,
+    commit_of,
     digits_target,
     secret_file_or_throwaway,
     write_result,
@@ -167,13 +169,15 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
                            cmp.get("added_p50_ms_c1", cmp.get("added_p50_ms_c1_vs_grpc", "-")),
                            cmp.get("added_p99_ms_c1", cmp.get("added_p99_ms_c1_vs_grpc", "-")),
                            cmp.get("throughput_ratio_c16", cmp.get("throughput_ratio_c16_vs_grpc", "-")),
-                           cmp.get("throughput_vs_identity_c16", "-")])
+                           cmp.get("throughput_vs_identity_c16", "-"),
+                           cmp.get("added_p50_ms_c1_vs_identity", "-"), cmp.get("cpu_ratio_vs_identity_c1", "-")])
     load_text = "not recorded" if load is None else f"{load:.1f}"
     return [{
         "title": "Sidecar overhead: client -> upstream directly vs client -> sidecar -> upstream (1 row per request)",
         "columns": ["cell", "c1 p50 ms", "c1 p99 ms", "c1 req/s", "c1 server CPU ms/req", "c16 p50 ms", "c16 p99 ms",
                     "c16 req/s", "c16 server CPU ms/req", "added p50 ms (c1)", "added p99 ms (c1)",
-                    "c16 throughput ratio", "c16 throughput vs identity sidecar"],
+                    "c16 throughput ratio", "c16 throughput vs identity sidecar", "added p50 ms vs identity (c1)",
+                    "server CPU vs identity (c1)"],
         "rows": table_rows,
         "note": f"Servers as separate processes measured side by side in {rounds} interleaved windows of "
                 f"{seconds:g} s; client, sidecar and upstream share the machine's 2 cores (1-minute load average "
@@ -183,7 +187,10 @@ def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, 
                 "added p50 <= 0.5 ms at c1, c16 throughput ratio >= 0.8). Targets: added p50 <= 1.0 ms, p99 <= 3 ms at c1; "
                 "c16 throughput ratio >= 0.8 with the identity defense; PURIFIER <= 0.2 ms more than identity; "
                 "MemGuard (10 classes) <= 1.0 ms server CPU per single-row request and c16 throughput >= 0.7x "
-                "the identity sidecar's.",
+                "the identity sidecar's. Issue 25 targets: MemGuard server CPU <= 1.5x identity's, added p50 <= 1.0 ms "
+                "over identity, c16 >= 0.8x identity; identity c16 >= 0.85x direct. -baseline cells: the same cells "
+                "served by an older checkout (config.baseline_commit) in the same windows, each compared with its own "
+                "identity sidecar.",
     }]
 
 
@@ -193,6 +200,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement seconds per cell")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved windows per cell (default 3)")
     parser.add_argument("--skip-mlserver", action="store_true")
+    parser.add_argument("--baseline-src", metavar="DIR",
+                        help="a checkout of an older commit whose identity sidecar (and --baseline-defense-dir "
+                             "defenses) are measured in the same interleaved windows")
+    parser.add_argument("--baseline-defense-dir", action="append", default=[], metavar="DIR",
+                        help="a defense directory fitted by --baseline-src's own code (same --secret-file)")
     parser.add_argument("--bare-server", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -204,9 +216,13 @@ def main() -> None:
     x = np.ascontiguousarray(X[:64], np.float32)  # one row per request, cycled
     env = {k: v for k, v in os.environ.items() if not k.startswith("PURIFIER_")}
     defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d) for d in args.defense_dir]
+    baseline = Path(args.baseline_src).resolve() if args.baseline_src else None
+    baseline_defenses = [(json.loads((Path(d) / "defense.json").read_text())["defense"], d)
+                         for d in args.baseline_defense_dir]
     cells: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp), args.defense_dir)
+        secret_file = secret_file_or_throwaway(args.secret_file, Path(tmp),
+                                               [*args.defense_dir, *args.baseline_defense_dir])
 
         # embedded ONNX backend: the bare server and every sidecar variant run side by side
         with contextlib.ExitStack() as stack:
@@ -220,6 +236,14 @@ def main() -> None:
                 if name == "identity":
                     servers["embedded/sidecar-identity-rest"] = (sc.http_port, target.directory.name,
                                                                  "probabilities", sc.pid, "http")
+            if baseline is not None:
+                for name, d in [("identity", None), *baseline_defenses]:
+                    old_args = ["--model", str(target.directory), "--log-level", "warning",
+                                *(["--defense", "none"] if d is None else
+                                  ["--defense", name, "--defense-dir", d, "--secret-file", str(secret_file)])]
+                    sc = stack.enter_context(baseline_server(baseline, old_args))
+                    servers[f"embedded/sidecar-{name}-baseline"] = (sc.port, target.directory.name,
+                                                                    "probabilities", sc.pid)
             cells.update(interleaved(servers, x, args.seconds, args.rounds))
 
         # MLServer upstream (FP64); defenses fitted for the ONNX target do not apply to its model
@@ -250,20 +274,26 @@ def main() -> None:
             }
             continue
         direct = cells[f"{backend}/direct"]
-        identity = cells.get(f"{backend}/sidecar-identity")
+        # a defended cell is compared with the identity sidecar of its own code (this checkout's or the baseline's)
+        identity = cells.get(f"{backend}/sidecar-identity" + ("-baseline" if mode.endswith("-baseline") else ""))
         comparisons[key] = {
             "added_p50_ms_c1": cell["c1"]["p50_ms"] - direct["c1"]["p50_ms"],
             "added_p99_ms_c1": cell["c1"]["p99_ms"] - direct["c1"]["p99_ms"],
             "throughput_ratio_c16": cell["c16"]["throughput_rps"] / direct["c16"]["throughput_rps"],
             "throughput_vs_identity_c16": (cell["c16"]["throughput_rps"] / identity["c16"]["throughput_rps"]
                                            if identity else None),
+            "added_p50_ms_c1_vs_identity": cell["c1"]["p50_ms"] - identity["c1"]["p50_ms"] if identity else None,
+            "cpu_ratio_vs_identity_c1": (cell["c1"]["server_cpu_ms_per_request"]
+                                         / identity["c1"]["server_cpu_ms_per_request"] if identity else None),
         }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tables = sidecar_tables(cells, comparisons, args.rounds, args.seconds, load)
     path = write_result("sidecar", {
         "tables": tables, "load_average_1m_end": load,
         "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
-                   "defenses": [d for _, d in defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
+                   "defenses": [d for _, d in defenses], "baseline_src": args.baseline_src,
+                   "baseline_commit": commit_of(baseline) if baseline else None,
+                   "baseline_defenses": [d for _, d in baseline_defenses], "clients": "purifier.bench: threads over one grpc channel, pre-serialized raw requests"},
         "cells": cells, "comparisons": comparisons,
         "targets": {"added_p50_ms_c1": 1.0, "added_p99_ms_c1": 3.0, "throughput_ratio_c16": 0.8,
                     "rest_added_p50_ms_c1_vs_grpc": 0.5, "rest_throughput_ratio_c16_vs_grpc": 0.8,

@@ -10,6 +10,8 @@ import json
 import os
 import secrets
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -18,6 +20,7 @@ from pathlib import Path
 from purifier import machine
 from purifier.bench.measure import latency_summary
 from purifier.machine import process_cpu_seconds  # noqa: F401 - benchmarks import it from here
+from purifier.serve_process import ServerProcess, serve_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +107,23 @@ def secret_file_or_throwaway(secret_file: str | None, work: Path, defense_dirs=(
     path = work / "secret"
     path.write_text(secrets.token_hex(32))
     return path
+
+
+def baseline_server(src: Path, args: list[str]) -> ServerProcess:
+    """`purifier serve ARGS` from the checkout at `src` (an older commit, measured beside this one
+    in the same run), in this interpreter: a shim directory maps its `server/` to the
+    `purifier_server` import name. No REST front (a checkout older than it rejects --http-port)."""
+    shim = Path(tempfile.mkdtemp(prefix="purifier-baseline-"))
+    (shim / "purifier").symlink_to(src / "purifier")
+    (shim / "purifier_server").symlink_to(src / "server")
+    argv = serve_command(args, rest=False)[3:]          # after `python -m purifier.cli`
+    code = (f"import runpy, sys; sys.path.insert(0, {str(shim)!r}); sys.argv = ['purifier', *{argv!r}]; "
+            "runpy.run_module('purifier.cli', run_name='__main__')")
+    return ServerProcess([sys.executable, "-c", code])
+
+
+def commit_of(src: Path) -> str:
+    """The short commit hash of the checkout at `src`."""
+    return subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
