@@ -87,8 +87,8 @@ def _metric_rows(metrics) -> list[str]:
             name = obj._name + ("_total" if obj._type == "counter" else "")
             kind, labels, doc = obj._type, obj._labelnames, obj._documentation
             bounds = [b for b in getattr(obj, "_upper_bounds", []) if b != float("inf")]
-        elif hasattr(obj, "observe_many"):  # BatchHistogram: fed whole arrays, exposed as a histogram
-            name, kind, labels, doc, bounds = obj.name, "histogram", (), obj.documentation, list(obj.bounds)
+        elif hasattr(obj, "labelnames"):  # BatchHistogram: binned in bulk, exposed as a histogram
+            name, kind, labels, doc, bounds = obj.name, "histogram", obj.labelnames, obj.documentation, list(obj.bounds)
         elif hasattr(obj, "FAMILIES"):  # TritonAliases: Triton's names, derived from the rows above when scraped
             for name, doc in obj.FAMILIES:
                 rows.append(f"| `{name}` | untyped (a counter) | `model`, `version` | {_cell(doc)} | - |")

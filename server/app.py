@@ -32,7 +32,9 @@ import json
 import logging
 import math
 import signal
+import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -140,10 +142,15 @@ class Sidecar:
     `defense`, `upstream` and `registry` may be injected (tests, embedders); otherwise they are
     built from `settings`. After `start()`, `port` and `metrics_port` hold the bound ports and
     `readiness` what the sidecar knows about the upstream model (readiness.py).
+
+    A worker of `purifier serve --workers N` (workers.py) binds the gRPC port with SO_REUSEPORT
+    beside its siblings (`shared_grpc_port`) and serves the REST socket its supervisor bound
+    (`http_socket`); `on_refusal(why)` is called whenever what health says may have changed, with
+    why this process refuses the upstream model (None: it does not).
     """
 
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
-                 registry=None):
+                 registry=None, shared_grpc_port: bool = False, http_socket: socket.socket | None = None):
         self.settings = settings
         install()  # every logged string bounded, repeated warnings rate-limited (logs.py)
         self.metrics = SidecarMetrics(registry)
@@ -157,6 +164,8 @@ class Sidecar:
         self.server: grpc.aio.Server | None = None
         self._stopped = False
         self._serving: bool | None = None        # what health says
+        self._shared_grpc_port, self._http_socket = shared_grpc_port, http_socket
+        self.on_refusal: Callable[[str | None], None] | None = None
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ class Sidecar:
         if s.http_port >= 0:  # the REST port too (bound now, served once the data plane exists)
             from purifier_server.http_front import HttpServer
 
-            self._http = HttpServer(s)
+            self._http = HttpServer(s, self._http_socket)
         if self._upstream is None:
             if s.model is not None:  # embedded
                 self._upstream = EmbeddedUpstream(s.model, s.model_name, s.device, large_rows=s.max_batch_rows)
@@ -227,7 +236,9 @@ class Sidecar:
                    # it grows to megabytes, and large payloads from callers without the token would be
                    # buffered although their calls are never read
                    ("grpc.http2.bdp_probe", 0),
-                   ("grpc.so_reuseport", 0),  # port 0 and fixed ports must never be shared with another process
+                   # port 0 and fixed ports are never shared with another process, except by the workers
+                   # of one supervisor, which checks that no other process listens there (workers.py)
+                   ("grpc.so_reuseport", 1 if self._shared_grpc_port else 0),
                    ("grpc.max_concurrent_streams",
                     s.max_concurrent_rpcs + s.max_watch_streams + MAX_PENDING + OTHER_RPCS),
                    ("grpc.max_allowed_incoming_connections", s.max_connections)]
@@ -271,6 +282,8 @@ class Sidecar:
     # --- health ---------------------------------------------------------------------------------
 
     async def _set_health(self, serving: bool) -> None:
+        if self.on_refusal is not None and self.readiness is not None:
+            self.on_refusal(self.readiness.own_refusal())
         if serving == self._serving:
             return
         self._serving = serving
@@ -337,26 +350,38 @@ class BackgroundSidecar:
 
 
 def run(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`."""
+    """Serve until SIGTERM/SIGINT; then drain gracefully. Used by `purifier serve`; with
+    `workers` above 1, a supervisor of that many serving processes (workers.py)."""
     configure_logging(settings.log_level)
+    if settings.worker_count > 1:
+        from purifier_server.workers import supervise
+
+        return supervise(settings)
     limit_threads()  # in code, not left to the environment (purifier.threads says why)
-
-    async def main() -> None:
-        sidecar = Sidecar(settings)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await sidecar.start()
-            ready = {"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
-                     "metrics_port": sidecar.metrics_port, "defense": sidecar.defense.name}
-            if sidecar.undefended:
-                ready["warning"] = UNDEFENDED
-            print(json.dumps(ready), flush=True)
-            await stop.wait()
-        finally:
-            await sidecar.stop()
-
-    asyncio.run(main())
+    asyncio.run(serve(Sidecar(settings)))
     return 0
+
+
+def announce(ready: dict) -> None:
+    """The JSON ready line on stdout (what `purifier.serve_process` and deployments wait for)."""
+    print(json.dumps(ready), flush=True)
+
+
+async def serve(sidecar: Sidecar, stop: asyncio.Event | None = None,
+                started: Callable[[dict], None] = announce) -> None:
+    """Start `sidecar`, call `started` with the ready line, serve until SIGTERM/SIGINT (or until
+    `stop` is set), then drain gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+        ready = {"event": "serving", "port": sidecar.port, "http_port": sidecar.http_port,
+                 "metrics_port": sidecar.metrics_port, "defense": sidecar.defense.name}
+        if sidecar.undefended:
+            ready["warning"] = UNDEFENDED
+        started(ready)
+        await stop.wait()
+    finally:
+        await sidecar.stop()

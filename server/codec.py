@@ -77,10 +77,10 @@ def decode_tensor(tensor, raw: bytes | None, what: str, error=BadRequest) -> np.
         raise error(f"{what}: datatype {tensor.datatype!r} is not supported; "
                     f"use one of {', '.join(DTYPES)}")
     shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise error(f"{what}: shape {list(shape)} has a negative dimension")
     n = math.prod(shape)
-    if n > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):  # [0, 2**40] is empty, yet numpy refuses it
+    if n > MAX_ELEMENTS or (shape and max(shape) > MAX_ELEMENTS):  # [0, 2**40] is empty, yet numpy refuses it
         raise error(f"{what}: shape {list(shape)} has {n} elements (limit {MAX_ELEMENTS})")
     typed = _typed_fields(tensor)
     if raw is not None:
@@ -195,7 +195,7 @@ def read_answer(response, confidence: str | None, wanted: list[str], rows: int) 
     if probs.ndim != 2 or probs.shape[1] < 2:
         raise BadUpstreamOutput("malformed tensor", f"output {confidence!r} has shape {list(probs.shape)}, "
                                 "expected [N, C>=2]")
-    if not np.isfinite(probs).all():
+    if np.count_nonzero(np.isfinite(probs)) != probs.size:
         raise BadUpstreamOutput("non-finite confidences", f"output {confidence!r} holds NaN or Inf")
     return arrays
 

@@ -203,7 +203,9 @@ class DataPlane:
         """Check the request; returns the output names of the answer, in order."""
         if len(request.id) > MAX_REQUEST_ID_CHARS:
             raise BadRequest(f"the request id has {len(request.id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
-        await self.check_model(request.model_name, request.model_version)
+        version = request.model_version
+        if request.model_name != self.model_name or (version and version not in self.versions):
+            await self.check_model(request.model_name, version)
         if (key := _refused_parameter(request.parameters)) is not None:
             raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
         if "classification" in request.parameters:

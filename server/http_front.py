@@ -228,6 +228,25 @@ class RestFront:
                      (rest_codec.HEADER_LENGTH.encode(), str(json_length).encode()), *extra], out
 
 
+def bind_http(settings: Settings) -> socket.socket:
+    """The REST front's listening socket on (host, http_port); a port in use is one line naming the flag."""
+    s = settings
+    try:
+        infos = socket.getaddrinfo(s.host, s.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it a response written in two parts waits 40 ms for the client's delayed ACK
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        raise ConfigError(f"http_port: cannot listen on {s.host}:{s.http_port} ({e.strerror or e}); choose "
+                          "another with --http-port (0 = any free port, -1 = no REST front)") from None
+    sock.setblocking(False)
+    return sock
+
+
 class HttpServer:
     """uvicorn serving a RestFront on the running event loop, beside the gRPC server.
 
@@ -235,29 +254,14 @@ class HttpServer:
     `start(app)` serves it, `stop()` lets in-flight requests finish within the grace period.
     """
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, sock: socket.socket | None = None):
+        """sock: a listening socket to serve instead of binding one (a worker serves the one its
+        supervisor bound: workers.py)."""
         self.settings = settings
-        self._socket = self._bind()
+        self._socket = bind_http(settings) if sock is None else sock
         self.port: int = self._socket.getsockname()[1]
         self._server: uvicorn.Server | None = None
         self._ticker: asyncio.Task | None = None
-
-    def _bind(self) -> socket.socket:
-        s = self.settings
-        try:
-            infos = socket.getaddrinfo(s.host, s.http_port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            family, kind, proto, _, address = infos[0]
-            # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
-            # and without it a response written in two parts waits 40 ms for the client's delayed ACK
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            sock.listen(2048)
-        except OSError as e:
-            raise ConfigError(f"http_port: cannot listen on {s.host}:{s.http_port} ({e.strerror or e}); choose "
-                              "another with --http-port (0 = any free port, -1 = no REST front)") from None
-        sock.setblocking(False)
-        return sock
 
     async def start(self, app: RestFront) -> None:
         import uvicorn

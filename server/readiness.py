@@ -81,6 +81,7 @@ class Readiness:
         self._verified: int | None = None       # upstream generation the model check passed for
         self._refused: str | None = None        # why the model check refused the model, until it passes
         self._mismatch: str | None = None       # why a probe refused it: only matching probes clear it
+        self.peer_refusal: str | None = None    # why another worker refuses it (workers.py)
         self._matches_needed = 0                # matching probes in a row still needed to clear _mismatch
         self._ready = False                     # the last ModelReady answer
         self._checked: Checked | None = None
@@ -209,7 +210,23 @@ class Readiness:
     # --- polling --------------------------------------------------------------------------------
 
     def verified(self) -> bool:
-        return self._refused is None and self._mismatch is None and self._verified == self.upstream.generation
+        return self._refusing() is None and self._verified == self.upstream.generation
+
+    def own_refusal(self) -> str | None:
+        """Why this process refuses the upstream model (its model check or an identity probe), or None."""
+        return self._refused or self._mismatch
+
+    def _refusing(self) -> str | None:
+        return self._refused or self._mismatch or self.peer_refusal
+
+    async def set_peer_refusal(self, why: str | None) -> None:
+        """Another worker of this sidecar refuses the upstream model (`why`), or none does any more
+        (None): every worker refuses while one does (workers.py), so no connection reaches a model
+        that one of them caught answering as another."""
+        if why != self.peer_refusal:
+            self.peer_refusal = why
+            self._notify()
+            await self._tell_health()
 
     async def _tell_health(self) -> None:
         if self.on_health is not None:
@@ -272,8 +289,10 @@ class Readiness:
 
     def refusal(self) -> RequestError | None:
         """None while the upstream model is verified for its current connection; else why not."""
-        if self._refused is not None or self._mismatch is not None:
+        if self.own_refusal() is not None:
             return NotServing("the upstream model was refused by the sidecar's model check; see the sidecar log")
+        if self.peer_refusal is not None:
+            return NotServing("the upstream model was refused by another worker's model check; see the sidecar log")
         if self._verified != self.upstream.generation:
             self._poke.set()
             return NotServing("the upstream model is not verified yet; retry shortly")
@@ -297,7 +316,7 @@ class Readiness:
         self._waiting += 1
         try:
             while not done():
-                if self._refused is not None or self._mismatch is not None:
+                if self._refusing() is not None:
                     return
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -315,7 +334,8 @@ class Readiness:
         deadline: loop time. NotServing when the model is refused, past the deadline, or when
         too many requests wait already.
         """
-        await self._wait(self.verified, deadline)
+        if not self.verified():
+            await self._wait(self.verified, deadline)
         refused = self.refusal()
         if refused is not None:
             raise refused

@@ -64,6 +64,19 @@ def setting(default: Any, help: str, **meta: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+def usable_cpus() -> int:
+    """The CPU cores this process may use: its affinity mask, lowered to a cgroup v2 CPU quota
+    (`cpu.max`, a container's CPU limit, rounded up), which the affinity mask does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything `purifier serve` can be told. Exactly one of `model` / `upstream` is set."""
@@ -107,6 +120,9 @@ class Settings:
     http_port: int = setting(8000, "REST port (OIP v2 over HTTP; 0 = any free port; -1 = off)")
     metrics_host: str = setting("127.0.0.1", "Prometheus endpoint address")
     metrics_port: int = setting(8002, "Prometheus port (0 = any free port; -1 = off)")
+    workers: str = setting("1", "serving processes sharing the gRPC, REST and metrics ports, each with the whole "
+                           "request path (N, or auto: one per CPU core available); docs/serving.md#workers",
+                           metavar="N|auto")
     max_request_rows: int = setting(4096, "rows per request; above: RESOURCE_EXHAUSTED")
     max_request_bytes: int = setting(0, "largest request message accepted, in bytes (0 = derived from "
                                      "max_request_rows x the model's input width)")
@@ -195,6 +211,11 @@ class Settings:
             fail("device", f"{self.device!r} is not one of {', '.join(DEVICES)}")
         if self.log_level not in LOG_LEVELS:
             fail("log_level", f"{self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) >= 1):
+            fail("workers", f"{self.workers!r} is not a number of processes (an integer >= 1, or auto)")
+        if self.device != "cpu" and self.worker_count > 1:  # untested: no GPU here; N contexts on one device
+            fail("workers", f"several workers serve on the CPU only (each would hold its own {self.device} context "
+                            f"and copy of the model); run --device {self.device} with --workers 1")
         if not 0 <= self.port < 65536:
             fail("port", f"{self.port} is not a port (0-65535; 0 = any free port)")
         if not -1 <= self.http_port < 65536:
@@ -227,6 +248,13 @@ class Settings:
             fail("upstream_contents", f"{self.upstream_contents!r} is not one of {', '.join(UPSTREAM_CONTENTS)}")
         if not self.upstream_service or "/" in self.upstream_service:
             fail("upstream_service", f"{self.upstream_service!r} is not a gRPC service name (package.Service)")
+
+    @property
+    def worker_count(self) -> int:
+        """How many serving processes `workers` asks for (auto: `usable_cpus()`)."""
+        if self.workers == "auto":
+            return usable_cpus()
+        return int(self.workers)
 
     @property
     def embedded(self) -> bool:

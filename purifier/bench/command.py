@@ -74,6 +74,9 @@ def add_parser(sub) -> None:
     p.add_argument("--token-file", default=None, metavar="FILE", help="file holding the bearer token to send")
     p.add_argument("--direct-plaintext", action="store_true",
                    help="TLS and token apply to --sidecar only; reach --direct in plaintext without a token")
+    p.add_argument("--connection-per-thread", action="store_true",
+                   help="a gRPC connection per calling thread instead of one shared: needed to reach every worker "
+                        "of `purifier serve --workers N`, which spreads connections, not calls")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results (with machine info) here")
     p.set_defaults(func=bench_cli)
 
@@ -92,9 +95,11 @@ def bench_cli(args) -> int:
     endpoints = []
     if args.direct:
         endpoints.append(Endpoint("direct", args.direct, args.model_name, args.model_version, args.direct_service,
+                                  channel_per_thread=args.connection_per_thread,
                                   **({} if args.direct_plaintext else security)))
     if args.sidecar:
-        endpoints.append(Endpoint("sidecar", args.sidecar, args.model_name, args.model_version, **security))
+        endpoints.append(Endpoint("sidecar", args.sidecar, args.model_name, args.model_version,
+                                  channel_per_thread=args.connection_per_thread, **security))
     if args.sidecar_rest:
         endpoints.append(Endpoint("sidecar-rest", args.sidecar_rest, args.model_name, args.model_version,
                                   protocol="http"))

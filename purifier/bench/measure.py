@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 
 from purifier.errors import ConfigError
-from purifier.machine import process_cpu_seconds
+from purifier.machine import process_tree_cpu_seconds
 
 DEFAULT_SERVICE = "inference.GRPCInferenceService"
 MAX_MESSAGE = 2**31 - 1
@@ -83,7 +83,10 @@ class Endpoint:
     tls_cert: str | None = None
     tls_key: str | None = None
     token_file: str | None = None
-    server_pid: int | None = None  # a local server process: its CPU time per request is reported
+    server_pid: int | None = None  # a local server process: its CPU time (its children's too) per request is reported
+    # gRPC: one channel (one TCP connection) per calling thread instead of one for all; a server of
+    # several processes behind one port (`purifier serve --workers N`) spreads connections, not calls
+    channel_per_thread: bool = False
     protocol: str = "grpc"         # or "http": the REST front at the same HOST:PORT form (plaintext)
 
     def __post_init__(self):
@@ -117,18 +120,15 @@ class InputSpec:
 class Connection:
     """One channel to an endpoint; `infer(bytes) -> bytes` sends a serialized ModelInferRequest."""
 
+    THREAD_CHANNELS = 64
+
     def __init__(self, endpoint: Endpoint, timeout_s: float = 30.0):
         self.endpoint, self.timeout_s = endpoint, timeout_s
-        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
-        if endpoint.tls_ca:
-            def read(path):
-                return Path(path).read_bytes() if path else None
-
-            credentials = grpc.ssl_channel_credentials(read(endpoint.tls_ca), read(endpoint.tls_key),
-                                                       read(endpoint.tls_cert))
-            self.channel = grpc.secure_channel(endpoint.address, credentials, options=options)
-        else:
-            self.channel = grpc.insecure_channel(endpoint.address, options=options)
+        self.channel = self._open_channel()
+        self._local = threading.local()  # with channel_per_thread: each calling thread's channel
+        self._threads: list[tuple[grpc.Channel, object]] = []
+        self._taken = 0
+        self._lock = threading.Lock()
         self.metadata: tuple[tuple[str, str], ...] = ()
         if endpoint.token_file:
             token = Path(endpoint.token_file).read_text().strip()
@@ -141,6 +141,33 @@ class Connection:
         self._meta = self.channel.unary_unary(prefix + "ModelMetadata",
                                               request_serializer=pb.ModelMetadataRequest.SerializeToString,
                                               response_deserializer=pb.ModelMetadataResponse.FromString)
+
+    def _open_channel(self) -> grpc.Channel:
+        endpoint = self.endpoint
+        options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
+        if endpoint.channel_per_thread:  # else channels to one address share one connection
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        if endpoint.tls_ca:
+            def read(path):
+                return Path(path).read_bytes() if path else None
+
+            credentials = grpc.ssl_channel_credentials(read(endpoint.tls_ca), read(endpoint.tls_key),
+                                                       read(endpoint.tls_cert))
+            return grpc.secure_channel(endpoint.address, credentials, options=options)
+        return grpc.insecure_channel(endpoint.address, options=options)
+
+    def _thread_infer(self):
+        """The calling thread's ModelInfer: on a channel of its own, up to THREAD_CHANNELS channels,
+        then taken in turn (every window starts new threads)."""
+        call = getattr(self._local, "infer", None)
+        if call is None:
+            with self._lock:
+                self._taken += 1
+                if len(self._threads) < self.THREAD_CHANNELS:
+                    channel = self._open_channel()
+                    self._threads.append((channel, channel.unary_unary(f"/{self.endpoint.service}/ModelInfer")))
+                call = self._local.infer = self._threads[(self._taken - 1) % len(self._threads)][1]
+        return call
 
     def failure(self, what: str, e: grpc.RpcError) -> ConfigError:
         ep = self.endpoint
@@ -168,9 +195,12 @@ class Connection:
         return InputSpec(tensor.name, tensor.datatype, width, outputs)
 
     def infer(self, payload: bytes) -> bytes:
-        return self._infer(payload, timeout=self.timeout_s, metadata=self.metadata or None)
+        call = self._thread_infer() if self.endpoint.channel_per_thread else self._infer
+        return call(payload, timeout=self.timeout_s, metadata=self.metadata or None)
 
     def close(self) -> None:
+        for channel, _ in self._threads:
+            channel.close()
         self.channel.close()
 
 
@@ -415,7 +445,7 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                 for r in rows:
                     for e, conn in order:
                         pid = e.server_pid
-                        cpu0 = None if pid is None else process_cpu_seconds(pid)
+                        cpu0 = None if pid is None else process_tree_cpu_seconds(pid)
                         times, elapsed, answer, calls = run_window(conn, payloads[e.label, r], c, window,
                                                                    warmup_s if k == 0 else min(warmup_s, 0.2))
                         check_response(e, answer, output, r)
@@ -424,7 +454,7 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                         cell.elapsed += elapsed
                         cell.calls += calls
                         if pid is not None and cpu0 is not None:
-                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_cpu_seconds(pid) - cpu0
+                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_tree_cpu_seconds(pid) - cpu0
                         if progress is not None:
                             progress(k, e.label, c, r, times)
     finally:

@@ -16,6 +16,10 @@ def dirichlet(n, c, seed=0, dtype=np.float64):
 
 @pytest.mark.parametrize("bad,msg", [
     (np.array([[0.5, np.nan]]), "row 0 contains NaN"),
+    (np.array([[0.5, 0.5], [np.inf, 0.0]]), "row 1 contains NaN or Inf"),
+    (np.array([[-np.inf, 1.0]]), "row 0 contains NaN or Inf"),
+    (np.array([[np.inf, -np.inf]]), "row 0 contains NaN or Inf"),
+    (np.array([[0.5, 0.5], [0.7, 0.3], [0.6, 0.6]]), "row 2 sums to 1.2"),
     (np.array([[0.6, 0.4], [1.2, -0.2]]), "row 1 has negative"),
     (np.array([[0.6, 0.3]]), "row 0 sums to 0.9"),
     (np.array([[1.0]]), "shape"),
@@ -53,6 +57,25 @@ def test_finalize_releases_clean_row_when_label_would_flip_or_nan():
     np.testing.assert_allclose(out[0], [0.6, 0.3, 0.1], rtol=1e-6)
     np.testing.assert_allclose(out[1:], clean[1:])  # flipped label / NaN: clean row
     assert out.dtype == np.float32
+
+
+@given(st.integers(1, 12), st.integers(2, 6), st.sampled_from([np.float16, np.float32, np.float64]),
+       st.integers(0, 10_000), st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_finalize_answers_each_row_as_alone(n, c, dtype, seed, labels):
+    """A batch of valid rows takes finalize's short path, a batch with one bad row the general one:
+    every row's answer is bit for bit its answer alone, whichever path its batch took."""
+    rng = np.random.default_rng(seed)
+    clean = rng.dirichlet(np.ones(c), n).astype(dtype)
+    defended = rng.dirichlet(np.ones(c), n) * rng.choice([0.5, 1.0, 3.0], (n, 1))
+    bad = rng.random((n, c)) < 0.1
+    defended[bad] = rng.choice([np.nan, np.inf, -np.inf, -0.2, 0.0, -0.0], bad.sum())
+    keep = rng.random(n) < 0.5 if labels else None
+    out = finalize(clean, defended, keep)
+    for i in range(n):
+        alone = finalize(clean[i:i + 1], defended[i:i + 1], None if keep is None else keep[i:i + 1])
+        assert out.dtype == alone.dtype == dtype
+        assert out[i].tobytes() == alone[0].tobytes()
 
 
 def test_keyed_prf_deterministic_batch_independent_and_keyed():

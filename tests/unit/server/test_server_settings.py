@@ -32,6 +32,9 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     ({"upstream": "nohost"}, "upstream: 'nohost' is not HOST:PORT"),
     ({"model_name": None}, "model_name: required"),
     ({"upstream_service": "a/b"}, "upstream_service"),
+    ({"workers": "0"}, "workers: '0' is not a number of processes"),
+    ({"workers": "two"}, "workers: 'two' is not a number of processes"),
+    ({"workers": "2", "device": "cuda"}, "workers: several workers serve on the CPU only"),
 ])
 def test_invalid_values_fail_naming_the_field(change, field):
     with pytest.raises(ConfigError, match=field.replace("(", r"\(")):
