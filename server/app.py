@@ -49,6 +49,7 @@ from purifier_server.dataplane import DataPlane
 from purifier_server.health import MAX_PENDING, NOT_SERVING, SERVING, HealthServicer
 from purifier_server.logs import configure_logging, install
 from purifier_server.metrics import MetricsServer, SidecarMetrics
+from purifier_server.model_description import Description
 from purifier_server.preflight import ModelCheck
 from purifier_server.readiness import Readiness
 from purifier_server.security import BearerAuth, read_token, server_credentials
@@ -146,12 +147,16 @@ class Sidecar:
     A worker of `purifier serve --workers N` (workers.py) binds the gRPC port with SO_REUSEPORT
     beside its siblings (`shared_grpc_port`) and serves the REST socket its supervisor bound
     (`http_socket`); `on_refusal(why)` is called whenever what health says may have changed, with
-    why this process refuses the upstream model (None: it does not).
+    why this process refuses the upstream model (None: it does not). `description`: what clients
+    are told about the model, when another process took it (worker 0's, model_description): the
+    model check compares with it instead of taking its own.
     """
 
     def __init__(self, settings: Settings, *, defense: Defense | None = None, upstream=None,
-                 registry=None, shared_grpc_port: bool = False, http_socket: socket.socket | None = None):
+                 registry=None, shared_grpc_port: bool = False, http_socket: socket.socket | None = None,
+                 description: Description | None = None):
         self.settings = settings
+        self._description = description
         install()  # every logged string bounded, repeated warnings rate-limited (logs.py)
         self.metrics = SidecarMetrics(registry)
         self._defense, self._upstream = defense, upstream
@@ -211,6 +216,7 @@ class Sidecar:
         self.check = ModelCheck(self.model_name, self.model_version, output, s.confidence_kind == "logits",
                                 s.allow_outputs, vouched=bool(s.model_id and not s.embedded))
         self.readiness = Readiness(s, upstream, self._defense, self.check, self.metrics, s.upstream_encoding)
+        self.readiness.description = self._description
         if s.embedded or await upstream.ready(self.model_name, self.model_version):
             await self.readiness.check_model(at_start=True)
         else:

@@ -121,6 +121,27 @@ def describe(*, platform: str, backend: str, versions: Sequence[str], inputs: Se
                        None if max_batch_size is None else max(int(max_batch_size), 0))
 
 
+def description_json(described: Description) -> dict:
+    """The Description as JSON (`purifier serve --workers`: worker 0's, given to the others)."""
+    def tensors(specs):
+        return [[t.name, t.datatype, list(t.shape)] for t in specs]
+
+    return {"platform": described.platform, "backend": described.backend, "versions": list(described.versions),
+            "inputs": tensors(described.inputs), "outputs": tensors(described.outputs),
+            "max_batch_size": described.max_batch_size}
+
+
+def description_from_json(doc: dict) -> Description:
+    """`description_json`'s inverse, checked again as `describe` checks (NotDescribable)."""
+    def tensors(items, what):
+        return tuple(_checked(TensorSpec(name, datatype, tuple(shape)), what) for name, datatype, shape in items)
+
+    mbs = doc["max_batch_size"]
+    return Description(token(doc["platform"]), token(doc["backend"]), tuple(v for v in doc["versions"] if token(v)),
+                       tensors(doc["inputs"], "input"), tensors(doc["outputs"], "output"),
+                       None if mbs is None else max(int(mbs), 0))
+
+
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(name=spec.name, datatype=spec.datatype, shape=spec.shape)
 

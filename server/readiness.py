@@ -85,8 +85,11 @@ class Readiness:
         self._matches_needed = 0                # matching probes in a row still needed to clear _mismatch
         self._ready = False                     # the last ModelReady answer
         self._checked: Checked | None = None
-        # what clients are told about the model: from the first check that passed, never refreshed
+        # what clients are told about the model: from the first check that passed (or given: a
+        # worker of `serve --workers` is given worker 0's), never refreshed; `on_described(d)` is
+        # called when it is taken
         self.description: Description | None = None
+        self.on_described: Callable[[Description], None] | None = None
         self._changed = asyncio.Event()         # replaced after every poll and state change
         self._poke = asyncio.Event()
         self._polls_started = self._polls_done = 0
@@ -124,6 +127,8 @@ class Readiness:
             return
         if self.description is None:
             self.description = checked.description
+            if self.on_described is not None:
+                self.on_described(checked.description)
         elif checked.description != self.description:
             changed = [f.name for f in dataclasses.fields(Description)
                        if getattr(checked.description, f.name) != getattr(self.description, f.name)]

@@ -16,7 +16,10 @@ model and serves no request:
 2. It starts the workers (`python -m purifier_server.workers`), each a whole sidecar (app.py) with
    the same settings, hence the same defense directory, secret and model: every worker answers a
    query bit for bit the same. Worker 0 starts alone first, so a configuration error is one line,
-   not N; then the others start together.
+   not N; then, once its model check has taken the model's description (what clients are told in
+   ModelMetadata and ModelConfig: model_description), the others start together, given that
+   description to compare their checks with (a worker that took its own after worker 0 had
+   forwarded requests could be told the clean vector of one of them by a hostile upstream).
 3. SO_REUSEPORT lets any process of the same user join the port and take a share of the
    connections, which a single sidecar refuses (`grpc.so_reuseport` 0). So the supervisor checks
    that nothing but its workers listens on the gRPC port (/proc/net/tcp{,6} against the workers'
@@ -56,6 +59,7 @@ from purifier_server.app import Sidecar, announce, serve
 from purifier_server.http_front import bind_http
 from purifier_server.logs import LOGGER, configure_logging
 from purifier_server.metrics import MetricsServer
+from purifier_server.model_description import Description, description_from_json, description_json
 from purifier_server.settings import Settings
 
 log = logging.getLogger("purifier_server")
@@ -157,6 +161,7 @@ class _Worker:
     ready: dict | None = None
     refusal: str | None = None
     told: str | None = None  # the peer refusal this worker was last told
+    description: dict | None = None  # the model's description its model check took (JSON)
 
 
 def supervise(settings: Settings) -> int:
@@ -203,10 +208,10 @@ class _Supervisor:
     async def _serve(self, child: Settings, port: int, http, metrics: WorkerMetrics, metrics_server) -> int:
         n = self.settings.worker_count
         await self._start(child, 0, http)
-        if not await self._until_ready([0]):
+        if not await self._until_ready([0]) or (n > 1 and not await self._until_described(self.workers[0])):
             return self._failed_status()
         for index in range(1, n):
-            await self._start(child, index, http)
+            await self._start(child, index, http, self.workers[0].description)
         if not await self._until_ready(list(range(1, n))):
             return self._failed_status()
         readies = [w.ready or {} for w in self.workers]  # every one set by _until_ready
@@ -229,9 +234,10 @@ class _Supervisor:
                 await self._relay_refusals()
         return 0
 
-    async def _start(self, child: Settings, index: int, http: socket.socket | None) -> None:
+    async def _start(self, child: Settings, index: int, http: socket.socket | None,
+                     description: dict | None = None) -> None:
         spec = {"settings": dataclasses.asdict(child), "index": index,
-                "http_fd": None if http is None else http.fileno()}
+                "http_fd": None if http is None else http.fileno(), "description": description}
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "purifier_server.workers", json.dumps(spec),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -254,6 +260,9 @@ class _Supervisor:
             elif message.get("event") == "refusal":
                 worker.refusal = message.get("why")
                 self.events.put_nowait(("refusal", worker.index))
+            elif message.get("event") == "described" and worker.description is None:
+                worker.description = message.get("description")
+                self.events.put_nowait(("described", worker.index))
         self.events.put_nowait(("exit", worker.index, await worker.process.wait()))
 
     async def _next_event(self, timeout: float):
@@ -286,6 +295,23 @@ class _Supervisor:
             if event[0] == "ready":
                 waiting.discard(event[1])
             elif event[0] == "refusal":
+                await self._relay_refusals()
+        return True
+
+    async def _until_described(self, worker: _Worker) -> bool:
+        """Until `worker`'s model check has taken the model's description (no deadline: an
+        upstream down at start-up is checked when it is back, and the worker serves meanwhile);
+        False when a worker exits first or the supervisor stops."""
+        while worker.description is None:
+            if self.stop.is_set():
+                return False
+            event = await self._next_event(1.0)
+            if event is None:
+                continue
+            if event[0] == "exit":
+                self.exited = event
+                return False
+            if event[0] == "refusal":
                 await self._relay_refusals()
         return True
 
@@ -353,8 +379,11 @@ def worker_main(spec: dict) -> int:
     limit_threads()
     http = None if spec["http_fd"] is None else socket.socket(fileno=spec["http_fd"])
 
+    given = spec.get("description")
+
     async def main() -> None:
-        sidecar = Sidecar(settings, shared_grpc_port=True, http_socket=http)
+        sidecar = Sidecar(settings, shared_grpc_port=True, http_socket=http,
+                          description=None if given is None else description_from_json(given))
         stop = asyncio.Event()
         told: list[str | None] = [None]
 
@@ -375,9 +404,17 @@ def worker_main(spec: dict) -> int:
                         await sidecar.readiness.set_peer_refusal(message["peer_refusal"])
             stop.set()
 
+        def described(description: Description) -> None:
+            print(json.dumps({"event": "described", "description": description_json(description)}), flush=True)
+
         def started(ready: dict) -> None:
             sidecar.on_refusal = on_refusal
             on_refusal(sidecar.readiness.own_refusal() if sidecar.readiness else None)
+            if sidecar.readiness is not None:
+                if sidecar.readiness.description is not None:
+                    described(sidecar.readiness.description)
+                else:  # the upstream was not ready at start-up: taken at the check when it is
+                    sidecar.readiness.on_described = described
             tasks.append(asyncio.get_running_loop().create_task(control()))
             announce({**ready, "worker": index, "pid": os.getpid()})
 

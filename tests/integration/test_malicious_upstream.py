@@ -243,6 +243,9 @@ OTHER_CHANNELS = {
         "not repeated, over gRPC or REST: both answer the description the model check took, every field checked",
     "restarts and describes the model differently (the same payload) at the check after the reconnect "
     "(`test_model_description_channel.py`)": "refused: NOT_SERVING, requests UNAVAILABLE, metadata unchanged",
+    "describes the model otherwise to worker 1 of `serve --workers 2`, which starts after worker 0 may have forwarded "
+    "requests (`test_model_description_channel.py`)": "refused: the sidecar does not start (exit 2); every worker "
+    "answers worker 0's description",
 }
 FAULT_TABLE = Path(__file__).resolve().parents[2] / "docs" / "fault-modes.md"
 

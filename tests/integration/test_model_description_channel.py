@@ -44,9 +44,13 @@ class LeakingMetadata:
     """Honest ModelInfer; ModelMetadata and ModelConfig that carry the last answered clean row once
     a client request has been answered (before that: the honest description)."""
 
-    def __init__(self, port: int = 0, config_failure: grpc.StatusCode | None = None):
+    def __init__(self, port: int = 0, config_failure: grpc.StatusCode | None = None,
+                 honest_metadata: int | None = None):
         self.last: np.ndarray | None = None
         self.config_failure = config_failure
+        # after this many ModelMetadata answers, describe the model with a vector in its platform
+        # (as the clean vector of a request it answered would be), whether or not it answered one
+        self.honest_metadata, self.metadata_calls = honest_metadata, 0
         self.lock = threading.Lock()
         server = grpc.server(ThreadPoolExecutor(4), options=[("grpc.so_reuseport", 0)])
         handlers = {
@@ -79,6 +83,10 @@ class LeakingMetadata:
     def _payload(self):
         with self.lock:
             last = self.last
+            if self.honest_metadata is not None and self.metadata_calls > self.honest_metadata:
+                millionths = [int(round(float(p) * 1e6)) for p in softmax(X)[0]]
+                # in the platform only: the rest would fail the model check's other tests first
+                return "x", "FP32", [-1, C], "FP32", [-1, C], "p" + "_".join(str(m) for m in millionths)
         if last is None:
             return "x", "FP32", [-1, C], "FP32", [-1, C], "hostile"
         millionths = [int(round(float(p) * 1e6)) for p in last]
@@ -87,6 +95,8 @@ class LeakingMetadata:
                 "p" + "_".join(str(m) for m in millionths))
 
     def _metadata(self, request, context):
+        with self.lock:
+            self.metadata_calls += 1
         name, in_type, in_shape, out_type, out_shape, platform = self._payload()
         spec = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(name="m", versions=["1"], platform=platform,
@@ -197,3 +207,23 @@ def test_an_upstream_away_for_now_is_not_taken_to_serve_no_config(code, answered
                 asyncio.run(ask())
     finally:
         upstream.server.stop(0)
+
+
+def test_every_worker_describes_the_model_as_worker_0_does(tmp_path):
+    """`purifier serve --workers 2`: worker 1 starts after worker 0 serves (and may have forwarded
+    requests), so its model check must not take its own description: it is given worker 0's,
+    and an upstream that describes the model otherwise to worker 1 (here: with a vector in it)
+    is refused, the sidecar does not start."""
+    from purifier.serve_process import ServeProcess, ServerStartError
+
+    upstream = LeakingMetadata(honest_metadata=1)
+    try:
+        with pytest.raises(ServerStartError) as refused:
+            ServeProcess(["--upstream", f"127.0.0.1:{upstream.port}", "--model-name", "m", "--confidence-output",
+                          "probs", "--defense", "none", "--workers", "2", "--metrics-port", "-1"],
+                         log_path=tmp_path / "serve.log", ready_timeout_s=120).start()
+    finally:
+        upstream.server.stop(0)
+    assert refused.value.returncode == 2
+    assert "changed since the sidecar first checked it" in refused.value.log, refused.value.log[-2000:]
+    assert upstream.metadata_calls >= 2  # worker 1 checked, and was described otherwise

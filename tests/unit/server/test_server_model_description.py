@@ -12,6 +12,8 @@ from purifier_server.model_description import (
     config_answer,
     data_type,
     describe,
+    description_from_json,
+    description_json,
     metadata_answer,
 )
 from purifier_server.upstream import TensorSpec
@@ -95,6 +97,18 @@ def test_free_text_is_left_out_unless_it_is_a_short_token():
 def test_a_version_too_large_for_int64_gets_no_version_policy():
     answer = config_answer("digits", ["9" * 19], described(versions=("9" * 19,)), 512)
     assert not answer.HasField("version_policy") and answer.max_batch_size == 512
+
+
+def test_a_description_survives_json_and_is_checked_again():
+    """`serve --workers`: worker 0's description travels to the others as JSON."""
+    import json
+
+    d = described(max_batch_size=256, backend="python")
+    assert description_from_json(json.loads(json.dumps(description_json(d)))) == d
+    doc = description_json(d)
+    doc["inputs"][0][0] = "x;0.123456"
+    with pytest.raises(NotDescribable):
+        description_from_json(doc)
 
 
 def test_accepted_versions():
