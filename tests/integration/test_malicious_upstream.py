@@ -274,8 +274,8 @@ def fault_table() -> str:
         start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
         lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
     lines += ["", "## Another model behind the upstream", "",
-              "The defense carries a fingerprint (64 stored rows and the fitted model's answers: 8 for the model "
-              "check after each (re)connection, 56 for probes); the sidecar asks a few of the probe rows at random "
+              "The defense carries a fingerprint (256 stored rows and the fitted model's answers: 8 for the model "
+              "check after each (re)connection, 248 for probes); the sidecar asks a few of the probe rows at random "
               "times (`identity_check_s`, 0.2 s in the tests) in requests that look like its clients' "
               "(`test_sidecar_model_check.py` covers restarts, metadata and `--model-id`).", "",
               "| # | upstream | outcome |", "|---|---|---|"]
