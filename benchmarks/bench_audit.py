@@ -96,6 +96,29 @@ def strength(r) -> dict:
             "tpr_at_0.001": round(r.tpr_01pct.tpr, 4), "tpr_at_0.001_ci95": [round(v, 4) for v in r.tpr_01pct.ci95]}
 
 
+def audit_table(payload: dict) -> dict:
+    """The results page's table: per attack, its time (fit + run) and strength."""
+    rows = []
+    for a, r in payload["per_attack"].items():
+        ph = [r.get(p, {}) for p in ("fit", "run")]
+        rows.append([a, r["seconds"], round(sum(p.get("cpu_s", 0) for p in ph), 1),
+                     round(sum(p.get("sidecar_cpu_s", 0) for p in ph), 1),
+                     f"{r['auc']:.4f} [{r['auc_ci95'][0]:.4f}, {r['auc_ci95'][1]:.4f}]",
+                     f"{r['tpr_at_0.01']:.4f}", f"{r['tpr_at_0.001']:.4f} [{r['tpr_at_0.001_ci95'][0]:.4f}, "
+                     f"{r['tpr_at_0.001_ci95'][1]:.4f}]"])
+    t = payload["totals"]
+    return {"title": f"Default audit of {payload['dataset']} through gRPC, defense {payload['defense']}, "
+                     f"{payload['shadows']} shadows ({payload['shadows_trained']} trained, "
+                     f"{payload['shadows_from_cache']} from the cache)",
+            "columns": ["attack", "wall s", "audit CPU s", "sidecar CPU s", "AUC [95% CI]", "TPR at 1% FPR",
+                        "TPR at 0.1% FPR [95% CI]"],
+            "rows": rows,
+            "note": f"Whole audit {t['wall_s']} s wall (shadow training {payload['shadow_training_s']} s); CPU: "
+                    f"audit process {t['cpu_s']} s, shadow workers {t['shadow_workers_cpu_s']} s, sidecar "
+                    f"{t['sidecar_cpu_s']} s. Attack seconds include their fit on shadow outputs. Load average "
+                    f"(1, 5, 15 min) before {t['load_before']}, after {t['load_after']}."}
+
+
 def main(argv=None) -> int:
     import numpy as np
 
@@ -197,6 +220,7 @@ def main(argv=None) -> int:
                "shadows_trained": report.shadows.trained, "shadows_from_cache": report.shadows.from_cache,
                "executor": report.shadows.executor, "fallbacks": report.shadows.fallbacks,
                "totals": totals, "per_attack": per_attack, "profiled": bool(args.profile)}
+    payload["tables"] = [audit_table(payload)]
     path = write_result(name, payload)
     print(f"{'attack':26s} {'wall s':>8s} {'cpu s':>8s} {'side s':>8s} {'AUC':>7s} {'TPR1%':>7s} {'TPR.1%':>7s}")
     for a, r in per_attack.items():
