@@ -112,11 +112,14 @@ def secret_file_or_throwaway(secret_file: str | None, work: Path, defense_dirs=(
 def baseline_server(src: Path, args: list[str]) -> ServerProcess:
     """`purifier serve ARGS` from the checkout at `src` (an older commit, measured beside this one
     in the same run), in this interpreter: a shim directory maps its `server/` to the
-    `purifier_server` import name. No REST front (a checkout older than it rejects --http-port)."""
+    `purifier_server` import name. No REST front (`--http-port -1` where the checkout has one; an
+    older one rejects the flag)."""
     shim = Path(tempfile.mkdtemp(prefix="purifier-baseline-"))
     (shim / "purifier").symlink_to(src / "purifier")
     (shim / "purifier_server").symlink_to(src / "server")
     argv = serve_command(args, rest=False)[3:]          # after `python -m purifier.cli`
+    if "http_port" in (src / "server" / "settings.py").read_text():  # it has a REST front: keep it off
+        argv += ["--http-port", "-1"]
     code = (f"import runpy, sys; sys.path.insert(0, {str(shim)!r}); sys.argv = ['purifier', *{argv!r}]; "
             "runpy.run_module('purifier.cli', run_name='__main__')")
     return ServerProcess([sys.executable, "-c", code])

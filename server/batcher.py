@@ -22,7 +22,11 @@ request waits for at most the slice being defended and then its own short call, 
 maximum-size requests are queued, and large requests still get every other call.
 
 With `max_wait = 0` no request ever waits for company: batches form only from requests that
-arrived while the previous defense call was running, so an idle sidecar adds no latency.
+arrived while the previous defense call was running, so an idle sidecar adds no latency. Then a
+request of a few rows (INLINE_ROWS, and INLINE_S by the measured cost) that finds the defense
+idle is defended on the event loop itself, skipping the two hops through the queue and the
+executor thread, which cost about as much CPU as a one-row MemGuard call. The work per row is the
+same either way (constant work is the defense's property, not the batcher's).
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ from purifier.defenses import Defense, IdentityDefense
 from purifier.threads import limit_torch_threads
 from purifier_server.errors import TooLarge
 from purifier_server.metrics import SidecarMetrics
+
+# A request that a defense other than the identity defends on the event loop when nothing else
+# waits for the defense or runs in it (`Batcher.submit`): at most INLINE_ROWS rows, and at most
+# INLINE_S seconds by the measured cost per row (a defense not measured yet goes through the queue).
+INLINE_ROWS = 8
+INLINE_S = 0.002
 
 
 @dataclass(eq=False)
@@ -112,6 +122,7 @@ class Batcher:
         self.cost = DefenseCost(slice, max_rows)
         # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
         self._inline = type(defense) is IdentityDefense
+        self._busy = False  # a defense call is running on the executor
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
         self._queued_rows = 0
@@ -139,11 +150,16 @@ class Batcher:
         or TooLarge when `max_queued` rows are already waiting."""
         if self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
-        if self._inline and self.max_wait == 0 and len(probs) <= self.max_rows:
-            # The identity costs less than the two event-loop hops a trip through the queue
-            # takes, and coalescing copies saves nothing. Larger requests go through the queue,
-            # so that copying them does not hold the event loop.
-            return self._defend([probs], [inputs])
+        if self.max_wait == 0 and len(probs) <= (self.max_rows if self._inline else INLINE_ROWS):
+            if self._inline or (not self._queue and not self._busy and self.cost.per_row is not None
+                                and self.cost.per_row * len(probs) <= INLINE_S):
+                # The identity costs less than the two event-loop hops a trip through the queue
+                # takes, and coalescing copies saves nothing. A few rows of another defense,
+                # with nothing waiting or running, have nothing to be coalesced with: the hops
+                # through the queue and the executor thread would cost about as much CPU as
+                # the defense itself. Larger requests, and requests that arrive while the
+                # defense is busy, go through the queue (coalesced, sliced, fair).
+                return self._defend([probs], [inputs])
         # requests larger than one call leave one call's worth of room for small ones
         room = self.max_queued - (self.max_rows if len(probs) > self.max_rows else 0)
         if self._queued_rows + len(probs) > room:
@@ -216,7 +232,11 @@ class Batcher:
             probs = [item.probs[a:b] for item, a, b in group]
             inputs = [None if item.inputs is None else item.inputs[a:b] for item, a, b in group]
             try:
-                parts = await asyncio.get_running_loop().run_in_executor(self._executor, self._defend, probs, inputs)
+                self._busy = True
+                try:
+                    parts = await asyncio.get_running_loop().run_in_executor(self._executor, self._defend, probs, inputs)
+                finally:
+                    self._busy = False
             except Exception as e:
                 if len(group) > 1:  # find the culprit: one client's bad rows must not fail the others
                     for chunk in group:

@@ -285,3 +285,35 @@ def test_a_one_row_request_waits_one_slice_beside_four_maximum_size_requests(pro
     assert np.array_equal(got_one, defense.transform(one))
     for got, x in zip(got_large, large, strict=True):
         assert np.array_equal(got, defense.transform(x))
+
+
+def test_a_small_request_to_an_idle_defense_is_defended_on_the_loop_and_a_busy_one_queues(flatten, probs):
+    """With nothing queued or running, a few rows of a defense measured to be cheap skip the
+    executor thread (the hops would cost about what the defense does); while a call runs, or
+    before the defense has been measured, or above INLINE_ROWS, requests go through the queue."""
+    import threading
+
+    from purifier_server.batcher import INLINE_ROWS
+
+    threads: list[int] = []
+    real = flatten.transform
+
+    def recording(p, inputs=None):
+        threads.append(threading.get_ident())
+        return real(p, inputs)
+
+    flatten.transform = recording
+
+    async def body(b):
+        loop_thread = threading.get_ident()
+        first = await b.submit(probs[:1])               # not measured yet: queued, on the executor
+        second = await b.submit(probs[1:2])             # measured and idle: on the loop
+        large = await b.submit(probs[:INLINE_ROWS + 1])  # more than INLINE_ROWS: queued
+        both = await asyncio.gather(b.submit(probs[:40]), b.submit(probs[2:3]))  # second arrives while busy
+        return loop_thread, first, second, large, both
+
+    loop_thread, first, second, large, both = asyncio.run(_with_batcher(flatten, 1000, 0.0, body))
+    assert threads[0] != loop_thread and threads[1] == loop_thread and threads[2] != loop_thread
+    assert all(t != loop_thread for t in threads[3:])
+    assert np.array_equal(second, real(probs[1:2])) and np.array_equal(first, real(probs[:1]))
+    assert np.array_equal(both[1], real(probs[2:3]))
