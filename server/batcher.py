@@ -120,8 +120,7 @@ class Batcher:
         self.max_queued = max_queued
         self.clock = clock
         self.cost = DefenseCost(slice, max_rows)
-        # The identity "defense" is a copy: for small requests a thread hop would cost more than the work.
-        self._inline = type(defense) is IdentityDefense
+        self._identity = type(defense) is IdentityDefense  # a copy: cheaper than any thread hop
         self._busy = False  # a defense call is running on the executor
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
@@ -150,16 +149,8 @@ class Batcher:
         or TooLarge when `max_queued` rows are already waiting."""
         if self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
-        if self.max_wait == 0 and len(probs) <= (self.max_rows if self._inline else INLINE_ROWS):
-            if self._inline or (not self._queue and not self._busy and self.cost.per_row is not None
-                                and self.cost.per_row * len(probs) <= INLINE_S):
-                # The identity costs less than the two event-loop hops a trip through the queue
-                # takes, and coalescing copies saves nothing. A few rows of another defense,
-                # with nothing waiting or running, have nothing to be coalesced with: the hops
-                # through the queue and the executor thread would cost about as much CPU as
-                # the defense itself. Larger requests, and requests that arrive while the
-                # defense is busy, go through the queue (coalesced, sliced, fair).
-                return self._defend([probs], [inputs])
+        if self._on_the_loop(len(probs)):
+            return self._defend([probs], [inputs])
         # requests larger than one call leave one call's worth of room for small ones
         room = self.max_queued - (self.max_rows if len(probs) > self.max_rows else 0)
         if self._queued_rows + len(probs) > room:
@@ -173,6 +164,20 @@ class Batcher:
             return await item.future
         finally:
             self._forget(item)  # done, failed or abandoned by its caller (deadline, cancellation)
+
+    def _on_the_loop(self, rows: int) -> bool:
+        """Whether a request of `rows` rows is defended right here on the event loop, skipping the
+        two hops through the queue and the executor thread. The identity, up to `max_rows` rows:
+        a copy costs less than the hops, and coalescing copies saves nothing. Another defense only
+        with nothing waiting for it or running in it (nothing to coalesce with), for at most
+        INLINE_ROWS rows measured to take at most INLINE_S: then the hops would cost about what
+        the defense does. Everything else goes through the queue (coalesced, sliced, fair)."""
+        if self.max_wait != 0:
+            return False
+        if self._identity:
+            return rows <= self.max_rows
+        return (rows <= INLINE_ROWS and not self._queue and not self._busy
+                and self.cost.per_row is not None and self.cost.per_row * rows <= INLINE_S)
 
     def _set_queued(self, rows: int) -> None:
         self._queued_rows = rows
