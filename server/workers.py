@@ -49,6 +49,7 @@ import signal
 import socket
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -278,33 +279,30 @@ class _Supervisor:
 
     async def _until_ready(self, indices: list[int]) -> bool:
         """Until every worker of `indices` is serving; False when one exits first or the supervisor stops."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + START_TIMEOUT_S
-        waiting = set(indices)
-        while waiting:
-            if self.stop.is_set():
-                return False
-            if loop.time() > deadline:
-                raise ConfigError(f"workers: {len(waiting)} worker(s) did not start within {START_TIMEOUT_S:g} s")
-            event = await self._next_event(1.0)
-            if event is None:
-                continue
-            if event[0] == "exit":
-                self.exited = event
-                return False
-            if event[0] == "ready":
-                waiting.discard(event[1])
-            elif event[0] == "refusal":
-                await self._relay_refusals()
-        return True
+        def waiting() -> list[int]:
+            return [i for i in indices if self.workers[i].ready is None]
+
+        return await self._until(lambda: not waiting(),
+                                 lambda: f"workers: {len(waiting())} worker(s) did not start within "
+                                         f"{START_TIMEOUT_S:g} s")
 
     async def _until_described(self, worker: _Worker) -> bool:
         """Until `worker`'s model check has taken the model's description (no deadline: an
         upstream down at start-up is checked when it is back, and the worker serves meanwhile);
         False when a worker exits first or the supervisor stops."""
-        while worker.description is None:
+        return await self._until(lambda: worker.description is not None)
+
+    async def _until(self, done: Callable[[], bool], late: Callable[[], str] | None = None) -> bool:
+        """Until `done()` (the readers record what workers say on the _Worker before its event),
+        relaying refusals meanwhile; False when a worker exits first or the supervisor stops.
+        With `late`, past START_TIMEOUT_S seconds: ConfigError(late())."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT_S
+        while not done():
             if self.stop.is_set():
                 return False
+            if late is not None and loop.time() > deadline:
+                raise ConfigError(late())
             event = await self._next_event(1.0)
             if event is None:
                 continue
