@@ -191,6 +191,20 @@ def _tensor(doc, index: int, kind: str, tail: memoryview, offset: int, error: Er
     return name, datatype, shape, params, raw, offset
 
 
+def _tensors_to_pb(items: list, kind: str, add, raw_contents, tail: memoryview, error: Error) -> int:
+    """Every JSON tensor of `items` ("input" or "output" tensors) added with `add(name=,
+    datatype=)`, its shape and parameters set and its bytes appended to `raw_contents`; returns
+    how many bytes of `tail` no tensor took."""
+    offset = 0
+    for i, item in enumerate(items):
+        name, datatype, shape, params, raw, offset = _tensor(item, i, kind, tail, offset, error)
+        tensor = add(name=name, datatype=datatype)
+        _set_shape(tensor, shape, f"{kind} {name!r}", error)
+        parameters_to_pb(params, tensor.parameters, f"{kind} {name!r}", error)
+        raw_contents.append(raw)
+    return len(tail) - offset
+
+
 def _set_shape(tensor, shape, what: str, error: Error) -> None:
     try:
         tensor.shape.extend(shape)
@@ -225,15 +239,9 @@ def infer_request(body: bytes, header_length: str | None, model_name: str,
     if not isinstance(default_binary, bool):
         raise BadRequest("request: parameter 'binary_data_output' must be a boolean")
     inputs = _field(doc, "inputs", list, "request", BadRequest) or []
-    offset = 0
-    for i, item in enumerate(inputs):
-        name, datatype, shape, tparams, raw, offset = _tensor(item, i, "input", tail, offset, BadRequest)
-        tensor = request.inputs.add(name=name, datatype=datatype)
-        _set_shape(tensor, shape, f"input {name!r}", BadRequest)
-        parameters_to_pb(tparams, tensor.parameters, f"input {name!r}", BadRequest)
-        request.raw_input_contents.append(raw)
-    if offset != len(tail):
-        raise BadRequest(f"the body has {len(tail) - offset} bytes after the last binary input")
+    left = _tensors_to_pb(inputs, "input", request.inputs.add, request.raw_input_contents, tail, BadRequest)
+    if left:
+        raise BadRequest(f"the body has {left} bytes after the last binary input")
     binary = {}
     for i, item in enumerate(_field(doc, "outputs", list, "request", BadRequest) or []):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
@@ -324,15 +332,10 @@ def infer_response(body: bytes, header_length: str | None) -> pb.ModelInferRespo
             setattr(response, key, value)
     parameters_to_pb(_field(doc, "parameters", dict, "response", _upstream_error) or {}, response.parameters,
                      "response", _upstream_error)
-    offset = 0
-    for i, item in enumerate(_field(doc, "outputs", list, "response", _upstream_error) or []):
-        name, datatype, shape, params, raw, offset = _tensor(item, i, "output", tail, offset, _upstream_error)
-        tensor = response.outputs.add(name=name, datatype=datatype)
-        _set_shape(tensor, shape, f"output {name!r}", _upstream_error)
-        parameters_to_pb(params, tensor.parameters, f"output {name!r}", _upstream_error)
-        response.raw_output_contents.append(raw)
-    if offset != len(tail):
-        raise _upstream_error(f"{len(tail) - offset} bytes after the last binary output")
+    left = _tensors_to_pb(_field(doc, "outputs", list, "response", _upstream_error) or [], "output",
+                          response.outputs.add, response.raw_output_contents, tail, _upstream_error)
+    if left:
+        raise _upstream_error(f"{left} bytes after the last binary output")
     return response
 
 
