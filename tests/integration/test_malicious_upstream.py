@@ -36,6 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from oip_fake import infer_request, softmax
 
 from purifier.defenses import Fingerprint
+from purifier.defenses.fingerprint import CHECK_ROWS, DEFAULT_ROWS
 from purifier.errors import ConfigError
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
@@ -274,8 +275,9 @@ def fault_table() -> str:
         start = "served" if name == HONEST else "refused: allow_outputs ... cannot be served"
         lines.append(f"| {i} | {name} | {start} | OK: label rebuilt from the defended vector |")
     lines += ["", "## Another model behind the upstream", "",
-              "The defense carries a fingerprint (256 stored rows and the fitted model's answers: 8 for the model "
-              "check after each (re)connection, 248 for probes); the sidecar asks a few of the probe rows at random "
+              f"The defense carries a fingerprint ({DEFAULT_ROWS} stored rows and the fitted model's answers: "
+              f"{CHECK_ROWS} for the model check after each (re)connection, {DEFAULT_ROWS - CHECK_ROWS} for probes); "
+              "the sidecar asks a few of the probe rows at random "
               "times (`identity_check_s`, 0.2 s in the tests) in requests that look like its clients' "
               "(`test_sidecar_model_check.py` covers restarts, metadata and `--model-id`).", "",
               "| # | upstream | outcome |", "|---|---|---|"]
