@@ -96,13 +96,16 @@ def strength(r) -> dict:
             "tpr_at_0.001": round(r.tpr_01pct.tpr, 4), "tpr_at_0.001_ci95": [round(v, 4) for v in r.tpr_01pct.ci95]}
 
 
+def phases(r: dict, key: str) -> float:
+    """One attack's `key` ("cpu_s" or "sidecar_cpu_s") over its fit and run phases."""
+    return sum(r.get(phase, {}).get(key, 0) for phase in ("fit", "run"))
+
+
 def audit_table(payload: dict) -> dict:
     """The results page's table: per attack, its time (fit + run) and strength."""
     rows = []
     for a, r in payload["per_attack"].items():
-        ph = [r.get(p, {}) for p in ("fit", "run")]
-        rows.append([a, r["seconds"], round(sum(p.get("cpu_s", 0) for p in ph), 1),
-                     round(sum(p.get("sidecar_cpu_s", 0) for p in ph), 1),
+        rows.append([a, r["seconds"], round(phases(r, "cpu_s"), 1), round(phases(r, "sidecar_cpu_s"), 1),
                      f"{r['auc']:.4f} [{r['auc_ci95'][0]:.4f}, {r['auc_ci95'][1]:.4f}]",
                      f"{r['tpr_at_0.01']:.4f}", f"{r['tpr_at_0.001']:.4f} [{r['tpr_at_0.001_ci95'][0]:.4f}, "
                      f"{r['tpr_at_0.001_ci95'][1]:.4f}]"])
@@ -224,9 +227,8 @@ def main(argv=None) -> int:
     path = write_result(name, payload)
     print(f"{'attack':26s} {'wall s':>8s} {'cpu s':>8s} {'side s':>8s} {'AUC':>7s} {'TPR1%':>7s} {'TPR.1%':>7s}")
     for a, r in per_attack.items():
-        ph = [r.get(p, {}) for p in ("fit", "run")]
-        print(f"{a:26s} {r['seconds']:8.1f} {sum(p.get('cpu_s', 0) for p in ph):8.1f} "
-              f"{sum(p.get('sidecar_cpu_s', 0) for p in ph):8.1f} {r['auc']:7.4f} {r['tpr_at_0.01']:7.4f} "
+        print(f"{a:26s} {r['seconds']:8.1f} {phases(r, 'cpu_s'):8.1f} "
+              f"{phases(r, 'sidecar_cpu_s'):8.1f} {r['auc']:7.4f} {r['tpr_at_0.01']:7.4f} "
               f"{r['tpr_at_0.001']:7.4f}")
     print(f"shadows {payload['shadow_training_s']} s ({payload['shadows_trained']} trained); total {totals}")
     print(f"wrote {path}")

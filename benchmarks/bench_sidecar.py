@@ -150,13 +150,16 @@ def mlserver_repository(root: Path) -> int:
     return port
 
 
-def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
+def sidecar_args(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path) -> list[str]:
+    """`purifier serve` flags: the backend, then `defense` (name, directory) or none on purpose."""
     args = [*backend_args, "--log-level", "warning"]
     if defense is None:
-        args += ["--defense", "none"]
-    else:
-        args += ["--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
-    return ServeProcess(args, env=env)
+        return [*args, "--defense", "none"]
+    return [*args, "--defense", defense[0], "--defense-dir", defense[1], "--secret-file", str(secret_file)]
+
+
+def sidecar(backend_args: list[str], defense: tuple[str, str] | None, secret_file: Path, env: dict) -> ServeProcess:
+    return ServeProcess(sidecar_args(backend_args, defense, secret_file), env=env)
 
 
 def sidecar_tables(cells: dict, comparisons: dict, rounds: int, seconds: float, load: float | None) -> list[dict]:
@@ -237,10 +240,8 @@ def main() -> None:
                     servers["embedded/sidecar-identity-rest"] = (sc.http_port, target.directory.name,
                                                                  "probabilities", sc.pid, "http")
             if baseline is not None:
-                for name, d in [("identity", None), *baseline_defenses]:
-                    old_args = ["--model", str(target.directory), "--log-level", "warning",
-                                *(["--defense", "none"] if d is None else
-                                  ["--defense", name, "--defense-dir", d, "--secret-file", str(secret_file)])]
+                for name, d in [("identity", None), *((n, (n, d)) for n, d in baseline_defenses)]:
+                    old_args = sidecar_args(["--model", str(target.directory)], d, secret_file)
                     sc = stack.enter_context(baseline_server(baseline, old_args))
                     servers[f"embedded/sidecar-{name}-baseline"] = (sc.port, target.directory.name,
                                                                     "probabilities", sc.pid)
