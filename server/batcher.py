@@ -24,9 +24,12 @@ maximum-size requests are queued, and large requests still get every other call.
 With `max_wait = 0` no request ever waits for company: batches form only from requests that
 arrived while the previous defense call was running, so an idle sidecar adds no latency. Then a
 request of a few rows (INLINE_ROWS, and INLINE_S by the measured cost) that finds the defense
-idle is defended on the event loop itself, skipping the two hops through the queue and the
-executor thread, which cost about as much CPU as a one-row MemGuard call. The work per row is the
-same either way (constant work is the defense's property, not the batcher's).
+idle, and that its caller says is alone (no other call in progress that could join it), is
+defended on the event loop itself, skipping the two hops through the queue and the executor
+thread, which cost about as much CPU as a one-row MemGuard call. A request with company always
+queues: defended on the loop, one request at a time, concurrent requests would never coalesce
+(each finds the defense idle again) and the loop would stop serving while the defense runs. The
+work per row is the same either way (constant work is the defense's property, not the batcher's).
 """
 
 from __future__ import annotations
@@ -144,12 +147,16 @@ class Batcher:
         self._set_queued(0)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
+    async def submit(self, probs: np.ndarray, inputs: np.ndarray | None = None, alone: bool = True) -> np.ndarray:
         """Defend probs (n, C); returns (n, C) in the same dtype. Raises what the defense raised,
-        or TooLarge when `max_queued` rows are already waiting."""
+        or TooLarge when `max_queued` rows are already waiting.
+
+        alone: no other call is in progress that could bring rows to coalesce with (the data
+            plane's count of calls); False keeps the request off the event loop (`_on_the_loop`).
+        """
         if self._task is None or self._task.done():
             raise RuntimeError("batcher is not running")
-        if self._on_the_loop(len(probs)):
+        if self._on_the_loop(len(probs), alone):
             return self._defend([probs], [inputs])
         # requests larger than one call leave one call's worth of room for small ones
         room = self.max_queued - (self.max_rows if len(probs) > self.max_rows else 0)
@@ -165,18 +172,19 @@ class Batcher:
         finally:
             self._forget(item)  # done, failed or abandoned by its caller (deadline, cancellation)
 
-    def _on_the_loop(self, rows: int) -> bool:
+    def _on_the_loop(self, rows: int, alone: bool) -> bool:
         """Whether a request of `rows` rows is defended right here on the event loop, skipping the
         two hops through the queue and the executor thread. The identity, up to `max_rows` rows:
         a copy costs less than the hops, and coalescing copies saves nothing. Another defense only
-        with nothing waiting for it or running in it (nothing to coalesce with), for at most
-        INLINE_ROWS rows measured to take at most INLINE_S: then the hops would cost about what
-        the defense does. Everything else goes through the queue (coalesced, sliced, fair)."""
+        for a request that is `alone` and finds nothing waiting for the defense or running in it
+        (nothing to coalesce with, now or soon), for at most INLINE_ROWS rows measured to take at
+        most INLINE_S: then the hops would cost about what the defense does. Everything else goes
+        through the queue (coalesced, sliced, fair)."""
         if self.max_wait != 0:
             return False
         if self._identity:
             return rows <= self.max_rows
-        return (rows <= INLINE_ROWS and not self._queue and not self._busy
+        return (alone and rows <= INLINE_ROWS and not self._queue and not self._busy
                 and self.cost.per_row is not None and self.cost.per_row * rows <= INLINE_S)
 
     def _set_queued(self, rows: int) -> None:

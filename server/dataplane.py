@@ -171,6 +171,7 @@ class DataPlane:
         self.logits = settings.confidence_kind == "logits"
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
         self.active = 0  # inference-service calls in progress (admitted), at most max_concurrent_rpcs
+        self.inferring = 0  # inference requests in progress (`infer`; a stream may carry several)
         metrics.describe_model(model_name, lambda: self.model_version or (self.versions or ("",))[0])
 
     # --- validation -----------------------------------------------------------------------------
@@ -278,26 +279,34 @@ class DataPlane:
         """
         t0 = time.perf_counter()
         forwarded = forwardable(metadata)
-        if self.tracing is None:
-            try:
-                answer = await self._infer(request, timeout, forwarded)
-            except Exception as e:
-                raise self.fail(e, request.id) from None
-        else:
-            with self.tracing.request(forwarded, self.model_name, request.id) as span:
-                try:
-                    answer = await self._infer(request, timeout, forwarded)
-                except Exception as e:
-                    failure = self.fail(e, request.id)
-                    self.tracing.outcome(span, failure.code.name)
-                    raise failure from None
-                self.tracing.outcome(span, "OK")
+        self.inferring += 1
+        try:
+            answer = await self._traced(request, timeout, forwarded)
+        finally:
+            self.inferring -= 1
         self._outcome[grpc.StatusCode.OK].inc()
         self.metrics.total_stage.observe(time.perf_counter() - t0)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request served", extra={"request_id": request.id, "model": request.model_name,
                                                "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return answer
+
+    async def _traced(self, request, timeout, forwarded):
+        """`_infer` inside the request's trace span (when tracing), failures counted and logged."""
+        if self.tracing is None:
+            try:
+                return await self._infer(request, timeout, forwarded)
+            except Exception as e:
+                raise self.fail(e, request.id) from None
+        with self.tracing.request(forwarded, self.model_name, request.id) as span:
+            try:
+                answer = await self._infer(request, timeout, forwarded)
+            except Exception as e:
+                failure = self.fail(e, request.id)
+                self.tracing.outcome(span, failure.code.name)
+                raise failure from None
+            self.tracing.outcome(span, "OK")
+            return answer
 
     async def _infer(self, request, timeout, metadata):
         names = await self._validate(request) or [self.confidence_output, *self.keep]
@@ -328,7 +337,8 @@ class DataPlane:
                                grpc.StatusCode.DEADLINE_EXCEEDED) from e
         try:
             probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
-            defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs)
+            defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs,
+                                                 alone=self.inferring == 1)
         except (BadUpstreamOutput, InvalidProbabilities) as e:
             self.metrics.upstream_rejected.labels(getattr(e, "reason", "not probability vectors")).inc()
             if getattr(e, "reason", None) == "non-finite confidences":

@@ -52,6 +52,7 @@ class FakeUpstream:
         self.temperature = temperature
         self.port = 0
         self.delay = 0.0
+        self.gate: threading.Barrier | None = None  # ModelInfer waits at it (to answer calls together)
         self.ready = True
         self.calls: list[str] = []          # method names, in arrival order
         self.infer_count = 0
@@ -78,6 +79,8 @@ class FakeUpstream:
             self.seen_metadata.append(dict(context.invocation_metadata()))
         if self.delay:
             time.sleep(self.delay)
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
         t = request.inputs[0]
         x = np.frombuffer(request.raw_input_contents[0], np.float32).reshape(tuple(t.shape)) / self.temperature
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)

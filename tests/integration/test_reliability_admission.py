@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -88,3 +89,45 @@ def test_a_one_row_client_is_served_while_four_clients_send_maximum_size_request
     assert large_codes["OK"] > 0                                       # large requests are served too
     assert set(large_codes) <= {"OK", "RESOURCE_EXHAUSTED"}, large_codes
     assert large_codes["RESOURCE_EXHAUSTED"] > 0                      # the queue bound was reached
+
+
+class Recording(Defense):
+    """Identity in value; records the thread and the rows of every call."""
+
+    name = "test-recording"
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def _transform(self, p, inputs):
+        self.calls.append((threading.current_thread().name, len(p)))
+        return p, None
+
+
+def test_concurrent_requests_are_defended_off_the_event_loop_and_a_lone_one_on_it(upstream):
+    """A one-row request that is the only call in progress is defended on the event loop (the
+    hops through the defense thread would cost what a small defense does); requests whose
+    upstream answers arrive together are not, whatever the state of the defense when each
+    arrives: defended on the loop one after another they would never coalesce, and the loop
+    would serve nothing else meanwhile (before: all eight ran on the loop)."""
+    settings = Settings.resolve({"upstream": f"127.0.0.1:{upstream.port}", "model_name": "m",
+                                 "confidence_output": "probs", "host": "127.0.0.1", "port": 0, "http_port": -1,
+                                 "metrics_port": -1}, env={})
+    defense = Recording()
+    x = np.array([[0.3, -0.2, 1.1]], np.float32)
+    with BackgroundSidecar(settings, defense=defense) as sc, grpc.insecure_channel(f"127.0.0.1:{sc.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(3):  # the first call measures the defense's cost; then alone: on the loop
+            stub.ModelInfer(infer_request(x), timeout=30)
+        alone = list(defense.calls)
+        defense.calls.clear()
+        upstream.gate = threading.Barrier(8)  # the upstream answers the next eight calls together
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: stub.ModelInfer(infer_request(x), timeout=30), range(8)))
+        finally:
+            upstream.gate = None
+    assert alone[0][0].startswith("defense") and all(not name.startswith("defense") for name, _ in alone[1:])
+    assert sum(rows for _, rows in defense.calls) == 8 and len(answers) == 8
+    assert all(name.startswith("defense") for name, _ in defense.calls), defense.calls

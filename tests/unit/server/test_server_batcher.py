@@ -290,7 +290,8 @@ def test_a_one_row_request_waits_one_slice_beside_four_maximum_size_requests(pro
 def test_a_small_request_to_an_idle_defense_is_defended_on_the_loop_and_a_busy_one_queues(flatten, probs):
     """With nothing queued or running, a few rows of a defense measured to be cheap skip the
     executor thread (the hops would cost about what the defense does); while a call runs, or
-    before the defense has been measured, or above INLINE_ROWS, requests go through the queue."""
+    while other calls are in progress (they would never coalesce), or before the defense has been
+    measured, or above INLINE_ROWS, requests go through the queue."""
     import threading
 
     from purifier_server.batcher import INLINE_ROWS
@@ -310,10 +311,14 @@ def test_a_small_request_to_an_idle_defense_is_defended_on_the_loop_and_a_busy_o
         second = await b.submit(probs[1:2])             # measured and idle: on the loop
         large = await b.submit(probs[:INLINE_ROWS + 1])  # more than INLINE_ROWS: queued
         both = await asyncio.gather(b.submit(probs[:40]), b.submit(probs[2:3]))  # second arrives while busy
-        return loop_thread, first, second, large, both
+        company = await b.submit(probs[3:4], alone=False)  # idle, but other calls are in progress: queued
+        again = await b.submit(probs[4:5])               # idle and alone again: on the loop
+        return loop_thread, first, second, large, both, company, again
 
-    loop_thread, first, second, large, both = asyncio.run(_with_batcher(flatten, 1000, 0.0, body))
+    loop_thread, first, second, large, both, company, again = asyncio.run(_with_batcher(flatten, 1000, 0.0, body))
     assert threads[0] != loop_thread and threads[1] == loop_thread and threads[2] != loop_thread
-    assert all(t != loop_thread for t in threads[3:])
+    assert all(t != loop_thread for t in threads[3:-2])  # the busy pair, in one or two calls
+    assert threads[-2] != loop_thread and threads[-1] == loop_thread
+    assert np.array_equal(company, real(probs[3:4])) and np.array_equal(again, real(probs[4:5]))
     assert np.array_equal(second, real(probs[1:2])) and np.array_equal(first, real(probs[:1]))
     assert np.array_equal(both[1], real(probs[2:3]))
