@@ -225,7 +225,7 @@ class Sidecar:
         limit, how = request_limit(s, upstream.inputs, self._defense)
 
         self.batcher = Batcher(self._defense, s.max_batch_rows, s.max_wait_ms / 1e3, self.metrics, s.max_queued_rows,
-                               slice=s.max_defense_slice_ms / 1e3)
+                               slice=s.max_defense_slice_ms / 1e3, gather=s.gather_ms / 1e3)
         self.batcher.start()
         tracing = None
         if s.otel:

@@ -21,8 +21,12 @@ call, fewest rows left first. While both kinds wait, calls alternate between the
 request waits for at most the slice being defended and then its own short call, however many
 maximum-size requests are queued, and large requests still get every other call.
 
-With `max_wait = 0` no request ever waits for company: batches form only from requests that
-arrived while the previous defense call was running, so an idle sidecar adds no latency. Then a
+With `max_wait = 0` a request waits for company only when company is on its way: while other
+requests await their upstream's answer (`coming`), a call waits up to `gather` seconds for their
+rows (or a call's worth), so that under concurrency the defense runs fewer, larger calls (the
+fixed cost of a call, most of a one-row MemGuard call, is paid once per call). A lone request
+never waits, so an idle sidecar adds no latency. Otherwise batches form from requests that
+arrived while the previous defense call was running. Then a
 request of a few rows (INLINE_ROWS, and INLINE_S by the measured cost) that finds the defense
 idle, and that its caller says is alone (no other call in progress that could join it), is
 defended on the event loop itself, skipping the two hops through the queue and the executor
@@ -110,11 +114,13 @@ class Batcher:
         max_queued: rows allowed to wait; a request that would exceed it is refused (TooLarge).
         slice: longest a call should hold the defense, in seconds: rows per call come from the
             measured cost (`DefenseCost`); 0 = always `max_rows` rows.
+        gather: with `max_wait = 0`, seconds a call waits for more rows while `coming` (requests
+            awaiting their upstream's answer, counted by the data plane) is not 0; 0 = never.
         clock: measures defense calls (tests inject one).
     """
 
     def __init__(self, defense: Defense, max_rows: int, max_wait: float, metrics: SidecarMetrics,
-                 max_queued: int = 1 << 62, slice: float = 0.0,
+                 max_queued: int = 1 << 62, slice: float = 0.0, gather: float = 0.0,
                  clock: Callable[[], float] = time.perf_counter):
         self.defense = defense
         self.max_rows = max_rows
@@ -125,6 +131,8 @@ class Batcher:
         self.cost = DefenseCost(slice, max_rows)
         self._identity = type(defense) is IdentityDefense  # a copy: cheaper than any thread hop
         self._busy = False  # a defense call is running on the executor
+        self.gather = gather
+        self.coming = 0  # requests on their way here: awaiting their upstream's answer (the data plane counts them)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="defense", initializer=limit_torch_threads)
         self._queue: list[_Item] = []
         self._queued_rows = 0
@@ -203,9 +211,11 @@ class Batcher:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.max_wait > 0:
-                deadline = loop.time() + self.max_wait
-                while self._queued_rows < self.cost.rows() and (left := deadline - loop.time()) > 0:
+            wait = self.max_wait if self.max_wait > 0 else (self.gather if self.coming else 0.0)
+            if wait > 0:
+                deadline = loop.time() + wait
+                while (self._queued_rows < self.cost.rows() and (self.max_wait > 0 or self.coming)
+                       and (left := deadline - loop.time()) > 0):
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)

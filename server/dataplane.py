@@ -328,6 +328,7 @@ class DataPlane:
         forwarded = request if self.encoding is None else with_contents(request, self.encoding == "typed")
         deadline = asyncio.get_running_loop().time() + (self.settings.upstream_timeout_s if timeout is None
                                                        else timeout)
+        self.batcher.coming += 1
         try:
             upstream_answer, trailing = await self._ask_upstream(forwarded, request, metadata, deadline)
         except WaitedTooLong as e:
@@ -335,6 +336,8 @@ class DataPlane:
                 raise  # the sidecar's own bound (upstream_timeout_s): UNAVAILABLE, retry later
             raise RequestError("deadline exceeded while waiting for the upstream model to be back and verified",
                                grpc.StatusCode.DEADLINE_EXCEEDED) from e
+        finally:
+            self.batcher.coming -= 1
         try:
             probs = read_answer(upstream_answer, self.confidence_output, [], rows)[self.confidence_output]
             defended = await self.batcher.submit(softmax(probs) if self.logits else probs, inputs,

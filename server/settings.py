@@ -139,6 +139,9 @@ class Settings:
     max_batch_rows: int = setting(256, "most rows per defense call (larger requests are defended in chunks, "
                                   "interleaved with other requests)")
     max_wait_ms: float = setting(0.0, "wait for more rows before defending (0 = batch only what is queued)")
+    gather_ms: float = setting(4.0, "longest a defense call waits for more rows while other requests are "
+                               "still waiting for their upstream answers (a lone request never waits; "
+                               "0 = never wait): fewer, larger defense calls under concurrency")
     max_defense_slice_ms: float = setting(5.0, "longest one defense call should take: rows per call come from the "
                                           "measured cost per row, so a large request yields to others at "
                                           "least this often (0 = always max_batch_rows rows)")
@@ -231,7 +234,7 @@ class Settings:
         if self.max_queued_rows < needed:
             fail("max_queued_rows", f"{self.max_queued_rows} is below {needed} (max_request_rows + max_batch_rows): "
                                     "a request of the allowed size could never be queued")
-        for name in ("max_wait_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes", "max_waiting_requests"):
+        for name in ("max_wait_ms", "gather_ms", "max_defense_slice_ms", "grace_s", "max_request_bytes", "max_waiting_requests"):
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("upstream_timeout_s", "health_poll_s", "watch_max_s", "identity_check_s"):

@@ -128,6 +128,11 @@ def test_concurrent_requests_are_defended_off_the_event_loop_and_a_lone_one_on_i
                 answers = list(pool.map(lambda _: stub.ModelInfer(infer_request(x), timeout=30), range(8)))
         finally:
             upstream.gate = None
+        upstream.stop()  # a request whose upstream is gone fails; it is no longer on its way either
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(infer_request(x), timeout=2)
+        coming, inferring = sc.batcher.coming, sc.plane.inferring
+    assert coming == 0 and inferring == 0
     assert alone[0][0].startswith("defense") and all(not name.startswith("defense") for name, _ in alone[1:])
     assert sum(rows for _, rows in defense.calls) == 8 and len(answers) == 8
     assert all(name.startswith("defense") for name, _ in defense.calls), defense.calls

@@ -322,3 +322,52 @@ def test_a_small_request_to_an_idle_defense_is_defended_on_the_loop_and_a_busy_o
     assert np.array_equal(company, real(probs[3:4])) and np.array_equal(again, real(probs[4:5]))
     assert np.array_equal(second, real(probs[1:2])) and np.array_equal(first, real(probs[:1]))
     assert np.array_equal(both[1], real(probs[2:3]))
+
+
+@pytest.mark.parametrize("gather", [0.0, 60.0])
+def test_a_call_waits_for_rows_on_their_way_only_while_some_are(flatten, probs, gather):
+    """With `gather`, a call waits for requests the data plane says are awaiting their upstream
+    answer (`coming`), and stops waiting when none is left: two requests, one defense call. The
+    wait ends on the arrival, not on a clock (gather is a minute here). Without it, the first
+    request is defended at once and the second in a call of its own."""
+    async def body(b):
+        b.coming = 1                                  # a second request is on its way
+        first = asyncio.ensure_future(b.submit(probs[:1], alone=False))
+        for _ in range(5):
+            await asyncio.sleep(0)                    # queued; the worker waits (or defends it)
+        b.coming = 0
+        second = await b.submit(probs[1:2], alone=False)
+        return await first, second
+
+    flatten.calls.clear()
+    b = Batcher(flatten, 256, 0.0, SidecarMetrics(), gather=gather)
+
+    async def run():
+        b.start()
+        try:
+            return await asyncio.wait_for(body(b), 30)
+        finally:
+            await b.close()
+
+    first, second = asyncio.run(run())
+    assert np.array_equal(first, flatten.transform(probs[:1])) and np.array_equal(second, flatten.transform(probs[1:2]))
+    assert flatten.calls[:-2] == ([2] if gather else [1, 1])
+
+
+def test_a_lone_request_never_waits_to_gather(flatten, probs):
+    """Nothing on its way (`coming` 0): the call starts at once, whatever `gather` says."""
+    async def body(b):
+        return await asyncio.wait_for(b.submit(probs[:3], alone=False), 30)
+
+    flatten.calls.clear()
+    b = Batcher(flatten, 256, 0.0, SidecarMetrics(), gather=3600.0)
+
+    async def run():
+        b.start()
+        try:
+            return await body(b)
+        finally:
+            await b.close()
+
+    assert np.array_equal(asyncio.run(run()), flatten.transform(probs[:3]))
+    assert flatten.calls[0] == 3
