@@ -104,7 +104,6 @@ class _Ops:
         self._consts: dict[tuple, str] = {}
         a = h.arrays
         # h0 and its gradient in float64; the probes in PROBE_DTYPE (x @ W.T + b as Gemm)
-        self.wt = [self.k(a[f"w{i}"].T) for i in (1, 2, 3)]
         self.w = [self.k(a[f"w{i}"]) for i in (1, 2, 3)]  # gradients: g @ W
         self.b = [self.k(a[f"b{i}"]) for i in (1, 2, 3)]
         self.w4, self.b4 = self.k(a["w4"][0]), self.k(a["b4"])
@@ -181,9 +180,9 @@ class _Ops:
 
     def h_logit_and_grad(self, x: str) -> tuple[str, str]:
         """(N, C) -> ((N, 1) pre-sigmoid output, its gradient (N, C)); ReLU'(0) = 0 as in torch."""
-        z1 = self.Gemm(x, self.wt[0], self.b[0])
-        z2 = self.Gemm(self.Relu(z1), self.wt[1], self.b[1])
-        z3 = self.Gemm(self.Relu(z2), self.wt[2], self.b[2])
+        z1 = self.Gemm(x, self.w[0], self.b[0], transB=1)
+        z2 = self.Gemm(self.Relu(z1), self.w[1], self.b[1], transB=1)
+        z3 = self.Gemm(self.Relu(z2), self.w[2], self.b[2], transB=1)
         out = self.Add(self.sum(self.Mul(self.Relu(z3), self.w4), 2, HIDDEN[-1]), self.b4)
         zero = self.k(0.0)
         g2 = self.Mul(self.MatMul(self.Mul(self.f64(self.Greater(z3, zero)), self.w4), self.w[2]),
