@@ -84,14 +84,20 @@ def sort_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     top position `top` is exactly the class the output must keep.
     """
     order = np.argsort(p, axis=1, kind="stable")
-    s = np.take_along_axis(p, order, axis=1)
+    s = p[_row_index(len(p)), order]
     return order, np.log(np.maximum(s, LOG_FLOOR)), s.argmax(axis=1)
 
 
 def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
     out = np.empty_like(sorted_rows)
-    np.put_along_axis(out, order, sorted_rows, axis=1)
+    out[_row_index(len(order)), order] = sorted_rows
     return out
+
+
+def _row_index(n: int) -> np.ndarray:
+    """(n, 1) row numbers: with an (n, C) order, fancy indexing picks each row's entries (what
+    take_along_axis and put_along_axis do, at a third of their cost on the one-row hot path)."""
+    return np.arange(n)[:, None]
 
 
 class _Ops:
@@ -338,6 +344,6 @@ class Phase1Solver:
 
     def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(p, axis=1, kind="stable")
-        sorted_p = np.ascontiguousarray(np.take_along_axis(p, order, axis=1), F64)
+        sorted_p = np.ascontiguousarray(p[_row_index(len(p)), order], F64)
         noised, success = self.graph.session.run(None, {"sorted_probs": sorted_p})
         return unsort_rows(noised, order), success
