@@ -72,7 +72,7 @@ demo: $(STAMP)
 # comes from tests/integration/test_malicious_upstream.py (run it with python).
 docs: $(STAMP)
 	$(BIN)/python docs/generate.py
-	$(BIN)/python benchmarks/render_results.py
+	$(BIN)/python benchmarks/render_results.py --readme README.md
 
 # mypy, configured in pyproject.toml; it sees server/ under its installed name through a link in
 # build/. tests/unit/test_types.py runs the same check, so `make test` (and CI) fails on a type error.
@@ -117,7 +117,7 @@ bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
 	$(BIN)/python benchmarks/bench_shadows.py
-	$(BIN)/python benchmarks/render_results.py
+	$(BIN)/python benchmarks/render_results.py --readme README.md
 
 # perf_analyzer needs glibc 2.38; this runs it through Debian 13's loader and runtime in a private
 # directory (benchmarks/perf_analyzer/install.sh says how), nothing installed system-wide.

@@ -4,8 +4,9 @@ Each results file may carry `tables`: [{"title", "columns", "rows", "note"?}]; t
 to docs/results.md with the machine and date each file was measured on, so the published numbers
 are always measured ones.
 
-    python benchmarks/render_results.py            # rewrite docs/results.md (`make docs` runs this)
-    python benchmarks/render_results.py --check    # exit 1 if docs/results.md is out of date
+    python benchmarks/render_results.py --readme README.md          # rewrite docs/results.md and the
+                                                                    # README's serving-cost block (`make docs`)
+    python benchmarks/render_results.py --readme README.md --check  # exit 1 if either is out of date
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ benchmarks (long; on a quiet machine) and then renders this page. Each section n
 and the commit it was measured on; the notes under the tables give the load average.
 """
 ORDER = ["demo_digits", "demo_purchase_like", "demo_mnist5k", "timing_purchase_like", "privacy_utility_digits",
-         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "abuse",
+         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "sidecar_run1", "abuse",
          "perf_analyzer", "load", "audit_digits", "audit_mnist5k", "shadows", "own_model"]
 
 
@@ -68,20 +69,67 @@ def page(results_dir: Path) -> str:
     return f"{HEADER}\n{render(results_dir)}"
 
 
+# The README's serving-cost block, between these markers, is rendered from sidecar.json and abuse.json.
+README_START, README_END = "<!-- serving-cost: rendered by benchmarks/render_results.py -->", "<!-- /serving-cost -->"
+README_CELLS = (("bare model server (no sidecar)", "embedded/direct"), ("identity sidecar", "embedded/sidecar-identity"),
+                ("MemGuard", "embedded/sidecar-memguard"), ("PURIFIER", "embedded/sidecar-purifier"),
+                ("MemGuard, end of wave 2", "embedded/sidecar-memguard-baseline"))
+
+
+def readme_block(results_dir: Path) -> str:
+    """The serving cost in the README: each defense beside the identity sidecar and the bare model
+    server at concurrency 1 and 16, CPU per request, and the fairness figure, from the results."""
+    sidecar = json.loads((results_dir / "sidecar.json").read_text())
+    cells, cmp = sidecar["cells"], sidecar["comparisons"]
+    rows = []
+    for label, key in README_CELLS:
+        c1, c16, vs = cells[key]["c1"], cells[key]["c16"], cmp.get(key, {})
+        ratio = (f"{vs['cpu_ratio_vs_identity_c1']:.2f}x / {vs['throughput_vs_identity_c16']:.2f}x"
+                 if "cpu_ratio_vs_identity_c1" in vs else "-")
+        rows.append([label, f"{c1['p50_ms']:.2f}", f"{c1['server_cpu_ms_per_request']:.2f}",
+                     f"{c16['throughput_rps']:,.0f}", f"{c16['server_cpu_ms_per_request']:.2f}", ratio])
+    table = markdown_table(["one row per request (embedded digits model)", "c1 p50 ms", "c1 server CPU ms",
+                            "c16 req/s", "c16 server CPU ms", "vs identity sidecar: c1 CPU / c16 req/s"], rows)
+    m = sidecar.get("machine", {})
+    lines = [README_START, table, "",
+             f"Measured {sidecar.get('created', '?')[:10]} on {m.get('cpu_model', '?')} "
+             f"({m.get('affinity') or m.get('cpu_count')} cores shared by client, sidecar and model), commit "
+             f"{m.get('git_commit', '?')}; \"end of wave 2\" is commit {sidecar['config'].get('baseline_commit', '?')} "
+             "in the same run ([sidecar](docs/results.md#sidecar); a second run: "
+             "[sidecar_run1](docs/results.md#sidecar_run1))."]
+    abuse = json.loads((results_dir / "abuse.json").read_text())
+    for t in abuse["tables"]:
+        if t["title"].startswith("One-row client beside"):
+            row = next(r for r in t["rows"] if r[0] == "memguard")
+            lines[-1] += (f" Fairness: with MemGuard, a one-row client beside four clients sending 4096-row "
+                          f"requests waits {row[1]:.1f} ms at p50 and {row[2]:.1f} ms at p99 "
+                          "([abuse](docs/results.md#abuse)).")
+    return "\n".join([*lines, README_END])
+
+
+def with_readme_block(text: str, block: str) -> str:
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    return text[:start] + block + text[end:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if docs/results.md is out of date")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--readme", default=None, help="also render the serving-cost block of this README")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    new = page(Path(args.results))
+    pages = {Path(args.out): page(Path(args.results))}
+    if args.readme:
+        readme = Path(args.readme)
+        pages[readme] = with_readme_block(readme.read_text(), readme_block(Path(args.results)))
     if args.check:
-        if not out.is_file() or new != out.read_text():
-            print(f"{out.name} is out of date: run make docs", file=sys.stderr)
-            return 1
-        return 0
-    out.write_text(new)
+        stale = [p.name for p, new in pages.items() if not p.is_file() or new != p.read_text()]
+        for name in stale:
+            print(f"{name} is out of date: run make docs", file=sys.stderr)
+        return 1 if stale else 0
+    for path, new in pages.items():
+        path.write_text(new)
     return 0
 
 

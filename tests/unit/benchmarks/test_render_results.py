@@ -30,6 +30,22 @@ def test_render_writes_the_results_page(tmp_path, capsys):
     assert render_results.main([*args, "--check"]) == 1
 
 
-def test_results_page_is_current():
-    """docs/results.md is exactly what the committed results JSON renders to."""
-    assert render_results.main(["--check"]) == 0
+def test_results_page_and_readme_block_are_current():
+    """docs/results.md and the README's serving-cost block are exactly what the committed results
+    JSON renders to."""
+    assert render_results.main(["--check", "--readme", str(ROOT / "README.md")]) == 0
+
+
+def test_a_stale_readme_block_is_caught_and_rewritten(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(render_results.README_START):text.index(render_results.README_END)]
+    readme.write_text(text.replace(block, block.replace("MemGuard |", "MemGuard (edited) |")))
+    page = tmp_path / "results.md"
+    page.write_text((ROOT / "docs" / "results.md").read_text())
+    args = ["--out", str(page), "--readme", str(readme)]
+    assert render_results.main([*args, "--check"]) == 1
+    assert "README.md is out of date: run make docs" in capsys.readouterr().err
+    assert render_results.main(args) == 0 and readme.read_text() == text
+    block = render_results.readme_block(ROOT / "benchmarks" / "results")
+    assert "| MemGuard |" in block and "p99" in block  # the defenses and the fairness figure
