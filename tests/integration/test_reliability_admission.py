@@ -131,6 +131,10 @@ def test_concurrent_requests_are_defended_off_the_event_loop_and_a_lone_one_on_i
         upstream.stop()  # a request whose upstream is gone fails; it is no longer on its way either
         with pytest.raises(grpc.RpcError):
             stub.ModelInfer(infer_request(x), timeout=2)
+        for _ in range(200):  # the sidecar ends the failed request at its deadline, about when the client does
+            if (sc.batcher.coming, sc.plane.inferring) == (0, 0):
+                break
+            time.sleep(0.05)
         coming, inferring = sc.batcher.coming, sc.plane.inferring
     assert coming == 0 and inferring == 0
     assert alone[0][0].startswith("defense") and all(not name.startswith("defense") for name, _ in alone[1:])
