@@ -28,6 +28,7 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     ({"metrics_port": -2}, "metrics_port:"),
     ({"max_batch_rows": 0}, "max_batch_rows: must be >= 1"),
     ({"max_wait_ms": -1.0}, "max_wait_ms"),
+    ({"gather_ms": -0.5}, "gather_ms: must be >= 0"),
     ({"confidence_kind": "scores"}, "confidence_kind: 'scores' is not one of probabilities, logits"),
     ({"upstream": "nohost"}, "upstream: 'nohost' is not HOST:PORT"),
     ({"model_name": None}, "model_name: required"),
