@@ -83,9 +83,14 @@ def sort_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The stable sort puts the original first-index argmax first among tied maxima, so the sorted
     top position `top` is exactly the class the output must keep.
     """
-    order = np.argsort(p, axis=1, kind="stable")
-    s = p[_row_index(len(p)), order]
+    order, s = ascending(p)
     return order, np.log(np.maximum(s, LOG_FLOOR)), s.argmax(axis=1)
+
+
+def ascending(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """p (N, C) -> (order, each row sorted ascending): the stable argsort and the rows it gives."""
+    order = np.argsort(p, axis=1, kind="stable")
+    return order, p[_row_index(len(p)), order]
 
 
 def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -343,7 +348,7 @@ class Phase1Solver:
         self.graph = OnnxClassifier(build_graph(h).model_bytes(), device=device)
 
     def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = np.argsort(p, axis=1, kind="stable")
-        sorted_p = np.ascontiguousarray(p[_row_index(len(p)), order], F64)
+        order, sorted_p = ascending(p)
+        sorted_p = np.ascontiguousarray(sorted_p, F64)
         noised, success = self.graph.session.run(None, {"sorted_probs": sorted_p})
         return unsort_rows(noised, order), success
