@@ -8,8 +8,8 @@ from purifier_server.batcher import Batcher, DefenseCost
 from purifier_server.metrics import SidecarMetrics
 
 
-async def _with_batcher(defense, max_rows, max_wait, body):
-    b = Batcher(defense, max_rows, max_wait, SidecarMetrics())
+async def _with_batcher(defense, max_rows, max_wait, body, **options):
+    b = Batcher(defense, max_rows, max_wait, SidecarMetrics(), **options)
     b.start()
     try:
         return await body(b)
@@ -340,16 +340,8 @@ def test_a_call_waits_for_rows_on_their_way_only_while_some_are(flatten, probs, 
         return await first, second
 
     flatten.calls.clear()
-    b = Batcher(flatten, 256, 0.0, SidecarMetrics(), gather=gather)
-
-    async def run():
-        b.start()
-        try:
-            return await asyncio.wait_for(body(b), 30)
-        finally:
-            await b.close()
-
-    first, second = asyncio.run(run())
+    first, second = asyncio.run(_with_batcher(flatten, 256, 0.0, lambda b: asyncio.wait_for(body(b), 30),
+                                              gather=gather))
     assert np.array_equal(first, flatten.transform(probs[:1])) and np.array_equal(second, flatten.transform(probs[1:2]))
     assert flatten.calls[:-2] == ([2] if gather else [1, 1])
 
@@ -360,14 +352,6 @@ def test_a_lone_request_never_waits_to_gather(flatten, probs):
         return await asyncio.wait_for(b.submit(probs[:3], alone=False), 30)
 
     flatten.calls.clear()
-    b = Batcher(flatten, 256, 0.0, SidecarMetrics(), gather=3600.0)
-
-    async def run():
-        b.start()
-        try:
-            return await body(b)
-        finally:
-            await b.close()
-
-    assert np.array_equal(asyncio.run(run()), flatten.transform(probs[:3]))
+    answer = asyncio.run(_with_batcher(flatten, 256, 0.0, body, gather=3600.0))
+    assert np.array_equal(answer, flatten.transform(probs[:3]))
     assert flatten.calls[0] == 3
