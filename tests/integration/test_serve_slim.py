@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from digits_clients import ask_endpoint, ask_rest
 from strong_secret import SECRET, write_secret
 
 from purifier.serve_process import (
@@ -55,28 +56,6 @@ def serve_args(target, fitted, defense: str, directory: str | None = None) -> li
     return args + (["--defense-dir", str(fitted / (directory or defense))] if defense != "none" else [])
 
 
-def ask(endpoint: str, x: np.ndarray) -> np.ndarray:
-    client = grpcclient.InferenceServerClient(endpoint)
-    try:
-        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("digits", [inp]).as_numpy("probabilities")
-    finally:
-        client.close()
-
-
-def ask_rest(endpoint: str, x: np.ndarray) -> np.ndarray:
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(endpoint)
-    try:
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("digits", [inp]).as_numpy("probabilities")
-    finally:
-        client.close()
-
-
 def imported_modules(importtime_log: str) -> set[str]:
     """Module names from `python -X importtime` lines ('import time: self | cumulative | name')."""
     return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines()
@@ -89,7 +68,7 @@ def test_serving_process_imports_no_torch_sklearn_or_matplotlib(digits_target, f
     cmd = serve_command(serve_args(digits_target, fitted, defense))
     cmd[1:1] = ["-X", "importtime"]
     with ServerProcess(cmd, log_path=tmp_path / "serve.log") as sidecar:
-        out = ask(sidecar.endpoint, x)
+        out = ask_endpoint(sidecar.endpoint, x)
         log = sidecar.log_text()
     clean = digits_target.predict_proba(x)
     assert np.array_equal(out.argmax(1), clean.argmax(1)) and np.allclose(out.sum(1), 1, atol=1e-5)
@@ -118,7 +97,7 @@ def test_memguard_fast_serves_without_torch_and_faithful_says_why_not(digits_tar
     x = np.ascontiguousarray(digits_target.role("eval_members")[0][:8], np.float32)
     with ServeProcess(serve_args(digits_target, fitted, "memguard"), env=without_heavy_packages,
                       log_path=tmp_path / "fast.log") as sidecar:
-        out = ask(sidecar.endpoint, x)
+        out = ask_endpoint(sidecar.endpoint, x)
         rest = ask_rest(sidecar.http_endpoint, x)
     from purifier.defenses import load_defense
 

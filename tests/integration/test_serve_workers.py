@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from digits_clients import ask, ask_rest
 from prometheus_client.parser import text_string_to_metric_families
 from strong_secret import SECRET, write_secret
 
@@ -52,22 +53,6 @@ def clients(endpoint: str) -> list:
     # each client its own TCP connection (gRPC shares subchannels between channels by default)
     return [grpcclient.InferenceServerClient(endpoint, channel_args=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(CONNECTIONS)]
-
-
-def ask(client, x: np.ndarray) -> np.ndarray:
-    inp = grpcclient.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x)
-    return client.infer("digits", [inp], client_timeout=60).as_numpy("probabilities")
-
-
-def ask_rest(endpoint: str, x: np.ndarray) -> np.ndarray:
-    client = httpclient.InferenceServerClient(endpoint)
-    try:
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("digits", [inp]).as_numpy("probabilities")
-    finally:
-        client.close()
 
 
 def scrape(port: int) -> dict:
