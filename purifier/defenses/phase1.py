@@ -51,7 +51,10 @@ from purifier.models.onnx_graph import GraphBuilder
 
 STEP, MAX_STEPS = 0.1, 299  # the faithful solver's step length and step budget per c3 level
 EARLY_EXIT = 1e-5  # |sigmoid(h0) - 0.5| at or below this: already on the boundary, no noise
+# the same band on h's pre-sigmoid output: |sigmoid(h0) - 0.5| <= EARLY_EXIT <=> |h0| <= this
+EARLY_EXIT_LOGIT = float(np.log((0.5 + EARLY_EXIT) / (0.5 - EARLY_EXIT)))
 LOG_FLOOR = 1e-30  # zero probabilities get logit log(1e-30): finite, and softmax barely moves them
+PAD_LOGIT = -1e3  # added to the pads' logits: exp underflows to exactly 0, below any real class
 
 # The ray is probed up to the faithful solver's longest path; a mixture up to (almost) its target.
 T_MAX = STEP * MAX_STEPS
@@ -106,21 +109,33 @@ def _row_index(n: int) -> np.ndarray:
 
 
 class _Ops:
-    """The graph vocabulary the search is written in: numpy-like helpers over a GraphBuilder."""
+    """The graph vocabulary the search is written in: numpy-like helpers over a GraphBuilder.
+
+    The class axis is padded at the front (the low end of an ascending row) to `width`, a multiple
+    of 8 (`pad` entries): onnxruntime's float64 Exp, Log and ReduceSum run in SIMD packets aligned
+    to the tensor's memory, and elements outside whole packets take scalar code that rounds (Exp,
+    Log) or groups a sum differently, so a row's result would depend on where it lies in the batch.
+    With rows of a multiple of 8 elements every row is split into packets the same way. The pads
+    carry logit PAD_LOGIT (probability exactly 0, below every real class in every sort) and zero
+    weights in h's first layer, so they change nothing h or a path computes.
+    """
 
     n: str  # the row count N as a graph value, once `build_graph` has the input
 
     def __init__(self, g: GraphBuilder, h: MembershipClassifier):
         self.g, self.c = g, h.n_classes
+        self.pad = -self.c % 8
+        self.width = self.c + self.pad
         self._consts: dict[tuple, str] = {}
         a = h.arrays
-        # h0 and its gradient in float64; the probes in PROBE_DTYPE (x @ W.T + b as Gemm)
-        self.w = [self.k(a[f"w{i}"]) for i in (1, 2, 3)]  # gradients: g @ W
+        w1 = np.concatenate([np.zeros((a["w1"].shape[0], self.pad)), a["w1"]], axis=1)
+        layers = [w1, a["w2"], a["w3"]]
+        # h0 and its gradient in float64 (x @ W.T + b as Gemm; gradients g @ W); the probes in PROBE_DTYPE
+        self.w = [self.k(w) for w in layers]
         self.b = [self.k(a[f"b{i}"]) for i in (1, 2, 3)]
-        self.w4, self.b4 = self.k(a["w4"][0]), self.k(a["b4"])
-        self.probe_wt = [self.k(a[f"w{i}"].T, PROBE_DTYPE) for i in (1, 2, 3)]
-        self.probe_b = [self.k(a[f"b{i}"], PROBE_DTYPE) for i in (1, 2, 3)]
-        self.probe_w4, self.probe_b4 = self.k(a["w4"][0], PROBE_DTYPE), self.k(a["b4"], PROBE_DTYPE)
+        self.w4, self.w4_row, self.b4 = self.k(a["w4"]), self.k(a["w4"][0]), self.k(a["b4"])
+        self.probe_wt = [self.k(w.T, PROBE_DTYPE) for w in [*layers, a["w4"]]]
+        self.probe_b = [self.k(a[f"b{i}"], PROBE_DTYPE) for i in (1, 2, 3, 4)]
 
     def k(self, value, dtype=F64) -> str:
         """A constant, shared by every node that uses the same value."""
@@ -136,22 +151,9 @@ class _Ops:
     def __getattr__(self, op_type: str):  # o.Add(a, b) -> g.op("Add", a, b)
         return lambda *inputs, **attrs: self.g.op(op_type, *inputs, **attrs)
 
-    def padded(self, x: str, rank: int, length: int, value: float = 0.0) -> str:
-        """x (rank `rank`, last axis of `length`) with that axis padded by `value` to a multiple of 8.
-
-        onnxruntime's float64 Exp, Log and ReduceSum run in SIMD packets aligned to the tensor's
-        memory, and elements outside whole packets take scalar code that rounds (Exp, Log) or
-        groups a sum differently: a row's result would depend on where it lies in the batch. With
-        rows of a multiple of 8 elements every row is split into packets the same way.
-        """
-        pad = -length % 8
-        if not pad:
-            return x
-        return self.Pad(x, self.i(*[0] * (2 * rank - 1), pad), self.k(value))
-
-    def sum(self, x: str, rank: int, length: int, keepdims: int = 1) -> str:
-        """Sum over the last axis (of `length`), the same way for every row (`padded`)."""
-        return self.g.op("ReduceSum", self.padded(x, rank, length), self.i(-1), keepdims=keepdims)
+    def sum(self, x: str, keepdims: int = 1) -> str:
+        """Sum over the last axis."""
+        return self.g.op("ReduceSum", x, self.i(-1), keepdims=keepdims)
 
     def unsqueeze(self, x: str, *axes: int) -> str:
         return self.g.op("Unsqueeze", x, self.i(*axes))
@@ -162,23 +164,11 @@ class _Ops:
     def part(self, x: str, axis: int, start: int, stop: int) -> str:
         return self.g.op("Slice", x, self.i(start), self.i(stop), self.i(axis))
 
-    def sort(self, x: str, length: int | None = None) -> str:
-        """Ascending sort of the last axis (of `length`, default C): values only."""
-        return self.g.op("TopK", x, self.i(length or self.c), axis=-1, largest=0, sorted=1, outputs=2)[0]
-
-    def packed(self, op_type: str, x: str, rank: int, length: int) -> str:
-        """Exp or Log over x, the same way for every row (`padded`)."""
-        if not -length % 8:
-            return self.g.op(op_type, x)
-        return self.part(self.g.op(op_type, self.padded(x, rank, length)), -1, 0, length)
-
-    def softmax(self, e: str, rank: int) -> str:
-        """Softmax over the last axis (C), shifted by the row maximum, as numpy and torch compute it;
-        padded (`padded`) with logits whose exp is 0 next to the row maximum's 1."""
-        z = self.padded(self.Sub(e, self.ReduceMax(e, axes=[-1], keepdims=1)), rank, self.c, -1e3)
-        z = self.Exp(z)
-        out = self.Div(z, self.g.op("ReduceSum", z, self.i(-1), keepdims=1))
-        return out if not -self.c % 8 else self.part(out, -1, 0, self.c)
+    def sort(self, x: str, length: int, outputs: int = 1):
+        """Ascending sort of the last axis (of `length`); stable (onnxruntime's TopK puts the lower
+        index first among equal values). Values, or (values, indices) with outputs=2."""
+        out = self.g.op("TopK", x, self.i(length), axis=-1, largest=0, sorted=1, outputs=2)
+        return out[0] if outputs == 1 else out
 
     def f64(self, x: str) -> str:
         return self.Cast(x, to=11)
@@ -190,78 +180,110 @@ class _Ops:
     # --- h, the defender's MLP ------------------------------------------------------------
 
     def h_logit_and_grad(self, x: str) -> tuple[str, str]:
-        """(N, C) -> ((N, 1) pre-sigmoid output, its gradient (N, C)); ReLU'(0) = 0 as in torch."""
+        """(N, width) -> ((N, 1) pre-sigmoid output, its gradient (N, width)); ReLU'(0) = 0 as in torch."""
         z1 = self.Gemm(x, self.w[0], self.b[0], transB=1)
         z2 = self.Gemm(self.Relu(z1), self.w[1], self.b[1], transB=1)
         z3 = self.Gemm(self.Relu(z2), self.w[2], self.b[2], transB=1)
-        out = self.Add(self.sum(self.Mul(self.Relu(z3), self.w4), 2, HIDDEN[-1]), self.b4)
+        out = self.Gemm(self.Relu(z3), self.w4, self.b4, transB=1)
         zero = self.k(0.0)
-        g2 = self.Mul(self.MatMul(self.Mul(self.f64(self.Greater(z3, zero)), self.w4), self.w[2]),
-                      self.f64(self.Greater(z2, zero)))
-        g1 = self.Mul(self.MatMul(g2, self.w[1]), self.f64(self.Greater(z1, zero)))
+        g3 = self.Where(self.Greater(z3, zero), self.w4_row, zero)
+        g2 = self.Where(self.Greater(z2, zero), self.MatMul(g3, self.w[2]), zero)
+        g1 = self.Where(self.Greater(z1, zero), self.MatMul(g2, self.w[1]), zero)
         return out, self.MatMul(g1, self.w[0])
 
-    def crossed(self, vectors: str, h0: str, lead: tuple[int, ...]) -> str:
-        """Sorted vectors (N, *lead, C) -> (N, *lead) bool: h's sign flipped versus h0 (N, 1)."""
-        a = self.Reshape(vectors, self.i(-1, self.c))
+    def crossed(self, vectors: str, sign: str, lead: tuple[int, ...]) -> str:
+        """Sorted vectors (N, *lead, width) -> (N, *lead) bool: h's sign on them is not h0's
+        (h * sign(h0) <= 0); `sign` is sign(h0) in PROBE_DTYPE, shaped (N, 1, ...) to broadcast."""
+        a = self.Reshape(vectors, self.i(-1, self.width))
         # probabilities below float32's smallest normal (common in confident rows) would become
         # subnormal numbers, which some CPUs multiply far more slowly: a timing difference
         # between confident and unsure rows. They go to 0 (a change far below h's resolution).
         tiny = self.k(float(np.finfo(PROBE_DTYPE).tiny))
         a = self.Cast(self.Where(self.Less(a, tiny), self.k(0.0), a), to=PROBE_ONNX_TYPE)
-        for w, b in zip(self.probe_wt, self.probe_b, strict=True):
+        for w, b in zip(self.probe_wt[:3], self.probe_b[:3], strict=True):
             a = self.Relu(self.Gemm(a, w, b))
-        out = self.f64(self.Add(self.sum(self.Mul(a, self.probe_w4), 2, HIDDEN[-1]), self.probe_b4))  # (M, 1)
-        out = self.Reshape(out, self.i(-1, *lead))
-        h0b = h0 if len(lead) == 1 else self.Reshape(h0, self.i(-1, *[1] * len(lead)))  # h0 is (N, 1)
-        return self.LessOrEqual(self.Mul(out, h0b), self.k(0.0))
+        out = self.Reshape(self.Gemm(a, self.probe_wt[3], self.probe_b[3]), self.i(-1, *lead))
+        return self.LessOrEqual(self.Mul(out, sign), self.k(0.0, PROBE_DTYPE))
+
+
+def bisection_table(levels: int) -> np.ndarray:
+    """Where one pass of bisection over `levels` levels lands, for every outcome of its probes.
+
+    A pass probes the 2**levels - 1 points j = 1 .. 2**levels - 1 of its bracket at once; bisection
+    then reads them in order (the midpoint first: crossed -> the lower half, else the upper), which
+    leaves it `offset` points above the bracket's start. Entry `code` (bit j - 1 set when probe j
+    crossed) holds that offset, so the graph decodes a pass with one lookup instead of a chain of
+    `levels` selections. (2**(2**levels - 1),) int64.
+    """
+    count = 2 ** levels - 1
+    table = np.empty(2 ** count, np.int64)
+    for code in range(2 ** count):
+        offset = 0
+        for level in range(levels):
+            half = 2 ** (levels - level - 1)
+            if not code >> (offset + half - 1) & 1:
+                offset += half
+        table[code] = offset
+    return table
 
 
 def build_graph(h: MembershipClassifier) -> GraphBuilder:
     """The whole search for one fitted h.
 
-    Graph input `sorted_probs` (N, C) float64 (rows sorted ascending, stable: `sort_rows`);
-    outputs `noised` (N, C) float64 in sorted order and `success` (N,) bool.
+    Graph input `probs` (N, C) float64 in class order; outputs `noised` (N, C) float64 in class
+    order and `success` (N,) bool. The graph sorts each row (stable ascending, `sort_rows`' order)
+    and puts the answer back in class order itself.
     """
     g = GraphBuilder("memguard_phase1")
     o = _Ops(g, h)
-    c = h.n_classes
-    x = g.input("sorted_probs", F64, ("N", c))
+    c, width, pad = h.n_classes, o.width, o.pad
+    x = g.input("probs", F64, ("N", c))
     o.n = o.part(o.Shape(x), 0, 0, 1)
-    e0 = o.packed("Log", o.Max(x, o.k(LOG_FLOOR)), 2, c)
-    s = o.softmax(e0, 2)  # the anchor: exactly softmax(e0)
-    top = o.ArgMax(x, axis=1, keepdims=1)  # (N, 1): first index, as numpy's argmax
-    h0, gp = o.h_logit_and_grad(s)  # (N, 1), (N, C)
-    sigmoid = o.Div(o.k(1.0), o.Add(o.k(1.0), o.packed("Exp", o.Neg(h0), 2, 1)))
-    off_boundary = o.Greater(o.Abs(o.Sub(sigmoid, o.k(0.5))), o.k(EARLY_EXIT))  # (N, 1)
+    x_sorted, order = o.sort(x, c, outputs=2)
+    xs = o.Pad(x_sorted, o.i(0, pad, 0, 0), o.k(0.0)) if pad else x_sorted  # (N, width)
+    top = o.ArgMax(xs, axis=1, keepdims=1)  # (N, 1): first index, as numpy's argmax
+    e0 = o.Log(o.Max(xs, o.k(LOG_FLOOR)))
+    if pad:
+        e0 = o.Add(e0, o.k(np.r_[np.full(pad, PAD_LOGIT), np.zeros(c)][None]))
+    z = o.Exp(o.Sub(e0, o.ReduceMax(e0, axes=[-1], keepdims=1)))
+    s = o.Div(z, o.sum(z))  # the anchor: softmax(e0), shifted by the row maximum as numpy computes it
+    h0, gp = o.h_logit_and_grad(s)  # (N, 1), (N, width)
+    # |sigmoid(h0) - 0.5| > EARLY_EXIT, as |h0| > logit(0.5 + EARLY_EXIT)
+    off_boundary = o.Greater(o.Abs(h0), o.k(EARLY_EXIT_LOGIT))  # (N, 1)
+    sign_h0 = o.Sign(h0)
+    sign_2 = o.Cast(sign_h0, to=PROBE_ONNX_TYPE)  # (N, 1)
+    sign_3 = o.unsqueeze(sign_2, 2)  # (N, 1, 1)
 
     # --- the three paths ------------------------------------------------------------------
-    sign = o.Neg(o.Sign(h0))  # (N, 1): towards the boundary
-    # the ray: h's gradient carried back through softmax to the logits
-    ge = o.Mul(s, o.Sub(gp, o.sum(o.Mul(gp, s), 2, c)))
-    norm = o.Sqrt(o.sum(o.Mul(ge, ge), 2, c))  # (N, 1)
-    d = o.Mul(sign, o.Div(ge, o.Where(o.Greater(norm, o.k(0.0)), norm, o.k(1.0))))
-    e0_3, d_3, s_3 = o.unsqueeze(e0, 1), o.unsqueeze(d, 1), o.unsqueeze(s, 1)  # (N, 1, C)
-    # the mixtures' targets: one-hot top and top two (the last two positions); released (N, 2, C),
-    # and as h sees them once re-sorted (2, C): the one-hot top re-sorted is the last position
-    # (the entries after `top` tie with it), the top two are sorted already
-    onehot = o.f64(o.Equal(o.k(np.arange(c)[None, :], np.int64), top))  # (N, C)
-    toptwo, last = np.zeros(c), np.zeros(c)
+    # the ray: h's gradient carried back through softmax to the logits, towards the boundary
+    ge = o.Mul(s, o.Sub(gp, o.sum(o.Mul(gp, s))))
+    norm = o.Sqrt(o.sum(o.Mul(ge, ge)))  # (N, 1)
+    d = o.Mul(ge, o.Div(o.Neg(sign_h0), o.Where(o.Greater(norm, o.k(0.0)), norm, o.k(1.0))))
+    e0_3, d_3, s_3 = o.unsqueeze(e0, 1), o.unsqueeze(d, 1), o.unsqueeze(s, 1)  # (N, 1, width)
+    # the mixtures s + t (v - s): released towards the one-hot top and the top two (the last two
+    # positions), (N, 2, width); as h sees them once re-sorted, the one-hot top re-sorted is the
+    # last position (the entries after `top` tie with it), the top two are sorted already
+    onehot = o.f64(o.Equal(o.k(np.arange(width)[None, :], np.int64), top))  # (N, width)
+    toptwo, last = np.zeros(width), np.zeros(width)
     toptwo[-2:], last[-1] = 0.5, 1.0
-    targets = o.Concat(o.unsqueeze(onehot, 1), o.rows(o.k(toptwo[None, None]), 1, c), axis=1)  # (N, 2, C)
-    targets_sorted = np.stack([last, toptwo])
+    targets = o.Concat(o.unsqueeze(onehot, 1), o.rows(o.k(toptwo[None, None]), 1, width), axis=1)
+    towards = o.Sub(targets, s_3)  # (N, 2, width), released
+    towards_h = o.Sub(o.k(np.stack([last, toptwo])[None]), s_3)  # (N, 2, width), as h sees it
 
     def ray(t: str) -> str:
-        """t (N, K, 1) -> (N, K, C): sorted logits (the released vector keeps the clean ranking);
-        softmax keeps the order, so the vector is sorted as h sees it."""
-        return o.softmax(o.sort(o.Add(e0_3, o.Mul(t, d_3))), 3)
+        """t (N, K, 1) -> (N, K, width): sorted logits (the released vector keeps the clean
+        ranking); softmax keeps the order, so the vector is sorted as h sees it. No max shift:
+        the logits lie in [log(LOG_FLOOR) - T_MAX, T_MAX] (d is a unit vector), far from exp's
+        overflow and underflow."""
+        z = o.Exp(o.sort(o.Add(e0_3, o.Mul(t, d_3)), width))
+        return o.Div(z, o.sum(z))
 
-    def mix(t: str, anchor: str, target: str) -> str:
-        """(1 - t) s + t v, t (..., K, 1) broadcast against the anchor s and the target v (..., C)."""
-        return o.Add(o.Mul(o.Sub(o.k(1.0), t), anchor), o.Mul(t, target))
+    def mix(t: str, direction: str) -> str:
+        """s + t (v - s) for t (..., K, 1) and the direction v - s (..., C)."""
+        return o.Add(s_3, o.Mul(t, direction))
 
     # linearised distance to the boundary along each path (the grid's unit): |h0| / slope
-    slope_mix = o.Mul(sign, o.sum(o.Mul(o.unsqueeze(gp, 1), o.Sub(targets, s_3)), 3, c, keepdims=0))  # (N, 2)
+    slope_mix = o.Mul(o.Neg(sign_h0), o.sum(o.Mul(o.unsqueeze(gp, 1), towards), keepdims=0))  # (N, 2)
     slope = o.Concat(norm, slope_mix, axis=1)  # (N, 3)
     t_pred = o.Div(o.Abs(h0), o.Where(o.Greater(slope, o.k(0.0)), slope, o.k(1e-300)))
     t_max = np.array([T_MAX, MIX_T_MAX, MIX_T_MAX])
@@ -271,64 +293,60 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
                       o.k(t_max[None, :, None]))  # (N, 3, 4)
     absolute = o.rows(o.k((t_max[:, None] * GRID_ABSOLUTE)[None]), N_PATHS, len(GRID_ABSOLUTE))
     grid = o.sort(o.Concat(predicted, absolute, axis=2), N_GRID)  # (N, 3, 8) ascending
-    mix_grid = mix(o.unsqueeze(o.part(grid, 1, 1, 3), 3), o.unsqueeze(s, 1, 2),
-                   o.k(targets_sorted[None, :, None, :]))  # (N, 2, 8, C), sorted
-    ray_grid = ray(o.Reshape(o.part(grid, 1, 0, 1), o.i(-1, N_GRID, 1)))  # (N, 8, C)
+    ray_grid = ray(o.Reshape(o.part(grid, 1, 0, 1), o.i(-1, N_GRID, 1)))  # (N, 8, width)
+    mix_grid = o.Add(o.unsqueeze(s_3, 1), o.Mul(o.unsqueeze(o.part(grid, 1, 1, 3), 3),
+                                                o.unsqueeze(towards_h, 2)))  # (N, 2, 8, width)
     probes = o.Concat(o.unsqueeze(ray_grid, 1), mix_grid, axis=1)
-    crossed = o.Cast(o.crossed(probes, h0, (N_PATHS, N_GRID)), to=6)  # (N, 3, 8) int32
+    crossed = o.Cast(o.crossed(probes, sign_3, (N_PATHS, N_GRID)), to=6)  # (N, 3, 8) int32
     first = o.ArgMax(crossed, axis=2, keepdims=1)  # (N, 3, 1): the first crossing (0 if none)
     hi = o.GatherElements(grid, first, axis=2)
     zero_i = o.i(0)
     previous = o.GatherElements(grid, o.Max(o.Sub(first, o.i(1)), zero_i), axis=2)
     lo = o.Where(o.Greater(first, zero_i), previous, o.k(0.0))  # (N, 3, 1)
-    any_crossed = o.Cast(o.squeeze(o.GatherElements(crossed, first, axis=2), 2), to=9)  # (N, 3)
+    any_crossed = o.Cast(o.ReduceMax(crossed, axes=[2], keepdims=0), to=9)  # (N, 3)
 
     # --- 2. the path whose grid crossing is nearest in L1 (top class kept), for every row ---
-    hi2 = o.squeeze(hi, 2)  # (N, 3)
-    at_hi = o.Concat(ray(o.unsqueeze(o.part(hi2, 1, 0, 1), 2)), mix(o.unsqueeze(o.part(hi2, 1, 1, 3), 2), s_3, targets),
-                     axis=1)  # (N, 3, C), released
+    at_hi = o.Concat(ray(o.part(hi, 1, 0, 1)), mix(o.part(hi, 1, 1, 3), towards), axis=1)  # (N, 3, width)
     kept = o.Equal(o.ArgMax(at_hi, axis=2, keepdims=0), top)  # (N, 3)
     ok = o.And(o.And(any_crossed, kept), off_boundary)
-    l1 = o.sum(o.Abs(o.Sub(at_hi, s_3)), 3, c, keepdims=0)
+    l1 = o.sum(o.Abs(o.Sub(at_hi, s_3)), keepdims=0)
     best = o.ArgMin(o.Where(ok, l1, o.k(np.inf)), axis=1, keepdims=1)  # (N, 1)
     success = o.GatherElements(ok, best, axis=1)  # (N, 1)
     best3 = o.unsqueeze(best, 2)  # (N, 1, 1)
-    lo_b = o.squeeze(o.GatherElements(lo, best3, axis=1), 2)  # (N, 1)
-    hi_b = o.squeeze(o.GatherElements(hi, best3, axis=1), 2)
-    width, scale = o.Sub(hi_b, lo_b), 1.0 / 2 ** LEVELS
-    # the chosen path of every row: the ray, or a mixture with its target (released, as h sees it)
+    lo_b = o.GatherElements(lo, best3, axis=1)  # (N, 1, 1)
+    step = o.Mul(o.Sub(o.GatherElements(hi, best3, axis=1), lo_b), o.k(1.0 / 2 ** LEVELS))
+    # the chosen path of every row: the ray, or a mixture (its direction released, as h sees it)
     on_ray = o.Equal(best3, zero_i)
-    to_top = o.Equal(best, o.i(1))
-    target_h = o.unsqueeze(o.Where(to_top, o.k(last[None]), o.k(toptwo[None])), 1)  # (N, 1, C)
-    target = o.unsqueeze(o.Where(to_top, onehot, o.k(toptwo[None])), 1)
+    to_top = o.Equal(best3, o.i(1))
+    chosen_h = o.Where(to_top, o.part(towards_h, 1, 0, 1), o.part(towards_h, 1, 1, 2))  # (N, 1, width)
+    chosen_released = o.Where(to_top, o.part(towards, 1, 0, 1), o.part(towards, 1, 1, 2))
 
-    def chosen(ks: str, target_of_path: str) -> str:
-        """Integer probe steps ks (N, K) -> the chosen path's vectors (N, K, C) at lo + width * ks * scale."""
-        t = o.unsqueeze(o.Add(lo_b, o.Mul(width, o.Mul(o.f64(ks), o.k(scale)))), 2)  # (N, K, 1)
-        return o.Where(on_ray, ray(t), mix(t, s_3, target_of_path))
+    def chosen(ks: str, direction: str) -> str:
+        """Probe steps ks (N or 1, K, 1), whole numbers in float64 -> the chosen path's vectors
+        (N, K, width) at lo + ks * step."""
+        t = o.Add(lo_b, o.Mul(step, ks))
+        return o.Where(on_ray, ray(t), mix(t, direction))
 
     # --- 3. bisection on the chosen path of every row (failed rows narrow a bracket nobody
-    # uses): each pass probes 2**levels - 1 points and settles `levels` levels from them in order
-    zeros = o.rows(o.k(np.zeros((1, 1)), np.int64), 1)  # (N, 1)
-    k_lo, done = zeros, 0
+    # uses): each pass probes 2**levels - 1 points and settles `levels` levels from them at once
+    k_lo, done = None, 0
     while done < LEVELS:
         levels = min(LEVELS_PER_PASS, LEVELS - done)
-        unit = 2 ** (LEVELS - done - levels)  # spacing of this pass's probes, in steps of k
+        unit = 2 ** (LEVELS - done - levels)  # spacing of this pass's probes, in steps
         count = 2 ** levels - 1
-        ks = o.Add(k_lo, o.k(unit * np.arange(1, count + 1)[None, :], np.int64))  # (N, count)
-        hit = o.crossed(chosen(ks, target_h), h0, (count,))
-        offset = zeros
-        for j in range(levels):
-            half = 2 ** (levels - j - 1)
-            midpoint = o.GatherElements(hit, o.Add(offset, o.i(half - 1)), axis=1)
-            offset = o.Where(midpoint, offset, o.Add(offset, o.i(half)))
-        k_lo = o.Add(k_lo, o.Mul(offset, o.i(unit)))
+        ks = o.k(unit * np.arange(1, count + 1)[None, :, None])  # (1, count, 1)
+        hit = o.crossed(chosen(ks if k_lo is None else o.Add(k_lo, ks), chosen_h), sign_2, (count,))
+        code = o.sum(o.Where(hit, o.k(2 ** np.arange(count), np.int64), o.k(0, np.int64)))  # (N, 1)
+        offset = o.Gather(o.k(unit * bisection_table(levels)[:, None]), code, axis=0)  # (N, 1, 1)
+        k_lo = offset if k_lo is None else o.Add(k_lo, offset)
         done += levels
-    refined = o.squeeze(chosen(o.Add(k_lo, o.i(1)), target), 1)  # (N, C)
+    refined = o.squeeze(chosen(o.Add(k_lo, o.k(1.0)), chosen_released), 1)  # (N, width)
     refined_kept = o.Equal(o.ArgMax(refined, axis=1, keepdims=1), top)  # else the grid point, which kept it
-    at_hi_best = o.squeeze(o.GatherElements(at_hi, o.rows(best3, 1, c), axis=1), 1)
+    at_hi_best = o.squeeze(o.GatherElements(at_hi, o.rows(best3, 1, width), axis=1), 1)
     noised = o.Where(o.And(success, refined_kept), refined, o.Where(success, at_hi_best, s))
-    g.output(noised, "noised", F64, ("N", c))
+    if pad:
+        noised = o.part(noised, 1, pad, width)
+    g.output(o.ScatterElements(x, order, noised, axis=1), "noised", F64, ("N", c))
     g.output(o.squeeze(success, 1), "success", np.bool_, ("N",))
     return g
 
@@ -348,7 +366,5 @@ class Phase1Solver:
         self.graph = OnnxClassifier(build_graph(h).model_bytes(), device=device)
 
     def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order, sorted_p = ascending(p)
-        sorted_p = np.ascontiguousarray(sorted_p, F64)
-        noised, success = self.graph.session.run(None, {"sorted_probs": sorted_p})
-        return unsort_rows(noised, order), success
+        noised, success = self.graph.session.run(None, {"probs": np.ascontiguousarray(p, F64)})
+        return noised, success
