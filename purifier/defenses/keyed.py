@@ -34,7 +34,7 @@ import numpy as np
 
 from purifier.errors import ConfigError
 
-_U53 = float(2**53)
+_INV_U53 = 2.0**-53
 
 
 class KeyedPRF:
@@ -51,6 +51,7 @@ class KeyedPRF:
             raise ConfigError("secret: the PRF secret must be at least 16 bytes")
         self._base = hmac.new(bytes(secret), b"purifier-prf-v1\x00" + model_id.encode() + b"\x00",
                               hashlib.sha256)
+        self._prefixes: dict[tuple[str, int], hmac.HMAC] = {}
         self.model_id = model_id
 
     def digests(self, rows: np.ndarray, purpose: str, blocks: int = 1) -> np.ndarray:
@@ -58,8 +59,7 @@ class KeyedPRF:
         rows = np.ascontiguousarray(rows, dtype=np.float64)
         if rows.ndim != 2:
             raise ValueError(f"rows must be 2-D (N, C), got shape {rows.shape}")
-        prefix = self._base.copy()
-        prefix.update(purpose.encode() + b"\x00" + str(rows.shape[1]).encode() + b"\x00")
+        prefix = self._prefix(purpose, rows.shape[1])
         n = rows.shape[0]
         out = bytearray(32 * blocks * n)
         view = rows.data.cast("B")
@@ -69,17 +69,26 @@ class KeyedPRF:
             h = prefix.copy()
             h.update(view[i * width:(i + 1) * width])
             for b in range(blocks):
-                hb = h.copy()
+                hb = h.copy() if b + 1 < blocks else h  # the last block finishes the row's own copy
                 hb.update(b.to_bytes(4, "little"))
                 out[pos:pos + 32] = hb.digest()
                 pos += 32
-        return np.frombuffer(bytes(out), dtype=np.uint8).reshape(n, 32 * blocks)
+        return np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
+
+    def _prefix(self, purpose: str, width: int):
+        """The HMAC state after the key, model id, purpose and row width: made once per stream."""
+        key = (purpose, width)
+        if key not in self._prefixes:
+            prefix = self._base.copy()
+            prefix.update(purpose.encode() + b"\x00" + str(width).encode() + b"\x00")
+            self._prefixes[key] = prefix
+        return self._prefixes[key]
 
     def uniform(self, rows: np.ndarray, purpose: str, size: int = 1) -> np.ndarray:
         """Uniform floats in [0, 1): (N, size), 53 random bits each."""
         blocks = -(-size // 4)  # four 64-bit words per 32-byte digest
         words = self.digests(rows, purpose, blocks).view("<u8")[:, :size]
-        return (words >> np.uint64(11)).astype(np.float64) / _U53
+        return (words >> np.uint64(11)) * _INV_U53  # exact: a 53-bit integer times 2**-53
 
     def normal(self, rows: np.ndarray, purpose: str, size: int) -> np.ndarray:
         """Standard normal draws: (N, size), by Box-Muller on keyed uniforms."""

@@ -134,6 +134,14 @@ def test_expected_l1_within_budget_and_coin_matches_probability(memguard, fit_da
     assert ((prob * dist) <= 0.1 + 1e-12).all()
     out = mg.transform(p)
     released = np.abs(out - p).sum(1) > 1e-12
+    # transform's coin test (u ||r||_1 < eps) decides every row as u < release_probability, on the
+    # rows as transform sees them (renormalized)
+    q = p / p.sum(1, keepdims=True)
+    q_noised, q_ok = mg.phase1(q)
+    coin = mg._coin_prf().uniform(q, "memguard-coin")[:, 0]
+    release = coin < mg.release_probability(q, q_noised, q_ok)
+    assert 0 < release.sum() < len(p)
+    np.testing.assert_array_equal(mg._transform(q, None)[0], np.where(release[:, None], q_noised, q))
     n, expected = len(p), prob.sum()
     assert abs(released.sum() - expected) <= 4 * np.sqrt(expected) + 1  # the coin is fair
     assert np.abs(out - p).sum(1).mean() <= 0.1 + 4 * dist.max() * np.sqrt(expected) / n
