@@ -73,9 +73,9 @@ LEVELS = 8
 LEVELS_PER_PASS = 2
 N_PATHS = 3
 F64 = np.float64
-# h on the probes runs in float32 (onnxruntime's float32 Gemm costs about half float64's, and the
-# probes are most of the work); h0, its gradient, the paths and the released vectors are float64.
-# A probe's sign can differ from float64's only where |h| < ~1e-6, far inside the EARLY_EXIT band
+# h runs in float32, on the clean vector (h0 and its gradient) and on the probes: onnxruntime's
+# float32 Gemm costs about half float64's; the paths and the released vectors are float64.
+# h's sign can differ from float64's only where |h| < ~1e-6, far inside the EARLY_EXIT band
 # (|h0| <= 4e-5 gets no noise) (docs/design.md#memguard-fast-solver).
 PROBE_DTYPE, PROBE_ONNX_TYPE = np.float32, 1
 
@@ -130,12 +130,11 @@ class _Ops:
         a = h.arrays
         w1 = np.concatenate([np.zeros((a["w1"].shape[0], self.pad)), a["w1"]], axis=1)
         layers = [w1, a["w2"], a["w3"]]
-        # h0 and its gradient in float64 (x @ W.T + b as Gemm; gradients g @ W); the probes in PROBE_DTYPE
-        self.w = [self.k(w) for w in layers]
-        self.b = [self.k(a[f"b{i}"]) for i in (1, 2, 3)]
-        self.w4, self.w4_row, self.b4 = self.k(a["w4"]), self.k(a["w4"][0]), self.k(a["b4"])
-        self.probe_wt = [self.k(w.T, PROBE_DTYPE) for w in [*layers, a["w4"]]]
-        self.probe_b = [self.k(a[f"b{i}"], PROBE_DTYPE) for i in (1, 2, 3, 4)]
+        # one PROBE_DTYPE copy of each layer, transposed: x @ W.T + b as Gemm(x, W.T, b), and the
+        # gradient g @ W as Gemm(g, W.T, transB=1)
+        self.wt = [self.k(w.T, PROBE_DTYPE) for w in [*layers, a["w4"]]]
+        self.b = [self.k(a[f"b{i}"], PROBE_DTYPE) for i in (1, 2, 3, 4)]
+        self.w4_row = self.k(a["w4"][0], PROBE_DTYPE)
 
     def k(self, value, dtype=F64) -> str:
         """A constant, shared by every node that uses the same value."""
@@ -180,16 +179,19 @@ class _Ops:
     # --- h, the defender's MLP ------------------------------------------------------------
 
     def h_logit_and_grad(self, x: str) -> tuple[str, str]:
-        """(N, width) -> ((N, 1) pre-sigmoid output, its gradient (N, width)); ReLU'(0) = 0 as in torch."""
-        z1 = self.Gemm(x, self.w[0], self.b[0], transB=1)
-        z2 = self.Gemm(self.Relu(z1), self.w[1], self.b[1], transB=1)
-        z3 = self.Gemm(self.Relu(z2), self.w[2], self.b[2], transB=1)
-        out = self.Gemm(self.Relu(z3), self.w4, self.b4, transB=1)
-        zero = self.k(0.0)
+        """(N, width) float64 -> ((N, 1) pre-sigmoid output, its gradient (N, width)), float64 from
+        h in PROBE_DTYPE; ReLU'(0) = 0 as in torch. The anchor's entries are at least
+        LOG_FLOOR / C, normal numbers in float32."""
+        wt, b = self.wt, self.b
+        z1 = self.Gemm(self.Cast(x, to=PROBE_ONNX_TYPE), wt[0], b[0])
+        z2 = self.Gemm(self.Relu(z1), wt[1], b[1])
+        z3 = self.Gemm(self.Relu(z2), wt[2], b[2])
+        out = self.Gemm(self.Relu(z3), wt[3], b[3])
+        zero = self.k(0.0, PROBE_DTYPE)
         g3 = self.Where(self.Greater(z3, zero), self.w4_row, zero)
-        g2 = self.Where(self.Greater(z2, zero), self.MatMul(g3, self.w[2]), zero)
-        g1 = self.Where(self.Greater(z1, zero), self.MatMul(g2, self.w[1]), zero)
-        return out, self.MatMul(g1, self.w[0])
+        g2 = self.Where(self.Greater(z2, zero), self.Gemm(g3, wt[2], transB=1), zero)
+        g1 = self.Where(self.Greater(z1, zero), self.Gemm(g2, wt[1], transB=1), zero)
+        return self.f64(out), self.f64(self.Gemm(g1, wt[0], transB=1))
 
     def crossed(self, vectors: str, sign: str, lead: tuple[int, ...]) -> str:
         """Sorted vectors (N, *lead, width) -> (N, *lead) bool: h's sign on them is not h0's
@@ -200,9 +202,9 @@ class _Ops:
         # between confident and unsure rows. They go to 0 (a change far below h's resolution).
         tiny = self.k(float(np.finfo(PROBE_DTYPE).tiny))
         a = self.Cast(self.Where(self.Less(a, tiny), self.k(0.0), a), to=PROBE_ONNX_TYPE)
-        for w, b in zip(self.probe_wt[:3], self.probe_b[:3], strict=True):
+        for w, b in zip(self.wt[:3], self.b[:3], strict=True):
             a = self.Relu(self.Gemm(a, w, b))
-        out = self.Reshape(self.Gemm(a, self.probe_wt[3], self.probe_b[3]), self.i(-1, *lead))
+        out = self.Reshape(self.Gemm(a, self.wt[3], self.b[3]), self.i(-1, *lead))
         return self.LessOrEqual(self.Mul(out, sign), self.k(0.0, PROBE_DTYPE))
 
 

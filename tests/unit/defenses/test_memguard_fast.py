@@ -212,10 +212,12 @@ def test_h_and_its_gradient_in_the_graph_match_torch_autograd():
     xt = torch.from_numpy(x).requires_grad_(True)
     ref = TorchMLP(h).logit(xt)
     (ref_grad,) = torch.autograd.grad(ref.sum(), xt)
-    np.testing.assert_allclose(got_out[:, 0], ref.detach().numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(got_grad, ref_grad.numpy(), rtol=1e-12, atol=1e-12)
-    np.testing.assert_array_equal(got_crossed[:, 0], ref.detach().numpy() <= 0)  # probes: float32 h, same sign here
-    np.testing.assert_allclose(h.logit(x), got_out[:, 0], rtol=1e-12, atol=1e-12)
+    # h runs in float32: within float32's rounding of the float64 reference
+    scale_out, scale_grad = np.abs(ref.detach().numpy()).max(), np.abs(ref_grad.numpy()).max()
+    np.testing.assert_allclose(got_out[:, 0], ref.detach().numpy(), rtol=1e-5, atol=1e-6 * scale_out)
+    np.testing.assert_allclose(got_grad, ref_grad.numpy(), rtol=1e-4, atol=1e-6 * scale_grad)
+    np.testing.assert_array_equal(got_crossed[:, 0], ref.detach().numpy() <= 0)  # same sign here
+    np.testing.assert_allclose(h.logit(x), got_out[:, 0], rtol=1e-5, atol=1e-6 * scale_out)
 
 
 def assert_matches_the_numpy_solver(h, p):
