@@ -7,13 +7,13 @@ its clean self. The search works on the sorted vector (ascending; softmax is mon
 logits map to sorted probabilities). A candidate succeeds when its top class is still on top
 (first index on ties, as numpy's argmax) and `h`'s pre-sigmoid output, on the candidate re-sorted
 as an attacker sorting the released vector sees it, has changed sign versus the clean vector
-(h * h0 <= 0).
+(h * sign(h0) <= 0).
 
 Three paths t -> vector leave the clean sorted vector s (t = 0):
 
 * the ray along h's steepest logit direction (the faithful solver's first step), logits
   re-sorted so the released vector keeps the clean ranking, t in (0, T_MAX];
-* two order-keeping mixtures (1 - t) s + t v, t in (0, 1): towards the one-hot top (more
+* two order-keeping mixtures s + t (v - s), t in (0, 1): towards the one-hot top (more
   confident) and towards the top two at 1/2 each (mass moved to the runner-up, what the faithful
   solver does on saturated rows).
 
@@ -22,11 +22,13 @@ of the path), all paths in one pass of h, brackets each path's first crossing; t
 grid crossing is nearest in L1 is narrowed by LEVELS rounds of bisection (2**-8 of its bracket)
 and released.
 
-**One graph, one call.** The whole schedule (sort-space set-up, h0 and its gradient, the 24 grid
-probes, the bisection) is written as one ONNX graph (`build_graph`, from the fitted weights when
+**One graph, one call.** The whole schedule (the sort and its inverse, h0 and its gradient, the
+24 grid probes, the bisection) is written as one ONNX graph (`build_graph`, from the fitted weights when
 the defense is loaded, `purifier.models.onnx_graph`) that onnxruntime runs in a single call per
 batch: no per-probe Python or numpy call overhead, the GIL released for the whole search, and the
-same graph runs on the CUDA provider. Selection is Where/GatherElements/ArgMax, never a branch.
+same graph runs on the CUDA provider. Selection is Where/Gather/ArgMax, never a branch. At one row
+onnxruntime's cost is mostly per operator, so the graph is written for few of them (one table
+lookup per bisection pass, the class axis padded once; docs/design.md#memguard-fast-solver).
 
 **Constant work.** Every row takes exactly the same operations, whatever `h` says about it: the
 graph has no control flow (no If/Loop/Scan) and no operator whose work depends on a row's values
@@ -35,11 +37,12 @@ early, late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: n
 and results are selected with masks. MemGuard's running time therefore carries no trace of its
 membership verdict (benchmarks/bench_timing.py). The schedule is the same for every batch size
 too (one graph, one session). Rows are independent of the batch around them (every operator is
-row-wise; onnxruntime's float64 MatMul rounds a row the same way whatever the row count, and the
-SIMD-packet padding below does the rest; checked by tests/unit/defenses/test_memguard_fast.py).
+row-wise; onnxruntime's matrix products round a row the same way whatever the row count, and the
+class axis padded to a multiple of 8 (`_Ops`) does the rest; checked by
+tests/unit/defenses/test_memguard_fast.py).
 
 `phase1_faithful` (torch) is the original algorithm, the reference this solver is checked against.
-Arrays: p (N, C); sorted probabilities s (N, C); paths P = 3; probes (N, P, K).
+Arrays: p (N, C); sorted, padded probabilities s (N, width); paths P = 3; probes (N, P, K).
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ N_GRID = len(GRID_PREDICTED) + len(GRID_ABSOLUTE)
 # Bisection levels on the chosen path: the crossing to 2**-8 of its grid bracket (~0.6% of t).
 LEVELS = 8
 # Bisection levels settled per pass of h: 3 speculative probes settle 2 levels, so 4 passes of 3
-# probes instead of 8 passes of 1. Each pass has a fixed cost in onnxruntime (about 40 nodes), so
-# this is the faster schedule for the small batches that dominate serving, at a few percent more
-# work on large ones; one schedule for every batch size is one session to build at start-up.
+# probes instead of 8 passes of 1. Each pass has a fixed cost in onnxruntime (about 26 nodes,
+# 14 us at one row), so this is the faster schedule for the small batches that dominate serving,
+# at a few percent more work on large ones (3 or 4 levels per pass measured no faster at one
+# row); one schedule for every batch size is one session to build at start-up.
 LEVELS_PER_PASS = 2
 N_PATHS = 3
 F64 = np.float64
