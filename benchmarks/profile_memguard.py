@@ -1,5 +1,6 @@
 """Where a MemGuard (fast mode) call spends its CPU on the digits target: per-call CPU at 1, 16 and
-256 rows, and a short cProfile summary per batch size.
+256 rows, a short cProfile summary per batch size, and onnxruntime's own profile of the solver
+graph at one row (operators run, and kernel time by operator type).
 
 Run: `.venv/bin/python -m benchmarks.profile_memguard [--out FILE]` (writes a text summary; the
 target and the defense are built under build/ when missing). One BLAS and one onnxruntime thread,
@@ -11,8 +12,11 @@ from __future__ import annotations
 import argparse
 import base64
 import cProfile
+import collections
 import io
+import json
 import os
+import tempfile
 import pstats
 import subprocess
 import sys
@@ -70,6 +74,39 @@ def profile(defense, rows: np.ndarray, batch: int, calls: int, top: int) -> str:
     return "\n".join([lines[0].strip(), *lines[start:]])
 
 
+def graph_profile(defense, rows: np.ndarray, runs: int) -> str:
+    """onnxruntime's profiler on the solver graph, one row per run: operators executed per run and
+    kernel time per run by operator type. The profiler adds a few microseconds to every operator,
+    so the shares matter more than the absolute times."""
+    import onnxruntime as ort
+
+    from purifier.defenses.phase1 import build_graph
+
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "phase1")
+        session = ort.InferenceSession(build_graph(defense.classifier).model_bytes(), opts,
+                                       providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        for i in range(runs):
+            row = rows[i % len(rows)][None].astype(np.float64)
+            session.run(None, {name: row / row.sum() if name == "probs" else np.sort(row, axis=1)})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    model_runs = [e["dur"] for e in events if e.get("name") == "model_run"]
+    by_type, count = collections.Counter(), collections.Counter()
+    for e in kernels:
+        by_type[e["args"]["op_name"]] += e["dur"]
+        count[e["args"]["op_name"]] += 1
+    total = sum(by_type.values())
+    lines = [f"{len(kernels) / runs:.0f} operators per run; profiled run {np.median(model_runs):.0f} us median, "
+             f"kernel time {total / runs:.0f} us per run",
+             "operator          per run  kernel us/run  share"]
+    lines += [f"{op:16s}  {count[op] / runs:7.0f}  {t / runs:13.1f}  {t / total:5.1%}" for op, t in by_type.most_common()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default=str(ROOT / "build" / "targets" / "digits"))
@@ -93,6 +130,8 @@ def main() -> None:
         calls = max(3, 600 // batch)
         report += ["", f"--- cProfile, {calls} calls of {batch} row(s), top {args.top} by own time ---",
                    profile(defense, rows, batch, calls, args.top)]
+    report += ["", "--- onnxruntime's profile of the solver graph, 500 runs of 1 row ---",
+               graph_profile(defense, rows, 500)]
     text = "\n".join(report) + "\n"
     print(text)
     if args.out:
