@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import base64
-import cProfile
 import collections
+import cProfile
 import io
 import json
 import os
-import tempfile
 import pstats
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 

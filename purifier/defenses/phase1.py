@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from purifier.defenses.membership_classifier import HIDDEN, MembershipClassifier
+from purifier.defenses.membership_classifier import MembershipClassifier
 from purifier.models.onnx_graph import GraphBuilder
 
 STEP, MAX_STEPS = 0.1, 299  # the faithful solver's step length and step budget per c3 level
