@@ -173,6 +173,11 @@ class _Ops:
         out = self.g.op("TopK", x, self.i(length), axis=-1, largest=0, sorted=1, outputs=2)
         return out[0] if outputs == 1 else out
 
+    def normalized(self, z: str) -> str:
+        """z (..., width) >= 0 divided by its sum over the last axis (softmax's last step), as one
+        operator (LpNormalization, p = 1), row by row the same whatever the batch."""
+        return self.LpNormalization(z, axis=-1, p=1)
+
     def f64(self, x: str) -> str:
         return self.Cast(x, to=11)
 
@@ -252,7 +257,7 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     if pad:
         e0 = o.Add(e0, o.k(np.r_[np.full(pad, PAD_LOGIT), np.zeros(c)][None]))
     z = o.Exp(o.Sub(e0, o.ReduceMax(e0, axes=[-1], keepdims=1)))
-    s = o.Div(z, o.sum(z))  # the anchor: softmax(e0), shifted by the row maximum as numpy computes it
+    s = o.normalized(z)  # the anchor: softmax(e0), shifted by the row maximum as numpy computes it
     h0, gp = o.h_logit_and_grad(s)  # (N, 1), (N, width)
     # |sigmoid(h0) - 0.5| > EARLY_EXIT, as |h0| > logit(0.5 + EARLY_EXIT)
     off_boundary = o.Greater(o.Abs(h0), o.k(EARLY_EXIT_LOGIT))  # (N, 1)
@@ -263,7 +268,7 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     # --- the three paths ------------------------------------------------------------------
     # the ray: h's gradient carried back through softmax to the logits, towards the boundary
     ge = o.Mul(s, o.Sub(gp, o.sum(o.Mul(gp, s))))
-    norm = o.Sqrt(o.sum(o.Mul(ge, ge)))  # (N, 1)
+    norm = o.ReduceL2(ge, axes=[-1], keepdims=1)  # (N, 1)
     d = o.Mul(ge, o.Div(o.Neg(sign_h0), o.Where(o.Greater(norm, o.k(0.0)), norm, o.k(1.0))))
     e0_3, d_3, s_3 = o.unsqueeze(e0, 1), o.unsqueeze(d, 1), o.unsqueeze(s, 1)  # (N, 1, width)
     # the mixtures s + t (v - s): released towards the one-hot top and the top two (the last two
@@ -281,8 +286,7 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
         ranking); softmax keeps the order, so the vector is sorted as h sees it. No max shift:
         the logits lie in [log(LOG_FLOOR) - T_MAX, T_MAX] (d is a unit vector), far from exp's
         overflow and underflow."""
-        z = o.Exp(o.sort(o.Add(e0_3, o.Mul(t, d_3)), width))
-        return o.Div(z, o.sum(z))
+        return o.normalized(o.Exp(o.sort(o.Add(e0_3, o.Mul(t, d_3)), width)))
 
     def mix(t: str, direction: str) -> str:
         """s + t (v - s) for t (..., K, 1) and the direction v - s (..., C)."""
@@ -297,8 +301,11 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     # --- 1. the grid, every path in one pass: the first crossing on each path brackets it ---
     predicted = o.Min(o.Mul(o.unsqueeze(t_pred, 2), o.k(GRID_PREDICTED[None, None, :])),
                       o.k(t_max[None, :, None]))  # (N, 3, 4)
-    absolute = o.rows(o.k((t_max[:, None] * GRID_ABSOLUTE)[None]), N_PATHS, len(GRID_ABSOLUTE))
-    grid = o.sort(o.Concat(predicted, absolute, axis=2), N_GRID)  # (N, 3, 8) ascending
+    # t = 0 and the fixed fractions; t = 0 sorts first (every grid point is >= 0) and is not probed
+    absolute = np.c_[np.zeros(N_PATHS), t_max[:, None] * GRID_ABSOLUTE][None]
+    from_zero = o.sort(o.Concat(predicted, o.rows(o.k(absolute), N_PATHS, absolute.shape[2]), axis=2),
+                       N_GRID + 1)  # (N, 3, 9) ascending
+    grid = o.part(from_zero, 2, 1, N_GRID + 1)  # (N, 3, 8)
     ray_grid = ray(o.Reshape(o.part(grid, 1, 0, 1), o.i(-1, N_GRID, 1)))  # (N, 8, width)
     mix_grid = o.Add(o.unsqueeze(s_3, 1), o.Mul(o.unsqueeze(o.part(grid, 1, 1, 3), 3),
                                                 o.unsqueeze(towards_h, 2)))  # (N, 2, 8, width)
@@ -306,23 +313,23 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     crossed = o.Cast(o.crossed(probes, sign_3, (N_PATHS, N_GRID)), to=6)  # (N, 3, 8) int32
     first = o.ArgMax(crossed, axis=2, keepdims=1)  # (N, 3, 1): the first crossing (0 if none)
     hi = o.GatherElements(grid, first, axis=2)
-    zero_i = o.i(0)
-    previous = o.GatherElements(grid, o.Max(o.Sub(first, o.i(1)), zero_i), axis=2)
-    lo = o.Where(o.Greater(first, zero_i), previous, o.k(0.0))  # (N, 3, 1)
+    lo = o.GatherElements(from_zero, first, axis=2)  # (N, 3, 1): the grid point before, or 0
     any_crossed = o.Cast(o.ReduceMax(crossed, axes=[2], keepdims=0), to=9)  # (N, 3)
 
     # --- 2. the path whose grid crossing is nearest in L1 (top class kept), for every row ---
-    at_hi = o.Concat(ray(o.part(hi, 1, 0, 1)), mix(o.part(hi, 1, 1, 3), towards), axis=1)  # (N, 3, width)
+    row_shape = o.Concat(o.n, o.i(1, width), axis=0)  # (N, 1, width), to gather whole vectors
+    ray_hi = o.GatherElements(ray_grid, o.Expand(o.part(first, 1, 0, 1), row_shape), axis=1)  # the probe itself
+    at_hi = o.Concat(ray_hi, mix(o.part(hi, 1, 1, 3), towards), axis=1)  # (N, 3, width), released
     kept = o.Equal(o.ArgMax(at_hi, axis=2, keepdims=0), top)  # (N, 3)
     ok = o.And(o.And(any_crossed, kept), off_boundary)
-    l1 = o.sum(o.Abs(o.Sub(at_hi, s_3)), keepdims=0)
+    l1 = o.ReduceL1(o.Sub(at_hi, s_3), axes=[-1], keepdims=0)
     best = o.ArgMin(o.Where(ok, l1, o.k(np.inf)), axis=1, keepdims=1)  # (N, 1)
     success = o.GatherElements(ok, best, axis=1)  # (N, 1)
     best3 = o.unsqueeze(best, 2)  # (N, 1, 1)
     lo_b = o.GatherElements(lo, best3, axis=1)  # (N, 1, 1)
     step = o.Mul(o.Sub(o.GatherElements(hi, best3, axis=1), lo_b), o.k(1.0 / 2 ** LEVELS))
     # the chosen path of every row: the ray, or a mixture (its direction released, as h sees it)
-    on_ray = o.Equal(best3, zero_i)
+    on_ray = o.Equal(best3, o.i(0))
     to_top = o.Equal(best3, o.i(1))
     chosen_h = o.Where(to_top, o.part(towards_h, 1, 0, 1), o.part(towards_h, 1, 1, 2))  # (N, 1, width)
     chosen_released = o.Where(to_top, o.part(towards, 1, 0, 1), o.part(towards, 1, 1, 2))
@@ -348,7 +355,7 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
         done += levels
     refined = o.squeeze(chosen(o.Add(k_lo, o.k(1.0)), chosen_released), 1)  # (N, width)
     refined_kept = o.Equal(o.ArgMax(refined, axis=1, keepdims=1), top)  # else the grid point, which kept it
-    at_hi_best = o.squeeze(o.GatherElements(at_hi, o.rows(best3, 1, width), axis=1), 1)
+    at_hi_best = o.squeeze(o.GatherElements(at_hi, o.Expand(best3, row_shape), axis=1), 1)
     noised = o.Where(o.And(success, refined_kept), refined, o.Where(success, at_hi_best, s))
     if pad:
         noised = o.part(noised, 1, pad, width)

@@ -23,10 +23,10 @@ from purifier.models.onnx_graph import GraphBuilder
 # work depends on shapes only. No control flow (If, Loop, Scan) and nothing whose output size
 # depends on values (NonZero, Compress, Unique).
 FIXED_WORK_OPS = {
-    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Concat", "Div", "Equal", "Exp", "Expand",
-    "Gather", "GatherElements", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "Log", "MatMul", "Max", "Min", "Mul",
-    "Neg", "Pad", "ReduceMax", "ReduceSum", "Relu", "Reshape", "ScatterElements", "Shape", "Sign", "Slice",
-    "Sqrt", "Squeeze", "Sub", "TopK", "Unsqueeze", "Where",
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Concat", "Div", "Equal", "Exp", "Expand", "Gather",
+    "GatherElements", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "Log", "LpNormalization", "MatMul",
+    "Max", "Min", "Mul", "Neg", "Pad", "ReduceL1", "ReduceL2", "ReduceMax", "ReduceSum", "Relu", "Reshape",
+    "ScatterElements", "Shape", "Sign", "Slice", "Sqrt", "Squeeze", "Sub", "TopK", "Unsqueeze", "Where",
 }
 
 
