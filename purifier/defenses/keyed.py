@@ -73,7 +73,9 @@ class KeyedPRF:
                 hb.update(b.to_bytes(4, "little"))
                 out[pos:pos + 32] = hb.digest()
                 pos += 32
-        return np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
+        digests = np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
+        digests.flags.writeable = False  # as before: the digests are not a scratch buffer
+        return digests
 
     def _prefix(self, purpose: str, width: int):
         """The HMAC state after the key, model id, purpose and row width: made once per stream."""

@@ -160,7 +160,7 @@ class MemGuard(Defense):
         solver = self._faithful if (mode or self.mode) == "faithful" else self._fast
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
-        if n <= chunk:  # the serving path: one call, nothing to assemble
+        if 0 < n <= chunk:  # the serving path: one call, nothing to assemble
             return solver(self.classifier, p)
         noised = np.empty_like(p)
         success = np.empty(n, bool)
@@ -191,10 +191,7 @@ class MemGuard(Defense):
     def _transform(self, p, inputs):
         prf = self._coin_prf()
         noised, success = self.phase1(p)
-        # coin u < min(eps / ||r||_1, 1) (`release_probability`), as u ||r||_1 < eps: the same
-        # test without the division (u < 1; a row with r = 0 releases itself)
-        dist = np.add.reduce(np.abs(noised - p), axis=1)
-        release = (prf.uniform(p, "memguard-coin")[:, 0] * dist < self.epsilon) & success
+        release = prf.uniform(p, "memguard-coin")[:, 0] < self.release_probability(p, noised, success)
         return np.where(release[:, None], noised, p), None
 
     # --- persistence -----------------------------------------------------------------------

@@ -37,9 +37,9 @@ early, late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: n
 and results are selected with masks. MemGuard's running time therefore carries no trace of its
 membership verdict (benchmarks/bench_timing.py). The schedule is the same for every batch size
 too (one graph, one session). Rows are independent of the batch around them (every operator is
-row-wise; onnxruntime's matrix products round a row the same way whatever the row count, and the
-class axis padded to a multiple of 8 (`_Ops`) does the rest; checked by
-tests/unit/defenses/test_memguard_fast.py).
+row-wise; onnxruntime's float32 Gemm on the prepacked constant weights rounds a row the same way
+whatever the row count, one row included, and the class axis padded to a multiple of 8 (`_Ops`)
+does the rest; checked by tests/unit/defenses/test_memguard_fast.py, on the machine it runs on).
 
 `phase1_faithful` (torch) is the original algorithm, the reference this solver is checked against.
 Arrays: p (N, C); sorted, padded probabilities s (N, width); paths P = 3; probes (N, P, K).
@@ -72,8 +72,9 @@ LEVELS = 8
 # Bisection levels settled per pass of h: 3 speculative probes settle 2 levels, so 4 passes of 3
 # probes instead of 8 passes of 1. Each pass has a fixed cost in onnxruntime (about 26 nodes,
 # 14 us at one row), so this is the faster schedule for the small batches that dominate serving,
-# at a few percent more work on large ones (3 or 4 levels per pass measured no faster at one
-# row); one schedule for every batch size is one session to build at start-up.
+# at a few percent more work on large ones (3 levels per pass, 3 passes, measured no faster at one
+# row in the serving process; 4 levels would need a 2**15-entry decoding table); one schedule for
+# every batch size is one session to build at start-up.
 LEVELS_PER_PASS = 2
 N_PATHS = 3
 F64 = np.float64
@@ -108,7 +109,7 @@ def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 def _row_index(n: int) -> np.ndarray:
     """(n, 1) row numbers: with an (n, C) order, fancy indexing picks each row's entries (what
-    take_along_axis and put_along_axis do, at a third of their cost on the one-row hot path)."""
+    take_along_axis and put_along_axis do, at a third of their cost on one row)."""
     return np.arange(n)[:, None]
 
 
@@ -174,9 +175,9 @@ class _Ops:
         return out[0] if outputs == 1 else out
 
     def normalized(self, z: str) -> str:
-        """z (..., width) >= 0 divided by its sum over the last axis (softmax's last step), as one
-        operator (LpNormalization, p = 1), row by row the same whatever the batch."""
-        return self.LpNormalization(z, axis=-1, p=1)
+        """z (..., width) >= 0 divided by its sum over the last axis (softmax's last step). Not
+        LpNormalization, one operator fewer on the CPU: the CUDA provider has no kernel for it."""
+        return self.Div(z, self.sum(z))
 
     def f64(self, x: str) -> str:
         return self.Cast(x, to=11)
@@ -189,8 +190,8 @@ class _Ops:
 
     def h_logit_and_grad(self, x: str) -> tuple[str, str]:
         """(N, width) float64 -> ((N, 1) pre-sigmoid output, its gradient (N, width)), float64 from
-        h in PROBE_DTYPE; ReLU'(0) = 0 as in torch. The anchor's entries are at least
-        LOG_FLOOR / C, normal numbers in float32."""
+        h in PROBE_DTYPE; ReLU'(0) = 0 as in torch. The anchor's real entries are at least
+        LOG_FLOOR / C, normal numbers in float32, and its pads are 0."""
         wt, b = self.wt, self.b
         z1 = self.Gemm(self.Cast(x, to=PROBE_ONNX_TYPE), wt[0], b[0])
         z2 = self.Gemm(self.Relu(z1), wt[1], b[1])

@@ -134,7 +134,7 @@ def test_expected_l1_within_budget_and_coin_matches_probability(memguard, fit_da
     assert ((prob * dist) <= 0.1 + 1e-12).all()
     out = mg.transform(p)
     released = np.abs(out - p).sum(1) > 1e-12
-    # transform's coin test (u ||r||_1 < eps) decides every row as u < release_probability, on the
+    # transform releases a row exactly when its keyed coin is below release_probability, on the
     # rows as transform sees them (renormalized)
     q = p / p.sum(1, keepdims=True)
     q_noised, q_ok = mg.phase1(q)
@@ -208,6 +208,12 @@ def test_large_batch(memguard, fit_data):
     out = memguard.transform(p)
     assert out.shape == p.shape and np.array_equal(out.argmax(1), p.argmax(1))
     np.testing.assert_array_equal(out[:300], memguard.transform(p[:300]))
+
+
+@pytest.mark.parametrize("mode", ["fast", "faithful"])
+def test_phase1_of_no_rows_is_empty(memguard, mode):
+    noised, ok = memguard.phase1(np.empty((0, memguard.n_classes)), mode=mode)
+    assert noised.shape == (0, memguard.n_classes) and ok.shape == (0,)
 
 
 # --- errors, persistence, CLI ---------------------------------------------------------------

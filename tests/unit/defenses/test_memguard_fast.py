@@ -24,7 +24,7 @@ from purifier.models.onnx_graph import GraphBuilder
 # depends on values (NonZero, Compress, Unique).
 FIXED_WORK_OPS = {
     "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Concat", "Div", "Equal", "Exp", "Expand", "Gather",
-    "GatherElements", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "Log", "LpNormalization", "MatMul",
+    "GatherElements", "Gemm", "Greater", "Identity", "Less", "LessOrEqual", "Log", "MatMul",
     "Max", "Min", "Mul", "Neg", "Pad", "ReduceL1", "ReduceL2", "ReduceMax", "ReduceSum", "Relu", "Reshape",
     "ScatterElements", "Shape", "Sign", "Slice", "Sqrt", "Squeeze", "Sub", "TopK", "Unsqueeze", "Where",
 }
