@@ -91,14 +91,9 @@ def sort_rows(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The stable sort puts the original first-index argmax first among tied maxima, so the sorted
     top position `top` is exactly the class the output must keep.
     """
-    order, s = ascending(p)
-    return order, np.log(np.maximum(s, LOG_FLOOR)), s.argmax(axis=1)
-
-
-def ascending(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """p (N, C) -> (order, each row sorted ascending): the stable argsort and the rows it gives."""
     order = np.argsort(p, axis=1, kind="stable")
-    return order, p[_row_index(len(p)), order]
+    s = p[_row_index(len(p)), order]
+    return order, np.log(np.maximum(s, LOG_FLOOR)), s.argmax(axis=1)
 
 
 def unsort_rows(sorted_rows: np.ndarray, order: np.ndarray) -> np.ndarray:
