@@ -88,12 +88,12 @@ def test_small_and_large_calls_alternate_while_both_wait(probs):
     """Small requests arriving while a large one is chunked get every other call, not the end of the line."""
     import threading
 
-    from purifier.defenses import IdentityDefense
+    from purifier.defenses import Defense
 
     calls: list[int] = []
     gate = threading.Semaphore(0)
 
-    class Stepped(IdentityDefense):
+    class Stepped(Defense):
         name = "test-stepped"
 
         def _transform(self, p, inputs):
@@ -126,12 +126,12 @@ def test_small_and_large_calls_alternate_while_both_wait(probs):
 def test_a_full_queue_refuses_at_once_and_keeps_room_for_small_requests(probs):
     import threading
 
-    from purifier.defenses import IdentityDefense
+    from purifier.defenses import Defense
     from purifier_server.errors import TooLarge
 
     release = threading.Event()
 
-    class Held(IdentityDefense):
+    class Held(Defense):
         """Blocks the defense thread until released."""
 
         name = "test-held"
@@ -204,11 +204,11 @@ class Clock:
 def timed(clock: Clock, gate=None):
     """A deterministic defense whose calls take clock.a + clock.b * rows on `clock`, recorded as
     (start time, rows, first row) and, with `gate`, released one at a time by the test."""
-    from purifier.defenses import IdentityDefense
+    from purifier.defenses import Defense
 
     calls: list[tuple[float, int, np.ndarray]] = []
 
-    class Timed(IdentityDefense):
+    class Timed(Defense):
         name = "test-timed"
 
         def _transform(self, p, inputs):
