@@ -44,7 +44,6 @@ alternative encoding of the same vector and a client can sort the defended proba
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Protocol
@@ -141,6 +140,22 @@ class Readiness(Protocol):
         """A client request goes upstream (identity probes imitate it)."""
 
 
+class _Admission:
+    """`DataPlane.admitted`: a context manager object without state of its own (the plane counts),
+    so entering it costs no generator per call, as `contextlib.contextmanager` would."""
+
+    __slots__ = ("plane", "infer")
+
+    def __init__(self, plane: DataPlane, infer: bool):
+        self.plane, self.infer = plane, infer
+
+    def __enter__(self) -> None:
+        self.plane._admit(self.infer)
+
+    def __exit__(self, *exc) -> None:
+        self.plane.active -= 1
+
+
 class Failure(Exception):
     """A request that failed, already counted and logged: the code and the text the client gets."""
 
@@ -172,6 +187,7 @@ class DataPlane:
         self._outcome = {code: metrics.requests.labels(model_name, code.name) for code in grpc.StatusCode}
         self.active = 0  # inference-service calls in progress (admitted), at most max_concurrent_rpcs
         self.inferring = 0  # inference requests in progress (`infer`; a stream may carry several)
+        self._admission = {infer: _Admission(self, infer) for infer in (False, True)}
         metrics.describe_model(model_name, lambda: self.model_version or (self.versions or ("",))[0])
 
     # --- validation -----------------------------------------------------------------------------
@@ -183,7 +199,7 @@ class DataPlane:
         described = self.readiness.description
         return accepted_versions(self.model_version, described.versions if described is not None else ())
 
-    async def check_model(self, name: str, version: str) -> None:
+    def check_model(self, name: str, version: str) -> None:
         """UnknownModel unless (name, version) is the model served here."""
         if name != self.model_name:
             raise UnknownModel(f"model {name!r} is not served here; this sidecar defends {self.model_name!r}")
@@ -200,65 +216,66 @@ class DataPlane:
             return requested
         return upstream_answer if upstream_answer in self.versions else self.model_version
 
-    async def _validate(self, request) -> list[str]:
+    def _validate(self, request) -> list[str]:
         """Check the request; returns the output names of the answer, in order."""
         if len(request.id) > MAX_REQUEST_ID_CHARS:
             raise BadRequest(f"the request id has {len(request.id)} characters; the limit is {MAX_REQUEST_ID_CHARS}")
         version = request.model_version
         if request.model_name != self.model_name or (version and version not in self.versions):
-            await self.check_model(request.model_name, version)
-        if (key := _refused_parameter(request.parameters)) is not None:
-            raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
-        if "classification" in request.parameters:
-            raise BadRequest("parameter 'classification' is refused: request the probabilities and take the "
-                             "top-k of the defended vector")
+            self.check_model(request.model_name, version)
+        if params := request.parameters:  # (most requests carry none: the checks below skip empty maps)
+            if (key := _refused_parameter(params)) is not None:
+                raise BadRequest(f"parameter {key!r} is refused: shared memory would bypass the defense")
+            if "classification" in params:
+                raise BadRequest("parameter 'classification' is refused: request the probabilities and take the "
+                                 "top-k of the defended vector")
         if not request.inputs:
             raise BadRequest("request has no inputs")
         for t in request.inputs:
-            if (key := _refused_parameter(t.parameters)) is not None:
+            if t.parameters and (key := _refused_parameter(t.parameters)) is not None:
                 raise BadRequest(f"input {t.name!r}: parameter {key!r} is refused (shared memory is not supported)")
             rows = t.shape[0] if len(t.shape) else 1
             if rows > self.settings.max_request_rows:
                 raise TooLarge(f"input {t.name!r} has {rows} rows; the limit is {self.settings.max_request_rows} "
                                "(max_request_rows)")
         check_request_layout(request)
-        allowed = (self.confidence_output, *self.keep)
+        allowed = self.upstream_outputs
         names = []
         for o in request.outputs:
             if o.name not in allowed:
                 raise BadRequest(f"output {o.name!r} is not served; choose from {', '.join(sorted(allowed))}")
             if o.name in names:
                 raise BadRequest(f"output {o.name!r} is requested twice")
-            if "classification" in o.parameters:
-                raise BadRequest(f"output {o.name!r}: the 'classification' parameter is refused; "
-                                 "request the probabilities and take the top-k of the defended vector")
-            if (key := _refused_parameter(o.parameters)) is not None:
-                raise BadRequest(f"output {o.name!r}: parameter {key!r} is refused: shared memory would "
-                                 "bypass the defense")
+            if o.parameters:
+                if "classification" in o.parameters:
+                    raise BadRequest(f"output {o.name!r}: the 'classification' parameter is refused; "
+                                     "request the probabilities and take the top-k of the defended vector")
+                if (key := _refused_parameter(o.parameters)) is not None:
+                    raise BadRequest(f"output {o.name!r}: parameter {key!r} is refused: shared memory would "
+                                     "bypass the defense")
             names.append(o.name)
         return names
 
     # --- admission and inference ----------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def admitted(self, infer: bool):
-        """One call of the inference service, if fewer than `max_concurrent_rpcs` are in progress
-        (across fronts; a stream is one call); else Failure RESOURCE_EXHAUSTED (counted when `infer`).
+    def admitted(self, infer: bool) -> _Admission:
+        """`with plane.admitted(infer):` one call of the inference service, if fewer than
+        `max_concurrent_rpcs` are in progress (across fronts; a stream is one call); else Failure
+        RESOURCE_EXHAUSTED (counted when `infer`).
 
         gRPC's own `maximum_concurrent_rpcs` counts every call of the server, health Watch streams
         (which need no token) included, so open Watch streams alone could take every slot and leave
         authorized calls RESOURCE_EXHAUSTED. Inference calls are counted here, apart from everything else.
         """
+        return self._admission[infer]
+
+    def _admit(self, infer: bool) -> None:
         if self.active >= self.settings.max_concurrent_rpcs:
             if infer:
                 self._outcome[grpc.StatusCode.RESOURCE_EXHAUSTED].inc()
             raise Failure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.active} calls are in progress "
                           "(max_concurrent_rpcs); retry later")
         self.active += 1
-        try:
-            yield
-        finally:
-            self.active -= 1
 
     def fail(self, exc: BaseException, request_id: str | None = None) -> Failure:
         """Count and log a failed request; the Failure to answer with. Fronts call it for requests
@@ -281,7 +298,13 @@ class DataPlane:
         forwarded = forwardable(metadata)
         self.inferring += 1
         try:
-            answer = await self._traced(request, timeout, forwarded)
+            if self.tracing is not None:
+                answer = await self._traced(request, timeout, forwarded)
+            else:
+                try:
+                    answer = await self._infer(request, timeout, forwarded)
+                except Exception as e:
+                    raise self.fail(e, request.id) from None
         finally:
             self.inferring -= 1
         self._outcome[grpc.StatusCode.OK].inc()
@@ -292,12 +315,7 @@ class DataPlane:
         return answer
 
     async def _traced(self, request, timeout, forwarded):
-        """`_infer` inside the request's trace span (when tracing), failures counted and logged."""
-        if self.tracing is None:
-            try:
-                return await self._infer(request, timeout, forwarded)
-            except Exception as e:
-                raise self.fail(e, request.id) from None
+        """`_infer` inside the request's trace span, failures counted and logged."""
         with self.tracing.request(forwarded, self.model_name, request.id) as span:
             try:
                 answer = await self._infer(request, timeout, forwarded)
@@ -309,7 +327,7 @@ class DataPlane:
             return answer
 
     async def _infer(self, request, timeout, metadata):
-        names = await self._validate(request) or [self.confidence_output, *self.keep]
+        names = self._validate(request) or self.upstream_outputs
         rows = request_rows(request)
         inputs = None
         if self.needs_inputs:
@@ -372,7 +390,11 @@ class DataPlane:
             generation = await self.readiness.wait_verified(deadline)
             t1 = time.perf_counter()
             try:
-                answer = await self._call_upstream(forwarded, max(deadline - loop.time(), 1e-3), metadata)
+                left = max(deadline - loop.time(), 1e-3)
+                if self.tracing is None:
+                    answer = await self.upstream.infer(forwarded, left, metadata)
+                else:
+                    answer = await self._call_upstream(forwarded, left, metadata)
             except UpstreamFailed as e:
                 # Triton answers NOT_FOUND while it reloads a model: the upstream is away as well
                 away = e.code == grpc.StatusCode.UNAVAILABLE or e.upstream_code == grpc.StatusCode.NOT_FOUND
@@ -386,8 +408,7 @@ class DataPlane:
                 return answer
 
     async def _call_upstream(self, forwarded, timeout: float, metadata):
-        if self.tracing is None:
-            return await self.upstream.infer(forwarded, timeout, metadata)
+        """The upstream call inside its trace span."""
         with self.tracing.upstream(metadata) as traced:
             return await self.upstream.infer(forwarded, timeout, traced)
 
@@ -398,7 +419,7 @@ class DataPlane:
 
     async def model_ready(self, name: str, version: str) -> bool:
         try:
-            await self.check_model(name, version)
+            self.check_model(name, version)
         except UnknownModel:
             return False
         return self.readiness.refusal() is None and await self.upstream.ready(name, version)
@@ -410,7 +431,7 @@ class DataPlane:
         """Never asks the upstream: what it says now may carry the clean vector of the request it
         just answered (model_description); the description the model check took is answered."""
         try:
-            await self.check_model(name, version)
+            self.check_model(name, version)
             described = self.readiness.description
             if described is None:
                 raise self.readiness.refusal() or NotServing("the upstream model is not verified yet; retry shortly")

@@ -188,7 +188,7 @@ class RestFront:
             return await self._infer(scope, receive, headers, name, version)
         try:
             if action == "ready":
-                await self.plane.check_model(name, version)
+                self.plane.check_model(name, version)
                 ready = await self.plane.model_ready(name, version)
                 return _json(200 if ready else 503, {"name": name, "ready": ready})
             if action == "config":
