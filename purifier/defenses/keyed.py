@@ -16,7 +16,9 @@ strong (`load_secret` refuses short, repeated, sequential or dictionary-like one
 defense is bound to it: its `defense.json` records the secret's key check value
 (`key_check_value`), and loading it with another secret is refused. The per-row HMAC
 is a Python-level loop over rows, which is the price of a standard, auditable PRF; everything
-after the digests is vectorized.
+after the digests is vectorized. HMAC is computed as RFC 2104 defines it, from hashlib's SHA-256
+states with the key's inner and outer pads hashed once: the digests of `hmac.new`, without the
+hmac module's Python wrapper around every row's copy, update and digest.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from purifier.errors import ConfigError
 
 _INV_U53 = 2.0**-53
+_SHA256_BLOCK = 64  # bytes: HMAC pads (or hashes) the key to the hash's block size
 
 
 class KeyedPRF:
@@ -49,9 +52,14 @@ class KeyedPRF:
     def __init__(self, secret: bytes, model_id: str):
         if not isinstance(secret, bytes | bytearray) or len(secret) < 16:
             raise ConfigError("secret: the PRF secret must be at least 16 bytes")
-        self._base = hmac.new(bytes(secret), b"purifier-prf-v1\x00" + model_id.encode() + b"\x00",
-                              hashlib.sha256)
-        self._prefixes: dict[tuple[str, int], hmac.HMAC] = {}
+        key = bytes(secret)
+        if len(key) > _SHA256_BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_SHA256_BLOCK, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))  # RFC 2104: H(K ^ ipad || message)
+        self._inner.update(b"purifier-prf-v1\x00" + model_id.encode() + b"\x00")
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))  # and H(K ^ opad || inner digest)
+        self._prefixes: dict[tuple[str, int], object] = {}
         self.model_id = model_id
 
     def digests(self, rows: np.ndarray, purpose: str, blocks: int = 1) -> np.ndarray:
@@ -59,7 +67,7 @@ class KeyedPRF:
         rows = np.ascontiguousarray(rows, dtype=np.float64)
         if rows.ndim != 2:
             raise ValueError(f"rows must be 2-D (N, C), got shape {rows.shape}")
-        prefix = self._prefix(purpose, rows.shape[1])
+        prefix, outer = self._prefix(purpose, rows.shape[1]), self._outer
         n = rows.shape[0]
         out = bytearray(32 * blocks * n)
         view = rows.data.cast("B")
@@ -71,17 +79,19 @@ class KeyedPRF:
             for b in range(blocks):
                 hb = h.copy() if b + 1 < blocks else h  # the last block finishes the row's own copy
                 hb.update(b.to_bytes(4, "little"))
-                out[pos:pos + 32] = hb.digest()
+                o = outer.copy()
+                o.update(hb.digest())
+                out[pos:pos + 32] = o.digest()
                 pos += 32
         digests = np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
         digests.flags.writeable = False  # as before: the digests are not a scratch buffer
         return digests
 
     def _prefix(self, purpose: str, width: int):
-        """The HMAC state after the key, model id, purpose and row width: made once per stream."""
+        """The inner hash's state after the key, model id, purpose and row width: made once per stream."""
         key = (purpose, width)
         if key not in self._prefixes:
-            prefix = self._base.copy()
+            prefix = self._inner.copy()
             prefix.update(purpose.encode() + b"\x00" + str(width).encode() + b"\x00")
             self._prefixes[key] = prefix
         return self._prefixes[key]

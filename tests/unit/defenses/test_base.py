@@ -91,6 +91,25 @@ def test_keyed_prf_deterministic_batch_independent_and_keyed():
         KeyedPRF(b"short", "m")
 
 
+@pytest.mark.parametrize("key_bytes", [16, 32, 64, 65, 200])
+def test_keyed_prf_digests_are_hmac_sha256(key_bytes):
+    """The PRF writes HMAC out from hashlib's SHA-256 (RFC 2104); it must give hmac.new's digests,
+    also for keys longer than SHA-256's block, which HMAC hashes first."""
+    import hashlib
+    import hmac
+
+    secret = bytes(range(7, 7 + key_bytes))
+    rows = np.random.default_rng(key_bytes).dirichlet(np.ones(5), size=4)
+    prf = KeyedPRF(secret, "model-x")
+    got = prf.digests(rows, "coin", blocks=3)
+    for i, row in enumerate(rows):
+        mac = hmac.new(secret, b"purifier-prf-v1\x00model-x\x00coin\x005\x00" + row.tobytes(), hashlib.sha256)
+        for b in range(3):
+            block = mac.copy()
+            block.update(b.to_bytes(4, "little"))
+            assert got[i, 32 * b:32 * (b + 1)].tobytes() == block.digest()
+
+
 def test_keyed_prf_distributions():
     rows = dirichlet(4000, 10, seed=9)
     prf = KeyedPRF(SECRET, "m")
