@@ -299,7 +299,7 @@ class DataPlane:
         self.inferring += 1
         try:
             if self.tracing is not None:
-                answer = await self._traced(request, timeout, forwarded)
+                answer = await self._traced(self.tracing, request, timeout, forwarded)
             else:
                 try:
                     answer = await self._infer(request, timeout, forwarded)
@@ -314,16 +314,16 @@ class DataPlane:
                                                "ms": round(1e3 * (time.perf_counter() - t0), 3)})
         return answer
 
-    async def _traced(self, request, timeout, forwarded):
+    async def _traced(self, tracing: Tracing, request, timeout, forwarded):
         """`_infer` inside the request's trace span, failures counted and logged."""
-        with self.tracing.request(forwarded, self.model_name, request.id) as span:
+        with tracing.request(forwarded, self.model_name, request.id) as span:
             try:
                 answer = await self._infer(request, timeout, forwarded)
             except Exception as e:
                 failure = self.fail(e, request.id)
-                self.tracing.outcome(span, failure.code.name)
+                tracing.outcome(span, failure.code.name)
                 raise failure from None
-            self.tracing.outcome(span, "OK")
+            tracing.outcome(span, "OK")
             return answer
 
     async def _infer(self, request, timeout, metadata):
@@ -394,7 +394,7 @@ class DataPlane:
                 if self.tracing is None:
                     answer = await self.upstream.infer(forwarded, left, metadata)
                 else:
-                    answer = await self._call_upstream(forwarded, left, metadata)
+                    answer = await self._call_upstream(self.tracing, forwarded, left, metadata)
             except UpstreamFailed as e:
                 # Triton answers NOT_FOUND while it reloads a model: the upstream is away as well
                 away = e.code == grpc.StatusCode.UNAVAILABLE or e.upstream_code == grpc.StatusCode.NOT_FOUND
@@ -407,9 +407,9 @@ class DataPlane:
             if self.readiness.still_verified(generation):
                 return answer
 
-    async def _call_upstream(self, forwarded, timeout: float, metadata):
+    async def _call_upstream(self, tracing: Tracing, forwarded, timeout: float, metadata):
         """The upstream call inside its trace span."""
-        with self.tracing.upstream(metadata) as traced:
+        with tracing.upstream(metadata) as traced:
             return await self.upstream.infer(forwarded, timeout, traced)
 
     # --- the rest of the protocol ---------------------------------------------------------------
