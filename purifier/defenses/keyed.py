@@ -37,6 +37,7 @@ import numpy as np
 from purifier.errors import ConfigError
 
 _INV_U53 = 2.0**-53
+_SHIFT = np.uint64(11)  # 64 random bits -> 53
 _SHA256_BLOCK = 64  # bytes: HMAC pads (or hashes) the key to the hash's block size
 
 
@@ -64,6 +65,13 @@ class KeyedPRF:
 
     def digests(self, rows: np.ndarray, purpose: str, blocks: int = 1) -> np.ndarray:
         """Raw digests: (N, 32 * blocks) uint8, one independent stream per row and purpose."""
+        out, n = self._digest_bytes(rows, purpose, blocks)
+        digests = np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
+        digests.flags.writeable = False  # as before: the digests are not a scratch buffer
+        return digests
+
+    def _digest_bytes(self, rows: np.ndarray, purpose: str, blocks: int) -> tuple[bytearray, int]:
+        """`digests` as one buffer of N * 32 * blocks bytes, and N."""
         rows = np.ascontiguousarray(rows, dtype=np.float64)
         if rows.ndim != 2:
             raise ValueError(f"rows must be 2-D (N, C), got shape {rows.shape}")
@@ -83,9 +91,7 @@ class KeyedPRF:
                 o.update(hb.digest())
                 out[pos:pos + 32] = o.digest()
                 pos += 32
-        digests = np.frombuffer(out, dtype=np.uint8).reshape(n, 32 * blocks)
-        digests.flags.writeable = False  # as before: the digests are not a scratch buffer
-        return digests
+        return out, n
 
     def _prefix(self, purpose: str, width: int):
         """The inner hash's state after the key, model id, purpose and row width: made once per stream."""
@@ -99,8 +105,9 @@ class KeyedPRF:
     def uniform(self, rows: np.ndarray, purpose: str, size: int = 1) -> np.ndarray:
         """Uniform floats in [0, 1): (N, size), 53 random bits each."""
         blocks = -(-size // 4)  # four 64-bit words per 32-byte digest
-        words = self.digests(rows, purpose, blocks).view("<u8")[:, :size]
-        return (words >> np.uint64(11)) * _INV_U53  # exact: a 53-bit integer times 2**-53
+        out, n = self._digest_bytes(rows, purpose, blocks)
+        words = np.frombuffer(out, dtype="<u8").reshape(n, 4 * blocks)[:, :size]
+        return (words >> _SHIFT) * _INV_U53  # exact: a 53-bit integer times 2**-53
 
     def normal(self, rows: np.ndarray, purpose: str, size: int) -> np.ndarray:
         """Standard normal draws: (N, size), by Box-Muller on keyed uniforms."""

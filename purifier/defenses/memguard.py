@@ -155,24 +155,31 @@ class MemGuard(Defense):
         the clean row. Rows are processed in chunks that bound memory; results do not depend on
         the chunking.
         """
+        solver = self._faithful if (mode or self.mode) == "faithful" else self._fast
+        if self.classifier is not None and not len(p):
+            return np.empty_like(p), np.empty(0, bool)
+        return self._chunked(p, lambda rows: solver(self.classifier, rows))
+
+    def _chunked(self, p: np.ndarray, solve, coin: np.ndarray | None = None) -> tuple:
+        """solve(rows[, coin]) -> a tuple of arrays, one row per row of p, run over chunks of p's
+        rows that bound memory (results do not depend on the chunking). p has rows."""
         if self.classifier is None:
             raise DefenseError("MemGuard is not fitted: call fit() or load a fitted defense")
-        solver = self._faithful if (mode or self.mode) == "faithful" else self._fast
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
-        if 0 < n <= chunk:  # the serving path: one call, nothing to assemble
-            return solver(self.classifier, p)
-        noised = np.empty_like(p)
-        success = np.empty(n, bool)
-        for start in range(0, n, chunk):  # chunks of rows, not rows: bounded memory on huge batches
-            stop = min(n, start + chunk)
-            noised[start:stop], success[start:stop] = solver(self.classifier, p[start:stop])
-        return noised, success
+        if n <= chunk:  # the serving path: one call, nothing to assemble
+            return solve(p) if coin is None else solve(p, coin)
+        parts = [solve(p[a:a + chunk]) if coin is None else solve(p[a:a + chunk], coin[a:a + chunk])
+                 for a in range(0, n, chunk)]  # chunks of rows, not rows: bounded memory on huge batches
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
 
     def _fast(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._fast_solver(h)(p)
+
+    def _fast_solver(self, h: MembershipClassifier) -> Phase1Solver:
         if self._solver is None or self._solver.h is not h:
             self._solver = Phase1Solver(h, self.serve_device)
-        return self._solver(p)
+        return self._solver
 
     def _faithful(self, h: MembershipClassifier, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from purifier.defenses.phase1_faithful import TorchMLP, faithful_phase1
@@ -189,9 +196,16 @@ class MemGuard(Defense):
         return np.where(success & (dist > 0), np.minimum(self.epsilon / safe, 1.0), 0.0)
 
     def _transform(self, p, inputs):
-        prf = self._coin_prf()
+        coin = self._coin_prf().uniform(p, "memguard-coin")[:, 0]
+        if self.mode == "fast":  # the coin is tossed in the solver's graph, in the same run
+
+            def solve(rows, u):
+                solver = self._fast_solver(self.classifier)
+                return (solver.released(rows, u, np.full(len(rows), float(self.epsilon))),)
+
+            return self._chunked(p, solve, coin)[0], None
         noised, success = self.phase1(p)
-        release = prf.uniform(p, "memguard-coin")[:, 0] < self.release_probability(p, noised, success)
+        release = coin < self.release_probability(p, noised, success)
         return np.where(release[:, None], noised, p), None
 
     # --- persistence -----------------------------------------------------------------------

@@ -23,7 +23,8 @@ grid crossing is nearest in L1 is narrowed by LEVELS rounds of bisection (2**-8 
 and released.
 
 **One graph, one call.** The whole schedule (the sort and its inverse, h0 and its gradient, the
-24 grid probes, the bisection) is written as one ONNX graph (`build_graph`, from the fitted weights when
+24 grid probes, the bisection, and MemGuard's release coin for rows whose coin comes as an input:
+output `released`, `Phase1Solver.released`) is written as one ONNX graph (`build_graph`, from the fitted weights when
 the defense is loaded, `purifier.models.onnx_graph`) that onnxruntime runs in a single call per
 batch: no per-probe Python or numpy call overhead, the GIL released for the whole search, and the
 same graph runs on the CUDA provider. Selection is Where/Gather/ArgMax, never a branch. At one row
@@ -355,8 +356,18 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     noised = o.Where(o.And(success, refined_kept), refined, o.Where(success, at_hi_best, s))
     if pad:
         noised = o.part(noised, 1, pad, width)
-    g.output(o.ScatterElements(x, order, noised, axis=1), "noised", F64, ("N", c))
+    noised = o.ScatterElements(x, order, noised, axis=1)  # class order
+    g.output(noised, "noised", F64, ("N", c))
     g.output(o.squeeze(success, 1), "success", np.bool_, ("N",))
+    # MemGuard's release coin (`MemGuard.release_probability` is the rule): the noised row where
+    # coin < min(epsilon / ||noised - p||_1, 1), else p; never where the search failed or moved
+    # nothing. The coin is in [0, 1), so comparing it with epsilon / ||noised - p||_1 decides the same.
+    coin = o.unsqueeze(g.input("coin", F64, ("N",)), 1)
+    epsilon = o.unsqueeze(g.input("epsilon", F64, ("N",)), 1)
+    dist = o.ReduceL1(o.Sub(noised, x), axes=[-1], keepdims=1)  # (N, 1)
+    moved = o.Greater(dist, o.k(0.0))
+    below = o.Less(coin, o.Div(epsilon, o.Where(moved, dist, o.k(1.0))))
+    g.output(o.Where(o.And(o.And(success, moved), below), noised, x), "released", F64, ("N", c))
     return g
 
 
@@ -375,5 +386,16 @@ class Phase1Solver:
         self.graph = OnnxClassifier(build_graph(h).model_bytes(), device=device)
 
     def __call__(self, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        noised, success = self.graph.session.run(None, {"probs": np.ascontiguousarray(p, F64)})
+        no_coin = np.zeros(len(p))
+        noised, success = self.graph.session.run(["noised", "success"], {
+            "probs": np.ascontiguousarray(p, F64), "coin": no_coin, "epsilon": no_coin})
         return noised, success
+
+    def released(self, p: np.ndarray, coin: np.ndarray, epsilon: np.ndarray) -> np.ndarray:
+        """MemGuard's answer to p (N, C): each row noised or clean by its coin in [0, 1) and budget
+        epsilon (both (N,) float64), decided in the same run (`MemGuard.release_probability` is
+        the rule). Epsilon comes per row: onnxruntime keys its cache of memory plans by the XOR of
+        every input dimension, and inputs (N, C), (N,) and (1,) would cancel N out of it, so that
+        after one large batch every one-row call ran without a plan (40 us slower)."""
+        return self.graph.session.run(["released"], {"probs": np.ascontiguousarray(p, F64), "coin": coin,
+                                                     "epsilon": epsilon})[0]

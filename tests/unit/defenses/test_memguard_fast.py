@@ -65,16 +65,22 @@ def with_boundary_row(h, p, i):
     return MembershipClassifier(weights)
 
 
+def feed(batch: np.ndarray) -> dict:
+    """The graph's inputs for a batch: coins that release some rows and keep others clean."""
+    n = len(batch)
+    return {"probs": batch, "coin": np.resize([0.0, 0.999, 0.3], n), "epsilon": np.full(n, 0.05)}
+
+
 def executed_nodes(model: bytes, batches, tmp_path: Path) -> list[list[tuple]]:
     """Run each batch through a profiling onnxruntime session; per run, the executed nodes in
-    order with their operator and input/output shapes."""
+    order with their operator and input/output shapes (the release coin's included)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp_path / "phase1")
     session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     for batch in batches:
-        session.run(None, {"probs": batch})
+        session.run(None, feed(batch))
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run"]
     assert len(runs) == len(batches)
@@ -128,7 +134,7 @@ def test_float32_probes_carry_no_subnormal_numbers():
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                               for name in cast32)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for probes in session.run(cast32, {"probs": p}):
+    for probes in session.run(cast32, feed(p)):
         assert np.all((probes == 0) | (np.abs(probes) >= np.finfo(np.float32).tiny))
 
 
@@ -158,8 +164,9 @@ def test_one_graph_call_per_batch_shaped_by_the_batch_size_alone():
     verdict = h.logit(anchor(p)) > 0
     member_like, other = p[verdict][:3], p[~verdict][:3]
     assert len(member_like) == len(other) == 3
-    assert trace(member_like) == trace(other) == trace(p[-3:]) == [{"probs": (3, 10)}]
-    assert trace(p[:1]) == [{"probs": (1, 10)}]
+    shapes = {"probs": (3, 10), "coin": (3,), "epsilon": (3,)}
+    assert trace(member_like) == trace(other) == trace(p[-3:]) == [shapes]
+    assert trace(p[:1]) == [{"probs": (1, 10), "coin": (1,), "epsilon": (1,)}]
 
 
 @pytest.mark.parametrize("c", [3, 10])
@@ -178,6 +185,13 @@ def test_row_result_independent_of_batch_and_position(c):
     np.testing.assert_array_equal(solver(p[perm])[0], full[perm])
     for start, n in ((0, 2), (1, 3), (5, 5), (11, 6), (3, 17)):
         np.testing.assert_array_equal(solver(p[start:start + n])[0], full[start:start + n])
+    # and the release coin tossed in the same graph
+    coin, eps = np.random.default_rng(1).uniform(size=len(p)), np.full(len(p), 0.02)
+    released = solver.released(p, coin, eps)
+    assert 0 < (released != p).any(axis=1).sum() < ok.sum()
+    for i in (0, 7, 30, len(p) - 1):
+        np.testing.assert_array_equal(solver.released(p[i:i + 1], coin[i:i + 1], eps[:1])[0], released[i])
+    np.testing.assert_array_equal(solver.released(p[perm], coin[perm], eps), released[perm])
 
 
 def test_success_means_crossed_with_the_top_kept():
