@@ -158,18 +158,19 @@ class MemGuard(Defense):
         solver = self._faithful if (mode or self.mode) == "faithful" else self._fast
         if self.classifier is not None and not len(p):
             return np.empty_like(p), np.empty(0, bool)
-        return self._chunked(p, lambda rows: solver(self.classifier, rows))
+        return self._chunked(p, solver)
 
     def _chunked(self, p: np.ndarray, solve, coin: np.ndarray | None = None) -> tuple:
-        """solve(rows[, coin]) -> a tuple of arrays, one row per row of p, run over chunks of p's
+        """solve(h, rows[, coin]) -> a tuple of arrays, one row per row of p, run over chunks of p's
         rows that bound memory (results do not depend on the chunking). p has rows."""
-        if self.classifier is None:
+        h = self.classifier
+        if h is None:
             raise DefenseError("MemGuard is not fitted: call fit() or load a fitted defense")
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
         if n <= chunk:  # the serving path: one call, nothing to assemble
-            return solve(p) if coin is None else solve(p, coin)
-        parts = [solve(p[a:a + chunk]) if coin is None else solve(p[a:a + chunk], coin[a:a + chunk])
+            return solve(h, p) if coin is None else solve(h, p, coin)
+        parts = [solve(h, p[a:a + chunk]) if coin is None else solve(h, p[a:a + chunk], coin[a:a + chunk])
                  for a in range(0, n, chunk)]  # chunks of rows, not rows: bounded memory on huge batches
         return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
 
@@ -199,9 +200,8 @@ class MemGuard(Defense):
         coin = self._coin_prf().uniform(p, "memguard-coin")[:, 0]
         if self.mode == "fast":  # the coin is tossed in the solver's graph, in the same run
 
-            def solve(rows, u):
-                solver = self._fast_solver(self.classifier)
-                return (solver.released(rows, u, np.full(len(rows), float(self.epsilon))),)
+            def solve(h, rows, u):
+                return (self._fast_solver(h).released(rows, u, np.full(len(rows), float(self.epsilon))),)
 
             return self._chunked(p, solve, coin)[0], None
         noised, success = self.phase1(p)
