@@ -90,7 +90,7 @@ def graph_profile(defense, rows: np.ndarray, runs: int) -> str:
                                        providers=["CPUExecutionProvider"])
         for i in range(runs):
             row = rows[i % len(rows)][None].astype(np.float64)
-            session.run(None, {"probs": row / row.sum()})
+            session.run(None, {"probs": row / row.sum(), "coin": np.full(1, 0.5), "epsilon": np.full(1, defense.epsilon)})
         events = json.loads(Path(session.end_profiling()).read_text())
     kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
     model_runs = [e["dur"] for e in events if e.get("name") == "model_run"]
