@@ -18,7 +18,7 @@ Resources are bounded before a byte is parsed: the receive limit is derived from
 size too (gRPC stops inflating a gzip message at the limit: RESOURCE_EXHAUSTED), callers
 without the bearer token are refused before their message is read or inflated and the HTTP/2
 receive window stays at 64 KiB per stream (no BDP probing), at most `max_concurrent_rpcs`
-inference calls (servicer.admitted) and `max_watch_streams` health Watch streams (health.py,
+inference calls (DataPlane.admitted) and `max_watch_streams` health Watch streams (health.py,
 which need no token) run at once, each counted apart, and at most `max_queued_rows` rows wait for
 the defense. Request ids and every logged string are length-bounded and repeated warnings
 rate-limited (logs.py). Both ports are bound before anything says "serving"; a port in use is one

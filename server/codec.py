@@ -212,9 +212,8 @@ def build_response(request_id: str, model_name: str, model_version: str, outputs
     for name, array in outputs.items():
         datatype = DATATYPE_OF[array.dtype]
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if raw:  # tobytes writes C order whatever the array's layout
-            wire = DTYPES[datatype]
-            response.raw_output_contents.append((array if array.dtype == wire else array.astype(wire)).tobytes())
+        if raw:  # the array's dtype is the wire's (DATATYPE_OF); tobytes writes C order whatever the layout
+            response.raw_output_contents.append(array.tobytes())
         else:
             getattr(tensor.contents, TYPED_FIELD[datatype]).extend(array.ravel())
     return response

@@ -437,13 +437,18 @@ class IdentityDefense(Defense):
     name = "none"
 
     def transform(self, probs: np.ndarray, inputs: np.ndarray | None = None) -> np.ndarray:
-        """The checked rows, renormalized in float64 and cast back to their dtype. That is what
-        `finalize` releases for a row it keeps clean, so its checks, which choose between a
-        defended row and this one, are skipped: the identity sidecar answers every request with it."""
+        """The checked rows, renormalized once in float64 (-0.0 as +0.0, as `finalize` writes it)
+        and cast back to their dtype: `finalize`'s checks, which decide between a defended row and
+        the clean one, have nothing to decide here, and the identity sidecar answers every request
+        with this. (`finalize` divided by the row sums a second time: float64 answers differ from
+        that in the last bits.) A subclass with its own `_transform` gets `Defense.transform`."""
+        if type(self) is not IdentityDefense:
+            return super().transform(probs, inputs)
         p, sums = _checked_rows(probs, self.n_classes)
         if not len(p):
             return probs.copy()
         p /= sums
+        np.maximum(p, 0.0, out=p)
         return p.astype(probs.dtype)
 
     def _transform(self, p, inputs):

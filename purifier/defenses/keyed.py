@@ -60,7 +60,7 @@ class KeyedPRF:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))  # RFC 2104: H(K ^ ipad || message)
         self._inner.update(b"purifier-prf-v1\x00" + model_id.encode() + b"\x00")
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))  # and H(K ^ opad || inner digest)
-        self._prefixes: dict[tuple[str, int], object] = {}
+        self._prefixes: dict[tuple[str, int], hashlib._Hash] = {}
         self.model_id = model_id
 
     def digests(self, rows: np.ndarray, purpose: str, blocks: int = 1) -> np.ndarray:

@@ -238,9 +238,10 @@ def bisection_table(levels: int) -> np.ndarray:
 def build_graph(h: MembershipClassifier) -> GraphBuilder:
     """The whole search for one fitted h.
 
-    Graph input `probs` (N, C) float64 in class order; outputs `noised` (N, C) float64 in class
-    order and `success` (N,) bool. The graph sorts each row (stable ascending, `sort_rows`' order)
-    and puts the answer back in class order itself.
+    Graph inputs `probs` (N, C) float64 in class order, `coin` and `epsilon` (N,) float64;
+    outputs `noised` (N, C) float64 in class order, `success` (N,) bool and `released` (N, C),
+    each row noised or clean by its coin (`Phase1Solver.released`). The graph sorts each row
+    (stable ascending, `sort_rows`' order) and puts the answer back in class order itself.
     """
     g = GraphBuilder("memguard_phase1")
     o = _Ops(g, h)
@@ -361,7 +362,8 @@ def build_graph(h: MembershipClassifier) -> GraphBuilder:
     g.output(o.squeeze(success, 1), "success", np.bool_, ("N",))
     # MemGuard's release coin (`MemGuard.release_probability` is the rule): the noised row where
     # coin < min(epsilon / ||noised - p||_1, 1), else p; never where the search failed or moved
-    # nothing. The coin is in [0, 1), so comparing it with epsilon / ||noised - p||_1 decides the same.
+    # nothing. The coin is in [0, 1), so comparing it with epsilon / ||noised - p||_1 decides the same,
+    # up to the rounding of the L1 sum (onnxruntime's order of addition, not numpy's).
     coin = o.unsqueeze(g.input("coin", F64, ("N",)), 1)
     epsilon = o.unsqueeze(g.input("epsilon", F64, ("N",)), 1)
     dist = o.ReduceL1(o.Sub(noised, x), axes=[-1], keepdims=1)  # (N, 1)
@@ -394,7 +396,7 @@ class Phase1Solver:
     def released(self, p: np.ndarray, coin: np.ndarray, epsilon: np.ndarray) -> np.ndarray:
         """MemGuard's answer to p (N, C): each row noised or clean by its coin in [0, 1) and budget
         epsilon (both (N,) float64), decided in the same run (`MemGuard.release_probability` is
-        the rule). Epsilon comes per row: onnxruntime keys its cache of memory plans by the XOR of
+        the rule, up to the rounding of the L1 sum). Epsilon comes per row: onnxruntime keys its cache of memory plans by the XOR of
         every input dimension, and inputs (N, C), (N,) and (1,) would cancel N out of it, so that
         after one large batch every one-row call ran without a plan (40 us slower)."""
         return self.graph.session.run(["released"], {"probs": np.ascontiguousarray(p, F64), "coin": coin,

@@ -91,6 +91,29 @@ def test_keyed_prf_deterministic_batch_independent_and_keyed():
         KeyedPRF(b"short", "m")
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_identity_answers_the_checked_row_renormalized_once(dtype):
+    probs = np.array([[0.2, -0.0, 0.3, 0.5], [0.1, 0.2, 0.3, 0.4000001]], dtype)
+    out = IdentityDefense().transform(probs)
+    p = probs.astype(np.float64)
+    expected = np.maximum(p / p.sum(axis=1, keepdims=True), 0.0).astype(dtype)
+    assert out.dtype == dtype and out.tobytes() == expected.tobytes()
+    assert not np.signbit(out).any()  # -0.0 answered as +0.0, as finalize writes it
+    with pytest.raises(InvalidProbabilities, match="row 0"):
+        IdentityDefense().transform(np.array([[0.5, -0.1, 0.6]], dtype))
+
+
+def test_identity_subclass_with_its_own_transform_keeps_it():
+    class Halved(IdentityDefense):
+        name = "test-halved"
+
+        def _transform(self, p, inputs):
+            return np.concatenate([p[:, :1] * 0.5, p[:, 1:]], axis=1), None  # finalize renormalizes it
+
+    probs = np.array([[0.2, 0.8]])
+    np.testing.assert_allclose(Halved().transform(probs), [[0.1 / 0.9, 0.8 / 0.9]])
+
+
 @pytest.mark.parametrize("key_bytes", [16, 32, 64, 65, 200])
 def test_keyed_prf_digests_are_hmac_sha256(key_bytes):
     """The PRF writes HMAC out from hashlib's SHA-256 (RFC 2104); it must give hmac.new's digests,

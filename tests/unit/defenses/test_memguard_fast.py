@@ -65,10 +65,14 @@ def with_boundary_row(h, p, i):
     return MembershipClassifier(weights)
 
 
+_COINS = np.random.default_rng(11)
+
+
 def feed(batch: np.ndarray) -> dict:
-    """The graph's inputs for a batch: coins that release some rows and keep others clean."""
+    """The graph's inputs for a batch: coins drawn afresh for every batch (near 0 releases a noised
+    row, near 1 keeps it clean), so runs compared with each other differ in their coins too."""
     n = len(batch)
-    return {"probs": batch, "coin": np.resize([0.0, 0.999, 0.3], n), "epsilon": np.full(n, 0.05)}
+    return {"probs": batch, "coin": _COINS.choice([0.0, 0.001, 0.5, 0.999], n), "epsilon": np.full(n, 0.05)}
 
 
 def executed_nodes(model: bytes, batches, tmp_path: Path) -> list[list[tuple]]:
@@ -188,8 +192,9 @@ def test_row_result_independent_of_batch_and_position(c):
     # and the release coin tossed in the same graph
     coin, eps = np.random.default_rng(1).uniform(size=len(p)), np.full(len(p), 0.02)
     released = solver.released(p, coin, eps)
-    assert 0 < (released != p).any(axis=1).sum() < ok.sum()
-    for i in (0, 7, 30, len(p) - 1):
+    noised_rows = np.flatnonzero((released != p).any(axis=1))
+    assert 0 < len(noised_rows) < ok.sum()
+    for i in (*noised_rows[:3], 0, len(p) - 1):  # released noised rows and others, alone
         np.testing.assert_array_equal(solver.released(p[i:i + 1], coin[i:i + 1], eps[:1])[0], released[i])
     np.testing.assert_array_equal(solver.released(p[perm], coin[perm], eps), released[perm])
 
