@@ -160,17 +160,17 @@ class MemGuard(Defense):
             return np.empty_like(p), np.empty(0, bool)
         return self._chunked(p, solver)
 
-    def _chunked(self, p: np.ndarray, solve, coin: np.ndarray | None = None) -> tuple:
-        """solve(h, rows[, coin]) -> a tuple of arrays, one row per row of p, run over chunks of p's
-        rows that bound memory (results do not depend on the chunking). p has rows."""
+    def _chunked(self, p: np.ndarray, solve, *per_row: np.ndarray) -> tuple:
+        """solve(h, rows, *their per_row entries) -> a tuple of arrays, one row per row of p, run
+        over chunks of p's rows that bound memory (results do not depend on the chunking). p has rows."""
         h = self.classifier
         if h is None:
             raise DefenseError("MemGuard is not fitted: call fit() or load a fitted defense")
         n, c = p.shape
         chunk = max(1, min(MAX_CHUNK_ROWS, CHUNK_ELEMENTS // (c * 64)))
         if n <= chunk:  # the serving path: one call, nothing to assemble
-            return solve(h, p) if coin is None else solve(h, p, coin)
-        parts = [solve(h, p[a:a + chunk]) if coin is None else solve(h, p[a:a + chunk], coin[a:a + chunk])
+            return solve(h, p, *per_row)
+        parts = [solve(h, p[a:a + chunk], *(x[a:a + chunk] for x in per_row))
                  for a in range(0, n, chunk)]  # chunks of rows, not rows: bounded memory on huge batches
         return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
 
