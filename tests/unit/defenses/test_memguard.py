@@ -208,6 +208,7 @@ def test_large_batch(memguard, fit_data):
     out = memguard.transform(p)
     assert out.shape == p.shape and np.array_equal(out.argmax(1), p.argmax(1))
     np.testing.assert_array_equal(out[:300], memguard.transform(p[:300]))
+    np.testing.assert_array_equal(out[2000:], memguard.transform(p[2000:]))  # rows (and coins) of later chunks
 
 
 @pytest.mark.parametrize("mode", ["fast", "faithful"])
