@@ -104,6 +104,7 @@ def bare_server(model: str) -> None:
 
     from purifier_server._proto import grpc_service_pb2 as pb
     from purifier_server._proto import grpc_service_pb2_grpc as pb_grpc
+    from purifier_server.codec import build_response
     from purifier_server.upstream import EmbeddedUpstream
 
     upstream = EmbeddedUpstream(model)
@@ -116,8 +117,8 @@ def bare_server(model: str) -> None:
             return await upstream.model_metadata(request.name, request.version)
 
         async def ModelInfer(self, request, context):
-            response, _ = await upstream.infer(request, None, ())
-            return response
+            answer, _ = await upstream.infer(request, None, ())  # the output arrays (codec.Decoded)
+            return build_response(request.id, request.model_name, upstream.version, answer.arrays, raw=True)
 
     async def main():
         server = grpc.aio.server()

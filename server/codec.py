@@ -8,7 +8,9 @@ sidecar answers raw whenever the request was raw (docs/design.md#raw-answers).
 
 Upstream answers are *read*, never edited: `read_answer` validates the whole message (one data
 representation per tensor, datatype and byte length consistent, unique names, the request's
-row count, finite confidences) and returns arrays; `build_response` constructs the client's
+row count, finite confidences) and returns arrays. An in-process model's answer (`Decoded`: the
+embedded upstream's arrays, never encoded) passes the same checks on its arrays, without a
+protobuf message built only to be decoded again; `build_response` constructs the client's
 answer from scratch out of arrays, so nothing else of the upstream message (other fields, stray
 typed fields, unknown protobuf fields, parameters) can ride along. Request decodes raise
 `BadRequest` naming the tensor and the mismatch; upstream decodes raise `BadUpstreamOutput`
@@ -18,6 +20,8 @@ with a fixed category for the client and the detail for the log.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -149,8 +153,22 @@ def request_rows(request) -> int:
     return int(shape[0]) if len(shape) else 1
 
 
+class Decoded:
+    """An answer that was never encoded: an in-process model's output arrays (name -> array, in
+    the model's output order) and the version it answered under. `read_answer` checks it exactly
+    as it checks a decoded message; it carries no parameters."""
+
+    __slots__ = ("arrays", "model_version")
+    parameters: Mapping = MappingProxyType({})
+
+    def __init__(self, arrays: dict[str, np.ndarray], model_version: str):
+        self.arrays = arrays
+        self.model_version = model_version
+
+
 def read_answer(response, confidence: str | None, wanted: list[str], rows: int) -> dict[str, np.ndarray]:
-    """Validate an upstream ModelInferResponse and decode the outputs the client gets.
+    """Validate an upstream ModelInferResponse (or a `Decoded` answer) and decode the outputs the
+    client gets.
 
     Args:
         confidence: the confidence output's name; it must be present (None: not asked for).
@@ -162,29 +180,42 @@ def read_answer(response, confidence: str | None, wanted: list[str], rows: int) 
     Raises:
         BadUpstreamOutput with a fixed category (client text) and the detail (log text).
     """
-    outputs = response.outputs
-    raw = response.raw_output_contents
-    if raw and len(raw) != len(outputs):
-        raise BadUpstreamOutput("malformed response", f"{len(raw)} raw blobs for {len(outputs)} outputs")
-    names = [o.name for o in outputs]
-    if len(set(names)) != len(names):
-        raise BadUpstreamOutput("malformed response", f"duplicate output names {names}")
+    decoded = response.arrays if isinstance(response, Decoded) else None
+    if decoded is None:
+        outputs = response.outputs
+        raw = response.raw_output_contents
+        if raw and len(raw) != len(outputs):
+            raise BadUpstreamOutput("malformed response", f"{len(raw)} raw blobs for {len(outputs)} outputs")
+        names = [o.name for o in outputs]
+        if len(set(names)) != len(names):
+            raise BadUpstreamOutput("malformed response", f"duplicate output names {names}")
+    else:
+        names = list(decoded)  # a dict's keys: unique
     index = {name: i for i, name in enumerate(names)}
     arrays = {}
     for name in [confidence, *wanted] if confidence is not None else wanted:
         if name not in index:
             raise BadUpstreamOutput("missing output", f"no output {name!r} (outputs: {', '.join(names) or 'none'})")
-        tensor = outputs[index[name]]
+        if decoded is None:
+            tensor = outputs[index[name]]
+            datatype = tensor.datatype
+        else:
+            array = decoded[name]
+            datatype = DATATYPE_OF.get(array.dtype) if isinstance(array, np.ndarray) else None
+            if datatype is None:
+                raise BadUpstreamOutput("malformed tensor", f"output {name!r} is {type(array).__name__} "
+                                        f"{getattr(array, 'dtype', '')}, not a tensor of an OIP datatype")
         is_confidence = name == confidence
-        if is_confidence and tensor.datatype not in CONFIDENCE_DATATYPES:
+        if is_confidence and datatype not in CONFIDENCE_DATATYPES:
             raise BadUpstreamOutput("confidence output not floating point",
-                                    f"output {name!r} is {tensor.datatype}, expected one of "
+                                    f"output {name!r} is {datatype}, expected one of "
                                     f"{', '.join(CONFIDENCE_DATATYPES)}")
-        if not is_confidence and tensor.datatype in CONFIDENCE_DATATYPES:
+        if not is_confidence and datatype in CONFIDENCE_DATATYPES:
             raise BadUpstreamOutput("allowed output is floating point",
-                                    f"output {name!r} is {tensor.datatype}: a floating-point output beside the "
+                                    f"output {name!r} is {datatype}: a floating-point output beside the "
                                     "confidences is not passed through")
-        array = decode_tensor(tensor, raw[index[name]] if raw else None, f"upstream output {name!r}", _MALFORMED)
+        if decoded is None:
+            array = decode_tensor(tensor, raw[index[name]] if raw else None, f"upstream output {name!r}", _MALFORMED)
         if array.ndim == 0 or array.shape[0] != rows:
             raise BadUpstreamOutput("row count differs from the request",
                                     f"output {name!r} has shape {list(array.shape)}, the request has {rows} rows")

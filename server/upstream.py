@@ -11,7 +11,8 @@ each one.
 
 `EmbeddedUpstream` runs an ONNX model (a target directory from `purifier train-target`, or a bare
 .onnx) with onnxruntime in a worker thread (ORT releases the GIL, so the event loop keeps serving).
-Its answers are raw: they only travel to the data plane, which builds the client's answer.
+Its answers are the output arrays (`codec.Decoded`), never encoded: they only travel to the data
+plane, which checks them as any upstream's answer (`codec.read_answer`) and builds the client's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import numpy as np
 from purifier.artifacts import sha256_file
 from purifier.errors import ArtifactError
 from purifier_server._proto import grpc_service_pb2 as pb
-from purifier_server.codec import build_response, check_request_layout, decode_inputs
+from purifier_server.codec import Decoded, check_request_layout, decode_inputs
 from purifier_server.errors import BadRequest, UpstreamFailed
 
 MAX_RESPONSE_BYTES = 256 << 20
@@ -131,7 +132,8 @@ class Upstream(Protocol):
     generation: int
 
     async def infer(self, request, timeout: float | None, metadata: Metadata) -> tuple[object, Metadata]:
-        """-> (ModelInferResponse, trailing metadata). Errors: UpstreamFailed, BadRequest."""
+        """-> (ModelInferResponse or, in-process, `codec.Decoded`; trailing metadata).
+        Errors: UpstreamFailed, BadRequest."""
 
     async def ready(self, name: str, version: str) -> bool: ...
 
@@ -325,8 +327,9 @@ class EmbeddedUpstream:
         return out
 
     async def infer(self, request, timeout, metadata):
-        """Run the graph; the answer is always raw (it only travels to the data plane, which builds
-        the client's answer in the client's representation)."""
+        """Run the graph; the answer is the output arrays themselves (`codec.Decoded`): it only
+        travels to the data plane, which checks them as it checks any upstream's answer and builds
+        the client's answer in the client's representation."""
         arrays = self.decode(request)
         tensors = {s.name for s in self.outputs if s.datatype}
         wanted = [o.name for o in request.outputs] or [s.name for s in self.outputs if s.datatype]
@@ -338,9 +341,7 @@ class EmbeddedUpstream:
         lane = self._small if rows <= self.large_rows else self._large
         results = await loop.run_in_executor(lane, self.classifier.session.run, wanted,
                                              dict(zip([s.name for s in self.inputs], arrays, strict=True)))
-        response = build_response(request.id, request.model_name, self.version, dict(zip(wanted, results, strict=True)),
-                                  raw=True)
-        return response, ()
+        return Decoded(dict(zip(wanted, results, strict=True)), self.version), ()
 
     async def ready(self, name, version):
         return name == self.name and version in ("", self.version)

@@ -3,6 +3,7 @@ import pytest
 
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.codec import (
+    Decoded,
     build_response,
     check_request_layout,
     decode_inputs,
@@ -121,3 +122,34 @@ def test_read_answer_rejects_what_cannot_be_defended():
     refused(extra_blob, "2 raw blobs for 1 outputs")
     scores = response({"probabilities": np.full((1, 2), 0.5, np.float32), "scores": np.ones((1, 2), np.float32)}, True)
     refused(scores, "floating-point output", wanted=["scores"])
+
+
+def test_an_in_process_answer_passes_the_same_checks_as_a_message():
+    """The embedded model's arrays (codec.Decoded, never encoded) are read like a decoded message:
+    the same arrays back when valid, the same refusals when not."""
+    p = np.array([[0.7, 0.3], [0.2, 0.8]], np.float32)
+    label = np.array([0, 1], np.int64)
+    answer = Decoded({"logits": np.log(p), "probabilities": p, "label": label}, "1")
+    got = read_answer(answer, "probabilities", ["label"], rows=2)
+    assert list(got) == ["probabilities", "label"] and got["probabilities"] is p and got["label"] is label
+    assert not answer.parameters and answer.model_version == "1"
+
+    def refused(arrays, match, wanted=(), rows=1):
+        with pytest.raises(BadUpstreamOutput, match=match):
+            read_answer(Decoded(arrays, "1"), "probabilities", list(wanted), rows)
+        if all(isinstance(a, np.ndarray) and a.dtype.str in ("<f2", "<f4", "<f8")
+               for a in arrays.values()):  # the same refusal for the same tensors as a message
+            with pytest.raises(BadUpstreamOutput, match=match):
+                read_answer(response(arrays, True), "probabilities", list(wanted), rows)
+
+    refused({"logits": np.zeros((1, 2), np.float32)}, "no output 'probabilities'")
+    refused({"probabilities": np.zeros((1, 2), np.int32)}, "INT32")
+    refused({"probabilities": np.zeros((1, 2), ">f4")}, "not a tensor of an OIP datatype")
+    refused({"probabilities": [{0: 0.5, 1: 0.5}]}, "list , not a tensor")  # a ZipMap's sequence of maps
+    refused({"probabilities": np.zeros(3, np.float32)}, r"shape \[3\]", rows=3)
+    refused({"probabilities": np.zeros((1, 1), np.float32)}, r"expected \[N, C>=2\]")
+    refused({"probabilities": np.full((2, 2), 0.5, np.float32)}, "the request has 1 rows")
+    refused({"probabilities": np.array([[np.nan, 1.0]], np.float32)}, "NaN or Inf")
+    refused({"probabilities": np.array([[np.inf, 1.0]], np.float64)}, "NaN or Inf")
+    refused({"probabilities": np.full((1, 2), 0.5, np.float32), "scores": np.ones((1, 2), np.float32)},
+            "floating-point output", wanted=["scores"])
