@@ -99,6 +99,7 @@ class MemGuard(Defense):
         self._prf: KeyedPRF | None = None
         self._torch_mlp: TorchMLP | None = None  # the faithful solver's torch copy of h, built on first use
         self._solver: Phase1Solver | None = None  # the fast solver's graphs of h (built on load or first use)
+        self._kept_epsilons: tuple[int, float, np.ndarray] | None = None  # `_epsilons`' last array
         self.serve_device = "cpu"  # where the fast solver runs (serve_on)
 
     # --- fitting ---------------------------------------------------------------------------
@@ -201,12 +202,23 @@ class MemGuard(Defense):
         if self.mode == "fast":  # the coin is tossed in the solver's graph, in the same run
 
             def solve(h, rows, u):
-                return (self._fast_solver(h).released(rows, u, np.full(len(rows), float(self.epsilon))),)
+                return (self._fast_solver(h).released(rows, u, self._epsilons(len(rows))),)
 
             return self._chunked(p, solve, coin)[0], None
         noised, success = self.phase1(p)
         release = coin < self.release_probability(p, noised, success)
         return np.where(release[:, None], noised, p), None
+
+    def _epsilons(self, n: int) -> np.ndarray:
+        """epsilon for each of n rows, (n,) float64, read-only: the solver graph's input (per row:
+        `Phase1Solver.released`). The last one is kept, so one-row requests (the hot path) reuse it
+        instead of filling a new array per call (about 6 us of CPU each in the serving process)."""
+        kept, epsilon = self._kept_epsilons, float(self.epsilon)
+        if kept is None or kept[0] != n or kept[1] != epsilon:
+            array = np.full(n, epsilon)
+            array.flags.writeable = False
+            kept = self._kept_epsilons = (n, epsilon, array)
+        return kept[2]
 
     # --- persistence -----------------------------------------------------------------------
 

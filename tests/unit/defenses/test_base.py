@@ -87,6 +87,12 @@ def test_keyed_prf_deterministic_batch_independent_and_keyed():
     assert not np.array_equal(KeyedPRF(SECRET, "model-b").uniform(rows, "coin"), u)
     assert not np.array_equal(KeyedPRF(SECRET + b"x", "model-a").uniform(rows, "coin"), u)
     assert not np.array_equal(prf.uniform(rows, "noise"), u)
+    # one row (its own path in `uniform`: Python ints) gives the bits the batch gives, every size
+    for size in (1, 3, 4, 5, 9):
+        batch = prf.uniform(rows, "coin", size)
+        alone = np.concatenate([prf.uniform(rows[i:i + 1], "coin", size) for i in range(len(rows))])
+        assert alone.shape == batch.shape == (64, size) and alone.dtype == batch.dtype == np.float64
+        assert alone.tobytes() == batch.tobytes()
     with pytest.raises(ConfigError, match="at least 16 bytes"):
         KeyedPRF(b"short", "m")
 

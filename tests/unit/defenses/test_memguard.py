@@ -147,6 +147,24 @@ def test_expected_l1_within_budget_and_coin_matches_probability(memguard, fit_da
     assert np.abs(out - p).sum(1).mean() <= 0.1 + 4 * dist.max() * np.sqrt(expected) / n
 
 
+def test_one_row_answers_are_the_batch_rows_and_follow_epsilon(memguard, fit_data):
+    """One-row calls (a kept epsilon array, the PRF's one-row path) answer each row as the batch
+    does, and an epsilon changed between calls is the one used."""
+    mg = MemGuard(epsilon=0.1, epochs=UNIT_EPOCHS, optimizer="adam", secret=SECRET)
+    mg.classifier, mg.n_classes, mg.model_id = memguard.classifier, memguard.n_classes, memguard.model_id
+    p = fit_data.reference_probs[:40]
+    answers = {}
+    for epsilon in (1e-3, 2.0, 1e-3):
+        mg.epsilon = epsilon
+        batch = mg.transform(p)
+        alone = np.concatenate([mg.transform(p[i:i + 1]) for i in range(len(p))])
+        assert alone.tobytes() == batch.tobytes()
+        assert answers.setdefault(epsilon, batch).tobytes() == batch.tobytes()
+    clean = p / p.sum(1, keepdims=True)
+    moved = [int((np.abs(answers[e] - clean).sum(1) > 1e-9).sum()) for e in (1e-3, 2.0)]
+    assert moved[0] < moved[1]  # a larger budget releases more noised rows
+
+
 @given(c=st.integers(2, 1000), n=st.sampled_from([1, 2, 7, 64]),
        dtype=st.sampled_from([np.float16, np.float32, np.float64]),
        mode=st.sampled_from(["fast", "faithful"]), seed=st.integers(0, 10_000))
