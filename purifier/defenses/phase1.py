@@ -36,7 +36,9 @@ graph has no control flow (no If/Loop/Scan) and no operator whose work depends o
 beyond sorting; all three paths, the full grid and every bisection level run for rows that cross
 early, late, never, or sit on the boundary (|sigmoid(h0) - 0.5| <= EARLY_EXIT: no noise) alike,
 and results are selected with masks. MemGuard's running time therefore carries no trace of its
-membership verdict (benchmarks/bench_timing.py). The schedule is the same for every batch size
+membership verdict beyond the sorts: onnxruntime's TopK takes data-dependent time, a fraction of
+a microsecond per call (docs/design.md#memguard-fast-solver; benchmarks/bench_timing.py measures
+both the sidecar's latency and the defense call alone). The schedule is the same for every batch size
 too (one graph, one session). Rows are independent of the batch around them (every operator is
 row-wise; onnxruntime's float32 Gemm on the prepacked constant weights rounds a row the same way
 whatever the row count, one row included, and the class axis padded to a multiple of 8 (`_Ops`)
