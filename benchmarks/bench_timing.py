@@ -81,8 +81,9 @@ def in_process(defense, probs: np.ndarray, X: np.ndarray, membership: np.ndarray
     rng = np.random.default_rng(args.seed)
     rows, inputs = np.empty_like(probs[:1]), np.empty_like(X[:1])
     needs = defense.needs_inputs
-    for i in range(min(50, len(probs))):  # warm-up
-        defense.transform(probs[i:i + 1], X[i:i + 1] if needs else None)
+    for i in rng.permutation(len(probs))[:50]:  # warm-up, through the same buffers
+        rows[0], inputs[0] = probs[i], X[i]
+        defense.transform(rows, inputs if needs else None)
     ns = np.zeros((args.passes, len(probs)))
     for p in range(args.passes):
         for i in rng.permutation(len(probs)):

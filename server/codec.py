@@ -156,12 +156,16 @@ def request_rows(request) -> int:
 class Decoded:
     """An answer that was never encoded: an in-process model's output arrays (name -> array, in
     the model's output order) and the version it answered under. `read_answer` checks it exactly
-    as it checks a decoded message; it carries no parameters."""
+    as it checks a decoded message; it carries no parameters. The arrays are made read-only, as a
+    decoded message's are, so nothing downstream can edit the upstream's answer in place."""
 
     __slots__ = ("arrays", "model_version")
     parameters: Mapping = MappingProxyType({})
 
     def __init__(self, arrays: dict[str, np.ndarray], model_version: str):
+        for array in arrays.values():
+            if isinstance(array, np.ndarray):
+                array.flags.writeable = False
         self.arrays = arrays
         self.model_version = model_version
 

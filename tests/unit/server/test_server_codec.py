@@ -133,6 +133,7 @@ def test_an_in_process_answer_passes_the_same_checks_as_a_message():
     got = read_answer(answer, "probabilities", ["label"], rows=2)
     assert list(got) == ["probabilities", "label"] and got["probabilities"] is p and got["label"] is label
     assert not answer.parameters and answer.model_version == "1"
+    assert not got["probabilities"].flags.writeable  # read-only, as a decoded message's arrays
 
     def refused(arrays, match, wanted=(), rows=1):
         with pytest.raises(BadUpstreamOutput, match=match):
