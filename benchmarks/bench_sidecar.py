@@ -46,6 +46,7 @@ from benchmarks.common import (  # noqa: E402
     secret_file_or_throwaway,
     write_result,
 )
+from purifier.bench.measure import window_ratios  # noqa: E402
 from purifier.serve_process import ServeProcess, ServerProcess, free_port  # noqa: E402
 
 
@@ -91,7 +92,7 @@ def interleaved(servers: dict[str, tuple], x: np.ndarray, seconds: float, rounds
     for cell in result["cells"]:
         cells.setdefault(cell["endpoint"], {})[f"c{cell['concurrency']}"] = {
             k: cell[k] for k in ("calls", "mean_ms", "p50_ms", "p99_ms", "throughput_rps",
-                                 "server_cpu_ms_per_request")}
+                                 "server_cpu_ms_per_request", "windows")}
     return cells
 
 
@@ -287,6 +288,13 @@ def main() -> None:
             "added_p50_ms_c1_vs_identity": cell["c1"]["p50_ms"] - identity["c1"]["p50_ms"] if identity else None,
             "cpu_ratio_vs_identity_c1": (cell["c1"]["server_cpu_ms_per_request"]
                                          / identity["c1"]["server_cpu_ms_per_request"] if identity else None),
+            # the same ratios round by round (each round's windows are adjacent in time): their spread
+            # says how far one pooled figure can be trusted on this machine
+            "throughput_ratio_c16_by_round": window_ratios(cell["c16"], direct["c16"], "throughput_rps"),
+            "throughput_vs_identity_c16_by_round": (window_ratios(cell["c16"], identity["c16"], "throughput_rps")
+                                                    if identity else None),
+            "cpu_ratio_vs_identity_c1_by_round": (window_ratios(cell["c1"], identity["c1"], "server_cpu_ms_per_request")
+                                                  if identity else None),
         }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tables = sidecar_tables(cells, comparisons, args.rounds, args.seconds, load)

@@ -76,6 +76,12 @@ README_CELLS = (("bare model server (no sidecar)", "embedded/direct"), ("identit
                 ("MemGuard, end of wave 2", "embedded/sidecar-memguard-baseline"))
 
 
+def _spread(comparison: dict, key: str) -> str:
+    """' (lo-hi)': the ratio's range over the interleaved rounds, when the results carry it."""
+    rounds = [r for r in comparison.get(f"{key}_by_round") or [] if r is not None]
+    return f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+
+
 def readme_block(results_dir: Path) -> str:
     """The serving cost in the README: each defense beside the identity sidecar and the bare model
     server at concurrency 1 and 16, CPU per request, and the fairness figure, from the results."""
@@ -84,7 +90,8 @@ def readme_block(results_dir: Path) -> str:
     rows = []
     for label, key in README_CELLS:
         c1, c16, vs = cells[key]["c1"], cells[key]["c16"], cmp.get(key, {})
-        ratio = (f"{vs['cpu_ratio_vs_identity_c1']:.2f}x / {vs['throughput_vs_identity_c16']:.2f}x"
+        ratio = (f"{vs['cpu_ratio_vs_identity_c1']:.2f}x{_spread(vs, 'cpu_ratio_vs_identity_c1')} / "
+                 f"{vs['throughput_vs_identity_c16']:.2f}x{_spread(vs, 'throughput_vs_identity_c16')}"
                  if "cpu_ratio_vs_identity_c1" in vs else "-")
         rows.append([label, f"{c1['p50_ms']:.2f}", f"{c1['server_cpu_ms_per_request']:.2f}",
                      f"{c16['throughput_rps']:,.0f}", f"{c16['server_cpu_ms_per_request']:.2f}", ratio])
@@ -97,6 +104,13 @@ def readme_block(results_dir: Path) -> str:
              f"{m.get('git_commit', '?')}; \"end of wave 2\" is commit {sidecar['config'].get('baseline_commit', '?')} "
              "in the same run ([sidecar](docs/results.md#sidecar); a second run: "
              "[sidecar_run1](docs/results.md#sidecar_run1))."]
+    identity = cmp.get("embedded/sidecar-identity", {})
+    if "throughput_ratio_c16" in identity:
+        lines[-1] += (f" The identity sidecar keeps {identity['throughput_ratio_c16']:.2f}x"
+                      f"{_spread(identity, 'throughput_ratio_c16')} of the bare server's c16 throughput.")
+    if any(f"{k}_by_round" in c for c in cmp.values() for k in ("throughput_ratio_c16", "cpu_ratio_vs_identity_c1")):
+        lines[-1] += (f" In brackets: the range of a ratio over the {sidecar['config'].get('interleaved_rounds', '?')} "
+                      "interleaved rounds, each round's windows adjacent in time.")
     abuse = json.loads((results_dir / "abuse.json").read_text())
     for t in abuse["tables"]:
         if t["title"].startswith("One-row client beside"):

@@ -336,13 +336,24 @@ class Cell:
     elapsed: float = 0.0
     calls: int = 0  # every call in the windows, warm-up included (what the server's CPU time paid for)
     server_cpu_s: float | None = None
+    windows: list[dict] = field(default_factory=list)  # each window's own throughput and CPU per request
+
+    def add(self, times: list[float], elapsed: float, calls: int, cpu_s: float | None) -> None:
+        """Pool one window's measurements (cpu_s: the server's CPU seconds over it, None: unknown)."""
+        self.times += times
+        self.elapsed += elapsed
+        self.calls += calls
+        if cpu_s is not None:
+            self.server_cpu_s = (self.server_cpu_s or 0.0) + cpu_s
+        self.windows.append({"throughput_rps": len(times) / elapsed if elapsed > 0 else 0.0,
+                             "server_cpu_ms_per_request": None if cpu_s is None else 1e3 * cpu_s / max(1, calls)})
 
     def summary(self, rows: int) -> dict:
         s = latency_summary(self.times)
         rps = len(self.times) / self.elapsed if self.elapsed > 0 else 0.0
         cpu = None if self.server_cpu_s is None else 1e3 * self.server_cpu_s / max(1, self.calls)
         return {**s, "throughput_rps": rps, "rows_per_s": rps * rows, "seconds": self.elapsed,
-                "server_cpu_ms_per_request": cpu}
+                "server_cpu_ms_per_request": cpu, "windows": list(self.windows)}
 
 
 def run_window(conn: Connection | HttpConnection, payloads: Sequence, concurrency: int, seconds: float,
@@ -449,12 +460,8 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                         times, elapsed, answer, calls = run_window(conn, payloads[e.label, r], c, window,
                                                                    warmup_s if k == 0 else min(warmup_s, 0.2))
                         check_response(e, answer, output, r)
-                        cell = cells[e.label, c, r]
-                        cell.times += times
-                        cell.elapsed += elapsed
-                        cell.calls += calls
-                        if pid is not None and cpu0 is not None:
-                            cell.server_cpu_s = (cell.server_cpu_s or 0.0) + process_tree_cpu_seconds(pid) - cpu0
+                        cpu_s = None if pid is None or cpu0 is None else process_tree_cpu_seconds(pid) - cpu0
+                        cells[e.label, c, r].add(times, elapsed, calls, cpu_s)
                         if progress is not None:
                             progress(k, e.label, c, r, times)
     finally:
@@ -476,10 +483,19 @@ def compare(endpoints: Sequence[Endpoint], X: np.ndarray, *, concurrency: Sequen
                 comparisons.append({"endpoint": e.label, "baseline": base, "concurrency": c, "rows": r,
                                     "added_p50_ms": b["p50_ms"] - a["p50_ms"],
                                     "added_p99_ms": b["p99_ms"] - a["p99_ms"],
-                                    "throughput_ratio": b["throughput_rps"] / a["throughput_rps"]})
+                                    "throughput_ratio": b["throughput_rps"] / a["throughput_rps"],
+                                    # the same ratio window by window (windows of one round are adjacent in time)
+                                    "throughput_ratio_by_window": window_ratios(b, a, "throughput_rps")})
     return {"cells": out_cells, "comparisons": comparisons, "output": output,
             "inputs": {e.label: {"name": s.name, "datatype": s.datatype, "n_features": s.n_features}
                        for e, s in zip(endpoints, specs, strict=True)}}
+
+
+def window_ratios(cell: dict, baseline: dict, key: str) -> list[float | None]:
+    """cell's figure `key` over baseline's, window by window (both measured in the same rounds): how
+    much the pooled ratio moves between adjacent windows. None where a figure is missing or 0."""
+    return [x[key] / y[key] if x[key] is not None and y[key] else None
+            for x, y in zip(cell["windows"], baseline["windows"], strict=True)]
 
 
 def _default_output(endpoint: Endpoint, outputs: Sequence[str]) -> str:

@@ -5,12 +5,14 @@ import pytest
 from tritonclient.grpc import service_pb2 as pb
 
 from purifier.bench.measure import (
+    Cell,
     Endpoint,
     InputSpec,
     build_requests,
     check_response,
     latency_summary,
     percentile,
+    window_ratios,
 )
 from purifier.errors import ConfigError
 
@@ -114,3 +116,25 @@ def test_endpoint_settings_are_checked_up_front(kwargs, message):
     fields = {"label": "sidecar", "address": "127.0.0.1:1", "model_name": "m", **kwargs}
     with pytest.raises(ConfigError, match=message):
         Endpoint(**fields)
+
+
+def test_a_cell_pools_its_windows_and_keeps_each_one():
+    cell = Cell()
+    cell.add([0.001] * 10, 1.0, 12, 0.006)
+    cell.add([0.002] * 30, 2.0, 32, 0.008)
+    s = cell.summary(rows=1)
+    assert s["throughput_rps"] == 40 / 3 and s["server_cpu_ms_per_request"] == 1e3 * 0.014 / 44
+    assert s["windows"] == [{"throughput_rps": 10.0, "server_cpu_ms_per_request": 0.5},
+                            {"throughput_rps": 15.0, "server_cpu_ms_per_request": 0.25}]
+    unknown = Cell()
+    unknown.add([0.001], 1.0, 1, None)
+    assert unknown.summary(rows=1)["server_cpu_ms_per_request"] is None
+    assert unknown.summary(rows=1)["windows"] == [{"throughput_rps": 1.0, "server_cpu_ms_per_request": None}]
+
+
+def test_window_ratios_pair_the_windows_of_one_round():
+    a = {"windows": [{"x": 2.0}, {"x": None}, {"x": 3.0}]}
+    b = {"windows": [{"x": 1.0}, {"x": 1.0}, {"x": 0.0}]}
+    assert window_ratios(a, b, "x") == [2.0, None, None]
+    with pytest.raises(ValueError):  # cells of different runs
+        window_ratios(a, {"windows": b["windows"][:2]}, "x")

@@ -49,3 +49,9 @@ def test_a_stale_readme_block_is_caught_and_rewritten(tmp_path, capsys):
     assert render_results.main(args) == 0 and readme.read_text() == text
     block = render_results.readme_block(ROOT / "benchmarks" / "results")
     assert "| MemGuard |" in block and "p99" in block  # the defenses and the fairness figure
+
+
+def test_a_ratio_is_shown_with_its_range_over_the_rounds():
+    assert render_results._spread({"r_by_round": [1.52, None, 1.47, 1.5]}, "r") == " (1.47-1.52)"
+    assert render_results._spread({"r_by_round": [1.5]}, "r") == ""
+    assert render_results._spread({"r": 1.5}, "r") == ""  # results measured before rounds were kept
