@@ -79,7 +79,8 @@ README_CELLS = (("bare model server (no sidecar)", "embedded/direct"), ("identit
 def _spread(comparison: dict, key: str) -> str:
     """' (lo-hi)': the ratio's range over the interleaved rounds, when the results carry it."""
     rounds = [r for r in comparison.get(f"{key}_by_round") or [] if r is not None]
-    return f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+    low, high = (f"{min(rounds):.2f}", f"{max(rounds):.2f}") if rounds else ("", "")
+    return f" ({low}-{high})" if len(rounds) > 1 and low != high else ""  # not a cell against itself
 
 
 def readme_block(results_dir: Path) -> str:

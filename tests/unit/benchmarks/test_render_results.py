@@ -54,4 +54,5 @@ def test_a_stale_readme_block_is_caught_and_rewritten(tmp_path, capsys):
 def test_a_ratio_is_shown_with_its_range_over_the_rounds():
     assert render_results._spread({"r_by_round": [1.52, None, 1.47, 1.5]}, "r") == " (1.47-1.52)"
     assert render_results._spread({"r_by_round": [1.5]}, "r") == ""
+    assert render_results._spread({"r_by_round": [1.0, 1.0]}, "r") == ""  # the identity sidecar against itself
     assert render_results._spread({"r": 1.5}, "r") == ""  # results measured before rounds were kept
