@@ -8,7 +8,9 @@ row; members and non-members are timed interleaved in a random order per pass, e
 into the same buffers first (rows of one array would sit at different addresses, which alone can
 separate two halves of an array). Score: thread CPU time per call, median over passes; AUC of
 that time as a membership score (members vs non-members), and the members' minus the
-non-members' median.
+non-members' median. Beside them, an alternative that is not shipped: the ray's sorts written as
+pairwise ranks (every pair compared whatever the values), its cost and whether the difference
+goes away with it.
 
 Run: `.venv/bin/python -m benchmarks.profile_memguard_timing [--dataset purchase_like] [--out FILE]`
 (target and defense from `benchmarks/bench_timing.py`'s directory, built when missing; needs the
@@ -55,6 +57,29 @@ def score(ns: np.ndarray, member: np.ndarray) -> tuple[float, float]:
 
     med = np.median(ns, axis=0)
     return roc_auc(med, member), float(np.median(med[member]) - np.median(med[~member]))
+
+
+def ranked_graph(h) -> bytes:
+    """The solver graph with every values-only sort (the ray's) written as pairwise ranks: element i
+    goes to position #{j: x_j < x_i} + #{j < i: x_j == x_i} (stable, as TopK), by ScatterElements."""
+    from purifier.defenses import phase1
+
+    topk = phase1._Ops.sort
+
+    def by_ranks(self, x, length, outputs=1):
+        if outputs != 1:
+            return topk(self, x, length, outputs)
+        a, b = self.unsqueeze(x, -1), self.unsqueeze(x, -2)  # [..., i, j] compares x_j with x_i
+        earlier = self.k(np.tril(np.ones((length, length), bool), -1), np.bool_)
+        before = self.Or(self.Less(b, a), self.And(self.Equal(b, a), earlier))
+        rank = self.ReduceSum(self.Cast(before, to=7), self.i(-1), keepdims=0)
+        return self.ScatterElements(self.Mul(x, self.k(0.0)), rank, x, axis=-1)
+
+    phase1._Ops.sort = by_ranks
+    try:
+        return phase1.build_graph(h).model_bytes()
+    finally:
+        phase1._Ops.sort = topk
 
 
 def main() -> None:
@@ -108,6 +133,18 @@ def main() -> None:
                {k: np.empty_like(v) for k, v in feeds[0].items()}, args.passes, args.seed)
     auc, diff = score(ns, member)
     lines.append(f"  {auc:.3f}  {diff:+8.0f} ns  the solver graph, {np.median(ns) / 1e3:.1f} us per call")
+
+    # the alternative not shipped: the ray's sorts (TopK, values only) as pairwise ranks and a scatter,
+    # which compare every pair whatever the values: its cost, and whether the difference goes away
+    ranked = ort.InferenceSession(ranked_graph(defense.classifier), solver.graph.session.get_session_options(),
+                                  providers=["CPUExecutionProvider"])
+    agree = all(np.array_equal(ranked.run(["released"], f)[0], solver.released(f["probs"], coin, epsilon))
+                for f in feeds)
+    ns = timed(lambda b: ranked.run(["released"], b), feeds, {k: np.empty_like(v) for k, v in feeds[0].items()},
+               args.passes, args.seed)
+    auc, diff = score(ns, member)
+    lines.append(f"  {auc:.3f}  {diff:+8.0f} ns  the solver graph with the ray's sorts as pairwise ranks (not "
+                 f"shipped), {np.median(ns) / 1e3:.1f} us per call; answers {'identical' if agree else 'DIFFERENT'}")
 
     model = onnx.shape_inference.infer_shapes(onnx.load_from_string(build_graph(defense.classifier).model_bytes()))
     g = model.graph
