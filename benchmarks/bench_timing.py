@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import thread_cpu_per_row, write_result  # noqa: E402
 
 CONTROLS_AND_MEMGUARD = ("none", "memguard", "purifier")
 
@@ -76,21 +76,16 @@ def attack_sidecar(endpoint: str, model_name: str, X: np.ndarray, membership: np
 def in_process(defense, probs: np.ndarray, X: np.ndarray, membership: np.ndarray, args) -> dict:
     """The defense call alone, as an attacker on the same machine could time it: thread CPU time of
     `defense.transform` on one row, every record `passes` times in one random interleaved order per
-    pass. Each row is copied into the same buffer first, so no row has addresses of its own (rows of
-    one array would put members and non-members at different cache sets)."""
-    rng = np.random.default_rng(args.seed)
-    rows, inputs = np.empty_like(probs[:1]), np.empty_like(X[:1])
+    pass, each row copied into the same buffers first (`thread_cpu_per_row`)."""
     needs = defense.needs_inputs
-    for i in rng.permutation(len(probs))[:50]:  # warm-up, through the same buffers
-        rows[0], inputs[0] = probs[i], X[i]
-        defense.transform(rows, inputs if needs else None)
-    ns = np.zeros((args.passes, len(probs)))
-    for p in range(args.passes):
-        for i in rng.permutation(len(probs)):
-            rows[0], inputs[0] = probs[i], X[i]
-            t0 = time.thread_time_ns()
-            defense.transform(rows, inputs if needs else None)
-            ns[p, i] = time.thread_time_ns() - t0
+    feeds = [{"probs": probs[i:i + 1], "inputs": X[i:i + 1]} for i in range(len(probs))]
+    buffers = {"probs": np.empty_like(probs[:1]), "inputs": np.empty_like(X[:1])}
+
+    def run(b):
+        return defense.transform(b["probs"], b["inputs"] if needs else None)
+
+    thread_cpu_per_row(run, feeds[:: max(1, len(feeds) // 50)], buffers, 1, args.seed)  # warm-up, mixed rows
+    ns = thread_cpu_per_row(run, feeds, buffers, args.passes, args.seed)
     out = {}
     for agg, f in (("min", np.min), ("median", np.median)):
         cpu = f(ns, axis=0)

@@ -51,6 +51,25 @@ def time_calls(fn: Callable[[], object], min_seconds: float = 0.5, min_calls: in
     return times
 
 
+def thread_cpu_per_row(run: Callable[[dict], object], feeds: list[dict], buffers: dict, passes: int,
+                       seed: int):
+    """Thread CPU ns of `run(buffers)` per row, (passes, rows) array: every row once per pass, in a
+    random order per pass, its feed copied into `buffers` (the same arrays for every row, so no row
+    has addresses of its own: rows of one array would put two halves of it at different cache sets)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ns = np.zeros((passes, len(feeds)))
+    for p in range(passes):
+        for i in rng.permutation(len(feeds)):
+            for name, buf in buffers.items():
+                buf[...] = feeds[i][name]
+            t0 = time.thread_time_ns()
+            run(buffers)
+            ns[p, i] = time.thread_time_ns() - t0
+    return ns
+
+
 def summarize(times: list[float]) -> dict:
     """p50 / p99 / mean in milliseconds plus the call count (purifier.bench's definition)."""
     return latency_summary(times)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,25 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import commit_of  # noqa: E402
+from benchmarks.common import commit_of, thread_cpu_per_row  # noqa: E402
 
 OPS = ("TopK", "ArgMax", "ArgMin", "Exp", "Log", "Div", "ReduceL1", "ReduceL2", "Gather", "GatherElements",
        "ScatterElements", "Gemm")
-
-
-def timed(run, feeds: list[dict], buffers: dict, passes: int, seed: int) -> np.ndarray:
-    """Thread CPU ns per call (passes, rows), rows in a random order per pass, each row's feed
-    copied into `buffers` (the same arrays for every row) before its call."""
-    rng = np.random.default_rng(seed)
-    ns = np.zeros((passes, len(feeds)))
-    for p in range(passes):
-        for i in rng.permutation(len(feeds)):
-            for name, buf in buffers.items():
-                buf[...] = feeds[i][name]
-            t0 = time.thread_time_ns()
-            run(buffers)
-            ns[p, i] = time.thread_time_ns() - t0
-    return ns
 
 
 def score(ns: np.ndarray, member: np.ndarray) -> tuple[float, float]:
@@ -124,12 +108,12 @@ def main() -> None:
              f"load average at start: {tuple(round(x, 2) for x in os.getloadavg())}", "",
              "    AUC  members - non-members  what"]
     rows = [{"probs": clean[i:i + 1]} for i in range(len(clean))]
-    ns = timed(lambda b: defense.transform(b["probs"]), rows, {"probs": np.empty_like(clean[:1])}, args.passes,
+    ns = thread_cpu_per_row(lambda b: defense.transform(b["probs"]), rows, {"probs": np.empty_like(clean[:1])}, args.passes,
                args.seed)
     auc, diff = score(ns, member)
     lines.append(f"  {auc:.3f}  {diff:+8.0f} ns  the defense call (transform), {np.median(ns) / 1e3:.1f} us per call")
     solver = defense._fast_solver(defense.classifier)
-    ns = timed(lambda b: solver.released(b["probs"], b["coin"], b["epsilon"]), feeds,
+    ns = thread_cpu_per_row(lambda b: solver.released(b["probs"], b["coin"], b["epsilon"]), feeds,
                {k: np.empty_like(v) for k, v in feeds[0].items()}, args.passes, args.seed)
     auc, diff = score(ns, member)
     lines.append(f"  {auc:.3f}  {diff:+8.0f} ns  the solver graph, {np.median(ns) / 1e3:.1f} us per call")
@@ -140,7 +124,7 @@ def main() -> None:
                                   providers=["CPUExecutionProvider"])
     agree = all(np.array_equal(ranked.run(["released"], f)[0], solver.released(f["probs"], coin, epsilon))
                 for f in feeds)
-    ns = timed(lambda b: ranked.run(["released"], b), feeds, {k: np.empty_like(v) for k, v in feeds[0].items()},
+    ns = thread_cpu_per_row(lambda b: ranked.run(["released"], b), feeds, {k: np.empty_like(v) for k, v in feeds[0].items()},
                args.passes, args.seed)
     auc, diff = score(ns, member)
     lines.append(f"  {auc:.3f}  {diff:+8.0f} ns  the solver graph with the ray's sorts as pairwise ranks (not "
@@ -170,7 +154,7 @@ def main() -> None:
             opset_imports=model.opset_import, ir_version=model.ir_version)
         alone = ort.InferenceSession(one.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         outputs = [o for o in node.output if o]
-        ns = timed(lambda b, s=alone, o=outputs: s.run(o, b), [{i: v[i] for i in dynamic} for v in values],
+        ns = thread_cpu_per_row(lambda b, s=alone, o=outputs: s.run(o, b), [{i: v[i] for i in dynamic} for v in values],
                    {i: np.empty_like(values[0][i]) for i in dynamic}, args.passes, args.seed)
         auc, diff = score(ns, member)
         shapes = " ".join(str(list(values[0][i].shape)) for i in dynamic)
