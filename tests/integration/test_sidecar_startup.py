@@ -9,10 +9,13 @@ from strong_secret import write_secret
 
 from purifier.defenses import IdentityDefense
 from purifier.errors import ArtifactError, ConfigError
+from purifier.models.onnx_graph import GraphBuilder
 from purifier_server.app import BackgroundSidecar
 from purifier_server.settings import Settings
 
 grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
 pytestmark = pytest.mark.integration
 BASE = {"host": "127.0.0.1", "port": 0, "http_port": 0, "metrics_port": -1}
 NONE = {"defense": "none", **BASE}
@@ -111,3 +114,38 @@ def test_defense_dir_without_defense_serves_the_fitted_defense_and_says_which(di
     assert np.abs(got - clean).sum(axis=1).max() > 1e-3          # defended, not the clean vector
     assert "defense inferred from defense.json" in caplog.text
     assert any(getattr(r, "defense", None) == "memguard" for r in caplog.records)
+
+
+@pytest.mark.parametrize("model,x,reason", [
+    ("plus_half", [[1.0, -1.0]], "not probability vectors"),  # a negative entry, the row sums to 1
+    ("plus_half", [[3.0, 0.0]], "not probability vectors"),  # sums to 4
+    ("softmax", [[1000.0, 0.0]], "non-finite confidences"),  # exp overflows: inf / inf
+])
+def test_an_embedded_model_answer_that_cannot_be_defended_is_refused_not_served(tmp_path, model, x, reason):
+    """The embedded model's arrays reach the data plane without a protobuf message (codec.Decoded):
+    a finite request that makes the model itself answer something other than probability vectors
+    gets an error naming the reason, never the model's vector, for every defense path."""
+    g = GraphBuilder(model)
+    inp = g.input("input", np.float32, ("N", 2))
+    if model == "plus_half":  # zeros -> [0.5, 0.5]: the start-up probe passes
+        probs = g.op("Add", inp, g.const(np.float32(0.5)))
+    else:
+        e = g.op("Exp", inp)
+        probs = g.op("Div", e, g.op("ReduceSum", e, g.const(np.array([-1], np.int64)), keepdims=1))
+    g.output(probs, "probabilities", np.float32, ("N", 2))
+    path = tmp_path / f"{model}.onnx"
+    path.write_bytes(g.model_bytes())
+    with BackgroundSidecar(Settings.resolve({"model": str(path), **NONE}, env={})) as sc:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{sc.port}")
+        try:
+            def ask(rows):
+                inp = grpcclient.InferInput("input", [len(rows), 2], "FP32")
+                inp.set_data_from_numpy(np.asarray(rows, np.float32))
+                return client.infer(model, [inp], outputs=[grpcclient.InferRequestedOutput("probabilities")])
+
+            np.testing.assert_allclose(ask([[0.0, 0.0]]).as_numpy("probabilities"), [[0.5, 0.5]])
+            with pytest.raises(InferenceServerException, match=rf"rejected \({reason}\)") as refused:
+                ask(x)
+            assert "StatusCode.INTERNAL" in str(refused.value.status())
+        finally:
+            client.close()
