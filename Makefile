@@ -113,6 +113,7 @@ bench: $(STAMP) .venv-triton/.installed-stamp $(PERF_ANALYZER)
 	  --defense-dir $(BENCH_WORK)/defenses/memguard --defense-dir $(BENCH_WORK)/defenses/purifier \
 	  --secret-file $(BENCH_WORK)/secret.txt
 	$(BIN)/python benchmarks/bench_timing.py --dataset synthetic100
+	$(BIN)/python benchmarks/bench_timing.py --dataset purchase_like --records 5000 --label purchase_like
 	$(BIN)/python benchmarks/audit_targets.py --datasets digits mnist5k
 	$(BIN)/python benchmarks/bench_demo.py --dataset digits
 	$(BIN)/python benchmarks/bench_demo.py --dataset mnist5k
