@@ -17,7 +17,7 @@ gRPC throughput at c16).
 
     python benchmarks/bench_sidecar.py [--target DIR] [--defense-dir DIR ...] [--seconds 3]
 
-Writes benchmarks/results/sidecar.json. Targets (issue 5): identity adds at most 1.0 ms p50 and
+Writes benchmarks/results/sidecar.json (sidecar_LABEL.json with --label). Targets (issue 5): identity adds at most 1.0 ms p50 and
 3 ms p99 at concurrency 1; at concurrency 16 the sidecar keeps >= 80% of direct throughput.
 """
 
@@ -210,6 +210,8 @@ def main() -> None:
                              "defenses) are measured in the same interleaved windows")
     parser.add_argument("--baseline-defense-dir", action="append", default=[], metavar="DIR",
                         help="a defense directory fitted by --baseline-src's own code (same --secret-file)")
+    parser.add_argument("--label", help="suffix of the result file: results/sidecar_LABEL.json (e.g. busy_host, "
+                                        "a run on another host beside the headline run)")
     parser.add_argument("--bare-server", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
@@ -298,7 +300,7 @@ def main() -> None:
         }
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tables = sidecar_tables(cells, comparisons, args.rounds, args.seconds, load)
-    path = write_result("sidecar", {
+    path = write_result(f"sidecar_{args.label}" if args.label else "sidecar", {
         "tables": tables, "load_average_1m_end": load,
         "config": {"seconds_per_cell": args.seconds, "interleaved_rounds": args.rounds, "rows_per_request": 1, "target": str(target.directory),
                    "defenses": [d for _, d in defenses], "baseline_src": args.baseline_src,

@@ -27,7 +27,7 @@ benchmarks (long; on a quiet machine) and then renders this page. Each section n
 and the commit it was measured on; the notes under the tables give the load average.
 """
 ORDER = ["demo_digits", "demo_purchase_like", "demo_mnist5k", "timing_purchase_like", "privacy_utility_digits",
-         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "sidecar_run1", "abuse",
+         "tune_digits", "privacy_utility_purchase_like", "purchase_like", "defense", "sidecar", "sidecar_run1", "sidecar_busy_host", "abuse",
          "perf_analyzer", "load", "audit_digits", "audit_mnist5k", "shadows", "own_model"]
 
 
@@ -83,6 +83,27 @@ def _spread(comparison: dict, key: str) -> str:
     return f" ({low}-{high})" if len(rounds) > 1 and low != high else ""  # not a cell against itself
 
 
+# The same benchmark on a busier host of the same kind (`bench_sidecar.py --label busy_host`), shown
+# beside the headline run: how far its ratios move with the host.
+OTHER_HOST = "sidecar_busy_host"
+
+
+def other_host_sentence(sidecar: dict, busy: dict) -> str:
+    """How the headline ratios came out on the busier host, and how much slower that host was."""
+    def cpu(doc: dict, key: str) -> float:
+        return doc["cells"][key]["c1"]["server_cpu_ms_per_request"]
+
+    memguard, identity = (busy["comparisons"][f"embedded/sidecar-{d}"] for d in ("memguard", "identity"))
+    slower = cpu(busy, "embedded/sidecar-identity") / cpu(sidecar, "embedded/sidecar-identity")
+    return (f"On a busier host of the same kind ([{OTHER_HOST}](docs/results.md#{OTHER_HOST}), commit "
+            f"{busy.get('machine', {}).get('git_commit', '?')}; the identity sidecar's CPU per request "
+            f"{slower:.1f}x this run's), MemGuard cost {memguard['cpu_ratio_vs_identity_c1']:.2f}x"
+            f"{_spread(memguard, 'cpu_ratio_vs_identity_c1')} of the identity sidecar's CPU and kept "
+            f"{memguard['throughput_vs_identity_c16']:.2f}x{_spread(memguard, 'throughput_vs_identity_c16')} of its "
+            f"c16 throughput, and the identity sidecar {identity['throughput_ratio_c16']:.2f}x"
+            f"{_spread(identity, 'throughput_ratio_c16')} of the bare server's: the margins above are this host's.")
+
+
 def readme_block(results_dir: Path) -> str:
     """The serving cost in the README: each defense beside the identity sidecar and the bare model
     server at concurrency 1 and 16, CPU per request, and the fairness figure, from the results."""
@@ -112,6 +133,9 @@ def readme_block(results_dir: Path) -> str:
     if any(f"{k}_by_round" in c for c in cmp.values() for k in ("throughput_ratio_c16", "cpu_ratio_vs_identity_c1")):
         lines[-1] += (f" In brackets: the range of a ratio over the {sidecar['config'].get('interleaved_rounds', '?')} "
                       "interleaved rounds, each round's windows adjacent in time.")
+    busy = results_dir / f"{OTHER_HOST}.json"
+    if busy.is_file():
+        lines[-1] += " " + other_host_sentence(sidecar, json.loads(busy.read_text()))
     abuse = json.loads((results_dir / "abuse.json").read_text())
     for t in abuse["tables"]:
         if t["title"].startswith("One-row client beside"):

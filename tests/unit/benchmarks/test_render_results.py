@@ -56,3 +56,19 @@ def test_a_ratio_is_shown_with_its_range_over_the_rounds():
     assert render_results._spread({"r_by_round": [1.5]}, "r") == ""
     assert render_results._spread({"r_by_round": [1.0, 1.0]}, "r") == ""  # the identity sidecar against itself
     assert render_results._spread({"r": 1.5}, "r") == ""  # results measured before rounds were kept
+
+
+def test_the_busier_host_is_shown_beside_the_headline_run():
+    def doc(identity_cpu, memguard_cpu, commit):
+        cells = {f"embedded/sidecar-{d}": {"c1": {"server_cpu_ms_per_request": cpu}}
+                 for d, cpu in (("identity", identity_cpu), ("memguard", memguard_cpu))}
+        comparisons = {"embedded/sidecar-memguard": {"cpu_ratio_vs_identity_c1": memguard_cpu / identity_cpu,
+                                                     "cpu_ratio_vs_identity_c1_by_round": [1.3, 1.75],
+                                                     "throughput_vs_identity_c16": 0.66},
+                       "embedded/sidecar-identity": {"throughput_ratio_c16": 0.9}}
+        return {"cells": cells, "comparisons": comparisons, "machine": {"git_commit": commit}}
+
+    text = render_results.other_host_sentence(doc(0.7, 1.0, "aaa"), doc(1.33, 2.0, "bbb"))
+    assert "commit bbb" in text and "1.9x this run's" in text
+    assert "MemGuard cost 1.50x (1.30-1.75)" in text and "kept 0.66x of its c16 throughput" in text
+    assert "identity sidecar 0.90x of the bare server's" in text
