@@ -40,9 +40,8 @@ import grpc
 import numpy as np
 
 from purifier.defenses import Defense, Fingerprint
-from purifier.defenses.base import check_probabilities
 from purifier.errors import ConfigError, InvalidProbabilities
-from purifier.probabilities import softmax
+from purifier.probabilities import check_probabilities, softmax
 from purifier_server._proto import grpc_service_pb2 as pb
 from purifier_server.codec import (
     CONFIDENCE_DATATYPES,

@@ -143,8 +143,8 @@ def attack_result(o: AttackOutcome, membership: np.ndarray, n_boot: int, seed: i
 
 
 def _check_outputs(outputs: np.ndarray, where: str) -> None:
-    from purifier.defenses.base import check_probabilities
     from purifier.models.access import not_probabilities
+    from purifier.probabilities import check_probabilities
 
     try:
         check_probabilities(outputs)

@@ -1,4 +1,5 @@
-"""The `Defense` contract, probability checks and the invariants every defense output obeys.
+"""The `Defense` contract and the invariants every defense output obeys (the probability checks
+themselves are `purifier.probabilities`'s).
 
 A defense rewrites a batch of confidence vectors (N, C) so that members and non-members of the
 target's training set look alike. Every defense, whatever its algorithm:
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,67 +39,9 @@ from purifier.defenses.fingerprint import Fingerprint
 from purifier.defenses.no_op import ReferenceSample, refuse_no_op
 from purifier.devices import check_device
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
+from purifier.probabilities import check_probabilities, checked_rows, greatest, least, renormalized
 
 FORMAT_VERSION = 1
-
-
-@functools.cache
-def sum_tolerance(dtype: np.dtype, n_classes: int) -> float:
-    """How far a row of this dtype may be from summing to 1 and still count as a probability."""
-    return max(1e-4, 4 * n_classes * float(np.finfo(dtype).eps))
-
-
-def check_probabilities(probs: np.ndarray, n_classes: int | None = None) -> None:
-    """Raise `InvalidProbabilities` unless `probs` is an (N, C) float array of probability rows."""
-    _checked_rows(probs, n_classes)
-
-
-def _checked_rows(probs: np.ndarray, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """`check_probabilities`, returning what it computed: (probs as float64 (N, C), row sums (N, 1)).
-
-    A valid batch costs four numpy calls (the hot path answers one-row requests); only a batch
-    that fails looks for the first bad row to name it.
-    """
-    if not isinstance(probs, np.ndarray) or probs.dtype not in (np.float16, np.float32, np.float64):
-        got = getattr(probs, "dtype", type(probs).__name__)
-        raise InvalidProbabilities(f"confidence vectors must be float16/32/64 arrays, got {got}")
-    if probs.ndim != 2 or probs.shape[1] < 2:
-        raise InvalidProbabilities(f"confidence vectors must have shape (N, C>=2), got {probs.shape}")
-    if n_classes is not None and probs.shape[1] != n_classes:
-        raise InvalidProbabilities(
-            f"confidence vectors have {probs.shape[1]} classes, the defense was fitted for {n_classes}"
-        )
-    p = probs.astype(np.float64)
-    sums = np.add.reduce(p, axis=1, keepdims=True)
-    if not len(p):
-        return p, sums
-    tol = sum_tolerance(probs.dtype, probs.shape[1])
-    # NaN fails both comparisons, +Inf the sum's, -Inf the minimum's: a batch passing them is finite
-    if _least(p) >= 0 and 1.0 - tol <= _least(sums) and _greatest(sums) <= 1.0 + tol:
-        return p, sums
-    bad = ~np.isfinite(probs).all(axis=1)
-    if bad.any():
-        raise InvalidProbabilities(f"row {int(np.argmax(bad))} contains NaN or Inf")
-    bad = (probs < 0).any(axis=1)
-    if bad.any():
-        raise InvalidProbabilities(f"row {int(np.argmax(bad))} has negative entries")
-    bad = (sums[:, 0] < 1.0 - tol) | (sums[:, 0] > 1.0 + tol)
-    i = int(np.argmax(bad))
-    raise InvalidProbabilities(f"row {i} sums to {sums[i, 0]:.6g}, not 1 (tolerance {tol:.1g})")
-
-
-def _least(a: np.ndarray):
-    """The smallest element of a non-empty array, NaN when it holds one.
-
-    A ufunc reduction, not argmin: in a loop argmin costs a fifth, but in the serving process,
-    where every call runs on cold caches, argmin took 11 us per call and this 4.4 us, since it
-    runs the reduction machinery that the row sums just ran (one-row requests, digits target)."""
-    return np.minimum.reduce(a, axis=None)
-
-
-def _greatest(a: np.ndarray):
-    """The largest element of a non-empty array, NaN when it holds one (see `_least`)."""
-    return np.maximum.reduce(a, axis=None)
 
 
 def finalize(clean: np.ndarray, defended: np.ndarray, keep_label: np.ndarray | None = None) -> np.ndarray:
@@ -116,7 +58,7 @@ def finalize(clean: np.ndarray, defended: np.ndarray, keep_label: np.ndarray | N
     """
     dtype = clean.dtype
     sums = np.add.reduce(defended, axis=1, keepdims=True)
-    if len(clean) and _least(defended) >= 0 and 0 < _least(sums) and _greatest(sums) < np.inf:
+    if len(clean) and least(defended) >= 0 and 0 < least(sums) and greatest(sums) < np.inf:
         # every row finite, non-negative, with a positive sum (NaN fails the comparisons): what
         # the general path below computes, in fewer numpy calls (the hot path defends one row)
         out = (np.maximum(defended, 0.0) / sums).astype(dtype)
@@ -313,7 +255,7 @@ class Defense(abc.ABC):
         inputs: (N, D) request rows, used only by defenses with `needs_inputs`.
         Raises InvalidProbabilities for rows that are not probability vectors.
         """
-        p, sums = _checked_rows(probs, self.n_classes)
+        p, sums = checked_rows(probs, self.n_classes)
         if len(probs) == 0:
             return probs.copy()
         p /= sums
@@ -444,12 +386,10 @@ class IdentityDefense(Defense):
         that in the last bits.) A subclass with its own `_transform` gets `Defense.transform`."""
         if type(self) is not IdentityDefense:
             return super().transform(probs, inputs)
-        p, sums = _checked_rows(probs, self.n_classes)
+        p, sums = checked_rows(probs, self.n_classes)
         if not len(p):
             return probs.copy()
-        p /= sums
-        np.maximum(p, 0.0, out=p)
-        return p.astype(probs.dtype)
+        return renormalized(p, sums, probs.dtype)
 
     def _transform(self, p, inputs):
         return p, None

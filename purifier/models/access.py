@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from purifier.errors import ConfigError
-from purifier.probabilities import softmax
+from purifier.probabilities import served_undefended, softmax
 from purifier.untrusted import printable
 
 DEFAULT_BATCH = 512
@@ -99,7 +99,8 @@ class OnnxTarget(TargetAccess):
         output_name: the confidence output; default the target's, else `probabilities` if the
             graph has it, else its only floating-point output.
         logits: the output holds logits (softmaxed here, as `purifier serve --logits` does).
-        defense: applied to the model's probabilities, as the sidecar would.
+        defense: applied to the model's probabilities, as the sidecar would; without one, the rows
+            are what the undefended sidecar answers (`purifier.probabilities.served_undefended`).
     """
 
     def __init__(self, model: str | Path, output_name: str | None = None, logits: bool = False,
@@ -165,6 +166,8 @@ class OnnxTarget(TargetAccess):
             p = softmax(p) if self.logits else p
             if self.defense is not None:
                 p = self.defense.transform(p, xb if self.defense.needs_inputs else None)
+            else:
+                p = served_undefended(p)
             outs.append(np.asarray(p, np.float64))
         return np.concatenate(outs)
 

@@ -27,7 +27,8 @@ def test_only_the_serve_subcommand_mentions_the_server_package():
 # The library's floors, lowest first: an import may only point to a lower floor (or stay inside
 # its own package). Lazy imports inside functions count: they are arrows all the same.
 FLOORS = (
-    ("errors", "tables", "progress", "evaluation", "probabilities", "threads", "untrusted"),
+    ("errors",),
+    ("tables", "progress", "evaluation", "probabilities", "threads", "untrusted"),
     ("artifacts", "devices", "executor", "serve_process"),
     ("data", "machine"),
     ("models", "bench"),
@@ -131,5 +132,5 @@ def test_no_import_cycle_between_modules():
 def test_the_checks_catch_an_upward_arrow_and_a_cycle():
     graph = {"purifier.attacks.timing": {"purifier.audit.runner"}, "purifier.audit.runner": {"purifier.attacks"},
              "purifier.audit.html": {"purifier.audit.report"}, "purifier.audit.report": {"purifier.audit.html"}}
-    assert upward_arrows(graph) == ["purifier.attacks.timing -> purifier.audit.runner: floor 5 imports floor 6"]
+    assert upward_arrows(graph) == ["purifier.attacks.timing -> purifier.audit.runner: floor 6 imports floor 7"]
     assert cycles(graph) == [["purifier.audit.html", "purifier.audit.report"]]

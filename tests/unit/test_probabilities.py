@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from purifier.probabilities import softmax
+from purifier.defenses import IdentityDefense
+from purifier.probabilities import served_undefended, softmax
 
 
 def test_softmax_matches_formula_and_is_stable():
@@ -29,3 +30,24 @@ def test_softmax_of_integer_logits_is_float64():
     out = softmax(np.array([[0, 1], [2, 2]], np.int64))
     assert out.dtype == np.float64
     np.testing.assert_allclose(out, [[1 / (1 + np.e), np.e / (1 + np.e)], [0.5, 0.5]])
+
+
+def test_undefended_rows_are_the_identity_sidecars_answer():
+    """An undefended in-process model answers what `purifier serve --defense none` does: the rows
+    renormalized once, which moves some float32 entries by one unit in the last place."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 6, (2000, 10))
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)  # float32 rows: sums not exactly 1
+    served = served_undefended(p)
+    assert served.dtype == np.float32
+    np.testing.assert_array_equal(served, IdentityDefense().transform(p))
+    assert not np.array_equal(served, p)  # the rows as the model wrote them are not the sidecar's answer
+    np.testing.assert_allclose(served, p, rtol=1e-6, atol=0)
+
+
+def test_rows_that_are_not_probabilities_come_back_unchanged_for_the_callers_check():
+    logits = np.array([[2.0, -1.0, 0.5]], np.float32)
+    assert served_undefended(logits) is logits
+    empty = np.zeros((0, 3), np.float32)
+    assert served_undefended(empty) is empty

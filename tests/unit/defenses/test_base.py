@@ -5,9 +5,10 @@ from hypothesis import strategies as st
 from strong_secret import SECRET
 
 from purifier.defenses import IdentityDefense, load_defense
-from purifier.defenses.base import check_probabilities, finalize
+from purifier.defenses.base import finalize
 from purifier.defenses.keyed import KeyedPRF
 from purifier.errors import ArtifactError, ConfigError, InvalidProbabilities
+from purifier.probabilities import check_probabilities
 
 
 def dirichlet(n, c, seed=0, dtype=np.float64):
